@@ -1,0 +1,110 @@
+"""Run a workbench graph with the registry's reference implementations.
+
+``Program`` binds a graph to parameter tensors on one device and runs it over a
+flat batch of tokens with explicit positions. Positions restarting at 0 inside a
+row start a new sequence (see ``capture``), so several prompts can share one
+row without padding.
+
+This is the correctness oracle for every later stage and the CPU path. It frees
+each intermediate after its last reader, so peak memory is what the model needs,
+not the sum of every node's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import WorkbenchError
+from ..kernels.registry import REGISTRY, OpRegistry
+from .ir import Graph, Ref, dtype_from_name
+
+
+class Program:
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], *,
+                 device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY) -> None:
+        self.graph = graph
+        self.device = torch.device(device)
+        self.params = _check_params(graph, params, self.device)
+        self._steps = self._plan(registry)
+
+    def _plan(self, registry: OpRegistry) -> list[tuple[str, Callable, list, dict, list[str]]]:
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(self.graph.nodes):
+            for r in n.refs():
+                last_use[r] = i
+        keep = set(self.graph.outputs) | set(self.graph.params)
+        frees: list[list[str]] = [[] for _ in self.graph.nodes]
+        for name, i in last_use.items():
+            if name not in keep:
+                frees[i].append(name)
+        return [(n.name, registry.get(n.op).reference, _bind_device(n.args, self.device),
+                 _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
+
+    @torch.no_grad()
+    def run(self, **inputs: torch.Tensor) -> list[Any]:
+        """Run the graph on named inputs; returns the graph's outputs in order."""
+        missing = set(self.graph.inputs) - set(inputs)
+        if missing:
+            raise WorkbenchError(f"graph inputs missing: {', '.join(sorted(missing))}")
+        env: dict[str, Any] = dict(self.params)
+        env.update({k: v.to(self.device) for k, v in inputs.items()})
+        for name, fn, args, kwargs, frees in self._steps:
+            env[name] = fn(*_resolve(args, env), **_resolve(kwargs, env))
+            for f in frees:
+                del env[f]
+        return [env[o] for o in self.graph.outputs]
+
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for a flat batch: ``input_ids`` is [tokens] or [batch, tokens].
+
+        Without ``position_ids`` each row is one sequence starting at position 0.
+        """
+        flat = input_ids.dim() == 1
+        ids = input_ids.unsqueeze(0) if flat else input_ids
+        if position_ids is None:
+            pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        else:
+            pos = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+        if pos.shape != ids.shape:
+            raise WorkbenchError(f"position_ids shape {tuple(pos.shape)} does not match input_ids {tuple(ids.shape)}")
+        self.graph.bind(batch=ids.shape[0], tokens=ids.shape[1])
+        (out,) = self.run(input_ids=ids.long(), position_ids=pos.long().contiguous())
+        return out[0] if flat else out
+
+    __call__ = logits
+
+
+def _check_params(graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    missing = [n for n in graph.params if n not in params]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WorkbenchError(f"{len(missing)} graph parameters have no value: {shown}")
+    out = {}
+    for name, p in graph.params.items():
+        t = params[name]
+        if list(t.shape) != p.spec.shape:
+            raise WorkbenchError(f"parameter {name!r} has shape {list(t.shape)}, the graph expects {p.spec.shape}")
+        out[name] = t.to(device=device, dtype=dtype_from_name(p.spec.dtype))
+    return out
+
+
+def _bind_device(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.device):
+        return device
+    if isinstance(v, list):
+        return [_bind_device(x, device) for x in v]
+    if isinstance(v, dict):
+        return {k: _bind_device(x, device) for k, x in v.items()}
+    return v
+
+
+def _resolve(v: Any, env: dict[str, Any]) -> Any:
+    if isinstance(v, Ref):
+        return env[v.name]
+    if isinstance(v, list):
+        return [_resolve(x, env) for x in v]
+    if isinstance(v, dict):
+        return {k: _resolve(x, env) for k, x in v.items()}
+    return v

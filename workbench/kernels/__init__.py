@@ -1,0 +1,6 @@
+"""Op registry (reference implementations, cost models, tactics) and kernels."""
+
+from .cost import Cost, OpCall
+from .registry import REGISTRY, OpDef, OpRegistry, get_op, register_op
+
+__all__ = ["Cost", "OpCall", "OpDef", "OpRegistry", "REGISTRY", "get_op", "register_op"]

