@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import WorkbenchError
-from . import fetch as _fetch
+from . import cache as _cache
 from .files import check_gguf, check_hf_dir
 from .presets import NAMED_MODELS, PRESETS, SUPPORTED_ARCHITECTURES, make_config
 from .random_init import build_random_model, init_tensor
@@ -56,7 +56,7 @@ class ModelSource:
                                       sort_keys=True).encode())
         for f in self.files:
             h.update(f.name.encode())
-            h.update(_fetch.sha256_file(f).encode())
+            h.update(_cache.sha256_file(f).encode())
         return h.hexdigest()
 
     def to_json(self) -> dict[str, Any]:
@@ -105,11 +105,11 @@ def resolve_source(spec: str | Path, *, seed: int = 0, fetch: bool = True) -> Mo
     if spec in PRESETS:
         return ModelSource("random", spec, None, dict(PRESETS[spec]), seed)
     if spec in NAMED_MODELS:
-        if not _fetch.is_fetched(spec):
+        if not _cache.is_fetched(spec):
             if not fetch:
                 raise WorkbenchError(f"{spec} is not in the model cache yet; run `workbench fetch {spec}`")
-            _fetch.fetch(spec)
-        directory = _fetch.model_dir(spec)
+            _cache.fetch(spec)
+        directory = _cache.model_dir(spec)
         check_hf_dir(directory)
         return ModelSource("hf", spec, str(directory))
     raise WorkbenchError(f"no file, directory, preset or model named {spec!r}; presets: {', '.join(PRESETS)}; "

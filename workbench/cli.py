@@ -1,0 +1,169 @@
+"""The ``workbench`` command line.
+
+    workbench fetch smollm2-135m                      prepare the default model
+    workbench capture MODEL --workspace ws/           capture the graph, print its summary
+    workbench info ws/                                stages, status, artifacts
+    workbench generate ws/ "The capital of France is" greedy tokens from the captured graph
+    workbench eval ws/ --dataset evaluation           perplexity of the captured graph (or --reference)
+    workbench models                                  presets and fetchable models
+
+Errors in the user's input print one line (``workbench: error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def _cmd_fetch(args) -> None:
+    from .models.cache import fetch
+
+    print(fetch(args.model, force=args.force))
+
+
+def _cmd_models(args) -> None:
+    from .models.presets import NAMED_MODELS, PRESETS
+
+    print("presets (random weights):")
+    for name, p in PRESETS.items():
+        print(f"  {name:<14} {p['architectures'][0]:<20} layers={p['num_hidden_layers']} "
+              f"hidden={p['hidden_size']} heads={p['num_attention_heads']}/{p['num_key_value_heads']}")
+    print("real models (`workbench fetch NAME`):")
+    for name, info in NAMED_MODELS.items():
+        print(f"  {name:<14} {info['description']}")
+
+
+def _cmd_capture(args) -> None:
+    from .graph.views import format_summary, op_histogram, summary
+    from .pipeline import CaptureOptions, capture_stage
+    from .workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    captured = capture_stage(ws, args.model, CaptureOptions(dtype=args.dtype, seed=args.seed), force=args.force)
+    g = captured.graph
+    print(format_summary(summary(g), op_histogram(g, tokens=512)))
+    print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
+
+
+def _cmd_info(args) -> None:
+    import pandas as pd
+
+    from .workspace import Workspace
+
+    ws = Workspace(args.workspace, create=False)
+    df = ws.info()
+    if df.empty:
+        print(f"{ws.root}: no stages yet")
+        return
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(df.to_string(index=False))
+
+
+def _program_and_tokenizer(target: str, device: str):
+    from .models.intake import ModelSource, load_tokenizer
+    from .pipeline import load_program
+    from .workspace import Workspace
+
+    ws = Workspace(target, create=False)
+    rec = ws.record("capture")
+    if rec is None:
+        raise WorkbenchError(f"{target} has no capture stage; run `workbench capture MODEL --workspace {target}`")
+    source = ModelSource.from_json(rec["params"]["source"])
+    return load_program(ws, device=device), load_tokenizer(source), source
+
+
+def _cmd_generate(args) -> None:
+    import torch
+
+    from .evaluate import greedy
+
+    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device)
+    if tokenizer is None:
+        raise WorkbenchError("this workspace's model has random weights and no tokenizer; capture a real model")
+    ids = torch.tensor(tokenizer(args.prompt).input_ids)
+    new = greedy(program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(new))
+
+
+def _cmd_eval(args) -> None:
+    import torch
+
+    from .evaluate import dataset_text, hf_logits, perplexity
+    from .models.intake import load_model
+
+    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device)
+    if tokenizer is None:
+        raise WorkbenchError("this workspace's model has random weights and no tokenizer; perplexity needs a real model")
+    ids = torch.tensor(tokenizer(dataset_text(args.dataset)).input_ids)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    fns = {"workbench graph": program}
+    if args.reference:
+        fns["transformers"] = hf_logits(load_model(source, device=args.device).model)
+    for label, fn in fns.items():
+        r = perplexity(fn, ids, window=args.window, stride=args.stride, progress=True)
+        print(f"{label:>16}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.windows} windows)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Optimize and serve decoder LLMs, one inspectable stage at a time.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("fetch", help="download and convert a named real model into the model cache")
+    s.add_argument("model", help="e.g. smollm2-135m")
+    s.add_argument("--force", action="store_true", help="download and convert again")
+    s.set_defaults(fn=_cmd_fetch)
+
+    s = sub.add_parser("models", help="list presets and fetchable models")
+    s.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("capture", help="capture a model's graph into a workspace and print its summary")
+    s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
+    s.add_argument("--workspace", "-w", required=True, type=Path)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
+    s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.set_defaults(fn=_cmd_capture)
+
+    s = sub.add_parser("info", help="list a workspace's stages, their status and artifacts")
+    s.add_argument("workspace", type=Path)
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("generate", help="greedy-decode a prompt with the workspace's captured graph")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("prompt")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("eval", help="perplexity of the captured graph on a dataset")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("--dataset", default="evaluation")
+    s.add_argument("--window", type=int, default=512)
+    s.add_argument("--stride", type=int, default=256)
+    s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
+    s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except WorkbenchError as e:
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("workbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Stage drivers: each reads its inputs, calls the library, and writes a workspace stage.
+
+``capture_stage`` is the first; later issues add passes, quantization, tuning and
+export with the same shape. ``load_program`` rebuilds a runnable program from a
+workspace without the original ``transformers`` model object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import WorkbenchError
+from .graph.capture import Captured, capture
+from .graph.executor import Program
+from .graph.ir import Graph, dtype_from_name, dtype_name
+from .graph.views import summary
+from .models.intake import ModelSource, load_model, load_weights, resolve_source
+from .models.presets import make_config
+from .models.random_init import build_random_model
+from .workspace import Workspace
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What the capture stage is asked to do; validated once, stored in the stage record."""
+
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise WorkbenchError(f"capture dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+
+
+def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions()) -> Captured:
+    """Capture a source's graph. Weights are never loaded except for GGUF files (whose config
+    only transformers' GGUF reader can build): the model is built on the meta device."""
+    dtype = dtype_from_name(options.dtype)
+    if source.kind == "gguf":
+        model = load_model(source, dtype=dtype).model
+    else:
+        if source.kind == "hf":
+            import json
+
+            config = make_config(json.loads((Path(source.path) / "config.json").read_text()))
+        else:
+            config = make_config(source.config)
+        model = build_random_model(config, dtype=dtype, device="meta", seed=source.seed, materialize=False)
+    return capture(model)
+
+
+def program_for(graph: Graph, constants: dict[str, torch.Tensor], source: ModelSource, *,
+                device: str | torch.device = "cpu") -> Program:
+    """Bind a captured graph to the source's weights on ``device``."""
+    wanted = {n: p.aliases for n, p in graph.params.items() if p.kind == "parameter"}
+    weights = load_weights(source, wanted, dtype=dtype_from_name(graph.meta.get("dtype", "float32")), device=device)
+    return Program(graph, {**weights, **constants}, device=device)
+
+
+def capture_stage(ws: Workspace, spec: str, options: CaptureOptions = CaptureOptions(), *,
+                  force: bool = False) -> Captured:
+    """`workbench capture`: capture ``spec`` into ``ws/capture``."""
+    source = resolve_source(spec, seed=options.seed)
+    with ws.run("capture", params={"source": source.to_json(), "dtype": options.dtype, "seed": options.seed},
+                input_files=source.files, force=force) as run:
+        captured = capture_source(source, options)
+        run.write_text("graph.json", captured.graph.dumps())
+        run.write_safetensors("constants.safetensors", captured.constants)
+        run.write_json("summary.json", summary(captured.graph))
+    return captured
+
+
+def load_graph(ws: Workspace, stage: str = "capture") -> tuple[Graph, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    graph = Graph.loads(ws.path(stage, "graph.json").read_text())
+    constants = load_file(str(ws.path("capture", "constants.safetensors")))
+    return graph, constants
+
+
+def load_program(ws: Workspace, *, device: str | torch.device = "cpu") -> Program:
+    """A runnable program for the workspace's captured graph, weights read from its source."""
+    rec = ws.record("capture")
+    if rec is None:
+        raise WorkbenchError(f"{ws.root} has no capture stage; run `workbench capture MODEL --workspace {ws.root}`")
+    graph, constants = load_graph(ws)
+    return program_for(graph, constants, ModelSource.from_json(rec["params"]["source"]), device=device)
+
+
+__all__ = ["CaptureOptions", "capture_source", "capture_stage", "load_graph", "load_program", "program_for",
+           "dtype_name"]

@@ -1,0 +1,1 @@
+"""Calibration, sensitivity analysis and precision plans: built in the quantization issue."""

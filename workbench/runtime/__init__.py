@@ -1,0 +1,1 @@
+"""Paged-KV runtime (block manager, scheduler, executor): built in the runtime issue."""
