@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--fp32-check", action="store_true", help="also compare both bf16 results with fp32 on the same weights")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -68,11 +69,13 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.tokens), device=device, generator=gen)
     pos = torch.arange(args.tokens, device=device).expand(args.batch, -1).contiguous()
 
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     with torch.no_grad():
         ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         out = program(ids, pos)
-    rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    del ref, out
+    rel_err = rel(out, ref)
 
     def hf():
         with torch.no_grad():
@@ -80,6 +83,17 @@ def main() -> None:
 
     timings = {"transformers eager": time_fn(hf, repeats=args.repeats, device=device),
                "workbench reference executor": time_fn(lambda: program(ids, pos), repeats=args.repeats, device=device)}
+    # Both bf16 results against fp32 on the same weights: tells rounding apart from a wrong graph.
+    # model.float() converts the weights in place, so the program (which shares them) goes first.
+    err32 = {}
+    if args.dtype != "float32" and args.fp32_check:
+        del program
+        model.float()
+        with torch.no_grad():
+            ref32 = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        err32 = {"transformers_vs_fp32": rel(ref, ref32), "workbench_vs_fp32": rel(out, ref32)}
+        del ref32
+    del ref, out
     flops = int(node_table(graph, batch=args.batch, tokens=args.tokens)["flops"].sum())
     peak = matmul_peak_tflops(device) if device.startswith("cuda") else float("nan")
     floor_ms = flops / (peak * 1e12) * 1e3
@@ -91,12 +105,15 @@ def main() -> None:
              "of_roofline": floor_ms / t.median_ms} for k, t in timings.items()]
     result = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
               "batch": args.batch, "tokens": args.tokens, "nodes": len(graph.nodes), "capture_s": capture_s,
-              "init_s": init_s, "logits_rel_err": rel_err, "flops": flops, "matmul_peak_tflops": peak,
+              "init_s": init_s, "logits_rel_err": rel_err, **err32, "flops": flops, "matmul_peak_tflops": peak,
               "roofline_ms": floor_ms, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{gpu}, torch {torch.__version__}: {args.preset} {args.dtype}, prefill {args.batch}x{args.tokens}, "
           f"graph {len(graph.nodes)} nodes captured in {capture_s:.1f}s; logits rel. error vs transformers {rel_err:.2e}")
+    if err32:
+        print(f"vs fp32 on the same weights: transformers {err32['transformers_vs_fp32']:.2e}, "
+              f"workbench {err32['workbench_vs_fp32']:.2e}")
     print(f"cost model: {flops / 1e12:.2f} TFLOP; bf16 matmul peak measured here {peak:.0f} TFLOP/s -> floor {floor_ms:.1f} ms")
     print(f"{'impl':<30} {'median ms':>10} {'spread':>7} {'tok/s':>10} {'TFLOP/s':>8} {'of roofline':>12} {'vs transformers':>16}")
     for r in rows:
