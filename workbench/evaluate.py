@@ -56,38 +56,48 @@ class Perplexity:
 
 def perplexity(logits_fn: LogitsFn, ids: torch.Tensor, *, window: int = 512, stride: int = 256,
                progress: bool = False) -> Perplexity:
+    """Token-weighted perplexity of ``ids`` under ``logits_fn`` with sliding windows.
+
+    The first window scores tokens 1..window-1; each later one scores the next
+    ``stride`` tokens and reaches back so that it holds ``window`` tokens, i.e.
+    ``window - stride`` tokens of context before the first token it scores (at
+    least one, when ``stride >= window``).
+    """
     ids = ids.reshape(-1)
-    if ids.numel() < 2:
+    n = ids.numel()
+    if n < 2:
         raise WorkbenchError("perplexity needs at least 2 tokens")
-    if not 0 < stride <= window:
-        raise WorkbenchError(f"stride must be in 1..window ({window}), not {stride}")
-    starts = list(range(0, max(ids.numel() - window, 0) + stride, stride))
-    nll_sum, scored, prev_end = 0.0, 0, 1  # token 0 has no context and is never scored
+    if window < 2 or stride < 1:
+        raise WorkbenchError(f"window must be >= 2 and stride >= 1 (got window={window}, stride={stride})")
+    spans, scored_to = [], 1  # token 0 has no context and is never scored
+    while scored_to < n:
+        end = min(window, n) if scored_to == 1 else min(scored_to + stride, n)
+        begin = max(0, end - window)
+        if begin >= scored_to:  # stride >= window: keep one token of context, stay within the window
+            begin = scored_to - 1
+            end = min(begin + window, n)
+        spans.append((begin, scored_to, end))
+        scored_to = end
+    nll_sum, scored = 0.0, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(starts), desc="perplexity", unit="window")
-    windows = 0
-    for begin in starts:
-        end = min(begin + window, ids.numel())
-        if end <= prev_end:
-            break
+        bar = tqdm(total=len(spans), desc="perplexity", unit="window")
+    for begin, first, end in spans:
         chunk = ids[begin:end].unsqueeze(0)
         logits = logits_fn(chunk)[0].float()
         logprobs = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i+1
         targets = chunk[0, 1:].to(logprobs.device)
-        picked = -logprobs.gather(1, targets[:, None])[:, 0]
-        first = prev_end - begin - 1  # index into targets of the first token not scored yet
-        nll_sum += picked[first:].double().sum().item()
-        scored += picked.numel() - first
-        prev_end = end
-        windows += 1
+        nll = -logprobs.gather(1, targets[:, None])[:, 0]
+        nll = nll[first - begin - 1:]  # tokens first..end-1
+        nll_sum += nll.double().sum().item()
+        scored += nll.numel()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return Perplexity(math.exp(nll_sum / scored), nll_sum, scored, windows)
+    return Perplexity(math.exp(nll_sum / scored), nll_sum, scored, len(spans))
 
 
 @torch.no_grad()

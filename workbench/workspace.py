@@ -235,7 +235,11 @@ class Workspace:
         an upstream stage that is missing.
         """
         directory = self.stage_dir(stage)
-        if not force and self.status(stage) == "modified":
+        status = self.status(stage)
+        if status == "running":
+            raise WorkbenchError(f"stage {stage!r} is being run by another process in {self.root}; wait for it "
+                                 f"or stop it (see {directory / RUNNING})")
+        if not force and status == "modified":
             rec = self.record(stage)
             edited = [a for a, e in rec["artifacts"].items() if not _unchanged(directory / a, e)]
             raise WorkbenchError(f"{stage}/{', '.join(edited)} changed by hand since the stage wrote it; re-running "
@@ -247,6 +251,8 @@ class Workspace:
                 raise WorkbenchError(f"stage {stage!r} needs the {up!r} stage, which has not run in {self.root}")
             upstream_hashes[up] = {a: e["sha256"] for a, e in up_rec["artifacts"].items()}
         directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.glob(".*.tmp-*"):  # from a writer that was killed; never renamed into place
+            leftover.unlink(missing_ok=True)
         started = time.time()
         atomic_write(directory / RUNNING, json.dumps({"pid": os.getpid(), "started": started}).encode())
         handle = StageRun(stage, directory)

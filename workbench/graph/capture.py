@@ -21,6 +21,7 @@ Workarounds for torch.export, each checked on transformers 5.17-5.23:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def capture(model: torch.nn.Module, *, max_batch: int = MAX_BATCH, max_tokens: i
     graph.meta.update({
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(config, "model_type", None),
-        "config": config.to_dict() if config is not None else {},
+        "config": json.loads(config.to_json_string(use_diff=False)) if config is not None else {},
         "dtype": dtype_name(next(model.parameters()).dtype),
         "captured_on": device.type,
         "export_seconds": round(export_seconds, 3),

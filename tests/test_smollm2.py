@@ -1,0 +1,87 @@
+"""The real default model, SmolLM2-135M-Instruct: the IR against transformers, end to end.
+
+Needs the model prepared by the README's install command (`workbench fetch smollm2-135m`);
+it is not fetched here, so a missing install step fails these tests instead of hiding.
+"""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from workbench.cli import main
+from workbench.evaluate import dataset_text, greedy, hf_logits, perplexity
+from workbench.models import load_model, resolve_source
+from workbench.pipeline import capture_source, load_program, program_for
+from workbench.workspace import Workspace
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "To bake bread at home, you first need to",
+]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    source = resolve_source("smollm2-135m", fetch=False)
+    lm = load_model(source)
+    captured = capture_source(source)
+    return lm, program_for(captured.graph, captured.constants, source), captured.graph
+
+
+def test_graph_shape(smol):
+    lm, program, graph = smol
+    assert graph.meta["architecture"] == "LlamaForCausalLM"
+    assert len({n.layer for n in graph.nodes if n.layer is not None}) == 30
+    assert sum(p.numel() for p in lm.model.parameters()) == 134_515_008
+
+
+def test_logits_match_transformers(smol):
+    lm, program, _ = smol
+    ids = torch.tensor(lm.tokenizer(PROMPTS[0] + " Paris, and the capital of Italy is").input_ids)
+    with torch.no_grad():
+        ref = lm.model(ids[None], use_cache=False).logits[0]
+    assert rel_err(program(ids), ref) < 1e-4
+
+
+def test_greedy_tokens_match_transformers(smol):
+    lm, program, _ = smol
+    eos = lm.tokenizer.eos_token_id
+    for prompt in PROMPTS:
+        ids = torch.tensor(lm.tokenizer(prompt).input_ids)
+        with torch.no_grad():
+            ref = lm.model.generate(ids[None], max_new_tokens=32, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=eos)[0, ids.numel():].tolist()
+        assert greedy(program, ids, 32, eos_token_id=eos) == ref, prompt
+    assert lm.tokenizer.decode(greedy(program, torch.tensor(lm.tokenizer(PROMPTS[0]).input_ids), 2)).strip() \
+        .startswith("Paris")
+
+
+def test_perplexity_agrees_with_transformers(smol):
+    lm, program, _ = smol
+    ids = torch.tensor(lm.tokenizer(dataset_text("evaluation")).input_ids)[:1536]
+    ours = perplexity(program, ids, window=512, stride=256)
+    ref = perplexity(hf_logits(lm.model), ids, window=512, stride=256)
+    assert ours.tokens_scored == ref.tokens_scored == 1535
+    assert abs(ours.perplexity - ref.perplexity) / ref.perplexity < 1e-3
+    assert 5 < ref.perplexity < 60  # a working language model on plain English
+
+
+def test_cli_capture_info_generate(tmp_path, capsys):
+    ws_dir = tmp_path / "ws"
+    assert main(["capture", "smollm2-135m", "--workspace", str(ws_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM (float32)" in out and "30 decoder layers" in out and "134.5 M" in out
+    assert "GFLOP/token" in out and "aten.linear.default" in out
+    ws = Workspace(ws_dir)
+    assert ws.status("capture") == "ok"
+    rec = ws.record("capture")
+    assert rec["params"]["source"]["kind"] == "hf"
+    assert any(p.endswith("model.safetensors") for p in rec["input_files"])
+    assert main(["info", str(ws_dir)]) == 0
+    assert "capture" in capsys.readouterr().out
+    assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3"]) == 0
+    assert "The capital of France is Paris" in capsys.readouterr().out
+    assert load_program(ws).graph.meta["architecture"] == "LlamaForCausalLM"
