@@ -106,3 +106,16 @@ def test_views_of_a_captured_graph():
     layers = layer_table(g, tokens=16).set_index("group")
     assert {"0", "1", "lm_head"} <= set(layers.index)
     assert layers.loc["0", "flops"] == layers.loc["1", "flops"]
+
+
+def test_plots_show_the_tables():
+    from workbench.graph.plots import layer_cost_figure, op_histogram_figure
+
+    g = capture_source(load_model("tiny-llama", materialize=False).source).graph
+    hist = op_histogram(g, tokens=16)
+    fig = op_histogram_figure(hist, top=5)
+    assert list(fig.data[0].y) == list(hist["count"].head(5))
+    layers = layer_table(g, tokens=16)
+    fig = layer_cost_figure(layers)
+    assert list(fig.data[0].y) == list(layers["flops"] / 1e9)
+    assert list(fig.data[1].x) == list(layers["group"])

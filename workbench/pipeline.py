@@ -15,7 +15,7 @@ import torch
 from .errors import WorkbenchError
 from .graph.capture import Captured, capture
 from .graph.executor import Program
-from .graph.ir import Graph, dtype_from_name, dtype_name
+from .graph.ir import Graph, dtype_from_name
 from .graph.views import summary
 from .models.intake import ModelSource, load_model, load_weights, resolve_source
 from .models.presets import make_config
@@ -89,6 +89,3 @@ def load_program(ws: Workspace, *, device: str | torch.device = "cpu") -> Progra
     graph, constants = load_graph(ws)
     return program_for(graph, constants, ModelSource.from_json(rec["params"]["source"]), device=device)
 
-
-__all__ = ["CaptureOptions", "capture_source", "capture_stage", "load_graph", "load_program", "program_for",
-           "dtype_name"]

@@ -156,25 +156,18 @@ class Graph:
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ---- lookups -------------------------------------------------------------------------
-    def spec(self, name: str) -> TensorSpec | None:
-        """Shape/dtype of any value: an input, a param or a node's output."""
-        if name in self.inputs:
-            return self.inputs[name]
-        if name in self.params:
-            return self.params[name].spec
-        return self._node_index()[name].out
-
-    @functools.cached_property
-    def _nodes_by_name(self) -> dict[str, Node]:
-        return {n.name: n for n in self.nodes}
-
-    def _node_index(self) -> dict[str, Node]:
-        if len(self._nodes_by_name) != len(self.nodes):
-            self.__dict__.pop("_nodes_by_name", None)
-        return self._nodes_by_name
+    def specs(self) -> dict[str, TensorSpec | None]:
+        """Shape/dtype of every value by name: inputs, params and each node's (first) output."""
+        out: dict[str, TensorSpec | None] = dict(self.inputs)
+        out.update({k: p.spec for k, p in self.params.items()})
+        out.update({n.name: n.out for n in self.nodes})
+        return out
 
     def node(self, name: str) -> Node:
-        return self._node_index()[name]
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
 
     def bind(self, **sizes: int) -> dict[str, int]:
         """Check concrete sizes against the dims' ranges and return them as a dict."""

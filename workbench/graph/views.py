@@ -14,10 +14,10 @@ from ..kernels.registry import REGISTRY, OpRegistry
 from .ir import Graph, Ref
 
 
-def _call(graph: Graph, node, sizes: dict[str, int]) -> OpCall:
+def _call(specs: dict, node, sizes: dict[str, int]) -> OpCall:
     def sub(v: Any) -> Any:
         if isinstance(v, Ref):
-            return graph.spec(v.name)
+            return specs[v.name]
         if isinstance(v, list):
             return [sub(x) for x in v]
         return v
@@ -30,9 +30,10 @@ def node_table(graph: Graph, *, batch: int = 1, tokens: int = 128, registry: OpR
     import pandas as pd
 
     sizes = graph.bind(batch=batch, tokens=tokens)
+    specs = graph.specs()
     rows = []
     for n in graph.nodes:
-        cost = registry.get(n.op).cost(_call(graph, n, sizes))
+        cost = registry.get(n.op).cost(_call(specs, n, sizes))
         out = n.out
         rows.append({"name": n.name, "op": n.op, "layer": n.layer, "module": n.module,
                      "shape": list(out.concrete_shape(sizes)) if out else None, "dtype": out.dtype if out else None,
