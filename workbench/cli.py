@@ -2,6 +2,7 @@
 
     workbench fetch smollm2-135m                      prepare the default model
     workbench capture MODEL --workspace ws/           capture the graph, print its summary
+    workbench optimize ws/                            run the graph passes, print what each did
     workbench info ws/                                stages, status, artifacts
     workbench generate ws/ "The capital of France is" greedy tokens from the captured graph
     workbench eval ws/ --dataset evaluation           perplexity of the captured graph (or --reference)
@@ -49,6 +50,25 @@ def _cmd_capture(args) -> None:
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
 
 
+def _cmd_optimize(args) -> None:
+    import pandas as pd
+
+    from .graph.passes import DEFAULT_PIPELINE, PASSES, summary_table
+    from .pipeline import passes_stage
+    from .workspace import Workspace
+
+    names = args.passes.split(",") if args.passes else list(DEFAULT_PIPELINE)
+    skip = set(args.skip.split(",")) if args.skip else set()
+    unknown = (set(names) | skip) - set(PASSES)
+    if unknown:
+        raise WorkbenchError(f"unknown pass(es) {', '.join(sorted(unknown))}; passes: {', '.join(PASSES)}")
+    ws = Workspace(args.workspace, create=False)
+    graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summary_table(reports).to_string(index=False))
+    print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
+
+
 def _cmd_info(args) -> None:
     import pandas as pd
 
@@ -63,17 +83,16 @@ def _cmd_info(args) -> None:
         print(df.to_string(index=False))
 
 
-def _program_and_tokenizer(target: str, device: str):
-    from .models.intake import ModelSource, load_tokenizer
-    from .pipeline import load_program
+def _program_and_tokenizer(target: str, device: str, stage: str):
+    from .models.intake import load_tokenizer
+    from .pipeline import load_program, workspace_source
     from .workspace import Workspace
 
     ws = Workspace(target, create=False)
-    rec = ws.record("capture")
-    if rec is None:
-        raise WorkbenchError(f"{target} has no capture stage; run `workbench capture MODEL --workspace {target}`")
-    source = ModelSource.from_json(rec["params"]["source"])
-    return load_program(ws, device=device), load_tokenizer(source), source
+    source = workspace_source(ws)
+    if stage == "latest":
+        stage = "passes" if ws.record("passes") else "capture"
+    return load_program(ws, stage=stage, device=device), load_tokenizer(source), source
 
 
 def _cmd_generate(args) -> None:
@@ -81,7 +100,7 @@ def _cmd_generate(args) -> None:
 
     from .evaluate import greedy
 
-    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device)
+    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device, args.stage)
     if tokenizer is None:
         raise WorkbenchError("this workspace's model has random weights and no tokenizer; capture a real model")
     ids = torch.tensor(tokenizer(args.prompt).input_ids)
@@ -95,7 +114,7 @@ def _cmd_eval(args) -> None:
     from .evaluate import dataset_text, hf_logits, perplexity
     from .models.intake import load_model
 
-    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device)
+    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device, args.stage)
     if tokenizer is None:
         raise WorkbenchError("this workspace's model has random weights and no tokenizer; perplexity needs a real model")
     ids = torch.tensor(tokenizer(dataset_text(args.dataset)).input_ids)
@@ -129,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_capture)
 
+    s = sub.add_parser("optimize", help="run graph passes (fusion, elimination) on a workspace's captured graph")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("--passes", help="comma-separated passes to run, in order (default: the standard pipeline)")
+    s.add_argument("--skip", help="comma-separated passes to leave out")
+    s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.set_defaults(fn=_cmd_optimize)
+
     s = sub.add_parser("info", help="list a workspace's stages, their status and artifacts")
     s.add_argument("workspace", type=Path)
     s.set_defaults(fn=_cmd_info)
@@ -138,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes"],
+                   help="which graph to run (default: the optimized one if `optimize` has run)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("eval", help="perplexity of the captured graph on a dataset")
@@ -148,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes"])
     s.set_defaults(fn=_cmd_eval)
     return p
 

@@ -14,7 +14,7 @@ import torch
 
 from .errors import WorkbenchError
 from .graph.capture import Captured, capture
-from .graph.executor import Program
+from .graph.executor import Program, resolve_params
 from .graph.ir import Graph, dtype_from_name
 from .graph.views import summary
 from .models.intake import ModelSource, load_model, load_weights, resolve_source
@@ -52,12 +52,22 @@ def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions
     return capture(model)
 
 
+def graph_weights(graph: Graph, source: ModelSource, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The graph's weights from its source, derived ones (fused by passes) computed from theirs."""
+    wanted: dict[str, list[str]] = {}
+    for name, p in graph.params.items():
+        if p.kind != "parameter":
+            continue
+        for src, aliases in (p.derived["inputs"] if p.derived else [[name, p.aliases]]):
+            wanted[src] = aliases
+    base = load_weights(source, wanted, dtype=dtype_from_name(graph.meta.get("dtype", "float32")), device=device)
+    return resolve_params(graph, base)
+
+
 def program_for(graph: Graph, constants: dict[str, torch.Tensor], source: ModelSource, *,
                 device: str | torch.device = "cpu") -> Program:
-    """Bind a captured graph to the source's weights on ``device``."""
-    wanted = {n: p.aliases for n, p in graph.params.items() if p.kind == "parameter"}
-    weights = load_weights(source, wanted, dtype=dtype_from_name(graph.meta.get("dtype", "float32")), device=device)
-    return Program(graph, {**weights, **constants}, device=device)
+    """Bind a graph (captured or optimized) to the source's weights on ``device``."""
+    return Program(graph, {**graph_weights(graph, source, device=device), **constants}, device=device)
 
 
 def capture_stage(ws: Workspace, spec: str, options: CaptureOptions = CaptureOptions(), *,
@@ -81,11 +91,33 @@ def load_graph(ws: Workspace, stage: str = "capture") -> tuple[Graph, dict[str, 
     return graph, constants
 
 
-def load_program(ws: Workspace, *, device: str | torch.device = "cpu") -> Program:
-    """A runnable program for the workspace's captured graph, weights read from its source."""
+def workspace_source(ws: Workspace) -> ModelSource:
     rec = ws.record("capture")
     if rec is None:
         raise WorkbenchError(f"{ws.root} has no capture stage; run `workbench capture MODEL --workspace {ws.root}`")
-    graph, constants = load_graph(ws)
-    return program_for(graph, constants, ModelSource.from_json(rec["params"]["source"]), device=device)
+    return ModelSource.from_json(rec["params"]["source"])
+
+
+def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool = False):
+    """`workbench optimize`: run graph passes on the captured graph into ``ws/passes``.
+
+    Returns the optimized graph and the per-pass reports."""
+    from .graph.passes import DEFAULT_PIPELINE, run_passes
+
+    names = list(DEFAULT_PIPELINE if names is None else names)
+    source = workspace_source(ws)
+    graph, constants = load_graph(ws, "capture")
+    with ws.run("passes", params={"passes": names}, upstream=("capture",), force=force) as run:
+        params = {**graph_weights(graph, source), **constants}
+        optimized, reports = run_passes(graph, params, names)
+        run.write_text("graph.json", optimized.dumps())
+        run.write_json("report.json", [r.to_json() for r in reports])
+    return optimized, reports
+
+
+def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "cpu") -> Program:
+    """A runnable program for the workspace's graph of ``stage``, weights read from the model source."""
+    source = workspace_source(ws)
+    graph, constants = load_graph(ws, stage)
+    return program_for(graph, constants, source, device=device)
 

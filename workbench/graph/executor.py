@@ -43,8 +43,11 @@ class Program:
                  _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
 
     @torch.no_grad()
-    def run(self, **inputs: torch.Tensor) -> list[Any]:
-        """Run the graph on named inputs; returns the graph's outputs in order."""
+    def run(self, *, keep_all: bool = False, **inputs: torch.Tensor) -> list[Any] | dict[str, Any]:
+        """Run the graph on named inputs; returns the graph's outputs in order.
+
+        With ``keep_all`` nothing is freed and every value is returned by name (for
+        comparing two graphs node by node)."""
         missing = set(self.graph.inputs) - set(inputs)
         if missing:
             raise WorkbenchError(f"graph inputs missing: {', '.join(sorted(missing))}")
@@ -52,9 +55,10 @@ class Program:
         env.update({k: v.to(self.device) for k, v in inputs.items()})
         for name, fn, args, kwargs, frees in self._steps:
             env[name] = fn(*_resolve(args, env), **_resolve(kwargs, env))
-            for f in frees:
-                del env[f]
-        return [env[o] for o in self.graph.outputs]
+            if not keep_all:
+                for f in frees:
+                    del env[f]
+        return env if keep_all else [env[o] for o in self.graph.outputs]
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for a flat batch: ``input_ids`` is [tokens] or [batch, tokens].
@@ -74,6 +78,20 @@ class Program:
         return out[0] if flat else out
 
     __call__ = logits
+
+
+def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Values of every graph param from ``base`` (checkpoint tensors by name), computing derived ones."""
+    out = {}
+    for name, p in graph.params.items():
+        if p.derived:
+            d = p.derived
+            if d["op"] != "cat":
+                raise WorkbenchError(f"parameter {name!r} is derived by unknown op {d['op']!r}")
+            out[name] = torch.cat([base[src] for src, _aliases in d["inputs"]], dim=d["dim"])
+        elif name in base:
+            out[name] = base[name]
+    return out
 
 
 def _check_params(graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

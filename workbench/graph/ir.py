@@ -110,12 +110,17 @@ class Param:
 
     ``aliases`` are other names of the same tensor in the checkpoint (tied embeddings:
     ``lm_head.weight`` is ``model.embed_tokens.weight``).
+
+    ``derived`` says how a parameter that a pass created is computed from checkpoint
+    tensors when weights are loaded, e.g. a fused QKV weight:
+    ``{"op": "cat", "dim": 0, "inputs": [[name, [aliases..]], ...]}``.
     """
 
     name: str
     kind: str
     spec: TensorSpec
     aliases: list[str] = field(default_factory=list)
+    derived: dict[str, Any] | None = None
 
 
 @dataclass
@@ -198,8 +203,8 @@ class Graph:
             "ir_version": IR_VERSION,
             "dims": self.dims,
             "inputs": {k: dataclasses.asdict(v) for k, v in self.inputs.items()},
-            "params": {k: {"kind": p.kind, "aliases": p.aliases, **dataclasses.asdict(p.spec)}
-                       for k, p in self.params.items()},
+            "params": {k: {"kind": p.kind, "aliases": p.aliases, **dataclasses.asdict(p.spec),
+                           **({"derived": p.derived} if p.derived else {})} for k, p in self.params.items()},
             "nodes": [{"name": n.name, "op": n.op, "args": encode_value(n.args),
                        "kwargs": encode_value(n.kwargs),
                        "outputs": [dataclasses.asdict(o) if o else None for o in n.outputs],
@@ -217,8 +222,8 @@ class Graph:
         params = {}
         for k, p in data["params"].items():
             p = dict(p)
-            kind, aliases = p.pop("kind"), p.pop("aliases")
-            params[k] = Param(k, kind, TensorSpec(**p), aliases)
+            kind, aliases, derived = p.pop("kind"), p.pop("aliases"), p.pop("derived", None)
+            params[k] = Param(k, kind, TensorSpec(**p), aliases, derived)
         nodes = [Node(n["name"], n["op"], decode_value(n["args"]), decode_value(n["kwargs"]),
                       [TensorSpec(**o) if o else None for o in n["outputs"]], n["module"], n["layer"])
                  for n in data["nodes"]]

@@ -2,5 +2,6 @@
 
 from .cost import Cost, OpCall
 from .registry import REGISTRY, OpDef, OpRegistry, get_op, register_op
+from . import fused  # noqa: E402,F401  (registers the fused ops)
 
 __all__ = ["Cost", "OpCall", "OpDef", "OpRegistry", "REGISTRY", "get_op", "register_op"]

@@ -1,0 +1,151 @@
+"""Graph passes: every fusion matches once per layer, the optimized graph computes the same logits,
+a drifting pass is rejected, and a user's pass and op (a plugin) run in the same pipeline."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import rel_err
+from workbench.errors import WorkbenchError
+from workbench.graph.ir import Graph, Node, Ref
+from workbench.graph.passes import DEFAULT_PIPELINE, PASSES, Match, register_pass, run_passes, summary_table
+from workbench.kernels import register_op
+from workbench.models import load_model
+from workbench.pipeline import CaptureOptions, capture_source, graph_weights, program_for
+
+
+def optimize(name, dtype="float32", names=None):
+    lm = load_model(name, dtype=getattr(torch, dtype))
+    captured = capture_source(lm.source, CaptureOptions(dtype=dtype))
+    params = {**graph_weights(captured.graph, lm.source), **captured.constants}
+    graph, reports = run_passes(captured.graph, params, names)
+    return lm, captured, graph, reports
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def optimized(request):
+    return optimize(request.param)
+
+
+def per_layer(graph, op):
+    return Counter(n.layer for n in graph.nodes if n.op == op)
+
+
+def test_each_fusion_matches_once_per_layer(optimized):
+    lm, captured, graph, reports = optimized
+    layers = range(lm.model.config.num_hidden_layers)
+    assert per_layer(graph, "workbench.attention") == {i: 1 for i in layers}
+    assert per_layer(graph, "workbench.rope") == {i: 2 for i in layers}
+    assert per_layer(graph, "workbench.silu_mul") == {i: 1 for i in layers}
+    norms = Counter(n.layer for n in graph.nodes if n.op in ("workbench.rms_norm", "workbench.add_rms_norm"))
+    assert norms == {**{i: 2 for i in layers}, None: 1}  # two per layer and the final norm
+    kinds = Counter((m.what, m.layer) for r in reports if r.name == "fuse_parallel_linears" for m in r.matches)
+    assert kinds == {**{("qkv", i): 1 for i in layers}, **{("gate_up", i): 1 for i in layers}}
+    assert all(r.accepted for r in reports) and [r.name for r in reports] == list(DEFAULT_PIPELINE)
+    # what the fusions must make disappear
+    ops = Counter(n.op for n in graph.nodes)
+    for gone in ("aten.scaled_dot_product_attention.default", "aten.silu.default", "aten.rsqrt.default",
+                 "aten.expand.default", "aten._assert_tensor_metadata.default", "aten.neg.default"):
+        assert ops[gone] == 0, gone
+    assert ops["aten.linear.default"] == 4 * lm.model.config.num_hidden_layers + 1  # qkv, o, gate_up, down; lm_head
+    assert len(graph.nodes) < 0.6 * len(captured.graph.nodes)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 17), (1, 64)])
+def test_optimized_logits_match_captured(optimized, shape):
+    lm, captured, graph, _ = optimized
+    before = program_for(captured.graph, captured.constants, lm.source)
+    after = program_for(Graph.loads(graph.dumps()), captured.constants, lm.source)  # derived weights via JSON
+    ids = torch.randint(0, lm.model.config.vocab_size, shape)
+    ref = before(ids)
+    assert rel_err(after(ids), ref) < 1e-5
+    with torch.no_grad():
+        assert rel_err(after(ids), lm.model(ids, use_cache=False).logits) < 1e-5
+
+
+def test_reports_explain_each_pass(optimized):
+    lm, captured, graph, reports = optimized
+    df = summary_table(reports)
+    assert list(df["pass"]) == list(DEFAULT_PIPELINE)
+    assert df["nodes_before"].iloc[0] == len(captured.graph.nodes) and df["nodes_after"].iloc[-1] == len(graph.nodes)
+    assert (df["nodes_before"].iloc[1:].values == df["nodes_after"].iloc[:-1].values).all()
+    assert (df["max_rel_err"] < 1e-5).all()
+    fusion = df.set_index("pass")
+    assert fusion.loc["fuse_attention", "bytes_saved"] > 0  # repeated k/v and the SDPA inputs no longer written
+    assert fusion.loc["fuse_rms_norm", "layers"] == lm.model.config.num_hidden_layers
+    rope = next(r for r in reports if r.name == "fuse_rope")
+    assert all(len(m.replaced) == 7 and m.created for m in rope.matches)
+
+
+def test_bf16_pipeline_is_accepted_and_close():
+    lm, captured, graph, reports = optimize("tiny-llama", "bfloat16")
+    assert all(r.accepted for r in reports)
+    assert per_layer(graph, "workbench.attention") == {0: 1, 1: 1}
+    ids = torch.randint(0, 512, (2, 16))
+    ref = program_for(captured.graph, captured.constants, lm.source)(ids)
+    assert rel_err(program_for(graph, captured.constants, lm.source)(ids), ref) < 2e-2
+
+
+def test_a_drifting_pass_is_rejected_and_names_the_node():
+    @register_pass("test_break_norm", "sets the first RMSNorm's eps to 0.5", replace=True)
+    def break_norm(rw):
+        n = next(n for n in rw.graph.nodes if n.op == "workbench.rms_norm")
+        n.args = [*n.args[:2], 0.5]
+        return [Match("broken", n.layer, [n.name], [n.name])]
+
+    lm, captured, graph, reports = optimize("tiny-llama", names=["eliminate_noops", "fuse_rms_norm", "test_break_norm"])
+    bad = reports[-1]
+    assert not bad.accepted and bad.max_rel_err > 1e-3
+    assert bad.first_diverging.startswith("rms_norm")
+    assert bad.nodes_after == bad.nodes_before
+    assert any(n.args[2] != 0.5 for n in graph.nodes if n.op == "workbench.rms_norm")  # the graph before it is kept
+    del PASSES["test_break_norm"]
+
+
+@register_op("testplugin.swiglu_down")
+def swiglu_down(gate, up, weight):
+    """A user's fused MLP tail: down_proj(silu(gate) * up)."""
+    return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight)
+
+
+@register_pass("testplugin_fuse_swiglu_down", "silu_mul feeding the down projection -> testplugin.swiglu_down")
+def fuse_swiglu_down(rw):
+    matches = []
+    for n in list(rw.graph.nodes):
+        src = rw.producer(n.args[0]) if n.op == "aten.linear.default" and len(n.args) == 2 else None
+        if src is None or src.op != "workbench.silu_mul" or rw.n_users(src.name) != 1:
+            continue
+        fused = rw.insert_before(n, Node(rw.fresh("swiglu_down"), "testplugin.swiglu_down",
+                                         [*src.args, n.args[1]], {}, [n.out], n.module, n.layer))
+        rw.replace_uses(n.name, Ref(fused.name))
+        matches.append(Match("swiglu_down", n.layer, [src.name, n.name], [fused.name]))
+    return matches
+
+
+def test_plugin_pass_and_op_run_in_the_pipeline():
+    names = [*DEFAULT_PIPELINE, "testplugin_fuse_swiglu_down"]
+    lm, captured, graph, reports = optimize("tiny-qwen2", names=names)
+    plugin = reports[-1]
+    assert plugin.accepted and len(plugin.matches) == 2 and plugin.max_rel_err < 1e-5
+    assert per_layer(graph, "testplugin.swiglu_down") == {0: 1, 1: 1}
+    assert "testplugin_fuse_swiglu_down" in list(summary_table(reports)["pass"])
+
+
+def test_unregistered_op_is_named():
+    lm = load_model("tiny-llama")
+    captured = capture_source(lm.source)
+    captured.graph.nodes[5].op = "mylib.mystery"
+    with pytest.raises(WorkbenchError, match="'mylib.mystery' is not registered; register it with"):
+        run_passes(captured.graph, {}, ["eliminate_noops"])
+    with pytest.raises(WorkbenchError, match="unknown pass"):
+        run_passes(captured.graph, {}, ["no_such_pass"])
+
+
+def test_llama_3_8b_fuses_on_meta_without_weights():
+    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
+    captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
+    graph, reports = run_passes(captured.graph, {}, check=False)
+    assert per_layer(graph, "workbench.attention") == {i: 1 for i in range(32)}
+    assert sum(len(r.matches) for r in reports if r.name == "fuse_parallel_linears") == 64
+    assert len(graph.nodes) < 0.5 * len(captured.graph.nodes)

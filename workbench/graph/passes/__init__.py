@@ -1,0 +1,22 @@
+"""Graph passes: named, ordered rewrites of the workbench IR, each checked and explained.
+
+``run_passes(graph, params)`` applies ``DEFAULT_PIPELINE``; ``register_pass`` adds a
+user's pass (a plugin) that any pipeline can name.
+"""
+
+from . import eliminate, fuse, horizontal  # noqa: F401  (register the built-in passes)
+from .manager import PASSES, GraphPass, Match, PassReport, register_pass, run_passes, summary_table
+
+#: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
+DEFAULT_PIPELINE = (
+    "eliminate_noops",
+    "fuse_rms_norm",
+    "fuse_add_rms_norm",
+    "fuse_silu_mul",
+    "fuse_rope",
+    "fuse_attention",
+    "fuse_parallel_linears",
+)
+
+__all__ = ["DEFAULT_PIPELINE", "GraphPass", "Match", "PASSES", "PassReport", "register_pass", "run_passes",
+           "summary_table"]

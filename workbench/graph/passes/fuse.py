@@ -1,0 +1,209 @@
+"""Vertical fusion: chains of ops that become one fused op (see ``workbench/kernels/fused.py``).
+
+Each pattern is matched structurally on the IR, after ``eliminate_noops`` (so fp32
+graphs have no identity casts left), and is written as the chain it expects:
+
+    rms_norm      mul(w, [to(] mul(a, rsqrt(add(mean(pow(a, 2), [-1], True), eps))) [)]),  a = [to(]x[)]
+    add_rms_norm  rms_norm(add(x, r)) where the sum is also the next residual
+    silu_mul      mul(silu(gate), up)
+    rope          add(mul(x, cos), mul(cat([neg(slice(x, -1, h:)), slice(x, -1, :h)]), sin))
+    attention     sdpa(q, repeat_kv(k), repeat_kv(v), mask)  with  repeat_kv = reshape(expand(unsqueeze(·, 2)))
+
+Intermediates a pattern swallows must have no other readers; otherwise it does not match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..ir import Node, Ref, TensorSpec
+from ..rewrite import Rewriter
+from .manager import Match, register_pass
+
+
+def _only_reader(rw: Rewriter, v: Any, reader: Node) -> Node | None:
+    """The node defining ``v`` if ``reader`` is its only reader."""
+    n = rw.producer(v)
+    if n is None or rw.n_users(n.name) != 1 or rw.users[n.name][0] is not reader:
+        return None
+    return n
+
+
+def _is_op(n: Node | None, op: str) -> bool:
+    return n is not None and n.op == op
+
+
+def _unwrap_cast(rw: Rewriter, v: Any) -> Any:
+    n = rw.producer(v)
+    return n.args[0] if _is_op(n, "aten.to.dtype") else v
+
+
+def _new(rw: Rewriter, anchor: Node, base: str, op: str, args: list, outputs: list[TensorSpec | None],
+         like: Node, kwargs: dict | None = None) -> Node:
+    node = Node(rw.fresh(base), op, args, kwargs or {}, outputs, like.module, like.layer)
+    return rw.insert_before(anchor, node)
+
+
+def _getitem(rw: Rewriter, anchor: Node, src: Node, i: int) -> Node:
+    return _new(rw, anchor, f"{src.name}_out{i}", "operator.getitem", [Ref(src.name), i], [src.outputs[i]], src)
+
+
+def _match_rms_norm(rw: Rewriter, n: Node):
+    """(x, weight, eps) if ``n`` ends an RMSNorm chain, else None."""
+    if n.op != "aten.mul.Tensor" or len(n.args) != 2:
+        return None
+    w, y = n.args
+    if not (isinstance(w, Ref) and w.name in rw.graph.params and len(rw.graph.params[w.name].spec.shape) == 1):
+        return None
+    cast_back = _only_reader(rw, y, n)
+    if _is_op(cast_back, "aten.to.dtype"):
+        scaled = _only_reader(rw, cast_back.args[0], cast_back)
+    else:
+        cast_back, scaled = None, cast_back
+    if not _is_op(scaled, "aten.mul.Tensor"):
+        return None
+    a, r = scaled.args
+    rsqrt = _only_reader(rw, r, scaled)
+    if not _is_op(rsqrt, "aten.rsqrt.default"):
+        return None
+    add = _only_reader(rw, rsqrt.args[0], rsqrt)
+    if not (_is_op(add, "aten.add.Tensor") and isinstance(add.args[1], float)):
+        return None
+    mean = _only_reader(rw, add.args[0], add)
+    if not (_is_op(mean, "aten.mean.dim") and list(mean.args[1]) == [-1] and mean.args[2] is True):
+        return None
+    pow_ = _only_reader(rw, mean.args[0], mean)
+    if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
+        return None
+    return _unwrap_cast(rw, a), w, add.args[1], [cast_back, scaled, rsqrt, add, mean, pow_]
+
+
+@register_pass("fuse_rms_norm", "RMSNorm chains (pow/mean/add/rsqrt/mul/cast/mul) -> workbench.rms_norm")
+def fuse_rms_norm(rw: Rewriter) -> list[Match]:
+    matches = []
+    for n in list(rw.graph.nodes):
+        found = _match_rms_norm(rw, n)
+        if found is None:
+            continue
+        x, w, eps, swallowed = found
+        fused = _new(rw, n, "rms_norm", "workbench.rms_norm", [x, w, eps], [n.out], n)
+        rw.replace_uses(n.name, Ref(fused.name))
+        matches.append(Match("rms_norm", n.layer, [m.name for m in swallowed if m is not None] + [n.name], [fused.name]))
+    return matches
+
+
+@register_pass("fuse_add_rms_norm", "residual add feeding an RMSNorm -> workbench.add_rms_norm (sum kept)")
+def fuse_add_rms_norm(rw: Rewriter) -> list[Match]:
+    matches = []
+    for n in list(rw.graph.nodes):
+        if n.op != "workbench.rms_norm":
+            continue
+        add = rw.producer(n.args[0])
+        if not (_is_op(add, "aten.add.Tensor") and all(isinstance(a, Ref) for a in add.args)
+                and rw.spec(add.args[0]).shape == rw.spec(add.args[1]).shape):
+            continue
+        anchor = next(u for u in rw.graph.nodes if u in rw.users[add.name])
+        fused = _new(rw, anchor, "add_rms_norm", "workbench.add_rms_norm", [add.args[0], add.args[1], *n.args[1:]],
+                     [n.out, add.out], n)
+        normed, total = _getitem(rw, anchor, fused, 0), _getitem(rw, anchor, fused, 1)
+        rw.replace_uses(n.name, Ref(normed.name))
+        rw.replace_uses(add.name, Ref(total.name))
+        matches.append(Match("add_rms_norm", n.layer, [add.name, n.name], [fused.name]))
+    return matches
+
+
+@register_pass("fuse_silu_mul", "SwiGLU gating mul(silu(gate), up) -> workbench.silu_mul")
+def fuse_silu_mul(rw: Rewriter) -> list[Match]:
+    matches = []
+    for n in list(rw.graph.nodes):
+        if n.op != "aten.mul.Tensor" or len(n.args) != 2:
+            continue
+        for i in (0, 1):
+            silu = _only_reader(rw, n.args[i], n)
+            if _is_op(silu, "aten.silu.default"):
+                fused = _new(rw, n, "silu_mul", "workbench.silu_mul", [silu.args[0], n.args[1 - i]], [n.out], n)
+                rw.replace_uses(n.name, Ref(fused.name))
+                matches.append(Match("silu_mul", n.layer, [silu.name, n.name], [fused.name]))
+                break
+    return matches
+
+
+def _match_rope(rw: Rewriter, n: Node):
+    if n.op != "aten.add.Tensor" or len(n.args) != 2 or not all(isinstance(a, Ref) for a in n.args):
+        return None
+    m1, m2 = _only_reader(rw, n.args[0], n), _only_reader(rw, n.args[1], n)
+    if not (_is_op(m1, "aten.mul.Tensor") and _is_op(m2, "aten.mul.Tensor")):
+        return None
+    x, cos = m1.args
+    cat = _only_reader(rw, m2.args[0], m2)
+    if not (_is_op(cat, "aten.cat.default") and len(cat.args[0]) == 2 and cat.args[1] in (-1, 3)):
+        return None
+    neg, lo = _only_reader(rw, cat.args[0][0], cat), _only_reader(rw, cat.args[0][1], cat)
+    if not (_is_op(neg, "aten.neg.default") and _is_op(lo, "aten.slice.Tensor")):
+        return None
+    hi = _only_reader(rw, neg.args[0], neg)
+    spec = rw.spec(x)
+    if not (_is_op(hi, "aten.slice.Tensor") and hi.args[0] == x and lo.args[0] == x and spec is not None):
+        return None
+    last = len(spec.shape) - 1
+    half = spec.shape[-1] // 2 if isinstance(spec.shape[-1], int) else None
+    if half is None or hi.args[1] not in (-1, last) or lo.args[1] not in (-1, last):
+        return None
+    if list(lo.args[2:4]) != [0, half] or hi.args[2] != half:
+        return None
+    return x, cos, m2.args[1], [m1, m2, cat, neg, lo, hi]
+
+
+@register_pass("fuse_rope", "rotary embedding x*cos + rotate_half(x)*sin -> workbench.rope (q and k)")
+def fuse_rope(rw: Rewriter) -> list[Match]:
+    matches = []
+    for n in list(rw.graph.nodes):
+        found = _match_rope(rw, n)
+        if found is None:
+            continue
+        x, cos, sin, swallowed = found
+        fused = _new(rw, n, "rope", "workbench.rope", [x, cos, sin], [n.out], n)
+        rw.replace_uses(n.name, Ref(fused.name))
+        matches.append(Match("rope", n.layer, [m.name for m in swallowed] + [n.name], [fused.name]))
+    return matches
+
+
+def _unrepeat(rw: Rewriter, v: Any, reader: Node):
+    """k if ``v`` is repeat_kv(k) = reshape(expand(unsqueeze(k, 2))) read only by ``reader``."""
+    reshape = _only_reader(rw, v, reader)
+    if not _is_op(reshape, "aten.reshape.default"):
+        return None
+    expand = _only_reader(rw, reshape.args[0], reshape)
+    if not _is_op(expand, "aten.expand.default"):
+        return None
+    unsq = _only_reader(rw, expand.args[0], expand)
+    if not (_is_op(unsq, "aten.unsqueeze.default") and unsq.args[1] == 2):
+        return None
+    return unsq.args[0], [reshape, expand, unsq]
+
+
+@register_pass("fuse_attention", "SDPA with repeat_kv on k and v -> workbench.attention reading shared KV heads")
+def fuse_attention(rw: Rewriter) -> list[Match]:
+    matches = []
+    for n in list(rw.graph.nodes):
+        if n.op != "aten.scaled_dot_product_attention.default":
+            continue
+        extra = {k: v for k, v in n.kwargs.items() if k != "scale"}
+        if extra or len(n.args) > 4:  # dropout/is_causal/gqa flags: leave such calls alone
+            continue
+        q, k, v = n.args[:3]
+        mask = n.args[3] if len(n.args) > 3 else None
+        swallowed: list[Node] = []
+        for name, val in (("k", k), ("v", v)):
+            found = _unrepeat(rw, val, n)
+            if found is not None:
+                swallowed += found[1]
+                if name == "k":
+                    k = found[0]
+                else:
+                    v = found[0]
+        fused = _new(rw, n, "attention", "workbench.attention", [q, k, v, mask, n.kwargs.get("scale")], [n.out], n)
+        rw.replace_uses(n.name, Ref(fused.name))
+        what = "attention (repeat_kv removed)" if swallowed else "attention"
+        matches.append(Match(what, n.layer, [m.name for m in swallowed] + [n.name], [fused.name]))
+    return matches

@@ -1,0 +1,192 @@
+"""Run named graph passes in order, each checked and explained.
+
+A pass is a function ``Rewriter -> list[Match]`` registered under a name; it edits
+the graph in place and says what it matched. The manager runs each pass on a
+copy of the graph, then
+
+  * sweeps dead nodes and unused params,
+  * costs the graph before and after (cost model, at ``tokens`` tokens),
+  * runs both graphs on the same random tokens and compares the logits; a pass
+    whose logits drift beyond the dtype's tolerance is rejected (the graph before
+    it is kept) and its report names the first node whose value diverged,
+
+and returns a ``PassReport`` per pass. ``summary_table`` turns them into one
+DataFrame. Users add passes (plugins) with ``register_pass``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from ...errors import WorkbenchError
+from ..executor import Program, resolve_params
+from ..ir import Graph
+from ..rewrite import Rewriter
+from ..views import node_table
+
+#: Relative error of the logits a pass may introduce, by the graph's dtype.
+TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+@dataclass
+class Match:
+    """One rewrite: the nodes it replaced and the nodes it created."""
+
+    what: str
+    layer: int | None
+    replaced: list[str]
+    created: list[str]
+
+
+@dataclass
+class GraphPass:
+    name: str
+    fn: Callable[[Rewriter], list[Match]]
+    description: str
+
+
+@dataclass
+class PassReport:
+    name: str
+    description: str
+    matches: list[Match]
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    max_rel_err: float | None
+    accepted: bool
+    first_diverging: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["matches"] = [m.__dict__ for m in self.matches]
+        return d
+
+
+PASSES: dict[str, GraphPass] = {}
+
+
+def register_pass(name: str, description: str = "", *, replace: bool = False):
+    """Decorator registering ``fn(Rewriter) -> list[Match]`` as pass ``name`` (the plugin mechanism)."""
+
+    def wrap(fn):
+        if name in PASSES and not replace:
+            raise WorkbenchError(f"pass {name!r} is already registered; pass replace=True to override it")
+        PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+def _check_registered(graph: Graph) -> None:
+    from ...kernels.registry import REGISTRY
+
+    for n in graph.nodes:
+        REGISTRY.get(n.op)  # raises a WorkbenchError naming the op and how to register it
+
+
+def _total_bytes(graph: Graph, tokens: int) -> int:
+    return int(node_table(graph, batch=1, tokens=tokens)["bytes"].sum())
+
+
+@dataclass
+class CheckInputs:
+    """The random tokens every pass is checked on: two rows, the second packing two sequences."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+
+    @classmethod
+    def make(cls, vocab_size: int, tokens: int = 12, seed: int = 0) -> "CheckInputs":
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, (2, tokens), generator=g)
+        half = tokens // 2
+        pos = torch.stack([torch.arange(tokens), torch.cat([torch.arange(half), torch.arange(tokens - half)])])
+        return cls(ids, pos)
+
+
+def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs) -> dict[str, torch.Tensor]:
+    program = Program(graph, resolve_params(graph, params))
+    return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str] | None = None, *,
+               tokens: int = 512, check: bool = True) -> tuple[Graph, list[PassReport]]:
+    """Apply passes ``names`` (default: the standard pipeline) in order; returns the graph and reports.
+
+    ``params`` holds the captured graph's tensors by name (weights, buffers and
+    constants); derived parameters of fused graphs are computed from them.
+    """
+    from . import DEFAULT_PIPELINE
+
+    names = list(DEFAULT_PIPELINE if names is None else names)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise WorkbenchError(f"unknown pass(es) {', '.join(unknown)}; registered: {', '.join(PASSES)}")
+    _check_registered(graph)
+    tol = TOLERANCE.get(graph.meta.get("dtype", "float32"), 2e-2)
+    inputs = CheckInputs.make(graph.meta.get("config", {}).get("vocab_size", 2))
+    current = graph
+    reference = _values(current, params, inputs) if check else None
+    reports = []
+    for name in names:
+        gp = PASSES[name]
+        start = time.perf_counter()
+        candidate = copy.deepcopy(current)
+        rw = Rewriter(candidate)
+        matches = gp.fn(rw)
+        rw.sweep()
+        candidate.validate()
+        _check_registered(candidate)
+        report = PassReport(name, gp.description, matches, len(current.nodes), len(candidate.nodes),
+                            _total_bytes(current, tokens), _total_bytes(candidate, tokens), None, True)
+        if check and matches:
+            after = _values(candidate, params, inputs)
+            out = candidate.outputs[0]
+            report.max_rel_err = _rel(after[out], reference[current.outputs[0]])
+            if not report.max_rel_err <= tol:
+                report.accepted = False
+                report.first_diverging = next((n.name for n in candidate.nodes if n.name in reference
+                                               and isinstance(after.get(n.name), torch.Tensor)
+                                               and after[n.name].shape == reference[n.name].shape
+                                               and _rel(after[n.name], reference[n.name]) > tol), out)
+                report.notes.append(f"rejected: logits drift {report.max_rel_err:.2e} > tolerance {tol:.0e}")
+            else:
+                reference = after
+        if report.accepted:
+            current = candidate
+        else:
+            report.nodes_after, report.bytes_after = report.nodes_before, report.bytes_before
+        report.seconds = round(time.perf_counter() - start, 3)
+        reports.append(report)
+    current.meta = {**current.meta, "passes": [r.name for r in reports if r.accepted]}
+    return current, reports
+
+
+def summary_table(reports: list[PassReport]):
+    """One row per pass: matches, layers, nodes before/after, bytes saved (at the costed size), error."""
+    import pandas as pd
+
+    rows = [{"pass": r.name, "matches": len(r.matches),
+             "layers": len({m.layer for m in r.matches if m.layer is not None}),
+             "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
+             "bytes_saved": r.bytes_saved, "max_rel_err": r.max_rel_err, "accepted": r.accepted,
+             "first_diverging": r.first_diverging, "seconds": r.seconds} for r in reports]
+    return pd.DataFrame(rows)

@@ -1,0 +1,69 @@
+"""Fused ops that the graph passes create, with their PyTorch reference implementations.
+
+Each reference does the same arithmetic, in the same order and precision, as the
+subgraph it replaces (the transformers modules' code), so a fused fp32 graph gives
+the captured graph's logits to rounding. Faster tactics (Triton) are added to the
+same ops by the kernels issue.
+
+    workbench.rms_norm(x, w, eps)                   w * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)
+    workbench.add_rms_norm(x, r, w, eps)            (rms_norm(x + r), x + r)   residual add + norm
+    workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
+    workbench.rope(x, cos, sin)                     x * cos + rotate_half(x) * sin
+    workbench.attention(q, k, v, mask, scale)       SDPA reading k, v with fewer heads (GQA/MQA)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cost as C
+from .registry import register_op
+
+
+def _norm_cost(call: C.OpCall) -> C.Cost:
+    return C.Cost(4 * call.out_numel(), call.in_bytes() + call.out_bytes())
+
+
+@register_op("workbench.rms_norm", cost=_norm_cost)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama/Mistral/Qwen2 compute it: statistics in fp32, scale in the input dtype."""
+    xf = x.to(torch.float32)
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+@register_op("workbench.add_rms_norm", cost=_norm_cost)
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Residual add then RMSNorm: returns (normed, sum); the sum is the next residual."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+@register_op("workbench.silu_mul")
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating: silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@register_op("workbench.rope")
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (the rotate-half form): x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@register_op("workbench.attention", cost=C.attention)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float | None = None) -> torch.Tensor:
+    """Attention over [batch, heads, tokens, head_dim] with k/v holding heads // group heads.
+
+    The graph no longer materialises the repeated KV heads; this reference repeats
+    them (as transformers' ``repeat_kv`` did) only to stay bit-identical with it.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        b, h, t, d = k.shape
+        k = k[:, :, None].expand(b, h, group, t, d).reshape(b, h * group, t, d)
+        v = v[:, :, None].expand(b, h, group, t, d).reshape(b, h * group, t, d)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
