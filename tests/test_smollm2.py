@@ -32,6 +32,31 @@ def smol():
     return lm, program_for(captured.graph, captured.constants, source), captured.graph
 
 
+@pytest.fixture(scope="module")
+def smol_optimized(smol):
+    from workbench.graph.passes import run_passes
+    from workbench.pipeline import graph_weights
+
+    lm, _, graph = smol
+    captured = capture_source(lm.source)
+    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
+    return program_for(graph, captured.constants, lm.source), reports
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smol):
+    """transformers' greedy tokens (with its KV cache) for each prompt: the reference."""
+    lm = smol[0]
+    eos = lm.tokenizer.eos_token_id
+    out = {}
+    for prompt in PROMPTS:
+        ids = torch.tensor(lm.tokenizer(prompt).input_ids)
+        with torch.no_grad():
+            out[prompt] = lm.model.generate(ids[None], max_new_tokens=32, do_sample=False, eos_token_id=eos,
+                                            pad_token_id=eos)[0, ids.numel():].tolist()
+    return out
+
+
 def test_graph_shape(smol):
     lm, program, graph = smol
     assert graph.meta["architecture"] == "LlamaForCausalLM"
@@ -47,15 +72,12 @@ def test_logits_match_transformers(smol):
     assert rel_err(program(ids), ref) < 1e-4
 
 
-def test_greedy_tokens_match_transformers(smol):
+def test_greedy_tokens_match_transformers(smol, hf_greedy):
     lm, program, _ = smol
     eos = lm.tokenizer.eos_token_id
     for prompt in PROMPTS:
         ids = torch.tensor(lm.tokenizer(prompt).input_ids)
-        with torch.no_grad():
-            ref = lm.model.generate(ids[None], max_new_tokens=32, do_sample=False, eos_token_id=eos,
-                                    pad_token_id=eos)[0, ids.numel():].tolist()
-        assert greedy(program, ids, 32, eos_token_id=eos) == ref, prompt
+        assert greedy(program, ids, 32, eos_token_id=eos) == hf_greedy[prompt], prompt
     assert lm.tokenizer.decode(greedy(program, torch.tensor(lm.tokenizer(PROMPTS[0]).input_ids), 2)).strip() \
         .startswith("Paris")
 
@@ -86,6 +108,14 @@ def test_cli_capture_info_generate(tmp_path, capsys):
     assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3"]) == 0
     assert "The capital of France is Paris" in capsys.readouterr().out
     assert load_program(ws).graph.meta["architecture"] == "LlamaForCausalLM"
+    # the passes stage: its report, its record, and the optimized graph generating the same text
+    assert main(["optimize", str(ws_dir), "--skip", "fuse_rope"]) == 0
+    out = capsys.readouterr().out
+    assert "fuse_attention" in out and "fuse_rope" not in out
+    assert ws.status("passes") == "ok" and ws.record("passes")["upstream"].keys() == {"capture"}
+    assert [r["name"] for r in ws.read_json("passes", "report.json")][-1] == "fuse_parallel_linears"
+    assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3", "--stage", "passes"]) == 0
+    assert "The capital of France is Paris" in capsys.readouterr().out
 
 
 def test_gguf_file_intake_matches_the_converted_directory(smol):
@@ -109,3 +139,24 @@ def test_gguf_file_intake_matches_the_converted_directory(smol):
             "aten.linear.default", "aten.scaled_dot_product_attention.default", "aten.embedding.default")]
 
     assert compute_ops(gguf_graph) == compute_ops(graph)
+
+
+def test_optimized_graph_matches_and_fuses_once_per_layer(smol, smol_optimized, hf_greedy):
+    from collections import Counter
+
+    lm, captured_program, _ = smol
+    program, reports = smol_optimized
+    assert all(r.accepted for r in reports)
+    ops = Counter((n.op, n.layer) for n in program.graph.nodes)
+    for layer in range(30):
+        assert ops[("workbench.attention", layer)] == 1 and ops[("workbench.rope", layer)] == 2
+        assert ops[("workbench.silu_mul", layer)] == 1
+    linears = Counter(m.what for r in reports if r.name == "fuse_parallel_linears" for m in r.matches)
+    assert linears == {"qkv": 30, "gate_up": 30}
+    assert ops[("aten.scaled_dot_product_attention.default", None)] == 0
+    ids = torch.tensor(lm.tokenizer(PROMPTS[2]).input_ids)
+    assert rel_err(program(ids), captured_program(ids)) < 1e-5
+    eos = lm.tokenizer.eos_token_id
+    for prompt in PROMPTS:
+        ids = torch.tensor(lm.tokenizer(prompt).input_ids)
+        assert greedy(program, ids, 32, eos_token_id=eos) == hf_greedy[prompt], prompt
