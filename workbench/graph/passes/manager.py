@@ -189,4 +189,7 @@ def summary_table(reports: list[PassReport]):
              "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
              "bytes_saved": r.bytes_saved, "max_rel_err": r.max_rel_err, "accepted": r.accepted,
              "first_diverging": r.first_diverging, "seconds": r.seconds} for r in reports]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if reports:
+        df.attrs["bytes_before_first"] = reports[0].bytes_before
+    return df

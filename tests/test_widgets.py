@@ -1,0 +1,66 @@
+"""Widgets driven from Python: tick boxes, click buttons, check the artifacts and numbers they produce."""
+
+import pytest
+
+from workbench.graph.passes import DEFAULT_PIPELINE, PASSES
+from workbench.graph.plots import pass_layer_figure, pass_waterfall_figure
+from workbench.pipeline import capture_stage
+from workbench.workspace import Workspace
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    capture_stage(ws, "tiny-llama")
+    return ws
+
+
+def test_pass_widget_runs_the_ticked_passes(ws):
+    from workbench.graph.widgets import PassPipelineWidget
+
+    w = PassPipelineWidget(ws)
+    assert [n for n, cb in w.checkboxes.items() if cb.value] == list(DEFAULT_PIPELINE)
+    w.checkboxes["fuse_rope"].value = False
+    w.run_button.click()
+    assert w.error is None
+    assert list(w.table["pass"]) == [n for n in DEFAULT_PIPELINE if n != "fuse_rope"]
+    assert ws.status("passes") == "ok"
+    saved = [r["name"] for r in ws.read_json("passes", "report.json")]
+    assert "fuse_rope" not in saved
+    assert not any(n.op == "workbench.rope" for n in w.graph.nodes)
+    assert any(n.op == "workbench.attention" for n in w.graph.nodes)
+    # tick it again and re-run: the stage is rewritten with it
+    w.checkboxes["fuse_rope"].value = True
+    w.run_button.click()
+    assert sum(n.op == "workbench.rope" for n in w.graph.nodes) == 4
+    assert "nodes" in w.status.value and set(w.figures) == {"waterfall", "layer"}
+
+
+def test_pass_widget_reports_errors_in_place(ws):
+    from workbench.graph.widgets import PassPipelineWidget
+
+    w = PassPipelineWidget(ws)
+    w.run_button.click()
+    (ws.root / "passes" / "graph.json").write_text("{}")  # a hand edit
+    w.run_button.click()
+    assert "changed by hand" in w.error and "error" in w.status.value
+
+
+def test_pass_figures_show_the_reports(ws):
+    from workbench.graph.passes import summary_table
+    from workbench.pipeline import load_graph, passes_stage
+
+    graph, reports = passes_stage(ws)
+    before, _ = load_graph(ws, "capture")
+    table = summary_table(reports)
+    fig = pass_waterfall_figure(table)
+    nodes = fig.data[0]
+    assert nodes.y[0] == len(before.nodes) and sum(nodes.y[:-1]) == len(graph.nodes)
+    assert list(nodes.x[1:-1]) == list(DEFAULT_PIPELINE)
+    fig = pass_layer_figure(before, graph, reports, layer=1)
+    shown = {t.name.split(": ")[1]: len(t.x) for t in fig.data if t.name.startswith("optimized")}
+    assert shown["fuse_attention"] == 1 and shown["fuse_rope"] == 2
+    assert sum(len(t.x) for t in fig.data if t.name.startswith("captured")) == sum(n.layer == 1 for n in before.nodes)
+    assert set(shown) <= set(PASSES) | {"unchanged"}

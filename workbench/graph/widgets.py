@@ -1,0 +1,73 @@
+"""Notebook widgets for the graph stages. ipywidgets is imported only when a widget is built.
+
+``PassPipelineWidget(ws)`` shows one checkbox per registered pass (the standard
+pipeline first, ticked; plugin passes after it) and a Run button. Running writes
+the workspace's ``passes`` stage and shows the report table, the waterfall and a
+before/after view of one decoder layer. Everything it shows is also kept on the
+object (``graph``, ``reports``, ``table``, ``figures``), so tests and notebook
+cells can use the results directly.
+"""
+
+from __future__ import annotations
+
+from ..errors import WorkbenchError
+from ..workspace import Workspace
+
+
+class PassPipelineWidget:
+    def __init__(self, ws: Workspace, *, layer: int = 0) -> None:
+        import ipywidgets as W
+
+        from .passes import DEFAULT_PIPELINE, PASSES
+
+        self.ws = ws
+        self.layer = layer
+        names = [*DEFAULT_PIPELINE, *(n for n in PASSES if n not in DEFAULT_PIPELINE)]
+        self.checkboxes = {n: W.Checkbox(value=n in DEFAULT_PIPELINE, description=n, indent=False,
+                                         tooltip=PASSES[n].description) for n in names}
+        self.run_button = W.Button(description="Run passes", button_style="primary", icon="play")
+        self.run_button.on_click(lambda _button: self.run())
+        self.status = W.HTML()
+        self.output = W.Output()
+        self.widget = W.VBox([W.HTML("<b>Graph passes</b> (in order; untick to skip)"),
+                              W.VBox(list(self.checkboxes.values())), W.HBox([self.run_button, self.status]),
+                              self.output])
+        self.graph = self.reports = self.table = None
+        self.figures: dict[str, object] = {}
+        self.error: str | None = None
+
+    def selected(self) -> list[str]:
+        return [n for n, cb in self.checkboxes.items() if cb.value]
+
+    def run(self) -> None:
+        """Run the ticked passes into the workspace and show what they did."""
+        from IPython.display import display
+
+        from ..pipeline import load_graph, passes_stage
+        from .passes import summary_table
+        from .plots import pass_layer_figure, pass_waterfall_figure
+
+        self.output.clear_output()
+        self.status.value = "running..."
+        try:
+            self.graph, self.reports = passes_stage(self.ws, self.selected())
+        except WorkbenchError as e:
+            self.error = str(e)
+            self.status.value = f"<span style='color:#c00'>error: {e}</span>"
+            return
+        self.error = None
+        self.table = summary_table(self.reports)
+        before, _ = load_graph(self.ws, "capture")
+        self.figures = {"waterfall": pass_waterfall_figure(self.table),
+                        "layer": pass_layer_figure(before, self.graph, self.reports, self.layer)}
+        self.status.value = (f"{len(before.nodes)} → {len(self.graph.nodes)} nodes; "
+                             f"saved in {self.ws.root / 'passes'}")
+        with self.output:
+            display(self.table)
+            for fig in self.figures.values():
+                display(fig)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
