@@ -30,7 +30,7 @@ def test_pass_widget_runs_the_ticked_passes(ws):
     saved = [r["name"] for r in ws.read_json("passes", "report.json")]
     assert "fuse_rope" not in saved
     assert not any(n.op == "workbench.rope" for n in w.graph.nodes)
-    assert any(n.op == "workbench.attention" for n in w.graph.nodes)
+    assert any(n.op == "workbench.paged_attention" for n in w.graph.nodes)
     # tick it again and re-run: the stage is rewritten with it
     w.checkboxes["fuse_rope"].value = True
     w.run_button.click()
@@ -61,6 +61,6 @@ def test_pass_figures_show_the_reports(ws):
     assert list(nodes.x[1:-1]) == list(DEFAULT_PIPELINE)
     fig = pass_layer_figure(before, graph, reports, layer=1)
     shown = {t.name.split(": ")[1]: len(t.x) for t in fig.data if t.name.startswith("optimized")}
-    assert shown["fuse_attention"] == 1 and shown["fuse_rope"] == 2
+    assert shown["insert_paged_attention"] == 1 and shown["fuse_rope"] == 2 and shown["fuse_silu_mul"] == 1
     assert sum(len(t.x) for t in fig.data if t.name.startswith("captured")) == sum(n.layer == 1 for n in before.nodes)
     assert set(shown) <= set(PASSES) | {"unchanged"}

@@ -98,7 +98,7 @@ def _program_and_tokenizer(target: str, device: str, stage: str):
 def _cmd_generate(args) -> None:
     import torch
 
-    from .evaluate import greedy
+    from .runtime.paged_cache import greedy
 
     program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device, args.stage)
     if tokenizer is None:
@@ -113,6 +113,7 @@ def _cmd_eval(args) -> None:
 
     from .evaluate import dataset_text, hf_logits, perplexity
     from .models.intake import load_model
+    from .runtime.paged_cache import logits_fn
 
     program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device, args.stage)
     if tokenizer is None:
@@ -120,7 +121,7 @@ def _cmd_eval(args) -> None:
     ids = torch.tensor(tokenizer(dataset_text(args.dataset)).input_ids)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
-    fns = {"workbench graph": program}
+    fns = {"workbench graph": logits_fn(program)}
     if args.reference:
         fns["transformers"] = hf_logits(load_model(source, device=args.device).model)
     for label, fn in fns.items():

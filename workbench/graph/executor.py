@@ -65,6 +65,9 @@ class Program:
 
         Without ``position_ids`` each row is one sequence starting at position 0.
         """
+        if self.graph.meta.get("paged"):
+            raise WorkbenchError("this graph attends over a paged KV cache: run it with the attention metadata "
+                                 "of workbench.runtime.paged_cache (e.g. paged_greedy), not logits()")
         flat = input_ids.dim() == 1
         ids = input_ids.unsqueeze(0) if flat else input_ids
         if position_ids is None:

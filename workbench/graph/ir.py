@@ -175,13 +175,17 @@ class Graph:
         raise KeyError(name)
 
     def bind(self, **sizes: int) -> dict[str, int]:
-        """Check concrete sizes against the dims' ranges and return them as a dict."""
+        """Check concrete sizes against the dims' ranges; dims not given take their minimum."""
+        unknown = set(sizes) - set(self.dims)
+        if unknown:
+            raise WorkbenchError(f"graph has no dim {', '.join(sorted(unknown))} (dims: {', '.join(self.dims)})")
+        out = {}
         for dim, rng in self.dims.items():
-            if dim not in sizes:
-                raise WorkbenchError(f"graph needs a size for dim {dim!r} (dims: {', '.join(self.dims)})")
-            if not rng.get("min", 0) <= sizes[dim] <= rng.get("max", sizes[dim]):
-                raise WorkbenchError(f"{dim}={sizes[dim]} is outside the captured range {rng}")
-        return dict(sizes)
+            size = sizes.get(dim, rng.get("min", 1))
+            if not rng.get("min", 0) <= size <= rng.get("max", size):
+                raise WorkbenchError(f"{dim}={size} is outside the graph's range {rng}")
+            out[dim] = size
+        return out
 
     def validate(self) -> None:
         """Every ref names an earlier value; outputs exist. Raises WorkbenchError otherwise."""

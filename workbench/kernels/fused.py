@@ -67,3 +67,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k = k[:, :, None].expand(b, h, group, t, d).reshape(b, h * group, t, d)
         v = v[:, :, None].expand(b, h, group, t, d).reshape(b, h * group, t, d)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@register_op("workbench.paged_attention", cost=C.attention)
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float | None = None,
+                    window: int | None = None) -> torch.Tensor:
+    """Attention over a paged KV cache for a flat batch of sequences (batch dim 1).
+
+    Writes the new tokens' k and v ([1, kv_heads, tokens, head_dim]) into ``kv_cache``
+    ([2, num_blocks, block_size, kv_heads, head_dim]) at ``slot_mapping``, then lets each
+    sequence's new queries attend, causally, to all of its cached tokens read through
+    its row of ``block_tables``. The new tokens are the last ones of each sequence.
+    With a sliding ``window`` (Mistral), a query at position p sees keys p - window < j <= p,
+    as transformers' sliding-window mask does.
+    """
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0, slot_mapping] = k[0].transpose(0, 1).to(kv_cache.dtype)
+    flat[1, slot_mapping] = v[0].transpose(0, 1).to(kv_cache.dtype)
+    group = q.shape[1] // kv_heads
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for i, length in enumerate(seq_lens.tolist()):
+        s, e = starts[i], starts[i + 1]
+        blocks = block_tables[i, : -(-length // block_size)]
+        keys = kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1).to(q.dtype)
+        vals = kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1).to(q.dtype)
+        if group > 1:
+            keys = keys[:, None].expand(kv_heads, group, length, head_dim).reshape(-1, length, head_dim)
+            vals = vals[:, None].expand(kv_heads, group, length, head_dim).reshape(-1, length, head_dim)
+        n = e - s
+        first = length - n  # position of the first new token
+        kv_pos = torch.arange(length, device=q.device)[None, :]
+        q_pos = first + torch.arange(n, device=q.device)[:, None]
+        mask = kv_pos <= q_pos
+        if window is not None:
+            mask &= kv_pos > q_pos - window
+        out[0, :, s:e] = torch.nn.functional.scaled_dot_product_attention(
+            q[0, :, s:e][None], keys[None], vals[None], attn_mask=mask, scale=scale)[0]
+    return out

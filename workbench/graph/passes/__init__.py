@@ -4,7 +4,7 @@
 user's pass (a plugin) that any pipeline can name.
 """
 
-from . import eliminate, fuse, horizontal  # noqa: F401  (register the built-in passes)
+from . import eliminate, fuse, horizontal, paged  # noqa: F401  (register the built-in passes)
 from .manager import PASSES, GraphPass, Match, PassReport, register_pass, run_passes, summary_table
 
 #: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
@@ -16,6 +16,7 @@ DEFAULT_PIPELINE = (
     "fuse_rope",
     "fuse_attention",
     "fuse_parallel_linears",
+    "insert_paged_attention",
 )
 
 __all__ = ["DEFAULT_PIPELINE", "GraphPass", "Match", "PASSES", "PassReport", "register_pass", "run_passes",

@@ -1,0 +1,77 @@
+"""Paged attention: the same graph serves prefill, decode and mixed steps over a block cache."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from workbench.errors import WorkbenchError
+from workbench.evaluate import greedy as recompute_greedy
+from workbench.graph.passes import run_passes
+from workbench.models import load_model
+from workbench.pipeline import capture_source, graph_weights, program_for
+from workbench.runtime.paged_cache import SimplePagedCache, cache_for, paged_greedy
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def programs(request):
+    lm = load_model(request.param)
+    captured = capture_source(lm.source)
+    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
+    assert reports[-1].name == "insert_paged_attention" and reports[-1].accepted
+    return (program_for(captured.graph, captured.constants, lm.source),
+            program_for(graph, captured.constants, lm.source))
+
+
+def test_mixed_prefill_and_decode_steps_match_recompute(programs):
+    full, paged = programs
+    cache = cache_for(paged.graph, num_blocks=16)
+    a, b, c = (torch.randint(0, 512, (n,)).tolist() for n in (20, 37, 5))
+    # step 1: two prefills in one flat batch (b crosses two block boundaries at block size 16)
+    (logits,) = paged.run(**cache.step_inputs([(0, a), (1, b)]))
+    assert rel_err(logits[0, :20], full(torch.tensor(a))) < 1e-5
+    assert rel_err(logits[0, 20:], full(torch.tensor(b))) < 1e-5
+    # step 2: a decodes one token, b continues with three (chunked), c starts
+    a2, b2 = a + [7], b + [1, 2, 3]
+    (logits,) = paged.run(**cache.step_inputs([(0, [7]), (1, [1, 2, 3]), (2, c)]))
+    assert rel_err(logits[0, 0], full(torch.tensor(a2))[-1]) < 1e-5
+    assert rel_err(logits[0, 1:4], full(torch.tensor(b2))[-3:]) < 1e-5
+    assert rel_err(logits[0, 4:], full(torch.tensor(c))) < 1e-5
+    assert cache.lengths == {0: 21, 1: 40, 2: 5}
+    assert [len(cache.blocks[s]) for s in (0, 1, 2)] == [2, 3, 1]
+
+
+def test_cached_greedy_equals_recompute(programs):
+    full, paged = programs
+    prompt = torch.randint(0, 512, (11,))
+    assert paged_greedy(paged, prompt, 30) == recompute_greedy(full, prompt, 30)  # crosses blocks 1 -> 3
+
+
+def test_cache_bookkeeping_and_errors(programs):
+    _, paged = programs
+    cache = SimplePagedCache(num_blocks=3, block_size=4, layers=[0], kv_heads=2, head_dim=8)
+    inputs = cache.step_inputs([(0, [1, 2, 3, 4, 5]), (1, [6])])
+    assert inputs["slot_mapping"].tolist() == [0, 1, 2, 3, 4, 8]
+    assert inputs["block_tables"].tolist() == [[0, 1], [2, 0]]
+    assert inputs["seq_lens"].tolist() == [5, 1] and inputs["query_start_loc"].tolist() == [0, 5, 6]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0]]
+    with pytest.raises(WorkbenchError, match="KV cache full"):
+        cache.step_inputs([(1, [1, 2, 3, 4])])
+    cache.free(0)
+    assert sorted(cache.free_blocks) == [0, 1]
+    with pytest.raises(WorkbenchError, match="paged KV cache"):
+        paged.logits(torch.tensor([1, 2, 3]))
+
+
+def test_window_less_paged_attention_is_rejected_on_mistral(monkeypatch):
+    """The pass check sees 40-token sequences, past tiny-mistral's window of 16: dropping the
+    window makes logits drift, and the pass is rejected rather than silently kept."""
+    from workbench.graph.passes import paged
+
+    monkeypatch.setattr(paged, "sliding_window", lambda config, layer: None)
+    lm = load_model("tiny-mistral")
+    captured = capture_source(lm.source)
+    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
+    last = reports[-1]
+    assert last.name == "insert_paged_attention" and not last.accepted
+    assert last.first_diverging.startswith("paged_attention")
+    assert not graph.meta.get("paged")
