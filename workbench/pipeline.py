@@ -53,21 +53,22 @@ def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions
 
 
 def graph_weights(graph: Graph, source: ModelSource, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The graph's weights from its source, derived ones (fused by passes) computed from theirs."""
+    """The checkpoint tensors a graph reads, by their checkpoint names: its weights, or for
+    parameters that passes derived (fused QKV, ...), the tensors they are derived from."""
     wanted: dict[str, list[str]] = {}
     for name, p in graph.params.items():
         if p.kind != "parameter":
             continue
         for src, aliases in (p.derived["inputs"] if p.derived else [[name, p.aliases]]):
             wanted[src] = aliases
-    base = load_weights(source, wanted, dtype=dtype_from_name(graph.meta.get("dtype", "float32")), device=device)
-    return resolve_params(graph, base)
+    return load_weights(source, wanted, dtype=dtype_from_name(graph.meta.get("dtype", "float32")), device=device)
 
 
 def program_for(graph: Graph, constants: dict[str, torch.Tensor], source: ModelSource, *,
                 device: str | torch.device = "cpu") -> Program:
     """Bind a graph (captured or optimized) to the source's weights on ``device``."""
-    return Program(graph, {**graph_weights(graph, source, device=device), **constants}, device=device)
+    base = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
+    return Program(graph, resolve_params(graph, base), device=device)
 
 
 def capture_stage(ws: Workspace, spec: str, options: CaptureOptions = CaptureOptions(), *,

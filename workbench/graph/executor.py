@@ -84,16 +84,34 @@ class Program:
 
 
 def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Values of every graph param from ``base`` (checkpoint tensors by name), computing derived ones."""
+    """Values of every graph param from ``base`` (checkpoint tensors and constants by name),
+    computing the derived ones that passes created:
+
+        cat        concatenation of inputs along ``dim`` (fused QKV / gate-up weights)
+        transpose  input with ``dims`` swapped, stored contiguous (a weight transpose folded)
+        tabulate   ``graph`` (an IR subgraph of position_ids) evaluated at positions 0..rows-1
+    """
     out = {}
     for name, p in graph.params.items():
-        if p.derived:
-            d = p.derived
-            if d["op"] != "cat":
-                raise WorkbenchError(f"parameter {name!r} is derived by unknown op {d['op']!r}")
-            out[name] = torch.cat([base[src] for src, _aliases in d["inputs"]], dim=d["dim"])
-        elif name in base:
-            out[name] = base[name]
+        d = p.derived
+        if not d:
+            if name in base:
+                out[name] = base[name]
+            continue
+        inputs = [base[src] for src, _aliases in d.get("inputs", [])]
+        if d["op"] == "cat":
+            out[name] = torch.cat(inputs, dim=d["dim"])
+        elif d["op"] == "transpose":
+            out[name] = inputs[0].transpose(*d["dims"]).contiguous()
+        elif d["op"] == "tabulate":
+            sub = Graph.from_json(d["graph"])
+            rows = d["rows"]
+            positions = torch.arange(rows)[None]
+            values = Program(sub, resolve_params(sub, base)).run(
+                **{k: positions if k == "position_ids" else torch.zeros(1, rows, dtype=torch.long) for k in sub.inputs})
+            out[name] = values[sub.outputs.index(d["output"])][0].contiguous()
+        else:
+            raise WorkbenchError(f"parameter {name!r} is derived by unknown op {d['op']!r}")
     return out
 
 

@@ -36,6 +36,8 @@ class OpDef:
     cost: C.CostFn = C.elementwise
     tactics: dict[str, Callable] = field(default_factory=dict)
     doc: str = ""
+    #: writes memory other than its output (a KV cache): never merged, reordered or dropped by passes
+    effects: bool = False
 
 
 # Cost models of the ATen ops that torch.export emits for decoder LLMs. Anything
@@ -105,11 +107,13 @@ class OpRegistry:
 REGISTRY = OpRegistry()
 
 
-def register_op(name: str, *, cost: C.CostFn = C.elementwise, replace: bool = False, doc: str = ""):
+def register_op(name: str, *, cost: C.CostFn = C.elementwise, replace: bool = False, doc: str = "",
+                effects: bool = False):
     """Decorator: register ``fn`` as the reference implementation of op ``name``."""
 
     def wrap(fn: Callable) -> Callable:
-        REGISTRY.register(OpDef(name, fn, cost, doc=doc or (fn.__doc__ or "").strip()), replace=replace)
+        REGISTRY.register(OpDef(name, fn, cost, doc=doc or (fn.__doc__ or "").strip(), effects=effects),
+                          replace=replace)
         return fn
 
     return wrap

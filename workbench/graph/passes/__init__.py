@@ -4,12 +4,15 @@
 user's pass (a plugin) that any pipeline can name.
 """
 
-from . import eliminate, fuse, horizontal, paged  # noqa: F401  (register the built-in passes)
+from . import eliminate, fold, fuse, horizontal, paged, tensors  # noqa: F401  (register the built-in passes)
 from .manager import PASSES, GraphPass, Match, PassReport, register_pass, run_passes, summary_table
 
 #: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
 DEFAULT_PIPELINE = (
     "eliminate_noops",
+    "fold_rope_tables",
+    "eliminate_duplicates",
+    "collapse_layout_chains",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
     "fuse_silu_mul",
