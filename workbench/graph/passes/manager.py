@@ -119,8 +119,9 @@ class CheckInputs:
         return cls(ids, pos)
 
 
-def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs) -> dict[str, torch.Tensor]:
-    program = Program(graph, resolve_params(graph, params))
+def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    program = Program(graph, resolve_params(graph, params), device=device)
     if not graph.meta.get("paged"):
         return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True)
     # A paged graph sees the same tokens as one flat batch of three sequences (the second
@@ -130,7 +131,7 @@ def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInput
     ids, pos = inputs.input_ids, inputs.position_ids
     half = ids.shape[1] // 2
     seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
-    values = program.run(keep_all=True, **cache_for(graph).step_inputs(list(enumerate(seqs))))
+    values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))))
     out = graph.outputs[0]
     values[out] = values[out].reshape(*ids.shape, -1)
     return values
@@ -171,12 +172,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str] | None = None, *,
-               tokens: int = 512, check: bool = True) -> tuple[Graph, list[PassReport]]:
+               tokens: int = 512, check: bool = True,
+               device: str | torch.device = "cpu") -> tuple[Graph, list[PassReport]]:
     """Apply passes ``names`` (default: the standard pipeline) in order; returns the graph and reports.
 
     ``params`` holds the captured graph's tensors by name (weights, buffers and
-    constants); derived parameters of fused graphs are computed from them.
+    constants); derived parameters of fused graphs are computed from them. The
+    numeric checks run on ``device``.
     """
+    device = torch.device(device)
     from . import DEFAULT_PIPELINE
 
     names = list(DEFAULT_PIPELINE if names is None else names)
@@ -187,7 +191,7 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     tol = TOLERANCE.get(graph.meta.get("dtype", "float32"), 2e-2)
     inputs = CheckInputs.make(graph.meta.get("config", {}).get("vocab_size", 2))
     current = graph
-    reference = _values(current, params, inputs) if check else None
+    reference = _values(current, params, inputs, device) if check else None
     reports = []
     for name in names:
         gp = PASSES[name]
@@ -201,7 +205,7 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
         report = PassReport(name, gp.description, matches, len(current.nodes), len(candidate.nodes),
                             _total_bytes(current, tokens), _total_bytes(candidate, tokens), None, True)
         if check and matches:
-            after = _values(candidate, params, inputs)
+            after = _values(candidate, params, inputs, device)
             out = candidate.outputs[0]
             report.max_rel_err = _rel(after[out], reference[current.outputs[0]])
             if not report.max_rel_err <= tol:

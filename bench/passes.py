@@ -1,0 +1,139 @@
+"""The optimized graph (all passes, reference ops) against the captured graph and transformers, same process.
+
+    python bench/passes.py --preset llama-3-8b --seqs 4 --tokens 512
+
+Captures the preset on the meta device, runs the whole pass pipeline with its
+numeric checks on the GPU, then times, with CUDA events (median of repeats):
+
+  prefill  ``seqs`` prompts of ``tokens`` tokens: transformers eager on [seqs, tokens], the
+           captured graph on the same, and the optimized graph on one flat batch of
+           seqs × tokens tokens through the paged KV cache;
+  decode   one new token for each of the ``seqs`` sequences after that prefill: transformers
+           with its KV cache (cropped back after each call), and the optimized graph with
+           the paged cache.
+
+The fused ops still run their PyTorch reference implementations (the Triton
+kernels come with the kernels issue), so this shows what fusion alone changes in
+the reference path, and is the baseline those kernels are measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.graph.executor import Program, resolve_params  # noqa: E402
+from workbench.graph.passes import run_passes, summary_table  # noqa: E402
+from workbench.models import load_model  # noqa: E402
+from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
+from workbench.profiling import time_fn  # noqa: E402
+from workbench.runtime.paged_cache import cache_for  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--seqs", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device, dtype = args.device, getattr(torch, args.dtype)
+
+    lm = load_model(args.preset, dtype=dtype, device=device)
+    model = lm.model
+    captured = capture_source(lm.source, CaptureOptions(dtype=args.dtype))
+    base = {**dict(model.named_parameters(remove_duplicate=False)),
+            **{k: v.to(device) for k, v in captured.constants.items()}}
+    t0 = time.perf_counter()
+    graph, reports = run_passes(captured.graph, base, device=device)
+    passes_s = time.perf_counter() - t0
+    table = summary_table(reports)
+    before = Program(captured.graph, resolve_params(captured.graph, base), device=device)
+    after = Program(graph, resolve_params(graph, base), device=device)
+
+    vocab = graph.meta["config"]["vocab_size"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (args.seqs, args.tokens), device=device, generator=gen)
+    pos = torch.arange(args.tokens, device=device).expand(args.seqs, -1).contiguous()
+    prompts = [(i, ids[i].tolist()) for i in range(args.seqs)]
+    paged = graph.meta.get("paged")
+    blocks = args.seqs * (-(-(args.tokens + 1) // paged["block_size"])) if paged else 0
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        cap = before(ids, pos)
+        if paged:
+            cache = cache_for(graph, num_blocks=blocks, device=device)
+            prefill_inputs = cache.step_inputs(prompts)
+            (opt,) = after.run(**prefill_inputs)
+            opt = opt.reshape(args.seqs, args.tokens, -1)
+            decode_inputs = cache.step_inputs([(i, [int(ids[i, -1])]) for i in range(args.seqs)])
+        else:
+            opt = after(ids, pos)
+    errors = {"captured_vs_transformers": rel(cap, ref), "optimized_vs_captured": rel(opt, cap),
+              "optimized_vs_transformers": rel(opt, ref)}
+    del ref, cap, opt
+
+    def hf_prefill():
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+    prefill = {"transformers eager": time_fn(hf_prefill, repeats=args.repeats, device=device),
+               "captured graph": time_fn(lambda: before(ids, pos), repeats=args.repeats, device=device)}
+    decode = {}
+    if paged:
+        prefill["optimized graph (paged)"] = time_fn(lambda: after.run(**prefill_inputs), repeats=args.repeats,
+                                                     device=device)
+        with torch.no_grad():
+            kv = model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
+        nxt, npos = ids[:, -1:], torch.full((args.seqs, 1), args.tokens, device=device)
+
+        def hf_decode():
+            with torch.no_grad():
+                out = model(input_ids=nxt, position_ids=npos, past_key_values=kv, use_cache=True).logits
+            kv.crop(-1)  # drop the token just appended, so every call decodes at the same length
+            return out
+
+        decode = {"transformers eager (KV cache)": time_fn(hf_decode, repeats=args.repeats, device=device),
+                  "optimized graph (paged)": time_fn(lambda: after.run(**decode_inputs), repeats=args.repeats,
+                                                     device=device)}
+
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    result = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
+              "seqs": args.seqs, "tokens": args.tokens, "nodes_captured": len(captured.graph.nodes),
+              "nodes_optimized": len(graph.nodes), "passes_s": passes_s, "errors": errors,
+              "passes": table.to_dict(orient="records"),
+              "prefill_ms": {k: t.median_ms for k, t in prefill.items()},
+              "decode_ms": {k: t.median_ms for k, t in decode.items()}}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(table.drop(columns=["first_diverging"]).to_string(index=False))
+    print(f"\n{gpu}, torch {torch.__version__}: {args.preset} {args.dtype}; graph {len(captured.graph.nodes)} -> "
+          f"{len(graph.nodes)} nodes, passes with checks {passes_s:.1f}s")
+    print("logits rel. error: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    for title, timings, baseline in (("prefill", prefill, "transformers eager"),
+                                     ("decode step", decode, "transformers eager (KV cache)")):
+        if not timings:
+            continue
+        base_ms = timings[baseline].median_ms
+        print(f"\n{title} ({args.seqs} x {args.tokens if title == 'prefill' else 1} tokens)")
+        print(f"{'impl':<32} {'median ms':>10} {'spread':>7} {'vs transformers':>16}")
+        for k, t in timings.items():
+            print(f"{k:<32} {t.median_ms:>10.2f} {t.spread():>7.1%} {base_ms / t.median_ms:>15.3f}x")
+
+
+if __name__ == "__main__":
+    main()
