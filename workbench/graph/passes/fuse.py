@@ -75,21 +75,26 @@ def _match_rms_norm(rw: Rewriter, n: Node):
     pow_ = _only_reader(rw, mean.args[0], mean)
     if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
         return None
-    return _unwrap_cast(rw, a), w, add.args[1], [cast_back, scaled, rsqrt, add, mean, pow_]
+    return [_unwrap_cast(rw, a), w, add.args[1]], [cast_back, scaled, rsqrt, add, mean, pow_]
+
+
+def _fuse_chains(rw: Rewriter, match, op: str, what: str) -> list[Match]:
+    """Replace every chain ``match(rw, last_node) -> (fused op args, swallowed nodes)`` finds by one ``op``."""
+    matches = []
+    for n in list(rw.graph.nodes):
+        found = match(rw, n)
+        if found is None:
+            continue
+        args, swallowed = found
+        fused = _new(rw, n, what, op, args, [n.out], n)
+        rw.replace_uses(n.name, Ref(fused.name))
+        matches.append(Match(what, n.layer, [m.name for m in swallowed if m is not None] + [n.name], [fused.name]))
+    return matches
 
 
 @register_pass("fuse_rms_norm", "RMSNorm chains (pow/mean/add/rsqrt/mul/cast/mul) -> workbench.rms_norm")
 def fuse_rms_norm(rw: Rewriter) -> list[Match]:
-    matches = []
-    for n in list(rw.graph.nodes):
-        found = _match_rms_norm(rw, n)
-        if found is None:
-            continue
-        x, w, eps, swallowed = found
-        fused = _new(rw, n, "rms_norm", "workbench.rms_norm", [x, w, eps], [n.out], n)
-        rw.replace_uses(n.name, Ref(fused.name))
-        matches.append(Match("rms_norm", n.layer, [m.name for m in swallowed if m is not None] + [n.name], [fused.name]))
-    return matches
+    return _fuse_chains(rw, _match_rms_norm, "workbench.rms_norm", "rms_norm")
 
 
 @register_pass("fuse_add_rms_norm", "residual add feeding an RMSNorm -> workbench.add_rms_norm (sum kept)")
@@ -112,20 +117,19 @@ def fuse_add_rms_norm(rw: Rewriter) -> list[Match]:
     return matches
 
 
+def _match_silu_mul(rw: Rewriter, n: Node):
+    if n.op != "aten.mul.Tensor" or len(n.args) != 2:
+        return None
+    for i in (0, 1):
+        silu = _only_reader(rw, n.args[i], n)
+        if _is_op(silu, "aten.silu.default"):
+            return [silu.args[0], n.args[1 - i]], [silu]
+    return None
+
+
 @register_pass("fuse_silu_mul", "SwiGLU gating mul(silu(gate), up) -> workbench.silu_mul")
 def fuse_silu_mul(rw: Rewriter) -> list[Match]:
-    matches = []
-    for n in list(rw.graph.nodes):
-        if n.op != "aten.mul.Tensor" or len(n.args) != 2:
-            continue
-        for i in (0, 1):
-            silu = _only_reader(rw, n.args[i], n)
-            if _is_op(silu, "aten.silu.default"):
-                fused = _new(rw, n, "silu_mul", "workbench.silu_mul", [silu.args[0], n.args[1 - i]], [n.out], n)
-                rw.replace_uses(n.name, Ref(fused.name))
-                matches.append(Match("silu_mul", n.layer, [silu.name, n.name], [fused.name]))
-                break
-    return matches
+    return _fuse_chains(rw, _match_silu_mul, "workbench.silu_mul", "silu_mul")
 
 
 def _match_rope(rw: Rewriter, n: Node):
@@ -151,21 +155,12 @@ def _match_rope(rw: Rewriter, n: Node):
         return None
     if list(lo.args[2:4]) != [0, half] or hi.args[2] != half:
         return None
-    return x, cos, m2.args[1], [m1, m2, cat, neg, lo, hi]
+    return [x, cos, m2.args[1]], [m1, m2, cat, neg, lo, hi]
 
 
 @register_pass("fuse_rope", "rotary embedding x*cos + rotate_half(x)*sin -> workbench.rope (q and k)")
 def fuse_rope(rw: Rewriter) -> list[Match]:
-    matches = []
-    for n in list(rw.graph.nodes):
-        found = _match_rope(rw, n)
-        if found is None:
-            continue
-        x, cos, sin, swallowed = found
-        fused = _new(rw, n, "rope", "workbench.rope", [x, cos, sin], [n.out], n)
-        rw.replace_uses(n.name, Ref(fused.name))
-        matches.append(Match("rope", n.layer, [m.name for m in swallowed] + [n.name], [fused.name]))
-    return matches
+    return _fuse_chains(rw, _match_rope, "workbench.rope", "rope")
 
 
 def _unrepeat(rw: Rewriter, v: Any, reader: Node):
