@@ -1,7 +1,6 @@
 """Model intake: presets with random weights, Hugging Face directories, GGUF, and every bad input."""
 
 import json
-import shutil
 import struct
 
 import pytest

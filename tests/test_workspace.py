@@ -93,7 +93,7 @@ def test_failed_run_keeps_previous_record(tmp_path):
     ws = Workspace(tmp_path)
     _run(ws, "capture", {"graph.json": b"v1"})
     with pytest.raises(RuntimeError):
-        with ws.run("capture", params={}) as run:
+        with ws.run("capture", params={}):
             raise RuntimeError("capture crashed")
     assert ws.status("capture") == "ok"
     assert ws.record("capture")["params"] == {"n": 1}

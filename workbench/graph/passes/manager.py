@@ -128,7 +128,7 @@ def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInput
     # row packs two); its logits are put back in the rows' shape to compare.
     from ...runtime.paged_cache import cache_for
 
-    ids, pos = inputs.input_ids, inputs.position_ids
+    ids = inputs.input_ids
     half = ids.shape[1] // 2
     seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
     values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))))
