@@ -23,11 +23,30 @@ from .ir import Graph, Ref, dtype_from_name
 
 class Program:
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], *,
-                 device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY) -> None:
+                 device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY,
+                 tactics: str | Mapping[str, str] | None = None) -> None:
+        """``tactics`` picks implementations: None runs every op's reference; a name (``"triton"``)
+        runs that tactic wherever an op has it; a mapping op name -> tactic name chooses per op."""
         self.graph = graph
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
+        if tactics is not None:
+            from ..kernels import triton_pointwise  # noqa: F401  (registers the Triton tactics)
+        self.tactics = tactics
         self._steps = self._plan(registry)
+
+    def _impl(self, registry: OpRegistry, op: str) -> Callable:
+        opdef = registry.get(op)
+        if self.tactics is None:
+            return opdef.reference
+        if isinstance(self.tactics, str):
+            return opdef.tactics.get(self.tactics, opdef.reference)
+        name = self.tactics.get(op)
+        if name is None:
+            return opdef.reference
+        if name not in opdef.tactics:
+            raise WorkbenchError(f"op {op!r} has no tactic {name!r}; it has: {', '.join(opdef.tactics) or 'none'}")
+        return opdef.tactics[name]
 
     def _plan(self, registry: OpRegistry) -> list[tuple[str, Callable, list, dict, list[str]]]:
         last_use: dict[str, int] = {}
@@ -39,7 +58,7 @@ class Program:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
-        return [(n.name, registry.get(n.op).reference, _bind_device(n.args, self.device),
+        return [(n.name, self._impl(registry, n.op), _bind_device(n.args, self.device),
                  _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
 
     @torch.no_grad()

@@ -1,0 +1,102 @@
+"""Triton pointwise kernels vs the torch eager chains they replace and vs the copy-bandwidth ceiling.
+
+    python bench/pointwise.py --tokens 16384
+
+For each fused op at Llama-3-8B sizes: every config of the kernel's tuning space
+(CUDA events, median of repeats), the torch eager reference, and a device copy
+measured in the same process (bytes read + written / time: the ceiling).
+The table's key columns: achieved GB/s as a share of the copy ceiling, and the
+speed-up over eager. Each kernel's output is checked against the reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.kernels import fused  # noqa: E402
+from workbench.kernels import triton_pointwise as tp  # noqa: E402
+from workbench.profiling import time_fn  # noqa: E402
+
+
+def copy_gbps(device: str, nbytes: int = 2 << 30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), warmup=3, repeats=20, device=device)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def cases(tokens: int, device: str, dtype: torch.dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+    hidden, inter, heads, head_dim = 4096, 14336, 32, 128
+    x, r = randn(tokens, hidden), randn(tokens, hidden)
+    w = 1 + 0.1 * randn(hidden)
+    yield ("rms_norm", f"{tokens}x{hidden}", "rms_norm", lambda c: tp.rms_norm(x, w, 1e-5, config=c),
+           lambda: fused.rms_norm(x, w, 1e-5), nbytes(x, w, x))
+    yield ("add_rms_norm", f"{tokens}x{hidden}", "rms_norm", lambda c: tp.add_rms_norm(x, r, w, 1e-5, config=c),
+           lambda: fused.add_rms_norm(x, r, w, 1e-5), nbytes(x, r, w, x, x))
+    gate_up = randn(tokens, 2 * inter)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    yield ("silu_mul", f"{tokens}x{inter} (slices)", "silu_mul", lambda c: tp.silu_mul(gate, up, config=c),
+           lambda: fused.silu_mul(gate, up), nbytes(gate_up, gate))
+    batch = 4
+    t_per = tokens // batch
+    q = randn(batch, t_per, heads * head_dim).view(batch, t_per, heads, head_dim).transpose(1, 2)
+    emb = randn(batch, 1, t_per, head_dim)
+    cos, sin = emb.cos(), emb.sin()
+    yield ("rope", f"{batch}x{heads}x{t_per}x{head_dim} (transposed)", "rope",
+           lambda c: tp.rope(q, cos, sin, config=c), lambda: fused.rope(q, cos, sin), nbytes(q, cos, sin, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device, dtype = "cuda", getattr(torch, args.dtype)
+    ceiling = copy_gbps(device)
+    rows = []
+    for name, shape, space, kernel, eager, moved in cases(args.tokens, device, dtype):
+        out, ref = kernel(None), eager()
+        outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+        err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(outs, refs))
+        eager_t = time_fn(eager, repeats=args.repeats, device=device)
+        configs = [(c, time_fn(lambda c=c: kernel(c), repeats=args.repeats, device=device))
+                   for c in tp.CONFIGS[space]]
+        best_cfg, best = min(configs, key=lambda ct: ct[1].median_ms)
+        default = configs[0][1]
+        gbps = moved / (best.median_ms * 1e-3) / 1e9
+        rows.append({"op": name, "shape": shape, "bytes": moved, "rel_err": err, "eager_ms": eager_t.median_ms,
+                     "default_ms": default.median_ms, "best_ms": best.median_ms, "best_config": best_cfg,
+                     "gbps": gbps, "of_copy": gbps / ceiling, "vs_eager": eager_t.median_ms / best.median_ms,
+                     "all_configs": [(c, t.median_ms) for c, t in configs]})
+    gpu = torch.cuda.get_device_name()
+    if args.out:
+        args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "copy_gbps": ceiling,
+                                        "rows": rows}, indent=1, default=str))
+    print(f"\n{gpu}, torch {torch.__version__}, {args.dtype}; copy ceiling measured here: {ceiling:.0f} GB/s")
+    print(f"{'op':<13} {'shape':<30} {'eager ms':>9} {'triton ms':>10} {'GB/s':>7} {'of copy':>8} "
+          f"{'vs eager':>9} {'rel err':>8}  best config")
+    for r in rows:
+        print(f"{r['op']:<13} {r['shape']:<30} {r['eager_ms']:>9.3f} {r['best_ms']:>10.3f} {r['gbps']:>7.0f} "
+              f"{r['of_copy']:>8.1%} {r['vs_eager']:>8.2f}x {r['rel_err']:>8.1e}  {r['best_config']}")
+
+
+if __name__ == "__main__":
+    main()

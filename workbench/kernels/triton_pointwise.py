@@ -1,0 +1,158 @@
+"""Triton kernels for the memory-bound fused ops, registered as their ``triton`` tactic.
+
+    workbench.rms_norm      one program per row: load, fp32 sum of squares, scale, store
+    workbench.add_rms_norm  the same with the residual add fused: writes the sum and the norm
+    workbench.silu_mul      gate and up may be strided slices of one fused GEMM output
+    workbench.rope          x of any strides ([batch, heads, tokens, head_dim]), cos/sin broadcast over heads
+
+Each reads its inputs once and writes its outputs once: the floor is bytes / copy
+bandwidth (``bench/pointwise.py`` measures against it). Arithmetic is in fp32 and
+rounds where the reference rounds (the residual sum to the input dtype before the
+norm, the normed value to the input dtype before the weight), so results match the
+references to rounding. On the CPU they run under ``TRITON_INTERPRET=1`` (tests).
+
+Configs (block sizes, warps) are plain data per kernel (``CONFIGS``), the space the
+autotuner will search; the launchers take one config and default to the first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import REGISTRY
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + row * stride_s + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    variance = tl.sum(x * x, axis=0) / n_cols
+    normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty).to(tl.float32)  # the reference rounds silu(g)
+    tl.store(O + row * stride_o + cols, (silu * u).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, so_h, so_t,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (batch, head, token) row
+    t = pid % tokens
+    h = (pid // tokens) % heads
+    b = pid // (tokens * heads)
+    d = tl.arange(0, BLOCK)
+    mask = d < HALF
+    x_row = X + b * sx_b + h * sx_h + t * sx_t
+    c_row = C + b * sc_b + t * sc_t
+    s_row = S + b * sc_b + t * sc_t
+    x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c_row + d, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_row + d, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    o_row = O + b * so_b + h * so_h + t * so_t
+    tl.store(o_row + d, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
+    tl.store(o_row + HALF + d, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
+
+
+#: The tuning space per kernel: plain data (block sizes where free, warps).
+CONFIGS = {
+    "rms_norm": [{"num_warps": w} for w in (4, 8, 16, 2)],
+    "silu_mul": [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 8), (512, 4), (4096, 8))],
+    "rope": [{"num_warps": w} for w in (1, 2, 4)],
+}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as [rows, cols] without copying when the last dim is contiguous and rows are evenly strided."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             config: dict | None = None):
+    config = config or CONFIGS["rms_norm"][0]
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    out_dtype = torch.result_type(weight, x)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y2 = y.view(-1, n_cols)
+    if residual is not None:
+        r2 = _rows(residual)
+        s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+        s2 = s.view(-1, n_cols)
+    else:
+        r2 = s2 = x2
+    _rms_norm_kernel[(n_rows,)](x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
+                                n_cols, eps, HAS_RESIDUAL=residual is not None,
+                                BLOCK=triton.next_power_of_2(n_cols), num_warps=config["num_warps"])
+    return (y, s) if residual is not None else y
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 config: dict | None = None):
+    return rms_norm(x, weight, eps, residual=residual, config=config)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    config = config or CONFIGS["silu_mul"][0]
+    g2, u2 = _rows(gate), _rows(up)
+    n_rows, n_cols = g2.shape
+    out = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
+    o2 = out.view(-1, n_cols)
+    block = min(config["BLOCK"], triton.next_power_of_2(n_cols))
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0),
+                                                           n_cols, BLOCK=block, num_warps=config["num_warps"])
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """x: [batch, heads, tokens, head_dim] (any strides, last dim contiguous); cos/sin: [batch, 1, tokens, head_dim]."""
+    config = config or CONFIGS["rope"][0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.expand(x.shape[0], 1, *x.shape[2:]), sin.expand(x.shape[0], 1, *x.shape[2:])
+    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    b, h, t, d = x.shape
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    half = d // 2
+    _rope_kernel[(b * h * t,)](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
+                               cos.stride(0), cos.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                               HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=config["num_warps"])
+    return out
+
+
+def register() -> None:
+    """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
+    for op, fn in (("workbench.rms_norm", rms_norm), ("workbench.add_rms_norm", add_rms_norm),
+                   ("workbench.silu_mul", silu_mul), ("workbench.rope", rope)):
+        REGISTRY.get(op).tactics["triton"] = fn
+
+
+register()
