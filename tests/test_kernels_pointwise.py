@@ -37,7 +37,8 @@ def close(out, ref, dtype):
 def test_rms_norm(shape, dtype):
     x = torch.randn(shape, dtype=dtype) * 3
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
-    close(tp.rms_norm(x, w, 1e-5), fused.rms_norm(x, w, 1e-5), dtype)
+    for config in tp.CONFIGS["rms_norm"][:3]:  # 1, 2 and 4 rows per program (rows not a multiple of 4 too)
+        close(tp.rms_norm(x, w, 1e-5, config=config), fused.rms_norm(x, w, 1e-5), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,7 +70,8 @@ def test_rope_on_transposed_views(b, h, t, d, dtype):
     freqs = pos[..., None].float() * inv
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-    close(tp.rope(x, cos, sin), fused.rope(x, cos, sin), dtype)
+    for config in [*tp.CONFIGS["rope"][:2], {"HEADS": 2, "num_warps": 1}]:  # all heads in one program, or split
+        close(tp.rope(x, cos, sin, config), fused.rope(x, cos, sin), dtype)
 
 
 def test_triton_tactics_run_a_whole_optimized_graph():

@@ -1,9 +1,10 @@
 """Triton kernels for the memory-bound fused ops, registered as their ``triton`` tactic.
 
-    workbench.rms_norm      one program per row: load, fp32 sum of squares, scale, store
+    workbench.rms_norm      ROWS rows per program: load, fp32 sum of squares, scale, store
     workbench.add_rms_norm  the same with the residual add fused: writes the sum and the norm
     workbench.silu_mul      gate and up may be strided slices of one fused GEMM output
-    workbench.rope          x of any strides ([batch, heads, tokens, head_dim]), cos/sin broadcast over heads
+    workbench.rope          x of any strides ([batch, heads, tokens, head_dim]); a program takes a token's heads,
+                            loading its cos/sin once
 
 Each reads its inputs once and writes its outputs once: the floor is bytes / copy
 bandwidth (``bench/pointwise.py`` measures against it). Arithmetic is in fp32 and
@@ -25,21 +26,22 @@ from .registry import REGISTRY
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(S.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, s, mask=mask)
+        tl.store(S + rows * stride_s + cols, s, mask=mask)
         x = s.to(tl.float32)
-    variance = tl.sum(x * x, axis=0) / n_cols
+    variance = tl.sum(x * x, axis=1)[:, None] / n_cols
     normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + rows * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -55,22 +57,24 @@ def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.co
 
 @triton.jit
 def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, so_h, so_t,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # one program per (batch, head, token) row
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr):
+    # one program per (batch, token, block of HEADS heads): cos/sin loaded once for all of them
+    pid = tl.program_id(0).to(tl.int64)
     t = pid % tokens
-    h = (pid // tokens) % heads
-    b = pid // (tokens * heads)
-    d = tl.arange(0, BLOCK)
-    mask = d < HALF
-    x_row = X + b * sx_b + h * sx_h + t * sx_t
+    b = pid // tokens
+    h = (tl.program_id(1) * HEADS + tl.arange(0, HEADS)).to(tl.int64)[:, None]
+    d = tl.arange(0, BLOCK)[None, :]
+    dmask = d < HALF
+    mask = (h < heads) & dmask
     c_row = C + b * sc_b + t * sc_t
     s_row = S + b * sc_b + t * sc_t
+    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    x_row = X + b * sx_b + h * sx_h + t * sx_t
     x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(c_row + d, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_row + d, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
     o_row = O + b * so_b + h * so_h + t * so_t
     tl.store(o_row + d, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF + d, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
@@ -78,9 +82,9 @@ def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, 
 
 #: The tuning space per kernel: plain data (block sizes where free, warps).
 CONFIGS = {
-    "rms_norm": [{"num_warps": w} for w in (4, 8, 16, 2)],
+    "rms_norm": [{"ROWS": r, "num_warps": w} for r, w in ((1, 4), (2, 8), (4, 8), (4, 16), (8, 16), (1, 8))],
     "silu_mul": [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 8), (512, 4), (4096, 8))],
-    "rope": [{"num_warps": w} for w in (1, 2, 4)],
+    "rope": [{"HEADS": hb, "num_warps": w} for hb, w in ((32, 4), (8, 2), (16, 4), (32, 8), (64, 8))],
 }
 
 
@@ -108,9 +112,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         s2 = s.view(-1, n_cols)
     else:
         r2 = s2 = x2
-    _rms_norm_kernel[(n_rows,)](x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-                                n_cols, eps, HAS_RESIDUAL=residual is not None,
-                                BLOCK=triton.next_power_of_2(n_cols), num_warps=config["num_warps"])
+    rows = config["ROWS"]
+    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+        x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
+        num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 
 
@@ -142,9 +148,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
     b, h, t, d = x.shape
     out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
     half = d // 2
-    _rope_kernel[(b * h * t,)](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
-                               cos.stride(0), cos.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                               HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=config["num_warps"])
+    heads = min(config["HEADS"], triton.next_power_of_2(h))
+    _rope_kernel[(b * t, triton.cdiv(h, heads))](
+        x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), HALF=half, BLOCK=triton.next_power_of_2(half), HEADS=heads,
+        num_warps=config["num_warps"])
     return out
 
 
