@@ -12,9 +12,9 @@ numeric checks on the GPU, then times, with CUDA events (median of repeats):
            with its KV cache (cropped back after each call), and the optimized graph with
            the paged cache.
 
-The fused ops still run their PyTorch reference implementations (the Triton
-kernels come with the kernels issue), so this shows what fusion alone changes in
-the reference path, and is the baseline those kernels are measured against.
+The optimized graph runs twice: with every fused op's PyTorch reference, and with
+the Triton tactics where an op has one (RMSNorm, add+RMSNorm, SwiGLU, RoPE; the
+attention is still the reference paged attention).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def main() -> None:
     passes_s = time.perf_counter() - t0
     table = summary_table(reports)
     before = Program(captured.graph, resolve_params(captured.graph, base), device=device)
-    after = Program(graph, resolve_params(graph, base), device=device)
+    optimized_params = resolve_params(graph, base)
+    after = Program(graph, optimized_params, device=device)
+    after_triton = Program(graph, optimized_params, device=device, tactics="triton")
 
     vocab = graph.meta["config"]["vocab_size"]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -80,11 +82,16 @@ def main() -> None:
             prefill_inputs = cache.step_inputs(prompts)
             (opt,) = after.run(**prefill_inputs)
             opt = opt.reshape(args.seqs, args.tokens, -1)
+            (opt_triton,) = after_triton.run(**prefill_inputs)
+            opt_triton = opt_triton.reshape(args.seqs, args.tokens, -1)
             decode_inputs = cache.step_inputs([(i, [int(ids[i, -1])]) for i in range(args.seqs)])
         else:
             opt = after(ids, pos)
     errors = {"captured_vs_transformers": rel(cap, ref), "optimized_vs_captured": rel(opt, cap),
               "optimized_vs_transformers": rel(opt, ref)}
+    if paged:
+        errors["triton_tactics_vs_optimized"] = rel(opt_triton, opt)
+        del opt_triton
     del ref, cap, opt
 
     def hf_prefill():
@@ -97,6 +104,8 @@ def main() -> None:
     if paged:
         prefill["optimized graph (paged)"] = time_fn(lambda: after.run(**prefill_inputs), repeats=args.repeats,
                                                      device=device)
+        prefill["optimized + Triton pointwise"] = time_fn(lambda: after_triton.run(**prefill_inputs),
+                                                          repeats=args.repeats, device=device)
         with torch.no_grad():
             kv = model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
         nxt, npos = ids[:, -1:], torch.full((args.seqs, 1), args.tokens, device=device)
@@ -109,7 +118,9 @@ def main() -> None:
 
         decode = {"transformers eager (KV cache)": time_fn(hf_decode, repeats=args.repeats, device=device),
                   "optimized graph (paged)": time_fn(lambda: after.run(**decode_inputs), repeats=args.repeats,
-                                                     device=device)}
+                                                     device=device),
+                  "optimized + Triton pointwise": time_fn(lambda: after_triton.run(**decode_inputs),
+                                                          repeats=args.repeats, device=device)}
 
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     result = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,

@@ -93,3 +93,13 @@ def test_triton_tactics_run_a_whole_optimized_graph():
     assert len(used) == 4
     ids = torch.randint(0, 512, (1, 21))
     assert rel_err(logits_fn(triton_program)(ids), logits_fn(reference)(ids)) < 1e-5
+
+
+def test_tactics_on_the_cpu_without_the_interpreter_fail_clearly(monkeypatch):
+    from workbench.errors import WorkbenchError
+    from workbench.graph.executor import Program
+    from workbench.graph.ir import Graph
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(WorkbenchError, match="Triton tactics run on a CUDA device"):
+        Program(Graph({}, {}, [], [], {}), {}, tactics="triton")

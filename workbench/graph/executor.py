@@ -31,6 +31,11 @@ class Program:
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
         if tactics is not None:
+            import os
+
+            if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+                raise WorkbenchError(f"Triton tactics run on a CUDA device, not {self.device.type}; run without "
+                                     "tactics on the CPU (or set TRITON_INTERPRET=1 to test kernels there, slowly)")
             from ..kernels import triton_pointwise  # noqa: F401  (registers the Triton tactics)
         self.tactics = tactics
         self._steps = self._plan(registry)

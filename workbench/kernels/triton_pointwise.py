@@ -146,7 +146,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
     if cos.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     b, h, t, d = x.shape
-    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    # the output keeps x's layout (a transposed view of [batch, tokens, heads*dim] in the graph), so a
+    # program's writes are as contiguous as its reads; readers of the result accept any strides
+    out = torch.empty_like(x, dtype=torch.result_type(x, cos))
     half = d // 2
     heads = min(config["HEADS"], triton.next_power_of_2(h))
     _rope_kernel[(b * t, triton.cdiv(h, heads))](
