@@ -36,7 +36,7 @@ class Program:
             if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
                 raise WorkbenchError(f"Triton tactics run on a CUDA device, not {self.device.type}; run without "
                                      "tactics on the CPU (or set TRITON_INTERPRET=1 to test kernels there, slowly)")
-            from ..kernels import triton_pointwise  # noqa: F401  (registers the Triton tactics)
+            from ..kernels import triton_attention, triton_pointwise  # noqa: F401  (register the Triton tactics)
         self.tactics = tactics
         self._steps = self._plan(registry)
 

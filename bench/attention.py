@@ -1,0 +1,118 @@
+"""Triton paged attention vs torch SDPA on the same data, and vs the copy-bandwidth ceiling.
+
+    python bench/attention.py
+
+decode   batch 64, 4096 tokens of context each, one new token, 32 query / 8 KV heads, head dim 128:
+         the paged kernel reads K/V through block tables; the baseline is SDPA (GQA) over the same
+         K/V laid out dense; "of copy" counts the K/V bytes read over the copy ceiling measured here.
+prefill  4 sequences × 4096 new tokens, causal, same heads: the paged kernel (writing the cache too)
+         vs SDPA's flash backend on dense [4, heads, 4096, 128]; TFLOP/s counts the causal half.
+Every config of the kernel's tuning space is timed; outputs are checked against SDPA first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.kernels import triton_attention as ta  # noqa: E402
+from workbench.profiling import time_fn  # noqa: E402
+
+
+def copy_gbps(device: str, nbytes: int = 2 << 30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), warmup=3, repeats=20, device=device)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page, device, dtype):
+    """A cache holding ``context`` tokens per sequence in shuffled blocks, plus ``new`` tokens to add."""
+    total = context + new
+    per_seq = -(-total // page)
+    num_blocks = seqs * per_seq
+    cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, device=device, dtype=dtype)
+    tables = torch.randperm(num_blocks, device=device).view(seqs, per_seq)
+    pos = torch.arange(context, total, device=device)
+    slots = (tables[:, pos // page] * page + pos % page).reshape(-1)
+    q = torch.randn(1, seqs * new, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, kv_heads, seqs * new, head_dim, device=device, dtype=dtype)
+    v = torch.randn(1, kv_heads, seqs * new, head_dim, device=device, dtype=dtype)
+    lens = torch.full((seqs,), total, device=device)
+    qsl = torch.arange(0, seqs * new + 1, new, device=device)
+    return q, k, v, cache, slots, tables, lens, qsl
+
+
+def dense_kv(cache, tables, seqs, total):
+    """The cache's K and V as dense [seqs, kv_heads, total, head_dim] (the SDPA baseline's layout)."""
+    page = cache.shape[2]
+    kv = cache[:, tables].reshape(2, seqs, -1, *cache.shape[3:])[:, :, :total]
+    return kv[0].transpose(1, 2).contiguous(), kv[1].transpose(1, 2).contiguous()
+
+
+def run(name, seqs, context, new, args, device, ceiling):
+    heads, kv_heads, head_dim, page = 32, 8, 128, 16
+    q, k, v, cache, slots, tables, lens, qsl = paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page,
+                                                            device, torch.bfloat16)
+    total = context + new
+    out = ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl)  # also writes the new K/V
+    kd, vd = dense_kv(cache, tables, seqs, total)
+    qd = q[0].transpose(0, 1).reshape(seqs, new, heads, head_dim).transpose(1, 2).contiguous()
+    mask = None
+    if new > 1:  # causal over the new tokens, all of the context visible
+        mask = torch.arange(total, device=device)[None, :] <= context + torch.arange(new, device=device)[:, None]
+
+    def sdpa():
+        if new > 1 and context == 0:
+            return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+
+    ref = sdpa()
+    ours = out[0].transpose(0, 1).reshape(seqs, new, heads, head_dim).transpose(1, 2)
+    err = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+    base = time_fn(sdpa, repeats=args.repeats, device=device)
+    timed = [(c, time_fn(lambda c=c: ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl, config=c),
+                         repeats=args.repeats, device=device)) for c in ta.CONFIGS]
+    best_cfg, best = min(timed, key=lambda ct: ct[1].median_ms)
+    kv_bytes = 2 * seqs * total * kv_heads * head_dim * 2
+    causal = 0.5 if context == 0 and new > 1 else 1.0
+    flops = 4 * seqs * heads * new * total * head_dim * causal
+    return {"case": name, "seqs": seqs, "context": context, "new": new, "rel_err": err,
+            "sdpa_ms": base.median_ms, "triton_ms": best.median_ms, "default_ms": timed[0][1].median_ms,
+            "best_config": best_cfg, "vs_sdpa": base.median_ms / best.median_ms,
+            "kv_gbps": kv_bytes / (best.median_ms * 1e-3) / 1e9, "of_copy": kv_bytes / (best.median_ms * 1e-3) / 1e9 / ceiling,
+            "tflops": flops / (best.median_ms * 1e-3) / 1e12, "sdpa_tflops": flops / (base.median_ms * 1e-3) / 1e12,
+            "all": [(c, t.median_ms) for c, t in timed]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = "cuda"
+    ceiling = copy_gbps(device)
+    rows = [run("decode", 64, 4096, 1, args, device, ceiling),
+            run("decode (batch 1)", 1, 32768, 1, args, device, ceiling),
+            run("prefill", 4, 0, 4096, args, device, ceiling)]
+    gpu = torch.cuda.get_device_name()
+    if args.out:
+        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows}, indent=1, default=str))
+    print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
+    print(f"{'case':<18} {'seqs x ctx+new':<16} {'SDPA ms':>8} {'triton ms':>10} {'vs SDPA':>8} {'KV GB/s':>8} "
+          f"{'of copy':>8} {'TFLOP/s':>8} {'rel err':>8}  best config")
+    for r in rows:
+        print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['sdpa_ms']:>8.3f} {r['triton_ms']:>10.3f} "
+              f"{r['vs_sdpa']:>7.2f}x {r['kv_gbps']:>8.0f} {r['of_copy']:>8.1%} {r['tflops']:>8.1f} "
+              f"{r['rel_err']:>8.1e}  {r['best_config']}")
+
+
+if __name__ == "__main__":
+    main()
