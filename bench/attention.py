@@ -52,7 +52,6 @@ def paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page, device, dt
 
 def dense_kv(cache, tables, seqs, total):
     """The cache's K and V as dense [seqs, kv_heads, total, head_dim] (the SDPA baseline's layout)."""
-    page = cache.shape[2]
     kv = cache[:, tables].reshape(2, seqs, -1, *cache.shape[3:])[:, :, :total]
     return kv[0].transpose(1, 2).contiguous(), kv[1].transpose(1, 2).contiguous()
 
