@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fp32-check", action="store_true",
+                    help="after timing, compare both bf16 optimized runs with an fp32 run of the same weights")
     args = ap.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
 
@@ -91,8 +93,7 @@ def main() -> None:
               "optimized_vs_transformers": rel(opt, ref)}
     if paged:
         errors["triton_tactics_vs_optimized"] = rel(opt_triton, opt)
-        del opt_triton
-    del ref, cap, opt
+    del ref, cap
 
     def hf_prefill():
         with torch.no_grad():
@@ -122,6 +123,28 @@ def main() -> None:
                   "optimized + Triton tactics": time_fn(lambda: after_triton.run(**decode_inputs),
                                                           repeats=args.repeats, device=device)}
 
+    if args.fp32_check and paged and args.dtype != "float32":
+        # Both bf16 optimized runs (reference ops, Triton tactics) against fp32 on the same weights, and the
+        # Triton tactics in fp32 too: tells bf16 rounding apart from a wrong kernel at full size.
+        # Memory: free the bf16 programs and the model first; the fp32 graph holds 4 bytes per weight.
+        del before, after, after_triton, optimized_params, model, lm
+        base32 = {k: v.float() for k, v in base.items()}
+        del base
+        torch.cuda.empty_cache()
+        graph32, _ = run_passes(capture_source(load_model(args.preset, materialize=False).source).graph, {},
+                                check=False)
+        params32 = resolve_params(graph32, base32)
+        del base32
+        inputs32 = cache_for(graph32, num_blocks=blocks, device=device).step_inputs(prompts)
+        with torch.no_grad():
+            (out32,) = Program(graph32, params32, device=device).run(**inputs32)
+            out32 = out32.reshape(args.seqs, args.tokens, -1)
+            inputs32 = cache_for(graph32, num_blocks=blocks, device=device).step_inputs(prompts)
+            (tri32,) = Program(graph32, params32, device=device, tactics="triton").run(**inputs32)
+            tri32 = tri32.reshape(args.seqs, args.tokens, -1)
+        errors.update({"bf16_reference_ops_vs_fp32": rel(opt, out32), "bf16_triton_vs_fp32": rel(opt_triton, out32),
+                       "fp32_triton_vs_fp32_reference_ops": rel(tri32, out32)})
+        del out32, tri32, params32
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     result = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
               "seqs": args.seqs, "tokens": args.tokens, "nodes_captured": len(captured.graph.nodes),
