@@ -12,6 +12,7 @@ not the sum of every node's output.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -24,13 +25,16 @@ from .ir import Graph, Ref, dtype_from_name
 class Program:
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY,
-                 tactics: str | Mapping[str, str] | None = None) -> None:
+                 tactics: str | Mapping[str, str] | None = None,
+                 choices: Mapping[str, tuple[str, dict | None]] | None = None) -> None:
         """``tactics`` picks implementations: None runs every op's reference; a name (``"triton"``)
-        runs that tactic wherever an op has it; a mapping op name -> tactic name chooses per op."""
+        runs that tactic wherever an op has it; a mapping op name -> tactic name chooses per op.
+        ``choices`` (from the autotuner) names a tactic and config per node, and wins over ``tactics``."""
         self.graph = graph
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
-        if tactics is not None:
+        self.choices = dict(choices or {})
+        if tactics is not None or any(t != "reference" for t, _ in self.choices.values()):
             import os
 
             if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
@@ -40,8 +44,19 @@ class Program:
         self.tactics = tactics
         self._steps = self._plan(registry)
 
-    def _impl(self, registry: OpRegistry, op: str) -> Callable:
+    def with_choices(self, choices: Mapping[str, tuple[str, dict | None]]) -> "Program":
+        """The same graph and weights, running the autotuner's choice at each node."""
+        return Program(self.graph, self.params, device=self.device, choices=choices)
+
+    def _impl(self, registry: OpRegistry, op: str, node: str) -> Callable:
         opdef = registry.get(op)
+        if node in self.choices:
+            tactic, config = self.choices[node]
+            if tactic == "reference":
+                return opdef.reference
+            if tactic not in opdef.tactics:
+                raise WorkbenchError(f"node {node!r} was tuned to tactic {tactic!r}, which op {op!r} does not have")
+            return functools.partial(opdef.tactics[tactic], config=config) if config else opdef.tactics[tactic]
         if self.tactics is None:
             return opdef.reference
         if isinstance(self.tactics, str):
@@ -63,22 +78,28 @@ class Program:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
-        return [(n.name, self._impl(registry, n.op), _bind_device(n.args, self.device),
+        return [(n.name, self._impl(registry, n.op, n.name), _bind_device(n.args, self.device),
                  _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
 
     @torch.no_grad()
-    def run(self, *, keep_all: bool = False, **inputs: torch.Tensor) -> list[Any] | dict[str, Any]:
+    def run(self, *, keep_all: bool = False, _observe: tuple | None = None,
+            **inputs: torch.Tensor) -> list[Any] | dict[str, Any]:
         """Run the graph on named inputs; returns the graph's outputs in order.
 
         With ``keep_all`` nothing is freed and every value is returned by name (for
-        comparing two graphs node by node)."""
+        comparing two graphs node by node). ``_observe = (node names, fn)`` calls
+        ``fn(name, op, args, kwargs)`` before those nodes run (the autotuner's recording)."""
         missing = set(self.graph.inputs) - set(inputs)
         if missing:
             raise WorkbenchError(f"graph inputs missing: {', '.join(sorted(missing))}")
         env: dict[str, Any] = dict(self.params)
         env.update({k: v.to(self.device) for k, v in inputs.items()})
-        for name, fn, args, kwargs, frees in self._steps:
-            env[name] = fn(*_resolve(args, env), **_resolve(kwargs, env))
+        watched, observe = _observe or ((), None)
+        for (name, fn, args, kwargs, frees), node in zip(self._steps, self.graph.nodes):
+            args, kwargs = _resolve(args, env), _resolve(kwargs, env)
+            if name in watched:
+                observe(name, node.op, tuple(args), kwargs)
+            env[name] = fn(*args, **kwargs)
             if not keep_all:
                 for f in frees:
                     del env[f]

@@ -149,4 +149,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
+paged_attention.configs = CONFIGS  # the autotuner's search space
 REGISTRY.get("workbench.paged_attention").tactics["triton"] = paged_attention

@@ -160,8 +160,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
 
 def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
-    for op, fn in (("workbench.rms_norm", rms_norm), ("workbench.add_rms_norm", add_rms_norm),
-                   ("workbench.silu_mul", silu_mul), ("workbench.rope", rope)):
+    for op, fn, space in (("workbench.rms_norm", rms_norm, "rms_norm"),
+                          ("workbench.add_rms_norm", add_rms_norm, "rms_norm"),
+                          ("workbench.silu_mul", silu_mul, "silu_mul"), ("workbench.rope", rope, "rope")):
+        fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
         REGISTRY.get(op).tactics["triton"] = fn
 
 

@@ -1,0 +1,191 @@
+"""Kernel autotuning: time every tactic and config per op instance and shape, keep every timing.
+
+    cache = TimingCache.open(ws_dir / "timings.json")       # refuses a cache from another GPU or library version
+    choices = autotune(program, steps, cache)                # steps: graph inputs of example steps (profiles)
+    fast = program.with_choices(choices)                     # node -> (tactic, config)
+
+How it works:
+  1. each example step runs once through the program, recording the arguments each node
+     whose op has tactics receives (their shapes and dtypes make the key);
+  2. for every distinct key (op, argument shapes and dtypes: identical layers are tuned once)
+     the reference and every tactic × config (the kernel module's ``CONFIGS``) are timed on
+     those very arguments, with CUDA events on a GPU (``profiling.time_fn``);
+  3. every timing goes into the cache, which is written atomically after each key, so an
+     interrupted run resumes where it stopped and a second run times nothing;
+  4. each node gets the fastest candidate for its key.
+
+The cache file records the environment it was measured in (GPU name and SM count, CUDA,
+torch and triton versions). Opening it elsewhere raises a clear error instead of reusing
+timings that do not apply; ``TimingCache.open(path, reset=True)`` starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from ..errors import WorkbenchError
+from .registry import REGISTRY
+
+CACHE_VERSION = 1
+REFERENCE = "reference"
+
+
+def environment_key() -> dict[str, Any]:
+    """What a timing depends on besides the op and its shapes."""
+    from importlib import metadata
+
+    env = {"torch": torch.__version__, "triton": metadata.version("triton"), "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count)
+    else:
+        env.update(gpu="cpu", sm_count=0)
+    return env
+
+
+def _describe(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return [list(v.shape), str(v.dtype).removeprefix("torch.")]
+    if isinstance(v, (list, tuple)):
+        return [_describe(x) for x in v]
+    return v if isinstance(v, (int, float, bool, str, type(None))) else repr(v)
+
+
+def instance_key(op: str, args: tuple, kwargs: Mapping[str, Any]) -> str:
+    """Op and its arguments' shapes, dtypes and scalar values: equal keys run identical work."""
+    return json.dumps([op, _describe(list(args)), {k: _describe(v) for k, v in sorted(kwargs.items())}])
+
+
+@dataclass
+class TimingCache:
+    path: Path
+    env: dict[str, Any]
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path, *, reset: bool = False) -> "TimingCache":
+        path, env = Path(path), environment_key()
+        if reset or not path.is_file():
+            return cls(path, env)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"timing cache {path} is not valid JSON ({e}); delete it or open with reset=True") from None
+        if data.get("version") != CACHE_VERSION:
+            raise WorkbenchError(f"timing cache {path} has version {data.get('version')!r}, this workbench writes "
+                                 f"{CACHE_VERSION}; re-tune (reset=True)")
+        if data.get("env") != env:
+            diff = {k: (data.get("env", {}).get(k), env[k]) for k in env if data.get("env", {}).get(k) != env[k]}
+            raise WorkbenchError(f"timing cache {path} was measured elsewhere ({', '.join(f'{k}: {a} here {b}' for k, (a, b) in diff.items())}); "
+                                 "its timings do not apply here: re-tune (reset=True) or use a cache from this machine")
+        return cls(path, env, data["entries"])
+
+    def save(self) -> None:
+        from ..workspace import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps({"version": CACHE_VERSION, "env": self.env, "entries": self.entries},
+                                           indent=1).encode())
+
+    def best(self, key: str) -> dict[str, Any] | None:
+        entry = self.entries.get(key)
+        return min(entry["timings"], key=lambda t: t["ms"]) if entry else None
+
+    def table(self):
+        """Every timing as a DataFrame: op, key, tactic, config, ms, whether it was chosen."""
+        import pandas as pd
+
+        rows = []
+        for key, entry in self.entries.items():
+            best = self.best(key)
+            for t in entry["timings"]:
+                rows.append({"op": entry["op"], "key": key, "tactic": t["tactic"], "config": json.dumps(t["config"]),
+                             "ms": t["ms"], "chosen": t is best})
+        return pd.DataFrame(rows, columns=["op", "key", "tactic", "config", "ms", "chosen"])
+
+
+def _candidates(op: str) -> list[tuple[str, dict | None, Callable]]:
+    """The reference, then every tactic with every config of its tuning space (``fn.configs``)."""
+    opdef = REGISTRY.get(op)
+    out = [(REFERENCE, None, opdef.reference)]
+    for name, fn in opdef.tactics.items():
+        out += [(name, cfg, fn) for cfg in getattr(fn, "configs", None) or [None]]
+    return out
+
+
+Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
+
+
+def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: TimingCache, *,
+             timer: Timer | None = None, progress: bool = True) -> dict[str, tuple[str, dict | None]]:
+    """Tune every node of ``program`` whose op has tactics, on the argument shapes ``steps`` produce.
+
+    Returns node name -> (tactic, config) of the fastest candidate. ``timer(call, op, tactic,
+    config) -> ms`` defaults to ``profiling.time_fn`` on ``call`` (CUDA events on a GPU).
+    """
+    from ..profiling import time_fn
+
+    def default_timer(call, op, tactic, config):
+        return time_fn(call, warmup=2, repeats=10, device=program.device).median_ms
+
+    timer = timer or default_timer
+    ops = tactic_ops()
+    tunable = {n.name for n in program.graph.nodes if n.op in ops}
+    seen: dict[str, tuple[str, tuple, dict]] = {}  # key -> (op, args, kwargs) of its first instance
+    node_keys: dict[str, set[str]] = {}
+
+    def record(name, op, args, kwargs):
+        key = instance_key(op, args, kwargs)
+        node_keys.setdefault(name, set()).add(key)
+        seen.setdefault(key, (op, args, kwargs))
+
+    for step in steps:
+        program.run(_observe=(tunable, record), **step)
+    todo = [k for k in seen if k not in cache.entries]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="autotune", unit="op")
+    for key in todo:
+        op, args, kwargs = seen[key]
+        timings = []
+        for tactic, config, fn in _candidates(op):
+            call = (lambda fn=fn, config=config: fn(*args, **kwargs, config=config)) if config is not None \
+                else (lambda fn=fn: fn(*args, **kwargs))
+            try:
+                ms = float(timer(call, op, tactic, config))
+            except Exception as e:  # a config that cannot run here (resources): recorded, never chosen
+                timings.append({"tactic": tactic, "config": config, "ms": math.inf, "error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            timings.append({"tactic": tactic, "config": config, "ms": ms})
+        cache.entries[key] = {"op": op, "timings": timings}
+        cache.save()  # after every key: an interrupted run resumes here
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    choices = {}
+    for name, keys in node_keys.items():
+        # a node seen at several shapes gets the candidate with the least total time over them
+        totals: dict[tuple[str, str], float] = {}
+        for key in keys:
+            for t in cache.entries[key]["timings"]:
+                tk = (t["tactic"], json.dumps(t["config"]))
+                totals[tk] = totals.get(tk, 0.0) + t["ms"]
+        (tactic, config), _ = min(totals.items(), key=lambda kv: kv[1])
+        choices[name] = (tactic, json.loads(config))
+    return choices
+
+
+def tactic_ops() -> set[str]:
+    """Ops that have at least one tactic besides their reference."""
+    from . import triton_attention, triton_pointwise  # noqa: F401  (register the Triton tactics)
+
+    return {name for name in REGISTRY.names() if REGISTRY.get(name).tactics}
