@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--autotune", type=Path, metavar="CACHE.json",
+                    help="also autotune the optimized graph on the prefill and decode steps (timing cache written here)")
     ap.add_argument("--fp32-check", action="store_true",
                     help="after timing, compare both bf16 optimized runs with an fp32 run of the same weights")
     args = ap.parse_args()
@@ -107,6 +109,23 @@ def main() -> None:
                                                      device=device)
         prefill["optimized + Triton tactics"] = time_fn(lambda: after_triton.run(**prefill_inputs),
                                                           repeats=args.repeats, device=device)
+        tuned = None
+        if args.autotune:
+            from workbench.kernels.autotune import TimingCache, autotune
+
+            t0 = time.perf_counter()
+            choices = autotune(after, [prefill_inputs, decode_inputs], TimingCache.open(args.autotune, reset=True),
+                               progress=False)
+            tune_s = time.perf_counter() - t0
+            tuned = after.with_choices(choices)
+            picked = {}
+            for node, (tactic, config) in choices.items():
+                op = graph.node(node).op.removeprefix("workbench.")
+                picked.setdefault(f"{op}: {tactic} {config or ''}", 0)
+                picked[f"{op}: {tactic} {config or ''}"] += 1
+            print(f"autotuned in {tune_s:.1f}s; choices (nodes): " + "; ".join(f"{k} x{v}" for k, v in picked.items()))
+            prefill["optimized + autotuned"] = time_fn(lambda: tuned.run(**prefill_inputs), repeats=args.repeats,
+                                                       device=device)
         with torch.no_grad():
             kv = model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
         nxt, npos = ids[:, -1:], torch.full((args.seqs, 1), args.tokens, device=device)
@@ -122,12 +141,15 @@ def main() -> None:
                                                      device=device),
                   "optimized + Triton tactics": time_fn(lambda: after_triton.run(**decode_inputs),
                                                           repeats=args.repeats, device=device)}
+        if tuned is not None:
+            decode["optimized + autotuned"] = time_fn(lambda: tuned.run(**decode_inputs), repeats=args.repeats,
+                                                      device=device)
 
     if args.fp32_check and paged and args.dtype != "float32":
         # Both bf16 optimized runs (reference ops, Triton tactics) against fp32 on the same weights, and the
         # Triton tactics in fp32 too: tells bf16 rounding apart from a wrong kernel at full size.
         # Memory: free the bf16 programs and the model first; the fp32 graph holds 4 bytes per weight.
-        del before, after, after_triton, optimized_params, model, lm
+        del before, after, after_triton, optimized_params, model, lm, tuned
         base32 = {k: v.float() for k, v in base.items()}
         del base
         torch.cuda.empty_cache()
