@@ -23,13 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workbench.kernels import fused  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
+from workbench.profiling.ceilings import copy_gbps  # noqa: E402
 
-
-def copy_gbps(device: str, nbytes: int = 2 << 30) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), warmup=3, repeats=20, device=device)
-    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
 def nbytes(*ts: torch.Tensor) -> int:

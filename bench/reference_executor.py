@@ -29,13 +29,8 @@ from workbench.graph.executor import Program  # noqa: E402
 from workbench.graph.views import node_table  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
+from workbench.profiling.ceilings import matmul_tflops  # noqa: E402
 
-
-def matmul_peak_tflops(device: str) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    t = time_fn(lambda: a @ b, warmup=3, repeats=10, device=device)
-    return 2 * 8192**3 / (t.median_ms * 1e-3) / 1e12
 
 
 def main() -> None:
@@ -95,7 +90,7 @@ def main() -> None:
         del ref32
     del ref, out
     flops = int(node_table(graph, batch=args.batch, tokens=args.tokens)["flops"].sum())
-    peak = matmul_peak_tflops(device) if device.startswith("cuda") else float("nan")
+    peak = matmul_tflops(device) if device.startswith("cuda") else float("nan")
     floor_ms = flops / (peak * 1e12) * 1e3
 
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
