@@ -120,3 +120,28 @@ def test_cache_from_another_machine_is_refused(tmp_path):
     path.write_text("{")
     with pytest.raises(WorkbenchError, match="not valid JSON"):
         TimingCache.open(path)
+
+
+def test_views_of_a_cache_measured_on_an_h100():
+    """A real timing cache from the H100 (bench/passes.py --autotune, llama-3-8b) is viewable anywhere,
+    but never reused for choices here."""
+    from pathlib import Path
+
+    from workbench.profiling.views import op_share_figure, tactic_comparison_figure
+
+    path = Path(__file__).parent / "data" / "h100_llama3_8b_timings.json"
+    with pytest.raises(WorkbenchError, match="measured elsewhere"):
+        TimingCache.open(path)
+    cache = TimingCache.view(path)
+    assert cache.env["gpu"] == "NVIDIA H100 80GB HBM3"
+    table = cache.table()
+    assert table["chosen"].sum() == len(cache.entries) == 12
+    fig = tactic_comparison_figure(table)
+    assert sum(len(t.x) for t in fig.data) == len(table)
+    chosen_bars = sum(w == 3 for t in fig.data for w in t.marker.line.width)
+    assert chosen_bars == 12
+    tree = op_share_figure(table)
+    values = dict(zip(tree.data[0].ids, tree.data[0].values))
+    best = table[table["chosen"]]
+    for op, total in best.groupby("op")["ms"].sum().items():
+        assert values[op] == pytest.approx(total)

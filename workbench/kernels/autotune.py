@@ -86,6 +86,17 @@ class TimingCache:
                                  "its timings do not apply here: re-tune (reset=True) or use a cache from this machine")
         return cls(path, env, data["entries"])
 
+    @classmethod
+    def view(cls, path: str | Path) -> "TimingCache":
+        """Open any cache read-only, whatever machine measured it: for looking at timings, never for
+        choosing (``autotune`` needs ``open``, which refuses timings from elsewhere)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WorkbenchError(f"cannot read timing cache {path} ({e})") from None
+        return cls(path, data.get("env", {}), data.get("entries", {}))
+
     def save(self) -> None:
         from ..workspace import atomic_write
 
