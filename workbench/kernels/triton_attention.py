@@ -31,13 +31,15 @@ from .registry import REGISTRY
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, K, V, O, BT, SEQ_LENS, QSL,
-        sq_h, sq_t, so_h, so_t, sk_blk, sk_off, sk_h, sbt, num_seqs, scale, window,
+        Q, K, V, O, BT, SEQ_LENS, QSL, O_PART, LSE,
+        sq_h, sq_t, so_h, so_t, sk_blk, sk_off, sk_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h, num_seqs, scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+        SPLITS: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
     lo = 0
     hi = num_seqs
@@ -75,7 +77,12 @@ def _paged_attention_kernel(
         if HAS_WINDOW:
             first = tl.maximum(context + q_start - window + 1, 0)
         n_start = (first // BLOCK_N) * BLOCK_N
-        for n0 in range(n_start, last, BLOCK_N):
+        n_end = last
+        if SPLITS > 1:  # this program's share of the key range, in whole tiles
+            chunk = tl.cdiv(tl.cdiv(last - n_start, BLOCK_N), SPLITS) * BLOCK_N
+            n_start = n_start + split * chunk
+            n_end = tl.minimum(n_start + chunk, last)
+        for n0 in range(n_start, n_end, BLOCK_N):
             kv = n0 + tl.arange(0, BLOCK_N)
             kv_ok = kv < seq_len
             page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv_ok, other=0).to(tl.int64)
@@ -104,17 +111,27 @@ def _paged_attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = O + head[:, None] * so_h + (q_begin + tok)[:, None].to(tl.int64) * so_t + d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        t_glob = (q_begin + tok).to(tl.int64)
+        if SPLITS == 1:
+            o_ptrs = O + head[:, None] * so_h + t_glob[:, None] * so_t + d[None, :]
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        else:  # partial result and its log-sum-exp (-inf where this slice saw no key); combined afterwards
+            p_ptrs = O_PART + split * sp_s + head[:, None] * sp_h + t_glob[:, None] * sp_t + d[None, :]
+            tl.store(p_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + split * sl_s + head * sl_h + t_glob, lse, mask=row_ok)
 
 
-#: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages.
+#: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages,
+#: and SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts).
 CONFIGS = [
-    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_Q": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_Q": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
+    {"BLOCK_Q": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 32},
 ]
 
 
@@ -136,16 +153,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     seqs = seq_lens.shape[0]
     block_q = max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
     interpret = bool(os.environ.get("TRITON_INTERPRET"))
-    grid = (tokens // block_q + seqs, kv_heads)
+    splits = config.get("SPLITS", 1)
+    grid = (tokens // block_q + seqs, kv_heads, splits)
     kc, vc = kv_cache[0], kv_cache[1]
+    if splits > 1:
+        part = torch.empty(splits, heads, tokens, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, heads, tokens, dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
     _paged_attention_kernel[grid](
-        q, kc, vc, out, block_tables, seq_lens, query_start_loc,
+        q, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse,
         q.stride(1), q.stride(2), out.stride(1), out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        block_tables.stride(0), seqs, head_dim ** -0.5 if scale is None else scale, window or 0,
+        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2) if splits > 1 else 0,
+        lse.stride(0), lse.stride(1), seqs, head_dim ** -0.5 if scale is None else scale, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
-        DOT_FP32=interpret or q.dtype == torch.float32, num_warps=config["num_warps"],
+        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, num_warps=config["num_warps"],
         num_stages=config["num_stages"])
+    if splits > 1:  # out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse): the softmax over all keys
+        weights = torch.exp(lse - lse.amax(0, keepdim=True))
+        out[0] = ((part * weights[..., None]).sum(0) / weights.sum(0)[..., None]).to(out.dtype)
     return out
 
 
