@@ -33,9 +33,12 @@ class Rewriter:
         """The node that defines ``v`` (a Ref), or None for inputs, params and literals."""
         return self.by_name.get(v.name) if isinstance(v, Ref) else None
 
-    def op_of(self, v: Any) -> str | None:
+    def only_reader(self, v: Any, reader: Node) -> Node | None:
+        """The node defining ``v`` if ``reader`` is the only one reading it (so a rewrite may swallow it)."""
         n = self.producer(v)
-        return n.op if n else None
+        if n is None or self.n_users(n.name) != 1 or self.users[n.name][0] is not reader:
+            return None
+        return n
 
     def n_users(self, name: str) -> int:
         return len(self.users.get(name, ())) + (name in self.graph.outputs)

@@ -37,16 +37,13 @@ REFERENCE = "reference"
 
 
 def environment_key() -> dict[str, Any]:
-    """What a timing depends on besides the op and its shapes."""
-    from importlib import metadata
+    """What a timing depends on besides the op and its shapes (from the workspace's environment record)."""
+    from ..workspace import environment
 
-    env = {"torch": torch.__version__, "triton": metadata.version("triton"), "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count)
-    else:
-        env.update(gpu="cpu", sm_count=0)
-    return env
+    env = environment()
+    gpu = env["host"]["gpu"] or {}
+    return {"torch": torch.__version__, "triton": env["versions"]["triton"], "cuda": torch.version.cuda,
+            "gpu": gpu.get("name", "cpu"), "sm_count": gpu.get("sm_count", 0)}
 
 
 def _describe(v: Any) -> Any:

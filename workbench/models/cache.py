@@ -11,7 +11,6 @@ interrupted fetch leaves nothing half-made behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import WorkbenchError
+from ..workspace import sha256_file
 from .files import check_gguf
 from .presets import NAMED_MODELS, SUPPORTED_ARCHITECTURES
 
@@ -42,14 +42,6 @@ def gguf_path(name: str) -> Path:
 
 def is_fetched(name: str) -> bool:
     return (model_dir(name) / ".complete").is_file() and gguf_path(name).is_file()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _log(msg: str) -> None:

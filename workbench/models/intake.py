@@ -15,7 +15,6 @@ model at all (the executor's path).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,22 +41,13 @@ class ModelSource:
 
     @property
     def files(self) -> list[Path]:
-        """The files whose content defines the model (hashed into workspace records)."""
+        """The files whose content defines the model (workspace records hash them)."""
         if self.kind == "hf":
             root = Path(self.path)
             return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
         if self.kind == "gguf" or (self.kind == "random" and self.path):
             return [Path(self.path)]
         return []
-
-    def fingerprint(self) -> str:
-        """Content hash of what defines the model: its files, or its config and seed."""
-        h = hashlib.sha256(json.dumps({"kind": self.kind, "config": self.config, "seed": self.seed},
-                                      sort_keys=True).encode())
-        for f in self.files:
-            h.update(f.name.encode())
-            h.update(_cache.sha256_file(f).encode())
-        return h.hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "spec": self.spec, "path": self.path, "config": self.config, "seed": self.seed}

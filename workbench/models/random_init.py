@@ -4,7 +4,8 @@ The model skeleton is built on the meta device (no memory), then each parameter
 is allocated once where it will live and filled from its own generator, seeded
 by ``(seed, parameter name)``. So an 8B bf16 model never exists as fp32 on the
 CPU, and a parameter's values do not depend on which other parameters exist:
-``random_weights`` regenerates any subset of them by name, identically.
+``init_tensor`` regenerates any one of them by name, identically (``load_weights``
+uses it to give a graph its weights without building the model).
 
 Buffers computed from the config (rotary ``inv_freq``) have no values on the
 meta device; the modules that own them take only the config, so they are built
@@ -34,11 +35,6 @@ def init_tensor(name: str, shape: Iterable[int], *, dtype: torch.dtype, device: 
     if _is_norm_weight(name):
         return t.normal_(1.0, 0.1, generator=gen)
     return t.normal_(0.0, std, generator=gen)
-
-
-def random_weights(names_shapes: dict[str, Iterable[int]], *, dtype: torch.dtype,
-                   device: torch.device | str, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
-    return {n: init_tensor(n, s, dtype=dtype, device=device, seed=seed, std=std) for n, s in names_shapes.items()}
 
 
 def build_random_model(config, *, dtype: torch.dtype, device: torch.device | str, seed: int,

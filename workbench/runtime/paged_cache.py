@@ -109,6 +109,10 @@ def paged_greedy(program, prompt: torch.Tensor, max_new_tokens: int, *, eos_toke
     return new
 
 
+def _blocks_for(graph, tokens: int) -> int:
+    return -(-tokens // graph.meta["paged"]["block_size"])
+
+
 def logits_fn(program):
     """A logits function ([1, T] ids -> [1, T, vocab]) for any program: a paged graph runs each
     call as one fresh sequence's prefill; any other graph runs as it is."""
@@ -116,8 +120,7 @@ def logits_fn(program):
         return program
 
     def run(ids: torch.Tensor) -> torch.Tensor:
-        cache = cache_for(program.graph, num_blocks=-(-ids.shape[-1] // program.graph.meta["paged"]["block_size"]),
-                          device=program.device)
+        cache = cache_for(program.graph, num_blocks=_blocks_for(program.graph, ids.shape[-1]), device=program.device)
         (logits,) = program.run(**cache.step_inputs([(0, ids.reshape(-1).tolist())]))
         return logits
 
@@ -127,8 +130,8 @@ def logits_fn(program):
 def greedy(program, prompt: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> list[int]:
     """Greedy decoding with any program: KV-cached through a paged graph, full recompute otherwise."""
     if program.graph.meta.get("paged"):
-        blocks = -(-(prompt.numel() + max_new_tokens) // program.graph.meta["paged"]["block_size"])
-        return paged_greedy(program, prompt, max_new_tokens, eos_token_id=eos_token_id, num_blocks=blocks)
+        return paged_greedy(program, prompt, max_new_tokens, eos_token_id=eos_token_id,
+                            num_blocks=_blocks_for(program.graph, prompt.numel() + max_new_tokens))
     from ..evaluate import greedy as recompute_greedy
 
     return recompute_greedy(program, prompt, max_new_tokens, eos_token_id=eos_token_id)

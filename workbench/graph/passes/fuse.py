@@ -21,14 +21,6 @@ from ..rewrite import Rewriter
 from .manager import Match, register_pass
 
 
-def _only_reader(rw: Rewriter, v: Any, reader: Node) -> Node | None:
-    """The node defining ``v`` if ``reader`` is its only reader."""
-    n = rw.producer(v)
-    if n is None or rw.n_users(n.name) != 1 or rw.users[n.name][0] is not reader:
-        return None
-    return n
-
-
 def _is_op(n: Node | None, op: str) -> bool:
     return n is not None and n.op == op
 
@@ -55,24 +47,24 @@ def _match_rms_norm(rw: Rewriter, n: Node):
     w, y = n.args
     if not (isinstance(w, Ref) and w.name in rw.graph.params and len(rw.graph.params[w.name].spec.shape) == 1):
         return None
-    cast_back = _only_reader(rw, y, n)
+    cast_back = rw.only_reader(y, n)
     if _is_op(cast_back, "aten.to.dtype"):
-        scaled = _only_reader(rw, cast_back.args[0], cast_back)
+        scaled = rw.only_reader(cast_back.args[0], cast_back)
     else:
         cast_back, scaled = None, cast_back
     if not _is_op(scaled, "aten.mul.Tensor"):
         return None
     a, r = scaled.args
-    rsqrt = _only_reader(rw, r, scaled)
+    rsqrt = rw.only_reader(r, scaled)
     if not _is_op(rsqrt, "aten.rsqrt.default"):
         return None
-    add = _only_reader(rw, rsqrt.args[0], rsqrt)
+    add = rw.only_reader(rsqrt.args[0], rsqrt)
     if not (_is_op(add, "aten.add.Tensor") and isinstance(add.args[1], float)):
         return None
-    mean = _only_reader(rw, add.args[0], add)
+    mean = rw.only_reader(add.args[0], add)
     if not (_is_op(mean, "aten.mean.dim") and list(mean.args[1]) == [-1] and mean.args[2] is True):
         return None
-    pow_ = _only_reader(rw, mean.args[0], mean)
+    pow_ = rw.only_reader(mean.args[0], mean)
     if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
         return None
     return [_unwrap_cast(rw, a), w, add.args[1]], [cast_back, scaled, rsqrt, add, mean, pow_]
@@ -121,7 +113,7 @@ def _match_silu_mul(rw: Rewriter, n: Node):
     if n.op != "aten.mul.Tensor" or len(n.args) != 2:
         return None
     for i in (0, 1):
-        silu = _only_reader(rw, n.args[i], n)
+        silu = rw.only_reader(n.args[i], n)
         if _is_op(silu, "aten.silu.default"):
             return [silu.args[0], n.args[1 - i]], [silu]
     return None
@@ -135,17 +127,17 @@ def fuse_silu_mul(rw: Rewriter) -> list[Match]:
 def _match_rope(rw: Rewriter, n: Node):
     if n.op != "aten.add.Tensor" or len(n.args) != 2 or not all(isinstance(a, Ref) for a in n.args):
         return None
-    m1, m2 = _only_reader(rw, n.args[0], n), _only_reader(rw, n.args[1], n)
+    m1, m2 = rw.only_reader(n.args[0], n), rw.only_reader(n.args[1], n)
     if not (_is_op(m1, "aten.mul.Tensor") and _is_op(m2, "aten.mul.Tensor")):
         return None
     x, cos = m1.args
-    cat = _only_reader(rw, m2.args[0], m2)
+    cat = rw.only_reader(m2.args[0], m2)
     if not (_is_op(cat, "aten.cat.default") and len(cat.args[0]) == 2 and cat.args[1] in (-1, 3)):
         return None
-    neg, lo = _only_reader(rw, cat.args[0][0], cat), _only_reader(rw, cat.args[0][1], cat)
+    neg, lo = rw.only_reader(cat.args[0][0], cat), rw.only_reader(cat.args[0][1], cat)
     if not (_is_op(neg, "aten.neg.default") and _is_op(lo, "aten.slice.Tensor")):
         return None
-    hi = _only_reader(rw, neg.args[0], neg)
+    hi = rw.only_reader(neg.args[0], neg)
     spec = rw.spec(x)
     if not (_is_op(hi, "aten.slice.Tensor") and hi.args[0] == x and lo.args[0] == x and spec is not None):
         return None
@@ -165,13 +157,13 @@ def fuse_rope(rw: Rewriter) -> list[Match]:
 
 def _unrepeat(rw: Rewriter, v: Any, reader: Node):
     """k if ``v`` is repeat_kv(k) = reshape(expand(unsqueeze(k, 2))) read only by ``reader``."""
-    reshape = _only_reader(rw, v, reader)
+    reshape = rw.only_reader(v, reader)
     if not _is_op(reshape, "aten.reshape.default"):
         return None
-    expand = _only_reader(rw, reshape.args[0], reshape)
+    expand = rw.only_reader(reshape.args[0], reshape)
     if not _is_op(expand, "aten.expand.default"):
         return None
-    unsq = _only_reader(rw, expand.args[0], expand)
+    unsq = rw.only_reader(expand.args[0], expand)
     if not (_is_op(unsq, "aten.unsqueeze.default") and unsq.args[1] == 2):
         return None
     return unsq.args[0], [reshape, expand, unsq]

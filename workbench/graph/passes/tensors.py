@@ -38,13 +38,6 @@ def eliminate_duplicates(rw: Rewriter) -> list[Match]:
     return matches
 
 
-def _single_user_producer(rw: Rewriter, v, reader):
-    n = rw.producer(v)
-    if n is None or rw.n_users(n.name) != 1 or rw.users[n.name][0] is not reader:
-        return None
-    return n
-
-
 def _swap(dims: tuple[int, int], rank: int) -> tuple[int, int]:
     return tuple(sorted(d % rank for d in dims))
 
@@ -58,7 +51,7 @@ def collapse_layout_chains(rw: Rewriter) -> list[Match]:
         if not n.args or not isinstance(n.args[0], Ref) or n.out is None:
             continue
         src = n.args[0]
-        inner = _single_user_producer(rw, src, n)
+        inner = rw.only_reader(src, n)
         if n.op in _RESHAPES and inner is not None and inner.op in _RESHAPES:
             n.op, n.args = "aten.reshape.default", [inner.args[0], *n.args[1:]]
             rw.refresh()
