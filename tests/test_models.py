@@ -135,3 +135,13 @@ def test_cli_prints_one_line_errors(capsys, tmp_path):
 
 def test_fetch_unknown_model(home):
     assert main(["fetch", "no-such-model"]) == 2
+
+
+def test_cli_text_commands_need_a_tokenizer(capsys, tmp_path):
+    ws = str(tmp_path / "ws")
+    assert main(["capture", "tiny-llama", "--workspace", ws]) == 0
+    capsys.readouterr()
+    assert main(["generate", ws, "hello"]) == 2
+    assert "no tokenizer; generation needs a real model" in capsys.readouterr().err
+    assert main(["eval", ws]) == 2
+    assert "no tokenizer; perplexity needs a real model" in capsys.readouterr().err

@@ -83,16 +83,21 @@ def _cmd_info(args) -> None:
         print(df.to_string(index=False))
 
 
-def _program_and_tokenizer(target: str, device: str, stage: str):
+def _program_and_tokenizer(target: str, device: str, stage: str, purpose: str):
+    """The workspace's program, its model's tokenizer and source; ``purpose`` needs real text."""
     from .models.intake import load_tokenizer
     from .pipeline import load_program, workspace_source
     from .workspace import Workspace
 
     ws = Workspace(target, create=False)
     source = workspace_source(ws)
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise WorkbenchError(f"this workspace's model has random weights and no tokenizer; {purpose} needs a real "
+                             "model: capture one")
     if stage == "latest":
         stage = "passes" if ws.record("passes") else "capture"
-    return load_program(ws, stage=stage, device=device), load_tokenizer(source), source
+    return load_program(ws, stage=stage, device=device), tokenizer, source
 
 
 def _cmd_generate(args) -> None:
@@ -100,9 +105,7 @@ def _cmd_generate(args) -> None:
 
     from .runtime.paged_cache import greedy
 
-    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device, args.stage)
-    if tokenizer is None:
-        raise WorkbenchError("this workspace's model has random weights and no tokenizer; capture a real model")
+    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device, args.stage, "generation")
     ids = torch.tensor(tokenizer(args.prompt).input_ids)
     new = greedy(program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(new))
@@ -115,9 +118,7 @@ def _cmd_eval(args) -> None:
     from .models.intake import load_model
     from .runtime.paged_cache import logits_fn
 
-    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device, args.stage)
-    if tokenizer is None:
-        raise WorkbenchError("this workspace's model has random weights and no tokenizer; perplexity needs a real model")
+    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device, args.stage, "perplexity")
     ids = torch.tensor(tokenizer(dataset_text(args.dataset)).input_ids)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
