@@ -66,13 +66,20 @@ def test_tunes_chooses_and_reuses(program, tmp_path):
 
     for n in tunable:
         tactic, config = choices[n.name]
-        assert tactic == "triton" and config == REGISTRY.get(n.op).tactics["triton"].configs[-1]
+        fn = REGISTRY.get(n.op).tactics["triton"]
+        # the last config of the space, among those kept at both steps (split-KV is pruned for prefill)
+        kept = [c for c in fn.configs if c.get("SPLITS", 1) == 1] if n.op == "workbench.paged_attention" else fn.configs
+        assert tactic == "triton" and config == kept[-1]
     # identical layers and heads share keys: far fewer entries than node instances
     saved = json.loads((tmp_path / "timings.json").read_text())
     assert saved["env"]["gpu"] == "cpu" and len(saved["entries"]) < len(tunable)
     assert timer.calls == sum(len(e["timings"]) for e in saved["entries"].values())
-    for entry in saved["entries"].values():  # every candidate's timing is kept, not only the winner
-        assert len(entry["timings"]) == 1 + len(REGISTRY.get(entry["op"]).tactics["triton"].configs)
+    for key, entry in saved["entries"].items():  # every candidate's timing is kept, not only the winner
+        space = REGISTRY.get(entry["op"]).tactics["triton"].configs
+        args = json.loads(key)[1]
+        prefill = entry["op"] == "workbench.paged_attention" and args[0][0][2] > 4 * args[6][0][0]  # tokens vs seqs
+        pruned = sum(c.get("SPLITS", 1) > 1 for c in space) if prefill else 0
+        assert len(entry["timings"]) == 1 + len(space) - pruned
     table = TimingCache.open(tmp_path / "timings.json").table()
     assert table["chosen"].sum() == len(saved["entries"])
     # a second run times nothing and chooses the same
@@ -145,3 +152,107 @@ def test_views_of_a_cache_measured_on_an_h100():
     best = table[table["chosen"]]
     for op, total in best.groupby("op")["ms"].sum().items():
         assert values[op] == pytest.approx(total)
+
+
+def test_profile_buckets_and_their_steps():
+    from workbench.kernels.profiles import OptimizationProfile, Step
+
+    p = OptimizationProfile()
+    assert p.edges == (1, 4, 16, 64, 256, 1024, 2048)
+    assert p.step(16) == Step(seqs=16, new=1, context=1024)   # decode: one token for each of 16 sequences
+    assert p.step(1024) == Step(seqs=2, new=512, context=0)   # prefill: 512-token prompts
+    assert p.step(2048).tokens == 2048 and p.step(256) == Step(1, 256, 0)
+    assert [p.bucket(t) for t in (1, 2, 4, 5, 2048)] == [0, 1, 1, 2, 6]
+    with pytest.raises(WorkbenchError, match="beyond this profile's max_tokens"):
+        p.bucket(2049)
+    assert OptimizationProfile.from_json(p.to_json()) == p
+    assert OptimizationProfile(max_tokens=100, prefill_len=48).step(100) == Step(seqs=4, new=25, context=0)
+    with pytest.raises(WorkbenchError, match="last bucket edge"):
+        OptimizationProfile(max_tokens=64, edges=(1, 16))
+    with pytest.raises(WorkbenchError, match="context 5000 must lie"):
+        OptimizationProfile(context=5000)
+    with pytest.raises(WorkbenchError, match="not an optimization profile.*fields are"):
+        OptimizationProfile.from_json({"tokens": 3})
+
+
+TINY_PROFILE = dict(max_tokens=24, max_seqs=2, context=5, max_context=16, prefill_len=12, edges=(2, 24))
+
+
+def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):
+    """Decode steps (<= 2 tokens) tuned to the references, prefill steps to the Triton kernels:
+    a step runs the choices of its bucket, and both give the reference's tokens."""
+    from workbench.kernels.autotune import TunedChoices, step_inputs
+    from workbench.kernels.profiles import OptimizationProfile
+    from workbench.kernels.registry import REGISTRY
+
+    profile = OptimizationProfile(**TINY_PROFILE)
+
+    class ReferenceWins(PlantedTimer):
+        def __call__(self, call, op, tactic, config):
+            return super().__call__(call, op, tactic, config) * (0.1 if tactic == "reference" else 1)
+
+    decode = autotune(program, [step_inputs(program, profile.step(2))], TimingCache.open(tmp_path / "a.json"),
+                      timer=ReferenceWins(), progress=False)
+    prefill = autotune(program, [step_inputs(program, profile.step(24))], TimingCache.open(tmp_path / "b.json"),
+                       timer=PlantedTimer(), progress=False)
+    assert {t for t, _ in decode.values()} == {"reference"} and {t for t, _ in prefill.values()} == {"triton"}
+    calls = []
+    for op in tactic_ops():
+        fn = REGISTRY.get(op).tactics["triton"]
+
+        def counted(*a, fn=fn, **k):
+            calls.append(fn)
+            return fn(*a, **k)
+
+        counted.configs = fn.configs
+        monkeypatch.setitem(REGISTRY.get(op).tactics, "triton", counted)
+    tuned = program.with_choices(TunedChoices([2, 24], [decode, prefill]))
+    prompt = torch.tensor([5, 9, 11, 2, 30, 7, 1, 8, 13, 4, 21, 3])  # 12-token prefill, then 1-token decode steps
+    from workbench.runtime.paged_cache import cache_for
+
+    cache = cache_for(program.graph, num_blocks=8)
+    tuned.run(**cache.step_inputs([(0, prompt.tolist())]))
+    assert len(calls) == len(prefill)  # every tuned node ran its Triton choice once
+    calls.clear()
+    tuned.run(**cache.step_inputs([(0, [7])]))
+    assert calls == []  # the decode bucket runs the references
+    assert paged_greedy(tuned, prompt, 6) == paged_greedy(program, prompt, 6)
+    with pytest.raises(WorkbenchError, match="beyond the tuned profile"):
+        tuned.run(**cache_for(program.graph, num_blocks=8).step_inputs([(0, list(range(25)))]))
+
+
+def test_tune_stage_persists_resumes_and_runs(tmp_path):
+    """`workbench tune` as a stage: the timing cache and the per-bucket choices are artifacts; an
+    interrupted tune resumes from the cache; the tuned program decodes like the optimized one."""
+    from workbench.kernels.autotune import TunedChoices
+    from workbench.kernels.profiles import OptimizationProfile
+    from workbench.pipeline import capture_stage, load_program, passes_stage, tune_stage
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    capture_stage(ws, "tiny-llama")
+    passes_stage(ws)
+    profile = OptimizationProfile(**TINY_PROFILE)
+    with pytest.raises(KeyboardInterrupt):
+        tune_stage(ws, profile, device="cpu", timer=PlantedTimer(stop_after=20), progress=False)
+    assert ws.status("tune") == "missing"  # no record for an unfinished tune; its timings are kept
+    partial = json.loads(ws.path("tune", "timings.json").read_text())["entries"]
+    timer = PlantedTimer()
+    tuned = tune_stage(ws, profile, device="cpu", timer=timer, progress=False)
+    entries = json.loads(ws.path("tune", "timings.json").read_text())["entries"]
+    assert timer.calls == sum(len(e["timings"]) for k, e in entries.items() if k not in partial)
+    assert ws.status("tune") == "ok" and set(ws.record("tune")["artifacts"]) == {"timings.json", "choices.json"}
+    assert ws.record("tune")["params"]["profile"] == profile.to_json()
+    saved = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
+    assert saved == tuned and saved.edges == [2, 24]
+    # the two buckets were tuned at their own shapes: decode keys see 2 tokens, prefill keys 24
+    rope_tokens = {json.loads(k)[1][0][0][2] for k, e in entries.items() if e["op"] == "workbench.rope"}
+    assert rope_tokens == {2, 24}
+    again = tune_stage(ws, profile, device="cpu", timer=PlantedTimer(stop_after=0), progress=False)
+    assert again == tuned  # everything came from the cache
+    prompt = torch.tensor([5, 9, 11, 2, 30])
+    fast, plain = load_program(ws, stage="tune"), load_program(ws, stage="passes")
+    assert fast.tuned == tuned
+    assert paged_greedy(fast, prompt, 8) == paged_greedy(plain, prompt, 8)
+    passes_stage(ws, force=True, names=["eliminate_noops", "insert_paged_attention"])
+    assert ws.status("tune") == "stale"  # a different optimized graph: the choices no longer apply

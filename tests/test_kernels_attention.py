@@ -49,7 +49,7 @@ def test_matches_reference(new, context, kv_heads, group, window, dtype):
     ref_cache, tri_cache = cache.clone(), cache.clone()
     ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, window)
     for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1},
-                   {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 3}):  # split-KV
+                   {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 4}):  # split-KV
         tri_cache.copy_(cache)
         out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, window, config=config)
         assert torch.equal(tri_cache, ref_cache)  # the new K/V went to the same slots
@@ -72,3 +72,62 @@ def test_tactic_runs_a_whole_paged_graph():
     prompt = torch.randint(0, 512, (9,))
     reference = paged_greedy(Program(graph, params), prompt, 24)
     assert paged_greedy(Program(graph, params, tactics={"workbench.paged_attention": "triton"}), prompt, 24) == reference
+
+
+def test_write_kv_scatters_to_slots_through_strided_inputs():
+    q, k, v, cache, slots, tables, lens, qsl = make_step([3, 5], [2, 0], kv_heads=2, group=2, head_dim=16,
+                                                         page=4, dtype=torch.bfloat16, seed=3)
+    k_strided = torch.randn(1, k.shape[2], 2, 16).to(torch.bfloat16).transpose(1, 2)  # [1, kv_heads, tokens, d] view
+    expected, got = cache.clone(), cache.clone()
+    flat = expected.view(2, -1, 2, 16)
+    flat[0, slots], flat[1, slots] = k_strided[0].transpose(0, 1), v[0].transpose(0, 1)
+    ta.write_kv(k_strided, v, got, slots)
+    assert torch.equal(got, expected)
+
+
+def on_fp8_grid(x, scale):
+    """x rounded to values that e4m3 holds exactly after dividing by ``scale`` (a power of two)."""
+    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize("new,context,kv_heads,group", CASES[1:])
+def test_fp8_kv_cache_matches_reference(new, context, kv_heads, group):
+    """An e4m3 cache with per-layer K and V scales: both store value / scale and read back times it.
+
+    The new K/V are drawn on the FP8 grid, so storing them rounds nothing: the interpreter's
+    float -> e4m3 rounding is wrong where rounding carries into the exponent (7.9 -> 4, not 8;
+    the GPU is right), which ``test_write_kv_fp8_rounding`` pins separately."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=kv_heads, group=group,
+                                                         head_dim=16, page=4, dtype=torch.bfloat16, seed=1)
+    k_scale, v_scale = 2.0 ** -4, 2.0 ** -6
+    k, v = on_fp8_grid(k * 3, k_scale), on_fp8_grid(v * 0.5, v_scale)
+    fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ref_cache, tri_cache = fp8.clone(), fp8.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, k_scale, v_scale)
+    for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 2}):
+        tri_cache.copy_(fp8)
+        out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, None, k_scale, v_scale,
+                                 config=config)
+        assert torch.equal(tri_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        assert torch.isfinite(out.float()).all()
+        assert rel_err(out, ref) < 1e-2
+
+
+def test_write_kv_fp8_rounding():
+    """Off-grid values: the stored bytes are torch's e4m3 rounding of value / scale (saturated).
+    The interpreter's float -> e4m3 conversion rounds some values to a neighbour of the right one
+    (and carries wrongly: 7.9 -> 4); bench/attention.py checks the stores bit-exact on the GPU."""
+    _, k, v, cache, slots, _, _, _ = make_step([6, 3], [1, 4], kv_heads=2, group=1, head_dim=16, page=4,
+                                               dtype=torch.bfloat16, seed=2)
+    k = k * 50  # some values beyond 448 * scale: saturated
+    scale = 0.1
+    ref, got = cache.to(torch.float8_e4m3fn), cache.to(torch.float8_e4m3fn)
+    flat = ref.view(2, -1, 2, 16)
+    flat[0, slots] = (k[0].transpose(0, 1).float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    flat[1, slots] = (v[0].transpose(0, 1).float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ta.write_kv(k, v, got, slots, scale, scale)
+    r, g = ref.float(), got.float()
+    wrong = r != g
+    assert (r.abs() == 448).sum() > 0  # saturation was exercised
+    assert wrong.float().mean() < 0.1
+    assert ((g - r).abs() <= 0.5 * r.abs()).all()  # a neighbour at worst (the carry error halves)

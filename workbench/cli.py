@@ -69,6 +69,29 @@ def _cmd_optimize(args) -> None:
     print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
 
 
+def _cmd_tune(args) -> None:
+    import collections
+
+    import torch
+
+    from .kernels.profiles import OptimizationProfile
+    from .pipeline import tune_stage
+    from .workspace import Workspace
+
+    if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():
+        raise WorkbenchError(f"tuning times kernels on a CUDA GPU, and {args.device!r} is not one here; run "
+                             "`workbench tune` on the GPU machine (views of a saved timing cache work anywhere)")
+    edges = tuple(int(e) for e in args.buckets.split(",")) if args.buckets else ()
+    profile = OptimizationProfile(max_tokens=args.max_tokens, max_seqs=args.max_seqs, context=args.context,
+                                  max_context=max(args.max_context, args.context), edges=edges)
+    ws = Workspace(args.workspace, create=False)
+    tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force)
+    for edge, chosen in zip(tuned.edges, tuned.choices):
+        counts = collections.Counter(t for t, _ in chosen.values())
+        print(f"bucket <= {edge:>5} tokens: " + ", ".join(f"{n} nodes {t}" for t, n in counts.most_common()))
+    print(f"wrote {ws.root / 'tune'} (timings.json: every timing; choices.json: per bucket; record.json)")
+
+
 def _cmd_info(args) -> None:
     import pandas as pd
 
@@ -95,8 +118,9 @@ def _program_and_tokenizer(target: str, device: str, stage: str, purpose: str):
     if tokenizer is None:
         raise WorkbenchError(f"this workspace's model has random weights and no tokenizer; {purpose} needs a real "
                              "model: capture one")
-    if stage == "latest":
-        stage = "passes" if ws.record("passes") else "capture"
+    if stage == "latest":  # tuned choices run Triton kernels: on a GPU only
+        tuned = ws.record("tune") and device.startswith("cuda")
+        stage = "tune" if tuned else "passes" if ws.record("passes") else "capture"
     return load_program(ws, stage=stage, device=device), tokenizer, source
 
 
@@ -157,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_optimize)
 
+    s = sub.add_parser("tune", help="autotune the optimized graph's kernels on this GPU for an optimization profile")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("--max-tokens", type=int, default=2048, help="most tokens in one step (prefill and decode mixed)")
+    s.add_argument("--max-seqs", type=int, default=64, help="most sequences in one step (decode batch)")
+    s.add_argument("--context", type=int, default=1024, help="context length decode steps are tuned at")
+    s.add_argument("--max-context", type=int, default=4096)
+    s.add_argument("--buckets", help="comma-separated token-count bucket edges (default: 1,4,16,... up to max-tokens)")
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--reset-cache", action="store_true", help="discard the workspace's timing cache and time afresh")
+    s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.set_defaults(fn=_cmd_tune)
+
     s = sub.add_parser("info", help="list a workspace's stages, their status and artifacts")
     s.add_argument("workspace", type=Path)
     s.set_defaults(fn=_cmd_info)
@@ -166,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes"],
-                   help="which graph to run (default: the optimized one if `optimize` has run)")
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "tune"],
+                   help="which graph to run (default: the latest stage that has run; tuned choices on a GPU only)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("eval", help="perplexity of the captured graph on a dataset")
@@ -178,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes"])
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "tune"])
     s.set_defaults(fn=_cmd_eval)
     return p
 

@@ -116,9 +116,40 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     return optimized, reports
 
 
+def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", timer=None, reset: bool = False,
+               force: bool = False, progress: bool = True):
+    """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
+
+    ``tune/timings.json`` is the timing cache, saved after every op instance: an interrupted run
+    resumes from it, a second run times nothing new, and a cache measured on another GPU or
+    library version is refused (``reset`` starts it afresh). ``tune/choices.json`` holds the
+    choices per bucket that ``load_program(ws, stage="tune")`` runs with."""
+    from .kernels.autotune import TimingCache, autotune_profile
+
+    program = load_program(ws, stage="passes", device=device)
+    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device)}, upstream=("passes",),
+                force=force) as run:
+        cache = TimingCache.open(run.directory / "timings.json", reset=reset)
+        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress)
+        cache.save()
+        run.adopt("timings.json")
+        run.write_json("choices.json", tuned.to_json())
+    return tuned
+
+
 def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "cpu") -> Program:
-    """A runnable program for the workspace's graph of ``stage``, weights read from the model source."""
+    """A runnable program for the workspace's graph of ``stage``, weights read from the model source.
+    ``stage="tune"`` is the optimized graph running the autotuner's choices (a CUDA device)."""
+    from .kernels.autotune import TunedChoices
+
     source = workspace_source(ws)
+    choices = None
+    if stage == "tune":
+        if ws.record("tune") is None:
+            raise WorkbenchError(f"{ws.root} has no tune stage; run `workbench tune {ws.root}` on the GPU first")
+        choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
+        stage = "passes"
     graph, constants = load_graph(ws, stage)
-    return program_for(graph, constants, source, device=device)
+    program = program_for(graph, constants, source, device=device)
+    return program.with_choices(choices) if choices else program
 

@@ -128,6 +128,14 @@ class StageRun:
         self.artifacts[name] = _file_entry(path)
         return path
 
+    def adopt(self, name: str) -> Path:
+        """Record an artifact the stage wrote itself (atomically) while it ran, e.g. a cache saved as it grew."""
+        path = self.directory / name
+        if not path.is_file():
+            raise WorkbenchError(f"stage {self.stage!r} has no artifact {name!r} to record")
+        self.artifacts[name] = _file_entry(path)
+        return path
+
     def write_text(self, name: str, text: str) -> Path:
         return self.write_bytes(name, text.encode())
 

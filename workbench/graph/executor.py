@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import WorkbenchError
+from ..kernels.autotune import TunedChoices
 from ..kernels.registry import REGISTRY, OpRegistry
 from .ir import Graph, Ref, dtype_from_name
 
@@ -26,32 +27,38 @@ class Program:
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY,
                  tactics: str | Mapping[str, str] | None = None,
-                 choices: Mapping[str, tuple[str, dict | None]] | None = None) -> None:
+                 choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None) -> None:
         """``tactics`` picks implementations: None runs every op's reference; a name (``"triton"``)
         runs that tactic wherever an op has it; a mapping op name -> tactic name chooses per op.
-        ``choices`` (from the autotuner) names a tactic and config per node, and wins over ``tactics``."""
+        ``choices`` (from the autotuner) names a tactic and config per node, and wins over ``tactics``:
+        one mapping for every step, or ``TunedChoices`` with one mapping per shape bucket, the bucket
+        picked by each step's token count."""
         self.graph = graph
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
-        self.choices = dict(choices or {})
-        if tactics is not None or any(t != "reference" for t, _ in self.choices.values()):
+        self.tuned = choices if isinstance(choices, TunedChoices) else None
+        per_bucket = self.tuned.choices if self.tuned else [dict(choices or {})]
+        if tactics is not None or any(t != "reference" for c in per_bucket for t, _ in c.values()):
             import os
 
             if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
                 raise WorkbenchError(f"Triton tactics run on a CUDA device, not {self.device.type}; run without "
                                      "tactics on the CPU (or set TRITON_INTERPRET=1 to test kernels there, slowly)")
-            from ..kernels import triton_attention, triton_pointwise  # noqa: F401  (register the Triton tactics)
-        self.tactics = tactics
-        self._steps = self._plan(registry)
+            from ..kernels.autotune import tactic_ops
 
-    def with_choices(self, choices: Mapping[str, tuple[str, dict | None]]) -> "Program":
-        """The same graph and weights, running the autotuner's choice at each node."""
+            tactic_ops()  # registers the Triton tactics
+        self.tactics = tactics
+        self._plans = [self._plan(registry, c) for c in per_bucket]
+        self._steps = self._plans[0]
+
+    def with_choices(self, choices) -> "Program":
+        """The same graph and weights, running the autotuner's choices (per node, or ``TunedChoices``)."""
         return Program(self.graph, self.params, device=self.device, choices=choices)
 
-    def _impl(self, registry: OpRegistry, op: str, node: str) -> Callable:
+    def _impl(self, registry: OpRegistry, op: str, node: str, choices: Mapping) -> Callable:
         opdef = registry.get(op)
-        if node in self.choices:
-            tactic, config = self.choices[node]
+        if node in choices:
+            tactic, config = choices[node]
             if tactic == "reference":
                 return opdef.reference
             if tactic not in opdef.tactics:
@@ -68,7 +75,7 @@ class Program:
             raise WorkbenchError(f"op {op!r} has no tactic {name!r}; it has: {', '.join(opdef.tactics) or 'none'}")
         return opdef.tactics[name]
 
-    def _plan(self, registry: OpRegistry) -> list[tuple[str, Callable, list, dict, list[str]]]:
+    def _plan(self, registry: OpRegistry, choices: Mapping) -> list[tuple[str, Callable, list, dict, list[str]]]:
         last_use: dict[str, int] = {}
         for i, n in enumerate(self.graph.nodes):
             for r in n.refs():
@@ -78,7 +85,7 @@ class Program:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
-        return [(n.name, self._impl(registry, n.op, n.name), _bind_device(n.args, self.device),
+        return [(n.name, self._impl(registry, n.op, n.name, choices), _bind_device(n.args, self.device),
                  _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
 
     @torch.no_grad()
@@ -95,11 +102,21 @@ class Program:
         env: dict[str, Any] = dict(self.params)
         env.update({k: v.to(self.device) for k, v in inputs.items()})
         watched, observe = _observe or ((), None)
-        for (name, fn, args, kwargs, frees), node in zip(self._steps, self.graph.nodes):
+        plan = self._steps
+        if self.tuned is not None and "input_ids" in inputs:
+            plan = self._plans[self.tuned.bucket(inputs["input_ids"].numel())]
+        from ..profiling.nvtx import op_ranges
+
+        span = op_ranges()  # None (no per-node ranges) unless profiling asked for them; looked up once per run
+        for (name, fn, args, kwargs, frees), node in zip(plan, self.graph.nodes):
             args, kwargs = _resolve(args, env), _resolve(kwargs, env)
             if name in watched:
                 observe(name, node.op, tuple(args), kwargs)
-            env[name] = fn(*args, **kwargs)
+            if span is None:
+                env[name] = fn(*args, **kwargs)
+            else:
+                with span(f"{name} {node.op}"):
+                    env[name] = fn(*args, **kwargs)
             if not keep_all:
                 for f in frees:
                     del env[f]

@@ -118,12 +118,20 @@ class TimingCache:
         return pd.DataFrame(rows, columns=["op", "key", "tactic", "config", "ms", "chosen"])
 
 
-def _candidates(op: str) -> list[tuple[str, dict | None, Callable]]:
-    """The reference, then every tactic with every config of its tuning space (``fn.configs``)."""
+def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, dict | None, Callable]]:
+    """The reference, then every tactic with every config of its tuning space (``fn.configs``) that
+    its ``fn.prune(configs, args, kwargs)`` keeps for these arguments (configs that cannot fit or
+    cannot pay off at this shape are never timed)."""
     opdef = REGISTRY.get(op)
     out = [(REFERENCE, None, opdef.reference)]
     for name, fn in opdef.tactics.items():
-        out += [(name, cfg, fn) for cfg in getattr(fn, "configs", None) or [None]]
+        configs = getattr(fn, "configs", None)
+        if not configs:
+            out.append((name, None, fn))
+            continue
+        if hasattr(fn, "prune"):
+            configs = fn.prune(configs, args, kwargs)
+        out += [(name, cfg, fn) for cfg in configs]
     return out
 
 
@@ -164,7 +172,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     for key in todo:
         op, args, kwargs = seen[key]
         timings = []
-        for tactic, config, fn in _candidates(op):
+        for tactic, config, fn in _candidates(op, args, kwargs):
             call = (lambda fn=fn, config=config: fn(*args, **kwargs, config=config)) if config is not None \
                 else (lambda fn=fn: fn(*args, **kwargs))
             try:
@@ -181,15 +189,79 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         bar.close()
     choices = {}
     for name, keys in node_keys.items():
-        # a node seen at several shapes gets the candidate with the least total time over them
-        totals: dict[tuple[str, str], float] = {}
+        # a node seen at several shapes gets the candidate with the least total time over them,
+        # among the candidates timed at every one of them (pruning can drop a config at some shapes)
+        totals: dict[tuple[str, str], list[float]] = {}
         for key in keys:
             for t in cache.entries[key]["timings"]:
-                tk = (t["tactic"], json.dumps(t["config"]))
-                totals[tk] = totals.get(tk, 0.0) + t["ms"]
-        (tactic, config), _ = min(totals.items(), key=lambda kv: kv[1])
+                totals.setdefault((t["tactic"], json.dumps(t["config"])), []).append(t["ms"])
+        everywhere = {tk: sum(ms) for tk, ms in totals.items() if len(ms) == len(keys)}
+        (tactic, config), _ = min(everywhere.items(), key=lambda kv: kv[1])
         choices[name] = (tactic, json.loads(config))
     return choices
+
+
+@dataclass
+class TunedChoices:
+    """The autotuner's choices per shape bucket of an optimization profile: a step of ``t`` tokens
+    runs ``choices[i]`` (node -> (tactic, config)) of the first bucket with ``edges[i] >= t``."""
+    edges: list[int]
+    choices: list[dict[str, tuple[str, dict | None]]]
+
+    def bucket(self, tokens: int) -> int:
+        for i, edge in enumerate(self.edges):
+            if tokens <= edge:
+                return i
+        raise WorkbenchError(f"a step of {tokens} tokens is beyond the tuned profile (largest bucket "
+                             f"{self.edges[-1]} tokens); tune a profile with a larger max_tokens")
+
+    def for_tokens(self, tokens: int) -> dict[str, tuple[str, dict | None]]:
+        return self.choices[self.bucket(tokens)]
+
+    def to_json(self) -> dict:
+        return {"edges": self.edges, "choices": [{n: list(tc) for n, tc in c.items()} for c in self.choices]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TunedChoices":
+        return cls(list(data["edges"]), [{n: (t, cfg) for n, (t, cfg) in c.items()} for c in data["choices"]])
+
+    def table(self):
+        """One row per bucket and tuned node: edge, node, tactic, config (a DataFrame)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"edge": e, "node": n, "tactic": t, "config": json.dumps(cfg)}
+                             for e, c in zip(self.edges, self.choices) for n, (t, cfg) in c.items()],
+                            columns=["edge", "node", "tactic", "config"])
+
+
+def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Graph inputs of one representative ``Step`` (see ``profiles``): random token ids and, for a
+    graph with paged attention, a fresh paged cache with the context of every sequence reserved."""
+    from ..runtime.paged_cache import cache_for
+
+    vocab = program.graph.meta.get("config", {}).get("vocab_size", 1000)
+    ids = torch.randint(0, vocab, (step.seqs, step.context + step.new), generator=torch.Generator().manual_seed(seed))
+    if not program.graph.meta.get("paged"):
+        if step.context:
+            raise WorkbenchError("this graph has no KV cache (run the insert_paged_attention pass): "
+                                 "it can only be tuned on prefill steps; use a profile with context 0")
+        pos = torch.arange(step.new).repeat(step.seqs)[None]
+        return {"input_ids": ids.reshape(1, -1).to(program.device), "position_ids": pos.to(program.device)}
+    page = program.graph.meta["paged"]["block_size"]
+    cache = cache_for(program.graph, num_blocks=step.seqs * -(-(step.context + step.new) // page),
+                      device=program.device)
+    if step.context:  # the context's slots are reserved; what they hold does not change any timing
+        cache.step_inputs([(i, ids[i, :step.context].tolist()) for i in range(step.seqs)])
+    return cache.step_inputs([(i, ids[i, step.context:].tolist()) for i in range(step.seqs)])
+
+
+def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | None = None,
+                     progress: bool = True) -> TunedChoices:
+    """Tune ``program`` for every bucket of ``profile`` (an ``OptimizationProfile``), each on its
+    representative step; one bucket's inputs (and KV cache) at a time."""
+    chosen = [autotune(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress)
+              for edge in profile.edges]
+    return TunedChoices(list(profile.edges), chosen)
 
 
 def tactic_ops() -> set[str]:

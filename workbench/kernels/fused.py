@@ -73,7 +73,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float | None = None,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, k_scale: float | None = None,
+                    v_scale: float | None = None) -> torch.Tensor:
     """Attention over a paged KV cache for a flat batch of sequences (batch dim 1).
 
     Writes the new tokens' k and v ([1, kv_heads, tokens, head_dim]) into ``kv_cache``
@@ -82,19 +83,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     its row of ``block_tables``. The new tokens are the last ones of each sequence.
     With a sliding ``window`` (Mistral), a query at position p sees keys p - window < j <= p,
     as transformers' sliding-window mask does.
+
+    An FP8 (e4m3) cache holds k / k_scale and v / v_scale (per-layer scales, saturated to ±448)
+    and is read back times the scale.
     """
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0, slot_mapping] = k[0].transpose(0, 1).to(kv_cache.dtype)
-    flat[1, slot_mapping] = v[0].transpose(0, 1).to(kv_cache.dtype)
+    quant = kv_cache.dtype == torch.float8_e4m3fn
+    k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
+
+    def store(x, scale):
+        x = x[0].transpose(0, 1)
+        return (x.float() / scale).clamp(-448, 448).to(kv_cache.dtype) if quant else x.to(kv_cache.dtype)
+
+    def load(x, scale):
+        return (x.float() * scale).to(q.dtype) if quant else x.to(q.dtype)
+
+    flat[0, slot_mapping] = store(k, k_scale)
+    flat[1, slot_mapping] = store(v, v_scale)
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for i, length in enumerate(seq_lens.tolist()):
         s, e = starts[i], starts[i + 1]
         blocks = block_tables[i, : -(-length // block_size)]
-        keys = kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1).to(q.dtype)
-        vals = kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1).to(q.dtype)
+        keys = load(kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1), k_scale)
+        vals = load(kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1), v_scale)
         if group > 1:
             keys = keys[:, None].expand(kv_heads, group, length, head_dim).reshape(-1, length, head_dim)
             vals = vals[:, None].expand(kv_heads, group, length, head_dim).reshape(-1, length, head_dim)

@@ -1,20 +1,34 @@
 """Triton paged attention: one kernel for prefill, decode and mixed steps (the ``triton`` tactic
 of ``workbench.paged_attention``).
 
-Grid: (query blocks, KV heads). The flat batch's queries are cut, per sequence, into
+Grid: (query blocks, KV heads, KV splits). The flat batch's queries are cut, per sequence, into
 blocks of ``BLOCK_Q`` tokens; there are at most ``tokens // BLOCK_Q + seqs`` such
 blocks, so that is the grid, and each program finds its sequence by a binary search
 over ``query_start_loc`` on the device (no host sync, no per-step grid computation).
 
 A program takes BLOCK_Q query tokens × the GROUP query heads that share its KV head
 (GQA/MQA: the KV heads are read once for all of them), i.e. BLOCK_M = BLOCK_Q · GROUP
-rows, and walks the sequence's cached K/V in tiles of BLOCK_N tokens gathered through
-its block table, with an online softmax. A query at position p sees keys
-max(0, p - window + 1) .. p; tiles entirely outside that range are skipped.
+rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two ranges:
 
-The new tokens' K/V are scattered into the cache first (a torch index_put for now).
+    keys:  0 ........ context | context ........ last query of the block
+           cached: gathered   | this step's own: read from k/v as given, contiguous;
+           through the block  | tiles below the block's first query need no mask,
+           table, masked only | the diagonal tiles are masked (causal, window)
+           at the ends        |
 
-Dots run in the cache dtype (bf16/fp16 tensor cores) with fp32 accumulation; in fp32,
+A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped.
+With an FP8 cache the step's own keys are read back from the cache too (the reference sees
+them rounded), and scores and outputs are multiplied by the per-layer K and V scales.
+
+Split-KV (``SPLITS`` > 1, flash-decoding): the cached range is cut into SPLITS slices, one
+program each; every slice writes a partial output and its log-sum-exp, and a second small
+kernel combines them. For long contexts at small batch, where (query blocks × KV heads)
+alone cannot fill the GPU.
+
+``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
+FP8 caches store value / scale, saturated).
+
+Dots run in the input dtype (bf16/fp16 tensor cores) with fp32 accumulation; in fp32,
 or under the CPU interpreter (whose bf16 arithmetic is wrong), they run in fp32 (ieee).
 """
 
@@ -28,14 +42,63 @@ import triton.language as tl
 
 from .registry import REGISTRY
 
+LOG2E = 1.4426950408889634
+#: KV-cache dtypes stored scaled (value / scale per layer) and read back times the scale
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+@triton.jit
+def _write_kv_kernel(K, V, C, SLOTS, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_slot, sc_h, k_scale, v_scale,
+                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     QUANT: tl.constexpr):
+    """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < KV_HEADS) & (d < HEAD_DIM)
+    k = tl.load(K + h * sk_h + t * sk_t + d, mask=mask)
+    v = tl.load(V + h * sv_h + t * sv_t + d, mask=mask)
+    if QUANT:  # FP8 cache: value / scale, saturated to the format's range (e4m3: ±448)
+        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
+    dst = C + slot * sc_slot + h * sc_h + d
+    tl.store(dst, k.to(C.dtype.element_ty), mask=mask)
+    tl.store(dst + sc_kv, v.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K/V tile of the online softmax, in base 2 (``s_scale`` includes log2 e). Unmasked tiles
+    (every key visible to every row) skip the masking and the guard for rows that see nothing yet."""
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * s_scale
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * s_scale
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = m_new
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_new, l_i
+
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, K, V, O, BT, SEQ_LENS, QSL, O_PART, LSE,
-        sq_h, sq_t, so_h, so_t, sk_blk, sk_off, sk_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h, num_seqs, scale, window,
+        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE,
+        sq_h, sq_t, sk_h, sk_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
+        num_seqs, s_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
-        SPLITS: tl.constexpr):
+        SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -63,8 +126,8 @@ def _paged_attention_kernel(
         row_ok = tok < n_q
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q_ptrs = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t + d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
         pos = context + tok  # each row's query position
@@ -76,79 +139,130 @@ def _paged_attention_kernel(
         first = 0
         if HAS_WINDOW:
             first = tl.maximum(context + q_start - window + 1, 0)
+        # Keys [first, last) in two ranges: the cache ([.., cached_end), through the block table) and,
+        # with NEW_FROM_INPUT, this step's own keys ([context, last), read straight from K/V).
+        cached_end = last
+        if NEW_FROM_INPUT:
+            cached_end = context
         n_start = (first // BLOCK_N) * BLOCK_N
-        n_end = last
-        if SPLITS > 1:  # this program's share of the key range, in whole tiles
-            chunk = tl.cdiv(tl.cdiv(last - n_start, BLOCK_N), SPLITS) * BLOCK_N
+        n_end = cached_end
+        if SPLITS > 1:  # this program's share of the cached range, in whole tiles
+            chunk = tl.cdiv(tl.cdiv(cached_end - n_start, BLOCK_N), SPLITS) * BLOCK_N
             n_start = n_start + split * chunk
-            n_end = tl.minimum(n_start + chunk, last)
+            n_end = tl.minimum(n_start + chunk, cached_end)
         for n0 in range(n_start, n_end, BLOCK_N):
             kv = n0 + tl.arange(0, BLOCK_N)
-            kv_ok = kv < seq_len
+            kv_ok = kv < cached_end
             page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv_ok, other=0).to(tl.int64)
-            base = page * sk_blk + (kv % PAGE) * sk_off + kv_head * sk_h
+            base = page * sc_blk + (kv % PAGE) * sc_off + kv_head * sc_h
             kv_mask = kv_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
+            k = tl.load(KC + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VC + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
             allowed = (kv[None, :] <= pos[:, None]) & kv_ok[None, :] & row_ok[:, None]
             if HAS_WINDOW:
                 allowed = allowed & (kv[None, :] > pos[:, None] - window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
+        if NEW_FROM_INPUT and split == SPLITS - 1:
+            # this step's keys: tiles every row sees whole (below the block's first query), then the diagonal
+            new_start = tl.maximum(first - context, 0)
+            full_end = new_start
+            if not HAS_WINDOW:
+                full_end = (q_start + 1) // BLOCK_N * BLOCK_N
+            kv_base = K + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
+            vv_base = V + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
+            for j0 in range(new_start, full_end, BLOCK_N):
+                j = j0 + tl.arange(0, BLOCK_N)
+                k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
+            for j0 in range(full_end, last - context, BLOCK_N):
+                j = j0 + tl.arange(0, BLOCK_N)
+                j_ok = j < n_q
+                k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                kp = context + j
+                allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
+                if HAS_WINDOW:
+                    allowed = allowed & (kp[None, :] > pos[:, None] - window)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
+        out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         t_glob = (q_begin + tok).to(tl.int64)
         if SPLITS == 1:
             o_ptrs = O + head[:, None] * so_h + t_glob[:, None] * so_t + d[None, :]
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        else:  # partial result and its log-sum-exp (-inf where this slice saw no key); combined afterwards
-            p_ptrs = O_PART + split * sp_s + head[:, None] * sp_h + t_glob[:, None] * sp_t + d[None, :]
+        else:  # partial result and its log-sum-exp (base 2; -inf where this slice saw no key), combined after
+            p_ptrs = O_PART + split.to(tl.int64) * sp_s + head[:, None] * sp_h + t_glob[:, None] * sp_t + d[None, :]
             tl.store(p_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
-            tl.store(LSE + split * sl_s + head * sl_h + t_glob, lse, mask=row_ok)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + split.to(tl.int64) * sl_s + head * sl_h + t_glob, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(O_PART, LSE, O, sp_s, sp_h, sp_t, sl_s, sl_h, so_h, so_t,
+                    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse): the softmax over all the slices' keys."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, SPLITS).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(LSE + s * sl_s + h * sl_h + t)
+    w = tl.math.exp2(lse - tl.max(lse, axis=0))
+    part = tl.load(O_PART + s[:, None] * sp_s + h * sp_h + t * sp_t + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(O + h * so_h + t * so_t + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 #: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages,
 #: and SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts).
 CONFIGS = [
-    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},
-    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
-    {"BLOCK_Q": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
-    {"BLOCK_Q": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
+    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},   # the default: any step
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
+    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
+    {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
+    {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},    # long context, small batch
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 16},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 32},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "SPLITS": 64},
 ]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter the new tokens' K and V ([1, kv_heads, tokens, head_dim], any strides with unit last
+    stride) into their cache slots; an FP8 cache stores value / scale, saturated."""
+    _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
+    tokens = k.shape[2]
+    if tokens == 0:
+        return
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    flat = kv_cache.view(2, num_blocks * page, kv_heads, head_dim)
+    _write_kv_kernel[(tokens,)](
+        k, v, flat, slot_mapping, k.stride(1), k.stride(2), v.stride(1), v.stride(2), flat.stride(0), flat.stride(1),
+        flat.stride(2), float(k_scale), float(v_scale), KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        QUANT=kv_cache.dtype in FP8_DTYPES, num_warps=4 if kv_heads * head_dim >= 1024 else 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float | None = None, window: int | None = None,
+                    k_scale: float | None = None, v_scale: float | None = None,
                     config: dict | None = None) -> torch.Tensor:
     """Same contract as the reference ``workbench.paged_attention`` (see ``kernels/fused.py``)."""
     config = config or CONFIGS[0]
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * page, kv_heads, head_dim)
-    flat[0, slot_mapping] = k[0].transpose(0, 1).to(kv_cache.dtype)
-    flat[1, slot_mapping] = v[0].transpose(0, 1).to(kv_cache.dtype)
+    k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
+    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     heads, tokens = q.shape[1], q.shape[2]
     group = heads // kv_heads
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # this step's own keys are read from k/v as given (no gather) unless the cache rounds them (FP8)
+    new_from_input = kv_cache.dtype == k.dtype
+    if new_from_input and (k.stride(-1) != 1 or v.stride() != k.stride()):
+        k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     seqs = seq_lens.shape[0]
     block_q = max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
@@ -161,20 +275,33 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         lse = torch.empty(splits, heads, tokens, dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    scale = head_dim ** -0.5 if scale is None else scale
     _paged_attention_kernel[grid](
-        q, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse,
-        q.stride(1), q.stride(2), out.stride(1), out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2) if splits > 1 else 0,
-        lse.stride(0), lse.stride(1), seqs, head_dim ** -0.5 if scale is None else scale, window or 0,
+        q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse,
+        q.stride(1), q.stride(2), k.stride(1), k.stride(2), out.stride(1), out.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        seqs, scale * k_scale * LOG2E, v_scale, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
-        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
-    if splits > 1:  # out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max lse): the softmax over all keys
-        weights = torch.exp(lse - lse.amax(0, keepdim=True))
-        out[0] = ((part * weights[..., None]).sum(0) / weights.sum(0)[..., None]).to(out.dtype)
+        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, NEW_FROM_INPUT=new_from_input,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if splits > 1:
+        _combine_kernel[(tokens, heads)](
+            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(1), out.stride(2), SPLITS=splits, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
     return out
 
 
+def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
+    """Split-KV configs only where the query blocks alone are few: a step of a few tokens per
+    sequence (decode). Prefill has plenty of programs, and its partial outputs would be huge."""
+    q, seq_lens = args[0], args[6]
+    if q.shape[2] <= 4 * seq_lens.shape[0]:
+        return configs
+    return [c for c in configs if c.get("SPLITS", 1) == 1]
+
+
 paged_attention.configs = CONFIGS  # the autotuner's search space
+paged_attention.prune = prune
 REGISTRY.get("workbench.paged_attention").tactics["triton"] = paged_attention

@@ -1,0 +1,376 @@
+"""GEMM tactics under TRITON_INTERPRET=1 against the references, and the references against plain fp32.
+
+Random inputs (never zeros), M in {1, 5, 33} (one row, fewer rows than a tile, more than two tiles),
+K and N that are not multiples of the K tile (masked K loop) and that are, bias and no bias,
+per-tensor and per-channel weight scales, static and dynamic activation scales, split-K configs,
+outputs poisoned (NaN for floats, the type's minimum for ints).
+
+The interpreter's fp32→bf16 cast truncates instead of rounding, so bf16 outputs differ from the
+references by up to one bf16 step; each quantized kernel is therefore also checked with fp32 output,
+tightly. Its float→fp8 casts are wrong too (no saturation, no rounding carry), so the Triton fp8
+quantizer runs only on a GPU; on the CPU the tactics quantize with the torch helpers.
+"""
+
+import os
+
+import pytest
+import torch
+
+from conftest import rel_err
+from workbench.errors import WorkbenchError
+from workbench.kernels import gemm as G
+from workbench.kernels.registry import REGISTRY
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+FP8 = torch.float8_e4m3fn
+SMALL = [G.CONFIGS["16bit"][0], G.CONFIGS["16bit"][-1]]  # one 128x256 tile; 16-row tiles with split-K 4
+SMALL_8BIT = [G.CONFIGS["8bit"][0], G.CONFIGS["8bit"][-1]]
+TINY_SPLIT = G._cfg(16, 32, 32, 2, 4, 2, split=3)  # several tiles each way, K split unevenly
+
+
+def _works(fn) -> bool:
+    try:
+        fn()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+HAS_CPU_SCALED_MM = _works(lambda: torch._scaled_mm(torch.ones(16, 16, dtype=FP8), torch.ones(16, 16, dtype=FP8).t(),
+                                                    scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                                                    out_dtype=torch.bfloat16))
+HAS_CPU_INT_MM = _works(lambda: torch._int_mm(torch.ones(17, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8)))
+needs_scaled_mm = pytest.mark.skipif(not HAS_CPU_SCALED_MM, reason="this torch build has no CPU torch._scaled_mm")
+needs_int_mm = pytest.mark.skipif(not HAS_CPU_INT_MM, reason="this torch build has no CPU torch._int_mm")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every tensor the launchers allocate starts as NaN (floats) or the type's minimum (ints, which the
+    quantizers never produce): an element a kernel misses fails the test."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point() and t.element_size() > 1:
+            return t.fill_(float("nan"))
+        if not t.is_floating_point() and t.dtype != torch.bool:
+            return t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def close(out, ref, tol):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref) < tol
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    """Normal values pushed away from zero (no exact zeros anywhere)."""
+    t = torch.randn(*shape) * scale
+    return (t + 0.01 * torch.sign(t)).to(dtype)
+
+
+def quantized_weight(n, k, kind, per_channel):
+    w = randn(n, k) * (1 + torch.rand(n, 1))  # rows of different ranges: per-channel scales matter
+    scale_fn, quant_fn = (G.fp8_scale, G.quantize_fp8) if kind == "fp8" else (G.int8_scale, G.quantize_int8)
+    scale = scale_fn(w, dim=1).reshape(-1) if per_channel else scale_fn(w)
+    return w, quant_fn(w, scale.reshape(-1, 1) if per_channel else scale), scale
+
+
+# --- quantization helpers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [None, -1])
+def test_quantize_round_trip_error_is_bounded(dim):
+    t = randn(7, 96, scale=3.0) * torch.logspace(-2, 2, 7)[:, None]  # rows of very different ranges
+    s8 = G.fp8_scale(t, dim)
+    q8 = G.quantize_fp8(t, s8)
+    assert q8.dtype == FP8 and s8.dtype == torch.float32 and s8.shape == (() if dim is None else (7, 1))
+    # e4m3: 3 mantissa bits -> half a step is |t|/16 for normals, scale/1024 for subnormals
+    err = (q8.float() * s8 - t).abs()
+    assert (err <= torch.maximum(t.abs() / 16, s8 / 1024) * (1 + 1e-6)).all()
+    assert (q8.float().abs().amax(-1 if dim else None) == 448).all()  # amax maps to the largest fp8
+    si = G.int8_scale(t, dim)
+    qi = G.quantize_int8(t, si)
+    assert qi.dtype == torch.int8 and (qi.abs() <= 127).all()
+    assert ((qi.float() * si - t).abs() <= si / 2 * (1 + 1e-6)).all()
+
+
+def test_scales_are_never_zero_and_static_scales_saturate():
+    zeros = torch.zeros(3, 8)
+    for scale_fn, quant_fn in ((G.fp8_scale, G.quantize_fp8), (G.int8_scale, G.quantize_int8)):
+        s = scale_fn(zeros, -1)
+        assert (s > 0).all() and (quant_fn(zeros, s).float() == 0).all()
+    big = torch.tensor([1000.0, -1000.0, 3.0])
+    assert G.quantize_fp8(big, torch.tensor(1.0)).float().tolist() == [448.0, -448.0, 3.0]
+    assert G.quantize_int8(big, torch.tensor(1.0)).tolist() == [127, -127, 3]
+    assert G.quantize_int8(torch.tensor([0.5, 1.5, 2.5, -2.5]), torch.tensor(1.0)).tolist() == [0, 2, 2, -2]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_triton_int8_quantizer_matches_the_helpers(static):
+    x = randn(5, 100, dtype=torch.bfloat16, scale=4.0)
+    x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.5])  # ties: round half to even, as torch.round
+    scale = torch.tensor(1.0) if static else None
+    q, s = G._quantize_rows(x, scale, torch.int8)
+    q_ref, s_ref = G._quantize_x(x, scale, torch.int8)  # the torch path (x is on the CPU)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.skipif(bool(os.environ.get("TRITON_INTERPRET")) or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU without TRITON_INTERPRET: the interpreter's float->fp8 casts neither "
+                           "saturate nor carry rounding into the exponent")
+@pytest.mark.parametrize("static", [False, True])
+def test_triton_fp8_quantizer_matches_the_helpers(static):
+    x = randn(5, 3000, dtype=torch.bfloat16, scale=4.0).cuda()
+    scale = torch.tensor(0.01, device="cuda") if static else None  # static: many values saturate
+    q, s = G._quantize_rows(x, scale, FP8)
+    s_ref = G.fp8_scale(x, -1).reshape(-1) if scale is None else scale.reshape(1)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.float(), G.quantize_fp8(x, s_ref.reshape(-1, 1) if scale is None else scale).float())
+
+
+# --- the references against plain fp32 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,static", [("fp8", False), ("fp8", True), ("int8", False), ("int8", True), ("w8", None)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_references_are_dequantized_fp32_matmuls(kind, per_channel, static):
+    x, bias = randn(2, 5, 64, dtype=torch.bfloat16), randn(48, dtype=torch.bfloat16)
+    w, wq, ws = quantized_weight(48, 64, "fp8" if kind == "fp8" else "int8", per_channel)
+    x64 = x.double().reshape(10, 64)
+    if kind == "w8":
+        out, xd = G.w8_linear(x, wq, ws, bias), x64
+    else:
+        scale_fn, quant_fn, op = ((G.fp8_scale, G.quantize_fp8, G.fp8_linear) if kind == "fp8"
+                                  else (G.int8_scale, G.quantize_int8, G.int8_linear))
+        sx = scale_fn(x) if static else None
+        out = op(x, wq, ws, sx, bias)
+        rows = sx if static else scale_fn(x.reshape(10, 64), -1)
+        xd = quant_fn(x.reshape(10, 64), rows).double() * rows.double()
+    wd = wq.double() * ws.double().reshape(-1, 1)
+    expected = (torch.einsum("mk,nk->mn", xd, wd) + bias.double()).reshape(2, 5, 48)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 48)
+    assert rel_err(out, expected) < 4e-3  # one bf16 rounding
+    # and close to the unquantized product, within the formats' quantization error
+    bound = {"fp8": 0.08, "int8": 0.03, "w8": 0.02}[kind]
+    assert rel_err(out, x.float() @ w.t() + bias.float()) < bound
+
+
+def test_fp8_reference_out_dtype():
+    x = randn(3, 32, dtype=torch.float16)
+    _, wq, ws = quantized_weight(16, 32, "fp8", True)
+    assert G.fp8_linear(x, wq, ws).dtype == torch.float16
+    assert G.fp8_linear(x, wq, ws, out_dtype=torch.float32).dtype == torch.float32
+
+
+# --- the bf16/fp16 linear ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("k,n", [(72, 48), (64, 96)])
+def test_linear_matches_aten(m, k, n, dtype):
+    x = randn(1, m, k, dtype=dtype)
+    w = randn(n, k, dtype=dtype, scale=0.2)
+    b = randn(n, dtype=dtype)
+    for config in [*SMALL, TINY_SPLIT]:
+        for bias in (None, b):
+            close(G.linear(x, w, bias, config=config), torch.nn.functional.linear(x, w, bias), TOL[dtype])
+
+
+def test_linear_on_strided_views_and_by_default_config():
+    big = randn(40, 3, 80)
+    x = big[:, 1, 8:72]  # rows 240 elements apart, not contiguous
+    wbig = randn(50, 100, scale=0.2)
+    w = wbig[:48, 10:74]  # a slice: row stride 100
+    for config in (None, TINY_SPLIT):
+        close(G.linear(x, w, config=config), torch.nn.functional.linear(x, w), 1e-5)
+    close(G.linear(x[0], w), torch.nn.functional.linear(x[0], w), 1e-5)  # 1-D x
+
+
+def test_linear_rejects_what_it_cannot_do():
+    with pytest.raises(WorkbenchError, match="one dtype"):
+        G.linear(randn(2, 32, dtype=torch.bfloat16), randn(16, 32))
+    with pytest.raises(WorkbenchError, match="do not multiply"):
+        G.linear(randn(2, 32), randn(16, 31))
+
+
+def test_linear_tactic_runs_a_whole_graph():
+    from workbench.graph.executor import Program, resolve_params
+    from workbench.graph.passes import run_passes
+    from workbench.models import load_model
+    from workbench.pipeline import capture_source, graph_weights
+    from workbench.runtime.paged_cache import logits_fn
+
+    assert REGISTRY.get("aten.linear.default").tactics["triton"] is G.linear
+    lm = load_model("tiny-llama")
+    captured = capture_source(lm.source)
+    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
+    graph, _ = run_passes(captured.graph, base, check=False)
+    params = resolve_params(graph, base)
+    ids = torch.randint(0, 512, (1, 9))
+    reference = logits_fn(Program(graph, params))(ids)
+    ours = logits_fn(Program(graph, params, tactics={"aten.linear.default": "triton"}))(ids)
+    assert rel_err(ours, reference) < 1e-5
+
+
+# --- fp8 -----------------------------------------------------------------------------------------------------
+
+QUANT_CASES = [  # (M, per-channel weight scale, static activation scale, bias)
+    (1, True, False, False), (5, False, True, True), (33, True, False, True), (33, False, False, False),
+    (5, True, True, False), (1, False, True, True),
+]
+
+
+@pytest.mark.parametrize("m,per_channel,static,with_bias", QUANT_CASES)
+@pytest.mark.parametrize("k,n", [(72, 48), (64, 96)])
+def test_fp8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
+    x = randn(m, k, dtype=torch.bfloat16, scale=2.0)
+    _, wq, ws = quantized_weight(n, k, "fp8", per_channel)
+    sx = G.fp8_scale(x) * 1.3 if static else None  # a static scale from calibration: not this batch's amax
+    bias = randn(n, dtype=torch.bfloat16) if with_bias else None
+    for config in [*SMALL_8BIT, TINY_SPLIT]:
+        for out_dtype in (torch.float32, torch.bfloat16):
+            close(G.fp8_linear_triton(x, wq, ws, sx, bias, out_dtype, config=config),
+                  G.fp8_linear(x, wq, ws, sx, bias, out_dtype), TOL[out_dtype])
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("m,per_channel,static,with_bias", QUANT_CASES)
+def test_fp8_scaled_mm_matches_reference(m, per_channel, static, with_bias):
+    x = randn(2, m, 64, dtype=torch.bfloat16, scale=2.0)
+    _, wq, ws = quantized_weight(48, 64, "fp8", per_channel)
+    sx = G.fp8_scale(x) if static else None
+    bias = randn(48, dtype=torch.bfloat16) if with_bias else None
+    out_dtypes = [torch.bfloat16] + ([torch.float32, torch.float16] if static and not per_channel else [])
+    for out_dtype in out_dtypes:  # per-tensor scales can write any float dtype; fp32 adds the bias afterwards
+        for config in G.SCALED_MM_CONFIGS:
+            close(G.fp8_linear_scaled_mm(x, wq, ws, sx, bias, out_dtype, config=config),
+                  G.fp8_linear(x, wq, ws, sx, bias, out_dtype), TOL[out_dtype])
+
+
+def test_fp8_scaled_mm_refuses_what_cublas_cannot_do():
+    """Checked on every device, before any kernel runs, so the autotuner records inf with a clear reason."""
+    _, wq, ws = quantized_weight(48, 40, "fp8", True)
+    with pytest.raises(WorkbenchError, match="multiples of 16, got K=40"):
+        G.fp8_linear_scaled_mm(randn(4, 40, dtype=torch.bfloat16), wq, ws, out_dtype=torch.bfloat16)
+    _, wq, ws = quantized_weight(48, 64, "fp8", True)
+    with pytest.raises(WorkbenchError, match="writes only bfloat16, not torch.float16"):
+        G.fp8_linear_scaled_mm(randn(4, 64, dtype=torch.float16), wq, ws)  # dynamic: row-wise scales
+    with pytest.raises(WorkbenchError, match="weight must be a 2-D torch.float8_e4m3fn"):
+        G.fp8_linear_scaled_mm(randn(4, 64, dtype=torch.bfloat16), wq.float(), ws)
+
+
+def test_quantized_ops_reject_bad_arguments():
+    x = randn(4, 64, dtype=torch.bfloat16)
+    _, wq, ws = quantized_weight(48, 64, "fp8", True)
+    for call, match in [
+        (lambda: G.fp8_linear(randn(4, 63, dtype=torch.bfloat16), wq, ws), "share K"),
+        (lambda: G.fp8_linear(x, wq, ws[:5]), "1 value .per tensor. or N=48"),
+        (lambda: G.fp8_linear_triton(x, wq, ws, input_scale=torch.ones(4)), "static per-tensor"),
+        (lambda: G.fp8_linear_triton(x, wq, ws, bias=torch.ones(47)), "bias must hold N=48"),
+        (lambda: G.fp8_linear(x, wq, ws, out_dtype=torch.int8), "out_dtype"),
+        (lambda: G.int8_linear(x, wq, ws), "torch.int8"),
+        (lambda: G.w8_linear(x.int(), wq.view(torch.int8), ws), "x must be bfloat16"),
+    ]:
+        with pytest.raises(WorkbenchError, match=match):
+            call()
+
+
+# --- int8 and weight-only int8 --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,per_channel,static,with_bias", QUANT_CASES)
+@pytest.mark.parametrize("k,n", [(72, 48), (64, 96)])
+def test_int8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
+    _, wq, ws = quantized_weight(n, k, "int8", per_channel)
+    for dtype in (torch.float32, torch.bfloat16):  # the output is x's dtype
+        x = randn(m, k, dtype=dtype, scale=2.0)
+        sx = G.int8_scale(x) * 1.3 if static else None
+        bias = randn(n, dtype=dtype) if with_bias else None
+        for config in [*SMALL_8BIT, TINY_SPLIT]:
+            close(G.int8_linear_triton(x, wq, ws, sx, bias, config=config), G.int8_linear(x, wq, ws, sx, bias),
+                  TOL[dtype])
+
+
+@needs_int_mm
+@pytest.mark.parametrize("per_channel,static,with_bias", [(True, False, True), (False, True, False)])
+def test_int8_int_mm_matches_reference(per_channel, static, with_bias):
+    _, wq, ws = quantized_weight(48, 64, "int8", per_channel)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = randn(3, 11, 64, dtype=dtype)  # 33 rows: _int_mm needs more than 16
+        sx = G.int8_scale(x) if static else None
+        bias = randn(48, dtype=dtype) if with_bias else None
+        close(G.int8_linear_int_mm(x, wq, ws, sx, bias), G.int8_linear(x, wq, ws, sx, bias), TOL[dtype])
+
+
+def test_int8_int_mm_refuses_what_cublas_cannot_do():
+    _, wq, ws = quantized_weight(48, 64, "int8", True)
+    with pytest.raises(WorkbenchError, match="more than 16 rows.*got M=16"):
+        G.int8_linear_int_mm(randn(16, 64), wq, ws)
+    _, wq, ws = quantized_weight(48, 60, "int8", True)
+    with pytest.raises(WorkbenchError, match="multiples of 8.*K=60"):
+        G.int8_linear_int_mm(randn(20, 60), wq, ws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("k,n", [(72, 48), (64, 96)])
+def test_w8_triton_matches_reference(m, k, n, dtype):
+    x = randn(m, k, dtype=dtype)
+    _, wq, ws = quantized_weight(n, k, "int8", True)
+    b = randn(n, dtype=dtype)
+    for config in [*SMALL, TINY_SPLIT]:
+        for bias in (None, b):
+            close(G.w8_linear_triton(x, wq, ws, bias, config=config), G.w8_linear(x, wq, ws, bias), TOL[dtype])
+
+
+# --- registration, costs, pruning ----------------------------------------------------------------------------
+
+def test_tactics_and_costs_are_registered():
+    from workbench.graph.ir import TensorSpec
+    from workbench.kernels.cost import OpCall
+
+    expected = {"aten.linear.default": {"triton"}, "workbench.fp8_linear": {"scaled_mm", "triton"},
+                "workbench.int8_linear": {"int_mm", "triton"}, "workbench.w8_linear": {"triton"}}
+    for op, tactics in expected.items():
+        assert tactics <= set(REGISTRY.get(op).tactics)
+    assert G.linear.configs and G.fp8_linear_scaled_mm.configs == G.SCALED_MM_CONFIGS
+    # x [4, 64] bf16, weight [32, 64] fp8 (one byte each), per-channel scales fp32, output [4, 32] bf16
+    call = OpCall([TensorSpec([4, 64], "bfloat16"), TensorSpec([32, 64], "float8_e4m3fn"),
+                   TensorSpec([32], "float32")], {}, [TensorSpec([4, 32], "bfloat16")], {})
+    cost = REGISTRY.get("workbench.fp8_linear").cost(call)
+    assert cost.flops == 2 * 4 * 32 * 64
+    assert cost.bytes == 4 * 64 * 2 + 32 * 64 + 32 * 4 + 4 * 32 * 2
+
+
+def test_prune_drops_configs_over_the_shared_memory_budget():
+    configs = G.CONFIGS["16bit"]
+    limit = 100 * 1024
+    kept = G.prune_configs(configs, 4096, 4096, 4096, a_bytes=2, b_bytes=2, smem_limit=limit)
+    over = [c for c in configs if G.smem_bytes(c, 2, 2) > limit]
+    assert over and not any(c in kept for c in over)
+    assert all(G.smem_bytes(c, 2, 2) <= limit and c["SPLIT_K"] == 1 for c in kept)  # split-K is for small M
+    # 128x256x64 in 3 stages: (128 + 256) * 64 * 2 bytes * 3 = 144 KiB: fits an H100, not 100 KiB
+    assert G.smem_bytes(G._cfg(128, 256, 64, 8, 8, 3), 2, 2) == 147456
+    assert G._cfg(128, 256, 64, 8, 8, 3) in G.prune_configs(configs, 4096, 4096, 4096, a_bytes=2, b_bytes=2)
+
+
+def test_prune_drops_row_tiles_far_taller_than_m_and_never_empties():
+    configs = G.CONFIGS["8bit"]
+    decode = G.prune_configs(configs, 1, 4096, 4096, a_bytes=1, b_bytes=1)
+    assert decode and all(c["BLOCK_M"] <= 32 for c in decode) and any(c["SPLIT_K"] > 1 for c in decode)
+    assert {c["BLOCK_M"] for c in G.prune_configs(configs, 64, 4096, 4096, a_bytes=1, b_bytes=1)} == {16, 32, 64, 128}
+    assert G.prune_configs(configs, 1, 64, 64, a_bytes=1, b_bytes=1, smem_limit=1) == [
+        min(configs, key=lambda c: (G.smem_bytes(c, 1, 1), c["SPLIT_K"]))]
+
+
+def test_tactic_prune_reads_shapes_from_the_arguments():
+    x = torch.empty(2, 1, 4096, device="meta", dtype=torch.bfloat16)  # decode: M = 2
+    w8 = torch.empty(4096, 4096, device="meta", dtype=FP8)
+    pruned = G.fp8_linear_triton.prune(G.fp8_linear_triton.configs, (x, w8, torch.ones(1)), {})
+    assert pruned == G.prune_configs(G.CONFIGS["8bit"], 2, 4096, 4096, a_bytes=1, b_bytes=1)
+    w16 = torch.empty(4096, 4096, device="meta", dtype=torch.bfloat16)
+    big = torch.empty(8192, 4096, device="meta", dtype=torch.bfloat16)
+    assert G.linear.prune(G.linear.configs, (big, w16), {}) == G.prune_configs(
+        G.CONFIGS["16bit"], 8192, 4096, 4096, a_bytes=2, b_bytes=2)
