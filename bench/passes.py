@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--autotune", type=Path, metavar="CACHE.json",
-                    help="also autotune the optimized graph on the prefill and decode steps (timing cache written here)")
+                    help="also autotune the optimized graph for a profile whose buckets hold the prefill and decode "
+                         "steps (timing cache written here)")
     ap.add_argument("--fp32-check", action="store_true",
                     help="after timing, compare both bf16 optimized runs with an fp32 run of the same weights")
     args = ap.parse_args()
@@ -111,19 +112,27 @@ def main() -> None:
                                                           repeats=args.repeats, device=device)
         tuned = None
         if args.autotune:
-            from workbench.kernels.autotune import TimingCache, autotune
+            from workbench.kernels.autotune import TimingCache, autotune_profile
+            from workbench.kernels.profiles import OptimizationProfile
 
+            # buckets whose representative steps are this benchmark's decode step (seqs x 1 token at
+            # context `tokens`) and prefill (seqs x `tokens` new tokens), with two buckets between
+            total = args.seqs * args.tokens
+            edges = tuple(sorted({args.seqs, *(e for e in (64, 512) if args.seqs < e < total), total}))
+            profile = OptimizationProfile(max_tokens=total, max_seqs=max(args.seqs, 64), context=args.tokens,
+                                          max_context=args.tokens + 1, prefill_len=args.tokens, edges=edges)
             t0 = time.perf_counter()
-            choices = autotune(after, [prefill_inputs, decode_inputs], TimingCache.open(args.autotune, reset=True),
-                               progress=False)
+            tuned_choices = autotune_profile(after, profile, TimingCache.open(args.autotune, reset=True),
+                                             progress=False)
             tune_s = time.perf_counter() - t0
-            tuned = after.with_choices(choices)
+            tuned = after.with_choices(tuned_choices)
             picked = {}
-            for node, (tactic, config) in choices.items():
+            for node, (tactic, config) in tuned_choices.choices[-1].items():
                 op = graph.node(node).op.removeprefix("workbench.")
                 picked.setdefault(f"{op}: {tactic} {config or ''}", 0)
                 picked[f"{op}: {tactic} {config or ''}"] += 1
-            print(f"autotuned in {tune_s:.1f}s; choices (nodes): " + "; ".join(f"{k} x{v}" for k, v in picked.items()))
+            print(f"autotuned {len(edges)} buckets {edges} in {tune_s:.1f}s; prefill bucket's choices (nodes): "
+                  + "; ".join(f"{k} x{v}" for k, v in picked.items()))
             prefill["optimized + autotuned"] = time_fn(lambda: tuned.run(**prefill_inputs), repeats=args.repeats,
                                                        device=device)
         with torch.no_grad():

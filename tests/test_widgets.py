@@ -1,5 +1,7 @@
 """Widgets driven from Python: tick boxes, click buttons, check the artifacts and numbers they produce."""
 
+from pathlib import Path
+
 import pytest
 
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES
@@ -64,3 +66,52 @@ def test_pass_figures_show_the_reports(ws):
     assert shown["insert_paged_attention"] == 1 and shown["fuse_rope"] == 2 and shown["fuse_silu_mul"] == 1
     assert sum(len(t.x) for t in fig.data if t.name.startswith("captured")) == sum(n.layer == 1 for n in before.nodes)
     assert set(shown) <= set(PASSES) | {"unchanged"}
+
+
+H100_CACHE = Path(__file__).parent / "data" / "h100_llama3_8b_timings.json"
+
+
+def test_tuning_widget_without_a_gpu_shows_saved_timings(ws):
+    from workbench.profiling.widgets import TuningWidget
+
+    w = TuningWidget(ws, saved=H100_CACHE, device=None)
+    assert w.tune_button.description == "Load saved timings"
+    w.tune_button.click()
+    assert w.error is None and "NVIDIA H100" in w.status.value
+    assert len(w.table) == sum(len(e["timings"]) for e in w.cache.entries.values())
+    assert len(w.figure.data) > 0 and "candidate" in w.figure.layout.title.text  # the first view, drawn
+    w.op.value = "workbench.rms_norm"
+    w.view.value = "config x shape heatmap"
+    timed = w.table[(w.table["op"] == "workbench.rms_norm") & (w.table["ms"] != float("inf"))]
+    cells = [z for row in w.figure.data[0].z for z in row if z is not None]
+    assert sorted(cells) == pytest.approx(sorted(timed["ms"]))  # the heatmap shows exactly that op's timings
+    w.view.value = "op share"
+    assert w.figure.data[0].type == "treemap"
+
+
+def test_tuning_widget_tunes_the_profile_it_shows(ws):
+    """On a device (here the CPU under the Triton interpreter, timings planted) the button writes the
+    tune stage for exactly the profile in the fields; a bad bucket list is an error in place."""
+    from workbench.pipeline import passes_stage
+    from workbench.profiling.widgets import TuningWidget
+
+    passes_stage(ws)
+
+    def timer(call, op, tactic, config):
+        call()
+        return 1.0 if tactic == "reference" else 0.5
+
+    w = TuningWidget(ws, device="cpu", timer=timer)
+    w.buckets.value = "2,x"
+    w.tune_button.click()
+    assert "comma-separated" in w.error and ws.record("tune") is None
+    for name, value in {"max_tokens": 24, "max_seqs": 2, "context": 5, "max_context": 16}.items():
+        w.fields[name].value = value
+    w.buckets.value = "2,24"
+    w.tune_button.click()
+    assert w.error is None
+    assert ws.read_json("tune", "choices.json")["edges"] == [2, 24] == w.tuned.edges
+    assert ws.record("tune")["params"]["profile"]["context"] == 5
+    assert set(w.table["tactic"]) == {"reference", "triton"} and w.table["chosen"].sum() == len(w.cache.entries)
+    w.view.value = "roofline"  # no ceilings: the CPU measured none; said in place
+    assert "no measured ceilings" in w.status.value

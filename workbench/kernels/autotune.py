@@ -64,6 +64,9 @@ class TimingCache:
     path: Path
     env: dict[str, Any]
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the hardware ceilings rooflines are drawn against, measured once on the GPU the timings come
+    #: from: {"copy_gbps": ..., "matmul_tflops": ...} (empty until a GPU tuning run measured them)
+    ceilings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path, *, reset: bool = False) -> "TimingCache":
@@ -81,7 +84,7 @@ class TimingCache:
             diff = {k: (data.get("env", {}).get(k), env[k]) for k in env if data.get("env", {}).get(k) != env[k]}
             raise WorkbenchError(f"timing cache {path} was measured elsewhere ({', '.join(f'{k}: {a} here {b}' for k, (a, b) in diff.items())}); "
                                  "its timings do not apply here: re-tune (reset=True) or use a cache from this machine")
-        return cls(path, env, data["entries"])
+        return cls(path, env, data["entries"], data.get("ceilings", {}))
 
     @classmethod
     def view(cls, path: str | Path) -> "TimingCache":
@@ -92,14 +95,14 @@ class TimingCache:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise WorkbenchError(f"cannot read timing cache {path} ({e})") from None
-        return cls(path, data.get("env", {}), data.get("entries", {}))
+        return cls(path, data.get("env", {}), data.get("entries", {}), data.get("ceilings", {}))
 
     def save(self) -> None:
         from ..workspace import atomic_write
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps({"version": CACHE_VERSION, "env": self.env, "entries": self.entries},
-                                           indent=1).encode())
+        atomic_write(self.path, json.dumps({"version": CACHE_VERSION, "env": self.env, "ceilings": self.ceilings,
+                                            "entries": self.entries}, indent=1).encode())
 
     def best(self, key: str) -> dict[str, Any] | None:
         entry = self.entries.get(key)
@@ -151,6 +154,10 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         return time_fn(call, warmup=2, repeats=10, device=program.device).median_ms
 
     timer = timer or default_timer
+    if program.device.type == "cuda" and not cache.ceilings:
+        from ..profiling.ceilings import copy_gbps, matmul_tflops
+
+        cache.ceilings = {"copy_gbps": copy_gbps(program.device), "matmul_tflops": matmul_tflops(program.device)}
     ops = tactic_ops()
     tunable = {n.name for n in program.graph.nodes if n.op in ops}
     seen: dict[str, tuple[str, tuple, dict]] = {}  # key -> (op, args, kwargs) of its first instance

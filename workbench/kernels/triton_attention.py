@@ -100,7 +100,9 @@ def _paged_attention_kernel(
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
-    qblock = tl.program_id(0)
+    # last query blocks first: they have the most keys (causal), so the long programs start early
+    # and the short ones fill the tail
+    qblock = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
@@ -217,11 +219,16 @@ def _combine_kernel(O_PART, LSE, O, sp_s, sp_h, sp_t, sl_s, sl_h, so_h, so_t,
 CONFIGS = [
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},   # the default: any step
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},    # long context, small batch
+    {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
+    {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 4},    # long context, small batch
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 16},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 32},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "SPLITS": 64},
