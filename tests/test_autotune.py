@@ -94,7 +94,7 @@ def test_tunes_chooses_and_reuses(program, tmp_path):
 def test_interrupted_tuning_resumes(program, tmp_path):
     path = tmp_path / "timings.json"
     with pytest.raises(KeyboardInterrupt):
-        autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(stop_after=9), progress=False)
+        autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(stop_after=30), progress=False)
     done = json.loads(path.read_text())["entries"]
     assert 0 < len(done)
     timer = PlantedTimer()
@@ -256,3 +256,22 @@ def test_tune_stage_persists_resumes_and_runs(tmp_path):
     assert paged_greedy(fast, prompt, 8) == paged_greedy(plain, prompt, 8)
     passes_stage(ws, force=True, names=["eliminate_noops", "insert_paged_attention"])
     assert ws.status("tune") == "stale"  # a different optimized graph: the choices no longer apply
+
+
+def test_rotations_copy_small_tensors_past_l2():
+    from workbench.kernels.autotune import rotations
+
+    big = torch.randn(64, 64)                       # 16 KB: "larger than L2" below, shared by every copy
+    fused = torch.randn(8, 32)
+    gate, up = fused[:, :16], fused[:, 16:]         # strided slices of one buffer, as after horizontal fusion
+    variants = rotations((gate, up, big), {"w": torch.randn(16), "eps": 1e-6}, l2_bytes=4096)
+    small_bytes = 2 * fused.nbytes + 16 * 4         # each slice's storage is the whole fused buffer
+    assert len(variants) == -(-2 * 4096 // small_bytes)  # copies until they fill twice the L2 size
+    first = variants[0]
+    for args, kwargs in variants[1:]:
+        assert args[2] is big and kwargs["eps"] == 1e-6
+        for new, old in ((args[0], gate), (args[1], up), (kwargs["w"], first[1]["w"])):
+            assert torch.equal(new, old) and new.stride() == old.stride() and new.data_ptr() != old.data_ptr()
+    assert len({a[0].data_ptr() for a, _ in variants}) == len(variants)
+    assert rotations((gate,), {}, l2_bytes=None) == [((gate,), {})]  # CPU: no copies
+    assert len(rotations((gate,), {}, l2_bytes=1 << 30, most=5)) == 5

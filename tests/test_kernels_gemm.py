@@ -23,8 +23,8 @@ from workbench.kernels.registry import REGISTRY
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 FP8 = torch.float8_e4m3fn
-SMALL = [G.CONFIGS["16bit"][0], G.CONFIGS["16bit"][-1]]  # one 128x256 tile; 16-row tiles with split-K 4
-SMALL_8BIT = [G.CONFIGS["8bit"][0], G.CONFIGS["8bit"][-1]]
+TESTED_16BIT = [G.CONFIGS["16bit"][0], G.CONFIGS["16bit"][-1]]  # one 128x256 tile; 16-row tiles with split-K 4
+TESTED_8BIT = [G.CONFIGS["8bit"][0], G.CONFIGS["8bit"][-1]]
 TINY_SPLIT = G._cfg(16, 32, 32, 2, 4, 2, split=3)  # several tiles each way, K split unevenly
 
 
@@ -128,8 +128,9 @@ def test_triton_fp8_quantizer_matches_the_helpers(static):
     scale = torch.tensor(0.01, device="cuda") if static else None  # static: many values saturate
     q, s = G._quantize_rows(x, scale, FP8)
     s_ref = G.fp8_scale(x, -1).reshape(-1) if scale is None else scale.reshape(1)
-    assert torch.equal(s, s_ref)
-    assert torch.equal(q.float(), G.quantize_fp8(x, s_ref.reshape(-1, 1) if scale is None else scale).float())
+    # torch may divide by a scalar as a multiply by its reciprocal: the scales agree to one ulp
+    assert torch.allclose(s, s_ref, rtol=2**-23, atol=0)
+    assert torch.equal(q.float(), G.quantize_fp8(x, s.reshape(-1, 1) if scale is None else scale).float())
 
 
 # --- the references against plain fp32 --------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_linear_matches_aten(m, k, n, dtype):
     x = randn(1, m, k, dtype=dtype)
     w = randn(n, k, dtype=dtype, scale=0.2)
     b = randn(n, dtype=dtype)
-    for config in [*SMALL, TINY_SPLIT]:
+    for config in [*TESTED_16BIT, TINY_SPLIT]:
         for bias in (None, b):
             close(G.linear(x, w, bias, config=config), torch.nn.functional.linear(x, w, bias), TOL[dtype])
 
@@ -230,7 +231,7 @@ def test_fp8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
     _, wq, ws = quantized_weight(n, k, "fp8", per_channel)
     sx = G.fp8_scale(x) * 1.3 if static else None  # a static scale from calibration: not this batch's amax
     bias = randn(n, dtype=torch.bfloat16) if with_bias else None
-    for config in [*SMALL_8BIT, TINY_SPLIT]:
+    for config in [*TESTED_8BIT, TINY_SPLIT]:
         for out_dtype in (torch.float32, torch.bfloat16):
             close(G.fp8_linear_triton(x, wq, ws, sx, bias, out_dtype, config=config),
                   G.fp8_linear(x, wq, ws, sx, bias, out_dtype), TOL[out_dtype])
@@ -288,7 +289,7 @@ def test_int8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
         x = randn(m, k, dtype=dtype, scale=2.0)
         sx = G.int8_scale(x) * 1.3 if static else None
         bias = randn(n, dtype=dtype) if with_bias else None
-        for config in [*SMALL_8BIT, TINY_SPLIT]:
+        for config in [*TESTED_8BIT, TINY_SPLIT]:
             close(G.int8_linear_triton(x, wq, ws, sx, bias, config=config), G.int8_linear(x, wq, ws, sx, bias),
                   TOL[dtype])
 
@@ -320,9 +321,26 @@ def test_w8_triton_matches_reference(m, k, n, dtype):
     x = randn(m, k, dtype=dtype)
     _, wq, ws = quantized_weight(n, k, "int8", True)
     b = randn(n, dtype=dtype)
-    for config in [*SMALL, TINY_SPLIT]:
+    for config in [*TESTED_16BIT, TINY_SPLIT]:
         for bias in (None, b):
             close(G.w8_linear_triton(x, wq, ws, bias, config=config), G.w8_linear(x, wq, ws, bias), TOL[dtype])
+
+
+def test_the_tensor_core_dot_path(monkeypatch):
+    """The GPU's dot (operands in their own dtype, int8 weights converted to x's dtype in registers) also runs
+    exactly under the interpreter for fp8 and fp16 (its bf16 arithmetic is wrong, so tests use fp32 dots)."""
+    real = G._dot_mode
+    monkeypatch.setattr(G, "_dot_mode", lambda dtype: "native" if dtype in (FP8, torch.float16) else real(dtype))
+    x = randn(33, 72, dtype=torch.float16)
+    w = randn(48, 72, dtype=torch.float16, scale=0.2)
+    _, w8, s8 = quantized_weight(48, 72, "fp8", True)
+    _, wi, si = quantized_weight(48, 72, "int8", True)
+    for config in [*TESTED_16BIT, TINY_SPLIT]:
+        close(G.linear(x, w, config=config), torch.nn.functional.linear(x, w), TOL[torch.float16])
+        close(G.w8_linear_triton(x, wi, si, config=config), G.w8_linear(x, wi, si), TOL[torch.float16])
+    for config in [*TESTED_8BIT, TINY_SPLIT]:
+        close(G.fp8_linear_triton(x * 50, w8, s8, out_dtype=torch.float32, config=config),  # products up to 448²
+              G.fp8_linear(x * 50, w8, s8, out_dtype=torch.float32), TOL[torch.float32])
 
 
 # --- registration, costs, pruning ----------------------------------------------------------------------------
@@ -359,8 +377,10 @@ def test_prune_drops_configs_over_the_shared_memory_budget():
 def test_prune_drops_row_tiles_far_taller_than_m_and_never_empties():
     configs = G.CONFIGS["8bit"]
     decode = G.prune_configs(configs, 1, 4096, 4096, a_bytes=1, b_bytes=1)
-    assert decode and all(c["BLOCK_M"] <= 32 for c in decode) and any(c["SPLIT_K"] > 1 for c in decode)
+    assert decode and all(c["BLOCK_M"] <= 64 for c in decode) and any(c["SPLIT_K"] > 1 for c in decode)
     assert {c["BLOCK_M"] for c in G.prune_configs(configs, 64, 4096, 4096, a_bytes=1, b_bytes=1)} == {16, 32, 64, 128}
+    prefill = G.prune_configs(configs, 300, 4096, 4096, a_bytes=1, b_bytes=1)
+    assert prefill == [c for c in configs if c["SPLIT_K"] == 1]  # nothing too tall; split-K is for M <= 64
     assert G.prune_configs(configs, 1, 64, 64, a_bytes=1, b_bytes=1, smem_limit=1) == [
         min(configs, key=lambda c: (G.smem_bytes(c, 1, 1), c["SPLIT_K"]))]
 
@@ -374,3 +394,28 @@ def test_tactic_prune_reads_shapes_from_the_arguments():
     big = torch.empty(8192, 4096, device="meta", dtype=torch.bfloat16)
     assert G.linear.prune(G.linear.configs, (big, w16), {}) == G.prune_configs(
         G.CONFIGS["16bit"], 8192, 4096, 4096, a_bytes=2, b_bytes=2)
+
+
+# --- the benchmark's CPU-side parts ---------------------------------------------------------------------------
+
+def test_bench_arguments_and_shapes(monkeypatch, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / "gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gemm", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    opts = bench.parse_args([])
+    assert opts.out == tmp_path and not opts.quick and opts.sections == ("fp8", "bf16", "int8")
+    full = bench.shapes(opts)
+    assert len(full) == 1 + 4 * 7 and full[0] == bench.Shape("8192^3", 8192, 8192, 8192)
+    assert bench.Shape("down", 1, 4096, 14336) in full and bench.Shape("gate_up", 8192, 28672, 4096) in full
+    quick = bench.shapes(bench.parse_args(["--quick", "--out", "x", "--sections", "fp8"]))
+    assert len(quick) == 1 + 4 * 3 and {s.m for s in quick[1:]} == {1, 64, 4096}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "fp4"])
+    assert 2 <= bench.copies(bench.Shape("o", 1, 4096, 4096), opts) <= 16

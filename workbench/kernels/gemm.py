@@ -21,8 +21,10 @@ The quantized ops take x in high precision and quantize it themselves: one Trito
 row on the GPU (amax, scale, saturate, round, cast), the torch helpers below elsewhere (the
 Triton interpreter's float→fp8 casts are wrong). The references are the oracle: quantize x
 with those helpers, dequantize both operands to fp32, matmul in fp32, add the bias, round to
-the output dtype. Tactics match them to the output dtype's rounding; ``torch._scaled_mm`` with
-``fast_accum`` (a config) accumulates in reduced precision on Hopper and matches to ~1e-3.
+the output dtype. Tactics differ from them by fp32 summation order (then one rounding), except on
+Hopper, where FP8 tensor cores accumulate in reduced precision: ``torch._scaled_mm`` with
+``fast_accum`` (a config; off: cuBLAS promotes partial sums to fp32) and Triton's FP8 dots (Triton's
+default on sm90). fp32 inputs to the linear take exact fp32 dots (no TF32), as the reference does.
 
 Helpers for the quantization issue: ``fp8_scale(t, dim)``, ``quantize_fp8(t, scale)``,
 ``int8_scale(t, dim)``, ``quantize_int8(t, scale)`` (dim=None: one scale for the tensor;
@@ -174,8 +176,8 @@ def _reduce_kernel(P, SA, SB, BIAS, C, M, N, stride_ps, stride_pm, stride_cm, SP
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, DYNAMIC: tl.constexpr,
-                          IS_INT: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                          DYNAMIC: tl.constexpr, IS_INT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: (DYNAMIC) scale = max(amax / QMAX, MIN_SCALE) stored to S[row], else the scalar S;
     Q = x / scale saturated to ±QMAX (rounded half to even for int8), cast to Q's dtype."""
     row = tl.program_id(0).to(tl.int64)
@@ -185,7 +187,7 @@ def _quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, DY
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(X + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)  # MIN_SCALE
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_SCALE)
         tl.store(S + row, scale)
     else:
         scale = tl.load(S)
@@ -205,20 +207,21 @@ def _cfg(bm, bn, bk, group, warps, stages, split=1):
 
 
 #: The tuning spaces. Large M is compute bound: 128-row tiles, 8 warps (two warpgroups) on 128x256 tiles,
-#: 3-4 stages. Small M (decode) streams the weight: 16-32 row tiles, long K steps, and split-K so that a
-#: few wide output tiles still give every SM work. 8-bit operands take twice the K per stage.
+#: 3-4 stages. Small M (decode) streams the weight: 16-64 row tiles (64 is one Hopper warpgroup MMA; below
+#: that Triton uses the older MMA), long K steps, and split-K so that a few output tiles still give every
+#: SM work. 8-bit operands take twice the K per stage.
 CONFIGS = {
     "16bit": [
         _cfg(128, 256, 64, 8, 8, 3), _cfg(128, 128, 64, 8, 8, 4), _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 64, 8, 4, 4), _cfg(64, 256, 64, 8, 4, 4), _cfg(64, 128, 64, 8, 4, 4),
-        _cfg(32, 64, 128, 1, 4, 4), _cfg(16, 64, 128, 1, 4, 4), _cfg(16, 128, 128, 1, 4, 4, split=8),
-        _cfg(16, 64, 128, 1, 4, 4, split=4),
+        _cfg(32, 64, 128, 1, 4, 4), _cfg(16, 64, 128, 1, 4, 4), _cfg(64, 64, 128, 1, 4, 4, split=4),
+        _cfg(16, 128, 128, 1, 4, 4, split=8), _cfg(16, 64, 128, 1, 4, 4, split=4),
     ],
     "8bit": [
         _cfg(128, 256, 128, 8, 8, 3), _cfg(128, 128, 128, 8, 8, 4), _cfg(256, 128, 128, 8, 8, 3),
         _cfg(128, 128, 128, 8, 4, 4), _cfg(64, 256, 128, 8, 4, 4), _cfg(64, 128, 128, 8, 4, 4),
-        _cfg(32, 64, 256, 1, 4, 4), _cfg(16, 64, 256, 1, 4, 4), _cfg(16, 128, 256, 1, 4, 3, split=8),
-        _cfg(16, 64, 256, 1, 4, 4, split=4),
+        _cfg(32, 64, 256, 1, 4, 4), _cfg(16, 64, 256, 1, 4, 4), _cfg(64, 64, 256, 1, 4, 3, split=4),
+        _cfg(16, 128, 256, 1, 4, 3, split=8), _cfg(16, 64, 256, 1, 4, 4, split=4),
     ],
 }
 #: torch._scaled_mm: fast accumulation (Hopper's reduced-precision FP8 accumulator) is faster and less exact
@@ -233,12 +236,12 @@ def smem_bytes(config: dict, a_bytes: int, b_bytes: int) -> int:
 def prune_configs(configs: list[dict], M: int, N: int, K: int, *, a_bytes: int, b_bytes: int,
                   smem_limit: int = H100_SMEM_BYTES) -> list[dict]:
     """The configs worth timing for an [M, K] x [K, N] product: those whose pipeline fits ``smem_limit``
-    bytes, whose row tile is at most twice M (rounded up to a power of two, at least 16), and (split-K)
-    that are for small M (<= 64) and leave every split at least one K tile. Never empty: if nothing
-    passes, the config with the least shared memory is kept."""
-    rows = max(16, triton.next_power_of_2(max(M, 1)))
+    bytes, whose row tile is at most twice M rounded up to a power of two (64 rows, one warpgroup MMA,
+    always pass), and (split-K) that are for small M (<= 64) and leave every split at least one K tile.
+    Never empty: if nothing passes, the config with the least shared memory is kept."""
+    rows = triton.next_power_of_2(max(M, 1))
     keep = [c for c in configs
-            if smem_bytes(c, a_bytes, b_bytes) <= smem_limit and c["BLOCK_M"] <= 2 * rows
+            if smem_bytes(c, a_bytes, b_bytes) <= smem_limit and c["BLOCK_M"] <= max(64, 2 * rows)
             and (c.get("SPLIT_K", 1) == 1 or (M <= 64 and K >= c["SPLIT_K"] * c["BLOCK_K"]))]
     return keep or [min(configs, key=lambda c: (smem_bytes(c, a_bytes, b_bytes), c.get("SPLIT_K", 1)))]
 
@@ -346,7 +349,8 @@ def _quantize_rows(x2: torch.Tensor, input_scale: torch.Tensor | None, qdtype: t
     if M:
         block = min(triton.next_power_of_2(K), 2048)
         _quantize_rows_kernel[(M,)](x2, q, scale, K, x2.stride(0), q.stride(0),
-                                    QMAX=INT8_MAX if qdtype == torch.int8 else FP8_MAX, DYNAMIC=dynamic,
+                                    QMAX=INT8_MAX if qdtype == torch.int8 else FP8_MAX, MIN_SCALE=MIN_SCALE,
+                                    DYNAMIC=dynamic,
                                     IS_INT=qdtype == torch.int8, BLOCK_K=block, num_warps=8 if block >= 1024 else 4)
     return q, scale
 
@@ -540,14 +544,15 @@ def w8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 def w8_linear_triton(x, weight, weight_scale, bias=None, config=None):
     """Triton: int8 weight tiles converted to x's dtype in registers, fp32 accumulation, scale and bias in
     the epilogue: half the weight bytes of a bf16 GEMM, for memory-bound (decode) shapes."""
-    return _quantized_triton("workbench.w8_linear", x, weight, weight_scale, None, bias, x.dtype, torch.int8, None, config)
+    return _quantized_triton("workbench.w8_linear", x, weight, weight_scale, None, bias, x.dtype, torch.int8, None,
+                             config)
 
 
 # --- registration -----------------------------------------------------------------------------------------------
 
 def register() -> None:
     """Add the tactics to their ops, each with its tuning space and pruning (idempotent)."""
-    table = [  # op, tactic name, fn, configs, whether the op quantizes x (A is 1 byte)
+    table = [  # op, tactic, fn, configs, Triton tiles to prune: whether the op quantizes x (1-byte A), None: none
         ("aten.linear.default", "triton", linear, CONFIGS["16bit"], False),
         ("workbench.fp8_linear", "scaled_mm", fp8_linear_scaled_mm, SCALED_MM_CONFIGS, None),
         ("workbench.fp8_linear", "triton", fp8_linear_triton, CONFIGS["8bit"], True),
