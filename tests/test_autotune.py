@@ -11,7 +11,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.graph.executor import Program, resolve_params
 from workbench.graph.passes import run_passes
-from workbench.kernels.autotune import TimingCache, autotune, tactic_ops
+from workbench.kernels.autotune import TimingCache, autotune, instance_key, tactic_ops
 from workbench.models import load_model
 from workbench.pipeline import capture_source, graph_weights
 from workbench.runtime.paged_cache import cache_for, paged_greedy
@@ -64,22 +64,30 @@ def test_tunes_chooses_and_reuses(program, tmp_path):
     assert set(choices) == {n.name for n in tunable}
     from workbench.kernels.registry import REGISTRY
 
-    for n in tunable:
-        tactic, config = choices[n.name]
-        fn = REGISTRY.get(n.op).tactics["triton"]
-        # the last config of the space, among those kept at both steps (split-KV is pruned for prefill)
-        kept = [c for c in fn.configs if c.get("SPLITS", 1) == 1] if n.op == "workbench.paged_attention" else fn.configs
-        assert tactic == "triton" and config == kept[-1]
-    # identical layers and heads share keys: far fewer entries than node instances
+    # what each node's instances were timed with: the tactic's configs that its prune kept for those arguments
+    node_keys, key_args = {}, {}
+
+    def record(name, op, args, kwargs):
+        key = instance_key(op, args, kwargs)
+        node_keys.setdefault(name, set()).add(key)
+        key_args[key] = (op, args, kwargs)
+
+    for step in steps(program):
+        program.run(_observe=({n.name for n in tunable}, record), **step)
     saved = json.loads((tmp_path / "timings.json").read_text())
-    assert saved["env"]["gpu"] == "cpu" and len(saved["entries"]) < len(tunable)
+    for n in tunable:  # the last config of the space among those kept at every step wins
+        timed = [[t["config"] for t in saved["entries"][k]["timings"] if t["tactic"] == "triton"]
+                 for k in node_keys[n.name]]
+        kept = [c for c in timed[0] if all(c in t for t in timed)]
+        assert choices[n.name] == ("triton", kept[-1])
+    # identical layers and heads share keys: fewer entries than node instances (each seen at two steps)
+    assert saved["env"]["gpu"] == "cpu" and len(saved["entries"]) < 2 * len(tunable)
     assert timer.calls == sum(len(e["timings"]) for e in saved["entries"].values())
     for key, entry in saved["entries"].items():  # every candidate's timing is kept, not only the winner
-        space = REGISTRY.get(entry["op"]).tactics["triton"].configs
-        args = json.loads(key)[1]
-        prefill = entry["op"] == "workbench.paged_attention" and args[0][0][2] > 4 * args[6][0][0]  # tokens vs seqs
-        pruned = sum(c.get("SPLITS", 1) > 1 for c in space) if prefill else 0
-        assert len(entry["timings"]) == 1 + len(space) - pruned
+        op, args, kwargs = key_args[key]
+        fn = REGISTRY.get(op).tactics["triton"]
+        space = fn.prune(fn.configs, args, kwargs) if hasattr(fn, "prune") else fn.configs
+        assert [t["config"] for t in entry["timings"]] == [None, *space]
     table = TimingCache.open(tmp_path / "timings.json").table()
     assert table["chosen"].sum() == len(saved["entries"])
     # a second run times nothing and chooses the same
@@ -136,17 +144,18 @@ def test_views_of_a_cache_measured_on_an_h100():
 
     from workbench.profiling.views import op_share_figure, tactic_comparison_figure
 
-    path = Path(__file__).parent / "data" / "h100_llama3_8b_timings.json"
+    path = Path(__file__).parent / "data" / "h100_llama3_8b_tune.json"
     with pytest.raises(WorkbenchError, match="measured elsewhere"):
         TimingCache.open(path)
     cache = TimingCache.view(path)
     assert cache.env["gpu"] == "NVIDIA H100 80GB HBM3"
     table = cache.table()
-    assert table["chosen"].sum() == len(cache.entries) == 12
+    assert table["chosen"].sum() == len(cache.entries) == 44  # 11 op instances at each of 4 buckets
+    assert set(cache.ceilings) == {"copy_gbps", "matmul_tflops"}
     fig = tactic_comparison_figure(table)
     assert sum(len(t.x) for t in fig.data) == len(table)
     chosen_bars = sum(w == 3 for t in fig.data for w in t.marker.line.width)
-    assert chosen_bars == 12
+    assert chosen_bars == 44
     tree = op_share_figure(table)
     values = dict(zip(tree.data[0].ids, tree.data[0].values))
     best = table[table["chosen"]]

@@ -23,7 +23,7 @@ from workbench.profiling.trace import COLUMNS, timeline_figure
 from workbench.profiling.views import config_shape_heatmap, roofline_figure, roofline_rows, top_slowest_figure
 from workbench.runtime.paged_cache import cache_for
 
-H100 = Path(__file__).parent / "data" / "h100_llama3_8b_timings.json"
+H100 = Path(__file__).parent / "data" / "h100_llama3_8b_tune.json"
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_heatmap_cells_are_the_cache_timings(h100):
     heat, chosen = fig.data
     t = table[table["op"] == "workbench.rope"]
     keys = list(dict.fromkeys(t["key"]))
-    assert len(heat.x) == len(keys) == 4 and len(heat.y) == 6
+    assert len(heat.x) == len(keys) == 8 and len(heat.y) == 6  # q and k at 4 buckets; reference + 5 configs
     cells = {(y, x): heat.z[i][j] for i, y in enumerate(heat.y) for j, x in enumerate(heat.x)}
     label = dict(zip(keys, heat.x))
     for r in t.itertuples():
@@ -264,8 +264,8 @@ def test_top_slowest_of_a_timing_table(h100):
     bar = fig.data[0]
     chosen = h100[h100["chosen"]]["ms"].sort_values(ascending=False)
     assert list(bar.x) == list(chosen.head(5)) and list(bar.x) == sorted(bar.x, reverse=True)
-    assert bar.y[0].startswith("paged_attention 1x32x2048x128")
-    assert len(top_slowest_figure(h100, n=50).data[0].x) == len(chosen) == 12
+    assert bar.y[0].startswith("aten.linear.default 1x2048x4096")  # the lm_head of the 2048-token bucket
+    assert len(top_slowest_figure(h100, n=50).data[0].x) == len(chosen) == 44
 
 
 def test_roofline_rows_use_the_cost_models(h100):
@@ -279,7 +279,7 @@ def test_roofline_rows_use_the_cost_models(h100):
     extra = pd.DataFrame([{"op": "aten.linear.default", "key": linear, "tactic": "reference", "config": "null",
                            "ms": 0.01, "chosen": True}])
     rows = roofline_rows(pd.concat([h100, extra], ignore_index=True))
-    lin = rows[rows["op"] == "aten.linear.default"].iloc[0]
+    lin = rows[rows["key"] == linear].iloc[0]
     assert lin["flops"] == 2 * m * n * k and lin["bytes"] == 2 * (m * k + n * k + m * n)
     assert lin["tflops"] == pytest.approx(2 * m * n * k / 1e-5 / 1e12)
     # a fused op: the same numbers as its cost model called by hand (two outputs: normed, sum)
@@ -291,8 +291,8 @@ def test_roofline_rows_use_the_cost_models(h100):
     assert (row["flops"], row["bytes"]) == (by_hand.flops, by_hand.bytes) == (4 * 2 * 4 * 4096, 2 * 4096 * (4 * 4 + 1))
     # paged attention's reference reads its metadata (.tolist()): no meta run, so NaN with a note
     paged = rows[rows["op"] == "workbench.paged_attention"]
-    assert len(paged) == 2 and paged["flops"].isna().all() and paged["note"].str.startswith("not costed").all()
-    assert rows["flops"].notna().sum() == 11
+    assert len(paged) == 4 and paged["flops"].isna().all() and paged["note"].str.startswith("not costed").all()
+    assert rows["flops"].notna().sum() == 41
 
 
 def test_roofline_figure_draws_the_given_ceilings(h100):
@@ -305,14 +305,14 @@ def test_roofline_figure_draws_the_given_ceilings(h100):
     assert memory.x[-1] == pytest.approx(ridge) and memory.y[-1] == pytest.approx(650.0)
     assert all(y / x == pytest.approx(2600.0 / 1e3) for x, y in zip(memory.x, memory.y))
     costed = rows[rows["flops"].notna()]
-    assert sum(len(p.x) for p in points) == len(costed) == 10
+    assert sum(len(p.x) for p in points) == len(costed) == 40
     for p in points:
         for x, y, (name, ms, gbps, pct) in zip(p.x, p.y, p.customdata):
             r = costed[costed["name"] == name].iloc[0]
             assert x == pytest.approx(r["flops"] / r["bytes"]) and y == pytest.approx(r["flops"] / (ms * 1e-3) / 1e12)
             assert pct == pytest.approx(100 * y / min(650.0, x * 2.6))
     assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
-    assert "left out (2" in fig.layout.title.text and "paged_attention" in fig.layout.title.text
+    assert "left out (4" in fig.layout.title.text and "paged_attention" in fig.layout.title.text
 
 
 def test_gpu_kernels_are_attributed_through_their_launch():

@@ -68,7 +68,7 @@ def test_pass_figures_show_the_reports(ws):
     assert set(shown) <= set(PASSES) | {"unchanged"}
 
 
-H100_CACHE = Path(__file__).parent / "data" / "h100_llama3_8b_timings.json"
+H100_CACHE = Path(__file__).parent / "data" / "h100_llama3_8b_tune.json"
 
 
 def test_tuning_widget_without_a_gpu_shows_saved_timings(ws):

@@ -1,0 +1,353 @@
+"""GEMM tactics on the GPU: FP8, bf16, INT8 and weight-only INT8 linears against cuBLAS bf16.
+
+    PYTHONUNBUFFERED=1 python3 bench/gemm.py --out $OUT       # ~6 min on an H100; --quick: M in {1, 64, 4096}
+
+Shapes: 8192x8192x8192, and Llama-3-8B's linears (N, K) = qkv (6144, 4096), o (4096, 4096),
+gate_up (28672, 4096), down (4096, 14336) at M = 1, 16, 64, 256, 1024, 4096, 8192 tokens.
+
+  (a) fp8   workbench.fp8_linear with per-tensor scales (static activation scale; cuBLASLt) and with
+            row-wise scales (dynamic per-token x, per-channel weight; CUTLASS): cuBLAS bf16 (x @ wᵀ),
+            the best torch._scaled_mm config, _scaled_mm alone on pre-quantized x (the GEMM without the
+            quantization pass), the best Triton config, and the autotuner's choice. Goals:
+            choice/best >= 0.97, fp8/bf16 >= 1.6 at M >= 4096.
+  (b) bf16  the Triton linear (best config) against cuBLAS.
+  (c) int8  (Llama shapes) workbench.int8_linear (dynamic per-token, per-channel weight) by _int_mm and by
+            Triton, and workbench.w8_linear (weight-only) by Triton, against cuBLAS bf16.
+
+Method: each call reads a different set of inputs (weights and x cycled through enough copies to
+exceed L2 several times), so small shapes are not flattered by a warm L2; the calls are captured in
+a CUDA graph and its replays timed with CUDA events (warm-up, median of repeats; ``profiling.time_fn``
+with ``graph_calls``), as the autotuner times: kernel time, without the host's launch overhead
+(which eager execution pays on top, and CUDA-graph replay does not). Candidates are what the
+autotuner times (each tactic × its configs that ``fn.prune`` keeps; the reference is left out); the
+autotuner's choice is the candidate with the least time in one such measurement, and
+``choice/best`` compares its time in a second, independent measurement with the best candidate's.
+Every candidate's output is checked against the op's reference first (``max_err`` column).
+
+Writes gemm.json (every candidate's timings) and gemm_fp8.csv, gemm_bf16.csv, gemm_int8.csv under
+``--out`` (default $OUT, else .) after every shape; the tables are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.kernels import gemm as G  # noqa: E402  (registers the GEMM tactics)
+from workbench.kernels.registry import REGISTRY  # noqa: E402
+from workbench.profiling import time_fn  # noqa: E402
+
+LLAMA3_8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+TOKENS = (1, 16, 64, 256, 1024, 4096, 8192)
+QUICK_TOKENS = (1, 64, 4096)
+SECTIONS = ("fp8", "bf16", "int8")
+BAD_ERR = 2e-2  # a candidate further than this from the reference is flagged
+
+
+@dataclass(frozen=True)
+class Options:
+    out: Path
+    quick: bool = False
+    repeats: int = 20
+    warmup: int = 5
+    rotate_mb: int = 200  # distinct 1-byte weight bytes cycled per shape (H100 L2: 50 MB)
+    sections: tuple[str, ...] = SECTIONS
+
+
+@dataclass(frozen=True)
+class Shape:
+    layer: str
+    m: int
+    n: int
+    k: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer} {self.m}x{self.n}x{self.k}"
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")),
+                    help="directory for gemm.json and the CSVs (default: $OUT, else .)")
+    ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_TOKENS} only")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rotate-mb", type=int, default=200, help="bytes of distinct 8-bit weights cycled per shape")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of fp8,bf16,int8")
+    a = ap.parse_args(argv)
+    sections = tuple(s for s in a.sections.split(",") if s)
+    if not set(sections) <= set(SECTIONS):
+        ap.error(f"--sections takes a subset of {','.join(SECTIONS)}, got {a.sections}")
+    return Options(a.out, a.quick, a.repeats, a.warmup, a.rotate_mb, sections)
+
+
+def shapes(opts: Options) -> list[Shape]:
+    """The square 8192³ first, then the Llama linears, each over the token counts."""
+    ms = QUICK_TOKENS if opts.quick else TOKENS
+    return [Shape("8192^3", 8192, 8192, 8192)] + [Shape(layer, m, n, k) for layer, (n, k) in
+                                                    LLAMA3_8B_LINEARS.items() for m in ms]
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+
+def weight_set(n: int, k: int, g: torch.Generator) -> dict:
+    """One weight in every format the ops take."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    st, sc, si = G.fp8_scale(w), G.fp8_scale(w, dim=1), G.int8_scale(w, dim=1)
+    return {"bf16": w, "fp8_tensor": (G.quantize_fp8(w, st), st), "fp8_channel": (G.quantize_fp8(w, sc), sc.reshape(-1)),
+            "int8_channel": (G.quantize_int8(w, si), si.reshape(-1))}
+
+
+def copies(shape: Shape, opts: Options) -> int:
+    """How many distinct input sets to cycle through: enough 1-byte weights to exceed L2 several times."""
+    return max(2, min(16, math.ceil(opts.rotate_mb * 2**20 / (shape.n * shape.k))))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+
+def measure(fn, argsets: list[tuple], opts: Options) -> float:
+    """Median ms of fn, each call on the next argument set (cycled). Raises what fn raises."""
+    it = itertools.cycle(argsets)
+    return time_fn(lambda: fn(*next(it)), warmup=opts.warmup, repeats=opts.repeats, device="cuda",
+                   graph_calls=max(10, len(argsets))).median_ms
+
+
+def candidates(op: str, args: tuple) -> list[tuple[str, dict | None, object]]:
+    """What the autotuner times for ``op`` at ``args`` (autotune._candidates), less the reference."""
+    out = []
+    for name, fn in REGISTRY.get(op).tactics.items():
+        configs = getattr(fn, "configs", None)
+        if not configs:
+            out.append((name, None, fn))
+            continue
+        if hasattr(fn, "prune"):
+            configs = fn.prune(configs, args, {})
+        out += [(name, cfg, fn) for cfg in configs]
+    return out
+
+
+def tune(op: str, argsets: list[tuple], reference: torch.Tensor, opts: Options) -> list[dict]:
+    """Every candidate: its error against the reference, and two independent measurements of its time:
+    ``tune_ms`` (the choice is made from it) and ``ms`` (reported). A candidate that raises gets inf."""
+    results = []
+    for tactic, config, fn in candidates(op, argsets[0]):
+        call = functools.partial(fn, config=config) if config is not None else fn
+        r = {"tactic": tactic, "config": config}
+        try:
+            r["rel_err"] = rel_err(call(*argsets[0]), reference)
+            r["tune_ms"] = measure(call, argsets, opts)  # the measurement the choice is made from
+            r["ms"] = measure(call, argsets, opts)
+        except Exception as e:  # resources, unsupported shapes: recorded, never chosen
+            r.update(ms=math.inf, tune_ms=math.inf, error=f"{type(e).__name__}: {e}"[:300])
+        results.append(r)
+    return results
+
+
+def best(results: list[dict], tactic: str | None = None) -> dict:
+    pool = [r for r in results if tactic is None or r["tactic"] == tactic]
+    return min(pool, key=lambda r: r["ms"]) if pool else {"ms": math.inf, "config": None, "tactic": tactic}
+
+
+def tflops(shape: Shape, ms: float) -> float:
+    return shape.flops / (ms * 1e-3) / 1e12 if math.isfinite(ms) and ms > 0 else 0.0
+
+
+def max_err(results: list[dict]) -> float:
+    return max((r["rel_err"] for r in results if "rel_err" in r), default=math.nan)
+
+
+# --- the three sections ------------------------------------------------------------------------------------------
+
+def bench_fp8(shape: Shape, xs, ws, bf16_ms: float, opts: Options) -> tuple[list[dict], list[dict]]:
+    rows, raw = [], []
+    for scaling in ("tensor", "row"):
+        if scaling == "tensor":  # static activation scale (from calibration), per-tensor weight scale
+            argsets = [(x, *w["fp8_tensor"], G.fp8_scale(x)) for x, w in zip(xs, ws)]
+        else:  # dynamic per-token x, per-channel weight
+            argsets = [(x, *w["fp8_channel"], None) for x, w in zip(xs, ws)]
+        results = tune("workbench.fp8_linear", argsets, G.fp8_linear(*argsets[0]), opts)
+        gemm_only = _scaled_mm_alone(argsets, opts)
+        sm, tr = best(results, "scaled_mm"), best(results, "triton")
+        choice = min(results, key=lambda r: r["tune_ms"])
+        rows.append({"shape": shape.label, "M": shape.m, "N": shape.n, "K": shape.k, "scaling": scaling,
+                     "bf16_ms": bf16_ms, "scaled_mm_ms": sm["ms"], "gemm_only_ms": gemm_only,
+                     "triton_ms": tr["ms"], "triton_config": tr["config"],
+                     "choice": f"{choice['tactic']} {json.dumps(choice['config'])}", "choice_ms": choice["ms"],
+                     "choice_over_best": min(sm["ms"], tr["ms"]) / choice["ms"],
+                     "fp8_over_bf16": bf16_ms / choice["ms"], "tflops": tflops(shape, choice["ms"]),
+                     "max_err": max_err(results)})
+        raw.append({"section": "fp8", "shape": shape.label, "scaling": scaling, "candidates": results})
+    return rows, raw
+
+
+def _scaled_mm_alone(argsets, opts: Options) -> float:
+    """torch._scaled_mm on x quantized beforehand: the GEMM's share of the op."""
+    pre = []
+    for x, wq, ws, sx in argsets:
+        if sx is None:
+            s = G.fp8_scale(x, dim=-1)
+            pre.append((G.quantize_fp8(x, s), wq.t(), s, ws.reshape(1, -1)))
+        else:
+            pre.append((G.quantize_fp8(x, sx), wq.t(), sx, ws))
+    try:
+        return measure(lambda a, b, sa, sb: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                                             use_fast_accum=True), pre, opts)
+    except Exception:
+        return math.inf
+
+
+def bench_bf16(shape: Shape, xs, ws, bf16_ms: float, opts: Options) -> tuple[list[dict], list[dict]]:
+    argsets = [(x, w["bf16"]) for x, w in zip(xs, ws)]
+    results = tune("aten.linear.default", argsets, torch.nn.functional.linear(*argsets[0]), opts)
+    tr = best(results, "triton")
+    row = {"shape": shape.label, "M": shape.m, "N": shape.n, "K": shape.k, "cublas_ms": bf16_ms,
+           "triton_ms": tr["ms"], "triton_config": tr["config"], "cublas_over_triton": bf16_ms / tr["ms"],
+           "cublas_tflops": tflops(shape, bf16_ms), "triton_tflops": tflops(shape, tr["ms"]),
+           "max_err": max_err(results)}
+    return [row], [{"section": "bf16", "shape": shape.label, "candidates": results}]
+
+
+def bench_int8(shape: Shape, xs, ws, bf16_ms: float, opts: Options) -> tuple[list[dict], list[dict]]:
+    a8 = [(x, *w["int8_channel"], None) for x, w in zip(xs, ws)]
+    w8 = [(x, *w["int8_channel"]) for x, w in zip(xs, ws)]
+    int8 = tune("workbench.int8_linear", a8, G.int8_linear(*a8[0]), opts)
+    wo = tune("workbench.w8_linear", w8, G.w8_linear(*w8[0]), opts)
+    im, it, wt = best(int8, "int_mm"), best(int8, "triton"), best(wo, "triton")
+    row = {"shape": shape.label, "M": shape.m, "N": shape.n, "K": shape.k, "bf16_ms": bf16_ms,
+           "int_mm_ms": im["ms"], "int8_triton_ms": it["ms"], "int8_triton_config": it["config"],
+           "w8_triton_ms": wt["ms"], "w8_config": wt["config"],
+           "int8_over_bf16": bf16_ms / min(im["ms"], it["ms"]), "w8_over_bf16": bf16_ms / wt["ms"],
+           "int8_tops": tflops(shape, min(im["ms"], it["ms"])), "max_err": max(max_err(int8), max_err(wo))}
+    return [row], [{"section": "int8", "shape": shape.label, "candidates": int8},
+                   {"section": "w8", "shape": shape.label, "candidates": wo}]
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+
+def _plain(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def save(out: Path, meta: dict, tables: dict[str, list[dict]], raw: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm.json").write_text(json.dumps(_plain({**meta, "tables": tables, "candidates": raw}), indent=1))
+    for name, rows in tables.items():
+        if rows:
+            with open(out / f"gemm_{name}.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows([{k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows])
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-".rjust(int(spec.split(".")[0] or 0))
+    return format(v, spec)
+
+
+def print_tables(meta: dict, tables: dict[str, list[dict]]) -> None:
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}; ms are medians of CUDA-graph replays, inputs rotated")
+    if tables["fp8"]:
+        print("\n(a) FP8 linear (x quantized inside the op) vs cuBLAS bf16; goals: choice/best >= 0.97, "
+              "fp8/bf16 >= 1.6 at M >= 4096")
+        print(f"{'shape':<26} {'scale':<6} {'bf16':>8} {'scaled_mm':>9} {'gemm only':>9} {'triton':>8} {'choice':>8} "
+              f"{'ch/best':>7} {'fp8/bf16':>8} {'TFLOP/s':>7} {'max err':>8}  choice")
+        for r in tables["fp8"]:
+            flag = "  BAD" if r["max_err"] > BAD_ERR else ""
+            print(f"{r['shape']:<26} {r['scaling']:<6} {_fmt(r['bf16_ms'], '8.3f')} {_fmt(r['scaled_mm_ms'], '9.3f')} "
+                  f"{_fmt(r['gemm_only_ms'], '9.3f')} {_fmt(r['triton_ms'], '8.3f')} {_fmt(r['choice_ms'], '8.3f')} "
+                  f"{_fmt(r['choice_over_best'], '7.3f')} {_fmt(r['fp8_over_bf16'], '7.2f')}x {_fmt(r['tflops'], '7.0f')} "
+                  f"{_fmt(r['max_err'], '8.1e')}  {r['choice']}{flag}")
+        ok = [r["choice_over_best"] >= 0.97 for r in tables["fp8"]]
+        big = [r["fp8_over_bf16"] >= 1.6 for r in tables["fp8"] if r["M"] >= 4096]
+        print(f"choice/best >= 0.97: {sum(ok)} of {len(ok)} rows; fp8/bf16 >= 1.6 at M >= 4096: {sum(big)} of {len(big)}")
+    if tables["bf16"]:
+        print("\n(b) bf16 linear: Triton (best config) vs cuBLAS")
+        print(f"{'shape':<26} {'cublas':>8} {'triton':>8} {'cublas/triton':>13} {'cuBLAS TF/s':>11} {'Triton TF/s':>11} "
+              f"{'max err':>8}  triton config")
+        for r in tables["bf16"]:
+            print(f"{r['shape']:<26} {_fmt(r['cublas_ms'], '8.3f')} {_fmt(r['triton_ms'], '8.3f')} "
+                  f"{_fmt(r['cublas_over_triton'], '13.3f')} {_fmt(r['cublas_tflops'], '11.0f')} "
+                  f"{_fmt(r['triton_tflops'], '11.0f')} {_fmt(r['max_err'], '8.1e')}  {json.dumps(r['triton_config'])}")
+    if tables["int8"]:
+        print("\n(c) INT8 (dynamic per-token x, per-channel weight) and weight-only INT8 vs cuBLAS bf16")
+        print(f"{'shape':<26} {'bf16':>8} {'int_mm':>8} {'int8 tri':>8} {'w8 tri':>8} {'int8/bf16':>9} {'w8/bf16':>8} "
+              f"{'TOP/s':>6} {'max err':>8}")
+        for r in tables["int8"]:
+            print(f"{r['shape']:<26} {_fmt(r['bf16_ms'], '8.3f')} {_fmt(r['int_mm_ms'], '8.3f')} "
+                  f"{_fmt(r['int8_triton_ms'], '8.3f')} {_fmt(r['w8_triton_ms'], '8.3f')} "
+                  f"{_fmt(r['int8_over_bf16'], '8.2f')}x {_fmt(r['w8_over_bf16'], '7.2f')}x {_fmt(r['int8_tops'], '6.0f')} "
+                  f"{_fmt(r['max_err'], '8.1e')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gemm.py measures CUDA kernels: run it on a GPU machine")
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "options": {k: str(v) for k, v in vars(opts).items()}}
+    tables: dict[str, list[dict]] = {s: [] for s in SECTIONS}
+    raw: list[dict] = []
+    start = time.perf_counter()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    todo = shapes(opts)
+    weights: dict[tuple[int, int], list[dict]] = {}
+    for i, shape in enumerate(todo):
+        key = (shape.n, shape.k)
+        if key not in weights:  # one list of weight sets per layer shape, shared by its token counts
+            weights.clear()
+            xs = ws = None  # the previous layer's tensors are freed before the next ones are made
+            torch.cuda.empty_cache()
+            weights[key] = [weight_set(shape.n, shape.k, g) for _ in range(copies(shape, opts))]
+        ws = weights[key]
+        xs = [torch.randn(shape.m, shape.k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in ws]
+        bf16_ms = measure(torch.nn.functional.linear, [(x, w["bf16"]) for x, w in zip(xs, ws)], opts)
+        sections = [("fp8", bench_fp8), ("bf16", bench_bf16)] + ([("int8", bench_int8)] if shape.layer in
+                                                                  LLAMA3_8B_LINEARS else [])
+        for name, fn in sections:
+            if name in opts.sections:
+                rows, found = fn(shape, xs, ws, bf16_ms, opts)
+                tables[name] += rows
+                raw += found
+        save(opts.out, meta, tables, raw)
+        fp8 = [r for r in tables["fp8"] if r["shape"] == shape.label]
+        note = ", ".join(f"fp8 {r['scaling']} {r['fp8_over_bf16']:.2f}x" for r in fp8)
+        print(f"[{time.perf_counter() - start:6.0f} s] {i + 1}/{len(todo)} {shape.label}: bf16 {bf16_ms:.3f} ms"
+              f"{', ' + note if note else ''}")
+    print_tables(meta, tables)
+    print(f"\nwrote {opts.out / 'gemm.json'} and gemm_{{fp8,bf16,int8}}.csv; {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
