@@ -25,3 +25,28 @@ def home(tmp_path, monkeypatch):
     """An empty model cache, for tests that must not see the real one."""
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def tiny_program():
+    """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
+    from workbench.graph.executor import Program, resolve_params
+    from workbench.graph.passes import run_passes
+    from workbench.models import load_model
+    from workbench.pipeline import capture_source, graph_weights
+
+    lm = load_model("tiny-llama")
+    captured = capture_source(lm.source)
+    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
+    graph, _ = run_passes(captured.graph, base, check=False)
+    return Program(graph, resolve_params(graph, base))
+
+
+def prefill_then_decode(program):
+    """Graph inputs of two steps on a fresh paged cache: a prefill of two prompts (12 and 9 tokens), then a
+    decode step of both."""
+    from workbench.runtime.paged_cache import cache_for
+
+    cache = cache_for(program.graph, num_blocks=8)
+    return [cache.step_inputs([(0, list(range(3, 15))), (1, list(range(40, 49)))]),
+            cache.step_inputs([(0, [7]), (1, [8])])]

@@ -8,30 +8,19 @@ import json
 import pytest
 import torch
 
+from conftest import prefill_then_decode
 from workbench.errors import WorkbenchError
-from workbench.graph.executor import Program, resolve_params
-from workbench.graph.passes import run_passes
 from workbench.kernels.autotune import TimingCache, autotune, instance_key, tactic_ops
-from workbench.models import load_model
-from workbench.pipeline import capture_source, graph_weights
-from workbench.runtime.paged_cache import cache_for, paged_greedy
+from workbench.runtime.paged_cache import paged_greedy
 
 
-@pytest.fixture(scope="module")
-def program():
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    return Program(graph, resolve_params(graph, base))
+@pytest.fixture
+def program(tiny_program):
+    return tiny_program
 
 
 def steps(program):
-    """Two profiles: a prefill of two prompts, then a decode step of both."""
-    cache = cache_for(program.graph, num_blocks=8)
-    prefill = cache.step_inputs([(0, list(range(3, 15))), (1, list(range(40, 49)))])
-    decode = cache.step_inputs([(0, [7]), (1, [8])])
-    return [prefill, decode]
+    return prefill_then_decode(program)
 
 
 class PlantedTimer:

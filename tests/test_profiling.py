@@ -12,34 +12,23 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.graph.executor import Program, resolve_params
-from workbench.graph.passes import run_passes
+from conftest import prefill_then_decode
 from workbench.kernels.autotune import TimingCache, instance_key
-from workbench.models import load_model
-from workbench.pipeline import capture_source, graph_weights
 from workbench.profiling import enabled, load_trace, nvtx_ops, nvtx_range, op_ranges_as, save_trace, \
     trace_program, trace_summary
 from workbench.profiling.trace import COLUMNS, timeline_figure
 from workbench.profiling.views import config_shape_heatmap, roofline_figure, roofline_rows, top_slowest_figure
-from workbench.runtime.paged_cache import cache_for
 
 H100 = Path(__file__).parent / "data" / "h100_llama3_8b_tune.json"
 
 
-@pytest.fixture(scope="module")
-def program():
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    return Program(graph, resolve_params(graph, base))
+@pytest.fixture
+def program(tiny_program):
+    return tiny_program
 
 
 def steps(program):
-    """A prefill of two prompts, then a decode step of both (the autotuner's profiles)."""
-    cache = cache_for(program.graph, num_blocks=8)
-    return [cache.step_inputs([(0, list(range(3, 15))), (1, list(range(40, 49)))]),
-            cache.step_inputs([(0, [7]), (1, [8])])]
+    return prefill_then_decode(program)
 
 
 def compute_nodes(graph):
