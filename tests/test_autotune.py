@@ -14,7 +14,7 @@ from workbench.kernels.autotune import TimingCache, autotune, instance_key, tact
 from workbench.runtime.paged_cache import paged_greedy
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def program(tiny_program):
     return tiny_program
 

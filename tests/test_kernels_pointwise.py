@@ -37,8 +37,7 @@ def close(out, ref, dtype):
 def test_rms_norm(shape, dtype):
     x = torch.randn(shape, dtype=dtype) * 3
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
-    persistent = [c for c in tp.CONFIGS["rms_norm"] if "PERSIST" in c][:2]  # programs walking several row blocks
-    for config in tp.CONFIGS["rms_norm"][:3] + persistent:  # 1, 2 and 4 rows per block (rows not a multiple of 4 too)
+    for config in tp.CONFIGS["rms_norm"][:3]:  # 1, 2 and 4 rows per program (rows not a multiple of 4 too)
         close(tp.rms_norm(x, w, 1e-5, config=config), fused.rms_norm(x, w, 1e-5), dtype)
 
 
@@ -47,11 +46,10 @@ def test_rms_norm(shape, dtype):
 def test_add_rms_norm(shape, dtype):
     x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    y, s = tp.add_rms_norm(x, r, w, 1e-6)
     ry, rs = fused.add_rms_norm(x, r, w, 1e-6)
-    for config in (tp.CONFIGS["rms_norm"][0], {"ROWS": 1, "num_warps": 4, "PERSIST": 1, "STAGES": 2}):
-        y, s = tp.add_rms_norm(x, r, w, 1e-6, config=config)
-        close(s, rs, dtype)
-        close(y, ry, dtype)
+    close(s, rs, dtype)
+    close(y, ry, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

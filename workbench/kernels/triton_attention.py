@@ -69,20 +69,21 @@ def _write_kv_kernel(K, V, C, SLOTS, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_slot, sc_
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One K/V tile of the online softmax, in base 2 (``s_scale`` includes log2 e). Unmasked tiles
-    (every key visible to every row) skip the masking and the guard for rows that see nothing yet."""
+    """One K/V tile of the online softmax, in base 2 (``s_scale`` includes log2 e): scores are scaled
+    inside the exponent's FMA, never stored scaled. Unmasked tiles (every key visible to every row)
+    skip the masking and the guard for rows that see nothing yet."""
     if DOT_FP32:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * s_scale
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * s_scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * s_scale)
     m_safe = m_new
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * s_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if DOT_FP32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -174,8 +175,12 @@ def _paged_attention_kernel(
             vv_base = V + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
             for j0 in range(new_start, full_end, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
-                k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
-                v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                if BLOCK_D == HEAD_DIM:  # every key of these tiles exists: unpredicated loads
+                    k = tl.load(kv_base + j[:, None] * sk_t + d[None, :])
+                    v = tl.load(vv_base + j[:, None] * sk_t + d[None, :])
+                else:
+                    k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                    v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
@@ -222,6 +227,8 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
+    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
+    {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},

@@ -27,24 +27,21 @@ from .registry import REGISTRY
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    # ROWS rows per iteration: more bytes in flight, the weight loaded once for them all. A program
-    # walks blocks of rows pid, pid + programs, ...: one block each when the grid covers the rows,
-    # several (loads of the next block in flight while this one is reduced: STAGES) when persistent
+                     HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows * stride_s + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    variance = tl.sum(x * x, axis=1)[:, None] / n_cols
+    normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    for block in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
-        rows = (block * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-        mask = (rows < n_rows) & (cols < n_cols)
-        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            s = (x + r).to(S.dtype.element_ty)
-            tl.store(S + rows * stride_s + cols, s, mask=mask)
-            x = s.to(tl.float32)
-        variance = tl.sum(x * x, axis=1)[:, None] / n_cols
-        normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
-        tl.store(Y + rows * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,18 +82,10 @@ def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, 
 
 #: The tuning space per kernel: plain data (block sizes where free, warps).
 CONFIGS = {
-    "rms_norm": [{"ROWS": r, "num_warps": w} for r, w in ((1, 4), (2, 8), (4, 8), (4, 16), (8, 16), (1, 8))]
-    # persistent: PERSIST programs per SM, each walking many row blocks with the next block's loads in flight
-    + [{"ROWS": r, "num_warps": w, "PERSIST": p, "STAGES": 2} for r, w, p in ((1, 4, 8), (2, 4, 4), (1, 8, 4), (2, 8, 2))],
+    "rms_norm": [{"ROWS": r, "num_warps": w} for r, w in ((1, 4), (2, 8), (4, 8), (4, 16), (8, 16), (1, 8))],
     "silu_mul": [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 8), (512, 4), (4096, 8))],
     "rope": [{"HEADS": hb, "num_warps": w} for hb, w in ((32, 4), (8, 2), (16, 4), (32, 8), (64, 8))],
 }
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: persistent programs still walk several blocks each
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -124,13 +113,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     else:
         r2 = s2 = x2
     rows = config["ROWS"]
-    grid = triton.cdiv(n_rows, rows)
-    if "PERSIST" in config:
-        grid = min(grid, config["PERSIST"] * _sm_count(x.device))
-    _rms_norm_kernel[(grid,)](
+    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps,
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
-        STAGES=config.get("STAGES", 1), num_warps=config["num_warps"])
+        num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 
 
