@@ -1,6 +1,7 @@
 """GEMM tactics on the GPU: FP8, bf16, INT8 and weight-only INT8 linears against cuBLAS bf16.
 
-    PYTHONUNBUFFERED=1 python3 bench/gemm.py --out $OUT       # ~6 min on an H100; --quick: M in {1, 64, 4096}
+    PYTHONUNBUFFERED=1 python3 bench/gemm.py --out $OUT       # ~7 min on an H100; --quick: M in {1, 64, 4096}
+    python3 bench/gemm.py --rank-check gemm.json              # anywhere: the cost model against a saved run
 
 Shapes: 8192x8192x8192, and Llama-3-8B's linears (N, K) = qkv (6144, 4096), o (4096, 4096),
 gate_up (28672, 4096), down (4096, 14336) at M = 1, 16, 64, 256, 1024, 4096, 8192 tokens.
@@ -309,7 +310,34 @@ def print_tables(meta: dict, tables: dict[str, list[dict]]) -> None:
                   f"{_fmt(r['max_err'], '8.1e')}")
 
 
+def rank_check(candidates: list[dict], sms: int = 132) -> str:
+    """How well ``gemm.predicted_cost`` (the autotuner's ``top_k`` ranking) predicts the measured best
+    Triton config: in how many shape groups the fastest is the model's first, in its top 3 and top 5, and
+    what timing only the top 3 would lose. Works on a saved gemm.json anywhere (``--rank-check``)."""
+    from workbench.kernels.gemm import predicted_cost
+
+    hits, losses, groups = {1: 0, 3: 0, 5: 0}, [], 0
+    for group in candidates:
+        m, n, k = (int(v) for v in group["shape"].split()[-1].split("x"))
+        timed = [c for c in group["candidates"] if c["tactic"] == "triton" and math.isfinite(c["ms"])]
+        if len(timed) < 2:
+            continue
+        groups += 1
+        fastest = min(timed, key=lambda c: c["ms"])
+        ranked = sorted(timed, key=lambda c: predicted_cost(c["config"], m, n, k, sms))
+        for top in hits:
+            hits[top] += fastest in ranked[:top]
+        losses.append(min(c["ms"] for c in ranked[:3]) / fastest["ms"])
+    losses.sort()
+    return (f"cost model on {groups} shape groups: fastest config ranked first in {hits[1]}, in the top 3 in "
+            f"{hits[3]}, in the top 5 in {hits[5]}; timing only the top 3 loses median "
+            f"{losses[len(losses) // 2] - 1:.1%}, worst {losses[-1] - 1:.1%}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--rank-check":  # offline, on a saved run
+        print(rank_check(json.loads(Path(sys.argv[2]).read_text())["candidates"]))
+        return
     opts = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/gemm.py measures CUDA kernels: run it on a GPU machine")
@@ -346,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {i + 1}/{len(todo)} {shape.label}: bf16 {bf16_ms:.3f} ms"
               f"{', ' + note if note else ''}")
     print_tables(meta, tables)
+    print("\n" + rank_check(raw, torch.cuda.get_device_properties(0).multi_processor_count))
     print(f"\nwrote {opts.out / 'gemm.json'} and gemm_{{fp8,bf16,int8}}.csv; {time.perf_counter() - start:.0f} s")
 
 

@@ -273,3 +273,22 @@ def test_rotations_copy_small_tensors_past_l2():
     assert len({a[0].data_ptr() for a, _ in variants}) == len(variants)
     assert rotations((gate,), {}, l2_bytes=None) == [((gate,), {})]  # CPU: no copies
     assert len(rotations((gate,), {}, l2_bytes=1 << 30, most=5)) == 5
+
+
+def test_top_k_times_only_the_best_ranked_gemm_configs(program, tmp_path):
+    """With a cost model (the GEMM tactic's ``rank``), ``top_k`` cuts what is timed per tactic;
+    tactics without one keep their whole pruned space."""
+    from workbench.kernels.registry import REGISTRY
+
+    cache = TimingCache.open(tmp_path / "t.json")
+    autotune(program, steps(program)[1:], cache, timer=PlantedTimer(), progress=False, top_k=2)
+    for key, entry in cache.entries.items():
+        op, args = entry["op"], json.loads(key)[1]
+        fn = REGISTRY.get(op).tactics["triton"]
+        triton_timed = [t["config"] for t in entry["timings"] if t["tactic"] == "triton"]
+        if op == "aten.linear.default":
+            assert len(triton_timed) == 2
+            x, w = (torch.empty(a[0], dtype=getattr(torch, a[1])) for a in args[:2])
+            assert triton_timed == fn.rank(fn.prune(fn.configs, (x, w), {}), (x, w), {})[:2]
+        else:
+            assert len(triton_timed) > 2

@@ -419,3 +419,22 @@ def test_bench_arguments_and_shapes(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "fp4"])
     assert 2 <= bench.copies(bench.Shape("o", 1, 4096, 4096), opts) <= 16
+
+
+def test_cost_model_ranks_tiles_by_padded_work_per_wave():
+    """Decode (M=1): the 16-row tiles waste least; M=4096: large tiles fill whole waves and rank first."""
+    from workbench.kernels.gemm import CONFIGS, predicted_cost
+
+    def best(M, N, K):
+        return min(CONFIGS["16bit"], key=lambda c: predicted_cost(c, M, N, K, 132))
+
+    assert best(1, 4096, 4096)["BLOCK_M"] == 16
+    big = best(4096, 4096, 4096)
+    assert big["BLOCK_M"] * big["BLOCK_N"] >= 128 * 128
+    assert best(1, 4096, 4096).get("SPLIT_K", 1) > 1  # a few output tiles: split K to fill the SMs
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1}
+    step = 128 * 128 * 64  # compute-bound tile: a step costs its multiply-adds
+    assert predicted_cost(cfg, 130, 128, 128, 132)[0] == 1 * 2 * step  # 2 x 1 tiles (one mostly padding), one wave
+    assert predicted_cost(cfg, 128, 128 * 133, 64, 132)[0] == 2 * step  # 133 tiles: a second wave
+    thin = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}
+    assert predicted_cost(thin, 16, 64, 64, 132)[0] == 64 * (16 + 64) * 64  # load-bound: costs its loads

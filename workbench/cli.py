@@ -85,7 +85,7 @@ def _cmd_tune(args) -> None:
     profile = OptimizationProfile(max_tokens=args.max_tokens, max_seqs=args.max_seqs, context=args.context,
                                   max_context=max(args.max_context, args.context), edges=edges)
     ws = Workspace(args.workspace, create=False)
-    tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force)
+    tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force, top_k=args.top_k)
     for edge, chosen in zip(tuned.edges, tuned.choices):
         counts = collections.Counter(t for t, _ in chosen.values())
         print(f"bucket <= {edge:>5} tokens: " + ", ".join(f"{n} nodes {t}" for t, n in counts.most_common()))
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=4096)
     s.add_argument("--buckets", help="comma-separated token-count bucket edges (default: 1,4,16,... up to max-tokens)")
     s.add_argument("--device", default="cuda")
+    s.add_argument("--top-k", type=int, help="time only the N configs a tactic's cost model ranks best (GEMMs); "
+                   "default: every config that fits")
     s.add_argument("--reset-cache", action="store_true", help="discard the workspace's timing cache and time afresh")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_tune)

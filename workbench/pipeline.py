@@ -117,20 +117,21 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
 
 
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", timer=None, reset: bool = False,
-               force: bool = False, progress: bool = True):
+               force: bool = False, progress: bool = True, top_k: int | None = None):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
 
     ``tune/timings.json`` is the timing cache, saved after every op instance: an interrupted run
     resumes from it, a second run times nothing new, and a cache measured on another GPU or
     library version is refused (``reset`` starts it afresh). ``tune/choices.json`` holds the
-    choices per bucket that ``load_program(ws, stage="tune")`` runs with."""
+    choices per bucket that ``load_program(ws, stage="tune")`` runs with. ``top_k``: time only the
+    configs a tactic's cost model ranks best (see ``autotune``)."""
     from .kernels.autotune import TimingCache, autotune_profile
 
     program = load_program(ws, stage="passes", device=device)
-    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device)}, upstream=("passes",),
-                force=force) as run:
+    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device), "top_k": top_k},
+                upstream=("passes",), force=force) as run:
         cache = TimingCache.open(run.directory / "timings.json", reset=reset)
-        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress)
+        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k)
         cache.save()
         run.adopt("timings.json")
         run.write_json("choices.json", tuned.to_json())

@@ -121,10 +121,12 @@ class TimingCache:
         return pd.DataFrame(rows, columns=["op", "key", "tactic", "config", "ms", "chosen"])
 
 
-def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, dict | None, Callable]]:
+def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
+                top_k: int | None = None) -> list[tuple[str, dict | None, Callable]]:
     """The reference, then every tactic with every config of its tuning space (``fn.configs``) that
     its ``fn.prune(configs, args, kwargs)`` keeps for these arguments (configs that cannot fit or
-    cannot pay off at this shape are never timed)."""
+    cannot pay off at this shape are never timed). With ``top_k``, a tactic with a cost model
+    (``fn.rank(configs, args, kwargs)``, best first) has only its ``top_k`` best-ranked configs timed."""
     opdef = REGISTRY.get(op)
     out = [(REFERENCE, None, opdef.reference)]
     for name, fn in opdef.tactics.items():
@@ -134,6 +136,8 @@ def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[s
             continue
         if hasattr(fn, "prune"):
             configs = fn.prune(configs, args, kwargs)
+        if top_k and hasattr(fn, "rank"):
+            configs = fn.rank(configs, args, kwargs)[:top_k]
         out += [(name, cfg, fn) for cfg in configs]
     return out
 
@@ -142,11 +146,14 @@ Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
 
 
 def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: TimingCache, *,
-             timer: Timer | None = None, progress: bool = True) -> dict[str, tuple[str, dict | None]]:
+             timer: Timer | None = None, progress: bool = True,
+             top_k: int | None = None) -> dict[str, tuple[str, dict | None]]:
     """Tune every node of ``program`` whose op has tactics, on the argument shapes ``steps`` produce.
 
     Returns node name -> (tactic, config) of the fastest candidate. ``timer(call, op, tactic,
-    config) -> ms`` defaults to ``profiling.time_fn`` on ``call`` (CUDA events on a GPU).
+    config) -> ms`` defaults to ``profiling.time_fn`` on ``call`` (CUDA-graph replays on a GPU).
+    ``top_k`` times only the best-ranked configs of tactics that have a cost model (``fn.rank``).
+    An instance already in the cache is never timed again, whatever ``top_k`` it was timed with.
     """
     from ..profiling import time_fn
 
@@ -183,7 +190,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         op, args, kwargs = seen[key]
         timings = []
         variants = rotations(args, kwargs, l2_bytes)
-        for tactic, config, fn in _candidates(op, args, kwargs):
+        for tactic, config, fn in _candidates(op, args, kwargs, top_k):
             call = _Call(fn, config, variants)
             try:
                 ms = float(timer(call, op, tactic, config))
@@ -322,11 +329,11 @@ def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | None = None,
-                     progress: bool = True) -> TunedChoices:
+                     progress: bool = True, top_k: int | None = None) -> TunedChoices:
     """Tune ``program`` for every bucket of ``profile`` (an ``OptimizationProfile``), each on its
     representative step; one bucket's inputs (and KV cache) at a time."""
-    chosen = [autotune(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress)
-              for edge in profile.edges]
+    chosen = [autotune(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress,
+                       top_k=top_k) for edge in profile.edges]
     return TunedChoices(list(profile.edges), chosen)
 
 

@@ -246,6 +246,32 @@ def prune_configs(configs: list[dict], M: int, N: int, K: int, *, a_bytes: int, 
     return keep or [min(configs, key=lambda c: (smem_bytes(c, a_bytes, b_bytes), c.get("SPLIT_K", 1)))]
 
 
+#: Rough ratio of an SM's tensor-core rate to the rate it loads operand tiles (from L2) at, in
+#: multiply-adds per loaded element: a BM x BN tile is compute-bound when BM*BN >= TILE_LOAD_RATIO*(BM+BN)
+TILE_LOAD_RATIO = 64
+
+
+def predicted_cost(config: dict, M: int, N: int, K: int, sm_count: int) -> tuple[int, int]:
+    """A cost model to rank configs before timing them (the autotuner's ``top_k``), in tile-steps: the
+    waves of output tiles (times split-K slices) over ``sm_count`` SMs, each as long as its tile's
+    padded K steps, a step costing its multiply-adds or, for thin tiles, its operand loads
+    (``TILE_LOAD_RATIO``). Captures padding, last-wave idling and thin tiles starving the MMA units;
+    ties go to the larger tile."""
+    bm, bn, split = config["BLOCK_M"], config["BLOCK_N"], config.get("SPLIT_K", 1)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * split
+    k_steps = triton.cdiv(triton.cdiv(K, split), config["BLOCK_K"])
+    per_step = max(bm * bn, TILE_LOAD_RATIO * (bm + bn)) * config["BLOCK_K"]
+    return triton.cdiv(tiles, sm_count) * k_steps * per_step, -bm * bn
+
+
+def _ranker(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
+    """``fn.rank(configs, args, kwargs)``: configs best first by ``predicted_cost``."""
+    x, weight = args[0], args[1]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 132
+    M, N, K = x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1]
+    return sorted(configs, key=lambda c: predicted_cost(c, M, N, K, sms))
+
+
 def _smem_limit(device: torch.device) -> int:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -565,6 +591,7 @@ def register() -> None:
             fn.configs = configs  # the autotuner's search space for this tactic
         if quantizes_x is not None:  # Triton tiles: configs that cannot fit or far exceed M are skipped
             fn.prune = _pruner(quantizes_x)
+            fn.rank = _ranker
         REGISTRY.get(op).tactics[name] = fn
 
 
