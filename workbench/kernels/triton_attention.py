@@ -85,10 +85,11 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s * s_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_FP32:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    acc = acc * alpha[:, None]
+    if DOT_FP32:  # the product accumulates into acc inside the MMA, no separate add
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, m_new, l_i
 
 
