@@ -100,7 +100,7 @@ def _paged_attention_kernel(
         num_seqs, s_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
-        SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, TMA: tl.constexpr):
+        SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     # last query blocks first: they have the most keys (causal), so the long programs start early
     # and the short ones fill the tail
@@ -174,17 +174,9 @@ def _paged_attention_kernel(
                 full_end = (q_start + 1) // BLOCK_N * BLOCK_N
             kv_base = K + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
             vv_base = V + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
-            if TMA:  # tensor-memory-accelerator loads of this sequence's rows; rows past its end read 0
-                k_desc = tl.make_tensor_descriptor(kv_base, shape=[n_q.to(tl.int32), HEAD_DIM], strides=[sk_t, 1],
-                                                   block_shape=[BLOCK_N, HEAD_DIM])
-                v_desc = tl.make_tensor_descriptor(vv_base, shape=[n_q.to(tl.int32), HEAD_DIM], strides=[sk_t, 1],
-                                                   block_shape=[BLOCK_N, HEAD_DIM])
             for j0 in range(new_start, full_end, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
-                if TMA:
-                    k = k_desc.load([tl.cast(j0, tl.int32), 0])
-                    v = v_desc.load([tl.cast(j0, tl.int32), 0])
-                elif BLOCK_D == HEAD_DIM:  # every key of these tiles exists: unpredicated loads
+                if BLOCK_D == HEAD_DIM:  # every key of these tiles exists: unpredicated loads
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :])
                     v = tl.load(vv_base + j[:, None] * sk_t + d[None, :])
                 else:
@@ -194,12 +186,8 @@ def _paged_attention_kernel(
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 j_ok = j < n_q
-                if TMA:
-                    k = k_desc.load([tl.cast(j0, tl.int32), 0])
-                    v = v_desc.load([tl.cast(j0, tl.int32), 0])
-                else:
-                    k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-                    v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
                 kp = context + j
                 allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
                 if HAS_WINDOW:
@@ -242,9 +230,6 @@ CONFIGS = [
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
-    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1, "TMA": True},  # prefill, TMA
-    {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "SPLITS": 1, "TMA": True},
-    {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1, "TMA": True},
     {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
@@ -256,14 +241,6 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 32},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "SPLITS": 64},
 ]
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need global scratch; Triton asks for it through this hook."""
-    if not getattr(_ensure_allocator, "done", False):
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
-                                                                     device="cuda" if torch.cuda.is_available() else "cpu"))
-        _ensure_allocator.done = True
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -314,11 +291,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     else:
         part = lse = out  # unused
     scale = head_dim ** -0.5 if scale is None else scale
-    # TMA descriptors need a power-of-two head dim, 16-byte aligned rows, and scratch for the descriptors
-    tma = (config.get("TMA", False) and new_from_input and head_dim == triton.next_power_of_2(head_dim)
-           and (k.stride(2) * k.element_size()) % 16 == 0 and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
-    if tma:
-        _ensure_allocator()
     _paged_attention_kernel[grid](
         q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), out.stride(1), out.stride(2),
@@ -327,7 +299,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         seqs, scale * k_scale * LOG2E, v_scale, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
-        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, NEW_FROM_INPUT=new_from_input, TMA=tma,
+        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, NEW_FROM_INPUT=new_from_input,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _combine_kernel[(tokens, heads)](
