@@ -1,22 +1,26 @@
 """Kernel autotuning: time every tactic and config per op instance and shape, keep every timing.
 
     cache = TimingCache.open(ws_dir / "timings.json")       # refuses a cache from another GPU or library version
-    choices = autotune(program, steps, cache)                # steps: graph inputs of example steps (profiles)
-    fast = program.with_choices(choices)                     # node -> (tactic, config)
+    tuned = autotune_profile(program, OptimizationProfile(), cache)   # per token bucket (kernels/profiles.py)
+    fast = program.with_choices(tuned)                       # each step runs its bucket's choices
+    choices = autotune(program, steps, cache)                # or: node -> (tactic, config) for given steps
 
 How it works:
   1. each example step runs once through the program, recording the arguments each node
      whose op has tactics receives (their shapes and dtypes make the key);
   2. for every distinct key (op, argument shapes and dtypes: identical layers are tuned once)
-     the reference and every tactic × config (the kernel module's ``CONFIGS``) are timed on
-     those very arguments, with CUDA events on a GPU (``profiling.time_fn``);
+     the reference and every tactic × config (the kernel module's ``CONFIGS``) that the tactic's
+     ``prune`` keeps (resources, shape; with ``top_k``, the best of its cost model's ``rank``) are
+     timed on those very arguments: on a GPU as CUDA-graph replays (kernel time, no launch
+     overhead), cycling through copies of the arguments that together exceed the L2 cache;
   3. every timing goes into the cache, which is written atomically after each key, so an
      interrupted run resumes where it stopped and a second run times nothing;
   4. each node gets the fastest candidate for its key.
 
 The cache file records the environment it was measured in (GPU name and SM count, CUDA,
-torch and triton versions). Opening it elsewhere raises a clear error instead of reusing
-timings that do not apply; ``TimingCache.open(path, reset=True)`` starts afresh.
+torch and triton versions) and the copy and GEMM ceilings measured there (for rooflines).
+Opening it elsewhere raises a clear error instead of reusing timings that do not apply;
+``TimingCache.open(path, reset=True)`` starts afresh, ``TimingCache.view(path)`` only looks.
 """
 
 from __future__ import annotations
