@@ -131,3 +131,18 @@ def test_write_kv_fp8_rounding():
     assert (r.abs() == 448).sum() > 0  # saturation was exercised
     assert wrong.float().mean() < 0.1
     assert ((g - r).abs() <= 0.5 * r.abs()).all()  # a neighbour at worst (the carry error halves)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_llama_head_dims_in_fp16(head_dim):
+    """The head dims of the Llama/Mistral/Qwen2 family, in fp16, on a mixed decode/prefill/continuation step."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step([1, 6, 3], [9, 0, 5], kv_heads=2, group=4,
+                                                         head_dim=head_dim, page=4, dtype=torch.float16, seed=4)
+    ref_cache, tri_cache = cache.clone(), cache.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl)
+    for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 2}):
+        tri_cache.copy_(cache)
+        out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, config=config)
+        assert torch.equal(tri_cache, ref_cache)
+        assert torch.isfinite(out.float()).all() and out.dtype == torch.float16
+        assert rel_err(out, ref) < 2e-3
