@@ -264,11 +264,17 @@ def predicted_cost(config: dict, M: int, N: int, K: int, sm_count: int) -> tuple
     return triton.cdiv(tiles, sm_count) * k_steps * per_step, -bm * bn
 
 
+def _mnk(args: tuple) -> tuple[int, int, int]:
+    """M, N, K of a tactic called as fn(x [..., K], weight [N, K], ...)."""
+    x, weight = args[0], args[1]
+    return x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1]
+
+
 def _ranker(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     """``fn.rank(configs, args, kwargs)``: configs best first by ``predicted_cost``."""
-    x, weight = args[0], args[1]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 132
-    M, N, K = x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1]
+    device = args[0].device
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    M, N, K = _mnk(args)
     return sorted(configs, key=lambda c: predicted_cost(c, M, N, K, sms))
 
 
@@ -285,9 +291,8 @@ def _pruner(quantizes_x: bool):
 
     def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
         x, weight = args[0], args[1]
-        return prune_configs(configs, x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1],
-                             a_bytes=1 if quantizes_x else x.element_size(), b_bytes=weight.element_size(),
-                             smem_limit=_smem_limit(x.device))
+        return prune_configs(configs, *_mnk(args), a_bytes=1 if quantizes_x else x.element_size(),
+                             b_bytes=weight.element_size(), smem_limit=_smem_limit(x.device))
 
     return prune
 

@@ -67,9 +67,6 @@ class OptimizationProfile:
             seqs = next(s for s in range(seqs, edge + 1) if edge % s == 0)
         return Step(seqs=seqs, new=edge // seqs, context=0)
 
-    def steps(self) -> list[Step]:
-        return [self.step(e) for e in self.edges]
-
     def bucket(self, tokens: int) -> int:
         """Index of the bucket a step of ``tokens`` tokens runs in."""
         if tokens > self.max_tokens:
