@@ -23,6 +23,11 @@ def steps(program):
     return prefill_then_decode(program)
 
 
+def measurements(entries) -> int:
+    """Timer calls behind cache entries: one per candidate, more for near-ties (their ``samples``)."""
+    return sum(len(t.get("samples", [None])) for e in entries for t in e["timings"])
+
+
 class PlantedTimer:
     """Runs every candidate once; the reference takes 1 ms, a tactic's configs 0.5 ms minus 0.01 per position,
     so the last config of each space must win. Optionally fails one config, or stops after n calls."""
@@ -71,7 +76,7 @@ def test_tunes_chooses_and_reuses(program, tmp_path):
         assert choices[n.name] == ("triton", kept[-1])
     # identical layers and heads share keys: fewer entries than node instances (each seen at two steps)
     assert saved["env"]["gpu"] == "cpu" and len(saved["entries"]) < 2 * len(tunable)
-    assert timer.calls == sum(len(e["timings"]) for e in saved["entries"].values())
+    assert timer.calls == measurements(saved["entries"].values())
     for key, entry in saved["entries"].items():  # every candidate's timing is kept, not only the winner
         op, args, kwargs = key_args[key]
         fn = REGISTRY.get(op).tactics["triton"]
@@ -97,7 +102,7 @@ def test_interrupted_tuning_resumes(program, tmp_path):
     timer = PlantedTimer()
     autotune(program, steps(program), TimingCache.open(path), timer=timer, progress=False)
     total = json.loads(path.read_text())["entries"]
-    assert timer.calls == sum(len(e["timings"]) for k, e in total.items() if k not in done)
+    assert timer.calls == measurements(e for k, e in total.items() if k not in done)
 
 
 def test_a_failing_config_is_recorded_and_never_chosen(program, tmp_path):
@@ -238,7 +243,7 @@ def test_tune_stage_persists_resumes_and_runs(tmp_path):
     timer = PlantedTimer()
     tuned = tune_stage(ws, profile, device="cpu", timer=timer, progress=False)
     entries = json.loads(ws.path("tune", "timings.json").read_text())["entries"]
-    assert timer.calls == sum(len(e["timings"]) for k, e in entries.items() if k not in partial)
+    assert timer.calls == measurements(e for k, e in entries.items() if k not in partial)
     assert ws.status("tune") == "ok" and set(ws.record("tune")["artifacts"]) == {"timings.json", "choices.json"}
     assert ws.record("tune")["params"]["profile"] == profile.to_json()
     saved = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
@@ -292,3 +297,28 @@ def test_top_k_times_only_the_best_ranked_gemm_configs(program, tmp_path):
             assert triton_timed == fn.rank(fn.prune(fn.configs, (x, w), {}), (x, w), {})[:2]
         else:
             assert len(triton_timed) > 2
+
+
+def test_near_ties_are_timed_again_and_ranked_by_their_median():
+    """One noisy measurement must not pick the slower of two near-equal candidates: those within 5% of the
+    fastest are re-measured (interleaved) and ranked by their median; clear losers are not re-timed."""
+    from workbench.kernels.autotune import refine
+
+    truth = {"a": 1.00, "b": 1.02, "c": 1.50}
+    first = {"a": 1.06, "b": 1.02, "c": 1.50}  # a's first measurement was unlucky
+    timings = [{"tactic": k, "config": None, "ms": first[k]} for k in truth]
+    order = []
+
+    def measure(t):
+        order.append(t["tactic"])
+        return truth[t["tactic"]]
+
+    refine(timings, measure)
+    assert order == ["a", "b", "a", "b"]  # interleaved, c never re-timed
+    by = {t["tactic"]: t for t in timings}
+    assert by["a"]["samples"] == [1.06, 1.00, 1.00] and by["a"]["ms"] == 1.00
+    assert by["b"]["ms"] == 1.02 and "samples" not in by["c"]
+    assert min(timings, key=lambda t: t["ms"])["tactic"] == "a"
+    failing = [{"tactic": "x", "config": None, "ms": 1.0}, {"tactic": "y", "config": None, "ms": 1.01}]
+    refine(failing, lambda t: 1 / 0 if t["tactic"] == "x" else 1.01)
+    assert failing[0]["samples"] == [1.0, float("inf"), float("inf")] and failing[0]["ms"] == float("inf")

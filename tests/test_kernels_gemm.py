@@ -273,10 +273,43 @@ def test_quantized_ops_reject_bad_arguments():
         (lambda: G.fp8_linear_triton(x, wq, ws, bias=torch.ones(47)), "bias must hold N=48"),
         (lambda: G.fp8_linear(x, wq, ws, out_dtype=torch.int8), "out_dtype"),
         (lambda: G.int8_linear(x, wq, ws), "torch.int8"),
+        (lambda: G.fp8_linear(x.to(torch.int8), wq, ws), "or torch.float8_e4m3fn already quantized"),
         (lambda: G.w8_linear(x.int(), wq.view(torch.int8), ws), "x must be bfloat16"),
     ]:
         with pytest.raises(WorkbenchError, match=match):
             call()
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_x_quantized_upstream_is_the_same_linear(kind, per_token):
+    """x handed over already quantized (with its scale, per tensor or per token) gives exactly what the op
+    computes when it quantizes x itself, in every tactic; the output then defaults to bfloat16."""
+    qdtype, scale_fn, quant_fn = ((FP8, G.fp8_scale, G.quantize_fp8) if kind == "fp8"
+                                  else (torch.int8, G.int8_scale, G.quantize_int8))
+    op = G.fp8_linear if kind == "fp8" else G.int8_linear
+    m, k, n = 33, 64, 48
+    x = randn(3, m, k, dtype=torch.bfloat16, scale=2.0)
+    _, wq, ws = quantized_weight(n, k, kind, True)
+    bias = randn(n, dtype=torch.bfloat16)
+    sx = scale_fn(x, dim=-1) if per_token else scale_fn(x) * 1.3
+    xq = quant_fn(x, sx)
+    inside = op(x, wq, ws, None if per_token else sx, bias, torch.float32)  # the op quantizes x the same way
+    upstream = op(xq, wq, ws, sx, bias, torch.float32)
+    assert torch.equal(upstream, inside)
+    assert op(xq, wq, ws, sx, bias).dtype == torch.bfloat16
+    tactics = [G.fp8_linear_triton] if kind == "fp8" else [G.int8_linear_triton]
+    if kind == "fp8" and HAS_CPU_SCALED_MM:
+        tactics.append(G.fp8_linear_scaled_mm)
+    if kind == "int8" and HAS_CPU_INT_MM:
+        tactics.append(G.int8_linear_int_mm)
+    for fn in tactics:
+        for out_dtype in (torch.bfloat16, None):
+            close(fn(xq, wq, ws, sx, bias, out_dtype), op(xq, wq, ws, sx, bias, out_dtype), TOL[torch.bfloat16])
+    with pytest.raises(WorkbenchError, match=f"x is already {qdtype}, so input_scale must be"):
+        op(xq, wq, ws)
+    with pytest.raises(WorkbenchError, match=f"one per token .{3 * m}.; got 5 values"):
+        op(xq, wq, ws, torch.ones(5))
 
 
 # --- int8 and weight-only int8 --------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ epilogue of ``torch._int_mm``'s int32 output.
 
 The quantized ops take x in high precision and quantize it themselves: one Triton pass per
 row on the GPU (amax, scale, saturate, round, cast), the torch helpers below elsewhere (the
-Triton interpreter's float→fp8 casts are wrong). The references are the oracle: quantize x
+Triton interpreter's float→fp8 casts are wrong). That pass reads and writes all of x, which at
+prefill sizes costs 10-20% of an FP8 GEMM; so x may also arrive already quantized (fp8 or
+int8, with its scale per tensor or per token), written so by the op that produced it, and the
+op is then the GEMM alone. The references are the oracle: quantize x
 with those helpers, dequantize both operands to fp32, matmul in fp32, add the bias, round to
 the output dtype. Tactics differ from them by fp32 summation order (then one rounding), except on
 Hopper, where FP8 tensor cores accumulate in reduced precision: ``torch._scaled_mm`` with
@@ -389,6 +392,8 @@ def _quantize_rows(x2: torch.Tensor, input_scale: torch.Tensor | None, qdtype: t
 def _quantize_x(x2: torch.Tensor, input_scale: torch.Tensor | None, qdtype: torch.dtype):
     """x [M, K] quantized as the op's reference does it, and its scale ([M] per token, or [1] static).
     One Triton pass on the GPU; the torch helpers elsewhere (the interpreter's float→fp8 casts are wrong)."""
+    if x2.dtype == qdtype:  # quantized upstream (e.g. by the norm that produced it)
+        return (x2 if x2.stride(-1) == 1 else x2.contiguous()), _flat(input_scale)
     if x2.is_cuda:
         return _quantize_rows(x2, input_scale, qdtype)
     scale_fn, quant_fn = (int8_scale, quantize_int8) if qdtype == torch.int8 else (fp8_scale, quantize_fp8)
@@ -397,22 +402,32 @@ def _quantize_x(x2: torch.Tensor, input_scale: torch.Tensor | None, qdtype: torc
 
 
 def _check(op: str, x, weight, weight_scale, input_scale, bias, wdtype: torch.dtype,
-           out_dtype: torch.dtype | None = None) -> tuple[int, int]:
-    """Validate a quantized linear's arguments (one-line errors naming the fix); returns (N, K)."""
+           out_dtype: torch.dtype | None = None, qdtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Validate a quantized linear's arguments (one-line errors naming the fix); returns (N, K).
+    ``qdtype``: the dtype the op quantizes x to, which x may already have (quantized upstream)."""
     if out_dtype is not None and out_dtype not in _FLOATS:
         raise WorkbenchError(f"{op}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     if weight.dtype != wdtype or weight.dim() != 2:
         raise WorkbenchError(f"{op}: weight must be a 2-D {wdtype} tensor [N, K], got {weight.dtype} "
                              f"{list(weight.shape)}; quantize it with workbench.kernels.gemm's helpers")
-    if x.dtype not in _FLOATS:
-        raise WorkbenchError(f"{op}: x must be bfloat16, float16 or float32 (the op quantizes it), got {x.dtype}")
+    prequantized = qdtype is not None and x.dtype == qdtype
+    if x.dtype not in _FLOATS and not prequantized:
+        also = f", or {qdtype} already quantized (with its input_scale)" if qdtype is not None else ""
+        raise WorkbenchError(f"{op}: x must be bfloat16, float16 or float32 (the op quantizes it){also}, "
+                             f"got {x.dtype}")
     N, K = weight.shape
     if x.shape[-1] != K:
         raise WorkbenchError(f"{op}: x's last dim is {x.shape[-1]} but weight is [N={N}, K={K}]; they must share K")
     if weight_scale.numel() not in (1, N):
         raise WorkbenchError(f"{op}: weight_scale must hold 1 value (per tensor) or N={N} (per output channel), "
                              f"got {weight_scale.numel()}")
-    if input_scale is not None and input_scale.numel() != 1:
+    if prequantized:
+        rows = x.numel() // K if K else 0
+        if input_scale is None or input_scale.numel() not in (1, rows):
+            got = "none" if input_scale is None else f"{input_scale.numel()} values"
+            raise WorkbenchError(f"{op}: x is already {qdtype}, so input_scale must be the scale it was quantized "
+                                 f"with: one value (per tensor) or one per token ({rows}); got {got}")
+    elif input_scale is not None and input_scale.numel() != 1:
         raise WorkbenchError(f"{op}: input_scale must be one value (static per-tensor) or None (dynamic per-token), "
                              f"got {input_scale.numel()} values")
     if bias is not None and bias.numel() != N:
@@ -420,11 +435,19 @@ def _check(op: str, x, weight, weight_scale, input_scale, bias, wdtype: torch.dt
     return N, K
 
 
+def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype: as asked, else x's, else (x quantized upstream) bfloat16."""
+    return out_dtype or (x.dtype if x.dtype in _FLOATS else torch.bfloat16)
+
+
 def _dequantized_matmul(x, weight, weight_scale, input_scale, bias, out_dtype, quantize: str | None):
     """The references' arithmetic: (quantize x), dequantize to fp32, fp32 matmul, + bias, round once."""
     x2 = _rows(x)
     if quantize is None:
         xd = x2.float()
+    elif x2.dtype in (torch.int8, torch.float8_e4m3fn):  # quantized upstream with input_scale
+        sx = input_scale.float().reshape(-1, 1) if input_scale.numel() > 1 else input_scale.float().reshape(())
+        xd = x2.float() * sx
     else:
         scale_fn, quant_fn = (int8_scale, quantize_int8) if quantize == "int8" else (fp8_scale, quantize_fp8)
         sx = scale_fn(x2, dim=-1) if input_scale is None else input_scale.float().reshape(())
@@ -463,14 +486,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """FP8 linear: x (bf16/fp16/fp32) quantized to float8_e4m3fn with the static scalar ``input_scale`` or,
     when None, per token (amax/448), times weight fp8 [N, K] with ``weight_scale`` per tensor or per output
-    channel; + bias; in ``out_dtype`` (default x's). Reference: dequantize, fp32 matmul, round once."""
-    _check("workbench.fp8_linear", x, weight, weight_scale, input_scale, bias, torch.float8_e4m3fn, out_dtype)
-    return _dequantized_matmul(x, weight, weight_scale, input_scale, bias, out_dtype or x.dtype, "fp8")
+    channel; + bias; in ``out_dtype`` (default x's). x may also arrive already in float8_e4m3fn, quantized
+    upstream (a norm that writes fp8), with ``input_scale`` one value or one per token, and the output then
+    defaults to bfloat16. Reference: dequantize, fp32 matmul, round once."""
+    _check("workbench.fp8_linear", x, weight, weight_scale, input_scale, bias, torch.float8_e4m3fn, out_dtype,
+           torch.float8_e4m3fn)
+    return _dequantized_matmul(x, weight, weight_scale, input_scale, bias, _out_dtype(x, out_dtype), "fp8")
 
 
 def _quantized_triton(op, x, weight, weight_scale, input_scale, bias, out_dtype, wdtype, qdtype, config):
     """Shared by the Triton tactics: (quantize x to qdtype, or None: weight-only), GEMM with the epilogue."""
-    N, K = _check(op, x, weight, weight_scale, input_scale, bias, wdtype, out_dtype)
+    N, K = _check(op, x, weight, weight_scale, input_scale, bias, wdtype, out_dtype, qdtype)
     x2 = _rows(x)
     M = x2.shape[0]
     if qdtype is None:  # weight-only: x goes in as it is
@@ -487,7 +513,7 @@ def fp8_linear_triton(x, weight, weight_scale, input_scale=None, bias=None, out_
     """Triton: x quantized (one pass), fp8 × fp8 tensor-core dots with fp32 accumulation, scales and bias in
     the epilogue."""
     return _quantized_triton("workbench.fp8_linear", x, weight, weight_scale, input_scale, bias,
-                             out_dtype or x.dtype, torch.float8_e4m3fn, torch.float8_e4m3fn, config)
+                             _out_dtype(x, out_dtype), torch.float8_e4m3fn, torch.float8_e4m3fn, config)
 
 
 def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, out_dtype=None, config=None):
@@ -495,9 +521,10 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
     token or the weight per channel. Its CUDA rules are checked on every device (the CPU kernel is laxer),
     so unsupported inputs fail the same way everywhere, with a WorkbenchError the autotuner records."""
     op = "workbench.fp8_linear"
-    N, K = _check(op, x, weight, weight_scale, input_scale, bias, torch.float8_e4m3fn, out_dtype)
-    out_dtype = out_dtype or x.dtype
-    rowwise = input_scale is None or weight_scale.numel() > 1
+    N, K = _check(op, x, weight, weight_scale, input_scale, bias, torch.float8_e4m3fn, out_dtype,
+                  torch.float8_e4m3fn)
+    out_dtype = _out_dtype(x, out_dtype)
+    rowwise = input_scale is None or input_scale.numel() > 1 or weight_scale.numel() > 1
     if K % 16 or N % 16:
         raise WorkbenchError(f"{op}: torch._scaled_mm needs K and N to be multiples of 16, got K={K}, N={N}; "
                              "use the triton tactic for this shape")
@@ -527,26 +554,29 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
 
 @register_op("workbench.int8_linear", cost=C.matmul)
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """INT8 linear: x quantized to int8 with the static scalar ``input_scale`` or, when None, per token
     (amax/127, round half to even), times weight int8 [N, K] with ``weight_scale`` per tensor or per output
-    channel; + bias; in x's dtype. Reference: dequantize, fp32 matmul, round once."""
-    _check("workbench.int8_linear", x, weight, weight_scale, input_scale, bias, torch.int8)
-    return _dequantized_matmul(x, weight, weight_scale, input_scale, bias, x.dtype, "int8")
+    channel; + bias; in ``out_dtype`` (default x's). x may also arrive already in int8 with its
+    ``input_scale`` (one value or one per token); the output then defaults to bfloat16. Reference: dequantize,
+    fp32 matmul, round once."""
+    _check("workbench.int8_linear", x, weight, weight_scale, input_scale, bias, torch.int8, out_dtype, torch.int8)
+    return _dequantized_matmul(x, weight, weight_scale, input_scale, bias, _out_dtype(x, out_dtype), "int8")
 
 
-def int8_linear_triton(x, weight, weight_scale, input_scale=None, bias=None, config=None):
+def int8_linear_triton(x, weight, weight_scale, input_scale=None, bias=None, out_dtype=None, config=None):
     """Triton: x quantized (one pass), int8 × int8 dots with exact int32 accumulation, scales and bias in the
     epilogue."""
-    return _quantized_triton("workbench.int8_linear", x, weight, weight_scale, input_scale, bias, x.dtype,
-                             torch.int8, torch.int8, config)
+    return _quantized_triton("workbench.int8_linear", x, weight, weight_scale, input_scale, bias,
+                             _out_dtype(x, out_dtype), torch.int8, torch.int8, config)
 
 
-def int8_linear_int_mm(x, weight, weight_scale, input_scale=None, bias=None, config=None):
+def int8_linear_int_mm(x, weight, weight_scale, input_scale=None, bias=None, out_dtype=None, config=None):
     """torch._int_mm (cuBLASLt int8 → int32), then one Triton pass for scales, bias and rounding. Its CUDA
     rules (M > 16, K and N multiples of 8) are checked on every device."""
     op = "workbench.int8_linear"
-    N, K = _check(op, x, weight, weight_scale, input_scale, bias, torch.int8)
+    N, K = _check(op, x, weight, weight_scale, input_scale, bias, torch.int8, out_dtype, torch.int8)
     x2 = _rows(x)
     M = x2.shape[0]
     if M <= 16 or K % 8 or N % 8:
@@ -556,7 +586,7 @@ def int8_linear_int_mm(x, weight, weight_scale, input_scale=None, bias=None, con
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     acc = torch._int_mm(xq, weight.t())
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, N), dtype=_out_dtype(x, out_dtype), device=x.device)
     _reduce(acc.unsqueeze(0), out, sx, _flat(weight_scale), bias)
     return out.view(*x.shape[:-1], N)
 
