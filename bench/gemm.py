@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -176,6 +177,19 @@ def tune(op: str, argsets: list[tuple], reference: torch.Tensor, opts: Options) 
     return results
 
 
+def paired(op: str, argsets: list[tuple], a: dict, b: dict, opts: Options, rounds: int = 5) -> float:
+    """Candidate a's time over b's, each the median of ``rounds`` measurements taken alternately (a, b, a,
+    b, ...): drift (clocks, power) hits both alike. For a choice that one measurement puts behind the best."""
+    fns = REGISTRY.get(op).tactics
+    calls = [functools.partial(fns[c["tactic"]], config=c["config"]) if c["config"] is not None else fns[c["tactic"]]
+             for c in (a, b)]
+    times = [[], []]
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            times[i].append(measure(call, argsets, opts))
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
 def best(results: list[dict], tactic: str | None = None) -> dict:
     pool = [r for r in results if tactic is None or r["tactic"] == tactic]
     return min(pool, key=lambda r: r["ms"]) if pool else {"ms": math.inf, "config": None, "tactic": tactic}
@@ -206,7 +220,11 @@ def bench_fp8(shape: Shape, xs, ws, bf16_ms: float, opts: Options) -> tuple[list
             results = tune("workbench.fp8_linear", sets, G.fp8_linear(*sets[0]), opts)
             sm, tr = best(results, "scaled_mm"), best(results, "triton")
             choice = min(results, key=lambda r: r["tune_ms"])
-            row.update({f"{mode}_scaled_mm_ms": sm["ms"], f"{mode}_triton_ms": tr["ms"],
+            fastest = min((sm, tr), key=lambda r: r["ms"])
+            ratio = fastest["ms"] / choice["ms"]
+            if ratio < 0.97:  # one measurement says the choice is slower: measure the two again, alternately
+                ratio = 1 / paired("workbench.fp8_linear", sets, choice, fastest, opts)
+            row.update({f"{mode}_paired_over_best": ratio, f"{mode}_scaled_mm_ms": sm["ms"], f"{mode}_triton_ms": tr["ms"],
                         f"{mode}_triton_config": tr["config"],
                         f"{mode}_choice": f"{choice['tactic']} {json.dumps(choice['config'])}",
                         f"{mode}_choice_ms": choice["ms"],
@@ -300,8 +318,15 @@ def print_tables(meta: dict, tables: dict[str, list[dict]]) -> None:
         for mode in ("in_op", "upstream"):
             ok = [r[f"{mode}_choice_over_best"] >= 0.97 for r in tables["fp8"]]
             big = [r[f"{mode}_fp8_over_bf16"] >= 1.6 for r in tables["fp8"] if r["M"] >= 4096]
-            print(f"x {mode.replace('_', ' ')}: choice/best >= 0.97 in {sum(ok)} of {len(ok)} rows; "
+            again = [r[f"{mode}_paired_over_best"] >= 0.97 for r in tables["fp8"]]
+            print(f"x {mode.replace('_', ' ')}: choice/best >= 0.97 in {sum(ok)} of {len(ok)} rows "
+                  f"({sum(again)} after re-measuring the misses alternately with the best, 5 rounds); "
                   f"fp8/bf16 >= 1.6 at M >= 4096 in {sum(big)} of {len(big)}")
+        for r in tables["fp8"]:
+            for mode in ("in_op", "upstream"):
+                if r[f"{mode}_choice_over_best"] < 0.97:
+                    print(f"  miss, x {mode}: {r['shape']} {r['scaling']}: {r[f'{mode}_choice_over_best']:.3f} in one "
+                          f"measurement, {r[f'{mode}_paired_over_best']:.3f} re-measured alternately")
     if tables["bf16"]:
         print("\n(b) bf16 linear: Triton (best config) vs cuBLAS")
         print(f"{'shape':<26} {'cublas':>8} {'triton':>8} {'cublas/triton':>13} {'cuBLAS TF/s':>11} {'Triton TF/s':>11} "
