@@ -1,0 +1,212 @@
+"""Precision plans, calibration and applying a plan, on tiny-llama's optimized (paged) graph on the CPU.
+
+Calibration runs random token ids (never zeros); every format is checked against what it must compute:
+the quantized program's logits against the unquantized ones (small KL), and the rewritten nodes, weights
+and scales against the quantization helpers applied by hand.
+"""
+
+import json
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.kernels import gemm as G
+from workbench.quant import CalibrationStats, PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+from workbench.quant.apply import smoothing_factors
+from workbench.runtime.paged_cache import logits_fn
+
+
+@pytest.fixture(scope="module")
+def program(tiny_program):
+    return tiny_program
+
+
+@pytest.fixture(scope="module")
+def stats(program):
+    torch.manual_seed(1)
+    return calibrate(program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, batch=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def probe(program):
+    ids = torch.randint(1, 512, (1, 33))
+    return ids, logits_fn(program)(ids)
+
+
+def kl(ref, out):
+    return torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
+                                      reduction="batchmean").item()
+
+
+# --- groups and plans -------------------------------------------------------------------------------------
+
+def test_linear_groups_follow_the_modules(program):
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+    assert groups["layers.1.qkv"].weights == ("model.layers.1.self_attn.qkv_proj.weight",)
+    assert groups["layers.0.down"].layer == 0 and groups["lm_head"].layer is None
+
+
+def test_plan_json_round_trip_and_defaults(program):
+    plan = PrecisionPlan.uniform(program.graph, "fp8", kv_cache="fp8", weights="tensor")
+    assert plan.format_of("lm_head") == "bf16" and plan.format_of("kv_cache") == "fp8"
+    assert plan.options("layers.0.o") == {"weights": "tensor", "activations": "static"}
+    again = PrecisionPlan.loads(plan.dumps())
+    assert again.to_json() == plan.to_json()
+    edited = plan.with_format("layers.0.down", "int8_sq", edited=True, alpha=0.7)
+    assert edited.edited == ["layers.0.down"] and plan.edited == []
+    assert edited.options("layers.0.down")["alpha"] == 0.7
+    assert edited.summary() == {"fp8": 7, "int8_sq": 1, "bf16": 1}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda p: p["groups"].update({"layers.0.q": {"format": "fp8"}}), "fused siblings .* name the group 'layers.0.qkv'"),
+    (lambda p: p["groups"].update({"model.embed_tokens": {"format": "fp8"}}), "embeddings stay in high precision"),
+    (lambda p: p["groups"].update({"layers.9.o": {"format": "fp8"}}), "not a linear group of this model"),
+    (lambda p: p["groups"].pop("lm_head"), "lm_head is never implied"),
+    (lambda p: p["groups"].pop("layers.1.o"), "leaves out 1 linear groups"),
+    (lambda p: p["groups"].update({"layers.0.o": {"format": "int4"}}), "format 'int4' is unknown"),
+    (lambda p: p["groups"].update({"layers.0.o": {"format": "int8_sq", "alpha": 1.5}}), r"alpha must be a number in \[0, 1\]"),
+    (lambda p: p["groups"].update({"layers.0.o": {"format": "int8_wo", "activations": "static"}}), "takes no option 'activations'"),
+    (lambda p: p["groups"].update({"layers.0.o": {"format": "fp8", "weights": "row"}}), "weights must be one of channel, tensor"),
+    (lambda p: p.update({"kv_cache": "int4"}), "kv_cache format 'int4' is unknown"),
+    (lambda p: p.update({"model": "0123456789abcdef"}), "made for another model"),
+    (lambda p: p.update({"version": 7}), "version 7 is not supported"),
+])
+def test_invalid_plans_say_what_and_how_to_fix(program, edit, match):
+    obj = PrecisionPlan.uniform(program.graph, "fp8").to_json()
+    edit(obj)
+    with pytest.raises(WorkbenchError, match=match):
+        PrecisionPlan.from_json(obj).validate(program.graph)
+
+
+def test_plan_files_that_are_not_plans():
+    with pytest.raises(WorkbenchError, match="not valid JSON"):
+        PrecisionPlan.loads("{groups: ")
+    with pytest.raises(WorkbenchError, match="unknown keys extra"):
+        PrecisionPlan.from_json({"groups": {}, "extra": 1})
+
+
+# --- calibration --------------------------------------------------------------------------------------------
+
+def test_calibration_sees_every_group_input_and_layer(program, stats):
+    groups = linear_groups(program.graph)
+    assert set(stats.activations) == set(groups) and set(stats.kv) == {0, 1}
+    # the statistics are those of the tensors the linears read: re-observe one group's input by hand
+    seen = []
+    ids = torch.randint(1, 512, (2, 48))
+    from workbench.runtime.paged_cache import cache_for
+
+    cache = cache_for(program.graph, num_blocks=6)
+    inputs = cache.step_inputs([(0, ids[0].tolist()), (1, ids[1].tolist())])
+    program.run(_observe=({groups["layers.1.down"].nodes[0]}, lambda n, op, a, k: seen.append(a[0])), **inputs)
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    one = calibrate(program, ids.reshape(-1), samples=2, seq_len=48, batch=2, progress=False)
+    assert torch.equal(one.activations["layers.1.down"].amax(), x.abs().amax())
+    assert torch.equal(one.channel_amax("layers.1.down"), x.abs().amax(dim=0))
+    assert stats.activations["layers.0.qkv"].samples == 2 and stats.samples == 6  # 6 samples in batches of 4
+    w = program.params["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(stats.weights["layers.0.down"], w.abs().amax(dim=1))
+    k_scale, v_scale = stats.kv_scales(0)
+    assert k_scale > 0 and v_scale > 0
+
+
+def test_statistics_round_trip_and_refuse_another_model(program, stats, tmp_path):
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    back = CalibrationStats.load(path, program.graph)
+    for g in stats.activations:
+        assert torch.equal(back.input_scale(g, "fp8"), stats.input_scale(g, "fp8"))
+        assert torch.equal(back.channel_amax(g), stats.channel_amax(g))
+    assert back.kv_scales(1) == stats.kv_scales(1)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["model"] = "feedfacefeedface"
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(WorkbenchError, match="come from another model"):
+        CalibrationStats.load(path, program.graph)
+    with pytest.raises(WorkbenchError, match="no calibration statistics at"):
+        CalibrationStats.load(tmp_path / "none.safetensors")
+
+
+def test_calibration_refuses_a_set_too_small_and_bad_observers(program):
+    with pytest.raises(WorkbenchError, match=r"has 100 tokens, too few for 4 samples x 48 tokens .*at most 2 samples"):
+        calibrate(program, torch.randint(1, 512, (100,)), samples=4, seq_len=48, progress=False)
+    with pytest.raises(WorkbenchError, match="unknown"):
+        calibrate(program, torch.randint(1, 512, (500,)), samples=2, seq_len=48, observer="minmax", progress=False)
+
+
+def test_histogram_observers_calibrate_too(program):
+    s = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, observer="percentile",
+                  percentile=99.9, progress=False)
+    obs = s.activations["layers.0.gate_up"]
+    assert 0 < float(obs.threshold("fp8")) <= float(obs.amax())
+
+
+# --- applying a plan ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,opts,op,limit", [
+    ("fp8", {}, "workbench.fp8_linear", 1e-3),
+    ("fp8", {"activations": "dynamic", "weights": "tensor"}, "workbench.fp8_linear", 1e-3),
+    ("int8_wo", {}, "workbench.w8_linear", 1e-4),
+    ("int8_sq", {"alpha": 0.5}, "workbench.int8_linear", 1e-3),
+    ("int8_sq", {"alpha": 0.8, "activations": "static"}, "workbench.int8_linear", 1e-3),
+])
+def test_each_format_rewrites_every_group_and_stays_close(program, stats, probe, fmt, opts, op, limit):
+    plan = PrecisionPlan.uniform(program.graph, fmt, **opts)
+    q = quantized_program(program, plan, stats)
+    ops = [n.op for n in q.graph.nodes]
+    assert ops.count(op) == 8 and ops.count("aten.linear.default") == 1  # lm_head stays
+    ids, ref = probe
+    out = logits_fn(q)(ids)
+    assert torch.isfinite(out).all() and 0 < kl(ref, out) < limit
+    assert q.graph.meta["precision"] == plan.to_json()
+    assert "model.layers.0.mlp.down_proj.weight" not in q.graph.params  # the unquantized weight left the graph
+
+
+def test_fp8_weights_and_static_scales_are_the_helpers(program, stats):
+    plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.1.o", "fp8")
+    graph, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+    node = next(n for n in graph.nodes if n.op == "workbench.fp8_linear")
+    w = program.params["model.layers.1.self_attn.o_proj.weight"]
+    scale = G.fp8_scale(w, dim=1)
+    assert torch.equal(tensors[node.args[1].name].view(torch.uint8), G.quantize_fp8(w, scale).view(torch.uint8))
+    assert torch.equal(tensors[node.args[2].name], scale.reshape(-1))
+    assert torch.equal(tensors[node.args[3].name], stats.input_scale("layers.1.o", "fp8"))
+    assert graph.params[node.args[1].name].kind == "quantized" and report["groups"]["layers.1.o"]["format"] == "fp8"
+
+
+def test_smoothquant_folds_into_norms_where_it_can(program, stats, probe):
+    """x/s folded into the RMSNorm weight for qkv and gate_up (only they read their norm); o and down get an
+    explicit multiply. Smoothing alone (before rounding) leaves the function unchanged."""
+    plan = PrecisionPlan.uniform(program.graph, "int8_sq", alpha=0.5)
+    graph, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+    how = {g: r["smoothing"] for g, r in report["groups"].items()}
+    assert how["layers.0.qkv"] == how["layers.1.gate_up"] == "folded into norm"
+    assert how["layers.0.o"] == how["layers.1.down"] == "explicit multiply"
+    assert sum(n.op == "aten.mul.Tensor" for n in graph.nodes) == 4
+    norm_w = program.params["model.layers.0.input_layernorm.weight"]
+    s = smoothing_factors(stats.channel_amax("layers.0.qkv"),
+                          [program.params["model.layers.0.self_attn.qkv_proj.weight"]], 0.5)
+    assert torch.allclose(tensors["model.layers.0.input_layernorm.weight.smooth"], norm_w / s)
+    # smoothing is exact in real arithmetic: (x/s) @ (W s)^T == x @ W^T
+    x = torch.randn(5, norm_w.numel())
+    w = program.params["model.layers.0.self_attn.qkv_proj.weight"]
+    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-5)
+
+
+def test_fp8_kv_cache_uses_calibrated_scales(program, stats, probe):
+    plan = PrecisionPlan.uniform(program.graph, "bf16", kv_cache="fp8")
+    q = quantized_program(program, plan, stats)
+    assert q.graph.meta["paged"]["dtype"] == "float8_e4m3fn"
+    attn = [n for n in q.graph.nodes if n.op == "workbench.paged_attention"]
+    assert [tuple(n.args[10:12]) for n in attn] == [stats.kv_scales(0), stats.kv_scales(1)]
+    ids, ref = probe
+    assert 0 < kl(ref, logits_fn(q)(ids)) < 1e-3
+
+
+def test_plans_that_need_statistics_say_so(program):
+    with pytest.raises(WorkbenchError, match="need calibration statistics"):
+        quantize_graph(program.graph, dict(program.params), PrecisionPlan.uniform(program.graph, "fp8"))
+    graph, _, _ = quantize_graph(program.graph, dict(program.params), PrecisionPlan.uniform(program.graph, "int8_wo"))
+    assert any(n.op == "workbench.w8_linear" for n in graph.nodes)
