@@ -210,3 +210,32 @@ def test_plans_that_need_statistics_say_so(program):
         quantize_graph(program.graph, dict(program.params), PrecisionPlan.uniform(program.graph, "fp8"))
     graph, _, _ = quantize_graph(program.graph, dict(program.params), PrecisionPlan.uniform(program.graph, "int8_wo"))
     assert any(n.op == "workbench.w8_linear" for n in graph.nodes)
+
+
+# --- the workspace stage --------------------------------------------------------------------------------------
+
+def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(tmp_path):
+    from workbench.pipeline import capture_stage, load_program, passes_stage, quant_stage
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    capture_stage(ws, "tiny-llama")
+    passes_stage(ws)
+    plan, stats, report = quant_stage(ws, fmt="fp8", kv_cache="fp8", samples=4, seq_len=32, progress=False)
+    for name in ("stats.safetensors", "stats.json", "plan.json", "graph.json", "weights.safetensors", "report.json"):
+        assert (ws.stage_dir("quant") / name).is_file()
+    assert report["kv_cache"] == "fp8" and len(report["groups"]) == 8
+    reloaded = load_program(ws, stage="quant")
+    direct = quantized_program(load_program(ws, stage="passes"), plan, stats)
+    ids = torch.randint(1, 512, (1, 21))
+    assert torch.equal(logits_fn(reloaded)(ids), logits_fn(direct)(ids))
+    # a user's edit to the plan is never overwritten silently; applying the edited plan is explicit
+    edited = plan.with_format("layers.0.down", "int8_wo", edited=True)
+    (ws.stage_dir("quant") / "plan.json").write_text(edited.dumps())
+    with pytest.raises(WorkbenchError, match="changed by hand"):
+        quant_stage(ws, samples=4, seq_len=32, progress=False)
+    plan2, stats2, _ = quant_stage(ws, ws.stage_dir("quant") / "plan.json", samples=4, seq_len=32, progress=False,
+                                   force=True)
+    assert plan2.format_of("layers.0.down") == "int8_wo" and plan2.edited == ["layers.0.down"]
+    assert torch.equal(stats2.input_scale("layers.0.o", "fp8"), stats.input_scale("layers.0.o", "fp8"))  # reused
+    assert any(n.op == "workbench.w8_linear" for n in load_program(ws, stage="quant").graph.nodes)

@@ -116,6 +116,76 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     return optimized, reports
 
 
+def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "bf16", samples: int | None = None,
+                seq_len: int | None = None, observer: str = "max", device: str | torch.device = "cpu",
+                force: bool = False, progress: bool = True, **options):
+    """`workbench quantize`: calibrate the optimized graph and apply a precision plan into ``ws/quant``.
+
+    ``plan``: a PrecisionPlan, a path to its JSON, or None for every group in ``fmt`` (with ``options``, lm_head
+    kept in the model's precision) and the KV cache in ``kv_cache``. Writes stats.safetensors (+ stats.json),
+    plan.json, graph.json (the quantized graph), weights.safetensors (quantized weights and scales) and
+    report.json. Calibration statistics already in the stage with the same settings and model are reused.
+    Returns (plan, stats, report)."""
+    from .models.intake import load_tokenizer
+    from .quant import CalibrationStats, PrecisionPlan, calibrate, calibration_ids, quantize_graph
+    from .quant.calibrate import default_sizes
+    from .quant.plan import model_fingerprint
+
+    source = workspace_source(ws)
+    program = load_program(ws, stage="passes", device=device)
+    graph = program.graph
+    if plan is None:
+        plan = PrecisionPlan.uniform(graph, fmt, kv_cache=kv_cache, **options)
+    elif not isinstance(plan, PrecisionPlan):
+        path = Path(plan)
+        if not path.is_file():
+            raise WorkbenchError(f"no precision plan at {path}")
+        plan = PrecisionPlan.loads(path.read_text())
+    if plan.model is None:
+        plan.model = model_fingerprint(graph)
+    plan.validate(graph)
+    sizes = default_sizes(device)
+    samples, seq_len = samples or sizes["samples"], seq_len or sizes["seq_len"]
+    tokenizer = load_tokenizer(source)
+    calib = {"observer": observer, "samples": samples, "seq_len": seq_len,
+             "text": "datasets/calibration.txt" if tokenizer is not None else "random token ids (no tokenizer)"}
+    stats_path = ws.stage_dir("quant") / "stats.safetensors"
+    with ws.run("quant", params={"plan": plan.to_json(), "calibration": calib, "device": str(device)},
+                upstream=("passes",), force=force) as run:
+        stats = None
+        if stats_path.is_file() and stats_path.with_suffix(".json").is_file():
+            old = CalibrationStats.load(stats_path)
+            if (old.model, old.observer, old.samples, old.seq_len) == (model_fingerprint(graph), observer, samples,
+                                                                      seq_len):
+                stats = old
+        if stats is None:
+            if tokenizer is not None:
+                ids = calibration_ids(tokenizer)
+            else:
+                vocab = graph.params[_lm_head_weight(graph)].spec.shape[0]
+                ids = torch.randint(1, vocab, (samples * seq_len,), generator=torch.Generator().manual_seed(0))
+            stats = calibrate(program, ids, samples=samples, seq_len=seq_len, observer=observer, progress=progress)
+        tensors, meta = stats.state()
+        run.write_safetensors("stats.safetensors", tensors)
+        run.write_json("stats.json", meta)
+        quantized, new, report = quantize_graph(graph, dict(program.params), plan, stats)
+        run.write_text("plan.json", plan.dumps())
+        run.write_text("graph.json", quantized.dumps())
+        run.write_safetensors("weights.safetensors", {k: v.cpu() for k, v in new.items()})
+        run.write_json("report.json", report)
+    return plan, stats, report
+
+
+def _lm_head_weight(graph) -> str:
+    """The output projection's weight (its rows are the vocabulary)."""
+    from .quant import linear_groups
+
+    groups = linear_groups(graph)
+    if "lm_head" not in groups:
+        raise WorkbenchError("this graph has no lm_head linear to size the vocabulary from")
+    return groups["lm_head"].weights[0]
+
+
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", timer=None, reset: bool = False,
                force: bool = False, progress: bool = True, top_k: int | None = None):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
@@ -139,8 +209,8 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", t
 
 
 def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "cpu") -> Program:
-    """A runnable program for the workspace's graph of ``stage``, weights read from the model source.
-    ``stage="tune"`` is the optimized graph running the autotuner's choices (a CUDA device)."""
+    """A runnable program for the workspace's graph of ``stage``, weights read from the model source
+    (``stage="quant"``: the quantized graph, its quantized weights from the stage). ``stage="tune"`` is the optimized graph running the autotuner's choices (a CUDA device)."""
     from .kernels.autotune import TunedChoices
 
     source = workspace_source(ws)
@@ -151,6 +221,10 @@ def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.d
         choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
         stage = "passes"
     graph, constants = load_graph(ws, stage)
+    if stage == "quant":  # quantized weights and scales come from the stage, the rest from the source
+        from safetensors.torch import load_file
+
+        constants = {**constants, **load_file(str(ws.path("quant", "weights.safetensors")))}
     program = program_for(graph, constants, source, device=device)
     return program.with_choices(choices) if choices else program
 
