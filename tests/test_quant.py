@@ -239,3 +239,19 @@ def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(tmp_path):
     assert plan2.format_of("layers.0.down") == "int8_wo" and plan2.edited == ["layers.0.down"]
     assert torch.equal(stats2.input_scale("layers.0.o", "fp8"), stats.input_scale("layers.0.o", "fp8"))  # reused
     assert any(n.op == "workbench.w8_linear" for n in load_program(ws, stage="quant").graph.nodes)
+
+
+def test_quantize_command(tmp_path, capsys):
+    from workbench.cli import main
+
+    ws = str(tmp_path / "ws")
+    assert main(["capture", "tiny-llama", "--workspace", ws]) == 0
+    assert main(["optimize", ws]) == 0
+    assert main(["quantize", ws, "--format", "int8_sq", "--alpha", "0.6", "--samples", "4", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 8 groups int8_sq, 1 groups bf16; KV cache bf16" in out
+    plan = PrecisionPlan.loads((tmp_path / "ws" / "quant" / "plan.json").read_text())
+    assert plan.options("layers.1.o")["alpha"] == 0.6
+    assert main(["quantize", ws, "--format", "fp8", "--alpha", "2", "--samples", "4", "--seq-len", "32",
+                 "--force"]) == 2
+    assert "takes no option 'alpha'" in capsys.readouterr().err

@@ -92,6 +92,27 @@ def _cmd_tune(args) -> None:
     print(f"wrote {ws.root / 'tune'} (timings.json: every timing; choices.json: per bucket; record.json)")
 
 
+def _cmd_quantize(args) -> None:
+    from .pipeline import quant_stage
+    from .workspace import Workspace
+
+    options = {}
+    if args.weights:
+        options["weights"] = args.weights
+    if args.activations:
+        options["activations"] = args.activations
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    ws = Workspace(args.workspace, create=False)
+    plan, stats, report = quant_stage(ws, args.plan, fmt=args.format, kv_cache=args.kv_cache, samples=args.samples,
+                                      seq_len=args.seq_len, observer=args.observer, device=args.device,
+                                      force=args.force, **options)
+    counts = ", ".join(f"{n} groups {f}" for f, n in plan.summary().items())
+    print(f"plan: {counts}; KV cache {plan.kv_cache}")
+    print(f"wrote {ws.root / 'quant'} (stats, plan.json, graph.json, weights.safetensors, report.json, record.json); "
+          f"run `workbench eval {ws.root} --stage quant` for its perplexity")
+
+
 def _cmd_info(args) -> None:
     import pandas as pd
 
@@ -120,7 +141,8 @@ def _program_and_tokenizer(target: str, device: str, stage: str, purpose: str):
                              "model: capture one")
     if stage == "latest":  # tuned choices run Triton kernels: on a GPU only
         tuned = ws.record("tune") and device.startswith("cuda")
-        stage = "tune" if tuned else "passes" if ws.record("passes") else "capture"
+        stage = ("tune" if tuned else "quant" if ws.record("quant") else "passes" if ws.record("passes")
+                 else "capture")
     return load_program(ws, stage=stage, device=device), tokenizer, source
 
 
@@ -195,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_tune)
 
+    s = sub.add_parser("quantize", help="calibrate the optimized graph and apply a precision plan (FP8/INT8)")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("--plan", type=Path, help="a precision plan JSON (default: every group in --format, lm_head kept)")
+    s.add_argument("--format", default="fp8", choices=["bf16", "fp8", "int8_sq", "int8_wo"])
+    s.add_argument("--weights", choices=["channel", "tensor"], help="weight scale granularity (default: channel)")
+    s.add_argument("--activations", choices=["static", "dynamic"],
+                   help="activation scales: calibrated per tensor, or per token at run time")
+    s.add_argument("--alpha", type=float, help="SmoothQuant migration strength (int8_sq; default 0.5)")
+    s.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"])
+    s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
+    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512 on a GPU, 256 on a CPU)")
+    s.add_argument("--observer", default="max", choices=["max", "percentile", "mse", "entropy"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.set_defaults(fn=_cmd_quantize)
+
     s = sub.add_parser("info", help="list a workspace's stages, their status and artifacts")
     s.add_argument("workspace", type=Path)
     s.set_defaults(fn=_cmd_info)
@@ -204,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "tune"],
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
                    help="which graph to run (default: the latest stage that has run; tuned choices on a GPU only)")
     s.set_defaults(fn=_cmd_generate)
 
@@ -216,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "tune"])
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"])
     s.set_defaults(fn=_cmd_eval)
     return p
 

@@ -130,6 +130,12 @@ class PrecisionPlan:
     def uniform(cls, graph, fmt: str = "bf16", *, lm_head: str = "bf16", kv_cache: str = "bf16",
                 **options: Any) -> "PrecisionPlan":
         """Every group in ``fmt`` (with ``options``) except lm_head, which gets its own (high precision by default)."""
+        if fmt not in FORMATS:
+            raise WorkbenchError(f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+        unknown = [k for k in options if k not in OPTIONS[fmt]]
+        if unknown:
+            allowed = ", ".join(OPTIONS[fmt]) or "none"
+            raise WorkbenchError(f"format {fmt} takes no option {unknown[0]!r} (options: {allowed})")
         groups = {}
         for name, g in linear_groups(graph).items():
             f = lm_head if g.kind == "lm_head" else fmt
