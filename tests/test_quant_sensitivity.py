@@ -1,0 +1,349 @@
+"""Layer sensitivity, auto plans and their figures, on tiny-llama's optimized (paged) graph on the CPU.
+
+tiny-llama has random weights, so quantizing costs it only hundredths of a percent of perplexity: the
+budgets below are that small. Timings are planted: a TimingCache filled with the instance keys the
+autotuner would record for the base and the uniformly quantized programs, with made-up milliseconds.
+"""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.kernels.autotune import TimingCache, instance_key
+from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+from workbench.quant import sensitivity as S
+from workbench.runtime.paged_cache import cache_for
+
+WINDOW, STRIDE = 64, 32
+GROUPS = [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+#: planted ms per weight element (N·K) of each op: fp8 fastest, then int8 W8A8, then weight-only
+MS_PER_ELEMENT = {"aten.linear.default": 1e-6, "workbench.fp8_linear": 0.4e-6, "workbench.int8_linear": 0.5e-6,
+                  "workbench.w8_linear": 0.7e-6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """tiny-llama's matrices are far too small to share among threads; on a busy machine intra-op threads
+    waiting for each other made this file ten times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def program(tiny_program):
+    return tiny_program
+
+
+@pytest.fixture(scope="module")
+def stats(program):
+    torch.manual_seed(1)
+    return calibrate(program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(1, 512, (300,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def report(program, stats, ids):
+    return S.sensitivity(program, stats, ids, window=WINDOW, stride=STRIDE, progress=False)
+
+
+def planted_cache(program, stats, tmp_path, *, tokens=(16,), skip=()) -> TimingCache:
+    """The keys the autotuner records for the base program and every uniform plan (lm_head included),
+    each with one timing of MS_PER_ELEMENT[op] · N · K · tokens; ops in ``skip`` are left out."""
+    cache = TimingCache(tmp_path / "timings.json", {})
+    programs = [program] + [quantized_program(program, PrecisionPlan.uniform(program.graph, f, lm_head=f), stats)
+                            for f in ("fp8", "int8_sq", "int8_wo")]
+    for prog in programs:
+        linears = {n.name for n in prog.graph.nodes if n.op.endswith("linear") or n.op == "aten.linear.default"}
+        for m in tokens:
+            seen = []
+            inputs = cache_for(prog.graph, num_blocks=-(-m // 16) + 1).step_inputs([(0, list(range(1, m + 1)))])
+            prog.run(_observe=(linears, lambda n, op, a, k: seen.append((op, instance_key(op, a, k), a[1].shape))),
+                     **inputs)
+            for op, key, (n, k) in seen:
+                if op not in skip:
+                    cache.entries[key] = {"op": op, "timings": [
+                        {"tactic": "reference", "config": None, "ms": MS_PER_ELEMENT[op] * n * k * m},
+                        {"tactic": "broken", "config": {}, "ms": math.inf, "error": "planted"}]}
+    return cache
+
+
+def planted_ms(program, group, op, tokens=(16,)):
+    shapes = [program.graph.params[w].spec.shape for w in linear_groups(program.graph)[group].weights]
+    return sum(MS_PER_ELEMENT[op] * n * k * m for n, k in shapes for m in tokens)
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+def test_one_row_per_group_and_format(report):
+    frame = report.frame
+    assert list(frame.columns) == S.COLUMNS
+    assert len(frame) == 9 * 3 and report.formats == ["fp8", "int8_sq", "int8_wo"]
+    assert list(frame["group"]) == [g for g in GROUPS for _ in range(3)]
+    assert list(frame["format"]) == ["fp8", "int8_sq", "int8_wo"] * 9
+    assert frame["kl"].map(math.isfinite).all() and (frame["kl"] >= 0).all() and (frame["kl"] > 0).any()
+    assert frame["ppl"].map(math.isfinite).all()
+    assert frame["ppl_delta_pct"].tolist() == pytest.approx([100 * (p / report.base_ppl - 1) for p in frame["ppl"]])
+    assert list(frame["layer"]) == [0] * 12 + [1] * 12 + [None] * 3
+    assert frame[["base_ms", "quant_ms", "saved_ms"]].isna().all().all()  # no timings given
+    assert (report.window, report.stride, report.tokens) == (WINDOW, STRIDE, 300)
+    table = report.table()
+    assert list(table.index) == GROUPS and list(table.columns) == report.formats
+    assert table.loc["layers.1.down", "int8_wo"] == report.delta("layers.1.down", "int8_wo")
+    worst = report.worst("fp8")
+    assert table["fp8"].max() == table.loc[worst, "fp8"]
+
+
+def test_base_is_the_unquantized_program_on_perplexitys_windows(program, ids):
+    from workbench.evaluate import perplexity
+    from workbench.runtime.paged_cache import logits_fn
+
+    base = S.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
+    ref = perplexity(logits_fn(program), ids, window=WINDOW, stride=STRIDE)
+    assert base.ppl == ref.perplexity
+    assert len(base.logprobs) == ref.windows and sum(lp.shape[0] for lp in base.logprobs) == ref.tokens_scored == 299
+    # the unquantized program against itself: no change, no divergence
+    same = S._measure(program, base)
+    assert same["ppl_delta_pct"] == 0 and same["kl"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_row_is_that_group_alone_quantized(program, stats, ids, report):
+    plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.1.down", "int8_sq")
+    _, _, done = quantize_graph(program.graph, dict(program.params), plan, stats)
+    assert list(done["groups"]) == ["layers.1.down"]  # nothing else is rewritten
+    got = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    row = report.frame[(report.frame["group"] == "layers.1.down") & (report.frame["format"] == "int8_sq")].iloc[0]
+    assert (got["ppl"], got["ppl_delta_pct"], got["kl"]) == (row["ppl"], row["ppl_delta_pct"], row["kl"])
+    assert got["base_ppl"] == report.base_ppl
+    # a cached base gives the same numbers; a base from other ids is refused
+    base = S.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
+    assert S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE, base_logits=base) == got
+    with pytest.raises(WorkbenchError, match="base_logits were computed on other ids"):
+        S.evaluate_plan(program, plan, stats, ids[:200], window=WINDOW, stride=STRIDE, base_logits=base)
+
+
+def test_groups_and_options_and_base_plan(program, stats, ids, report):
+    base_plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.0.qkv", "int8_wo")
+    part = S.sensitivity(program, stats, ids, formats=["int8_sq"], groups=["lm_head", "layers.0.o"],
+                         base_plan=base_plan, window=WINDOW, stride=STRIDE, progress=False, alpha=0.8)
+    assert list(part.frame["group"]) == ["layers.0.o", "lm_head"]  # graph order, whatever was asked
+    assert part.base_ppl == report.base_ppl
+    plan = base_plan.with_format("layers.0.o", "int8_sq", alpha=0.8)
+    got = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    assert part.frame.loc[0, "ppl"] == got["ppl"]
+    # the base plan's own quantized group is in every row (rows compare with the unquantized program)
+    alone = S.evaluate_plan(program, PrecisionPlan.uniform(program.graph, "bf16").with_format(
+        "layers.0.o", "int8_sq", alpha=0.8), stats, ids, window=WINDOW, stride=STRIDE)
+    assert part.frame.loc[0, "ppl"] != alone["ppl"]
+
+
+def test_planted_timings_give_saved_ms(program, stats, ids, tmp_path):
+    cache = planted_cache(program, stats, tmp_path, tokens=(16, 32))
+    cache.save()  # a cache as written to disk reads the same
+    cache = TimingCache.view(cache.path)
+    part = S.sensitivity(program, stats, ids, groups=["layers.0.gate_up", "lm_head"], window=WINDOW, stride=STRIDE,
+                         timings=cache, progress=False)
+    for row in part.frame.to_dict("records"):
+        base = planted_ms(program, row["group"], "aten.linear.default", (16, 32))
+        quant = planted_ms(program, row["group"], S.LINEAR_OPS[row["format"]], (16, 32))
+        assert row["base_ms"] == pytest.approx(base) and row["quant_ms"] == pytest.approx(quant)
+        assert row["saved_ms"] == pytest.approx(base - quant) and row["saved_ms"] > 0
+    # an op the cache never timed leaves NaN, the rest stays
+    partial = planted_cache(program, stats, tmp_path, skip=("workbench.w8_linear",))
+    part = S.sensitivity(program, stats, ids, groups=["layers.0.o"], window=WINDOW, stride=STRIDE,
+                         timings=partial, progress=False)
+    saved = dict(zip(part.frame["format"], part.frame["saved_ms"]))
+    assert math.isnan(saved["int8_wo"]) and saved["fp8"] == pytest.approx(0.6e-6 * 64 * 64 * 16)
+
+
+def test_estimated_cost(program, stats, tmp_path):
+    graph = program.graph
+    per_layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128
+    total = 2 * per_layer + 512 * 64
+    assert S.estimated_cost(graph, PrecisionPlan.uniform(graph, "bf16")) == {"ms": None, "low_precision_flops": 0.0}
+    fp8 = PrecisionPlan.uniform(graph, "fp8")  # lm_head stays bf16
+    assert S.estimated_cost(graph, fp8)["low_precision_flops"] == pytest.approx(2 * per_layer / total)
+    cache = planted_cache(program, stats, tmp_path)
+    cost = S.estimated_cost(graph, fp8, cache)
+    assert cost["ms"] == pytest.approx(1e-6 * 512 * 64 * 16 + 0.4e-6 * 2 * per_layer * 16)
+    assert S.estimated_cost(graph, fp8, TimingCache(tmp_path / "empty.json", {}))["ms"] is None
+
+
+# --- auto plans ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [0.0, 0.01, 1.0])
+def test_auto_plan_is_verified_within_budget(program, stats, ids, report, budget):
+    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=budget, window=WINDOW, stride=STRIDE,
+                             progress=False)
+    plan.validate(program.graph)
+    assert info["ppl_delta_pct"] <= budget and info["within_budget"]
+    assert 1 <= info["rounds"] == len(info["history"]) <= 8
+    again = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    assert again["ppl"] == info["ppl"] and again["kl"] == info["kl"]
+    for g in plan.quantized():  # only formats whose own row fits the budget are chosen
+        assert report.delta(g, plan.format_of(g)) <= budget
+    if budget == 1.0:  # every single-group change is far below 1%: the fastest format everywhere, lm_head too
+        assert plan.summary() == {"fp8": 9}
+
+
+def fake_measure(program_q, base):
+    """A stand-in for the probe: every quantized group costs 0.01 % of perplexity, lm_head 0.05 %."""
+    groups = program_q.graph.meta["precision"]["groups"]
+    delta = sum((0.05 if g == "lm_head" else 0.01) for g, spec in groups.items() if spec["format"] != "bf16")
+    return {"ppl": base.ppl * (1 + delta / 100), "ppl_delta_pct": delta, "kl": delta}
+
+
+def test_auto_plan_backs_off_when_verification_fails(program, stats, ids, report, monkeypatch):
+    # a report that claims quantizing is free: the greedy pass takes fp8 everywhere (0.13 % verified);
+    # each round drops the groups whose equal share (verified / chosen) covers the excess over 0.065 %,
+    # smallest first (o, then qkv/down, in the order the greedy pass took them)
+    frame = report.frame.copy()
+    frame["ppl_delta_pct"] = 0.0
+    free = S.SensitivityReport(frame, report.base_ppl, report.formats, report.model)
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    plan, info = S.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+                             progress=False)
+    history = info["history"]
+    assert [len(h["quantized"]) for h in history] == [9, 4, 3, 2]
+    assert history[1]["backed_off"] == ["layers.0.o", "layers.1.o", "layers.0.qkv", "layers.0.down", "layers.1.qkv"]
+    assert [h["backed_off"] for h in history[2:]] == [["layers.1.down"], ["layers.0.gate_up"]]
+    assert plan.quantized() == ["layers.1.gate_up", "lm_head"] and plan.summary() == {"bf16": 7, "fp8": 2}
+    assert info["ppl_delta_pct"] == pytest.approx(0.06) and info["rounds"] == 4 and info["within_budget"]
+    # the last round allowed drops every chosen group
+    plan, info = S.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+                             progress=False, max_rounds=2)
+    assert plan.quantized() == [] and info["rounds"] == 2 and info["ppl_delta_pct"] == 0
+    # groups the user edited count against the budget by their rows, and their cost cannot be backed off
+    edited = PrecisionPlan.uniform(program.graph, "bf16").with_format("lm_head", "fp8", edited=True)
+    frame.loc[frame["group"] == "lm_head", "ppl_delta_pct"] = 0.05
+    plan, info = S.auto_plan(S.SensitivityReport(frame, report.base_ppl, report.formats), program, stats, ids,
+                             budget_pct=0.03, base_plan=edited, window=WINDOW, stride=STRIDE, progress=False)
+    assert plan.quantized() == ["lm_head"] and not info["within_budget"] and info["ppl_delta_pct"] == 0.05
+
+
+def test_auto_plan_keeps_edited_groups(program, stats, ids, report):
+    base = (PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.0.qkv", "int8_wo", edited=True)
+            .with_format("lm_head", "bf16", edited=True))
+    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=1.0, base_plan=base, window=WINDOW,
+                             stride=STRIDE, progress=False)
+    assert plan.edited == ["layers.0.qkv", "lm_head"]
+    assert plan.format_of("layers.0.qkv") == "int8_wo" and plan.format_of("lm_head") == "bf16"
+    assert all(plan.format_of(g) == "fp8" for g in GROUPS if g not in plan.edited)
+    # with no budget at all, the edited groups still keep their formats
+    tight, _ = S.auto_plan(report, program, stats, ids, budget_pct=0.0, base_plan=base, window=WINDOW,
+                           stride=STRIDE, progress=False, max_rounds=2)
+    assert tight.format_of("layers.0.qkv") == "int8_wo" and tight.edited == base.edited
+
+
+def test_auto_plan_prefers_the_most_time_saved(program, stats, ids, report, tmp_path):
+    # planted timings where weight-only int8 is the fastest: it wins wherever the group is timed
+    cache = planted_cache(program, stats, tmp_path)
+    for entry in cache.entries.values():
+        if entry["op"] == "workbench.w8_linear":
+            entry["timings"][0]["ms"] /= 100
+    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=1.0, timings=cache, window=WINDOW,
+                             stride=STRIDE, progress=False)
+    assert plan.summary() == {"int8_wo": 9}
+    w8_ms = sum(planted_ms(program, g, "workbench.w8_linear") for g in GROUPS) / 100
+    assert info["estimated_ms"] == pytest.approx(w8_ms)
+
+
+# --- figures ------------------------------------------------------------------------------------------------
+
+def test_sensitivity_figure(report):
+    fig = S.sensitivity_figure(report, "kl", log_y=True)
+    assert [t.name for t in fig.data] == ["fp8", "int8_sq", "int8_wo"]
+    assert list(fig.data[1].x) == GROUPS
+    assert list(fig.data[1].y) == report.table("kl")["int8_sq"].tolist()
+    assert fig.layout.yaxis.type == "log"
+
+
+def test_pareto_front_and_figure():
+    points = [{"name": "a", "ppl_delta_pct": 5.0, "ms": 1.0}, {"name": "b", "ppl_delta_pct": 1.0, "ms": 2.0},
+              {"name": "c", "ppl_delta_pct": 2.0, "ms": 3.0}, {"name": "d", "ppl_delta_pct": 0.0, "ms": 4.0}]
+    fig = S.pareto_figure(points)
+    assert [t.name for t in fig.data] == ["plans", "Pareto front"]
+    assert list(fig.data[0].text) == ["a", "b", "c", "d"]
+    assert list(fig.data[1].text) == ["a", "b", "d"] and list(fig.data[1].x) == [1.0, 2.0, 4.0]
+    # without timings, more low-precision FLOPs is the faster side
+    flops = [{"name": "x", "ppl_delta_pct": 0.0, "low_precision_flops": 0.0},
+             {"name": "y", "ppl_delta_pct": 0.5, "low_precision_flops": 0.7},
+             {"name": "z", "ppl_delta_pct": 0.6, "low_precision_flops": 0.6}]
+    assert [p["name"] for p in S.pareto_front(flops)] == ["y", "x"]
+    assert "FLOPs" in S.pareto_figure(flops).layout.xaxis.title.text
+
+
+def test_pareto_points(program, stats, ids, report, tmp_path):
+    cache = planted_cache(program, stats, tmp_path)
+    points = S.pareto_points(report, program, stats, ids, budgets=(0.0, 1.0), timings=cache, window=WINDOW,
+                             stride=STRIDE, progress=False)
+    names = [p["name"] for p in points]
+    assert names[:4] == ["base", "uniform fp8", "uniform int8_sq", "uniform int8_wo"]
+    assert "auto +1%" in names and any("auto +0%" in n for n in names)
+    base = points[0]
+    assert base["ppl_delta_pct"] == 0 and base["low_precision_flops"] == 0
+    assert base["ms"] == pytest.approx(sum(planted_ms(program, g, "aten.linear.default") for g in GROUPS))
+    auto = points[names.index("auto +1%")]
+    assert auto["ms"] < points[1]["ms"]  # fp8 everywhere, lm_head too, beats uniform fp8 (lm_head bf16)
+    fig = S.pareto_figure(points)
+    assert len(fig.data[0].x) == len(points) and "auto +1%" in fig.data[1].text
+
+
+# --- persistence and errors ---------------------------------------------------------------------------------
+
+def test_report_json_round_trip(report, tmp_path):
+    path = tmp_path / "sensitivity.json"
+    report.save(path)
+    obj = json.loads(path.read_text())
+    assert obj["rows"][0]["base_ms"] is None and obj["rows"][-1]["layer"] is None
+    back = S.SensitivityReport.load(path)
+    pd.testing.assert_frame_equal(back.frame, report.frame)
+    assert (back.base_ppl, back.formats, back.model, back.window) == (report.base_ppl, report.formats,
+                                                                     report.model, report.window)
+    assert back.to_json() == report.to_json()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p, s, i: S.sensitivity(p, s, i, formats=("int4",), window=WINDOW, stride=STRIDE, progress=False),
+     "format 'int4' is unknown"),
+    (lambda p, s, i: S.sensitivity(p, s, i[:40], window=WINDOW, stride=STRIDE, progress=False),
+     "40 tokens, fewer than one window of 64: pass at least 64 tokens or a smaller window"),
+    (lambda p, s, i: S.sensitivity(p, s, i, groups=["layers.0.q"], window=WINDOW, stride=STRIDE, progress=False),
+     "name the group 'layers.0.qkv'"),
+    (lambda p, s, i: S.sensitivity(p, s, i, formats=("fp8",), window=WINDOW, stride=STRIDE, progress=False,
+                                   alpha=0.5), "option 'alpha' is taken by none of the formats fp8"),
+    (lambda p, s, i: S.evaluate_plan(p, PrecisionPlan.uniform(p.graph, "fp8"), s, i[:10], window=WINDOW,
+                                     stride=STRIDE), "fewer than one window"),
+])
+def test_bad_requests_say_what_and_how_to_fix(program, stats, ids, call, match):
+    with pytest.raises(WorkbenchError, match=match):
+        call(program, stats, ids)
+
+
+def test_a_report_of_another_model_is_refused(program, stats, ids, report, tmp_path):
+    frame = report.frame.copy()
+    frame.loc[frame["group"] == "layers.1.o", "group"] = "layers.7.o"
+    other = S.SensitivityReport(frame, report.base_ppl, report.formats)
+    with pytest.raises(WorkbenchError, match="names 1 groups this model does not have .layers.7.o.*run sensitivity"):
+        S.auto_plan(other, program, stats, ids, window=WINDOW, stride=STRIDE, progress=False)
+    with pytest.raises(WorkbenchError, match="measured on another model"):
+        S.pareto_points(S.SensitivityReport(report.frame, 1.0, report.formats, "0123456789abcdef"), program, stats,
+                        ids, window=WINDOW, stride=STRIDE, progress=False)
+    with pytest.raises(WorkbenchError, match="has no format 'int4'"):
+        report.worst("int4")
+    with pytest.raises(WorkbenchError, match="metric 'speed' is not a column"):
+        report.table("speed")
+    with pytest.raises(WorkbenchError, match="format 'int4' is unknown"):
+        S.SensitivityReport.from_json({**report.to_json(), "formats": ["int4"]})
+    (tmp_path / "bad.json").write_text("{rows: ")
+    with pytest.raises(WorkbenchError, match="not valid JSON"):
+        S.SensitivityReport.load(tmp_path / "bad.json")
