@@ -42,6 +42,15 @@ def tiny_program():
     return Program(graph, resolve_params(graph, base))
 
 
+@pytest.fixture(scope="session")
+def tiny_stats(tiny_program):
+    """Calibration statistics of ``tiny_program`` over random token ids: 6 sequences of 48 tokens, 4 per step."""
+    from workbench.quant import calibrate
+
+    torch.manual_seed(1)
+    return calibrate(tiny_program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, batch=4, progress=False)
+
+
 def prefill_then_decode(program):
     """Graph inputs of two steps on a fresh paged cache: a prefill of two prompts (12 and 9 tokens), then a
     decode step of both."""

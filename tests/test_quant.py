@@ -23,9 +23,8 @@ def program(tiny_program):
 
 
 @pytest.fixture(scope="module")
-def stats(program):
-    torch.manual_seed(1)
-    return calibrate(program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, batch=4, progress=False)
+def stats(tiny_stats):
+    return tiny_stats
 
 
 @pytest.fixture(scope="module")

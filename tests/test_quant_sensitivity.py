@@ -14,7 +14,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.kernels.autotune import TimingCache, instance_key
-from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+from workbench.quant import PrecisionPlan, linear_groups, quantize_graph, quantized_program
 from workbench.quant import sensitivity as S
 from workbench.runtime.paged_cache import cache_for
 
@@ -41,9 +41,8 @@ def program(tiny_program):
 
 
 @pytest.fixture(scope="module")
-def stats(program):
-    torch.manual_seed(1)
-    return calibrate(program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, progress=False)
+def stats(tiny_stats):
+    return tiny_stats
 
 
 @pytest.fixture(scope="module")
