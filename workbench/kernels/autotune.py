@@ -225,7 +225,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         bar = tqdm(total=len(todo), desc="autotune", unit="op")
     for key in todo:
         op, args, kwargs = seen[key]
-        timings, calls = [], []
+        timings, calls = [], {}  # id(timing) -> its call, for the near-ties' re-measurements
         variants = rotations(args, kwargs, l2_bytes)
         for tactic, config, fn in _candidates(op, args, kwargs, top_k):
             call = _Call(fn, config, variants)
@@ -235,10 +235,9 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
                 timings.append({"tactic": tactic, "config": config, "ms": math.inf, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
             timings.append({"tactic": tactic, "config": config, "ms": ms})
-            calls.append(call)
-        by_id = {id(t): c for t, c in zip((t for t in timings if "error" not in t), calls)}
-        refine(timings, lambda t: timer(by_id[id(t)], op, t["tactic"], t["config"]))
-        del variants, calls, by_id
+            calls[id(timings[-1])] = call
+        refine(timings, lambda t: timer(calls[id(t)], op, t["tactic"], t["config"]))
+        del variants, calls
         cache.entries[key] = {"op": op, "timings": timings}
         cache.save()  # after every key: an interrupted run resumes here
         if bar is not None:
