@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.kernels import fused  # noqa: E402
+from workbench.kernels.gemm import quantize_fp8  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
@@ -50,6 +51,19 @@ def cases(tokens: int, device: str, dtype: torch.dtype):
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
     yield ("silu_mul", f"{tokens}x{inter} (slices)", "silu_mul", lambda c: tp.silu_mul(gate, up, config=c),
            lambda: fused.silu_mul(gate, up), nbytes(gate_up, gate))
+    scale = torch.tensor(4.0 / 448, device=device)  # static FP8 x scale: |value| > 4 saturates
+    q8 = torch.empty(tokens, hidden, device=device, dtype=torch.float8_e4m3fn)
+    # the fp8 producers must write exactly quantize_fp8 of their unfused kernel's output
+    yield ("rms_norm_fp8", f"{tokens}x{hidden}", "rms_norm", lambda c: tp.rms_norm_fp8(x, w, 1e-5, scale, config=c),
+           lambda: fused.rms_norm_fp8(x, w, 1e-5, scale), nbytes(x, w, q8),
+           lambda: quantize_fp8(tp.rms_norm(x, w, 1e-5), scale))
+    yield ("add_rms_norm_fp8", f"{tokens}x{hidden}", "rms_norm",
+           lambda c: tp.add_rms_norm_fp8(x, r, w, 1e-5, scale, config=c),
+           lambda: fused.add_rms_norm_fp8(x, r, w, 1e-5, scale), nbytes(x, r, w, x, q8),
+           lambda: quantize_fp8(tp.add_rms_norm(x, r, w, 1e-5)[0], scale))
+    yield ("silu_mul_fp8", f"{tokens}x{inter} (slices)", "silu_mul", lambda c: tp.silu_mul_fp8(gate, up, scale, config=c),
+           lambda: fused.silu_mul_fp8(gate, up, scale), nbytes(gate_up) + tokens * inter,
+           lambda: quantize_fp8(tp.silu_mul(gate, up), scale))
     batch = 4
     t_per = tokens // batch
     q = randn(batch, t_per, heads * head_dim).view(batch, t_per, heads, head_dim).transpose(1, 2)
@@ -69,17 +83,28 @@ def main() -> None:
     device, dtype = "cuda", getattr(torch, args.dtype)
     ceiling = copy_gbps(device)
     rows = []
-    for name, shape, space, kernel, eager, moved in cases(args.tokens, device, dtype):
+    for name, shape, space, kernel, eager, moved, *unfused in cases(args.tokens, device, dtype):
         out, ref = kernel(None), eager()
         outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
         err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(outs, refs))
+        # an fp8 producer's bytes are exactly its unfused kernel's output quantized (the interpreter on the CPU
+        # cannot check this); the reference's norm itself differs from the kernel's by rounding (rel err above)
+        exact = None
+        if unfused:
+            q = outs[0]
+            u = unfused[0]()
+            exact = torch.equal(q.view(torch.uint8), u.view(torch.uint8))
+            if not exact:  # how many bytes, and how far apart (in fp8 steps: adjacent codes differ by 1)
+                differ = q.view(torch.uint8) != u.view(torch.uint8)
+                steps = (q.view(torch.uint8).int() - u.view(torch.uint8).int()).abs()[differ].max().item()
+                exact = f"{differ.float().mean().item():.1e} off, <= {steps} step"
         eager_t = time_fn(eager, repeats=args.repeats, device=device, graph_calls=5)
         configs = [(c, time_fn(lambda c=c: kernel(c), repeats=args.repeats, device=device, graph_calls=5))
                    for c in tp.CONFIGS[space]]
         best_cfg, best = min(configs, key=lambda ct: ct[1].median_ms)
         default = configs[0][1]
         gbps = moved / (best.median_ms * 1e-3) / 1e9
-        rows.append({"op": name, "shape": shape, "bytes": moved, "rel_err": err, "eager_ms": eager_t.median_ms,
+        rows.append({"op": name, "shape": shape, "bytes": moved, "rel_err": err, "fp8_bit_exact": exact, "eager_ms": eager_t.median_ms,
                      "default_ms": default.median_ms, "best_ms": best.median_ms, "best_config": best_cfg,
                      "gbps": gbps, "of_copy": gbps / ceiling, "vs_eager": eager_t.median_ms / best.median_ms,
                      "all_configs": [(c, t.median_ms) for c, t in configs]})
@@ -88,11 +113,12 @@ def main() -> None:
         args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "copy_gbps": ceiling,
                                         "rows": rows}, indent=1, default=str))
     print(f"\n{gpu}, torch {torch.__version__}, {args.dtype}; copy ceiling measured here: {ceiling:.0f} GB/s")
-    print(f"{'op':<13} {'shape':<30} {'eager ms':>9} {'triton ms':>10} {'GB/s':>7} {'of copy':>8} "
-          f"{'vs eager':>9} {'rel err':>8}  best config")
+    print(f"{'op':<17} {'shape':<30} {'eager ms':>9} {'triton ms':>10} {'GB/s':>7} {'of copy':>8} "
+          f"{'vs eager':>9} {'rel err':>8} {'fp8 exact':>9}  best config")
     for r in rows:
-        print(f"{r['op']:<13} {r['shape']:<30} {r['eager_ms']:>9.3f} {r['best_ms']:>10.3f} {r['gbps']:>7.0f} "
-              f"{r['of_copy']:>8.1%} {r['vs_eager']:>8.2f}x {r['rel_err']:>8.1e}  {r['best_config']}")
+        print(f"{r['op']:<17} {r['shape']:<30} {r['eager_ms']:>9.3f} {r['best_ms']:>10.3f} {r['gbps']:>7.0f} "
+              f"{r['of_copy']:>8.1%} {r['vs_eager']:>8.2f}x {r['rel_err']:>8.1e} {'-' if r['fp8_bit_exact'] is None else str(r['fp8_bit_exact']):>9}  "
+              f"{r['best_config']}")
 
 
 if __name__ == "__main__":

@@ -359,6 +359,19 @@ def test_w8_triton_matches_reference(m, k, n, dtype):
             close(G.w8_linear_triton(x, wq, ws, bias, config=config), G.w8_linear(x, wq, ws, bias), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_w8_dequant_tactic_matches_reference(dtype, per_channel):
+    """Dequantize-then-GEMM: exact in fp32 up to the matmul's order, one weight rounding in bf16."""
+    x = randn(33, 72, dtype=dtype)
+    _, wq, ws = quantized_weight(48, 72, "int8", per_channel)
+    b = randn(48, dtype=dtype)
+    for bias in (None, b):
+        out = G.w8_linear_dequant(x, wq, ws, bias)
+        assert out.dtype == dtype and out.shape == (33, 48)
+        close(out, G.w8_linear(x, wq, ws, bias), TOL[dtype])
+
+
 def test_the_tensor_core_dot_path(monkeypatch):
     """The GPU's dot (operands in their own dtype, int8 weights converted to x's dtype in registers) also runs
     exactly under the interpreter for fp8 and fp16 (its bf16 arithmetic is wrong, so tests use fp32 dots)."""
@@ -383,7 +396,7 @@ def test_tactics_and_costs_are_registered():
     from workbench.kernels.cost import OpCall
 
     expected = {"aten.linear.default": {"triton"}, "workbench.fp8_linear": {"scaled_mm", "triton"},
-                "workbench.int8_linear": {"int_mm", "triton"}, "workbench.w8_linear": {"triton"}}
+                "workbench.int8_linear": {"int_mm", "triton"}, "workbench.w8_linear": {"triton", "dequant"}}
     for op, tactics in expected.items():
         assert tactics <= set(REGISTRY.get(op).tactics)
     assert G.linear.configs and G.fp8_linear_scaled_mm.configs == G.SCALED_MM_CONFIGS

@@ -74,6 +74,66 @@ def test_rope_on_transposed_views(b, h, t, d, dtype):
         close(tp.rope(x, cos, sin, config), fused.rope(x, cos, sin), dtype)
 
 
+def fp8_close(q, ref):
+    """The interpreter's float -> e4m3 conversion rounds some values to a neighbour of torch's (and carries
+    wrongly): most bytes must match and every value be a neighbour at worst; bench/pointwise.py checks the
+    fp8 producers bit-exact on the GPU."""
+    assert q.dtype == ref.dtype == torch.float8_e4m3fn and q.shape == ref.shape
+    g, r = q.float(), ref.float()
+    assert torch.isfinite(g).all()
+    assert (g != r).float().mean() < 0.1
+    assert ((g - r).abs() <= 0.5 * r.abs() + 2 ** -9).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 96), (3, 7, 130)])
+def test_rms_norm_fp8(shape, dtype):
+    x = torch.randn(shape, dtype=dtype) * 3
+    x[..., 0] = 40  # normed to about 6 in every row
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    scale = torch.tensor(2.5 / 448)  # values beyond 2.5 saturate at ±448
+    ref = fused.rms_norm_fp8(x, w, 1e-5, scale)
+    assert (ref.float().abs() == 448).any() and (ref.float().abs() < 448).float().mean() > 0.9
+    for config in tp.CONFIGS["rms_norm"][:3]:
+        fp8_close(tp.rms_norm_fp8(x, w, 1e-5, scale, config=config), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64), (3, 5, 100)])
+def test_add_rms_norm_fp8(shape, dtype):
+    x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    scale = torch.tensor(0.011)
+    q, s = tp.add_rms_norm_fp8(x, r, w, 1e-6, scale)
+    rq, rs = fused.add_rms_norm_fp8(x, r, w, 1e-6, scale)
+    close(s, rs, dtype)
+    fp8_close(q, rq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (6, 100)])
+def test_silu_mul_fp8_on_slices_of_a_fused_output(rows, cols, dtype):
+    gate_up = torch.randn(rows, 2 * cols, dtype=dtype) * 2
+    gate, up = gate_up[:, :cols], gate_up[:, cols:]
+    scale = torch.tensor(0.007)
+    for config in tp.CONFIGS["silu_mul"][:2]:
+        fp8_close(tp.silu_mul_fp8(gate, up, scale, config), fused.silu_mul_fp8(gate, up, scale))
+
+
+def test_fp8_producers_match_the_unfused_op_then_quantize():
+    """The references round exactly as the unfused op followed by the GEMM's own quantization of x."""
+    from workbench.kernels.gemm import quantize_fp8
+
+    x, r = torch.randn(4, 48, dtype=torch.bfloat16), torch.randn(4, 48, dtype=torch.bfloat16)
+    w, scale = (1 + 0.1 * torch.randn(48)).to(torch.bfloat16), torch.tensor(0.004)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(bits(fused.rms_norm_fp8(x, w, 1e-5, scale)), bits(quantize_fp8(fused.rms_norm(x, w, 1e-5), scale)))
+    q, s = fused.add_rms_norm_fp8(x, r, w, 1e-5, scale)
+    n, s2 = fused.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(bits(q), bits(quantize_fp8(n, scale))) and torch.equal(s, s2)
+    assert torch.equal(bits(fused.silu_mul_fp8(x, r, scale)), bits(quantize_fp8(fused.silu_mul(x, r), scale)))
+
+
 def test_triton_tactics_run_a_whole_optimized_graph():
     from workbench.graph.executor import Program, resolve_params
     from workbench.graph.passes import run_passes

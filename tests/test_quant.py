@@ -194,6 +194,51 @@ def test_smoothquant_folds_into_norms_where_it_can(program, stats, probe):
     assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-5)
 
 
+def test_fp8_producers_write_x_quantized_and_change_nothing(program, stats, probe):
+    """Static FP8: the norm / add+norm / silu_mul writing each group's x writes it in fp8 with the group's
+    scale, and the linears read it as it is: bit-identical logits to quantizing x inside the linear."""
+    plan = PrecisionPlan.uniform(program.graph, "fp8", lm_head="fp8")
+    graph, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+    by = {g: r["x_quantized_by"] for g, r in report["groups"].items()}
+    assert by["layers.0.qkv"] == "workbench.rms_norm" and by["layers.1.qkv"] == "workbench.add_rms_norm"
+    assert by["layers.0.gate_up"] == by["lm_head"] == "workbench.add_rms_norm"
+    assert by["layers.1.down"] == "workbench.silu_mul" and by["layers.0.o"] == "the linear"  # attention writes o's x
+    ops = [n.op for n in graph.nodes]
+    assert ops.count("workbench.rms_norm_fp8") == 1 and ops.count("workbench.add_rms_norm_fp8") == 4
+    assert ops.count("workbench.silu_mul_fp8") == 2 and "workbench.silu_mul" not in ops
+    specs = graph.specs()
+    linears = [n for n in graph.nodes if n.op == "workbench.fp8_linear"]
+    fed = [n for n in linears if specs[n.args[0].name].dtype == "float8_e4m3fn"]
+    assert len(fed) == 7 and all(n.args[5] == torch.float32 for n in fed)  # the output keeps the model's dtype
+    for n in fed:  # the producer quantizes with the same scale the linear dequantizes with
+        producer = next(m for m in graph.nodes if m.name == n.args[0].name)
+        if producer.op == "operator.getitem":
+            producer = next(m for m in graph.nodes if m.name == producer.args[0].name)
+        assert torch.equal(tensors[producer.args[-1].name], tensors[n.args[3].name])
+    ids, _ = probe
+    fused = logits_fn(quantized_program(program, plan, stats))(ids)
+    unfused = logits_fn(quantized_program(program, plan, stats, fuse_producers=False))(ids)
+    assert torch.equal(fused, unfused)
+    from workbench.graph.ir import Graph
+
+    assert Graph.loads(graph.dumps()).dumps() == graph.dumps()
+
+
+def test_fp8_producers_only_where_the_linears_alone_read_x(program, stats):
+    """Dynamic per-token scales are computed by the linear; an x that something else reads stays unquantized."""
+    dynamic = PrecisionPlan.uniform(program.graph, "fp8", activations="dynamic")
+    _, _, report = quantize_graph(program.graph, dict(program.params), dynamic, stats)
+    assert "x_quantized_by" not in report["groups"]["layers.0.qkv"]
+    graph = type(program.graph).loads(program.graph.dumps())
+    norm = next(n for n in graph.nodes if n.op == "workbench.rms_norm")
+    graph.outputs.append(norm.name)  # the first norm's output now also leaves the graph
+    plan = PrecisionPlan.uniform(graph, "fp8")
+    g2, _, report = quantize_graph(graph, dict(program.params), plan, stats)
+    assert report["groups"]["layers.0.qkv"]["x_quantized_by"] == "the linear"
+    assert report["groups"]["layers.0.gate_up"]["x_quantized_by"] == "workbench.add_rms_norm"
+    assert "workbench.rms_norm_fp8" not in {n.op for n in g2.nodes}
+
+
 def test_fp8_kv_cache_uses_calibrated_scales(program, stats, probe):
     plan = PrecisionPlan.uniform(program.graph, "bf16", kv_cache="fp8")
     q = quantized_program(program, plan, stats)

@@ -10,6 +10,14 @@ same ops by the kernels issue.
     workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
     workbench.rope(x, cos, sin)                     x * cos + rotate_half(x) * sin
     workbench.attention(q, k, v, mask, scale)       SDPA reading k, v with fewer heads (GQA/MQA)
+
+FP8 producers (the quant stage puts them before FP8 linears with static activation scales, so the GEMM
+reads x already quantized and no separate quantization pass runs; the rounding is exactly the
+unfused op's, then ``gemm.quantize_fp8``):
+
+    workbench.rms_norm_fp8(x, w, eps, scale)        quantize_fp8(rms_norm(x, w, eps), scale)
+    workbench.add_rms_norm_fp8(x, r, w, eps, scale) (quantize_fp8(rms_norm(x + r), scale), x + r)
+    workbench.silu_mul_fp8(gate, up, scale)         quantize_fp8(silu_mul(gate, up), scale)
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import cost as C
+from .gemm import quantize_fp8
 from .registry import register_op
 
 
@@ -43,6 +52,26 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gating: silu(gate) * up."""
     return torch.nn.functional.silu(gate) * up
+
+
+@register_op("workbench.rms_norm_fp8", cost=_norm_cost)
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
+    """RMSNorm whose output is quantized to float8_e4m3fn with the static per-tensor ``scale``."""
+    return quantize_fp8(rms_norm(x, weight, eps), scale)
+
+
+@register_op("workbench.add_rms_norm_fp8", cost=_norm_cost)
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     scale: torch.Tensor):
+    """Residual add then RMSNorm: (normed quantized to float8_e4m3fn with ``scale``, sum in x's dtype)."""
+    normed, total = add_rms_norm(x, residual, weight, eps)
+    return quantize_fp8(normed, scale), total
+
+
+@register_op("workbench.silu_mul_fp8")
+def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up quantized to float8_e4m3fn with the static per-tensor ``scale``."""
+    return quantize_fp8(silu_mul(gate, up), scale)
 
 
 @register_op("workbench.rope")

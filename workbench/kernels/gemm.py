@@ -609,6 +609,16 @@ def w8_linear_triton(x, weight, weight_scale, bias=None, config=None):
                              config)
 
 
+def w8_linear_dequant(x, weight, weight_scale, bias=None, config=None):
+    """Dequantize the weight to x's dtype (one pass over it), then torch's GEMM (cuBLAS on a GPU): for
+    compute-bound (prefill) shapes, where the GEMM's time dwarfs the pass. The weight is rounded to x's
+    dtype once (the reference keeps it in fp32), so results differ from the reference by that rounding."""
+    _check("workbench.w8_linear", x, weight, weight_scale, None, bias, torch.int8)
+    w = (weight.float() * _flat(weight_scale).reshape(-1, 1) if weight_scale.numel() > 1
+         else weight.float() * weight_scale.float().reshape(())).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 # --- registration -----------------------------------------------------------------------------------------------
 
 def register() -> None:
@@ -620,6 +630,7 @@ def register() -> None:
         ("workbench.int8_linear", "int_mm", int8_linear_int_mm, None, None),
         ("workbench.int8_linear", "triton", int8_linear_triton, CONFIGS["8bit"], True),
         ("workbench.w8_linear", "triton", w8_linear_triton, CONFIGS["16bit"], False),
+        ("workbench.w8_linear", "dequant", w8_linear_dequant, None, None),
     ]
     for op, name, fn, configs, quantizes_x in table:
         if configs is not None:

@@ -3,6 +3,9 @@
     workbench.rms_norm      ROWS rows per program: load, fp32 sum of squares, scale, store
     workbench.add_rms_norm  the same with the residual add fused: writes the sum and the norm
     workbench.silu_mul      gate and up may be strided slices of one fused GEMM output
+    workbench.rms_norm_fp8, add_rms_norm_fp8, silu_mul_fp8
+                            the same kernels writing float8_e4m3fn: value rounded as the unfused op rounds
+                            it, divided by the static scale, saturated to ±448 (see ``fused.py``)
     workbench.rope          x of any strides ([batch, heads, tokens, head_dim]); a program takes a token's heads,
                             loading its cos/sin once
 
@@ -26,8 +29,9 @@ from .registry import REGISTRY
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr):
     # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
@@ -41,18 +45,26 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_ro
     variance = tl.sum(x * x, axis=1)[:, None] / n_cols
     normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    tl.store(Y + rows * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
+    y = normed * w
+    if QUANT:  # FP8 out: the unfused norm's value (rounded to its dtype) / scale, saturated to ±448; the
+        # division rounds as IEEE (torch's), not Triton's default approximate one
+        y = tl.clamp(tl.math.div_rn(y.to(ROUND).to(tl.float32), tl.load(SCALE)), -448.0, 448.0)
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(G, U, O, SCALE, stride_g, stride_u, stride_o, n_cols, QUANT: tl.constexpr,
+                     ROUND: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty).to(tl.float32)  # the reference rounds silu(g)
-    tl.store(O + row * stride_o + cols, (silu * u).to(O.dtype.element_ty), mask=mask)
+    silu = (g / (1.0 + tl.exp(-g))).to(ROUND).to(tl.float32)  # the reference rounds silu(g)
+    y = silu * u
+    if QUANT:
+        y = tl.clamp(tl.math.div_rn(y.to(ROUND).to(tl.float32), tl.load(SCALE)), -448.0, 448.0)
+    tl.store(O + row * stride_o + cols, y.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -98,13 +110,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _round_dtype(t: torch.dtype):
+    if t not in _TL:
+        raise TypeError(f"the Triton pointwise kernels take fp32, bf16 or fp16 values, not {t}")
+    return _TL[t]
+
+
+def _scale_arg(scale, device) -> torch.Tensor:
+    """A static FP8 scale as the one-element device tensor the kernels load (no host sync)."""
+    return torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             config: dict | None = None):
+             config: dict | None = None, scale=None):
     config = config or CONFIGS["rms_norm"][0]
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     out_dtype = torch.result_type(weight, x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=x.device)
     y2 = y.view(-1, n_cols)
     if residual is not None:
         r2 = _rows(residual)
@@ -114,8 +140,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         r2 = s2 = x2
     rows = config["ROWS"]
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-        x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
+        x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), x2.stride(0), r2.stride(0),
+        y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None, QUANT=scale is not None,
+        ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
         num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 
@@ -125,16 +152,32 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(x, weight, eps, residual=residual, config=config)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, scale, config: dict | None = None):
+    return rms_norm(x, weight, eps, config=config, scale=scale)
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, scale,
+                     config: dict | None = None):
+    return rms_norm(x, weight, eps, residual=residual, config=config, scale=scale)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
     config = config or CONFIGS["silu_mul"][0]
     g2, u2 = _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
-    out = torch.empty(gate.shape, dtype=torch.result_type(gate, up), device=gate.device)
+    out_dtype = torch.result_type(gate, up)
+    out = torch.empty(gate.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=gate.device)
     o2 = out.view(-1, n_cols)
     block = min(config["BLOCK"], triton.next_power_of_2(n_cols))
-    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0),
-                                                           n_cols, BLOCK=block, num_warps=config["num_warps"])
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        g2, u2, o2, o2 if scale is None else _scale_arg(scale, gate.device), g2.stride(0), u2.stride(0),
+        o2.stride(0), n_cols, QUANT=scale is not None, ROUND=_round_dtype(out_dtype), BLOCK=block,
+        num_warps=config["num_warps"])
     return out
+
+
+def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:
+    return silu_mul(gate, up, config=config, scale=scale)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -162,7 +205,10 @@ def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
     for op, fn, space in (("workbench.rms_norm", rms_norm, "rms_norm"),
                           ("workbench.add_rms_norm", add_rms_norm, "rms_norm"),
-                          ("workbench.silu_mul", silu_mul, "silu_mul"), ("workbench.rope", rope, "rope")):
+                          ("workbench.rms_norm_fp8", rms_norm_fp8, "rms_norm"),
+                          ("workbench.add_rms_norm_fp8", add_rms_norm_fp8, "rms_norm"),
+                          ("workbench.silu_mul", silu_mul, "silu_mul"),
+                          ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")):
         fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
         REGISTRY.get(op).tactics["triton"] = fn
 

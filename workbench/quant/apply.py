@@ -14,6 +14,14 @@ Per group (see ``plan``):
     kv fp8   every paged attention node gets its layer's k_scale / v_scale and the KV cache inputs
              become float8_e4m3fn
 
+**FP8 producers.** Where an fp8 group has static activation scales and its x is written by an RMSNorm,
+a residual add + RMSNorm or SwiGLU's silu_mul read by nobody else, that op is replaced by its FP8
+variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, see ``kernels/fused.py``),
+which writes x already quantized with the group's scale: the linears then read fp8 x and run the GEMM
+alone, as TensorRT-LLM's FP8 graphs do. The result is bit-identical to the unfused graph (the same
+rounding, then the same quantization); ``fuse_producers=False`` leaves them unfused. The report says,
+per group, which op quantizes x (``x_quantized_by``).
+
 Weight scales are amax / qmax per output channel (or per tensor); activation scales come from
 the calibration statistics (static), or are computed per token at run time (dynamic). The new
 tensors are parameters of kind ``quantized`` (their values come from the quant stage's
@@ -126,8 +134,56 @@ def _smooth_input(b: _Builder, group, first: Node, s: torch.Tensor) -> tuple[Ref
     return Ref(mul.name), False
 
 
+_FP8_PRODUCERS = {"workbench.rms_norm": ("workbench.rms_norm_fp8", 3),
+                  "workbench.add_rms_norm": ("workbench.add_rms_norm_fp8", 4),
+                  "workbench.silu_mul": ("workbench.silu_mul_fp8", 2)}
+
+
+def _fp8_spec(spec: TensorSpec | None) -> TensorSpec | None:
+    return None if spec is None else TensorSpec(list(spec.shape), "float8_e4m3fn", spec.contiguous)
+
+
+def _fuse_fp8_producer(b: _Builder, linears: list[Node], scale: Ref) -> str | None:
+    """Make the op that writes the linears' x write it in fp8 with ``scale`` (see the module docstring);
+    the op replaced, or None where x has another reader or another producer."""
+    rw = b.rw
+    rw.sweep()  # the replaced linears still read x until they are swept
+    x = linears[0].args[0]
+    if not isinstance(x, Ref) or any(n.args[0] != x for n in linears) or x.name in rw.graph.outputs:
+        return None
+    if {u.name for u in rw.users.get(x.name, [])} != {n.name for n in linears}:
+        return None
+    node = rw.producer(x)
+    if node is None:
+        return None
+    getitem = None
+    if node.op == "operator.getitem":  # add_rms_norm's normed output (index 0)
+        src = rw.producer(node.args[0])
+        if src is None or src.op != "workbench.add_rms_norm" or node.args[1] != 0:
+            return None
+        getitem, node = node, src
+    if node.op not in _FP8_PRODUCERS or node.kwargs:
+        return None
+    op, arity = _FP8_PRODUCERS[node.op]
+    if len(node.args) != arity or (node.op == "workbench.add_rms_norm") != (getitem is not None):
+        return None
+    outputs = [_fp8_spec(node.outputs[0]), *node.outputs[1:]]
+    fused = Node(rw.fresh(node.name + "_fp8"), op, [*node.args, scale], {}, outputs, node.module, node.layer)
+    x_spec = rw.spec(x)
+    if x_spec is None:
+        return None
+    rw.insert_before(node, fused)
+    rw.replace_uses(node.name, Ref(fused.name))
+    for n in linears:  # fp8 x: the output dtype is no longer x's, so it is named
+        n.args = [*n.args[:5], *[None] * (5 - len(n.args)), dtype_from_name(x_spec.dtype)]
+    if getitem is not None:
+        getitem.outputs = [_fp8_spec(getitem.out)]
+    return node.op
+
+
 def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], plan: PrecisionPlan,
-                   stats: CalibrationStats | None = None) -> tuple[Graph, dict[str, torch.Tensor], dict]:
+                   stats: CalibrationStats | None = None, *,
+                   fuse_producers: bool = True) -> tuple[Graph, dict[str, torch.Tensor], dict]:
     """The graph with ``plan`` applied, the new (quantized) tensors by name, and a report of what was done."""
     plan.validate(graph)
     if _needs_stats(plan):
@@ -157,6 +213,7 @@ def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], plan: Precisio
                 x_scale = (smoothed / 127.0).clamp(min=1e-12).reshape(1)
         elif fmt == "fp8" and opts["activations"] == "static":
             x_scale = stats.input_scale(name, "fp8")
+        linears = []
         for node, w in zip(nodes, weights):
             x = x_in if x_in is not None else node.args[0]
             bias = node.args[2] if len(node.args) > 2 else None
@@ -168,9 +225,12 @@ def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], plan: Precisio
                 continue
             in_ref = b.param(f"{base}.{fmt}_input_scale", x_scale) if x_scale is not None else None
             op = "workbench.fp8_linear" if fmt == "fp8" else "workbench.int8_linear"
-            b.replace(node, op, [x, w_ref, s_ref, in_ref, bias])
+            linears.append(b.replace(node, op, [x, w_ref, s_ref, in_ref, bias]))
         report["groups"][name] = {"format": fmt, **opts, **({"smoothing": "folded into norm" if folded else
                                                             "explicit multiply"} if fmt == "int8_sq" else {})}
+        if fmt == "fp8" and x_scale is not None:
+            producer = _fuse_fp8_producer(b, linears, linears[0].args[3]) if fuse_producers else None
+            report["groups"][name]["x_quantized_by"] = producer or "the linear"
     if plan.kv_cache == "fp8":
         _fp8_kv_cache(g, stats, report)
     b.rw.sweep()
@@ -201,11 +261,12 @@ def _fp8_kv_cache(g: Graph, stats: CalibrationStats, report: dict) -> None:
     report["kv_scales"] = scales
 
 
-def quantized_program(program, plan: PrecisionPlan, stats: CalibrationStats | None = None):
+def quantized_program(program, plan: PrecisionPlan, stats: CalibrationStats | None = None, *,
+                      fuse_producers: bool = True):
     """``program`` with ``plan`` applied (same device, the unquantized weights it still reads shared)."""
     from ..graph.executor import Program
 
-    graph, new, _ = quantize_graph(program.graph, dict(program.params), plan, stats)
+    graph, new, _ = quantize_graph(program.graph, dict(program.params), plan, stats, fuse_producers=fuse_producers)
     params = {k: v for k, v in program.params.items() if k in graph.params}
     params.update(new)
     return Program(graph, params, device=program.device)
