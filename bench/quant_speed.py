@@ -44,6 +44,7 @@ from workbench.graph.passes import run_passes  # noqa: E402
 from workbench.kernels.autotune import TimingCache, autotune_profile, step_inputs  # noqa: E402
 from workbench.kernels.profiles import OptimizationProfile  # noqa: E402
 from workbench.models import load_model  # noqa: E402
+from workbench.models.intake import ModelSource, resolve_source  # noqa: E402
 from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.quant import PrecisionPlan, calibrate, quantized_program  # noqa: E402
@@ -62,6 +63,8 @@ PLANS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--layers", type=int, help="the preset with this many layers: a quick check of the kernels "
+                    "(vs own ref) where a random-weight model amplifies rounding far less than at 32 layers")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--plans", default=",".join(PLANS))
@@ -81,7 +84,11 @@ def main() -> None:
     device, start = args.device, time.perf_counter()
     cuda = device.startswith("cuda")
 
-    lm = load_model(args.preset, dtype=torch.bfloat16, device=device)
+    source = resolve_source(args.preset)
+    if args.layers:
+        source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
+                             {**source.config, "num_hidden_layers": args.layers}, source.seed)
+    lm = load_model(source, dtype=torch.bfloat16, device=device)
     captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
     weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
                **{k: v.to(device) for k, v in captured.constants.items()}}
@@ -150,11 +157,11 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     base = next((r for r in rows if r["plan"] == "bf16"), rows[0])
-    result = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset, "seqs": args.seqs, "tokens": args.tokens,
+    result = {"gpu": gpu, "torch": torch.__version__, "preset": source.spec, "seqs": args.seqs, "tokens": args.tokens,
               "calibration_s": calib_s, "autotuned": cache is not None, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\n{gpu}, torch {torch.__version__}: {args.preset} graph, random bf16 weights; prefill {args.seqs} x "
+    print(f"\n{gpu}, torch {torch.__version__}: {source.spec} graph, random bf16 weights; prefill {args.seqs} x "
           f"{args.tokens} tokens, decode step of {args.seqs} sequences at context {args.tokens}; "
           f"{'autotuned' if cache is not None else 'fixed tactics' if cuda else 'reference ops'}; {time.perf_counter() - start:.0f} s")
     print(f"{'plan':<14} {'prefill ms':>11} {'vs ' + base['plan']:>9} {'decode ms':>10} {'vs ' + base['plan']:>9} "

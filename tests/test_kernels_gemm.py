@@ -372,6 +372,21 @@ def test_w8_dequant_tactic_matches_reference(dtype, per_channel):
         close(out, G.w8_linear(x, wq, ws, bias), TOL[dtype])
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("k", [40, 4100])  # one block, and several with a masked tail
+def test_dequantize_weight_kernel(per_channel, k):
+    """The Triton dequantizer (GPU path, run by the interpreter) gives the torch path's values."""
+    _, wq, ws = quantized_weight(6, k, "int8", per_channel)
+    expected = G.dequantize_weight(wq, ws, torch.float32)
+    assert torch.equal(expected, wq.float() * (ws.reshape(-1, 1) if per_channel else ws))
+    out = torch.full((6, k), float("nan"))
+    block = min(2048, 1 << (k - 1).bit_length())
+    grid = (6, -(-k // block))
+    G._dequant_rows_kernel[grid](wq, G._flat(ws), out, k, wq.stride(0), out.stride(0), PER_ROW=per_channel,
+                                 BLOCK=block)
+    assert torch.equal(out, expected)
+
+
 def test_the_tensor_core_dot_path(monkeypatch):
     """The GPU's dot (operands in their own dtype, int8 weights converted to x's dtype in registers) also runs
     exactly under the interpreter for fp8 and fp16 (its bf16 arithmetic is wrong, so tests use fp32 dots)."""
