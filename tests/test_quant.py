@@ -299,3 +299,28 @@ def test_quantize_command(tmp_path, capsys):
     assert main(["quantize", ws, "--format", "fp8", "--alpha", "2", "--samples", "4", "--seq-len", "32",
                  "--force"]) == 2
     assert "takes no option 'alpha'" in capsys.readouterr().err
+
+
+def test_quantize_command_chooses_an_auto_plan_within_its_budget(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.quant.sensitivity import SensitivityReport
+
+    ws = tmp_path / "ws"
+    assert main(["capture", "tiny-llama", "--workspace", str(ws)]) == 0
+    assert main(["optimize", str(ws)]) == 0
+    common = ["--samples", "4", "--seq-len", "32", "--probe-tokens", "300"]
+    assert main(["quantize", str(ws), "--format", "bf16", "--auto", "1", *common]) == 2
+    assert "give a quantized --format" in capsys.readouterr().err
+    assert main(["quantize", str(ws), "--format", "fp8", "--auto", "0.5", *common]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((ws / "quant" / "report.json").read_text())
+    auto = report["auto_plan"]
+    assert auto["within_budget"] and auto["ppl_delta_pct"] <= 0.5 and auto["probe_tokens"] == 300
+    assert "auto plan within +0.5%" in out
+    sens = SensitivityReport.load(ws / "quant" / "sensitivity.json")
+    assert len(sens.groups) == 9 and sens.formats == ["fp8"]
+    plan = PrecisionPlan.loads((ws / "quant" / "plan.json").read_text())
+    assert set(auto["bf16_groups"]) == {g for g in plan.groups if plan.format_of(g) == "bf16"}
+    assert {plan.format_of(g) for g in plan.groups} <= {"fp8", "bf16"}
+    assert sum(plan.format_of(g) == "fp8" for g in plan.groups) == sum(r["format"] == "fp8" for r in
+                                                                         report["groups"].values())

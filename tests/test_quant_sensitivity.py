@@ -229,6 +229,33 @@ def test_auto_plan_backs_off_when_verification_fails(program, stats, ids, report
     assert plan.quantized() == ["lm_head"] and not info["within_budget"] and info["ppl_delta_pct"] == 0.05
 
 
+def test_auto_plan_fills_the_budget_its_rows_overestimated(program, stats, ids, report, monkeypatch):
+    """Rows claim 0.03 % per group, the plan costs 0.01 % per group: after the first verified round the rows
+    are rescaled by 1/3 and more groups added; a fill that goes over returns the last plan within budget."""
+    frame = report.frame.copy()
+    frame["ppl_delta_pct"] = 0.03
+    frame.loc[frame["group"] == "lm_head", "ppl_delta_pct"] = 0.15  # never fits
+    pessimistic = S.SensitivityReport(frame, report.base_ppl, report.formats, report.model)
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    plan, info = S.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+                             progress=False)
+    history = info["history"]
+    assert [len(h["quantized"]) for h in history] == [2, 6] and len(history[1]["added"]) == 4
+    assert info["ppl_delta_pct"] == pytest.approx(0.06) and info["within_budget"] and info["rounds"] == 2
+    assert len(plan.quantized()) == 6 and "lm_head" not in plan.quantized()
+
+    def cliff(program_q, base):  # cheap up to two groups, then far over the budget
+        n = sum(spec["format"] != "bf16" for spec in program_q.graph.meta["precision"]["groups"].values())
+        delta = 0.01 * n if n <= 2 else 1.0
+        return {"ppl": base.ppl * (1 + delta / 100), "ppl_delta_pct": delta, "kl": delta}
+
+    monkeypatch.setattr(S, "_measure", cliff)
+    plan, info = S.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+                             progress=False)
+    assert [len(h["quantized"]) for h in info["history"]] == [2, 6] and info["history"][1]["ppl_delta_pct"] == 1.0
+    assert len(plan.quantized()) == 2 and info["ppl_delta_pct"] == pytest.approx(0.02) and info["within_budget"]
+
+
 def test_auto_plan_keeps_edited_groups(program, stats, ids, report):
     base = (PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.0.qkv", "int8_wo", edited=True)
             .with_format("lm_head", "bf16", edited=True))

@@ -106,9 +106,16 @@ def _cmd_quantize(args) -> None:
     ws = Workspace(args.workspace, create=False)
     plan, stats, report = quant_stage(ws, args.plan, fmt=args.format, kv_cache=args.kv_cache, samples=args.samples,
                                       seq_len=args.seq_len, observer=args.observer, device=args.device,
-                                      force=args.force, **options)
+                                      force=args.force, auto_budget=args.auto, probe_tokens=args.probe_tokens,
+                                      **options)
     counts = ", ".join(f"{n} groups {f}" for f, n in plan.summary().items())
     print(f"plan: {counts}; KV cache {plan.kv_cache}")
+    auto = report.get("auto_plan")
+    if auto:
+        kept = [g for g in auto["bf16_groups"] if g != "lm_head"]
+        print(f"auto plan within +{auto['budget_pct']:g}%: perplexity {auto['ppl']:.4f} ({auto['ppl_delta_pct']:+.2f}%, "
+              f"{'within' if auto['within_budget'] else 'NOT within'} budget) on {auto['probe_tokens']} tokens after "
+              f"{auto['rounds']} verified rounds; in bf16: {', '.join(kept) or 'no group'}")
     print(f"wrote {ws.root / 'quant'} (stats, plan.json, graph.json, weights.safetensors, report.json, record.json); "
           f"run `workbench eval {ws.root} --stage quant` for its perplexity")
 
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512 on a GPU, 256 on a CPU)")
     s.add_argument("--observer", default="max", choices=["max", "percentile", "mse", "entropy"])
     s.add_argument("--device", default="cpu")
+    s.add_argument("--auto", type=float, metavar="BUDGET",
+                   help="choose the plan: each group's sensitivity to --format, then the most groups in --format whose "
+                        "verified perplexity increase stays within BUDGET %% (groups --plan marks edited are kept)")
+    s.add_argument("--probe-tokens", type=int, default=2048,
+                   help="evaluation tokens the sensitivity and the auto plan are measured on (default 2048)")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_quantize)
 

@@ -118,14 +118,21 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
 
 def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "bf16", samples: int | None = None,
                 seq_len: int | None = None, observer: str = "max", device: str | torch.device = "cpu",
-                force: bool = False, progress: bool = True, **options):
+                force: bool = False, progress: bool = True, auto_budget: float | None = None,
+                probe_tokens: int = 2048, **options):
     """`workbench quantize`: calibrate the optimized graph and apply a precision plan into ``ws/quant``.
 
     ``plan``: a PrecisionPlan, a path to its JSON, or None for every group in ``fmt`` (with ``options``, lm_head
     kept in the model's precision) and the KV cache in ``kv_cache``. Writes stats.safetensors (+ stats.json),
     plan.json, graph.json (the quantized graph), weights.safetensors (quantized weights and scales) and
     report.json. Calibration statistics already in the stage with the same settings and model are reused.
-    Returns (plan, stats, report)."""
+
+    ``auto_budget`` (perplexity increase in %): instead of applying ``plan`` as it is, measure each group's
+    sensitivity to ``fmt`` (with ``options``) and choose the plan with the most groups in ``fmt`` whose whole-
+    plan perplexity stays within the budget (``quant.sensitivity.auto_plan``); groups the given plan marks as
+    edited keep their format, and so does its KV cache. Both run on the first ``probe_tokens`` tokens of
+    datasets/evaluation.txt (random ids for a model without tokenizer); sensitivity.json is written too and
+    report.json gets the verified result under "auto_plan". Returns (plan, stats, report)."""
     from .models.intake import load_tokenizer
     from .quant import CalibrationStats, PrecisionPlan, calibrate, calibration_ids, quantize_graph
     from .quant.calibrate import default_sizes
@@ -135,7 +142,8 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     program = load_program(ws, stage="passes", device=device)
     graph = program.graph
     if plan is None:
-        plan = PrecisionPlan.uniform(graph, fmt, kv_cache=kv_cache, **options)
+        plan = PrecisionPlan.uniform(graph, "bf16" if auto_budget is not None else fmt, kv_cache=kv_cache,
+                                     **({} if auto_budget is not None else options))
     elif not isinstance(plan, PrecisionPlan):
         path = Path(plan)
         if not path.is_file():
@@ -150,8 +158,10 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     calib = {"observer": observer, "samples": samples, "seq_len": seq_len,
              "text": "datasets/calibration.txt" if tokenizer is not None else "random token ids (no tokenizer)"}
     stats_path = ws.stage_dir("quant") / "stats.safetensors"
-    with ws.run("quant", params={"plan": plan.to_json(), "calibration": calib, "device": str(device)},
-                upstream=("passes",), force=force) as run:
+    params = {"plan": plan.to_json(), "calibration": calib, "device": str(device)}
+    if auto_budget is not None:
+        params["auto"] = {"budget_pct": auto_budget, "format": fmt, "options": options, "probe_tokens": probe_tokens}
+    with ws.run("quant", params=params, upstream=("passes",), force=force) as run:
         stats = None
         if stats_path.is_file() and stats_path.with_suffix(".json").is_file():
             old = CalibrationStats.load(stats_path)
@@ -168,12 +178,45 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
         tensors, meta = stats.state()
         run.write_safetensors("stats.safetensors", tensors)
         run.write_json("stats.json", meta)
+        auto = None
+        if auto_budget is not None:
+            plan, auto = _auto_plan_stage(run, program, stats, tokenizer, plan, fmt, auto_budget, probe_tokens,
+                                          progress, options)
         quantized, new, report = quantize_graph(graph, dict(program.params), plan, stats)
+        if auto is not None:
+            report["auto_plan"] = auto
         run.write_text("plan.json", plan.dumps())
         run.write_text("graph.json", quantized.dumps())
         run.write_safetensors("weights.safetensors", {k: v.cpu() for k, v in new.items()})
         run.write_json("report.json", report)
     return plan, stats, report
+
+
+def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, probe_tokens, progress, options):
+    """Sensitivity of every group to ``fmt`` and the auto plan within ``budget`` (see ``quant_stage``)."""
+    from .evaluate import dataset_text
+    from .quant.sensitivity import auto_plan, sensitivity
+
+    if fmt == "bf16":
+        raise WorkbenchError("an auto plan chooses which groups to quantize: give a quantized --format "
+                             "(fp8, int8_sq or int8_wo) with the budget")
+    if tokenizer is not None:
+        ids = torch.tensor(tokenizer(dataset_text("evaluation")).input_ids)[:probe_tokens]
+    else:
+        vocab = program.graph.params[_lm_head_weight(program.graph)].spec.shape[0]
+        ids = torch.randint(1, vocab, (probe_tokens,), generator=torch.Generator().manual_seed(2))
+    window = min(256, ids.numel())
+    stride = max(1, window // 2)
+    report = sensitivity(program, stats, ids, formats=[fmt], base_plan=base_plan, window=window, stride=stride,
+                         progress=progress, **options)
+    run.write_json("sensitivity.json", report.to_json())
+    plan, info = auto_plan(report, program, stats, ids, budget_pct=budget, base_plan=base_plan, window=window,
+                           stride=stride, progress=progress)
+    info = {k: v for k, v in info.items() if k != "history"} | {
+        "probe_tokens": int(ids.numel()), "window": window, "stride": stride, "format": fmt,
+        "bf16_groups": [g for g in plan.groups if plan.format_of(g) == "bf16"],
+        "history": [{k: v for k, v in h.items() if k != "quantized"} for h in info["history"]]}
+    return plan, info
 
 
 def _lm_head_weight(graph) -> str:

@@ -26,9 +26,13 @@ those is missing the time is NaN. SmoothQuant's explicit multiply (o, down) is n
 group is timed, else fp8 > int8_sq > int8_wo) whose single-group perplexity change still fits in what is
 left of the budget; then the whole plan is evaluated, and while the verified change exceeds the budget
 the most sensitive chosen groups go back to bf16, as many as their share of the verified change needs
-to cover the excess (``_back_off``; the last allowed round drops them all). Groups in
-``base_plan.edited`` and groups the report does not cover keep their format and are counted against the
-budget with their own rows; every other group starts from bf16, whatever ``base_plan`` gave it.
+to cover the excess (``_back_off``; the last allowed round drops them all). When a round verifies within
+the budget and groups are left over, the single-group rows are rescaled by what the round measured
+(verified change / sum of the chosen rows) and the groups that still fit are added (never one a round
+backed off); the next round verifies that plan, and if it goes over, the last plan verified within the
+budget is the result. Groups in ``base_plan.edited`` and groups the report does not cover keep their
+format and are counted against the budget with their own rows; every other group starts from bf16,
+whatever ``base_plan`` gave it.
 """
 
 from __future__ import annotations
@@ -498,7 +502,8 @@ def _auto_plan(report, program, stats, base: BaseLogits, *, budget_pct, base_pla
                 spent += max(delta, 0.0)
                 break
 
-    history, backed_off = [], []
+    history, backed_off, added, dropped = [], [], [], set()
+    best = None  # (plan, numbers, chosen) of the best verified plan within the budget so far
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -512,14 +517,36 @@ def _auto_plan(report, program, stats, base: BaseLogits, *, budget_pct, base_pla
             candidate = candidate.with_format(g, fmt)
         candidate.validate(graph)
         result = _measure(quantized_program(program, candidate, stats), base)
+        estimate = sum(max(d, 0.0) for _, d in chosen.values())
         history.append({"round": round_, "quantized": {g: f for g, (f, _) in chosen.items()},
-                        "estimate_pct": sum(max(d, 0.0) for _, d in chosen.values()), "backed_off": backed_off,
-                        **result})
+                        "estimate_pct": estimate, "backed_off": backed_off, "added": added, **result})
         if bar is not None:
             bar.update(1)
-        if result["ppl_delta_pct"] <= budget_pct or not chosen:
+        if result["ppl_delta_pct"] <= budget_pct:
+            best = (candidate, result, dict(chosen))
+            # fill: the single-group rows over- or underestimate the whole plan's change; rescaled by what
+            # this round measured, do more groups still fit? (never groups a round had to back off)
+            if round_ == max_rounds:
+                break
+            quantized_pct = result["ppl_delta_pct"] - fixed_pct
+            ratio = quantized_pct / estimate if estimate > 0 and quantized_pct > 0 else 1.0
+            added = []
+            for g in visit:
+                if g in chosen or g in dropped:
+                    continue
+                for fmt, delta in options[g]:
+                    if fixed_pct + (estimate + max(delta, 0.0)) * ratio <= budget_pct:
+                        chosen[g] = (fmt, delta)
+                        estimate += max(delta, 0.0)
+                        added.append(g)
+                        break
+            if not added:
+                break
+            backed_off = []
+            continue
+        if best is not None:  # a fill went over: keep the last plan verified within the budget
             break
-        if round_ == max_rounds:
+        if not chosen or round_ == max_rounds:
             break
         value = {g: saved.get((g, f), math.nan) for g, (f, _) in chosen.items()}
         if not all(math.isfinite(v) for v in value.values()):  # one unit for all: FLOPs unless all are timed
@@ -528,9 +555,14 @@ def _auto_plan(report, program, stats, base: BaseLogits, *, budget_pct, base_pla
                                value, everything=round_ + 1 == max_rounds)
         for g in backed_off:
             del chosen[g]
+        dropped.update(backed_off)
+        added = []
     if bar is not None:
         bar.close()
-    final = history[-1]
+    if best is not None:
+        candidate, final, chosen = best
+    else:
+        final = history[-1]
     if final["ppl_delta_pct"] > budget_pct and chosen:  # rounds ran out with groups still chosen: none is safe
         chosen = {}
         candidate = plan.validate(graph)
