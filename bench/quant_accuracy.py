@@ -46,6 +46,20 @@ def plans(graph, alphas):
     yield "fp8 + fp8 KV cache", PrecisionPlan.uniform(graph, "fp8", kv_cache="fp8")
 
 
+def calibrated_model(args):
+    """(optimized graph, its program, calibration statistics, evaluation token ids) for ``args.model``
+    on ``args.device``, calibrated with ``args.samples`` x ``args.seq_len`` tokens and ``args.observer``."""
+    lm = load_model(args.model)
+    tokenizer = load_tokenizer(lm.source)
+    captured = capture_source(lm.source)
+    weights = {**graph_weights(captured.graph, lm.source), **captured.constants}
+    graph, _ = run_passes(captured.graph, weights, check=False)
+    program = Program(graph, resolve_params(graph, weights), device=args.device)
+    stats = calibrate(program, calibration_ids(tokenizer), samples=args.samples, seq_len=args.seq_len,
+                      observer=args.observer)
+    return graph, program, stats, torch.tensor(tokenizer(dataset_text("evaluation")).input_ids)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -56,22 +70,17 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.3,0.5,0.7,0.85")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--only", help="run only the plans whose label contains this text (e.g. 'KV')")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     start = time.perf_counter()
-    lm = load_model(args.model)
-    tokenizer = load_tokenizer(lm.source)
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    program = Program(graph, resolve_params(graph, base), device=args.device)
-    stats = calibrate(program, calibration_ids(tokenizer), samples=args.samples, seq_len=args.seq_len,
-                      observer=args.observer)
-    ids = torch.tensor(tokenizer(dataset_text("evaluation")).input_ids)
+    graph, program, stats, ids = calibrated_model(args)
     base_ppl = perplexity(logits_fn(program), ids, window=args.window, stride=args.stride).perplexity
     rows = [{"plan": "unquantized", "ppl": base_ppl, "delta_pct": 0.0}]
     print(f"unquantized: perplexity {base_ppl:.4f} over {ids.numel()} tokens", flush=True)
     for label, plan in plans(graph, [float(a) for a in args.alphas.split(",")]):
+        if args.only and args.only not in label:
+            continue
         q = quantized_program(program, plan, stats)
         ppl = perplexity(logits_fn(q), ids, window=args.window, stride=args.stride).perplexity
         rows.append({"plan": label, "ppl": ppl, "delta_pct": 100 * (ppl / base_ppl - 1), "plan_json": plan.to_json()})

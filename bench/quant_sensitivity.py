@@ -24,17 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.evaluate import dataset_text  # noqa: E402
-from workbench.graph.executor import Program, resolve_params  # noqa: E402
-from workbench.graph.passes import run_passes  # noqa: E402
-from workbench.models import load_model  # noqa: E402
-from workbench.models.intake import load_tokenizer  # noqa: E402
-from workbench.pipeline import capture_source, graph_weights  # noqa: E402
-from workbench.quant import PrecisionPlan, calibrate, calibration_ids  # noqa: E402
+from quant_accuracy import calibrated_model  # noqa: E402  (bench/, the script's directory)
+from workbench.quant import PrecisionPlan  # noqa: E402
 from workbench.quant.sensitivity import (SensitivityReport, auto_plan, evaluate_plan,  # noqa: E402
                                          reference_logits, sensitivity)
 
@@ -57,15 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     formats = args.formats.split(",")
     start = time.perf_counter()
-    lm = load_model(args.model)
-    tokenizer = load_tokenizer(lm.source)
-    captured = capture_source(lm.source)
-    weights = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=args.device)
-    stats = calibrate(program, calibration_ids(tokenizer), samples=args.samples, seq_len=args.seq_len,
-                      observer=args.observer)
-    ids = torch.tensor(tokenizer(dataset_text("evaluation")).input_ids)
+    graph, program, stats, ids = calibrated_model(args)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
