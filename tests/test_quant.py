@@ -324,3 +324,28 @@ def test_quantize_command_chooses_an_auto_plan_within_its_budget(tmp_path, capsy
     assert {plan.format_of(g) for g in plan.groups} <= {"fp8", "bf16"}
     assert sum(plan.format_of(g) == "fp8" for g in plan.groups) == sum(r["format"] == "fp8" for r in
                                                                          report["groups"].values())
+
+
+def test_tune_stage_tunes_the_quantized_graph(tmp_path):
+    """After `workbench quantize`, tuning takes the quantized graph (its fp8 linears and fp8 producers get
+    tactics), and the tuned program decodes like the quantized one; re-quantizing makes the tune stale."""
+    from test_autotune import TINY_PROFILE, PlantedTimer
+    from workbench.kernels.profiles import OptimizationProfile
+    from workbench.pipeline import capture_stage, load_program, passes_stage, quant_stage, tune_stage
+    from workbench.runtime.paged_cache import paged_greedy
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    capture_stage(ws, "tiny-llama")
+    passes_stage(ws)
+    quant_stage(ws, fmt="fp8", samples=4, seq_len=32, progress=False)
+    tuned = tune_stage(ws, OptimizationProfile(**TINY_PROFILE), device="cpu", timer=PlantedTimer(), progress=False)
+    assert ws.record("tune")["params"]["graph"] == "quant"
+    fast, plain = load_program(ws, stage="tune"), load_program(ws, stage="quant")
+    ops = {fast.graph.node(n).op for n in tuned.choices[-1]}
+    assert {"workbench.fp8_linear", "workbench.rms_norm_fp8", "workbench.add_rms_norm_fp8",
+            "workbench.silu_mul_fp8"} <= ops
+    prompt = torch.tensor([5, 9, 11, 2, 30])
+    assert paged_greedy(fast, prompt, 6) == paged_greedy(plain, prompt, 6)
+    quant_stage(ws, fmt="int8_wo", samples=4, seq_len=32, progress=False)
+    assert ws.status("tune") == "stale"

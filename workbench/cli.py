@@ -85,7 +85,9 @@ def _cmd_tune(args) -> None:
     profile = OptimizationProfile(max_tokens=args.max_tokens, max_seqs=args.max_seqs, context=args.context,
                                   max_context=max(args.max_context, args.context), edges=edges)
     ws = Workspace(args.workspace, create=False)
-    tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force, top_k=args.top_k)
+    tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force, top_k=args.top_k,
+                       graph=args.graph)
+    print(f"tuned the {ws.record('tune')['params']['graph']} graph")
     for edge, chosen in zip(tuned.edges, tuned.choices):
         counts = collections.Counter(t for t, _ in chosen.values())
         print(f"bucket <= {edge:>5} tokens: " + ", ".join(f"{n} nodes {t}" for t, n in counts.most_common()))
@@ -147,7 +149,7 @@ def _program_and_tokenizer(target: str, device: str, stage: str, purpose: str):
         raise WorkbenchError(f"this workspace's model has random weights and no tokenizer; {purpose} needs a real "
                              "model: capture one")
     if stage == "latest":  # tuned choices run Triton kernels: on a GPU only
-        tuned = ws.record("tune") and device.startswith("cuda")
+        tuned = ws.status("tune") == "ok" and device.startswith("cuda")  # a stale tune's choices may not apply
         stage = ("tune" if tuned else "quant" if ws.record("quant") else "passes" if ws.record("passes")
                  else "capture")
     return load_program(ws, stage=stage, device=device), tokenizer, source
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: every config that fits")
     s.add_argument("--reset-cache", action="store_true", help="discard the workspace's timing cache and time afresh")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.add_argument("--graph", default="auto", choices=["auto", "passes", "quant"],
+                   help="which graph to tune (default: the quantized one when `workbench quantize` ran, else the "
+                        "optimized one)")
     s.set_defaults(fn=_cmd_tune)
 
     s = sub.add_parser("quantize", help="calibrate the optimized graph and apply a precision plan (FP8/INT8)")

@@ -230,8 +230,12 @@ def _lm_head_weight(graph) -> str:
 
 
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", timer=None, reset: bool = False,
-               force: bool = False, progress: bool = True, top_k: int | None = None):
+               force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto"):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
+
+    ``graph``: the stage whose graph is tuned: "quant" (the quantized graph), "passes", or "auto": the
+    quantized graph when the quant stage is up to date, else the optimized one. The record names it, and
+    ``load_program(ws, stage="tune")`` runs that graph; re-running that stage makes the tune stale.
 
     ``tune/timings.json`` is the timing cache, saved after every op instance: an interrupted run
     resumes from it, a second run times nothing new, and a cache measured on another GPU or
@@ -240,9 +244,13 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", t
     configs a tactic's cost model ranks best (see ``autotune``)."""
     from .kernels.autotune import TimingCache, autotune_profile
 
-    program = load_program(ws, stage="passes", device=device)
-    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device), "top_k": top_k},
-                upstream=("passes",), force=force) as run:
+    if graph == "auto":
+        graph = "quant" if ws.status("quant") == "ok" else "passes"
+    if graph not in ("passes", "quant"):
+        raise WorkbenchError(f"tune: graph must be 'auto', 'passes' or 'quant', got {graph!r}")
+    program = load_program(ws, stage=graph, device=device)
+    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph},
+                upstream=(graph,), force=force) as run:
         cache = TimingCache.open(run.directory / "timings.json", reset=reset)
         tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k)
         cache.save()
@@ -253,7 +261,8 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", t
 
 def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "cpu") -> Program:
     """A runnable program for the workspace's graph of ``stage``, weights read from the model source
-    (``stage="quant"``: the quantized graph, its quantized weights from the stage). ``stage="tune"`` is the optimized graph running the autotuner's choices (a CUDA device)."""
+    (``stage="quant"``: the quantized graph, its quantized weights from the stage). ``stage="tune"`` is the
+    graph that was tuned (optimized or quantized) running the autotuner's choices (a CUDA device)."""
     from .kernels.autotune import TunedChoices
 
     source = workspace_source(ws)
@@ -262,7 +271,7 @@ def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.d
         if ws.record("tune") is None:
             raise WorkbenchError(f"{ws.root} has no tune stage; run `workbench tune {ws.root}` on the GPU first")
         choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
-        stage = "passes"
+        stage = ws.record("tune")["params"].get("graph", "passes")  # the graph that was tuned
     graph, constants = load_graph(ws, stage)
     if stage == "quant":  # quantized weights and scales come from the stage, the rest from the source
         from safetensors.torch import load_file
