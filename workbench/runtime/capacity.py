@@ -1,0 +1,223 @@
+"""KV-cache capacity planning: how many blocks fit on a GPU and how many requests they hold at once.
+
+The paged cache (``workbench/runtime/paged_cache.py``) keeps one tensor per attention layer,
+``[2, num_blocks, block_size, kv_heads, head_dim]`` (K and V), so a cached token costs the same
+in every block and the whole cache is a count of blocks. Before allocating it, the runtime
+(and a user choosing a GPU, a KV dtype or a memory fraction) asks how big it can be; this is
+vLLM's "# GPU blocks" / "maximum concurrency" log line and TensorRT-LLM's
+``kv_cache_free_gpu_memory_fraction``:
+
+    bytes_per_token    = 2 (K and V) × layers × kv_heads × head_dim × element size
+    bytes_per_block    = bytes_per_token × block_size
+    kv_budget_bytes    = floor(memory_bytes × fraction) − weights_bytes − activation_bytes
+    num_blocks         = kv_budget_bytes // bytes_per_block
+    tokens             = num_blocks × block_size
+    blocks_per_request = ceil((prompt_len + output_len) / block_size)
+    max_concurrency    = num_blocks // blocks_per_request
+
+``memory_bytes`` is whatever the caller budgets from: the device's total memory (then the
+weights and the activation workspace come off it) or its free memory after loading the
+weights (then pass ``weights_bytes=0``). ``max_concurrency`` is the worst case in which every
+request holds its peak (prompt and all of its output) at the same time; in-flight batching
+staggers requests and prefix caching shares blocks, so a server usually runs more.
+
+Planning is arithmetic on a :class:`KVLayout`; nothing here touches a GPU except
+:func:`device_memory`, which asks CUDA (lazily) for the free and total bytes:
+
+    layout = KVLayout.from_graph(graph, dtype="float8_e4m3fn")        # plan an FP8 cache
+    plan = plan_capacity(layout, memory_bytes=80 * 2**30, weights_bytes=16 * 10**9,
+                         prompt_len=1000, output_len=1000)
+    print(plan.summary())
+    # KV cache: 58469 blocks of 16 tokens (935504 tokens, 57.10 GiB, fp8 e4m3); 1000+1000-token requests: 467 at once
+    concurrency_table(layout, memory_bytes=80 * 2**30, weights_bytes=16 * 10**9,
+                      fractions=[0.8, 0.9], lengths=[(1000, 1000), (8000, 500)])   # a DataFrame to plot
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from ..errors import WorkbenchError
+
+GIB = 2**30
+
+#: Short dtype names for summaries, as vLLM and TensorRT-LLM print them.
+_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+          "float8_e4m3fn": "fp8 e4m3", "float8_e5m2": "fp8 e5m2"}
+
+
+def _positive_int(value, what: str, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise WorkbenchError(f"{what} must be a positive integer, got {value!r}; {fix}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one cached token costs: the paged cache's per-layer shape and dtype.
+
+    ``layers`` counts the attention layers that own a cache tensor; ``dtype`` is a torch dtype
+    name (``"bfloat16"``, ``"float8_e4m3fn"``, ...); ``block_size`` is tokens per block.
+    """
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+
+    def __post_init__(self) -> None:
+        from ..graph.ir import dtype_from_name, dtype_name
+
+        for name in ("layers", "kv_heads", "head_dim"):
+            _positive_int(getattr(self, name), f"KV layout: {name}", "read the layout from a paged graph "
+                          "(KVLayout.from_graph) or give the model's numbers")
+        _positive_int(self.block_size, "KV layout: block_size",
+                      "pass the tokens per KV block, e.g. block_size=16")
+        # normalizes "torch.bfloat16" to "bfloat16" and refuses unknown names
+        object.__setattr__(self, "dtype", dtype_name(dtype_from_name(str(self.dtype))))
+
+    @classmethod
+    def from_graph(cls, graph, *, dtype: str | None = None, block_size: int | None = None) -> "KVLayout":
+        """The layout of a graph after ``insert_paged_attention`` (``graph.meta["paged"]``).
+
+        ``dtype`` and ``block_size`` override the graph's, to plan a cache the graph does not
+        have yet (an FP8 cache before quantizing, a larger block size).
+        """
+        paged = graph.meta.get("paged")
+        if not paged:
+            raise WorkbenchError("this graph has no paged attention, so it has no KV cache to plan; "
+                                 "run the insert_paged_attention pass first (run_passes does)")
+        return cls(layers=len(paged["layers"]), kv_heads=paged["kv_heads"], head_dim=paged["head_dim"],
+                   dtype=paged["dtype"] if dtype is None else dtype,
+                   block_size=paged["block_size"] if block_size is None else block_size)
+
+    @property
+    def element_size(self) -> int:
+        from ..graph.ir import dtype_from_name
+
+        return dtype_from_name(self.dtype).itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.element_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_block": self.bytes_per_block}
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """How many KV blocks a memory budget holds and how many requests of one shape fit in them.
+
+    The inputs (memory, fraction, weights, activations, request lengths) are kept beside the
+    results so a plan explains itself. Build it with :func:`plan_capacity`.
+    """
+    layout: KVLayout
+    memory_bytes: int
+    fraction: float
+    weights_bytes: int
+    activation_bytes: int
+    prompt_len: int
+    output_len: int
+    kv_budget_bytes: int
+    num_blocks: int
+    tokens: int
+    blocks_per_request: int
+    max_concurrency: int
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the cache tensors take: whole blocks only, so at most ``kv_budget_bytes``."""
+        return self.num_blocks * self.layout.bytes_per_block
+
+    def summary(self) -> str:
+        """One line, like vLLM's startup log."""
+        dtype = _SHORT.get(self.layout.dtype, self.layout.dtype)
+        line = (f"KV cache: {self.num_blocks} blocks of {self.layout.block_size} tokens "
+                f"({self.tokens} tokens, {self.kv_bytes / GIB:.2f} GiB, {dtype}); "
+                f"{self.prompt_len}+{self.output_len}-token requests: {self.max_concurrency} at once")
+        if self.max_concurrency == 0:
+            line += f" (one needs {self.blocks_per_request} blocks)"
+        return line
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layout": self.layout.to_dict(), "kv_bytes": self.kv_bytes}
+
+
+def plan_capacity(layout: KVLayout, *, memory_bytes: int, fraction: float = 0.9, prompt_len: int,
+                  output_len: int, weights_bytes: int = 0, activation_bytes: int = 0) -> CapacityPlan:
+    """The KV cache that ``fraction`` of ``memory_bytes`` holds after the weights and activations.
+
+    ``memory_bytes`` is the device's total or free memory (see :func:`device_memory`).
+    """
+    _positive_int(memory_bytes, "memory_bytes", "pass the device's total or free memory in bytes, "
+                  "e.g. 80 * 2**30 for an 80 GiB GPU")
+    if not 0 < fraction <= 1:  # also refuses NaN
+        raise WorkbenchError(f"fraction must lie in (0, 1], got {fraction}; it is the share of memory_bytes "
+                             "the engine may use (weights, activations and KV cache), e.g. 0.9")
+    for name, value in (("weights_bytes", weights_bytes), ("activation_bytes", activation_bytes),
+                        ("prompt_len", prompt_len), ("output_len", output_len)):
+        if value < 0:
+            raise WorkbenchError(f"{name} must be >= 0, got {value}")
+    if prompt_len + output_len == 0:
+        raise WorkbenchError("prompt_len + output_len is 0, so a request holds no KV cache; "
+                             "give the request shape to plan for, e.g. prompt_len=1000, output_len=1000")
+    usable = math.floor(memory_bytes * fraction)
+    budget = usable - weights_bytes - activation_bytes
+    if budget <= 0:
+        raise WorkbenchError(
+            f"no memory left for the KV cache: {fraction} × {memory_bytes / GIB:.2f} GiB = {usable / GIB:.2f} GiB, "
+            f"minus {weights_bytes / GIB:.2f} GiB of weights and {activation_bytes / GIB:.2f} GiB of activations, "
+            f"leaves {budget / GIB:.2f} GiB; raise fraction, use a device with more memory, quantize the weights, "
+            "or pass weights_bytes=0 if memory_bytes is the free memory after loading them")
+    num_blocks = budget // layout.bytes_per_block
+    # a request holds its prompt and every output token at its peak, in whole blocks
+    blocks_per_request = -(-(prompt_len + output_len) // layout.block_size)
+    return CapacityPlan(layout, memory_bytes, fraction, weights_bytes, activation_bytes, prompt_len, output_len,
+                        kv_budget_bytes=budget, num_blocks=num_blocks, tokens=num_blocks * layout.block_size,
+                        blocks_per_request=blocks_per_request, max_concurrency=num_blocks // blocks_per_request)
+
+
+def device_memory(device="cuda") -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, from ``torch.cuda.mem_get_info``.
+
+    It creates the CUDA context if there is none yet (no tensor memory).
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise WorkbenchError(f"device_memory reads CUDA devices, not {str(dev)!r}; "
+                             "pass memory_bytes to plan_capacity explicitly")
+    if not torch.cuda.is_available():
+        raise WorkbenchError("no CUDA device here to read free memory from; pass memory_bytes explicitly "
+                             "(e.g. memory_bytes=80 * 2**30 to plan for an 80 GiB GPU)")
+    free, total = torch.cuda.mem_get_info(dev)
+    return int(free), int(total)
+
+
+def concurrency_table(layout: KVLayout, *, memory_bytes: int, fractions: Iterable[float],
+                      lengths: Iterable[tuple[int, int]], weights_bytes: int = 0, activation_bytes: int = 0):
+    """One row per (fraction, (prompt_len, output_len)): the plan's blocks, tokens, GiB and concurrency.
+
+    A fraction that leaves no memory for the cache raises, as :func:`plan_capacity` does.
+    """
+    import pandas as pd
+
+    lengths = list(lengths)
+    rows = []
+    for fraction in fractions:
+        for prompt_len, output_len in lengths:
+            p = plan_capacity(layout, memory_bytes=memory_bytes, fraction=fraction, prompt_len=prompt_len,
+                              output_len=output_len, weights_bytes=weights_bytes, activation_bytes=activation_bytes)
+            rows.append({"fraction": fraction, "prompt_len": prompt_len, "output_len": output_len,
+                         "num_blocks": p.num_blocks, "tokens": p.tokens, "kv_gib": p.kv_bytes / GIB,
+                         "max_concurrency": p.max_concurrency})
+    return pd.DataFrame(rows, columns=["fraction", "prompt_len", "output_len", "num_blocks", "tokens", "kv_gib",
+                                       "max_concurrency"])
