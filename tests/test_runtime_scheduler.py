@@ -11,7 +11,7 @@ from workbench.runtime.scheduler import Scheduler, SchedulerConfig
 
 
 def computed(req, n):
-    """Mark n more tokens of req computed (as a step would) and register its full blocks."""
+    """Mark n more tokens of req computed, as a step would (commit registers its full blocks)."""
     req.num_computed_tokens += n
 
 

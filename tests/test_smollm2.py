@@ -161,3 +161,27 @@ def test_optimized_graph_matches_and_fuses_once_per_layer(smol, smol_optimized, 
     for prompt in PROMPTS:  # decoded through the paged KV cache, one token per step
         ids = torch.tensor(lm.tokenizer(prompt).input_ids)
         assert cached_greedy(program, ids, 32, eos_token_id=eos) == hf_greedy[prompt], prompt
+
+
+def test_inflight_batching_matches_transformers_greedy(smol, smol_optimized, hf_greedy):
+    """The runtime's engine on the optimized graph: the prompts arrive staggered, share a KV pool too small
+    for all of them (preemptions) and are decoded together; each gets transformers' greedy tokens, and the
+    text is the tokenizer's decoding of them."""
+    from workbench.runtime.engine import LLMEngine
+    from workbench.runtime.sampling import SamplingParams
+    from workbench.runtime.scheduler import SchedulerConfig
+
+    lm = smol[0]
+    program, _ = smol_optimized
+    engine = LLMEngine(program, lm.tokenizer, num_blocks=8, config=SchedulerConfig(max_num_batched_tokens=32))
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, greedy)
+        engine.step()
+    while engine.has_unfinished:
+        engine.step()
+    for i, prompt in enumerate(PROMPTS):
+        out = engine.output(str(i))
+        assert out.token_ids == hf_greedy[prompt], prompt
+        assert out.text == lm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert engine.timeline()["preempted"].sum() > 0

@@ -1,0 +1,117 @@
+"""The engine on the CPU (tiny-llama's optimized graph, reference ops): in-flight batching with staggered
+arrivals, chunked prefill, preemption forced by a tiny KV pool and shared prefixes gives each request the
+tokens it gets alone; seeds, aborts, the timeline, the offline API on a workspace."""
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.runtime.engine import LLM, LLMEngine
+from workbench.runtime.paged_cache import paged_greedy
+from workbench.runtime.sampling import SamplingParams
+from workbench.runtime.scheduler import SchedulerConfig
+
+
+@pytest.fixture(scope="module")
+def program(tiny_program):
+    return tiny_program
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(1, 512, (20,), generator=g).tolist()  # requests 0, 2, 4 share 20 leading tokens
+    out = []
+    for i in range(n):
+        own = torch.randint(1, 512, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+        out.append(shared + own if i % 2 == 0 else own)
+    return out
+
+
+def test_inflight_batching_gives_each_request_its_tokens_alone(program):
+    ps = prompts(6)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [paged_greedy(program, torch.tensor(p), 12) for p in ps]
+    # 9 blocks of 16 tokens for six requests of up to 61 tokens each: preemptions are certain
+    engine = LLMEngine(program, num_blocks=9, config=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=4))
+    for i in (0, 1):
+        engine.add_request(f"r{i}", ps[i], greedy)
+    for _ in range(3):
+        engine.step()
+    for i in (2, 3):
+        engine.add_request(f"r{i}", ps[i], greedy)
+    engine.step()
+    for i in (4, 5):
+        engine.add_request(f"r{i}", ps[i], greedy)
+    while engine.has_unfinished:
+        engine.step()
+    outs = [engine.output(f"r{i}") for i in range(6)]
+    assert [o.token_ids for o in outs] == alone
+    assert all(o.finished and o.finish_reason == "length" for o in outs)
+    steps = engine.timeline()
+    assert steps["preempted"].sum() > 0 and sum(o.metrics["num_preemptions"] for o in outs) == steps["preempted"].sum()
+    assert max(o.metrics["num_cached_tokens"] for o in outs) >= 16  # a shared block came from the prefix cache
+    assert (steps["prefill_tokens"] + steps["decode_tokens"]).max() <= 24  # the token budget held every step
+    assert ((steps["prefill_tokens"] > 0) & (steps["decode_tokens"] > 0)).any()  # chunks beside decodes
+    assert steps["kv_usage"].max() <= 1.0 and engine.scheduler.bm.num_free == 9
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(program):
+    ps = prompts(3, seed=1)
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+
+    def run(batch):
+        engine = LLMEngine(program, num_blocks=32)
+        for i, p in enumerate(batch):
+            engine.add_request(str(i), p, sampled if i == 0 else SamplingParams(max_tokens=5, temperature=1.0,
+                                                                                ignore_eos=True))
+        while engine.has_unfinished:
+            engine.step()
+        return engine.output("0").token_ids
+
+    assert run(ps[:1]) == run(ps) and len(run(ps[:1])) == 8
+
+
+def test_abort_stop_tokens_and_the_timeline(program):
+    engine = LLMEngine(program, num_blocks=16)
+    p = prompts(2, seed=2)
+    seeded = dict(max_tokens=12, temperature=1.5, seed=11, ignore_eos=True)  # the tiny model's greedy repeats
+    alone = LLMEngine(program, num_blocks=16)
+    alone.add_request("a", p[0], SamplingParams(**seeded))
+    while alone.has_unfinished:
+        alone.step()
+    first = alone.output("a").token_ids
+    k = next(i for i in range(1, 12) if first[i] not in first[:i])  # the first token that is new: the stop token
+    engine.add_request("stop", p[0], SamplingParams(**seeded, stop_token_ids=[first[k]]))
+    engine.add_request("gone", p[1], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.abort("gone")
+    while engine.has_unfinished:
+        engine.step()
+    stop, gone = engine.output("stop"), engine.output("gone")
+    assert stop.token_ids == first[:k + 1] and stop.finish_reason == "stop"  # the stop token is kept, as in vLLM
+    assert gone.finish_reason == "abort" and len(gone.token_ids) == 2
+    steps = engine.timeline()
+    assert list(steps.columns[:5]) == ["step", "time", "step_ms", "prefill_tokens", "decode_tokens"]
+    assert steps["finished"].sum() == 1 and steps["admitted"].sum() == 2 and engine.scheduler.bm.num_free == 16
+    with pytest.raises(WorkbenchError, match="no tokenizer"):
+        engine.add_request("text", "hello")
+    with pytest.raises(WorkbenchError, match="already in use"):
+        engine.add_request("stop", [1, 2])
+
+
+def test_llm_generates_from_a_workspace(tmp_path):
+    from workbench.pipeline import capture_stage, load_program, passes_stage
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    capture_stage(ws, "tiny-llama")
+    passes_stage(ws)
+    ps = prompts(3, seed=3)
+    llm = LLM(tmp_path / "ws", num_blocks=32)
+    outs = llm.generate(ps, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    plain = load_program(ws, stage="passes")
+    assert [o.token_ids for o in outs] == [paged_greedy(plain, torch.tensor(p), 5) for p in ps]
+    assert [o.prompt_token_ids for o in outs] == ps and outs[0].text == ""  # no tokenizer: no text
+    with pytest.raises(WorkbenchError, match="2 prompts but 3 sampling params"):
+        llm.generate(ps[:2], [SamplingParams()] * 3)

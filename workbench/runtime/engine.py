@@ -1,0 +1,225 @@
+"""The step-level engine and the offline API: requests in, tokens and text out, in-flight batching between.
+
+    llm = LLM("ws/")                                        # a workspace (its latest graph) or a Program
+    outs = llm.generate(["Hello", "The capital of"], SamplingParams(max_tokens=32, temperature=0))
+    outs[0].text, outs[0].token_ids, outs[0].metrics        # per request
+    llm.engine.timeline()                                   # one row per step (see ``timeline``)
+
+    engine = LLMEngine(program, tokenizer)                  # what a server drives
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished:
+        for out in engine.step(): ...                       # outputs of the requests that advanced
+    engine.abort("r1")
+
+Each ``step``: the scheduler picks the step's tokens (``scheduler``), the executor runs the graph over
+them (``executor``), the sampler draws a token for each request whose chunk reached its last token
+(``sampling``: per-request seeds make a request's tokens independent of what it is batched with), and
+each new token is detokenized incrementally and checked against the request's stop conditions. The
+step is recorded (``timeline``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import WorkbenchError
+from .block_manager import BlockManager
+from .executor import Executor
+from .request import Request, Status
+from .sampling import IncrementalDetokenizer, Sampler, SamplingParams, check_stop, make_generator, suppressed_tokens
+from .scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _State:
+    """What the engine keeps per request beyond the scheduler's record."""
+    request: Request
+    params: SamplingParams
+    prompt: str | None
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    first_token_time: float | None = None
+    finish_reason: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
+                 prefix_caching: bool = True, eos_token_id: int | None = None) -> None:
+        self.executor = Executor(program, num_blocks)
+        self.scheduler = Scheduler(BlockManager(num_blocks, self.executor.block_size, prefix_caching=prefix_caching),
+                                   config)
+        self.tokenizer = tokenizer
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id = eos_token_id
+        self.sampler = Sampler()
+        self.states: dict[str, _State] = {}
+        self.steps: list[dict[str, Any]] = []
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    arrival: float | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:  # the next automatic id no caller has taken
+            request_id = str(next(self._ids))
+            while request_id in self.states:
+                request_id = str(next(self._ids))
+        request_id = str(request_id)
+        if request_id in self.states:
+            raise WorkbenchError(f"request id {request_id!r} is already in use by this engine; give each request "
+                                 "its own id")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise WorkbenchError("this engine has no tokenizer, so prompts must be token ids (a list of ints)")
+            text, ids = prompt, self.tokenizer(prompt).input_ids
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        req = Request(request_id, ids, params.max_tokens, arrival=time.perf_counter() if arrival is None else arrival,
+                      params=params)
+        self.scheduler.add(req)  # validates the request against the cache and the budget
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        self.states[request_id] = _State(req, params, text, make_generator(params, self.executor.device), detok)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        if self.scheduler.abort(request_id) is not None:
+            self.states[request_id].finish_reason = "abort"
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        waiting_before = len(self.scheduler.waiting)
+        out = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        sampled: dict[str, int] = {}
+        if not out.empty:
+            logits = self.executor.execute(out)
+            rows = [s.request for s in out.scheduled if s.samples]
+            states = [self.states[r.request_id] for r in rows]
+            suppress = [suppressed_tokens(st.params, len(r.output_token_ids), self.eos_token_id)
+                        for r, st in zip(rows, states)]
+            result = self.sampler.sample(logits, [st.params for st in states], [st.generator for st in states],
+                                         suppress=suppress)
+            for i, (req, st) in enumerate(zip(rows, states)):
+                sampled[req.request_id] = result.token_ids[i]
+                st.logprobs.append(result.logprobs[i])
+                if st.params.logprobs is not None:
+                    st.top_logprobs.append(result.top_logprobs[i])
+        self.scheduler.update(out, sampled)
+        now = time.perf_counter()
+        for request_id, token in sampled.items():
+            st = self.states[request_id]
+            req = st.request
+            if st.first_token_time is None:
+                st.first_token_time = now
+            delta = st.detok.add(token) if st.detok is not None else ""
+            stop, reason, keep = check_stop(st.params, req.output_token_ids, token, st.text + delta,
+                                            self.eos_token_id)
+            st.text = (st.text + delta)[:keep]
+            if stop:
+                st.finish_reason = reason
+                self.scheduler.finish(request_id, Status.FINISHED_LENGTH if reason == "length"
+                                      else Status.FINISHED_STOPPED)
+            outputs.append(self._output(st, now))
+        self.steps.append({"step": len(self.steps), "time": t0, "step_ms": (now - t0) * 1e3,
+                           "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
+                           "scheduled": len(out.scheduled), "running": len(self.scheduler.running),
+                           "waiting": len(self.scheduler.waiting), "waiting_before": waiting_before,
+                           "kv_usage": self.scheduler.bm.usage, "preempted": len(out.preempted),
+                           "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs)})
+        return outputs
+
+    def _output(self, st: _State, now: float) -> RequestOutput:
+        req = st.request
+        finished = st.finish_reason is not None
+        metrics = {"arrival": req.arrival, "first_token_time": st.first_token_time,
+                   "finished_time": now if finished else None, "num_cached_tokens": req.num_cached_tokens,
+                   "num_preemptions": req.num_preemptions}
+        return RequestOutput(req.request_id, st.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
+                             st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
+
+    def output(self, request_id: str) -> RequestOutput:
+        """The current state of any request this engine has seen."""
+        return self._output(self.states[request_id], time.perf_counter())
+
+    # ---- the timeline -----------------------------------------------------------------------------------
+    def timeline(self):
+        """One row per step: tokens (prefill, decode), requests (scheduled, running, waiting), KV usage,
+        preemptions, admissions, finishes and the step's wall time."""
+        import pandas as pd
+
+        return pd.DataFrame(self.steps)
+
+
+class LLM:
+    """Offline generation: ``LLM(source).generate(prompts, params)``. ``source`` is a workspace directory (its
+    latest graph: quantized and tuned where those stages ran) or a ``Program`` (pass its tokenizer)."""
+
+    def __init__(self, source, *, tokenizer=None, device: str = "cpu", stage: str = "latest", num_blocks: int = 256,
+                 config: SchedulerConfig | None = None, prefix_caching: bool = True) -> None:
+        from ..graph.executor import Program
+
+        if isinstance(source, Program):
+            program = source
+        else:
+            from ..models.intake import load_tokenizer
+            from ..pipeline import load_program, workspace_source
+            from ..workspace import Workspace
+
+            ws = Workspace(source, create=False)
+            if stage == "latest":
+                stage = ("tune" if ws.status("tune") == "ok" and str(device).startswith("cuda") else
+                         "quant" if ws.status("quant") == "ok" else "passes")
+            program = load_program(ws, stage=stage, device=device)
+            tokenizer = tokenizer or load_tokenizer(workspace_source(ws))
+        self.engine = LLMEngine(program, tokenizer, num_blocks=num_blocks, config=config,
+                                prefix_caching=prefix_caching)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run ``prompts`` (strings or token-id lists) to completion; outputs in the prompts' order."""
+        if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise WorkbenchError(f"{len(prompts)} prompts but {len(params)} sampling params; give one, or one each")
+        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="request")
+        while self.engine.has_unfinished:
+            done = sum(o.finished for o in self.engine.step())
+            if bar is not None and done:
+                bar.update(done)
+        if bar is not None:
+            bar.close()
+        return [self.engine.output(i) for i in ids]
