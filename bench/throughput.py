@@ -1,0 +1,156 @@
+"""The runtime end to end against transformers, same process: batch-1 decode and offline throughput.
+
+    python3 bench/throughput.py --preset llama-3-8b --requests 64 --input-len 128 --output-len 128
+
+First version: the engine's executor runs each step eagerly (no CUDA graphs yet), with the Triton
+tactics for the fused ops and paged attention and cuBLAS for the bf16 linears. Rows:
+
+  batch-1 decode   one request, ``--output-len`` tokens after a ``--input-len`` prompt: decode tokens/s
+                   (first token excluded) and the share of the HBM roofline (weight bytes per token /
+                   copy bandwidth measured here); transformers' ``generate`` on the same prompt
+  offline          ``--requests`` requests of ``--input-len`` / ``--output-len`` tokens submitted at once:
+                   output tokens/s through the engine (in-flight batching, ``--max-num-seqs``), and
+                   transformers' ``generate`` on the same prompts as one static batch
+
+Random token ids and random bf16 weights (speed does not depend on their values); every request runs
+to ``--output-len`` (EOS ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.graph.executor import Program, resolve_params  # noqa: E402
+from workbench.graph.passes import run_passes  # noqa: E402
+from workbench.models import load_model  # noqa: E402
+from workbench.models.intake import ModelSource, resolve_source  # noqa: E402
+from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
+from workbench.profiling.ceilings import copy_gbps  # noqa: E402
+from workbench.runtime.capacity import KVLayout, device_memory, plan_capacity  # noqa: E402
+from workbench.runtime.engine import LLMEngine  # noqa: E402
+from workbench.runtime.sampling import SamplingParams  # noqa: E402
+from workbench.runtime.scheduler import SchedulerConfig  # noqa: E402
+
+TACTICS = {op: "triton" for op in ("workbench.rms_norm", "workbench.add_rms_norm", "workbench.silu_mul",
+                                   "workbench.rope", "workbench.paged_attention")}
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_engine(program, prompts, output_len, *, num_blocks, config, device):
+    engine = LLMEngine(program, num_blocks=num_blocks, config=config)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    first = None
+    while engine.has_unfinished:
+        outs = engine.step()
+        if first is None and outs:
+            sync(device)
+            first = time.perf_counter()
+    sync(device)
+    end = time.perf_counter()
+    generated = sum(len(engine.output(str(i)).token_ids) for i in range(len(prompts)))
+    return {"seconds": end - t0, "first_token_s": first - t0, "generated": generated,
+            "steps": len(engine.steps), "preempted": int(engine.timeline()["preempted"].sum())}
+
+
+def run_hf(model, prompts, output_len, device):
+    ids = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False,  # warm up
+                       attention_mask=torch.ones_like(ids[:, :8]))
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                             attention_mask=torch.ones_like(ids))
+        sync(device)
+    return {"seconds": time.perf_counter() - t0, "generated": (out.shape[1] - ids.shape[1]) * ids.shape[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--memory-fraction", type=float, default=0.85)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = args.device
+    cuda = device.startswith("cuda")
+    source = resolve_source(args.preset)
+    if args.layers:
+        source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
+                             {**source.config, "num_hidden_layers": args.layers}, source.seed)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    lm = load_model(source, dtype=dtype, device=device)
+    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
+    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
+               **{k: v.to(device) for k, v in captured.constants.items()}}
+    graph, _ = run_passes(captured.graph, weights, check=False)
+    program = Program(graph, resolve_params(graph, weights), device=device, tactics=TACTICS if cuda else None)
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    layout = KVLayout.from_graph(graph)
+    if cuda:
+        free, _ = device_memory(device)
+        plan = plan_capacity(layout, memory_bytes=free, fraction=args.memory_fraction,
+                             prompt_len=args.input_len, output_len=args.output_len)
+        num_blocks = plan.num_blocks
+        print(plan.summary(), flush=True)
+    else:
+        num_blocks = args.requests * -(-(args.input_len + args.output_len) // layout.block_size)
+    vocab = graph.meta["config"]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (args.requests, args.input_len), generator=g).tolist()
+    config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+
+    run_engine(program, prompts[:1], 4, num_blocks=num_blocks, config=config, device=device)  # warm up, compile
+    one = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config, device=device)
+    one_tps = (one["generated"] - 1) / (one["seconds"] - one["first_token_s"])
+    hf_one = run_hf(lm.model, prompts[:1], args.output_len, device)
+    hf_one_tps = hf_one["generated"] / hf_one["seconds"]
+    ceiling = copy_gbps(device) if cuda else None
+    roofline_tps = ceiling * 1e9 / weight_bytes if ceiling else None
+    many = run_engine(program, prompts, args.output_len, num_blocks=num_blocks, config=config, device=device)
+    many_tps = many["generated"] / many["seconds"]
+    hf_many = run_hf(lm.model, prompts, args.output_len, device)
+    hf_many_tps = hf_many["generated"] / hf_many["seconds"]
+
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    result = {"gpu": gpu, "torch": torch.__version__, "preset": source.spec, "args": vars(args) | {"out": str(args.out)},
+              "num_blocks": num_blocks, "weight_bytes": weight_bytes, "copy_gbps": ceiling,
+              "batch1": {"engine": one, "engine_tps": one_tps, "hf": hf_one, "hf_tps": hf_one_tps,
+                         "roofline_tps": roofline_tps},
+              "offline": {"engine": many, "engine_tps": many_tps, "hf": hf_many, "hf_tps": hf_many_tps}}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\n{gpu}, torch {torch.__version__}: {source.spec}, {str(dtype).removeprefix('torch.')} random weights "
+          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}; eager executor")
+    print(f"{'case':<44} {'workbench':>11} {'transformers':>13} {'ratio':>7}  notes")
+    roof = f"{one_tps / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
+    print(f"{'batch-1 decode, tok/s':<44} {one_tps:>11.1f} {hf_one_tps:>13.1f} {one_tps / hf_one_tps:>6.2f}x  {roof}")
+    print(f"{f'offline {args.requests} x {args.input_len}/{args.output_len}, output tok/s':<44} {many_tps:>11.1f} "
+          f"{hf_many_tps:>13.1f} {many_tps / hf_many_tps:>6.2f}x  {many['steps']} steps, "
+          f"{many['preempted']} preemptions")
+
+
+if __name__ == "__main__":
+    main()
