@@ -2,8 +2,9 @@
 
     python3 bench/throughput.py --preset llama-3-8b --requests 64 --input-len 128 --output-len 128
 
-First version: the engine's executor runs each step eagerly (no CUDA graphs yet), with the Triton
-tactics for the fused ops and paged attention and cuBLAS for the bf16 linears. Rows:
+The engine's executor replays decode steps as CUDA graphs (one per batch-size bucket) and runs prefill
+steps eagerly, with the Triton tactics for the fused ops and paged attention and cuBLAS for the bf16
+linears; batch-1 decode is also run with the eager executor (and its tokens compared). Rows:
 
   batch-1 decode   one request, ``--output-len`` tokens after a ``--input-len`` prompt: decode tokens/s
                    (first token excluded) and the share of the HBM roofline (weight bytes per token /
@@ -48,8 +49,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_engine(program, prompts, output_len, *, num_blocks, config, device):
-    engine = LLMEngine(program, num_blocks=num_blocks, config=config)
+def run_engine(program, prompts, output_len, *, num_blocks, config, device, cuda_graphs=None, tokens=None):
+    engine = LLMEngine(program, num_blocks=num_blocks, config=config, cuda_graphs=cuda_graphs)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     sync(device)
     t0 = time.perf_counter()
@@ -64,6 +65,8 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device):
     sync(device)
     end = time.perf_counter()
     generated = sum(len(engine.output(str(i)).token_ids) for i in range(len(prompts)))
+    if tokens is not None:
+        tokens.extend(engine.output(str(i)).token_ids for i in range(len(prompts)))
     return {"seconds": end - t0, "first_token_s": first - t0, "generated": generated,
             "steps": len(engine.steps), "preempted": int(engine.timeline()["preempted"].sum())}
 
@@ -123,7 +126,13 @@ def main() -> None:
     config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 
     run_engine(program, prompts[:1], 4, num_blocks=num_blocks, config=config, device=device)  # warm up, compile
-    one = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config, device=device)
+    graphed, eager = [], []
+    one = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config, device=device,
+                     tokens=graphed)
+    one_eager = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config,
+                           device=device, cuda_graphs=False, tokens=eager)
+    same = graphed == eager  # replayed decode steps give the eager steps' tokens
+    eager_tps = (one_eager["generated"] - 1) / (one_eager["seconds"] - one_eager["first_token_s"])
     one_tps = (one["generated"] - 1) / (one["seconds"] - one["first_token_s"])
     hf_one = run_hf(lm.model, prompts[:1], args.output_len, device)
     hf_one_tps = hf_one["generated"] / hf_one["seconds"]
@@ -138,15 +147,17 @@ def main() -> None:
     result = {"gpu": gpu, "torch": torch.__version__, "preset": source.spec, "args": vars(args) | {"out": str(args.out)},
               "num_blocks": num_blocks, "weight_bytes": weight_bytes, "copy_gbps": ceiling,
               "batch1": {"engine": one, "engine_tps": one_tps, "hf": hf_one, "hf_tps": hf_one_tps,
-                         "roofline_tps": roofline_tps},
+                         "roofline_tps": roofline_tps, "eager_tps": eager_tps, "graph_tokens_equal_eager": same},
               "offline": {"engine": many, "engine_tps": many_tps, "hf": hf_many, "hf_tps": hf_many_tps}}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{gpu}, torch {torch.__version__}: {source.spec}, {str(dtype).removeprefix('torch.')} random weights "
-          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}; eager executor")
+          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}")
     print(f"{'case':<44} {'workbench':>11} {'transformers':>13} {'ratio':>7}  notes")
     roof = f"{one_tps / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
     print(f"{'batch-1 decode, tok/s':<44} {one_tps:>11.1f} {hf_one_tps:>13.1f} {one_tps / hf_one_tps:>6.2f}x  {roof}")
+    print(f"{'batch-1 decode, eager executor, tok/s':<44} {eager_tps:>11.1f} {hf_one_tps:>13.1f} "
+          f"{eager_tps / hf_one_tps:>6.2f}x  CUDA-graph tokens equal the eager ones: {same}")
     print(f"{f'offline {args.requests} x {args.input_len}/{args.output_len}, output tok/s':<44} {many_tps:>11.1f} "
           f"{hf_many_tps:>13.1f} {many_tps / hf_many_tps:>6.2f}x  {many['steps']} steps, "
           f"{many['preempted']} preemptions")

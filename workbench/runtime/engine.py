@@ -66,10 +66,14 @@ class _State:
 
 class LLMEngine:
     def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
-                 prefix_caching: bool = True, eos_token_id: int | None = None) -> None:
-        self.executor = Executor(program, num_blocks)
+                 prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None) -> None:
+        self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs)
         self.scheduler = Scheduler(BlockManager(num_blocks, self.executor.block_size, prefix_caching=prefix_caching),
                                    config)
+        if self.executor.cuda_graphs:  # every decode batch size the scheduler can produce, captured up front
+            sizes = self.executor.graph_batch_sizes
+            top = next((b for b in sizes if b >= self.scheduler.config.max_num_seqs), sizes[-1])
+            self.executor.capture([b for b in sizes if b <= top])
         self.tokenizer = tokenizer
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = tokenizer.eos_token_id

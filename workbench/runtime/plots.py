@@ -59,7 +59,7 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
 
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45],
                         specs=[[{}], [{"secondary_y": True}]],
-                        subplot_titles=("tokens run per step", "after each step: KV cache and requests"))
+                        subplot_titles=("", "after each step: KV cache and requests"))
     fig.add_trace(go.Bar(x=steps, y=prefill, name="prefill tokens", marker_color=_COLOURS["prefill"],
                          hovertemplate="step %{x}: %{y} prefill tokens<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=steps, y=decode, name="decode tokens", marker_color=_COLOURS["decode"],
@@ -84,10 +84,12 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
                                  hovertemplate=f"step %{{x}}: %{{y}} {label}<extra></extra>"),
                       row=2, col=1, secondary_y=True)
 
-    fig.update_layout(barmode="stack", bargap=0.1, hovermode="closest", legend_orientation="h", legend_y=-0.12,
+    # the legend sits in one row above the panels: on the right it would cover the requests axis
+    fig.update_layout(barmode="stack", bargap=0.1, hovermode="closest", height=600,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
                       title=f"Engine timeline: {len(steps)} steps, {sum(prefill)} prefill + {sum(decode)} decode "
                             f"tokens, {sum(preempted)} preemptions, peak KV use {max(kv_pct):.0f}%")
-    fig.update_yaxes(title_text="tokens", row=1, col=1)
+    fig.update_yaxes(title_text="tokens run", row=1, col=1)
     fig.update_yaxes(title_text="KV used (%)", range=[0, 105], row=2, col=1, secondary_y=False)
     fig.update_yaxes(title_text="requests", rangemode="tozero", row=2, col=1, secondary_y=True)
     fig.update_xaxes(title_text="step", row=2, col=1)

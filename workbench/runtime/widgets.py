@@ -31,7 +31,15 @@ FP8 = "float8_e4m3fn"
 FRACTION_MIN, FRACTION_MAX, FRACTION_STEP = 0.05, 1.0, 0.05
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.3g} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.3g} MiB"
+
+
 class CapacityWidget:
+    """Fields for a paged ``graph``'s KV-cache plan within ``memory_bytes`` (total memory less
+    ``weights_bytes`` and ``activation_bytes``, or free memory with both 0); the other arguments are the
+    fields' first values."""
+
     def __init__(self, graph, *, memory_bytes: int, weights_bytes: int = 0, activation_bytes: int = 0,
                  fraction: float = 0.9, prompt_len: int = 512, output_len: int = 128) -> None:
         import ipywidgets as W
@@ -58,9 +66,8 @@ class CapacityWidget:
             field.observe(lambda _change: self.update(), names="value")
         self.status = W.HTML()
         self.output = W.Output()
-        memory = (f"{memory_bytes / 2**30:.3g} GiB of memory" + (f", {weights_bytes / 2**30:.3g} GiB of weights"
-                                                                 if weights_bytes else "")
-                  + (f", {activation_bytes / 2**30:.3g} GiB of activations" if activation_bytes else ""))
+        memory = ", ".join(f"{_size(n)} of {what}" for n, what in ((memory_bytes, "memory"), (weights_bytes, "weights"),
+                                                                   (activation_bytes, "activations")) if n)
         self.widget = W.VBox([W.HTML(f"<b>KV-cache capacity</b> ({base.layers} layers × {base.kv_heads} KV heads × "
                                      f"{base.head_dim} head dim; {memory})"),
                               W.HBox([W.VBox([self.fraction, self.block_size, self.kv_dtype]),
