@@ -141,17 +141,24 @@ class Executor:
         if b not in self._graphs:
             self._capture(b)
         graph, static, logits = self._graphs[b]
-        inputs, _ = self.inputs(out)
-        n = len(out.scheduled)
-        pad = self._padding(b)
-        for name, buf in static.items():
-            buf.copy_(pad[name])
-        static["input_ids"][:, :n] = inputs["input_ids"]
-        static["position_ids"][:, :n] = inputs["position_ids"]
-        static["slot_mapping"][:n] = inputs["slot_mapping"]
-        static["block_tables"][:n, :inputs["block_tables"].shape[1]] = inputs["block_tables"]
-        static["seq_lens"][:n] = inputs["seq_lens"]
-        static["query_start_loc"][:n + 1] = inputs["query_start_loc"]
+        # the step's rows, then padding rows, built on the host and copied in with one transfer per buffer
+        n, bs, scratch = len(out.scheduled), self.block_size, self.num_blocks
+        ids, pos, slots, lens = [], [], [], []
+        tables = torch.full((b, self.table_width), scratch, dtype=torch.long)
+        for i, s in enumerate(out.scheduled):
+            req = s.request
+            c = req.num_computed_tokens
+            ids.append(req.token_ids[c])
+            pos.append(c)
+            slots.append(req.block_table[c // bs] * bs + c % bs)
+            lens.append(c + 1)
+            tables[i, :len(req.block_table)] = torch.tensor(req.block_table, dtype=torch.long)
+        pad = b - n
+        host = {"input_ids": torch.tensor([ids + [0] * pad]), "position_ids": torch.tensor([pos + [0] * pad]),
+                "slot_mapping": torch.tensor(slots + [scratch * bs] * pad), "block_tables": tables,
+                "seq_lens": torch.tensor(lens + [1] * pad)}
+        for name, value in host.items():
+            static[name].copy_(value, non_blocking=True)
         graph.replay()
         self.replays += 1
         return logits[0, :n].float()
