@@ -101,6 +101,10 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--memory-fraction", type=float, default=0.85)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--autotune", action="store_true",
+                    help="autotune the graph for decode buckets 1..max-num-seqs and the prefill step first, and run "
+                         "the tuned choices (otherwise fixed tactics: Triton for fused ops and attention, cuBLAS)")
+    ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = args.device
@@ -116,6 +120,23 @@ def main() -> None:
                **{k: v.to(device) for k, v in captured.constants.items()}}
     graph, _ = run_passes(captured.graph, weights, check=False)
     program = Program(graph, resolve_params(graph, weights), device=device, tactics=TACTICS if cuda else None)
+    tune_s = None
+    if args.autotune and cuda:
+        from workbench.kernels.autotune import TimingCache, autotune_profile
+        from workbench.kernels.profiles import OptimizationProfile
+
+        total = args.max_num_batched_tokens
+        edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64) if e < args.max_num_seqs) + (args.max_num_seqs, total)
+        profile = OptimizationProfile(max_tokens=total, max_seqs=args.max_num_seqs, context=args.input_len,
+                                      max_context=args.input_len + args.output_len, prefill_len=args.input_len,
+                                      edges=tuple(sorted(set(edges))))
+        t0 = time.perf_counter()
+        plain = Program(graph, program.params, device=device)
+        tuned = autotune_profile(plain, profile, TimingCache.open(Path("/tmp/throughput_timings.json"), reset=True),
+                                 progress=False, top_k=args.top_k)
+        program = plain.with_choices(tuned)
+        tune_s = time.perf_counter() - t0
+        print(f"autotuned {len(profile.edges)} buckets {profile.edges} in {tune_s:.0f} s", flush=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     layout = KVLayout.from_graph(graph)
     if cuda:
@@ -153,14 +174,15 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     result = {"gpu": gpu, "torch": torch.__version__, "preset": source.spec, "args": vars(args) | {"out": str(args.out)},
-              "num_blocks": num_blocks, "weight_bytes": weight_bytes, "copy_gbps": ceiling,
+              "num_blocks": num_blocks, "weight_bytes": weight_bytes, "copy_gbps": ceiling, "tune_s": tune_s,
               "batch1": {"engine": one, "engine_tps": one_tps, "hf": hf_one, "hf_tps": hf_one_tps,
                          "roofline_tps": roofline_tps, "eager_tps": eager_tps, "graph_tokens_equal_eager": same},
               "offline": {"engine": many, "engine_tps": many_tps, "hf": hf_many, "hf_tps": hf_many_tps}}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{gpu}, torch {torch.__version__}: {source.spec}, {str(dtype).removeprefix('torch.')} random weights "
-          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}")
+          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}; "
+          f"{'autotuned' if tune_s is not None else 'fixed tactics'}")
     print(f"{'case':<44} {'workbench':>11} {'transformers':>13} {'ratio':>7}  notes")
     roof = f"{one_tps / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
     print(f"{'batch-1 decode, tok/s':<44} {one_tps:>11.1f} {hf_one_tps:>13.1f} {one_tps / hf_one_tps:>6.2f}x  {roof}")
