@@ -43,12 +43,24 @@ def tiny_program():
 
 
 @pytest.fixture(scope="session")
+def program(tiny_program):
+    """``tiny_program`` under the name most test modules use (a module may define its own ``program``)."""
+    return tiny_program
+
+
+@pytest.fixture(scope="session")
 def tiny_stats(tiny_program):
     """Calibration statistics of ``tiny_program`` over random token ids: 6 sequences of 48 tokens, 4 per step."""
     from workbench.quant import calibrate
 
     torch.manual_seed(1)
     return calibrate(tiny_program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, batch=4, progress=False)
+
+
+@pytest.fixture(scope="session")
+def stats(tiny_stats):
+    """``tiny_stats`` under the name the quantization tests use."""
+    return tiny_stats
 
 
 def prefill_then_decode(program):

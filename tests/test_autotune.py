@@ -14,11 +14,6 @@ from workbench.kernels.autotune import TimingCache, autotune, instance_key, tact
 from workbench.runtime.paged_cache import paged_greedy
 
 
-@pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
 def steps(program):
     return prefill_then_decode(program)
 

@@ -22,11 +22,6 @@ from workbench.profiling.views import config_shape_heatmap, roofline_figure, roo
 H100 = Path(__file__).parent / "data" / "h100_llama3_8b_tune.json"
 
 
-@pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
 def steps(program):
     return prefill_then_decode(program)
 

@@ -18,16 +18,6 @@ from workbench.runtime.paged_cache import logits_fn
 
 
 @pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
-@pytest.fixture(scope="module")
-def stats(tiny_stats):
-    return tiny_stats
-
-
-@pytest.fixture(scope="module")
 def probe(program):
     ids = torch.randint(1, 512, (1, 33))
     return ids, logits_fn(program)(ids)

@@ -36,16 +36,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
-@pytest.fixture(scope="module")
-def stats(tiny_stats):
-    return tiny_stats
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(1, 512, (300,), generator=torch.Generator().manual_seed(2))
 

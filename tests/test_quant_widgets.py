@@ -12,16 +12,6 @@ pytest.importorskip("ipywidgets")
 
 
 @pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
-@pytest.fixture(scope="module")
-def stats(tiny_stats):
-    return tiny_stats
-
-
-@pytest.fixture(scope="module")
 def hist_stats(program):
     torch.manual_seed(1)
     return calibrate(program, torch.randint(1, 512, (3000,)), samples=6, seq_len=48, progress=False,

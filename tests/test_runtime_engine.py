@@ -12,11 +12,6 @@ from workbench.runtime.sampling import SamplingParams
 from workbench.runtime.scheduler import SchedulerConfig
 
 
-@pytest.fixture(scope="module")
-def program(tiny_program):
-    return tiny_program
-
-
 def prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     shared = torch.randint(1, 512, (20,), generator=g).tolist()  # requests 0, 2, 4 share 20 leading tokens
