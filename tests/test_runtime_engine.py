@@ -110,3 +110,13 @@ def test_llm_generates_from_a_workspace(tmp_path):
     assert [o.prompt_token_ids for o in outs] == ps and outs[0].text == ""  # no tokenizer: no text
     with pytest.raises(WorkbenchError, match="2 prompts but 3 sampling params"):
         llm.generate(ps[:2], [SamplingParams()] * 3)
+
+
+def test_request_metrics_are_the_times_things_happened(program):
+    engine = LLMEngine(program, num_blocks=16)
+    engine.add_request("a", prompts(1, seed=4)[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    m = engine.output("a").metrics
+    assert m["arrival"] <= m["first_token_time"] <= m["finished_time"]
+    assert engine.output("a").metrics["finished_time"] == m["finished_time"]  # asking again changes nothing

@@ -61,6 +61,7 @@ class _State:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[Any] = field(default_factory=list)
     first_token_time: float | None = None
+    finished_time: float | None = None
     finish_reason: str | None = None
 
 
@@ -110,7 +111,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:
-            self.states[request_id].finish_reason = "abort"
+            st = self.states[request_id]
+            st.finish_reason, st.finished_time = "abort", time.perf_counter()
 
     @property
     def has_unfinished(self) -> bool:
@@ -148,10 +150,10 @@ class LLMEngine:
                                             self.eos_token_id)
             st.text = (st.text + delta)[:keep]
             if stop:
-                st.finish_reason = reason
+                st.finish_reason, st.finished_time = reason, now
                 self.scheduler.finish(request_id, Status.FINISHED_LENGTH if reason == "length"
                                       else Status.FINISHED_STOPPED)
-            outputs.append(self._output(st, now))
+            outputs.append(self._output(st))
         self.steps.append({"step": len(self.steps), "time": t0, "step_ms": (now - t0) * 1e3,
                            "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
                            "scheduled": len(out.scheduled), "running": len(self.scheduler.running),
@@ -160,18 +162,18 @@ class LLMEngine:
                            "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs)})
         return outputs
 
-    def _output(self, st: _State, now: float) -> RequestOutput:
+    def _output(self, st: _State) -> RequestOutput:
         req = st.request
         finished = st.finish_reason is not None
         metrics = {"arrival": req.arrival, "first_token_time": st.first_token_time,
-                   "finished_time": now if finished else None, "num_cached_tokens": req.num_cached_tokens,
+                   "finished_time": st.finished_time, "num_cached_tokens": req.num_cached_tokens,
                    "num_preemptions": req.num_preemptions}
         return RequestOutput(req.request_id, st.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
                              st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
 
     def output(self, request_id: str) -> RequestOutput:
         """The current state of any request this engine has seen."""
-        return self._output(self.states[request_id], time.perf_counter())
+        return self._output(self.states[request_id])
 
     # ---- the timeline -----------------------------------------------------------------------------------
     def timeline(self):
