@@ -93,6 +93,13 @@ def test_abort_stop_tokens_and_the_timeline(program):
         engine.add_request("text", "hello")
     with pytest.raises(WorkbenchError, match="already in use"):
         engine.add_request("stop", [1, 2])
+    engine.add_request("running", p[1], SamplingParams(max_tokens=4))
+    with pytest.raises(WorkbenchError, match="still running"):
+        engine.release("running")
+    assert engine.release("stop").token_ids == first[:k + 1]  # released: forgotten, its id free again
+    with pytest.raises(WorkbenchError, match="released"):
+        engine.output("stop")
+    engine.add_request("stop", [1, 2])
 
 
 def test_llm_generates_from_a_workspace(tmp_path):

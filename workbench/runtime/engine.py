@@ -172,8 +172,19 @@ class LLMEngine:
                              st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
 
     def output(self, request_id: str) -> RequestOutput:
-        """The current state of any request this engine has seen."""
+        """The current state of any request this engine has seen (and not released)."""
+        if request_id not in self.states:
+            raise WorkbenchError(f"no request {request_id!r} in this engine (never added, or released)")
         return self._output(self.states[request_id])
+
+    def release(self, request_id: str) -> RequestOutput:
+        """Forget a finished (or aborted) request and return its final output; a long-running server calls
+        this so the engine's memory does not grow with every request it has served. Its id can be reused."""
+        out = self.output(request_id)
+        if not out.finished:
+            raise WorkbenchError(f"request {request_id!r} is still running; abort it before releasing it")
+        del self.states[request_id]
+        return out
 
     # ---- the timeline -----------------------------------------------------------------------------------
     def timeline(self):
