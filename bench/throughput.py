@@ -1,26 +1,37 @@
-"""The runtime end to end against transformers, same process: batch-1 decode and offline throughput.
+"""The runtime end to end against transformers, same process: batch-1 decode, offline throughput, latency
+under load.
 
-    python3 bench/throughput.py --preset llama-3-8b --requests 64 --input-len 128 --output-len 128
+    python3 bench/throughput.py --preset llama-3-8b --cases batch1,offline --requests 1000 \
+        --shapes 1000x1000,128x128 --autotune --cache $OUT/timings.json --out $OUT/throughput.json
 
-The engine's executor replays decode steps as CUDA graphs (one per batch-size bucket) and runs prefill
-steps eagerly, with the Triton tactics for the fused ops and paged attention and cuBLAS for the bf16
-linears; batch-1 decode is also run with the eager executor (and its tokens compared). Rows:
+The engine replays decode steps as CUDA graphs (one per batch-size bucket) and runs steps with prompt
+chunks eagerly; with asynchronous scheduling (the default on a GPU) the host prepares step N+1 while the
+GPU runs step N. Kernels: ``--autotune`` tunes the graph for decode buckets 1..``--max-num-seqs`` and the
+full prefill step first (``--cache``: a timing cache to reuse and extend; the autotuner never re-times a
+cached entry), otherwise fixed tactics (Triton for the fused ops and attention, cuBLAS / ``_scaled_mm``).
+``--precision fp8``: the graph calibrated on random tokens and quantized to FP8 W8A8 (``--kv-cache fp8``
+adds the FP8 KV cache). Cases (``--cases``):
 
-  batch-1 decode   one request, ``--output-len`` tokens after a ``--input-len`` prompt: decode tokens/s
-                   (first token excluded) and the share of the HBM roofline (weight bytes per token /
-                   copy bandwidth measured here); transformers' ``generate`` on the same prompt
-  offline          ``--requests`` requests of ``--input-len`` / ``--output-len`` tokens submitted at once:
-                   output tokens/s through the engine (in-flight batching, ``--max-num-seqs``), and
-                   transformers' ``generate`` on the same prompts as one static batch
+  batch1    one request, ``--batch1-len`` prompt and output tokens: decode tokens/s (first token
+            excluded) and the share of the HBM roofline (weight bytes per token / copy bandwidth measured
+            here); the replayed graph alone; the synchronous engine and the eager executor (their tokens
+            compared); transformers' ``generate`` on the same prompt
+  offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens) submitted at once:
+            output tokens/s; transformers' ``generate`` on the first ``--hf-requests`` prompts as one static
+            batch (tuning, ``--autotune``, is for the first shape's mean context)
+  load      ``--load-requests`` requests of ``--load-len`` tokens arriving as a Poisson process at each of
+            ``--rates`` requests/s: TTFT and time per output token (p50/p90/p99), output tokens/s
 
-Random token ids and random bf16 weights (speed does not depend on their values); every request runs
-to ``--output-len`` (EOS ignored).
+Random token ids and random weights (speed does not depend on their values); every request runs to its
+output length (EOS ignored). Each offline run's step timeline is written next to ``--out`` (CSV).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -41,7 +52,9 @@ from workbench.runtime.sampling import SamplingParams  # noqa: E402
 from workbench.runtime.scheduler import SchedulerConfig  # noqa: E402
 
 TACTICS = {op: "triton" for op in ("workbench.rms_norm", "workbench.add_rms_norm", "workbench.silu_mul",
-                                   "workbench.rope", "workbench.paged_attention")}
+                                   "workbench.rope", "workbench.paged_attention", "workbench.rms_norm_fp8",
+                                   "workbench.add_rms_norm_fp8", "workbench.silu_mul_fp8")}
+TACTICS["workbench.fp8_linear"] = "scaled_mm"
 
 
 def sync(device):
@@ -49,32 +62,75 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_engine(program, prompts, output_len, *, num_blocks, config, device, cuda_graphs=None, tokens=None):
-    engine = LLMEngine(program, num_blocks=num_blocks, config=config, cuda_graphs=cuda_graphs)
+def percentiles(values, qs=(50, 90, 99)):
+    if not values:
+        return {f"p{q}": None for q in qs}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
+
+
+def run_engine(program, prompts, output_len, *, num_blocks, config, device, timeline=None, keep=False,
+               **engine_options):
+    """All prompts submitted at once, run to completion: times, tokens, steps, the engine's graph."""
+    engine = LLMEngine(program, num_blocks=num_blocks, config=config, **engine_options)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     sync(device)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
-    first = None
     while engine.has_unfinished:
-        outs = engine.step()
-        if first is None and outs:
-            sync(device)
-            first = time.perf_counter()
+        engine.step()
     sync(device)
     end = time.perf_counter()
-    generated = sum(len(engine.output(str(i)).token_ids) for i in range(len(prompts)))
-    replay_ms = None
-    if engine.executor._graphs.get(1) and len(prompts) == 1:  # the batch-1 decode graph alone: GPU time per step
-        from workbench.profiling import time_fn
+    outs = [engine.output(str(i)) for i in range(len(prompts))]
+    first = min(o.metrics["first_token_time"] for o in outs)
+    steps = engine.timeline()
+    if timeline is not None:
+        steps.to_csv(timeline, index=False)
+    result = {"seconds": end - t0, "first_token_s": first - t0, "generated": sum(len(o.token_ids) for o in outs),
+              "steps": len(steps), "preempted": int(steps["preempted"].sum()), "replays": engine.executor.replays,
+              "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs]}
+    if not keep:
+        del engine
+        gc.collect()
+        return result, None
+    return result, engine
 
-        replay_ms = time_fn(engine.executor._graphs[1][0].replay, repeats=50, device=device).median_ms
-    if tokens is not None:
-        tokens.extend(engine.output(str(i)).token_ids for i in range(len(prompts)))
-    return {"seconds": end - t0, "first_token_s": first - t0, "generated": generated,
-            "steps": len(engine.steps), "preempted": int(engine.timeline()["preempted"].sum()),
-            "graph_replay_ms": replay_ms}
+
+def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, seed=0):
+    """Requests arriving as a Poisson process at ``rate`` per second; per-request TTFT and time per output
+    token (from the arrival time each request was due, so queueing counts)."""
+    engine = LLMEngine(program, num_blocks=num_blocks, config=config)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    rng = random.Random(seed)
+    gaps = [rng.expovariate(rate) for _ in prompts]
+    sync(device)
+    t0 = time.perf_counter()
+    due, t = [], t0
+    for g in gaps:
+        t += g
+        due.append(t)
+    added = 0
+    while added < len(prompts) or engine.has_unfinished:
+        now = time.perf_counter()
+        while added < len(prompts) and due[added] <= now:
+            engine.add_request(str(added), prompts[added], params, arrival=due[added])
+            added += 1
+        if engine.has_unfinished:
+            engine.step()
+        elif added < len(prompts):
+            time.sleep(max(0.0, due[added] - time.perf_counter()))
+    sync(device)
+    end = time.perf_counter()
+    outs = [engine.output(str(i)) for i in range(len(prompts))]
+    ttft = [(o.metrics["first_token_time"] - o.metrics["arrival"]) * 1e3 for o in outs]
+    tpot = [(o.metrics["finished_time"] - o.metrics["first_token_time"]) * 1e3 / (len(o.token_ids) - 1)
+            for o in outs if len(o.token_ids) > 1]
+    generated = sum(len(o.token_ids) for o in outs)
+    return {"rate": rate, "seconds": end - t0, "generated": generated, "tps": generated / (end - t0),
+            "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot),
+            "preempted": int(engine.timeline()["preempted"].sum()),
+            "max_running": int(engine.timeline()["running"].max())}
 
 
 def run_hf(model, prompts, output_len, device):
@@ -87,115 +143,211 @@ def run_hf(model, prompts, output_len, device):
         out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                              attention_mask=torch.ones_like(ids))
         sync(device)
-    return {"seconds": time.perf_counter() - t0, "generated": (out.shape[1] - ids.shape[1]) * ids.shape[0]}
+    return {"seconds": time.perf_counter() - t0, "generated": (out.shape[1] - ids.shape[1]) * ids.shape[0],
+            "requests": len(prompts)}
+
+
+def build_program(args, device):
+    """The optimized graph of the preset (random bf16 weights), quantized when asked; and the HF model."""
+    source = resolve_source(args.preset)
+    if args.layers:
+        source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
+                             {**source.config, "num_hidden_layers": args.layers}, source.seed)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    lm = load_model(source, dtype=dtype, device=device)
+    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
+    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
+               **{k: v.to(device) for k, v in captured.constants.items()}}
+    graph, _ = run_passes(captured.graph, weights, check=False)
+    program = Program(graph, resolve_params(graph, weights), device=device)
+    del weights
+    calib_s = None
+    if args.precision != "bf16":
+        from workbench.quant import PrecisionPlan, calibrate, quantized_program
+
+        vocab = graph.meta["config"]["vocab_size"]
+        ids = torch.randint(0, vocab, (8 * 512,), generator=torch.Generator().manual_seed(1))
+        t0 = time.perf_counter()
+        stats = calibrate(program, ids, samples=8, seq_len=512, progress=False)
+        plan = PrecisionPlan.uniform(graph, args.precision, kv_cache=args.kv_cache)
+        program = quantized_program(program, plan, stats)
+        calib_s = time.perf_counter() - t0
+        gc.collect()
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return lm, source, program, calib_s
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--layers", type=int)
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
+    ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
+    ap.add_argument("--cases", default="batch1,offline")
+    ap.add_argument("--batch1-len", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--shapes", default="128x128", help="offline: input x output lengths, comma-separated")
+    ap.add_argument("--hf-requests", type=int, default=64)
+    ap.add_argument("--hf-max-len", type=int, default=10_000, help="skip transformers for longer outputs")
+    ap.add_argument("--rates", default="4,16,64")
+    ap.add_argument("--load-requests", type=int, default=200)
+    ap.add_argument("--load-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--memory-fraction", type=float, default=0.85)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--autotune", action="store_true",
-                    help="autotune the graph for decode buckets 1..max-num-seqs and the prefill step first, and run "
-                         "the tuned choices (otherwise fixed tactics: Triton for fused ops and attention, cuBLAS)")
+    ap.add_argument("--autotune", action="store_true")
+    ap.add_argument("--cache", type=Path, help="timing cache to reuse and extend (default: a fresh one)")
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
     device = args.device
     cuda = device.startswith("cuda")
-    source = resolve_source(args.preset)
-    if args.layers:
-        source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
-                             {**source.config, "num_hidden_layers": args.layers}, source.seed)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    lm = load_model(source, dtype=dtype, device=device)
-    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
-    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
-               **{k: v.to(device) for k, v in captured.constants.items()}}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=device, tactics=TACTICS if cuda else None)
+    t_start = time.perf_counter()
+    lm, source, program, calib_s = build_program(args, device)
+    graph = program.graph
     tune_s = None
     if args.autotune and cuda:
         from workbench.kernels.autotune import TimingCache, autotune_profile
         from workbench.kernels.profiles import OptimizationProfile
 
-        total = args.max_num_batched_tokens
-        edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64) if e < args.max_num_seqs) + (args.max_num_seqs, total)
-        profile = OptimizationProfile(max_tokens=total, max_seqs=args.max_num_seqs, context=args.input_len,
-                                      max_context=args.input_len + args.output_len, prefill_len=args.input_len,
-                                      edges=tuple(sorted(set(edges))))
+        total, seqs = args.max_num_batched_tokens, args.max_num_seqs
+        edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
+        n_in, n_out = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        context = n_in + n_out // 2  # the first offline shape's mean context
+        profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=context, max_context=n_in + n_out,
+                                      prefill_len=min(n_in, total), edges=tuple(sorted(set(edges))))
         t0 = time.perf_counter()
-        plain = Program(graph, program.params, device=device)
-        tuned = autotune_profile(plain, profile, TimingCache.open(Path("/tmp/throughput_timings.json"), reset=True),
-                                 progress=False, top_k=args.top_k)
-        program = plain.with_choices(tuned)
+        cache = TimingCache.open(args.cache or Path("/tmp/throughput_timings.json"), reset=args.cache is None)
+        tuned = autotune_profile(program, profile, cache, progress=False, top_k=args.top_k)
+        program = program.with_choices(tuned)
         tune_s = time.perf_counter() - t0
-        print(f"autotuned {len(profile.edges)} buckets {profile.edges} in {tune_s:.0f} s", flush=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+        print(f"autotuned {len(profile.edges)} buckets {profile.edges} at context {context} in {tune_s:.0f} s",
+              flush=True)
+    elif cuda:
+        program = Program(graph, program.params, device=device, tactics=TACTICS)
+    # the bytes a decode step must read: every parameter but the embedding table (one row of it); a table
+    # that lm_head also reads (tied) counts
+    read = {r for node in graph.nodes if node.op != "embedding" for r in node.refs()}
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in program.params.items() if name in read)
     layout = KVLayout.from_graph(graph)
-    if cuda:
-        free, _ = device_memory(device)
-        plan = plan_capacity(layout, memory_bytes=free, fraction=args.memory_fraction,
-                             prompt_len=args.input_len, output_len=args.output_len)
-        num_blocks = plan.num_blocks
-        print(plan.summary(), flush=True)
-    else:
-        num_blocks = args.requests * -(-(args.input_len + args.output_len) // layout.block_size)
     vocab = graph.meta["config"]["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (args.requests, args.input_len), generator=g).tolist()
     config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    g = torch.Generator().manual_seed(0)
 
-    # warm up: Triton compiles for the prefill and decode shapes the timed runs will see, CUDA graphs captured
-    run_engine(program, prompts, 2, num_blocks=num_blocks, config=config, device=device)
-    run_engine(program, prompts[:1], 4, num_blocks=num_blocks, config=config, device=device)
-    graphed, eager = [], []
-    one = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config, device=device,
-                     tokens=graphed)
-    one_eager = run_engine(program, prompts[:1], args.output_len, num_blocks=num_blocks, config=config,
-                           device=device, cuda_graphs=False, tokens=eager)
-    same = graphed == eager  # replayed decode steps give the eager steps' tokens
-    eager_tps = (one_eager["generated"] - 1) / (one_eager["seconds"] - one_eager["first_token_s"])
-    one_tps = (one["generated"] - 1) / (one["seconds"] - one["first_token_s"])
-    hf_one = run_hf(lm.model, prompts[:1], args.output_len, device)
-    hf_one_tps = hf_one["generated"] / hf_one["seconds"]
+    def blocks_for(prompt_len, output_len, requests):
+        """KV blocks for a case: what its requests can ever hold, at most what the free memory allows."""
+        need = requests * -(-(prompt_len + output_len) // layout.block_size)
+        if not cuda:
+            return need
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, _ = device_memory(device)
+        plan = plan_capacity(layout, memory_bytes=free, fraction=args.memory_fraction, prompt_len=prompt_len,
+                             output_len=output_len)
+        print(plan.summary(), flush=True)
+        return min(plan.num_blocks, need)
+
+    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "preset": source.spec, "args": {k: str(v) for k, v in vars(args).items()},
+              "weight_bytes": weight_bytes, "tune_s": tune_s, "calibration_s": calib_s}
+    rows = []  # (case, workbench, transformers, note)
     ceiling = copy_gbps(device) if cuda else None
     roofline_tps = ceiling * 1e9 / weight_bytes if ceiling else None
-    many = run_engine(program, prompts, args.output_len, num_blocks=num_blocks, config=config, device=device)
-    many_tps = many["generated"] / many["seconds"]
-    hf_many = run_hf(lm.model, prompts, args.output_len, device)
-    hf_many_tps = hf_many["generated"] / hf_many["seconds"]
+    result["copy_gbps"] = ceiling
 
-    gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    result = {"gpu": gpu, "torch": torch.__version__, "preset": source.spec, "args": vars(args) | {"out": str(args.out)},
-              "num_blocks": num_blocks, "weight_bytes": weight_bytes, "copy_gbps": ceiling, "tune_s": tune_s,
-              "batch1": {"engine": one, "engine_tps": one_tps, "hf": hf_one, "hf_tps": hf_one_tps,
-                         "roofline_tps": roofline_tps, "eager_tps": eager_tps, "graph_tokens_equal_eager": same},
-              "offline": {"engine": many, "engine_tps": many_tps, "hf": hf_many, "hf_tps": hf_many_tps}}
+    if "batch1" in cases:
+        n = args.batch1_len
+        prompt = torch.randint(0, vocab, (1, n), generator=g).tolist()
+        blocks = blocks_for(n, n, 4)
+        run_engine(program, prompt, 4, num_blocks=blocks, config=config, device=device)  # warm up
+        one, engine = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device, keep=True)
+        replay_ms = None
+        if engine.executor._graphs.get(1):  # the batch-1 decode graph alone: GPU time per step
+            from workbench.profiling import time_fn
+
+            replay_ms = time_fn(engine.executor._graphs[1][0].replay, repeats=50, device=device).median_ms
+        del engine
+        one_sync, _ = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device,
+                                 async_scheduling=False)
+        one_eager, _ = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device,
+                                  cuda_graphs=False, async_scheduling=False)
+        same = one["tokens"] == one_sync["tokens"] == one_eager["tokens"]
+
+        def tps(r):
+            return (r["generated"] - 1) / (r["seconds"] - r["first_token_s"])
+
+        hf = None if args.no_hf else run_hf(lm.model, prompt, n, device)
+        hf_tps = hf["generated"] / hf["seconds"] if hf else None
+        result["batch1"] = {"engine_tps": tps(one), "sync_tps": tps(one_sync), "eager_tps": tps(one_eager),
+                            "graph_replay_ms": replay_ms, "roofline_tps": roofline_tps, "hf_tps": hf_tps,
+                            "tokens_equal": same}
+        roof = f"{tps(one) / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
+        rows.append(("batch-1 decode, tok/s", tps(one), hf_tps, roof))
+        if replay_ms:
+            rows.append(("  the decode graph replayed alone, tok/s", 1e3 / replay_ms, None,
+                         f"{1e3 / replay_ms / roofline_tps:.1%} of the roofline; step {1e3 / tps(one):.2f} ms, "
+                         f"replay {replay_ms:.2f} ms"))
+        rows.append(("  synchronous scheduling, tok/s", tps(one_sync), hf_tps,
+                     f"host adds {1e3 / tps(one_sync) - (replay_ms or 0):.2f} ms a step" if replay_ms else ""))
+        rows.append(("  eager executor (no CUDA graphs), tok/s", tps(one_eager), hf_tps,
+                     f"tokens equal across the three: {same}"))
+
+    if "offline" in cases:
+        for shape in args.shapes.split(","):
+            n_in, n_out = (int(x) for x in shape.split("x"))
+            prompts = torch.randint(0, vocab, (args.requests, n_in), generator=g).tolist()
+            blocks = blocks_for(n_in, n_out, args.requests)
+            timeline = args.out.with_name(f"timeline_{args.precision}_{n_in}_{n_out}.csv") if args.out else None
+            run_engine(program, prompts[:args.max_num_seqs], 2, num_blocks=blocks, config=config, device=device)
+            run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # odd shapes
+            many, _ = run_engine(program, prompts, n_out, num_blocks=blocks, config=config, device=device,
+                                 timeline=timeline)
+            many.pop("tokens")
+            many_tps = many["generated"] / many["seconds"]
+            gc.collect()
+            hf = None
+            if not args.no_hf and n_out <= args.hf_max_len:
+                if cuda:
+                    torch.cuda.empty_cache()
+                hf = run_hf(lm.model, prompts[:args.hf_requests], n_out, device)
+            hf_tps = hf["generated"] / hf["seconds"] if hf else None
+            result.setdefault("offline", {})[shape] = {"engine": many, "engine_tps": many_tps, "hf": hf,
+                                                      "hf_tps": hf_tps, "num_blocks": blocks}
+            rows.append((f"offline {args.requests} x {n_in}/{n_out}, output tok/s", many_tps, hf_tps,
+                         f"{many['seconds']:.1f} s, {many['steps']} steps, up to {many['max_running']} running, "
+                         f"{many['preempted']} preemptions"
+                         + (f"; transformers: one static batch of {args.hf_requests}" if hf else "")))
+
+    if "load" in cases:
+        n = args.load_len
+        prompts = torch.randint(0, vocab, (args.load_requests, n), generator=g).tolist()
+        blocks = blocks_for(n, n, args.load_requests)
+        run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # warm up
+        result["load"] = []
+        for rate in (float(r) for r in args.rates.split(",")):
+            r = run_load(program, prompts, n, rate, num_blocks=blocks, config=config, device=device)
+            result["load"].append(r)
+            t, p = r["ttft_ms"], r["tpot_ms"]
+            rows.append((f"load {rate:g} req/s, {args.load_requests} x {n}/{n}: TTFT ms p50/p90/p99",
+                         t["p50"], None, f"{t['p90']:.1f} / {t['p99']:.1f}; TPOT ms p50/p90/p99 {p['p50']:.2f} / "
+                         f"{p['p90']:.2f} / {p['p99']:.2f}; {r['tps']:.0f} output tok/s, up to "
+                         f"{r['max_running']} running"))
+
+    result["wall_s"] = time.perf_counter() - t_start
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\n{gpu}, torch {torch.__version__}: {source.spec}, {str(dtype).removeprefix('torch.')} random weights "
-          f"({weight_bytes / 2**30:.2f} GiB); KV cache {num_blocks} blocks of {layout.block_size}; "
-          f"{'autotuned' if tune_s is not None else 'fixed tactics'}")
-    print(f"{'case':<44} {'workbench':>11} {'transformers':>13} {'ratio':>7}  notes")
-    roof = f"{one_tps / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
-    print(f"{'batch-1 decode, tok/s':<44} {one_tps:>11.1f} {hf_one_tps:>13.1f} {one_tps / hf_one_tps:>6.2f}x  {roof}")
-    if one["graph_replay_ms"]:
-        step_ms = 1e3 / one_tps
-        print(f"{'  per step: ms, of which the graph replay':<44} {step_ms:>11.2f} {'':>13} {'':>7}  replay "
-              f"{one['graph_replay_ms']:.2f} ms = {1e3 / one['graph_replay_ms'] / roofline_tps:.1%} of the roofline; "
-              f"host {step_ms - one['graph_replay_ms']:.2f} ms")
-    print(f"{'batch-1 decode, eager executor, tok/s':<44} {eager_tps:>11.1f} {hf_one_tps:>13.1f} "
-          f"{eager_tps / hf_one_tps:>6.2f}x  CUDA-graph tokens equal the eager ones: {same}")
-    print(f"{f'offline {args.requests} x {args.input_len}/{args.output_len}, output tok/s':<44} {many_tps:>11.1f} "
-          f"{hf_many_tps:>13.1f} {many_tps / hf_many_tps:>6.2f}x  {many['steps']} steps, "
-          f"{many['preempted']} preemptions")
+    print(f"\n{result['gpu']}, torch {torch.__version__}: {source.spec}, {args.precision} "
+          f"{'+ fp8 KV cache ' if args.kv_cache == 'fp8' else ''}({weight_bytes / 2**30:.2f} GiB of weights read "
+          f"per step); {'autotuned' if tune_s is not None else 'fixed tactics'}; "
+          f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}")
+    print(f"{'case':<58} {'workbench':>10} {'transformers':>13} {'ratio':>7}  notes")
+    for case, ours, theirs, note in rows:
+        ratio = f"{ours / theirs:>6.2f}x" if theirs else f"{'':>7}"
+        theirs = f"{theirs:>13.1f}" if theirs else f"{'':>13}"
+        print(f"{case:<58} {ours:>10.1f} {theirs} {ratio}  {note}")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ def prompts(n, seed=0):
     return out
 
 
-def test_inflight_batching_gives_each_request_its_tokens_alone(program):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_inflight_batching_gives_each_request_its_tokens_alone(program, async_scheduling):
     ps = prompts(6)
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = [paged_greedy(program, torch.tensor(p), 12) for p in ps]
     # 9 blocks of 16 tokens for six requests of up to 61 tokens each: preemptions are certain
-    engine = LLMEngine(program, num_blocks=9, config=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=4))
+    engine = LLMEngine(program, num_blocks=9, config=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=4),
+                       async_scheduling=async_scheduling)
     for i in (0, 1):
         engine.add_request(f"r{i}", ps[i], greedy)
     for _ in range(3):
@@ -100,6 +102,65 @@ def test_abort_stop_tokens_and_the_timeline(program):
     with pytest.raises(WorkbenchError, match="released"):
         engine.output("stop")
     engine.add_request("stop", [1, 2])
+
+
+def test_async_scheduling_gives_the_synchronous_tokens(program):
+    """Launching step N before step N-1's tokens are read back changes nothing a request sees: stop tokens
+    (the speculative extra token is dropped), max_tokens, seeds, min_tokens, aborts with a token in flight,
+    preemptions and prefix hits; and every block is free at the end."""
+    ps = prompts(8, seed=5)
+    probe = LLMEngine(program, num_blocks=64)
+    seeded = dict(max_tokens=10, temperature=1.5, seed=11, ignore_eos=True)  # the tiny model's greedy repeats
+    probe.add_request("p", ps[3], SamplingParams(**seeded))
+    while probe.has_unfinished:
+        probe.step()
+    first = probe.output("p").token_ids
+    k = next(i for i in range(2, 10) if first[i] not in first[:i])  # the stop token: the first new one
+    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=11, temperature=0.8, top_k=20, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=1, temperature=0),
+              SamplingParams(**seeded, stop_token_ids=[first[k]]),
+              SamplingParams(max_tokens=7, temperature=1.2, top_p=0.8, seed=9, min_tokens=3, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+
+    def run(async_scheduling):
+        engine = LLMEngine(program, num_blocks=7, config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=5),
+                           async_scheduling=async_scheduling)
+        for i in range(5):
+            engine.add_request(str(i), ps[i], params[i])
+        for k in range(30):
+            if k == 3:
+                engine.add_request("5", ps[5], params[5])
+                engine.add_request("6", ps[6], params[6])
+            if k == 6:
+                engine.abort("6")
+            if k == 8:
+                engine.add_request("7", ps[7], params[7])
+            engine.step()
+        while engine.has_unfinished:
+            engine.step()
+        assert engine.scheduler.bm.num_free == 7 and not engine.scheduler.running
+        outs = [engine.output(str(i)) for i in range(8)]
+        return outs, engine.timeline()
+
+    sync, sync_steps = run(False)
+    fast, fast_steps = run(True)
+    for a, b in zip(sync, fast):
+        if a.request_id == "6":  # aborted mid-flight: a prefix of the same tokens, never a placeholder
+            assert b.finish_reason == "abort" and b.token_ids == a.token_ids[:len(b.token_ids)]
+            continue
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        # log-probs to float32 rounding: a request is batched with others at other steps
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+        assert [[i for i, _ in t] for t in b.top_logprobs] == [[i for i, _ in t] for t in a.top_logprobs]
+        assert [v for t in b.top_logprobs for _, v in t] == pytest.approx([v for t in a.top_logprobs for _, v in t],
+                                                                           abs=1e-5)
+    assert fast[3].token_ids == first[:k + 1] and fast[3].finish_reason == "stop"
+    assert fast[2].token_ids and fast[2].finish_reason == "length"
+    assert sync_steps["preempted"].sum() > 0 and fast_steps["preempted"].sum() > 0
+    assert max(o.metrics["num_cached_tokens"] for o in fast) >= 16
 
 
 def test_llm_generates_from_a_workspace(tmp_path):

@@ -126,11 +126,10 @@ class BlockManager:
         """Register ``req``'s blocks that are full of computed K/V (call after each step)."""
         if not self.prefix_caching:
             return
-        tokens = req.token_ids
         full = min(req.num_computed_tokens // self.block_size, len(req.block_table))
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), full):
-            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            chunk = tuple(req.token_slice(i * self.block_size, (i + 1) * self.block_size))
             h = block_hash(parent, chunk)
             block = self.blocks[req.block_table[i]]
             if h not in self._cached and block.hash is None:

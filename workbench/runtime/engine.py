@@ -16,6 +16,14 @@ them (``executor``), the sampler draws a token for each request whose chunk reac
 (``sampling``: per-request seeds make a request's tokens independent of what it is batched with), and
 each new token is detokenized incrementally and checked against the request's stop conditions. The
 step is recorded (``timeline``).
+
+**Asynchronous scheduling** (``async_scheduling``, on by default on a GPU): the host never waits for the
+step it has just launched. ``step`` schedules and launches step N, whose inputs take the tokens of step
+N-1 straight from the device (they are ``PLACEHOLDER``s in the requests until then), and only then reads
+step N-1's tokens back, detokenizes them and checks stops, while the GPU runs step N. The host's work
+hides behind the GPU's, which is what batch-1 decode needs to reach the HBM roofline. The price: a
+request that stops on a token (EOS, a stop string) has one more token computed and thrown away, and its
+blocks are freed a step later. The tokens are those of the synchronous engine (tested).
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ import torch
 from ..errors import WorkbenchError
 from .block_manager import BlockManager
 from .executor import Executor
-from .request import Request, Status
-from .sampling import IncrementalDetokenizer, Sampler, SamplingParams, check_stop, make_generator, suppressed_tokens
+from .request import PLACEHOLDER, Request, Status
+from .sampling import (IncrementalDetokenizer, PendingSample, Sampler, SamplingParams, check_stop, make_generator,
+                       suppressed_tokens)
 from .scheduler import Scheduler, SchedulerConfig
 
 
@@ -65,10 +74,23 @@ class _State:
     finish_reason: str | None = None
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A step on its way: what was scheduled, the requests that sample (in row order) and their draw."""
+    out: Any
+    requests: list[Request]
+    rows: dict[str, int]
+    sample: PendingSample
+
+
 class LLMEngine:
     def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
-                 prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None) -> None:
+                 prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None,
+                 async_scheduling: bool | None = None) -> None:
         self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs)
+        self.async_scheduling = (self.executor.device.type == "cuda" if async_scheduling is None
+                                 else async_scheduling)
+        self._pending: _Launched | None = None
         self.scheduler = Scheduler(BlockManager(num_blocks, self.executor.block_size, prefix_caching=prefix_caching),
                                    config)
         if self.executor.cuda_graphs:  # every decode batch size the scheduler can produce, captured up front
@@ -110,50 +132,33 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        if self.scheduler.abort(request_id) is not None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
             st = self.states[request_id]
             st.finish_reason, st.finished_time = "abort", time.perf_counter()
+            if req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER:
+                req.output_token_ids.pop()  # its step still runs; the token is dropped when read back
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._pending is not None
 
     # ---- one step -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the requests whose new token the host has
+        just seen (this step's, or with asynchronous scheduling the previous step's)."""
         t0 = time.perf_counter()
         waiting_before = len(self.scheduler.waiting)
         out = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
-        sampled: dict[str, int] = {}
-        if not out.empty:
-            logits = self.executor.execute(out)
-            rows = [s.request for s in out.scheduled if s.samples]
-            states = [self.states[r.request_id] for r in rows]
-            suppress = [suppressed_tokens(st.params, len(r.output_token_ids), self.eos_token_id)
-                        for r, st in zip(rows, states)]
-            result = self.sampler.sample(logits, [st.params for st in states], [st.generator for st in states],
-                                         suppress=suppress)
-            for i, (req, st) in enumerate(zip(rows, states)):
-                sampled[req.request_id] = result.token_ids[i]
-                st.logprobs.append(result.logprobs[i])
-                if st.params.logprobs is not None:
-                    st.top_logprobs.append(result.top_logprobs[i])
-        self.scheduler.update(out, sampled)
+        launched = self._launch(out) if not out.empty else None
+        if self.async_scheduling:  # read the previous step back while this one runs
+            outputs = self._resolve(self._pending) if self._pending is not None else []
+            self._advance(out, launched)
+            self._pending = launched
+        else:
+            self._advance(out, launched)
+            outputs = self._resolve(launched) if launched is not None else []
         now = time.perf_counter()
-        for request_id, token in sampled.items():
-            st = self.states[request_id]
-            req = st.request
-            if st.first_token_time is None:
-                st.first_token_time = now
-            delta = st.detok.add(token) if st.detok is not None else ""
-            stop, reason, keep = check_stop(st.params, req.output_token_ids, token, st.text + delta,
-                                            self.eos_token_id)
-            st.text = (st.text + delta)[:keep]
-            if stop:
-                st.finish_reason, st.finished_time = reason, now
-                self.scheduler.finish(request_id, Status.FINISHED_LENGTH if reason == "length"
-                                      else Status.FINISHED_STOPPED)
-            outputs.append(self._output(st))
         self.steps.append({"step": len(self.steps), "time": t0, "step_ms": (now - t0) * 1e3,
                            "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
                            "scheduled": len(out.scheduled), "running": len(self.scheduler.running),
@@ -162,13 +167,68 @@ class LLMEngine:
                            "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs)})
         return outputs
 
+    def _launch(self, out) -> _Launched:
+        """Run the graph over the scheduled tokens and queue the draw of each sampling request's token."""
+        feed = (self._pending.sample.tokens, self._pending.rows) if self._pending is not None else None
+        logits = self.executor.execute(out, feed)
+        requests = [s.request for s in out.scheduled if s.samples]
+        states = [self.states[r.request_id] for r in requests]
+        suppress = [suppressed_tokens(st.params, len(r.output_token_ids), self.eos_token_id)
+                    for r, st in zip(requests, states)]
+        sample = self.sampler.launch(logits, [st.params for st in states], [st.generator for st in states],
+                                     suppress=suppress)
+        return _Launched(out, requests, {r.request_id: i for i, r in enumerate(requests)}, sample)
+
+    def _advance(self, out, launched: _Launched | None) -> None:
+        """The bookkeeping of a launched step: requests advance, each sampling one gets a placeholder for
+        its token, and one that reached max_tokens leaves the scheduler (its token is still to read)."""
+        sampled = {rid: PLACEHOLDER for rid in launched.rows} if launched is not None else {}
+        self.scheduler.update(out, sampled)
+        for req in launched.requests if launched is not None else ():
+            if req.status is Status.RUNNING and len(req.output_token_ids) >= req.max_tokens:
+                self.scheduler.finish(req.request_id, Status.FINISHED_LENGTH)
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a step's tokens back: fill the placeholders, detokenize, check stops, build the outputs."""
+        result = launched.sample.result()
+        now = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        for i, req in enumerate(launched.requests):
+            st = self.states.get(req.request_id)
+            if st is None or st.request is not req or st.finish_reason is not None:
+                continue  # finished (a stop read back meanwhile), aborted or released: the token is dropped
+            token = result.token_ids[i]
+            if not req.output_token_ids or req.output_token_ids[-1] != PLACEHOLDER:
+                raise WorkbenchError(f"request {req.request_id}: no token waiting to be read back; report this bug")
+            req.output_token_ids[-1] = token
+            st.logprobs.append(result.logprobs[i])
+            if st.params.logprobs is not None:
+                st.top_logprobs.append(result.top_logprobs[i])
+            if st.first_token_time is None:
+                st.first_token_time = now
+            delta = st.detok.add(token) if st.detok is not None else ""
+            stop, reason, keep = check_stop(st.params, req.output_token_ids, token, st.text + delta,
+                                            self.eos_token_id)
+            st.text = (st.text + delta)[:keep]
+            if stop:
+                st.finish_reason, st.finished_time = reason, now
+                status = Status.FINISHED_LENGTH if reason == "length" else Status.FINISHED_STOPPED
+                if req.request_id in self.scheduler.requests:
+                    self.scheduler.finish(req.request_id, status)
+                else:  # left the scheduler at max_tokens already; a stop on that last token says "stop"
+                    req.status = status
+            outputs.append(self._output(st))
+        return outputs
+
     def _output(self, st: _State) -> RequestOutput:
         req = st.request
         finished = st.finish_reason is not None
         metrics = {"arrival": req.arrival, "first_token_time": st.first_token_time,
                    "finished_time": st.finished_time, "num_cached_tokens": req.num_cached_tokens,
                    "num_preemptions": req.num_preemptions}
-        return RequestOutput(req.request_id, st.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
+        ids = req.output_token_ids
+        ids = ids[:-1] if ids and ids[-1] == PLACEHOLDER else list(ids)  # a token not read back yet
+        return RequestOutput(req.request_id, st.prompt, list(req.prompt_token_ids), ids,
                              st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
 
     def output(self, request_id: str) -> RequestOutput:
@@ -201,10 +261,26 @@ class LLM:
 
     def __init__(self, source, *, tokenizer=None, device: str = "cpu", stage: str = "latest", num_blocks: int = 256,
                  config: SchedulerConfig | None = None, prefix_caching: bool = True) -> None:
+        """``source`` may also be an engine directory (``workbench export``): its program, tokenizer and limits
+        (max_num_seqs and max_num_batched_tokens become the scheduler's unless ``config`` is given)."""
+        from ..engine import is_engine_dir
         from ..graph.executor import Program
 
+        self.loaded_engine = None  # the Engine (limits, manifest, chat template) when source is an engine directory
         if isinstance(source, Program):
             program = source
+        elif is_engine_dir(source):
+            from ..engine import load_engine
+
+            if stage != "latest":
+                raise WorkbenchError(f"{source} is an engine directory, which holds one graph: leave stage at "
+                                     f"'latest' (got {stage!r}), or give the workspace to run another stage")
+            self.loaded_engine = load_engine(source, device=device)
+            program = self.loaded_engine.program
+            tokenizer = tokenizer or self.loaded_engine.tokenizer
+            limits = self.loaded_engine.limits
+            config = config or SchedulerConfig(max_num_batched_tokens=limits.max_num_batched_tokens,
+                                               max_num_seqs=limits.max_num_seqs)
         else:
             from ..models.intake import load_tokenizer
             from ..pipeline import load_program, workspace_source

@@ -16,6 +16,12 @@ that writes to and reads from a scratch block the block manager never hands out)
 into the graph's static buffers; block tables are padded to ``max_model_len`` tokens' worth of blocks
 (steps with longer tables, and every step with a prompt chunk, run eagerly). A captured step launches no
 Python per node: the host cost of ~1000 kernel launches is what it removes.
+
+**Never waiting for the GPU.** A step's inputs cross to the device in one copy from pinned memory, queued
+without blocking, and ``execute`` returns the logits as a device tensor without synchronizing: the host
+can prepare the next step while this one runs. A request's last token may still be a ``PLACEHOLDER``,
+sampled by the step before and not yet seen by the host: ``feed`` gives that step's token tensor (on the
+device) and each request's row in it, and the token is copied into this step's inputs on the device.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import torch
 
 from ..errors import WorkbenchError
 from ..graph.ir import dtype_from_name
+from .request import PLACEHOLDER
 from .scheduler import SchedulerOutput
 
 
 #: Decode batch sizes captured as CUDA graphs (a step of b decodes replays the smallest bucket >= b).
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Executor:
@@ -59,14 +66,31 @@ class Executor:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache.values())
 
-    def inputs(self, out: SchedulerOutput) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """The graph inputs of one step, and the flat index of each sampling request's last new token."""
-        ids, pos, slots, starts, lens, last = [], [], [], [0], [], []
+    def _stage(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Host lists as device tensors, with one copy (from pinned memory, queued without blocking)."""
+        host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return list(host.split([len(part) for part in parts]))
+
+    def _rows(self, out: SchedulerOutput, feed):
+        """Per scheduled request: its new tokens (placeholders as 0), positions, slots and length, padded
+        block tables, the flat index of each sampling request's last token, and the placeholder feeds
+        (flat index in this step, row in the feeding step)."""
+        ids, pos, slots, starts, lens, last, feed_at, feed_row = [], [], [], [0], [], [], [], []
         bs = self.block_size
         for s in out.scheduled:
             req, n = s.request, s.num_new_tokens
             c = req.num_computed_tokens
-            ids += req.token_ids[c:c + n]
+            tokens = req.token_slice(c, c + n)
+            if tokens[-1] == PLACEHOLDER:  # sampled by the step still running: fed on the device
+                if feed is None or req.request_id not in feed[1]:
+                    raise WorkbenchError(f"request {req.request_id}: its last token is not sampled yet and no "
+                                         "step feeds it; resolve the previous step first")
+                feed_at.append(len(ids) + n - 1)
+                feed_row.append(feed[1][req.request_id])
+                tokens = tokens[:-1] + [0]
+            ids += tokens
             pos += range(c, c + n)
             table = req.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
@@ -74,25 +98,45 @@ class Executor:
             lens.append(c + n)
             if s.samples:
                 last.append(starts[-1] - 1)
+        return ids, pos, slots, starts, lens, last, feed_at, feed_row
+
+    @staticmethod
+    def _tables(out: SchedulerOutput, rows: int, fill: int) -> tuple[list[int], int]:
+        """Block tables of the scheduled requests, then ``rows`` - len(scheduled) rows of ``fill``, all
+        padded with ``fill`` to the longest; flattened, and that width."""
         width = max(len(s.request.block_table) for s in out.scheduled)
-        tables = [s.request.block_table + [0] * (width - len(s.request.block_table)) for s in out.scheduled]
+        flat = []
+        for s in out.scheduled:
+            flat += s.request.block_table
+            flat += [fill] * (width - len(s.request.block_table))
+        flat += [fill] * (width * (rows - len(out.scheduled)))
+        return flat, width
 
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
-
-        return {"input_ids": t([ids]), "position_ids": t([pos]), "slot_mapping": t(slots), "block_tables": t(tables),
-                "seq_lens": t(lens), "query_start_loc": t(starts), **self.cache}, last
+    def inputs(self, out: SchedulerOutput, feed=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The graph inputs of one step, and the flat index of each sampling request's last new token (on
+        the device)."""
+        ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
+        tables, width = self._tables(out, len(out.scheduled), 0)
+        d_ids, d_pos, d_slots, d_tables, d_lens, d_starts, d_last, d_at, d_row = self._stage(
+            [ids, pos, slots, tables, lens, starts, last, feed_at, feed_row])
+        if feed_at:
+            d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
+        return {"input_ids": d_ids[None], "position_ids": d_pos[None], "slot_mapping": d_slots,
+                "block_tables": d_tables.view(len(out.scheduled), width), "seq_lens": d_lens,
+                "query_start_loc": d_starts, **self.cache}, d_last
 
     @torch.no_grad()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, feed: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
+        """Run one step; the logits ([sampling requests, vocab], float32, on the device) of the requests whose
+        chunk reaches their last token, in schedule order. ``feed``: see the module docstring."""
         if out.empty:
             raise WorkbenchError("nothing was scheduled this step; check the scheduler output before executing")
         bucket = self._bucket(out)
         if bucket is not None:
-            return self._replay(out, bucket)
-        inputs, last = self.inputs(out)
+            return self._replay(out, bucket, feed)
+        inputs, last = self.inputs(out, feed)
         (logits,) = self.program.run(**inputs)
-        return logits[0, last].float()
+        return logits[0].index_select(0, last).float()
 
     # ---- CUDA graphs for decode steps -------------------------------------------------------------------
     def _bucket(self, out: SchedulerOutput) -> int | None:
@@ -137,28 +181,25 @@ class Executor:
             (logits,) = self.program.run(**static, **self.cache)
         self._graphs[b] = (graph, static, logits)
 
-    def _replay(self, out: SchedulerOutput, b: int) -> torch.Tensor:
+    def _replay(self, out: SchedulerOutput, b: int, feed) -> torch.Tensor:
         if b not in self._graphs:
             self._capture(b)
         graph, static, logits = self._graphs[b]
-        # the step's rows, then padding rows, built on the host and copied in with one transfer per buffer
-        n, bs, scratch = len(out.scheduled), self.block_size, self.num_blocks
-        ids, pos, slots, lens = [], [], [], []
-        tables = torch.full((b, self.table_width), scratch, dtype=torch.long)
-        for i, s in enumerate(out.scheduled):
-            req = s.request
-            c = req.num_computed_tokens
-            ids.append(req.token_ids[c])
-            pos.append(c)
-            slots.append(req.block_table[c // bs] * bs + c % bs)
-            lens.append(c + 1)
-            tables[i, :len(req.block_table)] = torch.tensor(req.block_table, dtype=torch.long)
-        pad = b - n
-        host = {"input_ids": torch.tensor([ids + [0] * pad]), "position_ids": torch.tensor([pos + [0] * pad]),
-                "slot_mapping": torch.tensor(slots + [scratch * bs] * pad), "block_tables": tables,
-                "seq_lens": torch.tensor(lens + [1] * pad)}
-        for name, value in host.items():
-            static[name].copy_(value, non_blocking=True)
+        # the step's rows then padding rows (position 0 of the scratch block), in one copy; block tables
+        # only as wide as this step's longest (entries past a row's length are never read)
+        n, pad, scratch = len(out.scheduled), b - len(out.scheduled), self.num_blocks
+        ids, pos, slots, _, lens, _, feed_at, feed_row = self._rows(out, feed)
+        tables, width = self._tables(out, b, scratch)
+        d_ids, d_pos, d_slots, d_lens, d_tables, d_at, d_row = self._stage(
+            [ids + [0] * pad, pos + [0] * pad, slots + [scratch * self.block_size] * pad, lens + [1] * pad, tables,
+             feed_at, feed_row])
+        if feed_at:
+            d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
+        static["input_ids"][0].copy_(d_ids)
+        static["position_ids"][0].copy_(d_pos)
+        static["slot_mapping"].copy_(d_slots)
+        static["seq_lens"].copy_(d_lens)
+        static["block_tables"][:, :width].copy_(d_tables.view(b, width))
         graph.replay()
         self.replays += 1
         return logits[0, :n].float()

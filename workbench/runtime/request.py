@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: An output token the engine has asked for but not seen yet: the step that samples it is still running on
+#: the device (the engine then resolves it before anything reads its value). See ``engine``.
+PLACEHOLDER = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"              # not admitted yet, or preempted (recomputed from the start when readmitted)
     RUNNING = "running"
@@ -52,6 +57,15 @@ class Request:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """``token_ids[start:stop]`` without building the whole list (the executor reads a few per step)."""
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
+        if stop <= n:
+            return prompt[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n:stop - n]
+        return prompt[start:] + self.output_token_ids[:stop - n]
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,13 @@ Conventions (vLLM's):
 
 Nothing here owns a device: tensors stay where the caller's logits are, and only the final token ids,
 log-probs and top log-probs cross to the host (one ``tolist`` each).
+
+**Without waiting for the GPU.** ``Sampler.launch`` queues the whole draw on the logits' device and
+returns a ``PendingSample``: the tokens as a device tensor (the engine feeds them to the next step
+before the host has seen them) and copies to the host already under way; ``PendingSample.result()``
+waits for those copies alone. Host-to-device inputs (row indices, temperatures, suppressed ids) go
+through pinned memory without blocking, so nothing here makes the host wait for queued GPU work.
+``sample`` is ``launch(...).result()``.
 """
 
 from __future__ import annotations
@@ -130,6 +137,33 @@ def suppressed_tokens(params: SamplingParams, num_generated: int, eos_token_id: 
     return ids
 
 
+class PendingSample:
+    """A launched draw: ``tokens`` (device, one per row) now, the ``SampleOutput`` once ``result()`` is called."""
+
+    def __init__(self, tokens: torch.Tensor, chosen: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor] | None,
+                 wanted: list[int | None]) -> None:
+        self.tokens, self.wanted = tokens, wanted
+        self._event = None
+        parts = (tokens, chosen) + (top or ())
+        if tokens.device.type == "cuda":  # copies into pinned host memory, queued behind the draw
+            self._host = [t.to("cpu", non_blocking=True) for t in parts]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = list(parts)
+
+    def result(self) -> SampleOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, chosen, *top = (t.tolist() for t in self._host)
+        if top:
+            values, ids = top
+            tops = [None if k is None else list(zip(ids[i][:k], values[i][:k])) for i, k in enumerate(self.wanted)]
+        else:
+            tops = [None if k is None else [] for k in self.wanted]
+        return SampleOutput(tokens, chosen, tops)
+
+
 class Sampler:
     """Picks one token per row of a batch of logits; stateless (the randomness lives in the generators)."""
 
@@ -137,6 +171,11 @@ class Sampler:
                suppress: list[set[int]] | None = None) -> SampleOutput:
         """Tokens for ``logits`` [rows, vocab] (any float dtype, any device), one ``params`` and generator
         per row; ``suppress`` optionally lists, per row, token ids that must not be chosen."""
+        return self.launch(logits, params, generators, suppress).result()
+
+    def launch(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+               suppress: list[set[int]] | None = None) -> PendingSample:
+        """``sample`` without waiting: the draw is queued on the logits' device (see the module docstring)."""
         rows = len(params)
         if logits.dim() != 2 or logits.shape[0] != rows or len(generators) != rows:
             raise WorkbenchError(f"sample got logits of shape {tuple(logits.shape)} for {rows} params and "
@@ -151,29 +190,40 @@ class Sampler:
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; argmax returns the first (lowest) maximal id
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            index = torch.tensor(sampled, device=logits.device)
+            index = _on(sampled, logits.device)
             tokens[index] = _draw(logits[index], [params[i] for i in sampled], [generators[i] for i in sampled])
 
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        return SampleOutput(tokens.tolist(), chosen.tolist(), _top_logprobs(logprobs, params))
+        wanted = [p.logprobs for p in params]
+        most = max((k for k in wanted if k), default=0)
+        top = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1) if most else None
+        return PendingSample(tokens, chosen, tuple(top) if top is not None else None, wanted)
+
+
+def _on(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on ``device``; to a GPU through pinned memory without blocking the host."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _suppress(logits: torch.Tensor, suppress: list[set[int]]) -> torch.Tensor:
     rows = [i for i, ids in enumerate(suppress) for _ in ids]
     cols = [t for ids in suppress for t in ids]
     logits = logits.clone()  # .float() returns the caller's tensor when it already is float32
-    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    logits[_on(rows, logits.device), _on(cols, logits.device)] = float("-inf")
     return logits
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row (all rows have temperature > 0): temperature, top-k, top-p, then a draw."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = _on([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
     filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
     if filtered:
-        index = torch.tensor(filtered, device=device)
+        index = _on(filtered, device)
         drop = _top_k_top_p_drop(scaled[index], [params[i] for i in filtered])
         scaled[index] = scaled[index].masked_fill(drop, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
@@ -181,7 +231,7 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:  # one call on the global RNG for all of them
-        index = torch.tensor(unseeded, device=device)
+        index = _on(unseeded, device)
         tokens[index] = torch.multinomial(probs[index], 1)[:, 0]
     for i, generator in enumerate(generators):
         if generator is not None:  # a row's own stream: its draws do not depend on the other rows
@@ -198,9 +248,9 @@ def _top_k_top_p_drop(scaled: torch.Tensor, params: list[SamplingParams]) -> tor
     """
     rows, vocab = scaled.shape
     device = scaled.device
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p - _TOP_P_TOLERANCE if p.top_p < 1 else float("inf") for p in params],
-                         device=device)
+    top_k = _on([p.top_k if p.top_k > 0 else vocab for p in params], device)
+    top_p = _on([p.top_p - _TOP_P_TOLERANCE if p.top_p < 1 else float("inf") for p in params], device,
+                torch.float32)
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
@@ -208,16 +258,6 @@ def _top_k_top_p_drop(scaled: torch.Tensor, params: list[SamplingParams]) -> tor
     drop |= mass_before >= top_p[:, None]
     drop[:, 0] = False
     return torch.zeros_like(drop).scatter_(1, order, drop)
-
-
-def _top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]] | None]:
-    wanted = [p.logprobs for p in params]
-    most = max((k for k in wanted if k), default=0)
-    if most == 0:
-        return [None if k is None else [] for k in wanted]
-    values, ids = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
-    values, ids = values.tolist(), ids.tolist()
-    return [None if k is None else list(zip(ids[i][:k], values[i][:k])) for i, k in enumerate(wanted)]
 
 
 def check_stop(params: SamplingParams, token_ids_so_far: list[int], new_token: int, text_so_far: str,
