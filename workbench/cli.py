@@ -7,6 +7,9 @@
     workbench generate ws/ "The capital of France is" greedy tokens from the captured graph
     workbench eval ws/ --dataset evaluation           perplexity of the captured graph (or --reference)
     workbench models                                  presets and fetchable models
+    workbench export ws/ --out engine/                the engine directory of the latest stage
+    workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
+    workbench serve engine/ --port 8000               the OpenAI-compatible HTTP server (engine or workspace)
 
 Errors in the user's input print one line (``workbench: error: ...``) and exit 2.
 """
@@ -185,6 +188,50 @@ def _cmd_eval(args) -> None:
         print(f"{label:>16}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.windows} windows)")
 
 
+def _cmd_export(args) -> None:
+    import json
+
+    from .engine import export_engine
+
+    limits = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens}
+    out = export_engine(args.workspace, args.out, stage=args.stage, limits=limits, force=args.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    lim, tuned = json.loads((out / "engine.json").read_text())["limits"], manifest.get("tuned_for")
+    size = sum(e["bytes"] for e in manifest["files"].values())
+    print(f"wrote engine {out} from the {manifest['workspace']['stage']} stage ({size / 1e6:.1f} MB): "
+          f"{'tuned on ' + tuned['gpu'] if tuned else 'not tuned (default kernels)'}; max_model_len "
+          f"{lim['max_model_len']}, max_num_seqs {lim['max_num_seqs']}, max_num_batched_tokens "
+          f"{lim['max_num_batched_tokens']}, KV blocks of {lim['block_size']} tokens in {lim['kv_cache_dtype']}")
+
+
+def _cmd_build(args) -> None:
+    from .engine import BuildOptions, build_engine
+
+    options = BuildOptions(precision=args.precision, dtype=args.dtype, seed=args.seed, auto_budget=args.budget,
+                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens, samples=args.samples,
+                           seq_len=args.seq_len, device=args.device, force=args.force)
+    build_engine(args.model, args.out, options, workspace=args.workspace, log=lambda line: print(line, flush=True))
+
+
+def _cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.path, host=args.host, port=args.port, device=args.device, tokenizer=args.tokenizer,
+          model_name=args.model_name, max_pending=args.max_pending, num_blocks=args.num_blocks,
+          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+          max_model_len=args.max_model_len, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _add_limit_args(s) -> None:
+    s.add_argument("--max-model-len", type=int,
+                   help="longest sequence, prompt and output (default: the model's context)")
+    s.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default: the tuned profile's, or 64)")
+    s.add_argument("--max-num-batched-tokens", type=int,
+                   help="most tokens in one step (default: the tuned profile's, or 2048)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Optimize and serve decoder LLMs, one inspectable stage at a time.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -273,6 +320,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"])
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("export", help="write a workspace's optimized graph, weights, tuning and tokenizer as an engine")
+    s.add_argument("workspace", type=Path)
+    s.add_argument("--out", "-o", required=True, type=Path, help="the engine directory (replaced if it is one)")
+    s.add_argument("--stage", default="latest", choices=["latest", "passes", "quant", "tune"],
+                   help="which graph to export (default: tune if it ran, else quant, else passes)")
+    _add_limit_args(s)
+    s.add_argument("--force", action="store_true", help="overwrite the workspace's export record if edited by hand")
+    s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("build", help="capture, optimize, quantize, tune (on a GPU) and export an engine in one go")
+    s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
+    s.add_argument("--precision", required=True, choices=["bf16", "fp8", "int8", "auto"],
+                   help="linears in the model's precision, FP8, INT8 (SmoothQuant W8A8), or auto: FP8 where the "
+                        "perplexity budget allows")
+    s.add_argument("--out", "-o", required=True, type=Path)
+    s.add_argument("--workspace", "-w", type=Path, help="where the stages' artifacts go (default: OUT.workspace); "
+                   "a re-run resumes from it")
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="the model's precision in the engine (default bfloat16)")
+    s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
+    s.add_argument("--budget", type=float, default=1.0, help="--precision auto: perplexity increase allowed, in %% "
+                   "(default 1)")
+    s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
+    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    s.add_argument("--device", help="calibration and tuning device (default: cuda when there is a GPU)")
+    _add_limit_args(s)
+    s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand")
+    s.set_defaults(fn=_cmd_build)
+
+    s = sub.add_parser("serve", help="serve an engine directory (or a workspace) over an OpenAI-compatible HTTP API")
+    s.add_argument("path", type=Path, help="an engine directory (engine.json) or a workspace")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
+    s.add_argument("--tokenizer", help="a model directory or name whose tokenizer to use (e.g. for random weights)")
+    s.add_argument("--max-pending", type=int, default=256,
+                   help="most unfinished requests; more are answered 429 (default 256)")
+    s.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: the engine's, or 256)")
+    _add_limit_args(s)
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=_cmd_serve)
     return p
 
 

@@ -1,0 +1,227 @@
+"""Export a workspace's optimized (quantized, tuned) graph and its weights as a self-contained engine directory.
+
+    export_engine("ws/", "engine/")                                   # the latest stage: tune, else quant, else passes
+    export_engine(ws, "engine/", stage="quant", limits={"max_model_len": 4096})
+
+The engine needs neither the workspace nor the original checkpoint: weights are written as the graph
+runs them (fused QKV and gate/up, RoPE tables, quantized weights and scales), so a parameter that a pass
+derived is stored, not re-derived. The directory is built under a hidden temporary name beside ``out``
+(every file fsynced, the manifest last) and renamed into place: an interrupted export leaves no engine
+that loads, and a previous engine at ``out`` is replaced only once the new one is complete.
+
+The workspace records the export as its ``export`` stage (with a copy of the manifest), so a stale
+engine shows in ``workbench info`` when an upstream stage is re-run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import WorkbenchError
+from ..workspace import Workspace, atomic_write, environment, sha256_file
+from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, TOKENIZER_DIR, WEIGHTS, EngineLimits,
+                     is_engine_dir)
+
+#: Stages an engine can be exported from, newest first ("latest" takes the first that has run).
+EXPORTABLE = ("tune", "quant", "passes")
+
+
+def latest_stage(ws: Workspace) -> str:
+    """The newest stage that has run: tune, else quant, else passes."""
+    for stage in EXPORTABLE:
+        if ws.record(stage) is not None:
+            return stage
+    raise WorkbenchError(f"{ws.root} has no optimized graph to export; run `workbench optimize {ws.root}` first "
+                         "(and optionally `workbench quantize` and `workbench tune`)")
+
+
+def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "latest",
+                  limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False) -> Path:
+    """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
+
+    ``stage``: "latest" (tune if it ran, else quant, else passes), or one of those by name; it must be up to
+    date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
+    max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
+    ``force``: re-record the export even if ``ws/export`` was edited by hand."""
+    from ..kernels.autotune import TimingCache, TunedChoices
+    from ..kernels.profiles import OptimizationProfile
+    from ..models.intake import load_tokenizer
+    from ..pipeline import load_program, workspace_source
+
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)
+    out = Path(out)
+    if stage == "latest":
+        stage = latest_stage(ws)
+    if stage not in EXPORTABLE:
+        raise WorkbenchError(f"cannot export the {stage!r} stage; export one of {', '.join(EXPORTABLE)} (the captured "
+                             f"graph has no paged KV cache: run `workbench optimize {ws.root}`)")
+    status = ws.status(stage)
+    if status != "ok":
+        command = {"tune": "tune", "quant": "quantize", "passes": "optimize"}[stage]
+        raise WorkbenchError(f"the {stage} stage of {ws.root} is {status}, not up to date: re-run it "
+                             f"(`workbench {command} {ws.root}`) or export another stage with --stage")
+    _check_out(out, ws)
+
+    graph_stage, choices, profile, tuned_for, timings = stage, None, None, None, None
+    if stage == "tune":
+        rec = ws.record("tune")
+        graph_stage = rec["params"].get("graph", "passes")
+        choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
+        profile = OptimizationProfile.from_json(rec["params"]["profile"])
+        timings = ws.path("tune", "timings.json")
+        tuned_for = TimingCache.view(timings).env
+    program = load_program(ws, stage=graph_stage, device="cpu")  # weights as the graph runs them
+    graph = program.graph
+    if not graph.meta.get("paged"):
+        raise WorkbenchError(f"the {graph_stage} graph of {ws.root} has no paged attention, which the runtime needs: "
+                             f"re-run `workbench optimize {ws.root}` with the default passes (insert_paged_attention)")
+    limits = limits if isinstance(limits, EngineLimits) else EngineLimits.for_graph(graph, profile, limits)
+    if profile is None:  # not tuned: the profile the limits describe, for re-tuning on a GPU later
+        profile = OptimizationProfile(max_tokens=limits.max_num_batched_tokens, max_seqs=limits.max_num_seqs,
+                                      context=min(1024, limits.max_model_len), max_context=limits.max_model_len)
+    source = workspace_source(ws)
+    tokenizer = load_tokenizer(source)
+
+    engine_graph = type(graph).from_json(graph.to_json())
+    for p in engine_graph.params.values():
+        p.derived = None  # stored as computed: the engine never re-derives from checkpoint tensors
+    tensors, tied = _dedupe(program.params)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "model": {"architecture": graph.meta.get("architecture"), "model_type": graph.meta.get("model_type"),
+                  "dtype": graph.meta.get("dtype"), "source": source.to_json()},
+        "config": graph.meta.get("config", {}),
+        "limits": limits.to_json(),
+        "profiles": [profile.to_json()],
+        "tuned": choices is not None,
+        "choices": choices.to_json() if choices else None,
+        "precision": graph.meta.get("precision"),
+        "weights": {"file": WEIGHTS, "tied": tied, "count": len(program.params),
+                    "bytes": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+        "graph": engine_graph.to_json(),
+    }
+    params = {"out": str(out.resolve()), "stage": stage, "limits": limits.to_json()}
+    with ws.run("export", params=params, upstream=(stage,), force=force) as run:
+        env = environment()
+        manifest_extra = {
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": env["versions"],
+            "requires": {"workbench": env["versions"]["workbench"], "torch": MIN_TORCH},
+            "exported_on": env["host"],
+            "tuned_for": tuned_for,
+            "workspace": {"root": str(ws.root.resolve()), "stage": stage, "graph": graph_stage},
+        }
+        manifest = _write_engine(out, info, tensors, tokenizer, timings, manifest_extra)
+        run.write_json("manifest.json", manifest)
+    return out
+
+
+def _check_out(out: Path, ws: Workspace) -> None:
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"{out} is a file; give a directory for the engine (--out)")
+    if out.resolve() == ws.root.resolve() or ws.root.resolve() in out.resolve().parents:
+        raise WorkbenchError(f"the engine cannot go inside the workspace ({ws.root}); give another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_engine_dir(out):
+        raise WorkbenchError(f"{out} exists and is not an engine directory; refusing to replace it: give an empty "
+                             "or new directory (--out)")
+
+
+def _dedupe(params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (safetensors refuses shared memory) and ``name -> stored name`` for identical views
+    (tied weights) stored once; overlapping but different views are copied."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in params.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() == 0:
+            tensors[name] = t
+            continue
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if view in seen:
+            tied[name] = seen[view]
+            continue
+        if any(v[0] == view[0] for v in seen):
+            t = t.clone()
+            view = (t.untyped_storage().data_ptr(), *view[1:])
+        seen[view] = name
+        tensors[name] = t
+    return tensors, tied
+
+
+def _write_engine(out: Path, info: dict, tensors: dict[str, torch.Tensor], tokenizer, timings: Path | None,
+                  manifest_extra: dict) -> dict:
+    """Build the directory under a temporary name beside ``out``, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "workbench_engine": str(FORMAT_VERSION)})
+        os.chmod(tmp / WEIGHTS, tmp.stat().st_mode & 0o666)  # safetensors creates it owner-only; as umask says
+        _fsync(tmp / WEIGHTS)
+        if timings is not None:
+            atomic_write(tmp / TIMINGS, timings.read_bytes())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for f in (tmp / TOKENIZER_DIR).rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _fsync(tmp / TOKENIZER_DIR)
+        atomic_write(tmp / ENGINE_JSON, (json.dumps(info, indent=1) + "\n").encode())
+        files = {f.relative_to(tmp).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        manifest = {"format_version": FORMAT_VERSION, "files": files, **manifest_extra}
+        atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())  # last: its hashes
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory to ``out``; a previous engine there is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary directories of exports to ``out`` whose process died (never renamed into place)."""
+    for d in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = d.name[len(out.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not d.is_dir():
+            continue
+        try:
+            pid = int(rest.split("-")[0])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # another export to the same place is running
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

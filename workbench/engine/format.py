@@ -1,0 +1,121 @@
+"""What an engine directory holds, its format version, and the runtime limits it was exported with.
+
+    engine/
+      engine.json           format version, IR (params already fused and quantized), model config,
+                            optimization profiles, precision plan, runtime limits, kernel choices
+      weights.safetensors   every graph parameter by name, as the graph runs it
+      timings.json          the tune stage's timing cache (every timing), when the engine was tuned
+      tokenizer/            tokenizer files and chat template (save_pretrained), when the model has them
+      manifest.json         written last: sha256 of every file above, library versions, what loading
+                            requires, the GPU (and torch, triton, CUDA) the kernels were tuned on
+
+``FORMAT_VERSION`` changes whenever a reader of the previous version would misread a new engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import WorkbenchError
+
+FORMAT_VERSION = 1
+ENGINE_JSON = "engine.json"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TIMINGS = "timings.json"
+TOKENIZER_DIR = "tokenizer"
+
+#: The oldest torch the engine's IR (ATen ops) and weight dtypes (fp8) are known to run on: the GPU
+#: machine's. Engines move between torch 2.13 (CPU) and 2.11 (GPU), so the exporting torch itself is not
+#: required; an op this torch lacks is caught op by op when loading (``load.check_ops``).
+MIN_TORCH = "2.11"
+
+
+def is_engine_dir(path: Any) -> bool:
+    """Whether ``path`` looks like an engine directory (it has engine.json or manifest.json)."""
+    if not isinstance(path, (str, Path)):
+        return False
+    p = Path(path)
+    return p.is_dir() and ((p / ENGINE_JSON).is_file() or (p / MANIFEST).is_file())
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"2.13.0+cpu"`` -> (2, 13, 0): the release numbers only (local and pre-release tags are ignored)."""
+    release = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(text or ""))
+    if not release:
+        raise WorkbenchError(f"cannot read version {text!r}")
+    return tuple(int(x) for x in release.group(1).split("."))
+
+
+def older(installed: str, required: str) -> bool:
+    a, b = parse_version(installed), parse_version(required)
+    width = max(len(a), len(b))
+    return a + (0,) * (width - len(a)) < b + (0,) * (width - len(b))
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the runtime may ask of the engine: the longest sequence (prompt + output), the most sequences
+    and tokens in one step, and the KV cache layout the graph was built for (block size, cache dtype)."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    kv_cache_dtype: str
+
+    def __post_init__(self) -> None:
+        for f in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise WorkbenchError(f"engine limits: {f} must be an integer >= 1, got {v!r}")
+
+    @classmethod
+    def for_graph(cls, graph, profile=None, overrides: Mapping[str, Any] | None = None) -> "EngineLimits":
+        """Defaults from the graph (its context length, KV layout) and the tuned ``profile`` (the most tokens
+        and sequences a step was tuned for), with ``overrides`` checked against what the graph can run."""
+        paged = graph.meta.get("paged")
+        if not paged:
+            raise WorkbenchError("engine limits need a graph with paged attention (graph.meta['paged'])")
+        overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise WorkbenchError(f"unknown engine limit(s) {', '.join(sorted(unknown))}; limits: {', '.join(known)}")
+        for f, have in (("block_size", paged["block_size"]), ("kv_cache_dtype", paged["dtype"])):
+            if f in overrides and overrides[f] != have:
+                raise WorkbenchError(f"engine limits: {f} is fixed by the graph ({have!r}), not {overrides[f]!r}; "
+                                     "the KV block size is set when the passes insert paged attention and the "
+                                     "cache dtype by the precision plan (--kv-cache)")
+        context = int(graph.meta.get("config", {}).get("max_position_embeddings") or 8192)
+        limits = cls(max_model_len=overrides.get("max_model_len", context),
+                     max_num_seqs=overrides.get("max_num_seqs", profile.max_seqs if profile else 64),
+                     max_num_batched_tokens=overrides.get("max_num_batched_tokens",
+                                                          profile.max_tokens if profile else 2048),
+                     block_size=int(paged["block_size"]), kv_cache_dtype=str(paged["dtype"]))
+        if limits.max_model_len > context:
+            raise WorkbenchError(f"engine limits: max_model_len {limits.max_model_len} is beyond the model's context "
+                                 f"({context} positions, max_position_embeddings); give at most {context}")
+        for f, dim in (("max_num_batched_tokens", "tokens"), ("max_num_seqs", "seqs")):
+            top = graph.dims.get(dim, {}).get("max")
+            if top is not None and getattr(limits, f) > top:
+                raise WorkbenchError(f"engine limits: {f} {getattr(limits, f)} is beyond what the graph runs "
+                                     f"({dim} <= {top})")
+        if profile is not None and limits.max_num_batched_tokens > profile.max_tokens:
+            raise WorkbenchError(f"engine limits: max_num_batched_tokens {limits.max_num_batched_tokens} is beyond "
+                                 f"the tuned profile's max_tokens ({profile.max_tokens}): steps that large have no "
+                                 "tuned kernels; give at most that, or tune a profile with a larger --max-tokens")
+        return limits
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "EngineLimits":
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise WorkbenchError(f"engine.json has invalid limits ({e}); re-export the engine") from None

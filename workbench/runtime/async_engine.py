@@ -1,0 +1,508 @@
+"""The async engine: an ``LLMEngine`` stepped by one background thread, fed by asyncio callers; serving metrics.
+
+    aengine = AsyncLLMEngine(LLMEngine(program, tokenizer), max_pending=256)
+    async for out in aengine.generate("Hello", SamplingParams(max_tokens=16)):
+        out.text                                   # cumulative snapshots: callers compute deltas
+    stream = aengine.submit(prompt, params)        # checks and queues now; errors before any response starts
+    async for out in stream: ...                   # the same snapshots; stream.abort() cancels
+    aengine.prometheus_text()                      # counters, histograms, gauges (Prometheus text format)
+    aengine.shutdown(timeout=30)                   # stop accepting, let in-flight finish, abort the rest
+
+**Threads.** ``LLMEngine`` is not thread-safe, so one thread owns it and nothing else touches it:
+
+    event loop (HTTP)                     engine thread
+    submit() ── ("add", ...) ──┐          while running:
+    abort()  ── ("abort", id) ─┴─► commands ──► drained between steps (add_request / abort + release)
+                                          engine.step() ──► outputs
+    RequestStream's queue ◄── loop.call_soon_threadsafe ────┘   finished: engine.release(id)
+
+The thread sleeps on a condition while it has neither commands nor unfinished requests. Prompts are
+tokenized by the caller (``encode``) so that a bad prompt fails before it is queued; tokenization is the
+same call ``LLMEngine.add_request`` makes, so a request's tokens equal ``LLM.generate``'s.
+
+**Cancellation.** A consumer that stops reading (a client that disconnects cancels its task) aborts its
+request: the stream's iterator aborts in its ``finally``, and the engine thread aborts and releases it, so its
+KV blocks are freed at once. Finished requests are released too: the engine keeps nothing per request.
+
+**Back-pressure.** At most ``max_pending`` requests are submitted and unfinished (queued, waiting or
+running); one more raises ``QueueFullError`` (the server answers 429) instead of growing a queue without
+bound. After ``shutdown`` (or an engine error) ``submit`` raises ``EngineClosedError`` (503).
+
+**Failures.** A request the engine refuses gets the error alone. A step that raises (a device error) ends
+every stream with ``EngineClosedError`` instead of leaving it waiting, and the engine accepts nothing more;
+``check_params`` refuses the parameters that would make a shared step fail (a temperature that overflows).
+
+Metrics are recorded by the engine thread (TTFT is measured from ``submit``); gauges are a snapshot the
+engine thread publishes after every iteration, so readers never touch the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from typing import AsyncIterator
+
+from ..errors import WorkbenchError
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+class QueueFullError(WorkbenchError):
+    """``max_pending`` requests are already unfinished; try again later (HTTP 429)."""
+
+
+class EngineClosedError(WorkbenchError):
+    """The engine is shutting down or stopped after an error (HTTP 503)."""
+
+
+class ContextLengthError(WorkbenchError):
+    """A prompt plus its ``max_tokens`` does not fit the engine's ``max_model_len`` (HTTP 400)."""
+
+
+#: Temperatures in (0, MIN_TEMPERATURE) overflow ``logits / temperature`` to inf and the draw to NaN, which
+#: would fail the whole step (every request in it); vLLM treats them as greedy.
+MIN_TEMPERATURE = 1e-5
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+#: Histogram bucket upper bounds in seconds (vLLM's choices, for comparable dashboards).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+
+
+class Histogram:
+    """Counts per bucket (not cumulative; rendering accumulates), the sum and the count of observations."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts):
+            total += n
+            out.append(f'{name}_bucket{{le="{_number(bound)}"}} {total}')
+        return out + [f"{name}_sum {_number(self.sum)}", f"{name}_count {self.count}"]
+
+
+def _number(x: float) -> str:
+    if x == math.inf:
+        return "+Inf"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
+class EngineMetrics:
+    """What the server exports: written by the engine thread (and ``submit`` for rejections), read by
+    ``render``; one lock guards both."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.finished: Counter[str] = Counter()   # finish reason -> requests
+        self.rejected: Counter[str] = Counter()   # "queue_full" | "closed" -> requests refused by submit
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+
+    def render(self, gauges: dict[str, float]) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
+
+        with self.lock:
+            reasons = sorted(set(self.finished) | {"stop", "length", "abort"})
+            metric("workbench_requests_total", "counter", "Requests finished, by finish reason (abort: cancelled "
+                   "by the client or by shutdown).",
+                   [f'workbench_requests_total{{finish_reason="{r}"}} {self.finished[r]}' for r in reasons])
+            rejected = sorted(set(self.rejected) | {"queue_full", "closed"})
+            metric("workbench_requests_rejected_total", "counter", "Requests refused at submission: the queue was "
+                   "full (429) or the engine was closed (503).",
+                   [f'workbench_requests_rejected_total{{reason="{r}"}} {self.rejected[r]}' for r in rejected])
+            metric("workbench_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
+                   [f"workbench_prompt_tokens_total {self.prompt_tokens}"])
+            metric("workbench_generation_tokens_total", "counter", "Tokens generated for finished requests.",
+                   [f"workbench_generation_tokens_total {self.generation_tokens}"])
+            metric("workbench_preemptions_total", "counter", "Requests preempted (KV blocks freed, recomputed later).",
+                   [f"workbench_preemptions_total {int(gauges.get('preemptions', 0))}"])
+            for key, name, help_ in (
+                    ("running", "workbench_requests_running", "Requests in the running batch."),
+                    ("waiting", "workbench_requests_waiting", "Requests waiting for admission (or preempted)."),
+                    ("pending", "workbench_requests_pending", "Requests submitted and not finished (bounded by "
+                     "max_pending)."),
+                    ("kv_usage_percent", "workbench_kv_cache_usage_percent", "Share of KV-cache blocks held by "
+                     "requests, in percent."),
+                    ("prefix_cache_hit_rate", "workbench_prefix_cache_hit_rate", "Share of admitted prompt tokens "
+                     "found in the prefix cache (0 to 1).")):
+                metric(name, "gauge", help_, [f"{name} {_number(gauges.get(key, 0))}"])
+            for hist, name, help_ in (
+                    (self.ttft, "workbench_time_to_first_token_seconds", "Time from submission to the first token."),
+                    (self.itl, "workbench_inter_token_latency_seconds", "Time between consecutive tokens of a "
+                     "request."),
+                    (self.e2e, "workbench_e2e_request_latency_seconds", "Time from submission to the end of a "
+                     "request.")):
+                metric(name, "histogram", help_, hist.lines(name))
+        return "\n".join(lines) + "\n"
+
+
+# ---- per-request streams -----------------------------------------------------------------------------------
+
+class RequestStream:
+    """One request's outputs, in order, as an async iterator of cumulative ``RequestOutput`` snapshots.
+
+    The engine thread puts snapshots (or one exception) on its asyncio queue through the caller's event loop;
+    iterating ends after the finished snapshot. Leaving the iteration early (a ``break``, a cancelled task)
+    aborts the request; ``abort()`` may also be called directly, any number of times.
+    """
+
+    def __init__(self, owner: "AsyncLLMEngine", request_id: str, loop: asyncio.AbstractEventLoop,
+                 params: SamplingParams, num_prompt_tokens: int, arrival: float) -> None:
+        self.request_id, self.params = request_id, params
+        self.num_prompt_tokens, self.arrival = num_prompt_tokens, arrival
+        self.finished = False  # set by the consumer once it has seen the finished snapshot (or an error)
+        self._owner, self._loop = owner, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        # engine-thread bookkeeping for the latency metrics
+        self.num_tokens_seen = 0
+        self.last_token_time = arrival
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """From the engine thread: hand a snapshot (or an error) to the consumer's loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+    def abort(self) -> None:
+        """Cancel the request unless it already finished (safe from any thread, idempotent)."""
+        if not self.finished:
+            self._owner.abort(self.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                while not isinstance(item, BaseException) and not self._queue.empty():
+                    item = self._queue.get_nowait()  # a slow reader skips to the newest snapshot
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.abort()
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+
+class AsyncLLMEngine:
+    """An ``LLMEngine`` behind a command queue and one stepping thread (see the module docstring).
+
+    ``max_model_len`` caps prompt + max_tokens (default: the model config's ``max_position_embeddings``); it
+    is never more than the KV cache holds. ``vocab_size`` bounds token-id prompts (default: the config's).
+    ``timeline_steps``: the engine's timeline keeps about this many of the latest steps (a server runs for
+    days; the timeline would grow by one row per step).
+    """
+
+    def __init__(self, engine: LLMEngine, *, max_pending: int = 256, max_model_len: int | None = None,
+                 vocab_size: int | None = None, timeline_steps: int = 10_000) -> None:
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise WorkbenchError(f"max_pending must be a positive integer, got {max_pending!r}")
+        self.engine = engine
+        self.max_pending = max_pending
+        bm = engine.scheduler.bm
+        limits = [bm.num_blocks * bm.block_size, max_model_len or _config_value(engine, "max_position_embeddings")]
+        self.max_model_len = min(n for n in limits if n)
+        self.vocab_size = vocab_size or _config_value(engine, "vocab_size")
+        self.metrics = EngineMetrics()
+        self.timeline_steps = timeline_steps
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._accepting = True
+        self._stop = False
+        self._error: BaseException | None = None
+        self._ids = itertools.count()
+        self._gauges: dict[str, float] = {}
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="workbench-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        """Accepting requests: not shut down and not stopped by an error."""
+        return self._accepting and self._error is None and self._thread.is_alive()
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids, checked: text goes through the tokenizer as ``LLMEngine.add_request`` does,
+        ids must lie in the vocabulary; the result is never empty."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise WorkbenchError("this engine has no tokenizer, so prompts must be token ids (a list of ints)")
+            ids = list(self.tokenizer(prompt).input_ids)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                   or (self.vocab_size is not None and t >= self.vocab_size)]
+            if bad:
+                raise WorkbenchError(f"token id {bad[0]!r} is not in the vocabulary (0 to {self.vocab_size - 1})"
+                                     if self.vocab_size else f"token id {bad[0]!r} is not a non-negative integer")
+        if not ids:
+            raise WorkbenchError("the prompt is empty; give at least one token")
+        return ids
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{num_prompt_tokens + max_tokens} were requested ({num_prompt_tokens} in the prompt, {max_tokens} "
+                "to generate); shorten the prompt or lower max_tokens")
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse what ``SamplingParams`` admits but would fail a shared step rather than one request."""
+        t = params.temperature
+        if not math.isfinite(t) or 0 < t < MIN_TEMPERATURE:
+            raise WorkbenchError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
+        if params.top_k >= 2**31:
+            raise WorkbenchError(f"top_k {params.top_k} is too large; use -1 to consider every token")
+        bad = [i for i in params.stop_token_ids if self.vocab_size is not None and i >= self.vocab_size]
+        if bad:
+            raise WorkbenchError(f"stop_token_ids: {bad[0]} is not in the vocabulary (0 to {self.vocab_size - 1})")
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> RequestStream:
+        """Check a request and queue it for the engine thread; returns its stream. Call from a coroutine
+        (the stream delivers to the running loop). Raises ``WorkbenchError`` for a bad prompt,
+        or parameters, ``ContextLengthError``, ``QueueFullError`` or ``EngineClosedError``."""
+        loop = asyncio.get_running_loop()
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self.check_params(params)
+        self.check_length(len(ids), params.max_tokens)
+        arrival = time.perf_counter()
+        with self._cond:
+            if self._error is not None or not self._accepting:
+                with self.metrics.lock:
+                    self.metrics.rejected["closed"] += 1
+                raise EngineClosedError("the engine is shutting down" if self._error is None else
+                                        f"the engine stopped after an error ({self._error!r}); restart the server")
+            if len(self._streams) >= self.max_pending:
+                with self.metrics.lock:
+                    self.metrics.rejected["queue_full"] += 1
+                raise QueueFullError(f"{len(self._streams)} requests are already pending (max_pending="
+                                     f"{self.max_pending}); retry later")
+            if request_id is None:
+                request_id = f"req-{next(self._ids)}"
+            elif request_id in self._streams:
+                raise WorkbenchError(f"request id {request_id!r} is already in use; give each request its own id")
+            stream = RequestStream(self, str(request_id), loop, params, len(ids), arrival)
+            self._streams[stream.request_id] = stream
+            self._commands.append(("add", stream, ids))
+            self._cond.notify_all()
+        return stream
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative snapshots of one request until it finishes; cancelling the consumer aborts it."""
+        async for out in self.submit(prompt, params, request_id):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (no-op if it already finished); its blocks are freed by the engine thread."""
+        with self._cond:
+            if request_id in self._streams:
+                self._commands.append(("abort", request_id))
+                self._cond.notify_all()
+
+    def stats(self) -> dict[str, float]:
+        """The latest gauges: running, waiting, pending, kv_usage_percent, prefix_cache_hit_rate, preemptions."""
+        with self._cond:
+            return {**self._gauges, "pending": len(self._streams)}
+
+    def prometheus_text(self) -> str:
+        return self.metrics.render(self.stats())
+
+    def shutdown(self, timeout: float = 30.0) -> dict[str, int]:
+        """Stop accepting requests, let the in-flight ones finish for up to ``timeout`` seconds, abort the
+        rest and stop the engine thread. Returns how many were in flight, and how many of them were aborted.
+        Blocking: from a coroutine, run it in a thread (``asyncio.to_thread``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._accepting = False
+            in_flight = len(self._streams)
+            while self._streams and self._error is None and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            aborted = list(self._streams)
+            self._commands += [("abort", rid) for rid in aborted]
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=max(10.0, timeout))
+        return {"in_flight": in_flight, "aborted": len(aborted)}
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not engine.has_unfinished and not self._stop:
+                        self._cond.wait()
+                    commands, self._commands = self._commands, []
+                    if self._stop and not commands and not engine.has_unfinished:
+                        leftover, self._streams = list(self._streams.values()), {}
+                        self._cond.notify_all()
+                        break
+                for command in commands:
+                    if command[0] == "add":
+                        self._add(*command[1:])
+                    else:
+                        self._abort(command[1])
+                if engine.has_unfinished:
+                    self._deliver(engine.step())
+                    if len(engine.steps) > 2 * self.timeline_steps:
+                        del engine.steps[:-self.timeline_steps]
+                self._publish()
+            for stream in leftover:  # none expected: every stream's request was finished or aborted above
+                stream.put(EngineClosedError("the engine shut down before this request finished"))
+        except BaseException as e:  # a broken engine: every consumer gets the error, nothing new is accepted
+            log.exception("the engine thread stopped after an error; requests are refused from now on")
+            with self._cond:
+                self._error = e
+                streams, self._streams = list(self._streams.values()), {}
+                self._cond.notify_all()
+            for stream in streams:
+                stream.put(EngineClosedError(f"the engine stopped after an error ({e!r})"))
+
+    def _add(self, stream: RequestStream, ids: list[int]) -> None:
+        try:
+            self.engine.add_request(stream.request_id, ids, stream.params, arrival=stream.arrival)
+        except Exception as e:  # this request is refused; the others go on
+            self._forget(stream)
+            stream.put(e if isinstance(e, WorkbenchError) else WorkbenchError(f"the engine refused the request: {e}"))
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None or request_id not in self.engine.states:
+            return  # finished (and released) already, or its add failed
+        self.engine.abort(request_id)
+        out = self.engine.output(request_id)
+        if out.finished:  # else it already left the scheduler; its last token is read back next step
+            self._finish(stream, self.engine.release(request_id))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            new = len(out.token_ids) - stream.num_tokens_seen
+            if new > 0:
+                with self.metrics.lock:
+                    if stream.num_tokens_seen == 0:
+                        first = out.metrics.get("first_token_time") or now
+                        self.metrics.ttft.observe(first - stream.arrival)
+                    else:
+                        for _ in range(new):
+                            self.metrics.itl.observe((now - stream.last_token_time) / new)
+                stream.num_tokens_seen, stream.last_token_time = len(out.token_ids), now
+            if out.finished:
+                self._finish(stream, self.engine.release(out.request_id))
+            else:
+                stream.put(out)
+
+    def _finish(self, stream: RequestStream, out: RequestOutput) -> None:
+        with self.metrics.lock:
+            self.metrics.finished[out.finish_reason or "abort"] += 1
+            self.metrics.prompt_tokens += stream.num_prompt_tokens
+            self.metrics.generation_tokens += len(out.token_ids)
+            self.metrics.e2e.observe(time.perf_counter() - stream.arrival)
+        self._forget(stream)
+        stream.put(out)
+
+    def _forget(self, stream: RequestStream) -> None:
+        with self._cond:
+            self._streams.pop(stream.request_id, None)
+            self._cond.notify_all()  # shutdown() waits for the streams to drain
+
+    def _publish(self) -> None:
+        sched = self.engine.scheduler
+        gauges = {"running": len(sched.running), "waiting": len(sched.waiting),
+                  "kv_usage_percent": 100.0 * sched.bm.usage, "prefix_cache_hit_rate": sched.bm.hit_rate,
+                  "preemptions": sched.num_preemptions}
+        with self._cond:
+            self._gauges = gauges
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """``(index, snapshot)`` from several streams as they come (a request's ``n`` choices); an error in one
+    ends the merge, and leaving it early aborts every stream."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.abort()
+
+
+def _config_value(engine: LLMEngine, key: str) -> int | None:
+    """An integer of the model config, where the program's graph records it."""
+    graph = getattr(getattr(engine.executor, "program", None), "graph", None)
+    config = (getattr(graph, "meta", None) or {}).get("config") or {}
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+__all__ = ["AsyncLLMEngine", "ContextLengthError", "EngineClosedError", "EngineMetrics", "Histogram",
+           "MIN_TEMPERATURE", "QueueFullError", "RequestStream", "merge_streams"]
