@@ -230,7 +230,7 @@ def main() -> None:
         program = Program(graph, program.params, device=device, tactics=TACTICS)
     # the bytes a decode step must read: every parameter but the embedding table (one row of it); a table
     # that lm_head also reads (tied) counts
-    read = {r for node in graph.nodes if node.op != "embedding" for r in node.refs()}
+    read = {r for node in graph.nodes if node.op not in ("aten.embedding.default", "embedding") for r in node.refs()}
     weight_bytes = sum(p.numel() * p.element_size() for name, p in program.params.items() if name in read)
     layout = KVLayout.from_graph(graph)
     vocab = graph.meta["config"]["vocab_size"]

@@ -20,6 +20,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on two shared cores, threads over small matrices wait for each other and for other processes (a file of
+    tiny-llama steps ran ten times slower, a 49152-way draw twenty). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """An empty model cache, for tests that must not see the real one."""

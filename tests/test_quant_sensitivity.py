@@ -25,14 +25,7 @@ MS_PER_ELEMENT = {"aten.linear.default": 1e-6, "workbench.fp8_linear": 0.4e-6, "
                   "workbench.w8_linear": 0.7e-6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny-llama's matrices are far too small to share among threads; on a busy machine intra-op threads
-    waiting for each other made this file ten times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,10 @@ def test_abort_stop_tokens_and_the_timeline(program):
         engine.add_request("text", "hello")
     with pytest.raises(WorkbenchError, match="already in use"):
         engine.add_request("stop", [1, 2])
+    short = LLMEngine(program, num_blocks=16, max_model_len=20)
+    with pytest.raises(WorkbenchError, match="max_model_len"):
+        short.add_request("long", list(range(1, 16)), SamplingParams(max_tokens=6))
+    short.add_request("fits", list(range(1, 16)), SamplingParams(max_tokens=5))
     engine.add_request("running", p[1], SamplingParams(max_tokens=4))
     with pytest.raises(WorkbenchError, match="still running"):
         engine.release("running")

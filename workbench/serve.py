@@ -531,6 +531,10 @@ def load_served_model(path: str | Path, *, device: str = "cpu", tokenizer: str |
 def _load_tokenizer(spec: str):
     from .models.intake import load_tokenizer, resolve_source
 
+    if (Path(spec) / "tokenizer.json").is_file() or (Path(spec) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer  # a directory of tokenizer files alone (no weights needed)
+
+        return AutoTokenizer.from_pretrained(spec)
     tok = load_tokenizer(resolve_source(spec, fetch=False))
     if tok is None:
         raise WorkbenchError(f"{spec!r} has random weights and no tokenizer; give a model directory or name with one")
@@ -567,8 +571,19 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     limits = served.limits
     sched = {"max_num_seqs": max_num_seqs or limits.get("max_num_seqs"),
              "max_num_batched_tokens": max_num_batched_tokens or limits.get("max_num_batched_tokens")}
-    engine = LLMEngine(served.program, served.tokenizer, num_blocks=num_blocks or limits.get("num_blocks") or 256,
-                       config=SchedulerConfig(**{k: v for k, v in sched.items() if v}))
+    num_blocks = num_blocks or limits.get("num_blocks")
+    if num_blocks is None and str(device).startswith("cuda"):  # what 85% of the free memory holds
+        from .runtime.capacity import KVLayout, device_memory, plan_capacity
+
+        free, _ = device_memory(device)
+        n = max_model_len or limits.get("max_model_len") or 2048
+        plan = plan_capacity(KVLayout.from_graph(served.program.graph), memory_bytes=free, fraction=0.85,
+                             prompt_len=n // 2, output_len=n - n // 2)
+        print(f"workbench serve: {plan.summary()}", file=sys.stderr)
+        num_blocks = plan.num_blocks
+    engine = LLMEngine(served.program, served.tokenizer, num_blocks=num_blocks or 256,
+                       config=SchedulerConfig(**{k: v for k, v in sched.items() if v}),
+                       max_model_len=max_model_len or limits.get("max_model_len"))
     aengine = AsyncLLMEngine(engine, max_pending=max_pending,
                              max_model_len=max_model_len or limits.get("max_model_len"))
     app = create_app(aengine, model_name=model_name or served.name, chat_template=served.chat_template,

@@ -86,8 +86,11 @@ class _Launched:
 class LLMEngine:
     def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None) -> None:
-        self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs)
+                 async_scheduling: bool | None = None, max_model_len: int | None = None) -> None:
+        #: the longest request (prompt + max_tokens) accepted; None: the cache's size alone limits it
+        self.max_model_len = max_model_len
+        self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs,
+                                 **({"max_model_len": max_model_len} if max_model_len else {}))
         self.async_scheduling = (self.executor.device.type == "cuda" if async_scheduling is None
                                  else async_scheduling)
         self._pending: _Launched | None = None
@@ -124,6 +127,10 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer(prompt).input_ids
         else:
             text, ids = None, [int(t) for t in prompt]
+        if self.max_model_len is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise WorkbenchError(f"request {request_id!r}: its prompt ({len(ids)} tokens) plus max_tokens "
+                                 f"({params.max_tokens}) is more than this engine's max_model_len "
+                                 f"({self.max_model_len}); shorten the prompt or lower max_tokens")
         req = Request(request_id, ids, params.max_tokens, arrival=time.perf_counter() if arrival is None else arrival,
                       params=params)
         self.scheduler.add(req)  # validates the request against the cache and the budget
@@ -267,6 +274,7 @@ class LLM:
         from ..graph.executor import Program
 
         self.loaded_engine = None  # the Engine (limits, manifest, chat template) when source is an engine directory
+        max_model_len = None
         if isinstance(source, Program):
             program = source
         elif is_engine_dir(source):
@@ -279,6 +287,7 @@ class LLM:
             program = self.loaded_engine.program
             tokenizer = tokenizer or self.loaded_engine.tokenizer
             limits = self.loaded_engine.limits
+            max_model_len = limits.max_model_len
             config = config or SchedulerConfig(max_num_batched_tokens=limits.max_num_batched_tokens,
                                                max_num_seqs=limits.max_num_seqs)
         else:
@@ -293,7 +302,7 @@ class LLM:
             program = load_program(ws, stage=stage, device=device)
             tokenizer = tokenizer or load_tokenizer(workspace_source(ws))
         self.engine = LLMEngine(program, tokenizer, num_blocks=num_blocks, config=config,
-                                prefix_caching=prefix_caching)
+                                prefix_caching=prefix_caching, max_model_len=max_model_len)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                  progress: bool = False) -> list[RequestOutput]:
