@@ -99,6 +99,13 @@ def test_abort_stop_tokens_and_the_timeline(program):
     with pytest.raises(WorkbenchError, match="max_model_len"):
         short.add_request("long", list(range(1, 16)), SamplingParams(max_tokens=6))
     short.add_request("fits", list(range(1, 16)), SamplingParams(max_tokens=5))
+    vocab = program.graph.meta["config"]["vocab_size"]
+    with pytest.raises(WorkbenchError, match=f"prompt token id {vocab} is not in the vocabulary"):
+        short.add_request("oov", [1, vocab])
+    with pytest.raises(WorkbenchError, match="stop token id"):
+        short.add_request("oov", [1, 2], SamplingParams(stop_token_ids=[vocab + 3]))
+    with pytest.raises(WorkbenchError, match="finite"):
+        SamplingParams(temperature=float("inf"))
     engine.add_request("running", p[1], SamplingParams(max_tokens=4))
     with pytest.raises(WorkbenchError, match="still running"):
         engine.release("running")

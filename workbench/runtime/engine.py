@@ -89,6 +89,7 @@ class LLMEngine:
                  async_scheduling: bool | None = None, max_model_len: int | None = None) -> None:
         #: the longest request (prompt + max_tokens) accepted; None: the cache's size alone limits it
         self.max_model_len = max_model_len
+        self.vocab_size = program.graph.meta.get("config", {}).get("vocab_size")
         self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs,
                                  **({"max_model_len": max_model_len} if max_model_len else {}))
         self.async_scheduling = (self.executor.device.type == "cuda" if async_scheduling is None
@@ -106,7 +107,8 @@ class LLMEngine:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         self.states: dict[str, _State] = {}
-        self.steps: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []  # the timeline; a server may trim old rows (numbers stay unique)
+        self.num_steps = 0
         self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -127,6 +129,16 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer(prompt).input_ids
         else:
             text, ids = None, [int(t) for t in prompt]
+        vocab = self.vocab_size
+        if vocab is not None:  # an id out of range would fail the shared step, not this request alone
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise WorkbenchError(f"request {request_id!r}: prompt token id {bad} is not in the vocabulary "
+                                     f"(0 to {vocab - 1})")
+            bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+            if bad is not None:
+                raise WorkbenchError(f"request {request_id!r}: stop token id {bad} is not in the vocabulary "
+                                     f"(0 to {vocab - 1})")
         if self.max_model_len is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise WorkbenchError(f"request {request_id!r}: its prompt ({len(ids)} tokens) plus max_tokens "
                                  f"({params.max_tokens}) is more than this engine's max_model_len "
@@ -166,7 +178,8 @@ class LLMEngine:
             self._advance(out, launched)
             outputs = self._resolve(launched) if launched is not None else []
         now = time.perf_counter()
-        self.steps.append({"step": len(self.steps), "time": t0, "step_ms": (now - t0) * 1e3,
+        self.num_steps += 1
+        self.steps.append({"step": self.num_steps - 1, "time": t0, "step_ms": (now - t0) * 1e3,
                            "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
                            "scheduled": len(out.scheduled), "running": len(self.scheduler.running),
                            "waiting": len(self.scheduler.waiting), "waiting_before": waiting_before,

@@ -31,6 +31,7 @@ through pinned memory without blocking, so nothing here makes the host wait for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,6 +72,9 @@ class SamplingParams:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise WorkbenchError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}; "
                                  "ask for at least one token")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise WorkbenchError(f"temperature and top_p must be finite numbers, got {self.temperature!r} and "
+                                 f"{self.top_p!r}")
         if self.temperature < 0:
             raise WorkbenchError(f"temperature must be >= 0, got {self.temperature}; "
                                  "use 0 for greedy decoding or a positive value to sample")
