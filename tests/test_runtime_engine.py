@@ -174,6 +174,29 @@ def test_async_scheduling_gives_the_synchronous_tokens(program):
     assert max(o.metrics["num_cached_tokens"] for o in fast) >= 16
 
 
+def test_logits_only_at_the_rows_that_sample(program):
+    """The executor's graph runs lm_head on the sampling rows alone; those rows' logits equal the full graph's."""
+    from workbench.runtime.block_manager import BlockManager
+    from workbench.runtime.executor import Executor
+    from workbench.runtime.request import Request
+    from workbench.runtime.scheduler import Scheduler
+
+    ps = prompts(3, seed=6)
+    sched = Scheduler(BlockManager(16, 16), SchedulerConfig(max_num_batched_tokens=40))
+    for i, p in enumerate(ps):
+        sched.add(Request(str(i), p, 4))
+    out = sched.schedule()  # prompt chunks: some requests reach their last token, one is cut mid-prompt
+    assert any(s.samples for s in out.scheduled) and not all(s.samples for s in out.scheduled)
+    ex = Executor(program, 16)
+    assert ex.rows_only and "logits_indices" not in program.graph.inputs  # the workspace's graph is untouched
+    inputs, last = ex.inputs(out)
+    del inputs["logits_indices"]
+    (full,) = program.run(**inputs)
+    rows = ex.execute(out)
+    assert rows.shape == (len(last), full.shape[-1])
+    torch.testing.assert_close(rows, full[0, last].float(), rtol=1e-5, atol=1e-5)
+
+
 def test_llm_generates_from_a_workspace(tmp_path):
     from workbench.pipeline import capture_stage, load_program, passes_stage
     from workbench.workspace import Workspace

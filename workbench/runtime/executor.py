@@ -7,8 +7,13 @@ A step runs the graph once over a flat batch: every scheduled request's new toke
 attention metadata the paged graph reads (see ``paged_cache``): positions, the cache slot of each new
 token (from the request's block table), padded block tables, sequence lengths after the step and where
 each request's tokens start. The KV cache is allocated once, ``num_blocks`` blocks per layer, in the
-graph's cache dtype (an FP8 cache when the precision plan says so). Logits are kept only at the last new
-token of the requests whose chunk reaches their last token (the others are mid-prompt chunks).
+graph's cache dtype (an FP8 cache when the precision plan says so).
+
+**Logits only where a token is sampled.** The executor runs a copy of the graph whose lm_head reads the
+hidden states of the rows named by one more input, ``logits_indices``: the last new token of each request
+whose chunk reaches its last token. A prefill step of 8192 tokens then multiplies a few rows by the
+vocabulary instead of all 8192 (for a 128k vocabulary, 8.6 TFLOP and 2 GiB of logits saved). The
+workspace's graph keeps every row's logits (perplexity needs them).
 
 **CUDA graphs.** On a GPU, a step made only of decodes replays a captured graph: one per batch size in
 ``graph_batch_sizes`` (a step of b decodes runs in the smallest size >= b, the rest of the rows padding
@@ -26,16 +31,47 @@ device) and each request's row in it, and the token is copied into this step's i
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import WorkbenchError
-from ..graph.ir import dtype_from_name
+from ..graph.ir import Node, Ref, TensorSpec, dtype_from_name
 from .request import PLACEHOLDER
 from .scheduler import SchedulerOutput
 
 
 #: Decode batch sizes captured as CUDA graphs (a step of b decodes replays the smallest bucket >= b).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def sampled_rows_program(program):
+    """``program`` with its lm_head (the graph's last linear) reading only the rows ``logits_indices`` names."""
+    from ..graph.executor import Program
+    from ..kernels.autotune import TunedChoices
+
+    graph = copy.deepcopy(program.graph)
+    head = next((n for n in reversed(graph.nodes) if n.op.endswith("linear") or n.op.endswith("linear.default")),
+                None)
+    x = head.args[0] if head is not None and head.args else None
+    spec = graph.specs().get(x.name) if isinstance(x, Ref) else None
+    if spec is None or len(spec.shape) != 3:
+        return program  # not the [1, tokens, hidden] -> lm_head shape this knows: every row's logits
+    graph.inputs["logits_indices"] = TensorSpec(["logits_rows"], "int64")
+    graph.dims["logits_rows"] = {"min": 1, "max": 1 << 20}
+    rows = Node(f"{head.name}_rows", "aten.index_select.default", [x, 1, Ref("logits_indices")], {},
+                [TensorSpec([spec.shape[0], "logits_rows", spec.shape[2]], spec.dtype)], head.module, head.layer)
+    graph.nodes.insert(graph.nodes.index(head), rows)
+    head.args = [Ref(rows.name), *head.args[1:]]
+    if head.out is not None:
+        head.outputs = [TensorSpec([head.out.shape[0], "logits_rows", *head.out.shape[2:]], head.out.dtype),
+                        *head.outputs[1:]]
+    # lm_head was tuned for a bucket's token count, not a few rows: its default tactic (cuBLAS) runs instead
+    if program.tuned is not None:
+        choices = TunedChoices(list(program.tuned.edges),
+                               [{k: v for k, v in c.items() if k != head.name} for c in program.tuned.choices])
+        return Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices)
+    return Program(graph, program.params, device=program.device, tactics=program.tactics)
 
 
 class Executor:
@@ -45,6 +81,8 @@ class Executor:
         if not paged:
             raise WorkbenchError("the runtime runs graphs with paged attention; run the insert_paged_attention pass "
                                  "(`workbench optimize`) first")
+        program = sampled_rows_program(program)
+        self.rows_only = "logits_indices" in program.graph.inputs
         self.program, self.num_blocks = program, num_blocks
         self.block_size = paged["block_size"]
         self.device = program.device
@@ -121,9 +159,12 @@ class Executor:
             [ids, pos, slots, tables, lens, starts, last, feed_at, feed_row])
         if feed_at:
             d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
-        return {"input_ids": d_ids[None], "position_ids": d_pos[None], "slot_mapping": d_slots,
-                "block_tables": d_tables.view(len(out.scheduled), width), "seq_lens": d_lens,
-                "query_start_loc": d_starts, **self.cache}, d_last
+        inputs = {"input_ids": d_ids[None], "position_ids": d_pos[None], "slot_mapping": d_slots,
+                  "block_tables": d_tables.view(len(out.scheduled), width), "seq_lens": d_lens,
+                  "query_start_loc": d_starts, **self.cache}
+        if self.rows_only:
+            inputs["logits_indices"] = d_last
+        return inputs, d_last
 
     @torch.no_grad()
     def execute(self, out: SchedulerOutput, feed: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
@@ -136,7 +177,7 @@ class Executor:
             return self._replay(out, bucket, feed)
         inputs, last = self.inputs(out, feed)
         (logits,) = self.program.run(**inputs)
-        return logits[0].index_select(0, last).float()
+        return logits[0].float() if self.rows_only else logits[0].index_select(0, last).float()
 
     # ---- CUDA graphs for decode steps -------------------------------------------------------------------
     def _bucket(self, out: SchedulerOutput) -> int | None:
@@ -161,10 +202,13 @@ class Executor:
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=dev)
 
-        return {"input_ids": t([[0] * b]), "position_ids": t([[0] * b]),
-                "slot_mapping": t([scratch * self.block_size] * b),
-                "block_tables": torch.full((b, self.table_width), scratch, dtype=torch.long, device=dev),
-                "seq_lens": t([1] * b), "query_start_loc": t(list(range(b + 1)))}
+        inputs = {"input_ids": t([[0] * b]), "position_ids": t([[0] * b]),
+                  "slot_mapping": t([scratch * self.block_size] * b),
+                  "block_tables": torch.full((b, self.table_width), scratch, dtype=torch.long, device=dev),
+                  "seq_lens": t([1] * b), "query_start_loc": t(list(range(b + 1)))}
+        if self.rows_only:  # a decode step samples every row
+            inputs["logits_indices"] = t(list(range(b)))
+        return inputs
 
     def _capture(self, b: int) -> None:
         static = self._padding(b)
