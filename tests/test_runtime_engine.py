@@ -100,9 +100,9 @@ def test_abort_stop_tokens_and_the_timeline(program):
         short.add_request("long", list(range(1, 16)), SamplingParams(max_tokens=6))
     short.add_request("fits", list(range(1, 16)), SamplingParams(max_tokens=5))
     vocab = program.graph.meta["config"]["vocab_size"]
-    with pytest.raises(WorkbenchError, match=f"prompt token id {vocab} is not in the vocabulary"):
+    with pytest.raises(WorkbenchError, match=f"token id {vocab} is not in the vocabulary"):
         short.add_request("oov", [1, vocab])
-    with pytest.raises(WorkbenchError, match="stop token id"):
+    with pytest.raises(WorkbenchError, match=f"stop_token_ids: {vocab + 3} is not in the vocabulary"):
         short.add_request("oov", [1, 2], SamplingParams(stop_token_ids=[vocab + 3]))
     with pytest.raises(WorkbenchError, match="finite"):
         SamplingParams(temperature=float("inf"))

@@ -218,13 +218,14 @@ class AsyncLLMEngine:
     """An ``LLMEngine`` behind a command queue and one stepping thread (see the module docstring).
 
     ``max_model_len`` caps prompt + max_tokens (default: the model config's ``max_position_embeddings``); it
-    is never more than the KV cache holds. ``vocab_size`` bounds token-id prompts (default: the config's).
+    is never more than the KV cache holds. Token ids are checked against the vocabulary by the engine
+    (``LLMEngine.check_token_ids``) before a request is queued.
     ``timeline_steps``: the engine's timeline keeps about this many of the latest steps (a server runs for
     days; the timeline would grow by one row per step).
     """
 
     def __init__(self, engine: LLMEngine, *, max_pending: int = 256, max_model_len: int | None = None,
-                 vocab_size: int | None = None, timeline_steps: int = 10_000) -> None:
+                 timeline_steps: int = 10_000) -> None:
         if not isinstance(max_pending, int) or max_pending < 1:
             raise WorkbenchError(f"max_pending must be a positive integer, got {max_pending!r}")
         self.engine = engine
@@ -232,7 +233,6 @@ class AsyncLLMEngine:
         bm = engine.scheduler.bm
         limits = [bm.num_blocks * bm.block_size, max_model_len or _config_value(engine, "max_position_embeddings")]
         self.max_model_len = min(n for n in limits if n)
-        self.vocab_size = vocab_size or _config_value(engine, "vocab_size")
         self.metrics = EngineMetrics()
         self.timeline_steps = timeline_steps
         self._cond = threading.Condition()
@@ -266,11 +266,7 @@ class AsyncLLMEngine:
             ids = list(self.tokenizer(prompt).input_ids)
         else:
             ids = list(prompt)
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
-                   or (self.vocab_size is not None and t >= self.vocab_size)]
-            if bad:
-                raise WorkbenchError(f"token id {bad[0]!r} is not in the vocabulary (0 to {self.vocab_size - 1})"
-                                     if self.vocab_size else f"token id {bad[0]!r} is not a non-negative integer")
+            self.engine.check_token_ids(ids)
         if not ids:
             raise WorkbenchError("the prompt is empty; give at least one token")
         return ids
@@ -289,9 +285,7 @@ class AsyncLLMEngine:
             raise WorkbenchError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
         if params.top_k >= 2**31:
             raise WorkbenchError(f"top_k {params.top_k} is too large; use -1 to consider every token")
-        bad = [i for i in params.stop_token_ids if self.vocab_size is not None and i >= self.vocab_size]
-        if bad:
-            raise WorkbenchError(f"stop_token_ids: {bad[0]} is not in the vocabulary (0 to {self.vocab_size - 1})")
+        self.engine.check_token_ids([], params.stop_token_ids)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestStream:

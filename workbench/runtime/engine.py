@@ -129,16 +129,7 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer(prompt).input_ids
         else:
             text, ids = None, [int(t) for t in prompt]
-        vocab = self.vocab_size
-        if vocab is not None:  # an id out of range would fail the shared step, not this request alone
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise WorkbenchError(f"request {request_id!r}: prompt token id {bad} is not in the vocabulary "
-                                     f"(0 to {vocab - 1})")
-            bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-            if bad is not None:
-                raise WorkbenchError(f"request {request_id!r}: stop token id {bad} is not in the vocabulary "
-                                     f"(0 to {vocab - 1})")
+        self.check_token_ids(ids, params.stop_token_ids)
         if self.max_model_len is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise WorkbenchError(f"request {request_id!r}: its prompt ({len(ids)} tokens) plus max_tokens "
                                  f"({params.max_tokens}) is more than this engine's max_model_len "
@@ -149,6 +140,19 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         self.states[request_id] = _State(req, params, text, make_generator(params, self.executor.device), detok)
         return request_id
+
+    def check_token_ids(self, ids: list[int], stop_token_ids=()) -> None:
+        """Refuse prompt or stop token ids outside the vocabulary: they would fail the shared step, not only
+        their own request. Pure (no engine state changes): the server calls it before queueing a request."""
+        vocab = self.vocab_size
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                    or (vocab is not None and t >= vocab)), None)
+        if bad is not None:
+            raise WorkbenchError(f"token id {bad!r} is not in the vocabulary (0 to {vocab - 1})" if vocab else
+                                 f"token id {bad!r} is not a non-negative integer")
+        bad = next((t for t in stop_token_ids if vocab is not None and t >= vocab), None)
+        if bad is not None:
+            raise WorkbenchError(f"stop_token_ids: {bad} is not in the vocabulary (0 to {vocab - 1})")
 
     def abort(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
