@@ -76,8 +76,7 @@ class _State:
 
 @dataclass(eq=False)
 class _Launched:
-    """A step on its way: what was scheduled, the requests that sample (in row order) and their draw."""
-    out: Any
+    """A step on its way: the requests that sample (in row order), their rows by id, and their draw."""
     requests: list[Request]
     rows: dict[str, int]
     sample: PendingSample
@@ -201,7 +200,7 @@ class LLMEngine:
                     for r, st in zip(requests, states)]
         sample = self.sampler.launch(logits, [st.params for st in states], [st.generator for st in states],
                                      suppress=suppress)
-        return _Launched(out, requests, {r.request_id: i for i, r in enumerate(requests)}, sample)
+        return _Launched(requests, {r.request_id: i for i, r in enumerate(requests)}, sample)
 
     def _advance(self, out, launched: _Launched | None) -> None:
         """The bookkeeping of a launched step: requests advance, each sampling one gets a placeholder for

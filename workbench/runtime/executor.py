@@ -38,6 +38,7 @@ import torch
 from ..errors import WorkbenchError
 from ..graph.ir import Node, Ref, TensorSpec, dtype_from_name
 from .request import PLACEHOLDER
+from .sampling import to_device
 from .scheduler import SchedulerOutput
 
 
@@ -106,10 +107,8 @@ class Executor:
 
     def _stage(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Host lists as device tensors, with one copy (from pinned memory, queued without blocking)."""
-        host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory().to(self.device, non_blocking=True)
-        return list(host.split([len(part) for part in parts]))
+        flat = to_device([x for part in parts for x in part], self.device)
+        return list(flat.split([len(part) for part in parts]))
 
     def _rows(self, out: SchedulerOutput, feed):
         """Per scheduled request: its new tokens (placeholders as 0), positions, slots and length, padded

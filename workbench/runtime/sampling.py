@@ -194,7 +194,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)  # greedy rows keep this; argmax returns the first (lowest) maximal id
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            index = _on(sampled, logits.device)
+            index = to_device(sampled, logits.device)
             tokens[index] = _draw(logits[index], [params[i] for i in sampled], [generators[i] for i in sampled])
 
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
@@ -204,8 +204,9 @@ class Sampler:
         return PendingSample(tokens, chosen, tuple(top) if top is not None else None, wanted)
 
 
-def _on(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A host list as a tensor on ``device``; to a GPU through pinned memory without blocking the host."""
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on ``device``; to a GPU through pinned memory without blocking the host (the
+    executor stages a step's inputs with it too)."""
     host = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
@@ -216,18 +217,18 @@ def _suppress(logits: torch.Tensor, suppress: list[set[int]]) -> torch.Tensor:
     rows = [i for i, ids in enumerate(suppress) for _ in ids]
     cols = [t for ids in suppress for t in ids]
     logits = logits.clone()  # .float() returns the caller's tensor when it already is float32
-    logits[_on(rows, logits.device), _on(cols, logits.device)] = float("-inf")
+    logits[to_device(rows, logits.device), to_device(cols, logits.device)] = float("-inf")
     return logits
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row (all rows have temperature > 0): temperature, top-k, top-p, then a draw."""
     device = logits.device
-    temperature = _on([p.temperature for p in params], device, torch.float32)
+    temperature = to_device([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
     filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
     if filtered:
-        index = _on(filtered, device)
+        index = to_device(filtered, device)
         drop = _top_k_top_p_drop(scaled[index], [params[i] for i in filtered])
         scaled[index] = scaled[index].masked_fill(drop, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
@@ -235,7 +236,7 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:  # one call on the global RNG for all of them
-        index = _on(unseeded, device)
+        index = to_device(unseeded, device)
         tokens[index] = torch.multinomial(probs[index], 1)[:, 0]
     for i, generator in enumerate(generators):
         if generator is not None:  # a row's own stream: its draws do not depend on the other rows
@@ -252,8 +253,8 @@ def _top_k_top_p_drop(scaled: torch.Tensor, params: list[SamplingParams]) -> tor
     """
     rows, vocab = scaled.shape
     device = scaled.device
-    top_k = _on([p.top_k if p.top_k > 0 else vocab for p in params], device)
-    top_p = _on([p.top_p - _TOP_P_TOLERANCE if p.top_p < 1 else float("inf") for p in params], device,
+    top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], device)
+    top_p = to_device([p.top_p - _TOP_P_TOLERANCE if p.top_p < 1 else float("inf") for p in params], device,
                 torch.float32)
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
