@@ -4,8 +4,9 @@ under load.
     python3 bench/throughput.py --preset llama-3-8b --cases batch1,offline --requests 1000 \
         --shapes 1000x1000,128x128 --autotune --cache $OUT/timings.json --out $OUT/throughput.json
 
-The engine replays decode steps as CUDA graphs (one per batch-size bucket) and runs steps with prompt
-chunks eagerly; with asynchronous scheduling (the default on a GPU) the host prepares step N+1 while the
+The engine replays every step as a CUDA graph: decode steps in one per batch-size bucket, steps with prompt
+chunks in one per token-count bucket (``--compare-eager-steps`` also runs the offline and load cases with
+those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the default on a GPU) the host prepares step N+1 while the
 GPU runs step N. Kernels: ``--autotune`` tunes the graph for decode buckets 1..``--max-num-seqs`` and the
 full prefill step first (``--cache``: a timing cache to reuse and extend; the autotuner never re-times a
 cached entry), otherwise fixed tactics (Triton for the fused ops and attention, cuBLAS / ``_scaled_mm``).
@@ -19,6 +20,9 @@ adds the FP8 KV cache). Cases (``--cases``):
   offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens) submitted at once:
             output tokens/s; transformers' ``generate`` on the first ``--hf-requests`` prompts as one static
             batch (tuning, ``--autotune``, is for the first shape's mean context)
+  check     the step graphs against eager steps on the GPU: 32 prompts of 300 tokens (prompt chunks beside
+            decodes), greedy; the first tokens (from steps with prompt chunks) must agree, and their
+            log-probabilities' largest difference is printed
   load      ``--load-requests`` requests of ``--load-len`` tokens arriving as a Poisson process at each of
             ``--rates`` requests/s: TTFT and time per output token (p50/p90/p99), output tokens/s
 
@@ -89,7 +93,9 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
         steps.to_csv(timeline, index=False)
     result = {"seconds": end - t0, "first_token_s": first - t0, "generated": sum(len(o.token_ids) for o in outs),
               "steps": len(steps), "preempted": int(steps["preempted"].sum()), "replays": engine.executor.replays,
-              "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs]}
+              "eager_steps": int(((steps["graph_tokens"] == 0) & (steps["scheduled"] > 0)).sum()),
+              "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs],
+              "logprobs": [o.logprobs for o in outs]}
     if not keep:
         del engine
         gc.collect()
@@ -97,10 +103,10 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
     return result, engine
 
 
-def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, seed=0):
+def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, seed=0, **engine_options):
     """Requests arriving as a Poisson process at ``rate`` per second; per-request TTFT and time per output
     token (from the arrival time each request was due, so queueing counts)."""
-    engine = LLMEngine(program, num_blocks=num_blocks, config=config)
+    engine = LLMEngine(program, num_blocks=num_blocks, config=config, **engine_options)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     rng = random.Random(seed)
     gaps = [rng.expovariate(rate) for _ in prompts]
@@ -130,7 +136,8 @@ def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, 
     return {"rate": rate, "seconds": end - t0, "generated": generated, "tps": generated / (end - t0),
             "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot),
             "preempted": int(engine.timeline()["preempted"].sum()),
-            "max_running": int(engine.timeline()["running"].max())}
+            "max_running": int(engine.timeline()["running"].max()),
+            "eager_steps": int(((engine.timeline()["graph_tokens"] == 0) & (engine.timeline()["scheduled"] > 0)).sum())}
 
 
 def run_hf(model, prompts, output_len, device):
@@ -200,6 +207,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="timing cache to reuse and extend (default: a fresh one)")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--compare-eager-steps", action="store_true",
+                    help="offline and load: also run steps with prompt chunks eagerly (the ratio's baseline)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     cases = set(args.cases.split(","))
@@ -265,10 +274,10 @@ def main() -> None:
         run_engine(program, prompt, 4, num_blocks=blocks, config=config, device=device)  # warm up
         one, engine = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device, keep=True)
         replay_ms = None
-        if engine.executor._graphs.get(1):  # the batch-1 decode graph alone: GPU time per step
+        if engine.executor._graphs.get((1, 1)):  # the batch-1 decode graph alone: GPU time per step
             from workbench.profiling import time_fn
 
-            replay_ms = time_fn(engine.executor._graphs[1][0].replay, repeats=50, device=device).median_ms
+            replay_ms = time_fn(engine.executor._graphs[(1, 1)][0].replay, repeats=50, device=device).median_ms
         del engine
         one_sync, _ = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device,
                                  async_scheduling=False)
@@ -295,6 +304,22 @@ def main() -> None:
         rows.append(("  eager executor (no CUDA graphs), tok/s", tps(one_eager), hf_tps,
                      f"tokens equal across the three: {same}"))
 
+    if "check" in cases:  # step graphs against eager steps, on this GPU's kernels
+        prompts = torch.randint(0, vocab, (32, 300), generator=g).tolist()
+        check_config = SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=args.max_num_seqs)
+        blocks = blocks_for(300, 16, 32)
+        graphs, _ = run_engine(program, prompts, 16, num_blocks=blocks, config=check_config, device=device)
+        eager, _ = run_engine(program, prompts, 16, num_blocks=blocks, config=check_config, device=device,
+                              graph_token_sizes=())
+        first_same = sum(a[0] == b[0] for a, b in zip(graphs["tokens"], eager["tokens"]))
+        all_same = sum(a == b for a, b in zip(graphs["tokens"], eager["tokens"]))
+        dlp = max(abs(a[0] - b[0]) for a, b in zip(graphs["logprobs"], eager["logprobs"]))
+        result["check"] = {"first_tokens_equal": first_same, "requests_equal": all_same, "max_first_logprob_diff": dlp,
+                           "graph_eager_steps": graphs["eager_steps"], "eager_eager_steps": eager["eager_steps"]}
+        rows.append(("check: step graphs vs eager steps, first tokens equal", first_same, 32,
+                     f"of 32; whole outputs equal {all_same}/32; first log-prob max diff {dlp:.2e}; eager steps "
+                     f"{graphs['eager_steps']} (graphs) vs {eager['eager_steps']} (eager)"))
+
     if "offline" in cases:
         for shape in args.shapes.split(","):
             n_in, n_out = (int(x) for x in shape.split("x"))
@@ -317,9 +342,18 @@ def main() -> None:
             result.setdefault("offline", {})[shape] = {"engine": many, "engine_tps": many_tps, "hf": hf,
                                                       "hf_tps": hf_tps, "num_blocks": blocks}
             rows.append((f"offline {args.requests} x {n_in}/{n_out}, output tok/s", many_tps, hf_tps,
-                         f"{many['seconds']:.1f} s, {many['steps']} steps, up to {many['max_running']} running, "
-                         f"{many['preempted']} preemptions"
+                         f"{many['seconds']:.1f} s, {many['steps']} steps ({many['eager_steps']} eager), up to "
+                         f"{many['max_running']} running, {many['preempted']} preemptions"
                          + (f"; transformers: one static batch of {args.hf_requests}" if hf else "")))
+            if args.compare_eager_steps:
+                slow, _ = run_engine(program, prompts, n_out, num_blocks=blocks, config=config, device=device,
+                                     graph_token_sizes=())
+                slow.pop("tokens")
+                slow_tps = slow["generated"] / slow["seconds"]
+                result["offline"][shape]["eager_steps_engine"] = {k: v for k, v in slow.items() if k != "logprobs"}
+                rows.append(("  vs prompt-chunk steps eager, output tok/s", many_tps, slow_tps,
+                             f"{slow['seconds']:.1f} s, {slow['eager_steps']} of {slow['steps']} steps eager"))
+            many.pop("logprobs")
 
     if "load" in cases:
         n = args.load_len
@@ -327,14 +361,23 @@ def main() -> None:
         blocks = blocks_for(n, n, args.load_requests)
         run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # warm up
         result["load"] = []
+        modes = [("", {})] + ([("  prompt-chunk steps eager: ", {"graph_token_sizes": ()})]
+                              if args.compare_eager_steps else [])
         for rate in (float(r) for r in args.rates.split(",")):
-            r = run_load(program, prompts, n, rate, num_blocks=blocks, config=config, device=device)
-            result["load"].append(r)
-            t, p = r["ttft_ms"], r["tpot_ms"]
-            rows.append((f"load {rate:g} req/s, {args.load_requests} x {n}/{n}: TTFT ms p50/p90/p99",
-                         t["p50"], None, f"{t['p90']:.1f} / {t['p99']:.1f}; TPOT ms p50/p90/p99 {p['p50']:.2f} / "
-                         f"{p['p90']:.2f} / {p['p99']:.2f}; {r['tps']:.0f} output tok/s, up to "
-                         f"{r['max_running']} running"))
+            base = None
+            for label, options in modes:
+                r = run_load(program, prompts, n, rate, num_blocks=blocks, config=config, device=device, **options)
+                r["step_graphs"] = not options
+                result["load"].append(r)
+                t, p = r["ttft_ms"], r["tpot_ms"]
+                rows.append((f"{label}load {rate:g} req/s, {args.load_requests} x {n}/{n}: TTFT ms p50",
+                             t["p50"], None, f"p90/p99 {t['p90']:.1f} / {t['p99']:.1f}; TPOT ms p50/p90/p99 "
+                             f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}; {r['tps']:.0f} output tok/s, up to "
+                             f"{r['max_running']} running, {r['eager_steps']} eager steps"))
+                base = base or r
+            if len(modes) > 1:  # TTFT p99 with step graphs over it with eager prompt-chunk steps
+                rows.append((f"  TTFT p99 at {rate:g} req/s, step graphs (ms) vs eager", base["ttft_ms"]["p99"],
+                             r["ttft_ms"]["p99"], "ratio < 1: the step graphs cut the tail"))
 
     result["wall_s"] = time.perf_counter() - t_start
     if args.out:
@@ -343,7 +386,8 @@ def main() -> None:
           f"{'+ fp8 KV cache ' if args.kv_cache == 'fp8' else ''}({weight_bytes / 2**30:.2f} GiB of weights read "
           f"per step); {'autotuned' if tune_s is not None else 'fixed tactics'}; "
           f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}")
-    print(f"{'case':<58} {'workbench':>10} {'transformers':>13} {'ratio':>7}  notes")
+    print(f"{'case':<58} {'workbench':>10} {'baseline':>13} {'ratio':>7}  notes (baseline: transformers "
+          "unless the case says)")
     for case, ours, theirs, note in rows:
         ratio = f"{ours / theirs:>6.2f}x" if theirs else f"{'':>7}"
         theirs = f"{theirs:>13.1f}" if theirs else f"{'':>13}"

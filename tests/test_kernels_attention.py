@@ -37,6 +37,7 @@ CASES = [  # (new tokens per sequence, cached context per sequence, kv heads, gr
     ([7, 21, 1], [0, 0, 0], 2, 2),           # packed prefills
     ([1, 1, 1, 1], [5, 16, 33, 40], 2, 4),   # decode: one new token each, GQA 4
     ([1, 9, 3], [30, 0, 17], 1, 4),          # mixed decode / prefill / chunked continuation, MQA
+    ([5, 0, 1, 0, 0, 7], [0, 3, 12, 0, 0, 4], 2, 2),  # empty sequences between and after (a CUDA graph's padding)
 ]
 
 

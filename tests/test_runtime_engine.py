@@ -115,10 +115,11 @@ def test_abort_stop_tokens_and_the_timeline(program):
     engine.add_request("stop", [1, 2])
 
 
-def test_async_scheduling_gives_the_synchronous_tokens(program):
-    """Launching step N before step N-1's tokens are read back changes nothing a request sees: stop tokens
-    (the speculative extra token is dropped), max_tokens, seeds, min_tokens, aborts with a token in flight,
-    preemptions and prefix hits; and every block is free at the end."""
+def scenario(program, **engine_options):
+    """Eight requests mixing greedy, seeded, top-k/top-p, min_tokens, logprobs, a stop token, max_tokens 1 and
+    an abort with a token in flight, arriving over the first steps; a KV pool of 7 blocks forces preemptions,
+    and shared prefixes give prefix hits. Returns the outputs, the timeline, the engine and the stop token's
+    index in request 3's tokens."""
     ps = prompts(8, seed=5)
     probe = LLMEngine(program, num_blocks=64)
     seeded = dict(max_tokens=10, temperature=1.5, seed=11, ignore_eos=True)  # the tiny model's greedy repeats
@@ -135,43 +136,89 @@ def test_async_scheduling_gives_the_synchronous_tokens(program):
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
               SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+    engine = LLMEngine(program, num_blocks=7, config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=5),
+                       **engine_options)
+    for i in range(5):
+        engine.add_request(str(i), ps[i], params[i])
+    for step in range(30):
+        if step == 3:
+            engine.add_request("5", ps[5], params[5])
+            engine.add_request("6", ps[6], params[6])
+        if step == 6:
+            engine.abort("6")
+        if step == 8:
+            engine.add_request("7", ps[7], params[7])
+        engine.step()
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.scheduler.bm.num_free == 7 and not engine.scheduler.running
+    outs = [engine.output(str(i)) for i in range(8)]
+    return outs, engine.timeline(), engine, (first, k)
 
-    def run(async_scheduling):
-        engine = LLMEngine(program, num_blocks=7, config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=5),
-                           async_scheduling=async_scheduling)
-        for i in range(5):
-            engine.add_request(str(i), ps[i], params[i])
-        for k in range(30):
-            if k == 3:
-                engine.add_request("5", ps[5], params[5])
-                engine.add_request("6", ps[6], params[6])
-            if k == 6:
-                engine.abort("6")
-            if k == 8:
-                engine.add_request("7", ps[7], params[7])
-            engine.step()
-        while engine.has_unfinished:
-            engine.step()
-        assert engine.scheduler.bm.num_free == 7 and not engine.scheduler.running
-        outs = [engine.output(str(i)) for i in range(8)]
-        return outs, engine.timeline()
 
-    sync, sync_steps = run(False)
-    fast, fast_steps = run(True)
-    for a, b in zip(sync, fast):
-        if a.request_id == "6":  # aborted mid-flight: a prefix of the same tokens, never a placeholder
+def assert_same_outputs(ref, got):
+    """Same tokens and finish reasons; log-probs to float32 rounding (a request is batched with others at
+    other steps). The aborted request ("6") may stop at another token: it gets a prefix of the same tokens."""
+    for a, b in zip(ref, got):
+        if a.request_id == "6":
             assert b.finish_reason == "abort" and b.token_ids == a.token_ids[:len(b.token_ids)]
             continue
         assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
-        # log-probs to float32 rounding: a request is batched with others at other steps
         assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
         assert [[i for i, _ in t] for t in b.top_logprobs] == [[i for i, _ in t] for t in a.top_logprobs]
         assert [v for t in b.top_logprobs for _, v in t] == pytest.approx([v for t in a.top_logprobs for _, v in t],
                                                                            abs=1e-5)
+
+
+def test_async_scheduling_gives_the_synchronous_tokens(program):
+    """Launching step N before step N-1's tokens are read back changes nothing a request sees: stop tokens
+    (the speculative extra token is dropped), max_tokens, seeds, min_tokens, aborts with a token in flight,
+    preemptions and prefix hits; and every block is free at the end."""
+    sync, sync_steps, _, _ = scenario(program, async_scheduling=False)
+    fast, fast_steps, _, (first, k) = scenario(program, async_scheduling=True)
+    assert_same_outputs(sync, fast)
     assert fast[3].token_ids == first[:k + 1] and fast[3].finish_reason == "stop"
     assert fast[2].token_ids and fast[2].finish_reason == "length"
     assert sync_steps["preempted"].sum() > 0 and fast_steps["preempted"].sum() > 0
     assert max(o.metrics["num_cached_tokens"] for o in fast) >= 16
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_every_step_in_a_graph_gives_the_eager_tokens(program, async_scheduling):
+    """The CUDA-graph path on the CPU (``emulate_graphs``: each step padded into its graph's static inputs
+    and run node by node): decode steps in batch-size graphs, steps with prompt chunks in token-count graphs
+    (empty sequences, a padding sequence on the scratch block), placeholders fed on the device. Every
+    request gets the eager engine's tokens, and the padding never touches a request's blocks."""
+    eager, _, _, _ = scenario(program, async_scheduling=False)
+    outs, steps, engine, _ = scenario(program, async_scheduling=async_scheduling, emulate_graphs=True,
+                                      graph_token_sizes=(8, 16, 24, 32))
+    assert_same_outputs(eager, outs)
+    ran = steps[steps["scheduled"] > 0]
+    assert engine.executor.replays == len(ran) and (ran["graph_tokens"] > 0).all()  # no step ran eagerly
+    mixed = ran[ran["prefill_tokens"] > 0]
+    assert set(mixed["graph_tokens"]) <= {8, 16, 24, 32} and len(set(mixed["graph_tokens"])) > 1
+    assert (mixed["graph_tokens"] >= mixed["prefill_tokens"] + mixed["decode_tokens"]).all()
+    decode = ran[ran["prefill_tokens"] == 0]
+    assert set(decode["graph_tokens"]) <= {1, 2, 4, 8} and len(decode)
+    assert steps["preempted"].sum() > 0
+
+
+def test_steps_beyond_the_graphs_run_eagerly(program):
+    """More tokens than the largest token graph, or no token graphs at all: those steps run node by node."""
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ps = prompts(3, seed=8)
+    alone = [paged_greedy(program, torch.tensor(p), 4) for p in ps]
+    for sizes in ((), (8,)):
+        engine = LLMEngine(program, num_blocks=32, config=SchedulerConfig(max_num_batched_tokens=64),
+                           emulate_graphs=True, graph_token_sizes=sizes)
+        for i, p in enumerate(ps):
+            engine.add_request(str(i), p, greedy)
+        while engine.has_unfinished:
+            engine.step()
+        steps = engine.timeline()
+        assert [engine.output(str(i)).token_ids for i in range(3)] == alone
+        assert steps.loc[0, "graph_tokens"] == 0 and steps.loc[0, "prefill_tokens"] > 8  # the prompts: eager
+        assert (steps.loc[steps["prefill_tokens"] == 0, "graph_tokens"] > 0).all()  # decodes: in their graphs
 
 
 def test_logits_only_at_the_rows_that_sample(program):

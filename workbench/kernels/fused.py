@@ -135,6 +135,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     starts = query_start_loc.tolist()
     for i, length in enumerate(seq_lens.tolist()):
         s, e = starts[i], starts[i + 1]
+        if e == s:  # a sequence with no new tokens this step (the empty rows of a CUDA graph's padding)
+            continue
         blocks = block_tables[i, : -(-length // block_size)]
         keys = load(kv_cache[0, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1), k_scale)
         vals = load(kv_cache[1, blocks].reshape(-1, kv_heads, head_dim)[:length].transpose(0, 1), v_scale)

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import WorkbenchError
 from .block_manager import BlockManager
-from .executor import Executor
+from .executor import Executor, graph_token_sizes as default_token_sizes
 from .request import PLACEHOLDER, Request, Status
 from .sampling import (IncrementalDetokenizer, PendingSample, Sampler, SamplingParams, check_stop, make_generator,
                        suppressed_tokens)
@@ -85,20 +85,29 @@ class _Launched:
 class LLMEngine:
     def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None, max_model_len: int | None = None) -> None:
+                 async_scheduling: bool | None = None, max_model_len: int | None = None,
+                 graph_token_sizes=None, emulate_graphs: bool = False) -> None:
+        """``cuda_graphs`` (default: on a GPU): every step replays a captured graph (see ``executor``), all
+        captured here; ``graph_token_sizes`` are the token counts captured for steps with prompt chunks
+        (default: ``graph_token_sizes(max_num_batched_tokens)``; ``()`` runs those steps eagerly).
+        ``emulate_graphs``: the CPU test of that path (the graphs' padded inputs, run node by node)."""
         #: the longest request (prompt + max_tokens) accepted; None: the cache's size alone limits it
         self.max_model_len = max_model_len
         self.vocab_size = program.graph.meta.get("config", {}).get("vocab_size")
-        self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs,
+        config = config or SchedulerConfig()
+        if graph_token_sizes is None:
+            graph_token_sizes = default_token_sizes(config.max_num_batched_tokens)
+        self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs, graph_token_sizes=graph_token_sizes,
+                                 max_seqs=config.max_num_seqs, emulate_graphs=emulate_graphs,
                                  **({"max_model_len": max_model_len} if max_model_len else {}))
         self.async_scheduling = (self.executor.device.type == "cuda" if async_scheduling is None
                                  else async_scheduling)
         self._pending: _Launched | None = None
         self.scheduler = Scheduler(BlockManager(num_blocks, self.executor.block_size, prefix_caching=prefix_caching),
                                    config)
-        if self.executor.cuda_graphs:  # every decode batch size the scheduler can produce, captured up front
+        if self.executor.cuda_graphs:  # every graph the scheduler's steps can run in, captured up front
             sizes = self.executor.graph_batch_sizes
-            top = next((b for b in sizes if b >= self.scheduler.config.max_num_seqs), sizes[-1])
+            top = next((b for b in sizes if b >= config.max_num_seqs), sizes[-1])
             self.executor.capture([b for b in sizes if b <= top])
         self.tokenizer = tokenizer
         if eos_token_id is None and tokenizer is not None:
@@ -187,7 +196,8 @@ class LLMEngine:
                            "scheduled": len(out.scheduled), "running": len(self.scheduler.running),
                            "waiting": len(self.scheduler.waiting), "waiting_before": waiting_before,
                            "kv_usage": self.scheduler.bm.usage, "preempted": len(out.preempted),
-                           "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs)})
+                           "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs),
+                           "graph_tokens": self.executor.last_graph[0] if launched and self.executor.last_graph else 0})
         return outputs
 
     def _launch(self, out) -> _Launched:

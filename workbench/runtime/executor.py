@@ -15,12 +15,19 @@ whose chunk reaches its last token. A prefill step of 8192 tokens then multiplie
 vocabulary instead of all 8192 (for a 128k vocabulary, 8.6 TFLOP and 2 GiB of logits saved). The
 workspace's graph keeps every row's logits (perplexity needs them).
 
-**CUDA graphs.** On a GPU, a step made only of decodes replays a captured graph: one per batch size in
-``graph_batch_sizes`` (a step of b decodes runs in the smallest size >= b, the rest of the rows padding
-that writes to and reads from a scratch block the block manager never hands out). The inputs are copied
-into the graph's static buffers; block tables are padded to ``max_model_len`` tokens' worth of blocks
-(steps with longer tables, and every step with a prompt chunk, run eagerly). A captured step launches no
-Python per node: the host cost of ~1000 kernel launches is what it removes.
+**CUDA graphs, for every step.** On a GPU a step replays a captured graph: a step made only of decodes in
+the graph of the smallest batch size in ``graph_batch_sizes`` that holds it, any other step (prompt chunks,
+or more decodes than the largest batch size) in the graph of the smallest token count in
+``graph_token_sizes`` that holds its tokens. A graph is captured for a fixed number of tokens T and of
+sequences S (the batch size for decode graphs, ``max_seqs`` for the others); a step with fewer fills the
+rest with padding: its real sequences first, then empty ones (no tokens: their attention programs exit at
+once), then one padding sequence at row S that owns the padding tokens. Padding tokens write their K/V to
+a scratch block the block manager never hands out, and their rows' outputs are never read. This works
+because the attention kernel's grid depends on T and S alone (each program finds its sequence on the
+device), so nothing in a step depends on host values a graph would freeze. Block tables are padded to
+``max_model_len`` tokens' worth of blocks; a step with a longer table, more tokens than the largest size or
+more sequences than ``max_seqs`` runs eagerly, node by node. A captured step launches no Python per node:
+the host cost of ~1000 kernel launches (about 60 ms for an 8B model) is what it removes.
 
 **Never waiting for the GPU.** A step's inputs cross to the device in one copy from pinned memory, queued
 without blocking, and ``execute`` returns the logits as a device tensor without synchronizing: the host
@@ -44,6 +51,16 @@ from .scheduler import SchedulerOutput
 
 #: Decode batch sizes captured as CUDA graphs (a step of b decodes replays the smallest bucket >= b).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
+    """Token counts to capture for steps with prompt chunks, up to ``max_tokens`` (the scheduler's budget):
+    powers of two to 512, then steps of 512 to 4096 and of 1024 beyond, so padding stays under a third of a
+    large step and the graphs stay few (15 for a budget of 8192)."""
+    if max_tokens < 1:
+        raise WorkbenchError(f"graph_token_sizes: max_tokens must be >= 1, not {max_tokens}")
+    sizes = {64, 128, 256, 512, *range(1024, 4097, 512), *range(5120, max_tokens, 1024)}
+    return tuple(sorted({t for t in sizes if t < max_tokens} | {max_tokens}))
 
 
 def sampled_rows_program(program):
@@ -77,7 +94,12 @@ def sampled_rows_program(program):
 
 class Executor:
     def __init__(self, program, num_blocks: int, *, cuda_graphs: bool | None = None,
-                 graph_batch_sizes=GRAPH_BATCH_SIZES, max_model_len: int = 8192) -> None:
+                 graph_batch_sizes=GRAPH_BATCH_SIZES, graph_token_sizes=(), max_seqs: int = 256,
+                 max_model_len: int = 8192, emulate_graphs: bool = False) -> None:
+        """``graph_token_sizes``: token counts captured for steps that are not all decodes (none: those run
+        eagerly); ``max_seqs``: the most sequences such a step may have (the scheduler's max_num_seqs).
+        ``emulate_graphs`` (for tests on the CPU): every step runs the way a graph would, on the same
+        padded static inputs, but node by node instead of replayed."""
         paged = program.graph.meta.get("paged")
         if not paged:
             raise WorkbenchError("the runtime runs graphs with paged attention; run the insert_paged_attention pass "
@@ -95,11 +117,20 @@ class Executor:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise WorkbenchError("CUDA graphs need a CUDA device; run without cuda_graphs on the CPU")
+        if emulate_graphs and self.cuda_graphs:
+            raise WorkbenchError("emulate_graphs stands in for CUDA graphs where there are none; not both")
+        self.emulate_graphs = emulate_graphs
         self.graph_batch_sizes = sorted(graph_batch_sizes)
+        # a graph with every row's logits would hold [tokens, vocab] of them: only the rows-only program
+        self.graph_token_sizes = sorted(graph_token_sizes) if self.rows_only else []
+        if max_seqs < 1:
+            raise WorkbenchError(f"max_seqs must be >= 1, not {max_seqs}")
+        self.max_seqs = max_seqs
         self.table_width = -(-max_model_len // self.block_size)
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple[int, int], tuple] = {}  # (tokens, sequences) -> (graph, static inputs, logits)
         self._pool = None
         self.replays = 0
+        self.last_graph: tuple[int, int] | None = None  # the (tokens, sequences) graph the last step ran in
 
     @property
     def cache_bytes(self) -> int:
@@ -171,46 +202,66 @@ class Executor:
         chunk reaches their last token, in schedule order. ``feed``: see the module docstring."""
         if out.empty:
             raise WorkbenchError("nothing was scheduled this step; check the scheduler output before executing")
-        bucket = self._bucket(out)
-        if bucket is not None:
-            return self._replay(out, bucket, feed)
+        self.last_graph = key = self._graph_key(out)
+        if key is not None:
+            return self._replay(out, key, feed)
         inputs, last = self.inputs(out, feed)
         (logits,) = self.program.run(**inputs)
         return logits[0].float() if self.rows_only else logits[0].index_select(0, last).float()
 
-    # ---- CUDA graphs for decode steps -------------------------------------------------------------------
-    def _bucket(self, out: SchedulerOutput) -> int | None:
-        """The captured batch size a pure-decode step runs in, or None to run it eagerly."""
-        if not self.cuda_graphs or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
+    # ---- CUDA graphs ----------------------------------------------------------------------------------
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.cuda_graphs or self.emulate_graphs
+
+    def _graph_key(self, out: SchedulerOutput) -> tuple[int, int] | None:
+        """The (tokens, sequences) graph a step runs in, or None to run it eagerly."""
+        if not self.graphs_enabled:
+            return None
+        if any(len(s.request.block_table) > self.table_width for s in out.scheduled):
             return None
         n = len(out.scheduled)
-        if n > self.graph_batch_sizes[-1] or any(len(s.request.block_table) > self.table_width for s in out.scheduled):
+        if all(s.num_new_tokens == 1 and s.samples for s in out.scheduled) and n <= self.graph_batch_sizes[-1]:
+            b = next(b for b in self.graph_batch_sizes if b >= n)
+            return b, b
+        tokens = out.num_tokens
+        if n > self.max_seqs or not self.graph_token_sizes or tokens > self.graph_token_sizes[-1]:
             return None
-        return next(b for b in self.graph_batch_sizes if b >= n)
+        return next(t for t in self.graph_token_sizes if t >= tokens), self.max_seqs
 
-    def capture(self, batch_sizes=None) -> None:
-        """Capture the decode step for each batch size (largest first, one memory pool for all)."""
-        for b in sorted(batch_sizes or self.graph_batch_sizes, reverse=True):
-            if b not in self._graphs:
-                self._capture(b)
+    def capture(self, batch_sizes=None, token_sizes=None) -> None:
+        """Capture the decode graphs for ``batch_sizes`` (default: all) and the step graphs for
+        ``token_sizes`` (default: all), largest first, in one memory pool."""
+        keys = [(b, b) for b in (self.graph_batch_sizes if batch_sizes is None else batch_sizes)]
+        keys += [(t, self.max_seqs) for t in (self.graph_token_sizes if token_sizes is None else token_sizes)]
+        for key in sorted(set(keys), reverse=True):
+            if key not in self._graphs:
+                self._capture(key)
 
-    def _padding(self, b: int) -> dict[str, torch.Tensor]:
-        """Inputs of b padding decode rows: position 0 of the scratch block."""
+    def _static(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The static inputs of a (T tokens, S sequences) graph, holding a step of padding only: S empty
+        sequences, then the padding sequence (row S) with all T tokens, writing to the scratch block."""
+        t, s = key
         dev, scratch = self.device, self.num_blocks
+        width = max(self.table_width, -(-t // self.block_size))  # the padding sequence's table spans its tokens
 
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=dev)
+        def full(shape, value):
+            return torch.full(shape, value, dtype=torch.long, device=dev)
 
-        inputs = {"input_ids": t([[0] * b]), "position_ids": t([[0] * b]),
-                  "slot_mapping": t([scratch * self.block_size] * b),
-                  "block_tables": torch.full((b, self.table_width), scratch, dtype=torch.long, device=dev),
-                  "seq_lens": t([1] * b), "query_start_loc": t(list(range(b + 1)))}
-        if self.rows_only:  # a decode step samples every row
-            inputs["logits_indices"] = t(list(range(b)))
+        inputs = {"input_ids": full((1, t), 0), "position_ids": full((1, t), 0),
+                  "slot_mapping": full((t,), scratch * self.block_size),
+                  "block_tables": full((s + 1, width), scratch),
+                  "seq_lens": torch.tensor([0] * s + [t], dtype=torch.long, device=dev),
+                  "query_start_loc": torch.tensor([0] * (s + 1) + [t], dtype=torch.long, device=dev)}
+        if self.rows_only:  # one row per sequence: the step's sampling rows, then the last token's
+            inputs["logits_indices"] = full((s,), t - 1)
         return inputs
 
-    def _capture(self, b: int) -> None:
-        static = self._padding(b)
+    def _capture(self, key: tuple[int, int]) -> None:
+        static = self._static(key)
+        if self.emulate_graphs:
+            self._graphs[key] = (None, static, None)
+            return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -222,27 +273,39 @@ class Executor:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             (logits,) = self.program.run(**static, **self.cache)
-        self._graphs[b] = (graph, static, logits)
+        self._graphs[key] = (graph, static, logits)
 
-    def _replay(self, out: SchedulerOutput, b: int, feed) -> torch.Tensor:
-        if b not in self._graphs:
-            self._capture(b)
-        graph, static, logits = self._graphs[b]
-        # the step's rows then padding rows (position 0 of the scratch block), in one copy; block tables
-        # only as wide as this step's longest (entries past a row's length are never read)
-        n, pad, scratch = len(out.scheduled), b - len(out.scheduled), self.num_blocks
-        ids, pos, slots, _, lens, _, feed_at, feed_row = self._rows(out, feed)
-        tables, width = self._tables(out, b, scratch)
-        d_ids, d_pos, d_slots, d_lens, d_tables, d_at, d_row = self._stage(
-            [ids + [0] * pad, pos + [0] * pad, slots + [scratch * self.block_size] * pad, lens + [1] * pad, tables,
-             feed_at, feed_row])
+    def _replay(self, out: SchedulerOutput, key: tuple[int, int], feed) -> torch.Tensor:
+        if key not in self._graphs:
+            self._capture(key)
+        graph, static, logits = self._graphs[key]
+        # the step's sequences, empty ones to S, the padding sequence (row S) owning tokens n..T: all in one
+        # copy. Block tables only as wide as this step's longest (entries past a row's length are never
+        # read), rows past the step's stale (their sequences are empty); the padding row stays scratch.
+        t, s = key
+        n, scratch = len(out.scheduled), self.num_blocks
+        ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
+        used, pad = len(ids), t - len(ids)
+        tables, width = self._tables(out, n, scratch)
+        d_ids, d_pos, d_slots, d_lens, d_starts, d_last, d_tables, d_at, d_row = self._stage(
+            [ids + [0] * pad, pos + [0] * pad, slots + [scratch * self.block_size] * pad,
+             lens + [0] * (s - n) + [pad], starts + [used] * (s - n) + [t], last + [t - 1] * (s - len(last)),
+             tables, feed_at, feed_row])
         if feed_at:
             d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
         static["input_ids"][0].copy_(d_ids)
         static["position_ids"][0].copy_(d_pos)
         static["slot_mapping"].copy_(d_slots)
         static["seq_lens"].copy_(d_lens)
-        static["block_tables"][:, :width].copy_(d_tables.view(b, width))
-        graph.replay()
+        static["query_start_loc"].copy_(d_starts)
+        static["block_tables"][:n, :width].copy_(d_tables.view(n, width))
+        if self.rows_only:
+            static["logits_indices"].copy_(d_last)
+        if graph is None:  # emulated: the same static inputs, run node by node
+            (logits,) = self.program.run(**static, **self.cache)
+        else:
+            graph.replay()
         self.replays += 1
-        return logits[0, :n].float()
+        if self.rows_only:
+            return logits[0, :len(last)].float()
+        return logits[0].index_select(0, d_last[:len(last)]).float()
