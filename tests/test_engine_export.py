@@ -94,6 +94,26 @@ def test_round_trip_gives_the_workspace_program(ws, engine):
     assert ws.status("export") == "ok" and ws.read_json("export", "manifest.json") == manifest
 
 
+def test_workbench_run_from_a_source_tree_exports_and_loads(ws, tmp_path, monkeypatch):
+    """workbench on PYTHONPATH, not pip-installed (as on a GPU machine that runs a checkout): the manifest
+    records the running package's version, and loading checks against it."""
+    from importlib import metadata
+
+    import workbench
+
+    real = metadata.version
+
+    def version(name):
+        if name == "workbench":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    out = export_engine(copy_ws(ws, tmp_path), tmp_path / "engine")
+    e = load_engine(out)
+    assert e.manifest["requires"]["workbench"] == workbench.__version__ == e.manifest["versions"]["workbench"]
+
+
 def test_shared_tensors_are_stored_once():
     from workbench.engine.export import _dedupe
 

@@ -97,8 +97,11 @@ def environment() -> dict[str, Any]:
     """Library versions and the machine, for records and caches."""
     from importlib import metadata
 
-    versions = {"python": platform.python_version()}
-    for pkg in ("workbench", "torch", "triton", "transformers", "safetensors"):
+    from . import __version__
+
+    # workbench's own version from the package that runs (it may be on PYTHONPATH, not pip-installed)
+    versions = {"python": platform.python_version(), "workbench": __version__}
+    for pkg in ("torch", "triton", "transformers", "safetensors"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -162,9 +162,13 @@ def check_requirements(path: Path, manifest: dict) -> None:
     """Installed libraries at least those the manifest requires (see ``format.MIN_TORCH`` for torch's rule)."""
     from importlib import metadata
 
+    from .. import __version__
+
     for lib, required in (manifest.get("requires") or {}).items():
-        try:
-            installed = metadata.version(lib)
+        if required is None:  # the exporting machine could not tell its version: nothing to check
+            continue
+        try:  # workbench itself: the package that runs (it may be on PYTHONPATH, not pip-installed)
+            installed = __version__ if lib == "workbench" else metadata.version(lib)
         except metadata.PackageNotFoundError:
             installed = None
         if installed is None:
