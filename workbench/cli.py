@@ -53,6 +53,12 @@ def _cmd_capture(args) -> None:
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cmd_optimize(args) -> None:
     import pandas as pd
 
@@ -66,7 +72,7 @@ def _cmd_optimize(args) -> None:
     if unknown:
         raise WorkbenchError(f"unknown pass(es) {', '.join(sorted(unknown))}; passes: {', '.join(PASSES)}")
     ws = Workspace(args.workspace, create=False)
-    graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force)
+    graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force, device=args.device)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary_table(reports).to_string(index=False))
     print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
@@ -257,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--passes", help="comma-separated passes to run, in order (default: the standard pipeline)")
     s.add_argument("--skip", help="comma-separated passes to leave out")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                   help="where each pass's numeric check runs (default: cuda when there is a GPU)")
     s.set_defaults(fn=_cmd_optimize)
 
     s = sub.add_parser("tune", help="autotune the optimized graph's kernels on this GPU for an optimization profile")

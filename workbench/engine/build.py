@@ -111,7 +111,8 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
                                          force=options.force))
 
     # 2. passes ---------------------------------------------------------------------------------------------
-    stage("passes", _up_to_date(ws, "passes", True), lambda: pipeline.passes_stage(ws, force=options.force))
+    stage("passes", _up_to_date(ws, "passes", True), lambda: pipeline.passes_stage(ws, force=options.force,
+                                                                                         device=device))
 
     # 3. quantization -------------------------------------------------------------------------------------
     fmt = FORMAT_OF.get(options.precision)

@@ -190,6 +190,8 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     _check_registered(graph)
     tol = TOLERANCE.get(graph.meta.get("dtype", "float32"), 2e-2)
     inputs = CheckInputs.make(graph.meta.get("config", {}).get("vocab_size", 2))
+    if check and device.type != "cpu":  # once, not per check: fused weights are then derived on the device too
+        params = {k: v.to(device) for k, v in params.items()}
     current = graph
     reference = _values(current, params, inputs, device) if check else None
     reports = []
