@@ -111,7 +111,8 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")
     with ws.run("passes", params={"passes": names}, upstream=("capture",), force=force) as run:
-        params = {**graph_weights(graph, source), **constants}
+        # the weights only feed the checks: made (random sources) or read straight onto the checking device
+        params = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
         optimized, reports = run_passes(graph, params, names, device=device)
         run.write_text("graph.json", optimized.dumps())
         run.write_json("report.json", [r.to_json() for r in reports])
