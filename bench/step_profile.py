@@ -65,7 +65,7 @@ def node_bytes(program, step: Step) -> dict[str, int]:
 
 def profile_step(program, step: Step, device: str, gbps: float) -> dict:
     inputs = step_inputs(program, step)
-    replay = time_fn(lambda: program.run(**inputs), repeats=20, device=device)
+    replay = time_fn(lambda: program.run(**inputs), repeats=20, device=device, graph_calls=1)
     df = trace_program(program, [inputs], warmup=1)
     gpu = df[df["device"] == program.device.type]  # kernels on a GPU; top-level ATen ops on the CPU
     per_node = trace_summary(gpu, by="node")
