@@ -227,11 +227,6 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
-    # decode over an FP8 cache: each tile's e4m3 -> bf16 conversion is ALU work, so more warps per tile
-    # and deeper pipelines (a 128-key fp8 tile is half the bytes in flight of a bf16 one)
-    {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 5, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
