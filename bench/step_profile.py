@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import TACTICS, build_program  # noqa: E402
+from throughput import TACTICS, add_model_args, build_program  # noqa: E402
 from workbench.graph.executor import Program  # noqa: E402
 from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
@@ -86,10 +86,7 @@ def profile_step(program, step: Step, device: str, gbps: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="llama-3-8b")
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
-    ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
+    add_model_args(ap)
     ap.add_argument("--steps", default="1x1024,256x1500", help="decode steps SEQSxCONTEXT, comma-separated")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--autotune", action="store_true", help="tune each step's bucket (with --cache) first")

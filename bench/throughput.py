@@ -184,12 +184,17 @@ def build_program(args, device):
     return lm, source, program, calib_s
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments ``build_program`` reads: the preset, its layer count, the precision and the KV cache's."""
     ap.add_argument("--preset", default="llama-3-8b")
-    ap.add_argument("--layers", type=int)
+    ap.add_argument("--layers", type=int, help="keep only this many decoder layers")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
     ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap)
     ap.add_argument("--cases", default="batch1,offline")
     ap.add_argument("--batch1-len", type=int, default=128)
     ap.add_argument("--requests", type=int, default=1000)
