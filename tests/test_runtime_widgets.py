@@ -48,8 +48,9 @@ def test_timeline_figure_traces_are_the_timeline(run):
     assert ((steps["prefill_tokens"] > 0) & (steps["decode_tokens"] > 0)).any()
     fig = timeline_figure(steps, max_num_batched_tokens=BUDGET)
     t = traces(fig)
-    assert list(t) == ["prefill tokens", "decode tokens", "KV cache used (%)", "preemption", "running requests",
-                       "waiting requests"]
+    assert list(t) == ["prefill tokens", "decode tokens", "graph padding", "KV cache used (%)", "preemption",
+                       "running requests", "waiting requests"]
+    assert set(t["graph padding"].y) == {0} and f"{len(steps)} steps eager" in fig.layout.title.text  # CPU: eager
     x = steps["step"].tolist()
     for name, column in (("prefill tokens", "prefill_tokens"), ("decode tokens", "decode_tokens"),
                          ("running requests", "running"), ("waiting requests", "waiting")):
@@ -71,6 +72,22 @@ def test_timeline_figure_traces_are_the_timeline(run):
     assert fig.layout.xaxis.matches == "x2" or fig.layout.xaxis2.matches == "x"  # one step axis
     assert [s.y0 for s in fig.layout.shapes] == [BUDGET]  # the token budget line
     assert f"{steps['preempted'].sum()} preemptions" in fig.layout.title.text
+
+
+def test_timeline_figure_shows_each_graphs_padding(tiny_program):
+    """Steps replayed in CUDA graphs (emulated on the CPU): the grey bar is the graph's tokens beyond the step's."""
+    engine = LLMEngine(tiny_program, num_blocks=32, config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4),
+                       emulate_graphs=True, graph_token_sizes=(16, 32))
+    for i in range(3):
+        engine.add_request(str(i), list(range(3 + 5 * i, 14 + 6 * i)), SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    steps = engine.timeline()
+    fig = timeline_figure(steps)
+    pad = traces(fig)["graph padding"]
+    tokens = steps["prefill_tokens"] + steps["decode_tokens"]
+    assert list(pad.y) == (steps["graph_tokens"] - tokens).tolist() and max(pad.y) > 0
+    assert list(pad.customdata) == steps["graph_tokens"].tolist() and "0 steps eager" in fig.layout.title.text
 
 
 def test_timeline_figure_without_preemptions_has_an_empty_marker_trace(run):

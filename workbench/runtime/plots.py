@@ -10,7 +10,9 @@ figure or a DataFrame; plotly is imported inside each function so the library im
 
 Reading the timeline. The top panel stacks each step's prefill tokens (prompt chunks, including prompts
 recomputed after a preemption) on its decode tokens (one per running request that generated): a step
-with both is in-flight batching, a prompt spread over several steps is chunked prefill. The bottom panel
+with both is in-flight batching, a prompt spread over several steps is chunked prefill. On top, in grey,
+the padding of the CUDA graph the step replayed (the graph's tokens beyond the step's: work done for
+nothing; the title counts the steps that ran eagerly instead, node by node). The bottom panel
 is the state after each step: the share of KV blocks in use (left axis), the running and waiting requests
 (right axis), and a cross on the KV line at each step that preempted requests to free blocks.
 """
@@ -25,7 +27,7 @@ TIMELINE_COLUMNS = ("step", "prefill_tokens", "decode_tokens", "kv_usage", "runn
 CAPACITY_COLUMNS = ("fraction", "prompt_len", "output_len", "num_blocks", "kv_gib", "max_concurrency")
 
 _COLOURS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "kv": "#2ca02c", "running": "#9467bd", "waiting": "#8c564b",
-            "preempted": "#d62728"}
+            "preempted": "#d62728", "padding": "#c7c7c7"}
 
 
 def _require(df, columns, what: str, fix: str) -> None:
@@ -64,6 +66,15 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
                          hovertemplate="step %{x}: %{y} prefill tokens<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=steps, y=decode, name="decode tokens", marker_color=_COLOURS["decode"],
                          hovertemplate="step %{x}: %{y} decode tokens<extra></extra>"), row=1, col=1)
+    eager = 0
+    if "graph_tokens" in df.columns:  # the CUDA graph each step replayed (0: run eagerly)
+        graph = _ints(df["graph_tokens"])
+        padding = [max(0, g - p - d) for g, p, d in zip(graph, prefill, decode)]
+        eager = sum(g == 0 and p + d > 0 for g, p, d in zip(graph, prefill, decode))
+        fig.add_trace(go.Bar(x=steps, y=padding, name="graph padding", marker_color=_COLOURS["padding"],
+                             customdata=graph,
+                             hovertemplate="step %{x}: %{y} padding tokens in its %{customdata}-token CUDA graph"
+                                           "<extra></extra>"), row=1, col=1)
     if max_num_batched_tokens is not None:
         fig.add_hline(y=max_num_batched_tokens, line_dash="dash", line_color="#555", row=1, col=1,
                       annotation_text=f"token budget {max_num_batched_tokens}", annotation_position="top left")
@@ -88,7 +99,8 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
     fig.update_layout(barmode="stack", bargap=0.1, hovermode="closest", height=600,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
                       title=f"Engine timeline: {len(steps)} steps, {sum(prefill)} prefill + {sum(decode)} decode "
-                            f"tokens, {sum(preempted)} preemptions, peak KV use {max(kv_pct):.0f}%")
+                            f"tokens, {sum(preempted)} preemptions, peak KV use {max(kv_pct):.0f}%"
+                            + (f", {eager} steps eager" if "graph_tokens" in df.columns else ""))
     fig.update_yaxes(title_text="tokens run", row=1, col=1)
     fig.update_yaxes(title_text="KV used (%)", range=[0, 105], row=2, col=1, secondary_y=False)
     fig.update_yaxes(title_text="requests", rangemode="tozero", row=2, col=1, secondary_y=True)
