@@ -269,3 +269,16 @@ def test_request_metrics_are_the_times_things_happened(program):
     m = engine.output("a").metrics
     assert m["arrival"] <= m["first_token_time"] <= m["finished_time"]
     assert engine.output("a").metrics["finished_time"] == m["finished_time"]  # asking again changes nothing
+
+
+def test_graph_token_sizes_cover_the_budget():
+    from workbench.runtime.executor import graph_token_sizes
+
+    sizes = graph_token_sizes(8192)
+    assert sizes[0] == 64 and sizes[-1] == 8192 and len(sizes) == 15 and list(sizes) == sorted(set(sizes))
+    # a step just over one size runs in the next: padding is at most half its graph, a third from 1024 tokens on
+    assert all((b - a) / b <= 1 / 2 for a, b in zip(sizes, sizes[1:]))
+    assert all((b - a) / b <= 1 / 3 for a, b in zip(sizes, sizes[1:]) if a >= 1024)
+    assert graph_token_sizes(100) == (64, 100) and graph_token_sizes(1) == (1,)
+    with pytest.raises(WorkbenchError, match="max_tokens must be >= 1"):
+        graph_token_sizes(0)

@@ -108,7 +108,7 @@ class LLMEngine:
         if self.executor.cuda_graphs:  # every graph the scheduler's steps can run in, captured up front
             sizes = self.executor.graph_batch_sizes
             top = next((b for b in sizes if b >= config.max_num_seqs), sizes[-1])
-            self.executor.capture([b for b in sizes if b <= top])
+            self.executor.capture([b for b in sizes if b <= top], progress=True)
         self.tokenizer = tokenizer
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = tokenizer.eos_token_id
