@@ -169,22 +169,21 @@ class Executor:
         return ids, pos, slots, starts, lens, last, feed_at, feed_row
 
     @staticmethod
-    def _tables(out: SchedulerOutput, rows: int, fill: int) -> tuple[list[int], int]:
-        """Block tables of the scheduled requests, then ``rows`` - len(scheduled) rows of ``fill``, all
-        padded with ``fill`` to the longest; flattened, and that width."""
+    def _tables(out: SchedulerOutput, fill: int) -> tuple[list[int], int]:
+        """Block tables of the scheduled requests, padded with ``fill`` to the longest; flattened, and that
+        width."""
         width = max(len(s.request.block_table) for s in out.scheduled)
         flat = []
         for s in out.scheduled:
             flat += s.request.block_table
             flat += [fill] * (width - len(s.request.block_table))
-        flat += [fill] * (width * (rows - len(out.scheduled)))
         return flat, width
 
     def inputs(self, out: SchedulerOutput, feed=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The graph inputs of one step, and the flat index of each sampling request's last new token (on
         the device)."""
         ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
-        tables, width = self._tables(out, len(out.scheduled), 0)
+        tables, width = self._tables(out, 0)
         d_ids, d_pos, d_slots, d_tables, d_lens, d_starts, d_last, d_at, d_row = self._stage(
             [ids, pos, slots, tables, lens, starts, last, feed_at, feed_row])
         if feed_at:
@@ -288,7 +287,7 @@ class Executor:
         n, scratch = len(out.scheduled), self.num_blocks
         ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
         used, pad = len(ids), t - len(ids)
-        tables, width = self._tables(out, n, scratch)
+        tables, width = self._tables(out, scratch)
         d_ids, d_pos, d_slots, d_lens, d_starts, d_last, d_tables, d_at, d_row = self._stage(
             [ids + [0] * pad, pos + [0] * pad, slots + [scratch * self.block_size] * pad,
              lens + [0] * (s - n) + [pad], starts + [used] * (s - n) + [t], last + [t - 1] * (s - len(last)),
