@@ -6,9 +6,9 @@ under load.
 
 The engine replays every step as a CUDA graph: decode steps in one per batch-size bucket, steps with prompt
 chunks in one per token-count bucket (``--compare-eager-steps`` also runs the offline and load cases with
-those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the default on a GPU) the host prepares step N+1 while the
-GPU runs step N. Kernels: ``--autotune`` tunes the graph for decode buckets 1..``--max-num-seqs`` and the
-full prefill step first (``--cache``: a timing cache to reuse and extend; the autotuner never re-times a
+those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the
+default on a GPU) the host prepares step N+1 while the GPU runs step N. Kernels: ``--autotune`` tunes the
+graph for decode buckets 1..``--max-num-seqs`` and the full prefill step first (``--cache``: a timing cache to reuse and extend; the autotuner never re-times a
 cached entry), otherwise fixed tactics (Triton for the fused ops and attention, cuBLAS / ``_scaled_mm``).
 ``--precision fp8``: the graph calibrated on random tokens and quantized to FP8 W8A8 (``--kv-cache fp8``
 adds the FP8 KV cache). Cases (``--cases``):
@@ -73,6 +73,11 @@ def percentiles(values, qs=(50, 90, 99)):
     return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
 
 
+def eager_steps(steps) -> int:
+    """Steps of a timeline that ran node by node rather than in a CUDA graph."""
+    return int(((steps["graph_tokens"] == 0) & (steps["scheduled"] > 0)).sum())
+
+
 def run_engine(program, prompts, output_len, *, num_blocks, config, device, timeline=None, keep=False,
                **engine_options):
     """All prompts submitted at once, run to completion: times, tokens, steps, the engine's graph."""
@@ -93,7 +98,7 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
         steps.to_csv(timeline, index=False)
     result = {"seconds": end - t0, "first_token_s": first - t0, "generated": sum(len(o.token_ids) for o in outs),
               "steps": len(steps), "preempted": int(steps["preempted"].sum()), "replays": engine.executor.replays,
-              "eager_steps": int(((steps["graph_tokens"] == 0) & (steps["scheduled"] > 0)).sum()),
+              "eager_steps": eager_steps(steps),
               "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs],
               "logprobs": [o.logprobs for o in outs]}
     if not keep:
@@ -133,11 +138,11 @@ def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, 
     tpot = [(o.metrics["finished_time"] - o.metrics["first_token_time"]) * 1e3 / (len(o.token_ids) - 1)
             for o in outs if len(o.token_ids) > 1]
     generated = sum(len(o.token_ids) for o in outs)
+    steps = engine.timeline()
     return {"rate": rate, "seconds": end - t0, "generated": generated, "tps": generated / (end - t0),
             "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot),
-            "preempted": int(engine.timeline()["preempted"].sum()),
-            "max_running": int(engine.timeline()["running"].max()),
-            "eager_steps": int(((engine.timeline()["graph_tokens"] == 0) & (engine.timeline()["scheduled"] > 0)).sum())}
+            "preempted": int(steps["preempted"].sum()), "max_running": int(steps["running"].max()),
+            "eager_steps": eager_steps(steps)}
 
 
 def run_hf(model, prompts, output_len, device):
