@@ -8,8 +8,8 @@ The engine replays every step as a CUDA graph: decode steps in one per batch-siz
 chunks in one per token-count bucket (``--compare-eager-steps`` also runs the offline and load cases with
 those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the
 default on a GPU) the host prepares step N+1 while the GPU runs step N. Kernels: ``--autotune`` tunes the
-graph for decode buckets 1..``--max-num-seqs`` and the full prefill step first (``--cache``: a timing cache to reuse and extend; the autotuner never re-times a
-cached entry), otherwise fixed tactics (Triton for the fused ops and attention, cuBLAS / ``_scaled_mm``).
+graph for decode buckets 1..``--max-num-seqs`` and the full prefill step first (``--cache``: a timing cache
+to reuse and extend; the autotuner never re-times a cached entry), otherwise fixed tactics (Triton for the fused ops and attention, cuBLAS / ``_scaled_mm``).
 ``--precision fp8``: the graph calibrated on random tokens and quantized to FP8 W8A8 (``--kv-cache fp8``
 adds the FP8 KV cache). Cases (``--cases``):
 
