@@ -13,6 +13,8 @@ SDPA is timed with each backend that takes the inputs (flash, cuDNN, memory-effi
 against flash, as the issue's goals state, and "vs fastest" against the fastest of them.
 Every config of the kernel's tuning space is timed; outputs are checked against SDPA first, and
 the FP8 cache writes against torch's own e4m3 rounding (bit-exact, on the GPU).
+rope     RoPE inside the kernel (q rotated as it is loaded, k as it is stored: the graph's
+         ``fuse_rope_into_attention``) against the two rope kernels then the kernel, same inputs.
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -115,6 +117,35 @@ def run(name, seqs, context, new, args, device, ceiling, kv_dtype=torch.bfloat16
             "all": [(c, t.median_ms) for c, t in timed]}
 
 
+def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
+    """RoPE inside the kernel (``cos``/``sin``: q rotated as it loads, k as it is stored) against the rope
+    kernels then the kernel, on the same pre-RoPE q/k: outputs compared, each timed at its best config."""
+    from workbench.kernels import triton_pointwise as tp
+
+    heads, kv_heads, head_dim, page = 32, 8, 128, 16
+    q, k, v, cache, slots, tables, lens, qsl = paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page,
+                                                            device, torch.bfloat16, kv_dtype)
+    pos = (context + torch.arange(new, device=device)).repeat(seqs).float()
+    inv = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)
+    cos, sin = (f(ang).to(torch.bfloat16)[None, None] for f in (torch.cos, torch.sin))
+    scales = (0.05, 0.02) if kv_dtype != torch.bfloat16 else (None, None)
+    inputs = (q, k, v, cache, slots, tables, lens, qsl, None, None, *scales)
+    configs = ta.prune(ta.CONFIGS, inputs[:8], {})
+    fused_out = ta.paged_attention(*inputs, cos=cos, sin=sin)
+    unfused_out = ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:])
+    err = ((fused_out.float() - unfused_out.float()).norm() / unfused_out.float().norm()).item()
+
+    def best(fn):
+        return min(time_fn(lambda c=c: fn(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
+                   for c in configs)
+
+    fused_ms = best(lambda c: ta.paged_attention(*inputs, config=c, cos=cos, sin=sin))
+    unfused_ms = best(lambda c: ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:], config=c))
+    return {"case": name, "kv": str(kv_dtype).removeprefix("torch."), "seqs": seqs, "context": context, "new": new,
+            "rope_inside_ms": fused_ms, "rope_kernels_ms": unfused_ms, "speedup": unfused_ms / fused_ms, "rel_err": err}
+
+
 def fp8_write_is_exact(device) -> bool:
     k, v = (torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16) * 40 for _ in range(2))
     cache = torch.zeros(2, 256, 16, 8, 128, device=device, dtype=torch.float8_e4m3fn)
@@ -138,10 +169,15 @@ def main() -> None:
             run("decode (batch 1)", 1, 32768, 1, args, device, ceiling),
             run("decode fp8", 64, 4096, 1, args, device, ceiling, torch.float8_e4m3fn),
             run("prefill", 4, 0, 4096, args, device, ceiling)]
+    rope_rows = [run_rope("decode (batch 1)", 1, 1024, 1, args, device),
+                 run_rope("decode", 64, 4096, 1, args, device),
+                 run_rope("decode fp8", 256, 1500, 1, args, device, torch.float8_e4m3fn),
+                 run_rope("prefill", 4, 0, 4096, args, device)]
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
-        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows}, indent=1, default=str))
+        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows}, indent=1,
+                                       default=str))
     print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
     print("SDPA ms per backend (flash is the goals' baseline; the fastest is shown too):")
@@ -153,6 +189,13 @@ def main() -> None:
         print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['sdpa_ms']:>8.3f} {r['triton_ms']:>10.3f} "
               f"{r['vs_sdpa']:>7.2f}x {r['vs_fastest_sdpa']:>6.2f}x ({r['fastest_sdpa']}) {r['kv_gbps']:>8.0f} "
               f"{r['of_copy']:>8.1%} {r['tflops']:>8.1f} {r['rel_err']:>8.1e}  {r['best_config']}")
+
+    print("\nRoPE inside the kernel vs the rope kernels + the kernel (same pre-RoPE q/k; each at its best config):")
+    print(f"{'case':<18} {'kv':<14} {'seqs x ctx+new':<16} {'inside ms':>10} {'kernels ms':>11} {'speedup':>8} "
+          f"{'rel err':>8}")
+    for r in rope_rows:
+        print(f"{r['case']:<18} {r['kv']:<14} {r['seqs']}x{r['context']}+{r['new']:<9} {r['rope_inside_ms']:>10.4f} "
+              f"{r['rope_kernels_ms']:>11.4f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,72 @@ def test_llama_head_dims_in_fp16(head_dim):
         assert torch.equal(tri_cache, ref_cache)
         assert torch.isfinite(out.float()).all() and out.dtype == torch.float16
         assert rel_err(out, ref) < 2e-3
+
+
+def rope_tables(positions, head_dim, dtype, base=10000.0):
+    """cos/sin as the graph feeds them: [1, 1, tokens, head_dim], one row per token's position."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    ang = positions.float()[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype)[None, None], ang.sin().to(dtype)[None, None]
+
+
+def step_positions(lens, qsl):
+    return torch.cat([torch.arange(int(n) - int(e - s), int(n)) for n, s, e in zip(lens, qsl[:-1], qsl[1:])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new,context,kv_heads,group", [CASES[1], CASES[3], CASES[4]])
+def test_rope_inside_matches_rope_then_attention(new, context, kv_heads, group, dtype):
+    """cos/sin given: q and k arrive before RoPE; the kernel rotates q as it loads it and k as it stores it.
+    Equal to the reference (RoPE, then attention) and to the unfused Triton path (rope kernels, then the
+    kernel), with the cache holding the rotated keys."""
+    from workbench.kernels import triton_pointwise as tp
+
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=kv_heads, group=group,
+                                                         head_dim=16, page=4, dtype=dtype, seed=5)
+    cos, sin = rope_tables(step_positions(lens, qsl), 16, dtype)
+    ref_cache, tri_cache, unfused_cache = cache.clone(), cache.clone(), cache.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, cos=cos, sin=sin)
+    assert not torch.equal(ref_cache, cache)
+    want = ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), v, unfused_cache, slots, tables, lens,
+                              qsl, 0.3)
+    for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 2}):
+        tri_cache.copy_(cache)
+        out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, config=config, cos=cos, sin=sin)
+        assert torch.equal(tri_cache, unfused_cache)  # the rotated keys, rounded as the rope kernel rounds them
+        assert rel_err(tri_cache, ref_cache) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(out, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_rope_inside_with_fp8_cache():
+    """The FP8 cache stores the rotated keys / k_scale; attention reads them back from it."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step([5, 1, 3], [0, 9, 4], kv_heads=2, group=2, head_dim=16,
+                                                         page=4, dtype=torch.bfloat16, seed=6)
+    cos, sin = rope_tables(step_positions(lens, qsl), 16, torch.bfloat16)
+    fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ref_cache, tri_cache = fp8.clone(), fp8.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, 0.05, 0.02, cos=cos, sin=sin)
+    out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, None, 0.05, 0.02, cos=cos, sin=sin)
+    r, g = ref_cache.float(), tri_cache.float()
+    assert ((g - r).abs() <= 0.5 * r.abs() + 1e-3).all()  # the interpreter's e4m3 rounding: a neighbour at worst
+    # the attention against the reference over the keys the kernel stored (the interpreter rounds some of them to
+    # a neighbour, see test_write_kv_fp8_rounding): they are on the FP8 grid, so the reference stores them as is
+    flat = tri_cache.view(2, -1, 2, 16)
+    k_stored = (flat[0, slots].float() * 0.05).to(torch.bfloat16).transpose(0, 1)[None]
+    v_stored = (flat[1, slots].float() * 0.02).to(torch.bfloat16).transpose(0, 1)[None]
+    again = fp8.clone()
+    ref_stored = fused.paged_attention(fused.rope(q, cos, sin), k_stored, v_stored, again, slots, tables, lens, qsl,
+                                       0.3, None, 0.05, 0.02)
+    assert torch.equal(again.view(torch.uint8), tri_cache.view(torch.uint8))
+    assert rel_err(out, ref_stored) < 1e-2
+
+
+def test_attention_output_is_token_major():
+    """The output is a [1, heads, tokens, dim] view of token-major memory: the graph's transpose + reshape after
+    attention is then a view, not a copy."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step([3, 4], [2, 0], kv_heads=2, group=2, head_dim=16, page=4,
+                                                         dtype=torch.float32, seed=7)
+    out = ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl)
+    assert out.transpose(1, 2).is_contiguous()

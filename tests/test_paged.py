@@ -17,7 +17,8 @@ def programs(request):
     lm = load_model(request.param)
     captured = capture_source(lm.source)
     graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
-    assert reports[-1].name == "insert_paged_attention" and reports[-1].accepted
+    assert [r.name for r in reports[-2:]] == ["insert_paged_attention", "fuse_rope_into_attention"]
+    assert all(r.accepted for r in reports) and all(r.matches for r in reports[-2:])
     return (program_for(captured.graph, captured.constants, lm.source),
             program_for(graph, captured.constants, lm.source))
 
@@ -71,7 +72,7 @@ def test_window_less_paged_attention_is_rejected_on_mistral(monkeypatch):
     lm = load_model("tiny-mistral")
     captured = capture_source(lm.source)
     graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
-    last = reports[-1]
-    assert last.name == "insert_paged_attention" and not last.accepted
+    last = next(r for r in reports if r.name == "insert_paged_attention")
+    assert not last.accepted
     assert last.first_diverging.startswith("paged_attention")
     assert not graph.meta.get("paged")

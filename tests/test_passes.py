@@ -37,7 +37,11 @@ def test_each_fusion_matches_once_per_layer(optimized):
     lm, captured, graph, reports = optimized
     layers = range(lm.model.config.num_hidden_layers)
     assert per_layer(graph, "workbench.paged_attention") == {i: 1 for i in layers}
-    assert per_layer(graph, "workbench.rope") == {i: 2 for i in layers}
+    assert per_layer(graph, "workbench.rope") == {}  # fused, then moved into the attention
+    assert all(n.kwargs.keys() == {"cos", "sin"} for n in graph.nodes if n.op == "workbench.paged_attention")
+    for name in ("fuse_rope", "fuse_rope_into_attention"):
+        matched = Counter(m.layer for r in reports if r.name == name for m in r.matches)
+        assert matched == {i: (2 if name == "fuse_rope" else 1) for i in layers}, name
     assert per_layer(graph, "workbench.silu_mul") == {i: 1 for i in layers}
     norms = Counter(n.layer for n in graph.nodes if n.op in ("workbench.rms_norm", "workbench.add_rms_norm"))
     assert norms == {**{i: 2 for i in layers}, None: 1}  # two per layer and the final norm

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.kernels import fused
 from workbench.kernels import gemm as G
 from workbench.quant import CalibrationStats, PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
 from workbench.quant.apply import smoothing_factors
@@ -99,6 +100,17 @@ def test_calibration_sees_every_group_input_and_layer(program, stats):
     assert torch.equal(stats.weights["layers.0.down"], w.abs().amax(dim=1))
     k_scale, v_scale = stats.kv_scales(0)
     assert k_scale > 0 and v_scale > 0
+    # RoPE runs inside the attention (fuse_rope_into_attention): the K statistics are the rotated keys'
+    attn = next(n for n in program.graph.nodes if n.op == "workbench.paged_attention" and n.layer == 1)
+    assert "cos" in attn.kwargs
+    seen_kv = []
+    program.run(_observe=({attn.name}, lambda n, op, a, k: seen_kv.append((a, k))), **cache_for(
+        program.graph, num_blocks=6).step_inputs([(0, ids[0].tolist()), (1, ids[1].tolist())]))
+    (a, kw), = seen_kv
+    rotated = fused.rope(a[1], kw["cos"], kw["sin"])
+    assert not torch.equal(rotated.abs().amax(), a[1].abs().amax())
+    assert torch.equal(one.kv[1]["k"].amax(), rotated.abs().amax())
+    assert torch.equal(one.kv[1]["v"].amax(), a[2].abs().amax())
 
 
 def test_statistics_round_trip_and_refuse_another_model(program, stats, tmp_path):

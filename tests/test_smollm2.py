@@ -112,9 +112,9 @@ def test_cli_capture_info_generate(tmp_path, capsys):
     # the passes stage: its report, its record, and the optimized graph generating the same text
     assert main(["optimize", str(ws_dir), "--skip", "fuse_rope"]) == 0
     out = capsys.readouterr().out
-    assert "fuse_attention" in out and "fuse_rope" not in out
+    assert "fuse_attention" in out and "fuse_rope" not in {line.split()[0] for line in out.splitlines() if line.strip()}
     assert ws.status("passes") == "ok" and ws.record("passes")["upstream"].keys() == {"capture"}
-    assert [r["name"] for r in ws.read_json("passes", "report.json")][-1] == "insert_paged_attention"
+    assert [r["name"] for r in ws.read_json("passes", "report.json")][-1] == "fuse_rope_into_attention"
     assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3", "--stage", "passes"]) == 0
     assert "The capital of France is Paris" in capsys.readouterr().out
 
@@ -150,7 +150,7 @@ def test_optimized_graph_matches_and_fuses_once_per_layer(smol, smol_optimized, 
     assert all(r.accepted for r in reports)
     ops = Counter((n.op, n.layer) for n in program.graph.nodes)
     for layer in range(30):
-        assert ops[("workbench.paged_attention", layer)] == 1 and ops[("workbench.rope", layer)] == 2
+        assert ops[("workbench.paged_attention", layer)] == 1 and ops[("workbench.rope", layer)] == 0  # inside it
         assert ops[("workbench.silu_mul", layer)] == 1
     linears = Counter(m.what for r in reports if r.name == "fuse_parallel_linears" for m in r.matches)
     assert linears == {"qkv": 30, "gate_up": 30}

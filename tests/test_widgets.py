@@ -36,7 +36,9 @@ def test_pass_widget_runs_the_ticked_passes(ws):
     # tick it again and re-run: the stage is rewritten with it
     w.checkboxes["fuse_rope"].value = True
     w.run_button.click()
-    assert sum(n.op == "workbench.rope" for n in w.graph.nodes) == 4
+    attention = [n for n in w.graph.nodes if n.op == "workbench.paged_attention"]
+    assert len(attention) == 2 and all("cos" in n.kwargs for n in attention)  # fused ropes, moved into attention
+    assert "fuse_rope" in [r["name"] for r in ws.read_json("passes", "report.json")]
     assert "nodes" in w.status.value and set(w.figures) == {"waterfall", "layer"}
 
 
@@ -63,7 +65,8 @@ def test_pass_figures_show_the_reports(ws):
     assert list(nodes.x[1:-1]) == list(DEFAULT_PIPELINE)
     fig = pass_layer_figure(before, graph, reports, layer=1)
     shown = {t.name.split(": ")[1]: len(t.x) for t in fig.data if t.name.startswith("optimized")}
-    assert shown["insert_paged_attention"] == 1 and shown["fuse_rope"] == 2 and shown["fuse_silu_mul"] == 1
+    # the attention node was last rewritten by the pass that moved RoPE into it; no rope node is left
+    assert shown["fuse_rope_into_attention"] == 1 and "fuse_rope" not in shown and shown["fuse_silu_mul"] == 1
     assert sum(len(t.x) for t in fig.data if t.name.startswith("captured")) == sum(n.layer == 1 for n in before.nodes)
     assert set(shown) <= set(PASSES) | {"unchanged"}
 

@@ -10,6 +10,8 @@ same ops by the kernels issue.
     workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
     workbench.rope(x, cos, sin)                     x * cos + rotate_half(x) * sin
     workbench.attention(q, k, v, mask, scale)       SDPA reading k, v with fewer heads (GQA/MQA)
+    workbench.paged_attention(q, k, v, kv_cache, ..., cos=, sin=)
+                                                    the same over a paged KV cache; with cos/sin, RoPE first
 
 FP8 producers (the quant stage puts them before FP8 linears with static activation scales, so the GEMM
 reads x already quantized and no separate quantization pass runs; the rounding is exactly the
@@ -103,7 +105,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float | None = None,
                     window: int | None = None, k_scale: float | None = None,
-                    v_scale: float | None = None) -> torch.Tensor:
+                    v_scale: float | None = None, *, cos: torch.Tensor | None = None,
+                    sin: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over a paged KV cache for a flat batch of sequences (batch dim 1).
 
     Writes the new tokens' k and v ([1, kv_heads, tokens, head_dim]) into ``kv_cache``
@@ -115,7 +118,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
     An FP8 (e4m3) cache holds k / k_scale and v / v_scale (per-layer scales, saturated to ±448)
     and is read back times the scale.
+
+    With ``cos`` and ``sin`` ([1, 1, tokens, head_dim], the ``fuse_rope_into_attention`` pass) q and k
+    arrive before their rotary embedding, and it is applied first: ``rope(q, cos, sin)``, ``rope(k, cos, sin)``.
     """
+    if cos is not None:
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
     quant = kv_cache.dtype == torch.float8_e4m3fn

@@ -29,7 +29,11 @@ alone cannot fill the GPU.
 FP8 caches store value / scale, saturated).
 
 Dots run in the input dtype (bf16/fp16 tensor cores) with fp32 accumulation; in fp32,
-or under the CPU interpreter (whose bf16 arithmetic is wrong), they run in fp32 (ieee).
+or under the CPU interpreter (whose bf16 arithmetic is wrong), they run in fp32 (ieee). Over an
+FP8 cache they run in fp16 whatever q's 16-bit dtype (``DOT_F16``): e4m3 converts to fp16 in one
+instruction per pair but to bf16 only through more, which made that kernel convert-bound (64% of
+copy bandwidth at 256 sequences × 1500 tokens on the H100, 75% in fp16). fp16 holds every e4m3
+value and the probabilities with more precision than bf16; q is saturated to fp16's range.
 """
 
 from __future__ import annotations
@@ -48,23 +52,43 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
 @triton.jit
-def _write_kv_kernel(K, V, C, SLOTS, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_slot, sc_h, k_scale, v_scale,
-                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     QUANT: tl.constexpr):
-    """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``."""
+def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_slot, sc_h, scos_t,
+                     sko_h, sko_t, k_scale, v_scale, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr, ROPE: tl.constexpr,
+                     HAS_K_OUT: tl.constexpr):
+    """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
+    halves of the head dim; with ROPE, K rotated first (as ``workbench.rope`` does: fp32, one rounding to
+    K's dtype) and, with HAS_K_OUT, the rotated K also written to K_OUT for the attention to read."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < KV_HEADS) & (d < HEAD_DIM)
-    k = tl.load(K + h * sk_h + t * sk_t + d, mask=mask)
-    v = tl.load(V + h * sv_h + t * sv_t + d, mask=mask)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < KV_HEADS) & (d < HALF)
+    k1 = tl.load(K + h * sk_h + t * sk_t + d, mask=mask)
+    k2 = tl.load(K + h * sk_h + t * sk_t + HALF + d, mask=mask)
+    v1 = tl.load(V + h * sv_h + t * sv_t + d, mask=mask)
+    v2 = tl.load(V + h * sv_h + t * sv_t + HALF + d, mask=mask)
+    if ROPE:
+        c1 = tl.load(COS + t * scos_t + d, mask=d < HALF, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + t * scos_t + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + t * scos_t + d, mask=d < HALF, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + t * scos_t + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
+        k1 = (x1 * c1 - x2 * s1).to(K.dtype.element_ty)
+        k2 = (x2 * c2 + x1 * s2).to(K.dtype.element_ty)
+        if HAS_K_OUT:
+            tl.store(K_OUT + h * sko_h + t * sko_t + d, k1, mask=mask)
+            tl.store(K_OUT + h * sko_h + t * sko_t + HALF + d, k2, mask=mask)
     if QUANT:  # FP8 cache: value / scale, saturated to the format's range (e4m3: ±448)
-        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
-        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
+        k1 = tl.clamp(k1.to(tl.float32) / k_scale, -448.0, 448.0)
+        k2 = tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0)
+        v1 = tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0)
+        v2 = tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0)
     dst = C + slot * sc_slot + h * sc_h + d
-    tl.store(dst, k.to(C.dtype.element_ty), mask=mask)
-    tl.store(dst + sc_kv, v.to(C.dtype.element_ty), mask=mask)
+    tl.store(dst, k1.to(C.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, k2.to(C.dtype.element_ty), mask=mask)
+    tl.store(dst + sc_kv, v1.to(C.dtype.element_ty), mask=mask)
+    tl.store(dst + sc_kv + HALF, v2.to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -95,12 +119,12 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE,
-        sq_h, sq_t, sk_h, sk_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
+        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN,
+        sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h, scos_t,
         num_seqs, s_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
-        SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr):
+        SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     # last query blocks first: they have the most keys (causal), so the long programs start early
     # and the short ones fill the tail
@@ -130,10 +154,21 @@ def _paged_attention_kernel(
         row_ok = tok < n_q
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_row = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_row + d[None, :], mask=q_mask, other=0.0)
+        if ROPE:  # rotary embedding on the way in, rounded to q's dtype as workbench.rope rounds it
+            half: tl.constexpr = HEAD_DIM // 2
+            partner = tl.load(q_row + ((d + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            cs_off = (q_begin + tok)[:, None].to(tl.int64) * scos_t + d[None, :]
+            c = tl.load(COS + cs_off, mask=q_mask, other=0.0).to(tl.float32)
+            s = tl.load(SIN + cs_off, mask=q_mask, other=0.0).to(tl.float32)
+            sign = tl.where(d < half, -1.0, 1.0)[None, :]
+            q = (q.to(tl.float32) * c + sign * partner * s).to(Q.dtype.element_ty)
         if DOT_FP32:
             q = q.to(tl.float32)
+        elif DOT_F16:  # every dot in fp16 (see the module's docstring)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         pos = context + tok  # each row's query position
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -173,21 +208,21 @@ def _paged_attention_kernel(
             if not HAS_WINDOW:
                 full_end = (q_start + 1) // BLOCK_N * BLOCK_N
             kv_base = K + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
-            vv_base = V + kv_head * sk_h + q_begin.to(tl.int64) * sk_t
+            vv_base = V + kv_head * sv_h + q_begin.to(tl.int64) * sv_t
             for j0 in range(new_start, full_end, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 if BLOCK_D == HEAD_DIM:  # every key of these tiles exists: unpredicated loads
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :])
-                    v = tl.load(vv_base + j[:, None] * sk_t + d[None, :])
+                    v = tl.load(vv_base + j[:, None] * sv_t + d[None, :])
                 else:
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
-                    v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                    v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=d_ok[None, :], other=0.0)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 j_ok = j < n_q
                 k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(vv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
                 kp = context + j
                 allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
                 if HAS_WINDOW:
@@ -227,6 +262,7 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
+    {"BLOCK_Q": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLITS": 1},    # bf16 cache: 97% of copy
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
@@ -244,44 +280,75 @@ CONFIGS = [
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+             k_scale: float = 1.0, v_scale: float = 1.0, cos: torch.Tensor | None = None,
+             sin: torch.Tensor | None = None, k_out: torch.Tensor | None = None) -> None:
     """Scatter the new tokens' K and V ([1, kv_heads, tokens, head_dim], any strides with unit last
-    stride) into their cache slots; an FP8 cache stores value / scale, saturated."""
+    stride) into their cache slots; an FP8 cache stores value / scale, saturated. With ``cos``/``sin``
+    (``[tokens, head_dim]`` rows), K is rotated first and, given ``k_out``, the rotated K written there too."""
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
+    if head_dim % 2:
+        raise ValueError(f"write_kv: head_dim must be even (the kernel copies it in two halves), not {head_dim}")
     tokens = k.shape[2]
     if tokens == 0:
         return
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     flat = kv_cache.view(2, num_blocks * page, kv_heads, head_dim)
+    rope = cos is not None
+    cos, sin = (cos, sin) if rope else (k, k)  # unused
+    k_out_ = k if k_out is None else k_out
     _write_kv_kernel[(tokens,)](
-        k, v, flat, slot_mapping, k.stride(1), k.stride(2), v.stride(1), v.stride(2), flat.stride(0), flat.stride(1),
-        flat.stride(2), float(k_scale), float(v_scale), KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        QUANT=kv_cache.dtype in FP8_DTYPES, num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+        k, v, flat, slot_mapping, cos, sin, k_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        flat.stride(0), flat.stride(1), flat.stride(2), cos.stride(0) if rope else 0, k_out_.stride(1),
+        k_out_.stride(2), float(k_scale), float(v_scale), KV_HEADS=kv_heads, HALF=head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=rope and k_out is not None,
+        num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+
+
+def _rope_rows(t: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:
+    """cos or sin ([.., tokens, head_dim], one row per token; the graph's [1, 1, tokens, head_dim]) as
+    [tokens, head_dim] with a unit last stride."""
+    rows = t.reshape(-1, head_dim)
+    if rows.shape[0] != tokens:
+        raise ValueError(f"paged_attention: cos/sin hold {rows.shape[0]} rows of {head_dim}, not one per token "
+                         f"({tokens}); pass [1, 1, tokens, head_dim] tables")
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float | None = None, window: int | None = None,
                     k_scale: float | None = None, v_scale: float | None = None,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, *, cos: torch.Tensor | None = None,
+                    sin: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the reference ``workbench.paged_attention`` (see ``kernels/fused.py``)."""
     config = config or CONFIGS[0]
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
-    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     heads, tokens = q.shape[1], q.shape[2]
+    # this step's own keys are read from k/v as given (no gather) unless the cache rounds them (FP8)
+    new_from_input = kv_cache.dtype == k.dtype
+    rope = cos is not None
+    if rope:  # q rotated inside the attention kernel; k by the cache write, into k_out when read from there
+        cos, sin = _rope_rows(cos, tokens, head_dim), _rope_rows(sin, tokens, head_dim)
+        if new_from_input:
+            k_roped = torch.empty(1, tokens, kv_heads, head_dim, dtype=k.dtype, device=k.device).transpose(1, 2)
+        write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_roped if new_from_input else None)
+        if new_from_input:
+            k = k_roped
+    else:
+        write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     group = heads // kv_heads
     if q.stride(-1) != 1:
         q = q.contiguous()
-    # this step's own keys are read from k/v as given (no gather) unless the cache rounds them (FP8)
-    new_from_input = kv_cache.dtype == k.dtype
-    if new_from_input and (k.stride(-1) != 1 or v.stride() != k.stride()):
-        k, v = k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
+    if new_from_input:
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    # token-major ([1, tokens, heads, dim] underneath): the graph's transpose + reshape after it copies nothing
+    out = torch.empty(1, tokens, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     seqs = seq_lens.shape[0]
     block_q = max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
     interpret = bool(os.environ.get("TRITON_INTERPRET"))
+    dot_f16 = kv_cache.dtype in FP8_DTYPES and q.dtype != torch.float32  # the interpreter's fp16 is right
     splits = config.get("SPLITS", 1)
     grid = (tokens // block_q + seqs, kv_heads, splits)
     kc, vc = kv_cache[0], kv_cache[1]
@@ -290,16 +357,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         lse = torch.empty(splits, heads, tokens, dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    if not rope:
+        cos = sin = q  # unused
     scale = head_dim ** -0.5 if scale is None else scale
     _paged_attention_kernel[grid](
-        q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse,
-        q.stride(1), q.stride(2), k.stride(1), k.stride(2), out.stride(1), out.stride(2),
+        q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin,
+        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), cos.stride(0) if rope else 0,
         seqs, scale * k_scale * LOG2E, v_scale, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
-        DOT_FP32=interpret or q.dtype == torch.float32, SPLITS=splits, NEW_FROM_INPUT=new_from_input,
+        DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
+        NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _combine_kernel[(tokens, heads)](

@@ -224,7 +224,12 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
             stats.channels[g].update(x)
         elif attention.get(node) is not None:
             kv = stats.kv[attention[node]]
-            kv["k"].update(args[1])
+            k = args[1]
+            if kwargs.get("cos") is not None:  # RoPE inside the attention: the cache holds the rotated keys
+                from ..kernels.fused import rope
+
+                k = rope(k, kwargs["cos"], kwargs["sin"])
+            kv["k"].update(k)
             kv["v"].update(args[2])
 
     watched = set(first_node) | {n for n, layer in attention.items() if layer is not None}

@@ -20,6 +20,7 @@ DEFAULT_PIPELINE = (
     "fuse_attention",
     "fuse_parallel_linears",
     "insert_paged_attention",
+    "fuse_rope_into_attention",
 )
 
 __all__ = ["DEFAULT_PIPELINE", "GraphPass", "Match", "PASSES", "PassReport", "register_pass", "run_passes",

@@ -63,3 +63,41 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
     g.meta["paged"] = {"block_size": block_size, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
                        "dtype": k_spec.dtype}
     return matches
+
+
+def _is_one(rw: Rewriter, dim) -> bool:
+    """A dim that is 1: the literal, or a named dim pinned to 1 (``batch`` in a paged graph)."""
+    if isinstance(dim, str):
+        r = rw.graph.dims.get(dim, {})
+        return r.get("min") == r.get("max") == 1
+    return dim == 1
+
+
+@register_pass("fuse_rope_into_attention",
+               "rope(q), rope(k) -> workbench.paged_attention(q, k, ..., cos=, sin=): RoPE inside the attention")
+def fuse_rope_into_attention(rw: Rewriter) -> list[Match]:
+    """The rotary embedding of q and k moves into the paged attention that reads them: its kernel rotates q
+    as it loads it and k as it writes the cache, and the two rope kernels per layer are gone (at batch 1 a
+    layer's launches are most of its cost). Matches where both ropes use the same cos/sin
+    ([1, 1, tokens, head_dim]: one row per token), keep their input's dtype, and are read by nothing else."""
+    matches = []
+    for n in rw.graph.nodes:
+        if n.op != "workbench.paged_attention" or "cos" in n.kwargs:
+            continue
+        rq, rk = rw.only_reader(n.args[0], n), rw.only_reader(n.args[1], n)
+        if not (rq is not None and rk is not None and rq.op == rk.op == "workbench.rope" and rq is not rk):
+            continue
+        if rq.args[1:] != rk.args[1:]:
+            continue
+        cos = rw.spec(rq.args[1])
+        if cos is None or len(cos.shape) != 4 or not all(_is_one(rw, d) for d in cos.shape[:2]):
+            continue
+        if any(rw.spec(r.args[0]) is None or r.out is None or rw.spec(r.args[0]).dtype != r.out.dtype
+               for r in (rq, rk)):
+            continue
+        n.args = [rq.args[0], rk.args[0], *n.args[2:]]
+        n.kwargs = {**n.kwargs, "cos": rq.args[1], "sin": rq.args[2]}
+        matches.append(Match("rope into paged_attention", n.layer, [rq.name, rk.name, n.name], [n.name]))
+    if matches:
+        rw.refresh()
+    return matches
