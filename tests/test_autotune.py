@@ -88,6 +88,32 @@ def test_tunes_chooses_and_reuses(program, tmp_path):
     assert paged_greedy(program.with_choices(choices), prompt, 12) == paged_greedy(program, prompt, 12)
 
 
+def test_keys_that_differ_only_in_float_scalars_share_one_timing(program, tmp_path):
+    """Layer 1's attention given another softmax scale (as each layer of an FP8 graph has its own KV scales):
+    its key is new, but it launches the same kernels on the same shapes, so it reuses layer 0's timings."""
+    import copy
+
+    from workbench.graph.executor import Program
+
+    plain = TimingCache.open(tmp_path / "plain.json")
+    plain_timer = PlantedTimer()
+    autotune(program, steps(program), plain, timer=plain_timer, progress=False)
+    graph = copy.deepcopy(program.graph)
+    attn = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    attn[1].args = [*attn[1].args[:8], 0.3, *attn[1].args[9:]]
+    scaled = Program(graph, program.params)
+    cache, timer = TimingCache.open(tmp_path / "scaled.json"), PlantedTimer()
+    choices = autotune(scaled, steps(scaled), cache, timer=timer, progress=False)
+    assert timer.calls == plain_timer.calls  # nothing more was timed
+    shared = {k: e for k, e in cache.entries.items() if "same_work_as" in e}
+    assert len(cache.entries) == len(plain.entries) + len(shared) and len(shared) == 2  # prefill and decode
+    for e in shared.values():
+        assert e["timings"] == cache.entries[e["same_work_as"]]["timings"] and '0.3' not in e["same_work_as"]
+    assert choices[attn[1].name] == choices[attn[0].name]
+    reopened = TimingCache.open(tmp_path / "scaled.json")  # written to disk too
+    assert reopened.entries.keys() == cache.entries.keys()
+
+
 def test_interrupted_tuning_resumes(program, tmp_path):
     path = tmp_path / "timings.json"
     with pytest.raises(KeyboardInterrupt):
@@ -244,8 +270,8 @@ def test_tune_stage_persists_resumes_and_runs(tmp_path):
     saved = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
     assert saved == tuned and saved.edges == [2, 24]
     # the two buckets were tuned at their own shapes: decode keys see 2 tokens, prefill keys 24
-    rope_tokens = {json.loads(k)[1][0][0][2] for k, e in entries.items() if e["op"] == "workbench.rope"}
-    assert rope_tokens == {2, 24}
+    q_tokens = {json.loads(k)[1][0][0][2] for k, e in entries.items() if e["op"] == "workbench.paged_attention"}
+    assert q_tokens == {2, 24}
     again = tune_stage(ws, profile, device="cpu", timer=PlantedTimer(stop_after=0), progress=False)
     assert again == tuned  # everything came from the cache
     prompt = torch.tensor([5, 9, 11, 2, 30])

@@ -8,7 +8,8 @@
 How it works:
   1. each example step runs once through the program, recording the arguments each node
      whose op has tactics receives (their shapes and dtypes make the key);
-  2. for every distinct key (op, argument shapes and dtypes: identical layers are tuned once)
+  2. for every distinct key (op, argument shapes and dtypes: identical layers are tuned once;
+     keys that differ only in float scalars, such as per-layer FP8 scales, share one timing)
      the reference and every tactic × config (the kernel module's ``CONFIGS``) that the tactic's
      ``prune`` keeps (resources, shape; with ``top_k``, the best of its cost model's ``rank``) are
      timed on those very arguments: on a GPU as CUDA-graph replays (kernel time, no launch
@@ -28,6 +29,7 @@ Opening it elsewhere raises a clear error instead of reusing timings that do not
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -65,6 +67,23 @@ def _describe(v: Any) -> Any:
 def instance_key(op: str, args: tuple, kwargs: Mapping[str, Any]) -> str:
     """Op and its arguments' shapes, dtypes and scalar values: equal keys run identical work."""
     return json.dumps([op, _describe(list(args)), {k: _describe(v) for k, v in sorted(kwargs.items())}])
+
+
+def _floats_masked(v: Any) -> Any:
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, list):
+        return [_floats_masked(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _floats_masked(x) for k, x in v.items()}
+    return v
+
+
+def work_key(key: str) -> str:
+    """``key`` with its float scalars masked: instances that differ only in such values (an epsilon, a
+    softmax scale, the per-layer FP8 KV-cache scales) launch the same kernels on the same shapes, so one
+    timing serves them all (the 32 layers of an FP8 graph are then tuned once, not 32 times)."""
+    return json.dumps(_floats_masked(json.loads(key)))
 
 
 @dataclass
@@ -218,6 +237,9 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     for step in steps:
         program.run(_observe=(tunable, record), **step)
     todo = [k for k in seen if k not in cache.entries]
+    timed = {}  # work key -> a cached key timed for that work
+    for key in cache.entries:
+        timed.setdefault(work_key(key), key)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -225,6 +247,13 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         bar = tqdm(total=len(todo), desc="autotune", unit="op")
     for key in todo:
         op, args, kwargs = seen[key]
+        same = timed.get(work_key(key))
+        if same is not None:  # the same kernels on the same shapes were timed already: their timings
+            cache.entries[key] = {"op": op, "timings": copy.deepcopy(cache.entries[same]["timings"]),
+                                  "same_work_as": same}
+            if bar is not None:
+                bar.update(1)
+            continue
         timings, calls = [], {}  # id(timing) -> its call, for the near-ties' re-measurements
         variants = rotations(args, kwargs, l2_bytes)
         for tactic, config, fn in _candidates(op, args, kwargs, top_k):
@@ -239,11 +268,14 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         refine(timings, lambda t: timer(calls[id(t)], op, t["tactic"], t["config"]))
         del variants, calls
         cache.entries[key] = {"op": op, "timings": timings}
+        timed.setdefault(work_key(key), key)
         cache.save()  # after every key: an interrupted run resumes here
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if todo:
+        cache.save()
     choices = {}
     for name, keys in node_keys.items():
         # a node seen at several shapes gets the candidate with the least total time over them,
