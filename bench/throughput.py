@@ -88,7 +88,7 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     while engine.has_unfinished:
-        engine.step()
+        engine.step(finished_only=True)  # as LLM.generate: no output copies for requests still running
     sync(device)
     end = time.perf_counter()
     outs = [engine.output(str(i)) for i in range(len(prompts))]
@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--load-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--policy", default="max_utilization", choices=("max_utilization", "guaranteed_no_evict"),
+                    help="the scheduler's admission policy")
     ap.add_argument("--memory-fraction", type=float, default=0.85)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--autotune", action="store_true")
@@ -253,7 +255,8 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for name, p in program.params.items() if name in read)
     layout = KVLayout.from_graph(graph)
     vocab = graph.meta["config"]["vocab_size"]
-    config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                             policy=args.policy)
     g = torch.Generator().manual_seed(0)
 
     def blocks_for(prompt_len, output_len, requests):
@@ -395,7 +398,8 @@ def main() -> None:
     print(f"\n{result['gpu']}, torch {torch.__version__}: {source.spec}, {args.precision} "
           f"{'+ fp8 KV cache ' if args.kv_cache == 'fp8' else ''}({weight_bytes / 2**30:.2f} GiB of weights read "
           f"per step); {'autotuned' if tune_s is not None else 'fixed tactics'}; "
-          f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}")
+          f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, "
+          f"policy {args.policy}")
     print(f"{'case':<58} {'workbench':>10} {'baseline':>13} {'ratio':>7}  notes (baseline: transformers "
           "unless the case says)")
     for case, ours, theirs, note in rows:

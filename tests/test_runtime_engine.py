@@ -271,6 +271,41 @@ def test_request_metrics_are_the_times_things_happened(program):
     assert engine.output("a").metrics["finished_time"] == m["finished_time"]  # asking again changes nothing
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_finished_only_steps_return_finished_requests_alone(program, async_scheduling):
+    """``step(finished_only=True)`` (what LLM.generate runs) returns the outputs of the requests that finished in
+    the step and nothing else; the requests' tokens and the timeline's finished counts are those of plain steps."""
+    def run(finished_only):
+        engine = LLMEngine(program, num_blocks=64, async_scheduling=async_scheduling)
+        for i, p in enumerate(prompts(5, seed=6)):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=2 + 3 * i, temperature=0, ignore_eos=True))
+        seen = []
+        while engine.has_unfinished:
+            outs = engine.step(finished_only=finished_only)
+            seen.append(sorted((o.request_id, o.finished) for o in outs))
+        return engine, seen
+
+    plain, plain_seen = run(False)
+    quiet, quiet_seen = run(True)
+    assert quiet_seen == [[o for o in step if o[1]] for step in plain_seen]
+    assert sum(len(s) for s in quiet_seen) == 5 and all(f for s in quiet_seen for _, f in s)
+    assert list(quiet.timeline()["finished"]) == list(plain.timeline()["finished"])
+    for i in range(5):
+        a, b = plain.output(str(i)), quiet.output(str(i))
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 2 + 3 * i and a.logprobs == b.logprobs
+        assert a.prompt_token_ids == prompts(5, seed=6)[i]
+
+
+def test_to_device_keeps_the_values():
+    from workbench.runtime.sampling import to_device
+
+    values = [0, -1, 2**40, 7, 123456789]
+    assert to_device(values, torch.device("cpu")).tolist() == values
+    assert to_device(values, torch.device("cpu")).dtype == torch.long
+    assert to_device([], torch.device("cpu")).shape == (0,)
+    assert to_device([1.5, 2.0], torch.device("cpu"), torch.float32).tolist() == [1.5, 2.0]
+
+
 def test_graph_token_sizes_cover_the_budget():
     from workbench.runtime.executor import graph_token_sizes
 

@@ -48,7 +48,7 @@ from .scheduler import Scheduler, SchedulerConfig
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # one list shared by all of a request's outputs: read it, do not change it
     token_ids: list[int]
     text: str
     finished: bool
@@ -72,6 +72,7 @@ class _State:
     first_token_time: float | None = None
     finished_time: float | None = None
     finish_reason: str | None = None
+    prompt_ids: list[int] | None = None  # the prompt's ids, copied once: every output of the request shares it
 
 
 @dataclass(eq=False)
@@ -175,20 +176,23 @@ class LLMEngine:
         return self.scheduler.has_unfinished or self._pending is not None
 
     # ---- one step -------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, *, finished_only: bool = False) -> list[RequestOutput]:
         """Schedule and launch a step; return the outputs of the requests whose new token the host has
-        just seen (this step's, or with asynchronous scheduling the previous step's)."""
+        just seen (this step's, or with asynchronous scheduling the previous step's); with
+        ``finished_only``, of those that finished only. Each output copies its request's token ids and
+        log-probs so far, which at hundreds of running requests with long outputs is milliseconds of host
+        time a step: a caller that only waits for requests to finish (``LLM.generate``) skips it."""
         t0 = time.perf_counter()
         waiting_before = len(self.scheduler.waiting)
         out = self.scheduler.schedule()
         launched = self._launch(out) if not out.empty else None
         if self.async_scheduling:  # read the previous step back while this one runs
-            outputs = self._resolve(self._pending) if self._pending is not None else []
+            outputs = self._resolve(self._pending, finished_only) if self._pending is not None else []
             self._advance(out, launched)
             self._pending = launched
         else:
             self._advance(out, launched)
-            outputs = self._resolve(launched) if launched is not None else []
+            outputs = self._resolve(launched, finished_only) if launched is not None else []
         now = time.perf_counter()
         self.num_steps += 1
         self.steps.append({"step": self.num_steps - 1, "time": t0, "step_ms": (now - t0) * 1e3,
@@ -221,7 +225,7 @@ class LLMEngine:
             if req.status is Status.RUNNING and len(req.output_token_ids) >= req.max_tokens:
                 self.scheduler.finish(req.request_id, Status.FINISHED_LENGTH)
 
-    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+    def _resolve(self, launched: _Launched, finished_only: bool = False) -> list[RequestOutput]:
         """Read a step's tokens back: fill the placeholders, detokenize, check stops, build the outputs."""
         result = launched.sample.result()
         now = time.perf_counter()
@@ -250,7 +254,8 @@ class LLMEngine:
                     self.scheduler.finish(req.request_id, status)
                 else:  # left the scheduler at max_tokens already; a stop on that last token says "stop"
                     req.status = status
-            outputs.append(self._output(st))
+            if stop or not finished_only:
+                outputs.append(self._output(st))
         return outputs
 
     def _output(self, st: _State) -> RequestOutput:
@@ -261,7 +266,9 @@ class LLMEngine:
                    "num_preemptions": req.num_preemptions}
         ids = req.output_token_ids
         ids = ids[:-1] if ids and ids[-1] == PLACEHOLDER else list(ids)  # a token not read back yet
-        return RequestOutput(req.request_id, st.prompt, list(req.prompt_token_ids), ids,
+        if st.prompt_ids is None:
+            st.prompt_ids = list(req.prompt_token_ids)
+        return RequestOutput(req.request_id, st.prompt, st.prompt_ids, ids,
                              st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
 
     def output(self, request_id: str) -> RequestOutput:
@@ -345,7 +352,7 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generate", unit="request")
         while self.engine.has_unfinished:
-            done = sum(o.finished for o in self.engine.step())
+            done = len(self.engine.step(finished_only=True))
             if bar is not None and done:
                 bar.update(done)
         if bar is not None:

@@ -50,7 +50,7 @@ from .scheduler import SchedulerOutput
 
 
 #: Decode batch sizes captured as CUDA graphs (a step of b decodes replays the smallest bucket >= b).
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 
 
 def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
