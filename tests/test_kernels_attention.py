@@ -216,3 +216,16 @@ def test_attention_output_is_token_major():
                                                          dtype=torch.float32, seed=7)
     out = ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl)
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_bad_rope_tables_and_odd_head_dims_are_refused():
+    from workbench.errors import WorkbenchError
+
+    q, k, v, cache, slots, tables, lens, qsl = make_step([3, 2], [1, 0], kv_heads=2, group=2, head_dim=16, page=4,
+                                                         dtype=torch.float32, seed=8)
+    cos, sin = rope_tables(torch.arange(4), 16, torch.float32)  # 4 rows for 5 tokens
+    with pytest.raises(WorkbenchError, match="one per token"):
+        ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl, cos=cos, sin=sin)
+    odd = torch.zeros(2, 4, 4, 2, 15)
+    with pytest.raises(WorkbenchError, match="head_dim must be even"):
+        ta.write_kv(k[..., :15], v[..., :15], odd, slots)
