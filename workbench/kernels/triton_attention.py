@@ -128,7 +128,8 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
 @triton.jit
 def _paged_attention_kernel(
         Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN,
-        sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h, scos_t,
+        sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
+        scos_t,
         num_seqs, s_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -318,8 +319,8 @@ def _rope_rows(t: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:
     [tokens, head_dim] with a unit last stride."""
     rows = t.reshape(-1, head_dim)
     if rows.shape[0] != tokens:
-        raise WorkbenchError(f"paged_attention: cos/sin hold {rows.shape[0]} rows of {head_dim}, not one per token "
-                         f"({tokens}); pass [1, 1, tokens, head_dim] tables")
+        raise WorkbenchError(f"paged_attention: cos/sin hold {rows.shape[0]} rows of {head_dim}, not one per "
+                             f"token ({tokens}); pass [1, 1, tokens, head_dim] tables")
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
