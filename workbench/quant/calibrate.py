@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WorkbenchError
+from ..kernels.fused import rope
 from .observers import MaxObserver, Observer, make_observer
 from .plan import linear_groups, model_fingerprint
 
@@ -226,8 +227,6 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
             kv = stats.kv[attention[node]]
             k = args[1]
             if kwargs.get("cos") is not None:  # RoPE inside the attention: the cache holds the rotated keys
-                from ..kernels.fused import rope
-
                 k = rope(k, kwargs["cos"], kwargs["sin"])
             kv["k"].update(k)
             kv["v"].update(args[2])

@@ -72,7 +72,7 @@ class _State:
     first_token_time: float | None = None
     finished_time: float | None = None
     finish_reason: str | None = None
-    prompt_ids: list[int] | None = None  # the prompt's ids, copied once: every output of the request shares it
+    prompt_ids: list[int] = field(default_factory=list)  # copied once: every output of the request shares it
 
 
 @dataclass(eq=False)
@@ -147,7 +147,8 @@ class LLMEngine:
                       params=params)
         self.scheduler.add(req)  # validates the request against the cache and the budget
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        self.states[request_id] = _State(req, params, text, make_generator(params, self.executor.device), detok)
+        self.states[request_id] = _State(req, params, text, make_generator(params, self.executor.device), detok,
+                                         prompt_ids=list(ids))
         return request_id
 
     def check_token_ids(self, ids: list[int], stop_token_ids=()) -> None:
@@ -266,8 +267,6 @@ class LLMEngine:
                    "num_preemptions": req.num_preemptions}
         ids = req.output_token_ids
         ids = ids[:-1] if ids and ids[-1] == PLACEHOLDER else list(ids)  # a token not read back yet
-        if st.prompt_ids is None:
-            st.prompt_ids = list(req.prompt_token_ids)
         return RequestOutput(req.request_id, st.prompt, st.prompt_ids, ids,
                              st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
 
