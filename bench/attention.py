@@ -132,16 +132,20 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
     scales = (0.05, 0.02) if kv_dtype != torch.bfloat16 else (None, None)
     inputs = (q, k, v, cache, slots, tables, lens, qsl, None, None, *scales)
     configs = ta.prune(ta.CONFIGS, inputs[:8], {})
-    fused_out = ta.paged_attention(*inputs, cos=cos, sin=sin)
-    unfused_out = ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:])
+    def fused(config=None):
+        return ta.paged_attention(*inputs, config=config, cos=cos, sin=sin)
+
+    def unfused(config=None):
+        return ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:], config=config)
+
+    fused_out, unfused_out = fused(), unfused()
     err = ((fused_out.float() - unfused_out.float()).norm() / unfused_out.float().norm()).item()
 
     def best(fn):
         return min(time_fn(lambda c=c: fn(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
                    for c in configs)
 
-    fused_ms = best(lambda c: ta.paged_attention(*inputs, config=c, cos=cos, sin=sin))
-    unfused_ms = best(lambda c: ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:], config=c))
+    fused_ms, unfused_ms = best(fused), best(unfused)
     return {"case": name, "kv": str(kv_dtype).removeprefix("torch."), "seqs": seqs, "context": context, "new": new,
             "rope_inside_ms": fused_ms, "rope_kernels_ms": unfused_ms, "speedup": unfused_ms / fused_ms, "rel_err": err}
 

@@ -338,15 +338,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     # this step's own keys are read from k/v as given (no gather) unless the cache rounds them (FP8)
     new_from_input = kv_cache.dtype == k.dtype
     rope = cos is not None
-    if rope:  # q rotated inside the attention kernel; k by the cache write, into k_out when read from there
+    k_roped = None
+    if rope:  # q rotated inside the attention kernel; k by the cache write, into k_roped when read from there
         cos, sin = _rope_rows(cos, tokens, head_dim), _rope_rows(sin, tokens, head_dim)
         if new_from_input:
             k_roped = torch.empty(1, tokens, kv_heads, head_dim, dtype=k.dtype, device=k.device).transpose(1, 2)
-        write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_roped if new_from_input else None)
-        if new_from_input:
-            k = k_roped
-    else:
-        write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_roped)
+    if k_roped is not None:
+        k = k_roped
     group = heads // kv_heads
     if q.stride(-1) != 1:
         q = q.contiguous()
