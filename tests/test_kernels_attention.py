@@ -114,6 +114,29 @@ def test_fp8_kv_cache_matches_reference(new, context, kv_heads, group):
         assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_cache_read_in_int16_pairs(head_dim):
+    """At the family's head dims an FP8 cache is read as int16 pairs (even and odd elements in separate dots):
+    the result matches the reference and the byte-by-byte path, on a mixed decode/prefill/continuation step."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step([1, 6, 3], [9, 0, 5], kv_heads=2, group=4,
+                                                         head_dim=head_dim, page=4, dtype=torch.bfloat16, seed=8)
+    k_scale, v_scale = 2.0 ** -4, 2.0 ** -6
+    k, v = on_fp8_grid(k * 3, k_scale), on_fp8_grid(v * 0.5, v_scale)
+    fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ref_cache = fp8.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, None, None, k_scale, v_scale)
+    outs = []
+    for pairs in (True, False):
+        for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 2}):
+            tri_cache = fp8.clone()
+            out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, None, None, k_scale, v_scale,
+                                     config=dict(config, PAIRS=pairs))
+            assert torch.equal(tri_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+            assert rel_err(out, ref) < 1e-2
+            outs.append(out)
+    assert rel_err(outs[0], outs[2]) < 2e-3 and rel_err(outs[1], outs[3]) < 2e-3
+
+
 def test_write_kv_fp8_rounding():
     """Off-grid values: the stored bytes are torch's e4m3 rounding of value / scale (saturated).
     The interpreter's float -> e4m3 conversion rounds some values to a neighbour of the right one
