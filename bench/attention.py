@@ -15,6 +15,8 @@ Every config of the kernel's tuning space is timed; outputs are checked against 
 the FP8 cache writes against torch's own e4m3 rounding (bit-exact, on the GPU).
 rope     RoPE inside the kernel (q rotated as it is loaded, k as it is stored: the graph's
          ``fuse_rope_into_attention``) against the two rope kernels then the kernel, same inputs.
+pairs    over an FP8 cache: the cache read as int16 pairs (the kernel's default) against byte by byte
+         (``"PAIRS": False``), same inputs, each at its best config.
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -162,6 +164,33 @@ def fp8_write_is_exact(device) -> bool:
                 and torch.equal(flat[1, slots].view(torch.uint8), want_v.view(torch.uint8)))
 
 
+def run_pairs(name, seqs, context, new, args, device, ceiling):
+    """An FP8 cache read as int16 pairs against byte by byte: outputs compared, each at its best config."""
+    heads, kv_heads, head_dim, page = 32, 8, 128, 16
+    q, k, v, cache, slots, tables, lens, qsl = paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page,
+                                                            device, torch.bfloat16, torch.float8_e4m3fn)
+    inputs = (q, k, v, cache, slots, tables, lens, qsl, None, None, 0.05, 0.02)
+    configs = ta.prune(ta.CONFIGS, inputs[:8], {})
+
+    def call(config, pairs):
+        return ta.paged_attention(*inputs, config={**config, "PAIRS": pairs})
+
+    a, b = call(configs[0], True), call(configs[0], False)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def best(pairs):
+        timed = [(time_fn(lambda c=c: call(c, pairs), repeats=args.repeats, device=device, graph_calls=10).median_ms, c)
+                 for c in configs]
+        return min(timed, key=lambda t: t[0])
+
+    (pairs_ms, pairs_cfg), (bytes_ms, bytes_cfg) = best(True), best(False)
+    kv_bytes = 2 * seqs * (context + new) * kv_heads * head_dim
+    return {"case": name, "seqs": seqs, "context": context, "new": new, "pairs_ms": pairs_ms, "bytes_ms": bytes_ms,
+            "speedup": bytes_ms / pairs_ms, "pairs_of_copy": kv_bytes / (pairs_ms * 1e-3) / 1e9 / ceiling,
+            "bytes_of_copy": kv_bytes / (bytes_ms * 1e-3) / 1e9 / ceiling, "rel_err": err,
+            "pairs_config": pairs_cfg, "bytes_config": bytes_cfg}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -177,10 +206,14 @@ def main() -> None:
                  run_rope("decode", 64, 4096, 1, args, device),
                  run_rope("decode fp8", 256, 1500, 1, args, device, torch.float8_e4m3fn),
                  run_rope("prefill", 4, 0, 4096, args, device)]
+    pairs_rows = [run_pairs("decode fp8", 64, 4096, 1, args, device, ceiling),
+                  run_pairs("decode fp8", 256, 1500, 1, args, device, ceiling),
+                  run_pairs("decode fp8", 384, 1500, 1, args, device, ceiling),
+                  run_pairs("prefill fp8", 4, 0, 4096, args, device, ceiling)]
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
-        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows}, indent=1,
+        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows}, indent=1,
                                        default=str))
     print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
@@ -200,6 +233,14 @@ def main() -> None:
     for r in rope_rows:
         print(f"{r['case']:<18} {r['kv']:<14} {r['seqs']}x{r['context']}+{r['new']:<9} {r['rope_inside_ms']:>10.4f} "
               f"{r['rope_kernels_ms']:>11.4f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}")
+
+    print("\nFP8 cache read as int16 pairs vs byte by byte (same inputs; each at its best config):")
+    print(f"{'case':<18} {'seqs x ctx+new':<16} {'pairs ms':>9} {'of copy':>8} {'bytes ms':>9} {'of copy':>8} "
+          f"{'speedup':>8} {'rel err':>8}  pairs config")
+    for r in pairs_rows:
+        print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['pairs_ms']:>9.4f} {r['pairs_of_copy']:>8.1%} "
+              f"{r['bytes_ms']:>9.4f} {r['bytes_of_copy']:>8.1%} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  "
+              f"{r['pairs_config']}")
 
 
 if __name__ == "__main__":

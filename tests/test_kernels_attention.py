@@ -137,6 +137,21 @@ def test_fp8_cache_read_in_int16_pairs(head_dim):
     assert rel_err(outs[0], outs[2]) < 2e-3 and rel_err(outs[1], outs[3]) < 2e-3
 
 
+def test_prune_offers_bytes_and_pairs_for_fp8_prefill_only():
+    """Split-KV configs for decode only; over an FP8 cache, prefill steps also time each config byte by byte."""
+    for dtype, new, want_bytes in ((torch.float8_e4m3fn, [6, 3], True), (torch.float8_e4m3fn, [1, 1], False),
+                                   (torch.bfloat16, [6, 3], False)):
+        q, k, v, cache, slots, tables, lens, qsl = make_step(new, [2, 5], kv_heads=2, group=2, head_dim=64, page=4,
+                                                             dtype=torch.bfloat16, seed=9)
+        kept = ta.prune(ta.CONFIGS, (q, k, v, cache.to(dtype), slots, tables, lens, qsl), {})
+        decode = new == [1, 1]
+        assert any(c["SPLITS"] > 1 for c in kept) == decode
+        bytewise = [c for c in kept if c.get("PAIRS") is False]
+        assert bool(bytewise) == want_bytes
+        if want_bytes:
+            assert [{**c, "PAIRS": False} for c in kept if "PAIRS" not in c] == bytewise
+
+
 def test_write_kv_fp8_rounding():
     """Off-grid values: the stored bytes are torch's e4m3 rounding of value / scale (saturated).
     The interpreter's float -> e4m3 conversion rounds some values to a neighbour of the right one
