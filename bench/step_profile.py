@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.cache and not args.autotune:  # else the cache would be silently ignored: default tactics
+        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
     device = args.device
     cuda = device.startswith("cuda")
     steps = [Step(int(s), 1, int(c)) for s, c in (x.split("x") for x in args.steps.split(","))]

@@ -223,6 +223,8 @@ def main() -> None:
                     help="offline and load: also run steps with prompt chunks eagerly (the ratio's baseline)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.cache and not args.autotune:  # else the cache would be silently ignored: default tactics
+        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
     cases = set(args.cases.split(","))
     device = args.device
     cuda = device.startswith("cuda")
