@@ -109,14 +109,11 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One K/V tile of the online softmax, in base 2 (``s_scale`` includes log2 e): scores are scaled
-    inside the exponent's FMA, never stored scaled. Unmasked tiles (every key visible to every row)
-    skip the masking and the guard for rows that see nothing yet."""
-    if DOT_FP32:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+def _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED: tl.constexpr):
+    """The online softmax over one tile's scores, in base 2 (``s_scale`` includes log2 e): scores are
+    scaled inside the exponent's FMA, never stored scaled. Unmasked tiles (every key visible to every
+    row) skip the masking and the guard for rows that see nothing yet. Returns the tile's
+    probabilities, the factor the accumulated output is rescaled by, the new row maxima and sums."""
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * s_scale)
@@ -126,6 +123,17 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s * s_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K/V tile: scores, ``_softmax_tile``, and the output accumulated."""
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED)
     acc = acc * alpha[:, None]
     if DOT_FP32:  # the product accumulates into acc inside the MMA, no separate add
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
@@ -163,12 +171,7 @@ def _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed, 
     gathered a byte at a time)."""
     k_e, k_o = _e4m3_pairs(k16, ASM)
     s = tl.dot(q_o, tl.trans(k_o), tl.dot(q_e, tl.trans(k_e)))
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * s_scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s * s_scale - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, True)
     p = p.to(tl.float16)
     v_e, v_o = _e4m3_pairs(v16, ASM)
     acc_e = tl.dot(p, v_e, acc_e * alpha[:, None])
