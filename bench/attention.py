@@ -119,6 +119,13 @@ def run(name, seqs, context, new, args, device, ceiling, kv_dtype=torch.bfloat16
             "all": [(c, t.median_ms) for c, t in timed]}
 
 
+def fastest(fn, configs, args, device):
+    """(ms, config) of the fastest of ``fn(config)`` over ``configs``, each timed as CUDA-graph replays."""
+    timed = [(time_fn(lambda c=c: fn(c), repeats=args.repeats, device=device, graph_calls=10).median_ms, c)
+             for c in configs]
+    return min(timed, key=lambda t: t[0])
+
+
 def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
     """RoPE inside the kernel (``cos``/``sin``: q rotated as it loads, k as it is stored) against the rope
     kernels then the kernel, on the same pre-RoPE q/k: outputs compared, each timed at its best config."""
@@ -143,11 +150,7 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
     fused_out, unfused_out = fused(), unfused()
     err = ((fused_out.float() - unfused_out.float()).norm() / unfused_out.float().norm()).item()
 
-    def best(fn):
-        return min(time_fn(lambda c=c: fn(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
-                   for c in configs)
-
-    fused_ms, unfused_ms = best(fused), best(unfused)
+    (fused_ms, _), (unfused_ms, _) = fastest(fused, configs, args, device), fastest(unfused, configs, args, device)
     return {"case": name, "kv": str(kv_dtype).removeprefix("torch."), "seqs": seqs, "context": context, "new": new,
             "rope_inside_ms": fused_ms, "rope_kernels_ms": unfused_ms, "speedup": unfused_ms / fused_ms, "rel_err": err}
 
@@ -178,12 +181,8 @@ def run_pairs(name, seqs, context, new, args, device, ceiling):
     a, b = call(configs[0], True), call(configs[0], False)
     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    def best(pairs):
-        timed = [(time_fn(lambda c=c: call(c, pairs), repeats=args.repeats, device=device, graph_calls=10).median_ms, c)
-                 for c in configs]
-        return min(timed, key=lambda t: t[0])
-
-    (pairs_ms, pairs_cfg), (bytes_ms, bytes_cfg) = best(True), best(False)
+    (pairs_ms, pairs_cfg), (bytes_ms, bytes_cfg) = (fastest(lambda c, p=p: call(c, p), configs, args, device)
+                                                    for p in (True, False))
     kv_bytes = 2 * seqs * (context + new) * kv_heads * head_dim
     return {"case": name, "seqs": seqs, "context": context, "new": new, "pairs_ms": pairs_ms, "bytes_ms": bytes_ms,
             "speedup": bytes_ms / pairs_ms, "pairs_of_copy": kv_bytes / (pairs_ms * 1e-3) / 1e9 / ceiling,

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import TACTICS, add_model_args, build_program  # noqa: E402
+from throughput import TACTICS, add_model_args, build_program, refuse_cache_without_autotune  # noqa: E402
 from workbench.graph.executor import Program  # noqa: E402
 from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
@@ -94,8 +94,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    if args.cache and not args.autotune:  # else the cache would be silently ignored: default tactics
-        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
+    refuse_cache_without_autotune(ap, args)
     device = args.device
     cuda = device.startswith("cuda")
     steps = [Step(int(s), 1, int(c)) for s, c in (x.split("x") for x in args.steps.split(","))]

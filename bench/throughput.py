@@ -197,6 +197,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
 
 
+def refuse_cache_without_autotune(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--cache`` is only read when tuning: alone it would be silently ignored and default tactics run."""
+    if args.cache and not args.autotune:
+        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
@@ -223,8 +229,7 @@ def main() -> None:
                     help="offline and load: also run steps with prompt chunks eagerly (the ratio's baseline)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    if args.cache and not args.autotune:  # else the cache would be silently ignored: default tactics
-        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
+    refuse_cache_without_autotune(ap, args)
     cases = set(args.cases.split(","))
     device = args.device
     cuda = device.startswith("cuda")
