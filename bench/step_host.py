@@ -41,8 +41,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     args.precision, args.kv_cache = "bf16", "bf16"
-    lm, source, program, _ = build_program(args, args.device)
-    del lm
+    source, program, _ = build_program(args, args.device)
     graph = program.graph
     if args.cache:
         from workbench.kernels.autotune import TimingCache, autotune_profile

@@ -116,6 +116,60 @@ def test_greedy_ties_go_to_lowest_id():
     assert Sampler().sample(logits, [SamplingParams(temperature=0)], [None]).token_ids == [1]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes exp(-inf - -inf) in both branches
+@pytest.mark.parametrize("rows,vocab,dtype", [(1, 5000, torch.bfloat16), (3, 3001, torch.float32),
+                                               (6, 1000, torch.float16), (2, 70_000, torch.bfloat16)])
+def test_greedy_kernel_matches_argmax_and_log_softmax(rows, vocab, dtype):
+    """The one-pass Triton greedy kernel (under the interpreter here): chunked rows (70k columns is 69
+    chunks for two rows), ties across chunks and inside one, -inf columns and rows, against torch."""
+    from workbench.kernels.triton_sampling import chunking, greedy_logprobs
+
+    logits = (3 * random_logits(rows, vocab, seed=rows)).to(dtype)
+    top = logits[0].max() + 1
+    logits[0, vocab - 1] = top  # a tie far apart (other chunks, when split): the lowest id must win
+    logits[0, vocab // 2] = top
+    if vocab // 2 + 1024 < vocab - 1:
+        logits[0, vocab // 2 + 1024] = top  # and one in the same lane, a block later
+    logits[-1, : vocab // 3] = float("-inf")
+    expect = logits.float().argmax(-1)
+    reference = torch.log_softmax(logits.float(), -1).gather(1, expect[:, None])[:, 0]
+    for chunk in (None, 2048):  # 2048: two blocks a program, so lanes meet ties again
+        tokens, logprobs = greedy_logprobs(logits, chunk=chunk)
+        assert tokens.dtype == torch.int64 and tokens.tolist() == expect.tolist()
+        assert tokens[0].item() == vocab // 2
+        torch.testing.assert_close(logprobs, reference, rtol=1e-5, atol=1e-5)
+    assert chunking(rows, vocab)[1] > 1 or vocab <= 1024 * rows  # small batches really are split
+    dead = torch.full((2, vocab), float("-inf"), dtype=dtype)
+    dead[1, 7] = 1.0
+    tokens, logprobs = greedy_logprobs(dead)
+    assert tokens.tolist() == [0, 7] and math.isnan(logprobs[0].item()) and logprobs[1].item() == 0
+
+
+def test_sampler_takes_the_greedy_kernel_only_for_plain_greedy_batches(monkeypatch):
+    """Forced on (the runtime uses it on CUDA logits), the kernel gives the torch path's tokens and log-probs;
+    a sampled row, a suppressed id or wanted top log-probs keep the torch path."""
+    import workbench.kernels.triton_sampling as ts
+    import workbench.runtime.sampling as sampling
+
+    logits = random_logits(5, 3000, seed=11).bfloat16()
+    greedy = [SamplingParams(temperature=0)] * 5
+    plain = Sampler().sample(logits, greedy, [None] * 5)
+    calls = []
+    kernel = ts.greedy_logprobs
+    monkeypatch.setattr(ts, "greedy_logprobs", lambda x: calls.append(x.shape) or kernel(x))
+    monkeypatch.setattr(sampling, "_fused_greedy", lambda x: True)
+    fused = Sampler().sample(logits, greedy, [None] * 5)
+    assert calls == [(5, 3000)]
+    assert fused.token_ids == plain.token_ids
+    assert fused.logprobs == pytest.approx(plain.logprobs, abs=1e-5)
+    assert fused.top_logprobs == plain.top_logprobs == [None] * 5
+    for params, suppress in (([SamplingParams(temperature=0)] * 4 + [SamplingParams(temperature=0.7)], None),
+                             (greedy, [set(), {3}, set(), set(), set()]),
+                             ([SamplingParams(temperature=0, logprobs=2)] + greedy[1:], None)):
+        Sampler().sample(logits, params, [None] * 5, suppress)
+    assert calls == [(5, 3000)]
+
+
 def test_top_k_1_is_greedy_at_any_temperature():
     logits = random_logits(8, 100, seed=1)
     params = [SamplingParams(temperature=t, top_k=1) for t in (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0)]

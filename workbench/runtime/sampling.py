@@ -27,6 +27,10 @@ before the host has seen them) and copies to the host already under way; ``Pendi
 waits for those copies alone. Host-to-device inputs (row indices, temperatures, suppressed ids) go
 through pinned memory without blocking, so nothing here makes the host wait for queued GPU work.
 ``sample`` is ``launch(...).result()``.
+
+**Greedy batches on a GPU** (every row greedy, nothing suppressed, no top log-probs) take one Triton pass
+over the logits for the argmax and its log-probability (``kernels.triton_sampling``), the same values as
+the torch chain here, which reads and writes an fp32 copy of the logits four times.
 """
 
 from __future__ import annotations
@@ -187,6 +191,13 @@ class Sampler:
                                  f"{len(generators)} generators; give [rows, vocab] logits and one of each per row")
         if suppress is not None and len(suppress) != rows:
             raise WorkbenchError(f"sample got {len(suppress)} suppress sets for {rows} rows; give one per row")
+        wanted = [p.logprobs for p in params]
+        if _fused_greedy(logits) and not any(wanted) and all(p.greedy for p in params) \
+                and (suppress is None or not any(suppress)):
+            from ..kernels.triton_sampling import greedy_logprobs
+
+            tokens, chosen = greedy_logprobs(logits)  # one read of the logits instead of four fp32 passes
+            return PendingSample(tokens, chosen, None, wanted)
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # the model's distribution, reported as is
         if suppress is not None and any(suppress):
@@ -199,10 +210,14 @@ class Sampler:
             tokens[index] = _draw(logits[index], [params[i] for i in sampled], [generators[i] for i in sampled])
 
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        wanted = [p.logprobs for p in params]
         most = max((k for k in wanted if k), default=0)
         top = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1) if most else None
         return PendingSample(tokens, chosen, tuple(top) if top is not None else None, wanted)
+
+
+def _fused_greedy(logits: torch.Tensor) -> bool:
+    """Whether an all-greedy batch takes the one-pass Triton kernel (``kernels.triton_sampling``): on CUDA."""
+    return logits.is_cuda
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
