@@ -26,6 +26,7 @@ FP8 = torch.float8_e4m3fn
 TESTED_16BIT = [G.CONFIGS["16bit"][0], G.CONFIGS["16bit"][-1]]  # one 128x256 tile; 16-row tiles with split-K 4
 TESTED_8BIT = [G.CONFIGS["8bit"][0], G.CONFIGS["8bit"][-1]]
 TINY_SPLIT = G._cfg(16, 32, 32, 2, 4, 2, split=3)  # several tiles each way, K split unevenly
+TINY_GEMV = G._gemv(32, 32, 4)  # the M = 1 kernel: N and K both end in partial blocks at these shapes
 
 
 def _works(fn) -> bool:
@@ -175,7 +176,7 @@ def test_linear_matches_aten(m, k, n, dtype):
     x = randn(1, m, k, dtype=dtype)
     w = randn(n, k, dtype=dtype, scale=0.2)
     b = randn(n, dtype=dtype)
-    for config in [*TESTED_16BIT, TINY_SPLIT]:
+    for config in [*TESTED_16BIT, TINY_SPLIT, TINY_GEMV]:
         for bias in (None, b):
             close(G.linear(x, w, bias, config=config), torch.nn.functional.linear(x, w, bias), TOL[dtype])
 
@@ -185,7 +186,7 @@ def test_linear_on_strided_views_and_by_default_config():
     x = big[:, 1, 8:72]  # rows 240 elements apart, not contiguous
     wbig = randn(50, 100, scale=0.2)
     w = wbig[:48, 10:74]  # a slice: row stride 100
-    for config in (None, TINY_SPLIT):
+    for config in (None, TINY_SPLIT, TINY_GEMV):
         close(G.linear(x, w, config=config), torch.nn.functional.linear(x, w), 1e-5)
     close(G.linear(x[0], w), torch.nn.functional.linear(x[0], w), 1e-5)  # 1-D x
 
@@ -231,7 +232,7 @@ def test_fp8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
     _, wq, ws = quantized_weight(n, k, "fp8", per_channel)
     sx = G.fp8_scale(x) * 1.3 if static else None  # a static scale from calibration: not this batch's amax
     bias = randn(n, dtype=torch.bfloat16) if with_bias else None
-    for config in [*TESTED_8BIT, TINY_SPLIT]:
+    for config in [*TESTED_8BIT, TINY_SPLIT, TINY_GEMV]:
         for out_dtype in (torch.float32, torch.bfloat16):
             close(G.fp8_linear_triton(x, wq, ws, sx, bias, out_dtype, config=config),
                   G.fp8_linear(x, wq, ws, sx, bias, out_dtype), TOL[out_dtype])
@@ -322,7 +323,7 @@ def test_int8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
         x = randn(m, k, dtype=dtype, scale=2.0)
         sx = G.int8_scale(x) * 1.3 if static else None
         bias = randn(n, dtype=dtype) if with_bias else None
-        for config in [*TESTED_8BIT, TINY_SPLIT]:
+        for config in [*TESTED_8BIT, TINY_SPLIT, TINY_GEMV]:
             close(G.int8_linear_triton(x, wq, ws, sx, bias, config=config), G.int8_linear(x, wq, ws, sx, bias),
                   TOL[dtype])
 
@@ -354,7 +355,7 @@ def test_w8_triton_matches_reference(m, k, n, dtype):
     x = randn(m, k, dtype=dtype)
     _, wq, ws = quantized_weight(n, k, "int8", True)
     b = randn(n, dtype=dtype)
-    for config in [*TESTED_16BIT, TINY_SPLIT]:
+    for config in [*TESTED_16BIT, TINY_SPLIT, TINY_GEMV]:
         for bias in (None, b):
             close(G.w8_linear_triton(x, wq, ws, bias, config=config), G.w8_linear(x, wq, ws, bias), TOL[dtype])
 
@@ -396,10 +397,10 @@ def test_the_tensor_core_dot_path(monkeypatch):
     w = randn(48, 72, dtype=torch.float16, scale=0.2)
     _, w8, s8 = quantized_weight(48, 72, "fp8", True)
     _, wi, si = quantized_weight(48, 72, "int8", True)
-    for config in [*TESTED_16BIT, TINY_SPLIT]:
+    for config in [*TESTED_16BIT, TINY_SPLIT, TINY_GEMV]:
         close(G.linear(x, w, config=config), torch.nn.functional.linear(x, w), TOL[torch.float16])
         close(G.w8_linear_triton(x, wi, si, config=config), G.w8_linear(x, wi, si), TOL[torch.float16])
-    for config in [*TESTED_8BIT, TINY_SPLIT]:
+    for config in [*TESTED_8BIT, TINY_SPLIT, TINY_GEMV]:
         close(G.fp8_linear_triton(x * 50, w8, s8, out_dtype=torch.float32, config=config),  # products up to 448²
               G.fp8_linear(x * 50, w8, s8, out_dtype=torch.float32), TOL[torch.float32])
 
@@ -444,6 +445,34 @@ def test_prune_drops_row_tiles_far_taller_than_m_and_never_empties():
     assert prefill == [c for c in configs if c["SPLIT_K"] == 1]  # nothing too tall; split-K is for M <= 64
     assert G.prune_configs(configs, 1, 64, 64, a_bytes=1, b_bytes=1, smem_limit=1) == [
         min(configs, key=lambda c: (G.smem_bytes(c, 1, 1), c["SPLIT_K"]))]
+
+
+def test_gemv_configs_are_for_one_row_and_rank_first_there():
+    """GEMV configs survive pruning at M = 1 only, the cost model ranks them first there, and the never-empty
+    fallback is a tile config."""
+    space = G.CONFIGS["8bit"] + G.GEMV_CONFIGS["8bit"]
+    one = G.prune_configs(space, 1, 4096, 4096, a_bytes=1, b_bytes=1)
+    assert all(c in one for c in G.GEMV_CONFIGS["8bit"])
+    assert not any(c.get("GEMV") for c in G.prune_configs(space, 2, 4096, 4096, a_bytes=1, b_bytes=1))
+    assert not G.prune_configs(space, 2, 64, 64, a_bytes=1, b_bytes=1, smem_limit=1)[0].get("GEMV")
+    ranked = sorted(one, key=lambda c: G.predicted_cost(c, 1, 4096, 4096, 132))
+    assert all(c.get("GEMV") for c in ranked[:len(G.GEMV_CONFIGS["8bit"])])
+    x = torch.empty(1, 1, 4096, device="meta", dtype=torch.bfloat16)
+    w16 = torch.empty(4096, 4096, device="meta", dtype=torch.bfloat16)
+    assert G.GEMV_CONFIGS["16bit"][0] in G.linear.prune(G.linear.configs, (x, w16), {})
+
+
+def test_gemv_streams_a_transposed_weight_and_int8_sums_exactly():
+    """A weight whose K is not contiguous is copied for the GEMV; int8 x int8 sums stay exact in int32
+    (127² x 2048 overflows fp32's 24-bit mantissa)."""
+    x = randn(1, 72)
+    wt = randn(72, 48, scale=0.2)
+    close(G.linear(x, wt.t(), config=TINY_GEMV), torch.nn.functional.linear(x, wt.t()), 1e-5)
+    xi = torch.full((1, 2048), 127, dtype=torch.int8)
+    wi = torch.full((40, 2048), 127, dtype=torch.int8)
+    out = torch.empty(1, 40, dtype=torch.float32)
+    G._gemm(xi, wi.t(), out, TINY_GEMV)
+    assert torch.equal(out, torch.full((1, 40), 127.0 * 127 * 2048 + 0.0))
 
 
 def test_tactic_prune_reads_shapes_from_the_arguments():

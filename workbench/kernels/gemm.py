@@ -179,6 +179,39 @@ def _reduce_kernel(P, SA, SB, BIAS, C, M, N, stride_ps, stride_pm, stride_cm, SP
 
 
 @triton.jit
+def _gemv_kernel(A, B, C, SA, SB, BIAS, M, N, K, stride_am, stride_ak, stride_bn, stride_cm, stride_cn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, A_SCALE: tl.constexpr, B_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INT: tl.constexpr):
+    """One row of A times B for BLOCK_N columns: grid (column blocks, rows). B is the weight [N, K] with unit
+    K stride (``weight.t()`` of a row-major weight), streamed in [BLOCK_N, BLOCK_K] tiles, multiplied by the
+    row's slice of A and summed over K on the CUDA cores (fp32; int32 for int8 × int8): no tensor-core tile
+    to fill, so nothing is padded at M = 1."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1)
+    rk = tl.arange(0, BLOCK_K)
+    b_ptrs = B + (rn % N).to(tl.int64)[:, None] * stride_bn + rk[None, :]
+    a_ptrs = A + row.to(tl.int64) * stride_am + rk * stride_ak
+    acc = tl.zeros([BLOCK_N], dtype=tl.int32 if INT else tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b = tl.load(b_ptrs)
+            a = tl.load(a_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=rk[None, :] < K - k, other=0.0)
+            a = tl.load(a_ptrs, mask=rk < K - k, other=0.0)
+        if INT:
+            acc += tl.sum(b.to(tl.int32) * a.to(tl.int32)[None, :], axis=1)
+        else:
+            acc += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        b_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
+    rm = row + tl.arange(0, 1)
+    out = _scale_bias(acc[None, :], SA, SB, BIAS, rm, rn, M, N, A_SCALE, B_SCALE, HAS_BIAS)
+    tl.store(C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn, out.to(C.dtype.element_ty),
+             mask=(rn < N)[None, :])
+
+
+@triton.jit
 def _quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
                           DYNAMIC: tl.constexpr, IS_INT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: (DYNAMIC) scale = max(amax / QMAX, MIN_SCALE) stored to S[row], else the scalar S;
@@ -227,6 +260,18 @@ CONFIGS = {
         _cfg(16, 128, 256, 1, 4, 3, split=8), _cfg(16, 64, 256, 1, 4, 4, split=4),
     ],
 }
+def _gemv(bn, bk, warps):
+    return {"GEMV": True, "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": 1,
+            "num_warps": warps, "num_stages": 1}
+
+
+#: M = 1 (batch-1 decode): ``_gemv_kernel``, a few weight rows per program on the CUDA cores. On the H100 it
+#: beat both the tensor-core tiles above and cuBLAS at every Llama-3-8B decode shape (e.g. o_proj 14.0 µs
+#: against cuBLAS's 17.0, gate_up 77.4 against 82.6: 99% of copy bandwidth over a layer's four GEMVs).
+GEMV_CONFIGS = {
+    "16bit": [_gemv(8, 1024, 8), _gemv(8, 512, 4), _gemv(16, 1024, 8)],
+    "8bit": [_gemv(8, 2048, 8), _gemv(8, 1024, 4), _gemv(16, 2048, 8)],
+}
 #: torch._scaled_mm: fast accumulation (Hopper's reduced-precision FP8 accumulator) is faster and less exact
 SCALED_MM_CONFIGS = [{"fast_accum": True}, {"fast_accum": False}]
 
@@ -240,13 +285,15 @@ def prune_configs(configs: list[dict], M: int, N: int, K: int, *, a_bytes: int, 
                   smem_limit: int = H100_SMEM_BYTES) -> list[dict]:
     """The configs worth timing for an [M, K] x [K, N] product: those whose pipeline fits ``smem_limit``
     bytes, whose row tile is at most twice M rounded up to a power of two (64 rows, one warpgroup MMA,
-    always pass), and (split-K) that are for small M (<= 64) and leave every split at least one K tile.
-    Never empty: if nothing passes, the config with the least shared memory is kept."""
+    always pass), and (split-K) that are for small M (<= 64) and leave every split at least one K tile;
+    GEMV configs at M = 1 only. Never empty: if nothing passes, the tile config with the least shared
+    memory is kept."""
     rows = triton.next_power_of_2(max(M, 1))
-    keep = [c for c in configs
-            if smem_bytes(c, a_bytes, b_bytes) <= smem_limit and c["BLOCK_M"] <= max(64, 2 * rows)
-            and (c.get("SPLIT_K", 1) == 1 or (M <= 64 and K >= c["SPLIT_K"] * c["BLOCK_K"]))]
-    return keep or [min(configs, key=lambda c: (smem_bytes(c, a_bytes, b_bytes), c.get("SPLIT_K", 1)))]
+    keep = [c for c in configs if (M == 1 if c.get("GEMV") else
+            smem_bytes(c, a_bytes, b_bytes) <= smem_limit and c["BLOCK_M"] <= max(64, 2 * rows)
+            and (c.get("SPLIT_K", 1) == 1 or (M <= 64 and K >= c["SPLIT_K"] * c["BLOCK_K"])))]
+    tiles = [c for c in configs if not c.get("GEMV")] or configs
+    return keep or [min(tiles, key=lambda c: (smem_bytes(c, a_bytes, b_bytes), c.get("SPLIT_K", 1)))]
 
 
 #: Rough ratio of an SM's tensor-core rate to the rate it loads operand tiles (from L2) at, in
@@ -259,7 +306,9 @@ def predicted_cost(config: dict, M: int, N: int, K: int, sm_count: int) -> tuple
     waves of output tiles (times split-K slices) over ``sm_count`` SMs, each as long as its tile's
     padded K steps, a step costing its multiply-adds or, for thin tiles, its operand loads
     (``TILE_LOAD_RATIO``). Captures padding, last-wave idling and thin tiles starving the MMA units;
-    ties go to the larger tile."""
+    ties go to the larger tile. A GEMV config ranks first at M = 1 (it pads nothing; see ``GEMV_CONFIGS``)."""
+    if config.get("GEMV"):
+        return (-1 if M == 1 else 1 << 62), 0
     bm, bn, split = config["BLOCK_M"], config["BLOCK_N"], config.get("SPLIT_K", 1)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * split
     k_steps = triton.cdiv(triton.cdiv(K, split), config["BLOCK_K"])
@@ -352,8 +401,18 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: dict, *, 
     if M == 0 or N == 0:
         return out
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    split = config.get("SPLIT_K", 1)
     dot = _dot_mode(a.dtype)
+    if config.get("GEMV"):
+        if b.stride(0) != 1:  # the weight streamed along K needs unit K stride
+            b = b.t().contiguous().t()
+        _gemv_kernel[(triton.cdiv(N, block_n), M)](
+            a, b, out, out if a_scale is None else a_scale, out if b_scale is None else b_scale,
+            out if bias is None else bias, M, N, K, a.stride(0), a.stride(1), b.stride(1), out.stride(0),
+            out.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, A_SCALE=_scale_mode(a_scale),
+            B_SCALE=_scale_mode(b_scale), HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, INT=dot == "int",
+            num_warps=config["num_warps"], num_stages=1)
+        return out
+    split = config.get("SPLIT_K", 1)
     if split == 1:
         target, stride_s = out, 0
     else:  # raw partial sums per split, added up by _reduce
@@ -647,13 +706,14 @@ def w8_linear_dequant(x, weight, weight_scale, bias=None, config=None):
 
 def register() -> None:
     """Add the tactics to their ops, each with its tuning space and pruning (idempotent)."""
+    space16, space8 = CONFIGS["16bit"] + GEMV_CONFIGS["16bit"], CONFIGS["8bit"] + GEMV_CONFIGS["8bit"]
     table = [  # op, tactic, fn, configs, Triton tiles to prune: whether the op quantizes x (1-byte A), None: none
-        ("aten.linear.default", "triton", linear, CONFIGS["16bit"], False),
+        ("aten.linear.default", "triton", linear, space16, False),
         ("workbench.fp8_linear", "scaled_mm", fp8_linear_scaled_mm, SCALED_MM_CONFIGS, None),
-        ("workbench.fp8_linear", "triton", fp8_linear_triton, CONFIGS["8bit"], True),
+        ("workbench.fp8_linear", "triton", fp8_linear_triton, space8, True),
         ("workbench.int8_linear", "int_mm", int8_linear_int_mm, None, None),
-        ("workbench.int8_linear", "triton", int8_linear_triton, CONFIGS["8bit"], True),
-        ("workbench.w8_linear", "triton", w8_linear_triton, CONFIGS["16bit"], False),
+        ("workbench.int8_linear", "triton", int8_linear_triton, space8, True),
+        ("workbench.w8_linear", "triton", w8_linear_triton, space16, False),
         ("workbench.w8_linear", "dequant", w8_linear_dequant, None, None),
     ]
     for op, name, fn, configs, quantizes_x in table:
