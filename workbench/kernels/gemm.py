@@ -15,7 +15,10 @@ and an epilogue that multiplies by the row scale of A (per token) and the column
 (per output channel), adds the bias and rounds once to the output dtype. Split-K configs
 (``SPLIT_K`` > 1, for decode shapes whose output tiles cannot fill the GPU) write raw partial
 sums that a second small kernel adds up before the same epilogue; that kernel is also the
-epilogue of ``torch._int_mm``'s int32 output.
+epilogue of ``torch._int_mm``'s int32 output. At M = 1 (batch-1 decode) a second kernel, a GEMV
+(``GEMV_CONFIGS``), streams BLOCK_N weight rows along K on the CUDA cores with the same epilogue: a
+tensor-core tile would be 15/16 padding there, and on the H100 the GEMV beat both the tiles and cuBLAS at
+every Llama-3-8B decode shape (``bench/gemm.py``; 98% of copy bandwidth over a whole decode step's linears).
 
 The quantized ops take x in high precision and quantize it themselves: one Triton pass per
 row on the GPU (amax, scale, saturate, round, cast), the torch helpers below elsewhere (the
