@@ -35,7 +35,7 @@ from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
 from workbench.profiling import time_fn, trace_program, trace_summary  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
-from workbench.runtime.executor import sampled_rows_program  # noqa: E402
+from workbench.runtime.executor import lm_head, sampled_rows_program  # noqa: E402
 
 def kind(op: str) -> str:
     """A short name for a node's op: ``aten.add.Tensor`` -> add, ``workbench.paged_attention`` -> paged_attention."""
@@ -60,8 +60,7 @@ def node_costs(program, step: Step, sampled_rows: int) -> dict[str, tuple[int, i
         (1 if "float8" in str(paged.get("dtype")) else 2)
     hidden = config.get("hidden_size", 0)
     q_width = config.get("num_attention_heads", 0) * paged.get("head_dim", 0)
-    head = next((n.name for n in reversed(graph.nodes) if n.op.endswith("linear") or n.op.endswith("linear.default")),
-                None)
+    head = getattr(lm_head(graph), "name", None)
     out = {}
     for name, op, nbytes, flops in zip(table["name"], table["op"], table["bytes"], table["flops"]):
         if kind(op) == "paged_attention":

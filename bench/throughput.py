@@ -163,7 +163,7 @@ def build_program(args, device):
     """The optimized graph of the preset (random bf16 weights), quantized when asked: (source, program,
     calibration seconds). The transformers model it was captured from is dropped, so that only the weights the
     program runs stay on the GPU (with it, an FP8 program's KV cache would lose 13 GiB to the unused bf16
-    weights); ``hf_model`` builds it again for the baselines."""
+    weights); ``run_hf_fresh`` builds it again for the baselines."""
     source = resolve_source(args.preset)
     if args.layers:
         source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
@@ -193,16 +193,11 @@ def build_program(args, device):
     return source, program, calib_s
 
 
-def hf_model(source, device):
-    """The transformers model of ``source`` for a baseline run, built again (same seed, same weights); the
-    caller drops it before the engine runs again."""
-    return load_model(source, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                      device=device).model
-
-
 def run_hf_fresh(source, prompts, output_len, device):
-    """``run_hf`` on a freshly built model, freed afterwards (the engine's KV cache needs the memory)."""
-    model = hf_model(source, device)
+    """``run_hf`` on the transformers model of ``source`` built again (same seed, same weights), freed
+    afterwards: the engine's KV cache needs the memory."""
+    model = load_model(source, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                       device=device).model
     try:
         return run_hf(model, prompts, output_len, device)
     finally:

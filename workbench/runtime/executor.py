@@ -63,14 +63,19 @@ def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted({t for t in sizes if t < max_tokens} | {max_tokens}))
 
 
+def lm_head(graph):
+    """The graph's lm_head: its last linear node (None if it has none)."""
+    return next((n for n in reversed(graph.nodes) if n.op.endswith("linear") or n.op.endswith("linear.default")),
+                None)
+
+
 def sampled_rows_program(program):
     """``program`` with its lm_head (the graph's last linear) reading only the rows ``logits_indices`` names."""
     from ..graph.executor import Program
     from ..kernels.autotune import TunedChoices
 
     graph = copy.deepcopy(program.graph)
-    head = next((n for n in reversed(graph.nodes) if n.op.endswith("linear") or n.op.endswith("linear.default")),
-                None)
+    head = lm_head(graph)
     x = head.args[0] if head is not None and head.args else None
     spec = graph.specs().get(x.name) if isinstance(x, Ref) else None
     if spec is None or len(spec.shape) != 3:
