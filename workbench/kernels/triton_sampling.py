@@ -17,8 +17,8 @@ Two kernels:
   row's maximum (``torch.argmax``'s tie rule), and since that token's logit is the maximum its
   log-probability is ``-log(sum)``.
 
-Rows that are all -inf give token 0 and a NaN log-probability, as ``torch.argmax`` and ``log_softmax`` do. On the CPU it runs under
-``TRITON_INTERPRET=1`` (tests); the runtime calls it on CUDA logits only.
+Rows that are all -inf give token 0 and a NaN log-probability, as ``torch.argmax`` and ``log_softmax``
+do. On the CPU it runs under ``TRITON_INTERPRET=1`` (tests); the runtime calls it on CUDA logits only.
 """
 
 from __future__ import annotations
@@ -37,6 +37,23 @@ TARGET_PROGRAMS = 2048
 COMBINE_BLOCK = 64
 
 
+@triton.jit
+def _merge(m, s, idx, x_max, x_sum, x_idx, take):
+    """Lane by lane, the running (max, sum of exp(value - max), index) merged with new ones (``x_sum`` 1 for
+    a single value): the online softmax's rescaling. ``take``: where the new index replaces the kept one."""
+    new = tl.maximum(m, x_max)
+    s = tl.where(new != float("-inf"), s * tl.exp(m - new) + x_sum * tl.exp(x_max - new), 0.0)
+    return new, s, tl.where(take, x_idx, idx)
+
+
+@triton.jit
+def _reduce_lanes(m, s, idx):
+    """The lanes as one: (max, sum of exp(value - max), lowest index holding the max)."""
+    top = tl.max(m, axis=0)
+    total = tl.sum(tl.where(m != float("-inf"), s * tl.exp(m - top), 0.0), axis=0)
+    return top, total, tl.min(tl.where(m == top, idx, 2147483647), axis=0)
+
+
 @triton.jit(do_not_specialize=["CHUNK", "n_chunks"])  # they change with the batch: one compiled kernel
 def _greedy_chunk_kernel(L, PM, PI, PS, V, stride_l, CHUNK, n_chunks, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -49,14 +66,8 @@ def _greedy_chunk_kernel(L, PM, PI, PS, V, stride_l, CHUNK, n_chunks, BLOCK: tl.
     for off in range(start, tl.minimum(start + CHUNK, V), BLOCK):
         cols = off + lanes
         x = tl.load(L + row * stride_l + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        new = tl.maximum(m, x)
-        finite = new != float("-inf")
-        s = tl.where(finite, s * tl.exp(m - new) + tl.exp(x - new), 0.0)
-        idx = tl.where(x > m, cols, idx)  # strictly greater: a lane keeps its first maximal column
-        m = new
-    top = tl.max(m, axis=0)
-    total = tl.sum(tl.where(m != float("-inf"), s * tl.exp(m - top), 0.0), axis=0)
-    first = tl.min(tl.where(m == top, idx, 2147483647), axis=0)
+        m, s, idx = _merge(m, s, idx, x, 1.0, cols, x > m)  # strictly greater: a lane keeps its first maximum
+    top, total, first = _reduce_lanes(m, s, idx)
     out = row * n_chunks + chunk
     tl.store(PM + out, top)
     tl.store(PI + out, first)
@@ -77,16 +88,11 @@ def _greedy_combine_kernel(PM, PI, PS, T, LP, n_chunks, CHUNKS: tl.constexpr):
         pm = tl.load(PM + row * n_chunks + c0 + c, mask=mask, other=float("-inf"))
         ps = tl.load(PS + row * n_chunks + c0 + c, mask=mask, other=0.0)
         pi = tl.load(PI + row * n_chunks + c0 + c, mask=mask, other=2147483647)
-        new = tl.maximum(m, pm)
-        finite = new != float("-inf")
-        s = tl.where(finite, s * tl.exp(m - new) + ps * tl.exp(pm - new), 0.0)
         # chunks come in column order: an equal max later keeps the lower id (a lane's first chunk is taken
         # whatever it holds, so that an all -inf row still gives its first column)
-        i = tl.where((pm > m) | (mask & (i == 2147483647)), pi, i)
-        m = new
-    top = tl.max(m, axis=0)
-    total = tl.sum(tl.where(m != float("-inf"), s * tl.exp(m - top), 0.0), axis=0)
-    tl.store(T + row, tl.min(tl.where(m == top, i, 2147483647), axis=0).to(tl.int64))
+        m, s, i = _merge(m, s, i, pm, ps, pi, (pm > m) | (mask & (i == 2147483647)))
+    top, total, token = _reduce_lanes(m, s, i)
+    tl.store(T + row, token.to(tl.int64))
     tl.store(LP + row, tl.where(total > 0, -tl.log(total), float("nan")))  # all -inf: NaN, as log_softmax
 
 
