@@ -9,7 +9,7 @@ chunks in one per token-count bucket (``--compare-eager-steps`` also runs the of
 those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the
 default on a GPU) the host prepares step N+1 while the GPU runs step N. Kernels: ``--autotune`` tunes the
 graph for decode buckets 1..``--max-num-seqs`` and the full prefill step first (``--cache``: a timing cache
-to reuse and extend; the autotuner never re-times a cached entry), otherwise fixed tactics (Triton for the
+to reuse and extend; the autotuner re-times a cached entry only if its tuning space grew since), otherwise fixed tactics (Triton for the
 fused ops and attention, cuBLAS / ``_scaled_mm``). ``--precision fp8``: the graph calibrated on random tokens
 and quantized to FP8 W8A8 (``--kv-cache fp8`` adds the FP8 KV cache). Cases (``--cases``):
 

@@ -114,6 +114,31 @@ def test_keys_that_differ_only_in_float_scalars_share_one_timing(program, tmp_pa
     assert reopened.entries.keys() == cache.entries.keys()
 
 
+def test_a_grown_tuning_space_is_timed_afresh_from_a_cache(program, tmp_path, monkeypatch):
+    """A config added to a tactic's space after a cache was made (a new kernel): the instances it is offered
+    for (the linears') are timed again, all their candidates, and it can win; the others are not timed."""
+    from workbench.kernels.registry import REGISTRY
+    from workbench.kernels import gemm as G
+
+    path = tmp_path / "timings.json"
+    autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(), progress=False)
+    before = json.loads(path.read_text())["entries"]
+    fn = REGISTRY.get("aten.linear.default").tactics["triton"]
+    new = G._cfg(16, 16, 32, 1, 4, 2)  # a tile no space had
+    monkeypatch.setattr(fn, "configs", [*fn.configs, new])  # last in the space: the planted timer's fastest
+    timer = PlantedTimer()
+    choices = autotune(program, steps(program), TimingCache.open(path), timer=timer, progress=False)
+    after = json.loads(path.read_text())["entries"]
+    retimed = {k for k, e in after.items() if any(t["config"] == new for t in e["timings"])}
+    assert retimed and all(json.loads(k)[0] == "aten.linear.default" for k in retimed)
+    assert all(after[k] == before[k] for k in after if k not in retimed)  # the rest untouched
+    assert timer.calls == measurements(after[k] for k in retimed)  # all candidates of those, nothing else
+    linears = [n.name for n in program.graph.nodes if n.op == "aten.linear.default"]
+    assert any(choices[name] == ("triton", new) for name in linears)
+    again = PlantedTimer(stop_after=0)  # and a third run times nothing
+    autotune(program, steps(program), TimingCache.open(path), timer=again, progress=False)
+
+
 def test_interrupted_tuning_resumes(program, tmp_path):
     path = tmp_path / "timings.json"
     with pytest.raises(KeyboardInterrupt):

@@ -15,7 +15,8 @@ How it works:
      timed on those very arguments: on a GPU as CUDA-graph replays (kernel time, no launch
      overhead), cycling through copies of the arguments that together exceed the L2 cache;
   3. every timing goes into the cache, which is written atomically after each key, so an
-     interrupted run resumes where it stopped and a second run times nothing;
+     interrupted run resumes where it stopped and a second run times nothing (unless the tuning
+     spaces grew since: an entry that lacks a candidate offered now is timed afresh);
   4. candidates within ``CLOSE_CALL`` (5%) of the fastest are timed ``RETIMES`` more times,
      interleaved, and ranked by the median of their measurements: one measurement's noise
      (a few percent on a GPU) must not pick the slower of two near-equal candidates;
@@ -169,6 +170,12 @@ def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
     return out
 
 
+def _covers(entry: dict, candidates: list[tuple[str, dict | None, Callable]]) -> bool:
+    """Whether a cache entry has a timing for every candidate (tactic and config) in ``candidates``."""
+    timed = {(t["tactic"], json.dumps(t["config"], sort_keys=True)) for t in entry["timings"]}
+    return all((name, json.dumps(config, sort_keys=True)) in timed for name, config, _ in candidates)
+
+
 Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
 
 
@@ -209,7 +216,9 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     Returns node name -> (tactic, config) of the fastest candidate. ``timer(call, op, tactic,
     config) -> ms`` defaults to ``profiling.time_fn`` on ``call`` (CUDA-graph replays on a GPU).
     ``top_k`` times only the best-ranked configs of tactics that have a cost model (``fn.rank``).
-    An instance already in the cache is never timed again, whatever ``top_k`` it was timed with.
+    An instance already in the cache is timed again only if it lacks a candidate that this call would time:
+    a tactic or config added since (a new kernel), or one that a larger ``top_k`` reaches; then all of its
+    candidates are timed afresh, in one process, as for a new instance.
     """
     from ..profiling import time_fn
 
@@ -236,6 +245,10 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
 
     for step in steps:
         program.run(_observe=(tunable, record), **step)
+    for key, (op, args, kwargs) in seen.items():  # a cached instance that lacks a candidate offered now is
+        entry = cache.entries.get(key)           # timed afresh: a cache must not hide a new kernel for good
+        if entry is not None and not _covers(entry, _candidates(op, args, kwargs, top_k)):
+            del cache.entries[key]
     todo = [k for k in seen if k not in cache.entries]
     timed = {}  # work key -> a cached key timed for that work
     for key in cache.entries:
