@@ -1,6 +1,6 @@
 """Triton paged attention vs torch SDPA on the same data, and vs the copy-bandwidth ceiling.
 
-    python bench/attention.py
+    python bench/attention.py [--sections vs_sdpa,rope,pairs,own]
 
 decode   batch 64, 4096 tokens of context each, one new token, 32 query / 8 KV heads, head dim 128:
          the paged kernel reads K/V through block tables; the baseline is SDPA (GQA) over the same
@@ -17,6 +17,10 @@ rope     RoPE inside the kernel (q rotated as it is loaded, k as it is stored: t
          ``fuse_rope_into_attention``) against the two rope kernels then the kernel, same inputs.
 pairs    over an FP8 cache: the cache read as int16 pairs (the kernel's default) against byte by byte
          (``"PAIRS": False``), same inputs, each at its best config.
+own      over an FP8 cache, steps with prompt tokens: the step's own keys read from k/v and rounded
+         through e4m3 in the kernel (the default) against read back from the cache through the block
+         table (``"NEW_FROM_CACHE": True``), each at its best config; a prefill, a chunked continuation
+         and a mixed step (decodes beside prompt chunks).
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -155,6 +159,45 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
             "rope_inside_ms": fused_ms, "rope_kernels_ms": unfused_ms, "speedup": unfused_ms / fused_ms, "rel_err": err}
 
 
+def step_inputs(new, context, device, heads=32, kv_heads=8, head_dim=128, page=16):
+    """A step of ``len(new)`` sequences with ``new[i]`` tokens after ``context[i]`` cached ones (an FP8 cache
+    of random values, in shuffled blocks)."""
+    per_seq = [-(-(c + n) // page) for c, n in zip(context, new)]
+    cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device).to(torch.float8_e4m3fn)
+    perm = torch.randperm(sum(per_seq), device=device)
+    tables = torch.zeros(len(new), max(per_seq), dtype=torch.long, device=device)
+    slots, used = [], 0
+    for i, (c, n, p) in enumerate(zip(context, new, per_seq)):
+        tables[i, :p] = perm[used:used + p]
+        used += p
+        pos = torch.arange(c, c + n, device=device)
+        slots.append(tables[i, pos // page] * page + pos % page)
+    tokens = sum(new)
+    q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, kv_heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([c + n for c, n in zip(context, new)], device=device)
+    qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], device=device)
+    return q, k, v, cache, torch.cat(slots), tables, lens, qsl
+
+
+def run_own(name, new, context, args, device):
+    """Over an FP8 cache: the step's own keys rounded in the kernel (default) against read back from the cache
+    (``"NEW_FROM_CACHE"``); outputs compared, each at its best config."""
+    inputs = (*step_inputs(new, context, device), None, None, 0.05, 0.02)
+    configs = ta.prune(ta.CONFIGS, inputs[:8], {})
+
+    def call(config, from_cache):
+        return ta.paged_attention(*inputs, config={**config, "NEW_FROM_CACHE": from_cache})
+
+    a, b = call(configs[0], False), call(configs[0], True)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    (own_ms, own_cfg), (cache_ms, _) = (fastest(lambda c, f=f: call(c, f), configs, args, device) for f in (False, True))
+    flops = sum(4 * 32 * n * (c + (n + 1) / 2) * 128 for c, n in zip(context, new))  # causal over the new tokens
+    return {"case": name, "own_ms": own_ms, "cache_ms": cache_ms, "speedup": cache_ms / own_ms,
+            "own_tflops": flops / (own_ms * 1e-3) / 1e12, "cache_tflops": flops / (cache_ms * 1e-3) / 1e12,
+            "rel_err": err, "own_config": own_cfg}
+
+
 def fp8_write_is_exact(device) -> bool:
     k, v = (torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16) * 40 for _ in range(2))
     cache = torch.zeros(2, 256, 16, 8, 128, device=device, dtype=torch.float8_e4m3fn)
@@ -193,53 +236,70 @@ def run_pairs(name, seqs, context, new, args, device, ceiling):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sections", default="vs_sdpa,rope,pairs,own",
+                    help="which comparisons to run (vs_sdpa: the decode/prefill rows against SDPA)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     device = "cuda"
     ceiling = copy_gbps(device)
     rows = [run("decode", 64, 4096, 1, args, device, ceiling),
             run("decode (batch 1)", 1, 32768, 1, args, device, ceiling),
             run("decode fp8", 64, 4096, 1, args, device, ceiling, torch.float8_e4m3fn),
-            run("prefill", 4, 0, 4096, args, device, ceiling)]
+            run("prefill", 4, 0, 4096, args, device, ceiling)] if "vs_sdpa" in sections else []
     rope_rows = [run_rope("decode (batch 1)", 1, 1024, 1, args, device),
                  run_rope("decode", 64, 4096, 1, args, device),
                  run_rope("decode fp8", 256, 1500, 1, args, device, torch.float8_e4m3fn),
-                 run_rope("prefill", 4, 0, 4096, args, device)]
+                 run_rope("prefill", 4, 0, 4096, args, device)] if "rope" in sections else []
     pairs_rows = [run_pairs("decode fp8", 64, 4096, 1, args, device, ceiling),
                   run_pairs("decode fp8", 256, 1500, 1, args, device, ceiling),
                   run_pairs("decode fp8", 384, 1500, 1, args, device, ceiling),
-                  run_pairs("prefill fp8", 4, 0, 4096, args, device, ceiling)]
+                  run_pairs("prefill fp8", 4, 0, 4096, args, device, ceiling)] if "pairs" in sections else []
+    own_rows = [run_own("prefill fp8, 4 x 4096", [4096] * 4, [0] * 4, args, device),
+                run_own("chunks fp8, 8 x 1024 after 1024", [1024] * 8, [1024] * 8, args, device),
+                run_own("mixed fp8, 377 x 1 after 1500 + 7 x 1117", [1] * 377 + [1117] * 7, [1500] * 377 + [0] * 7,
+                        args, device)] if "own" in sections else []
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
-        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows}, indent=1,
+        args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows,
+                                        "own": own_rows}, indent=1,
                                        default=str))
     print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
-    print("SDPA ms per backend (flash is the goals' baseline; the fastest is shown too):")
-    for r in rows:
-        print(f"  {r['case']:<18} " + ", ".join(f"{b} {ms:.3f}" for b, ms in r["sdpa_all_ms"].items()))
-    print(f"{'case':<18} {'seqs x ctx+new':<16} {'SDPA ms':>8} {'triton ms':>10} {'vs SDPA':>8} {'vs fastest':>10} "
-          f"{'KV GB/s':>8} {'of copy':>8} {'TFLOP/s':>8} {'rel err':>8}  best config")
-    for r in rows:
-        print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['sdpa_ms']:>8.3f} {r['triton_ms']:>10.3f} "
-              f"{r['vs_sdpa']:>7.2f}x {r['vs_fastest_sdpa']:>6.2f}x ({r['fastest_sdpa']}) {r['kv_gbps']:>8.0f} "
-              f"{r['of_copy']:>8.1%} {r['tflops']:>8.1f} {r['rel_err']:>8.1e}  {r['best_config']}")
-
-    print("\nRoPE inside the kernel vs the rope kernels + the kernel (same pre-RoPE q/k; each at its best config):")
-    print(f"{'case':<18} {'kv':<14} {'seqs x ctx+new':<16} {'inside ms':>10} {'kernels ms':>11} {'speedup':>8} "
-          f"{'rel err':>8}")
-    for r in rope_rows:
-        print(f"{r['case']:<18} {r['kv']:<14} {r['seqs']}x{r['context']}+{r['new']:<9} {r['rope_inside_ms']:>10.4f} "
-              f"{r['rope_kernels_ms']:>11.4f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}")
-
-    print("\nFP8 cache read as int16 pairs vs byte by byte (same inputs; each at its best config):")
-    print(f"{'case':<18} {'seqs x ctx+new':<16} {'pairs ms':>9} {'of copy':>8} {'bytes ms':>9} {'of copy':>8} "
-          f"{'speedup':>8} {'rel err':>8}  pairs config")
-    for r in pairs_rows:
-        print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['pairs_ms']:>9.4f} {r['pairs_of_copy']:>8.1%} "
-              f"{r['bytes_ms']:>9.4f} {r['bytes_of_copy']:>8.1%} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  "
-              f"{r['pairs_config']}")
+    if rows:
+        print("SDPA ms per backend (flash is the goals' baseline; the fastest is shown too):")
+        for r in rows:
+            print(f"  {r['case']:<18} " + ", ".join(f"{b} {ms:.3f}" for b, ms in r["sdpa_all_ms"].items()))
+        print(f"{'case':<18} {'seqs x ctx+new':<16} {'SDPA ms':>8} {'triton ms':>10} {'vs SDPA':>8} {'vs fastest':>10} "
+              f"{'KV GB/s':>8} {'of copy':>8} {'TFLOP/s':>8} {'rel err':>8}  best config")
+        for r in rows:
+            print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['sdpa_ms']:>8.3f} {r['triton_ms']:>10.3f} "
+                  f"{r['vs_sdpa']:>7.2f}x {r['vs_fastest_sdpa']:>6.2f}x ({r['fastest_sdpa']}) {r['kv_gbps']:>8.0f} "
+                  f"{r['of_copy']:>8.1%} {r['tflops']:>8.1f} {r['rel_err']:>8.1e}  {r['best_config']}")
+    if rope_rows:
+        print("\nRoPE inside the kernel vs the rope kernels + the kernel (same pre-RoPE q/k; each at its best config):")
+        print(f"{'case':<18} {'kv':<14} {'seqs x ctx+new':<16} {'inside ms':>10} {'kernels ms':>11} {'speedup':>8} "
+              f"{'rel err':>8}")
+        for r in rope_rows:
+            print(f"{r['case']:<18} {r['kv']:<14} {r['seqs']}x{r['context']}+{r['new']:<9} {r['rope_inside_ms']:>10.4f} "
+                  f"{r['rope_kernels_ms']:>11.4f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}")
+    if pairs_rows:
+        print("\nFP8 cache read as int16 pairs vs byte by byte (same inputs; each at its best config):")
+        print(f"{'case':<18} {'seqs x ctx+new':<16} {'pairs ms':>9} {'of copy':>8} {'bytes ms':>9} {'of copy':>8} "
+              f"{'speedup':>8} {'rel err':>8}  pairs config")
+        for r in pairs_rows:
+            print(f"{r['case']:<18} {r['seqs']}x{r['context']}+{r['new']:<9} {r['pairs_ms']:>9.4f} {r['pairs_of_copy']:>8.1%} "
+                  f"{r['bytes_ms']:>9.4f} {r['bytes_of_copy']:>8.1%} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  "
+                  f"{r['pairs_config']}")
+    if own_rows:
+        print("\nFP8 cache, steps with prompt tokens: own keys rounded in the kernel vs read back from the cache "
+              "(each at its best config):")
+        print(f"{'case':<42} {'own ms':>8} {'TFLOP/s':>8} {'cache ms':>9} {'TFLOP/s':>8} {'speedup':>8} {'rel err':>8}  "
+              "own config")
+        for r in own_rows:
+            print(f"{r['case']:<42} {r['own_ms']:>8.3f} {r['own_tflops']:>8.1f} {r['cache_ms']:>9.3f} "
+                  f"{r['cache_tflops']:>8.1f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  {r['own_config']}")
 
 
 if __name__ == "__main__":

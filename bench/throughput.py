@@ -17,7 +17,8 @@ and quantized to FP8 W8A8 (``--kv-cache fp8`` adds the FP8 KV cache). Cases (``-
             excluded) and the share of the HBM roofline (weight bytes per token / copy bandwidth measured
             here); the replayed graph alone; the synchronous engine and the eager executor (their tokens
             compared); transformers' ``generate`` on the same prompt
-  offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens) submitted at once:
+  offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens; ``128x128:5000`` gives
+            a shape its own request count) submitted at once:
             output tokens/s; transformers' ``generate`` on the first ``--hf-requests`` prompts as one static
             batch (tuning, ``--autotune``, is for the first shape's mean context)
   check     the step graphs against eager steps on the GPU: 32 prompts of 300 tokens (prompt chunks beside
@@ -71,6 +72,13 @@ def percentiles(values, qs=(50, 90, 99)):
         return {f"p{q}": None for q in qs}
     t = torch.tensor(values, dtype=torch.float64)
     return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
+
+
+def parse_shape(spec: str, requests: int) -> tuple[int, int, int]:
+    """``INxOUT`` or ``INxOUT:REQUESTS`` (an offline shape with its own request count) -> (in, out, requests)."""
+    lengths, _, count = spec.partition(":")
+    n_in, n_out = (int(x) for x in lengths.split("x"))
+    return n_in, n_out, int(count) if count else requests
 
 
 def eager_steps(steps) -> int:
@@ -226,7 +234,8 @@ def main() -> None:
     ap.add_argument("--cases", default="batch1,offline")
     ap.add_argument("--batch1-len", type=int, default=128)
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--shapes", default="128x128", help="offline: input x output lengths, comma-separated")
+    ap.add_argument("--shapes", default="128x128",
+                    help="offline: input x output lengths, comma-separated; INxOUT:N runs N requests of that shape")
     ap.add_argument("--hf-requests", type=int, default=64)
     ap.add_argument("--hf-max-len", type=int, default=10_000, help="skip transformers for longer outputs")
     ap.add_argument("--rates", default="4,16,64")
@@ -260,7 +269,7 @@ def main() -> None:
 
         total, seqs = args.max_num_batched_tokens, args.max_num_seqs
         edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
-        n_in, n_out = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        n_in, n_out, _ = parse_shape(args.shapes.split(",")[0], args.requests)
         context = n_in + n_out // 2  # the first offline shape's mean context
         profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=context, max_context=n_in + n_out,
                                       prefill_len=min(n_in, total), edges=tuple(sorted(set(edges))))
@@ -361,9 +370,9 @@ def main() -> None:
 
     if "offline" in cases:
         for shape in args.shapes.split(","):
-            n_in, n_out = (int(x) for x in shape.split("x"))
-            prompts = torch.randint(0, vocab, (args.requests, n_in), generator=g).tolist()
-            blocks = blocks_for(n_in, n_out, args.requests)
+            n_in, n_out, requests = parse_shape(shape, args.requests)
+            prompts = torch.randint(0, vocab, (requests, n_in), generator=g).tolist()
+            blocks = blocks_for(n_in, n_out, requests)
             timeline = args.out.with_name(f"timeline_{args.precision}_{n_in}_{n_out}.csv") if args.out else None
             run_engine(program, prompts[:args.max_num_seqs], 2, num_blocks=blocks, config=config, device=device)
             run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # odd shapes
@@ -380,7 +389,7 @@ def main() -> None:
             hf_tps = hf["generated"] / hf["seconds"] if hf else None
             result.setdefault("offline", {})[shape] = {"engine": many, "engine_tps": many_tps, "hf": hf,
                                                       "hf_tps": hf_tps, "num_blocks": blocks}
-            rows.append((f"offline {args.requests} x {n_in}/{n_out}, output tok/s", many_tps, hf_tps,
+            rows.append((f"offline {requests} x {n_in}/{n_out}, output tok/s", many_tps, hf_tps,
                          f"{many['seconds']:.1f} s, {many['steps']} steps ({many['eager_steps']} eager), up to "
                          f"{many['max_running']} running, {many['preempted']} preemptions"
                          + (f"; transformers: one static batch of {args.hf_requests}" if hf else "")))

@@ -137,6 +137,27 @@ def test_fp8_cache_read_in_int16_pairs(head_dim):
     assert rel_err(outs[0], outs[2]) < 2e-3 and rel_err(outs[1], outs[3]) < 2e-3
 
 
+@pytest.mark.parametrize("head_dim,rope", [(16, False), (64, False), (16, True)])
+def test_fp8_prompt_steps_round_their_own_keys_as_the_cache_holds_them(head_dim, rope):
+    """Over an FP8 cache, a step with prompt tokens reads its own keys from k/v and rounds them through e4m3 in
+    the kernel; the result equals reading them back from the cache (``NEW_FROM_CACHE``), off the FP8 grid, with
+    RoPE inside too (the kernel then reads the rotated keys write_kv keeps). Unrounded keys differ by ~10%."""
+    q, k, v, cache, slots, tables, lens, qsl = make_step([1, 6, 9, 3], [9, 0, 0, 5], kv_heads=2, group=4,
+                                                         head_dim=head_dim, page=4, dtype=torch.bfloat16, seed=11)
+    k = k * 3  # off the grid, some past 448 * k_scale: saturated
+    rot = dict(zip(("cos", "sin"), rope_tables(step_positions(lens, qsl), head_dim, torch.bfloat16))) if rope else {}
+    fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
+    base = {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1}
+    caches, outs = [], []
+    for config in (dict(base, NEW_FROM_CACHE=True), base, ta.CONFIGS[0], dict(ta.CONFIGS[0], PAIRS=False)):
+        caches.append(fp8.clone())
+        outs.append(ta.paged_attention(q, k, v, caches[-1], slots, tables, lens, qsl, None, None, 0.05, 0.02,
+                                       config=config, **rot))
+    for c, out in zip(caches[1:], outs[1:]):
+        assert torch.equal(c.view(torch.uint8), caches[0].view(torch.uint8))
+        assert rel_err(out, outs[0]) < 1e-4
+
+
 def test_prune_offers_bytes_and_pairs_for_fp8_prefill_only():
     """Split-KV configs for decode only; over an FP8 cache, prefill steps also time each config byte by byte."""
     for dtype, new, want_bytes in ((torch.float8_e4m3fn, [6, 3], True), (torch.float8_e4m3fn, [1, 1], False),

@@ -17,8 +17,14 @@ rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two 
            at the ends        |
 
 A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped.
-With an FP8 cache the step's own keys are read back from the cache too (the reference sees
-them rounded), and scores and outputs are multiplied by the per-layer K and V scales.
+With an FP8 cache, scores and outputs are multiplied by the per-layer K and V scales, and the
+step's own keys must be seen as the cache holds them (the reference sees them rounded). In steps
+with prompt tokens (more tokens than sequences) the kernel still reads them from k/v as given,
+contiguous and unmasked below the diagonal, and rounds them through e4m3 itself (value / scale,
+saturated, exactly as ``write_kv`` stores them): a 4 × 4096 prefill over an FP8 cache otherwise
+gathers every key through the block table with a mask. Decode steps (one token per sequence)
+read their one new key back from the cache, in the last cached tile (``"NEW_FROM_CACHE": True``
+in a config forces that for any step).
 
 Split-KV (``SPLITS`` > 1, flash-decoding): the cached range is cut into SPLITS slices, one
 program each; every slice writes a partial output and its log-sum-exp, and a second small
@@ -143,6 +149,14 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
 
 
 @triton.jit
+def _through_e4m3(x, scale):
+    """x as an FP8 cache holds it, in fp16 and divided by ``scale`` (the kernel multiplies the scale back
+    in with the scores' and outputs' factors): value / scale saturated to ±448 and rounded to e4m3, as
+    ``_write_kv_kernel`` stores it."""
+    return tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float16)
+
+
+@triton.jit
 def _e4m3_pairs(x, ASM: tl.constexpr):
     """int16 holding two e4m3 bytes (an even and an odd element of a row) -> the two as fp16. On the GPU
     one byte permute and two conversions per two int16 (the packed pair a thread holds after a 16-bit
@@ -184,11 +198,11 @@ def _paged_attention_kernel(
         Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN,
         sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
         scos_t,
-        num_seqs, s_scale, v_scale, window,
+        num_seqs, s_scale, k_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
-        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False):
+        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, NEW_E4M3: tl.constexpr = False):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     # last query blocks first: they have the most keys (causal), so the long programs start early
     # and the short ones fill the tail
@@ -299,12 +313,16 @@ def _paged_attention_kernel(
                 else:
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
                     v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=d_ok[None, :], other=0.0)
+                if NEW_E4M3:  # as the FP8 cache holds them
+                    k, v = _through_e4m3(k, k_scale), _through_e4m3(v, v_scale)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 j_ok = j < n_q
                 k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                if NEW_E4M3:
+                    k, v = _through_e4m3(k, k_scale), _through_e4m3(v, v_scale)
                 kp = context + j
                 allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
                 if HAS_WINDOW:
@@ -408,8 +426,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
     heads, tokens = q.shape[1], q.shape[2]
-    # this step's own keys are read from k/v as given (no gather) unless the cache rounds them (FP8)
-    new_from_input = kv_cache.dtype == k.dtype
+    # this step's own keys are read from k/v as given (no gather); over an FP8 cache the kernel rounds them as
+    # the cache holds them (steps with prompt tokens), or reads them back from it (decode; see the docstring)
+    new_e4m3 = (kv_cache.dtype in FP8_DTYPES and q.shape[2] > seq_lens.shape[0]
+                and not config.get("NEW_FROM_CACHE", False))
+    new_from_input = kv_cache.dtype == k.dtype or new_e4m3
     rope = cos is not None
     k_roped = None
     if rope:  # q rotated inside the attention kernel; k by the cache write, into k_roped when read from there
@@ -442,17 +463,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         cos = sin = q  # unused
     scale = head_dim ** -0.5 if scale is None else scale
     # an FP8 cache read as int16 pairs (see the module's docstring); "PAIRS": False in a config reads it byte by byte
-    pairs = dot_f16 and not new_from_input and head_dim >= 32 and config.get("PAIRS", True)
+    pairs = dot_f16 and head_dim >= 32 and config.get("PAIRS", True)
     _paged_attention_kernel[grid](
         q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), cos.stride(0) if rope else 0,
-        seqs, scale * k_scale * LOG2E, v_scale, window or 0,
+        seqs, scale * k_scale * LOG2E, k_scale, v_scale, window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
         BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
         DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
         NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs and not interpret,
+        NEW_E4M3=new_e4m3,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         _combine_kernel[(tokens, heads)](
