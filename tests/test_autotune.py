@@ -209,13 +209,16 @@ def test_profile_buckets_and_their_steps():
     p = OptimizationProfile()
     assert p.edges == (1, 4, 16, 64, 256, 1024, 2048)
     assert p.step(16) == Step(seqs=16, new=1, context=1024)   # decode: one token for each of 16 sequences
-    assert p.step(1024) == Step(seqs=2, new=512, context=0)   # prefill: 512-token prompts
-    assert p.step(2048).tokens == 2048 and p.step(256) == Step(1, 256, 0)
+    # above max_seqs, in-flight batching's steady state: the running decodes beside prompt chunks
+    assert p.step(1024) == Step(seqs=2, new=480, context=0, decodes=64, decode_context=1024)
+    assert p.step(2048).tokens == 2048 and p.step(256) == Step(1, 192, 0, 64, 1024)
+    assert OptimizationProfile(context=0).step(1024) == Step(seqs=2, new=512, context=0)  # no context: prefill
     assert [p.bucket(t) for t in (1, 2, 4, 5, 2048)] == [0, 1, 1, 2, 6]
     with pytest.raises(WorkbenchError, match="beyond this profile's max_tokens"):
         p.bucket(2049)
     assert OptimizationProfile.from_json(p.to_json()) == p
-    assert OptimizationProfile(max_tokens=100, prefill_len=48).step(100) == Step(seqs=4, new=25, context=0)
+    assert OptimizationProfile(max_tokens=100, prefill_len=48).step(100) == Step(2, 25, 0, 50, 1024)
+    assert OptimizationProfile(max_tokens=100, prefill_len=48, context=0).step(100) == Step(seqs=4, new=25, context=0)
     with pytest.raises(WorkbenchError, match="last bucket edge"):
         OptimizationProfile(max_tokens=64, edges=(1, 16))
     with pytest.raises(WorkbenchError, match="context 5000 must lie"):
@@ -225,6 +228,20 @@ def test_profile_buckets_and_their_steps():
 
 
 TINY_PROFILE = dict(max_tokens=24, max_seqs=2, context=5, max_context=16, prefill_len=12, edges=(2, 24))
+
+
+def test_mixed_representative_step_inputs(program):
+    """A prompt bucket's step: the decodes (one token after ``context`` cached) first, then the prompt chunks."""
+    from workbench.kernels.autotune import step_inputs
+    from workbench.kernels.profiles import OptimizationProfile, Step
+
+    step = OptimizationProfile(**TINY_PROFILE).step(24)
+    assert step == Step(seqs=2, new=11, context=0, decodes=2, decode_context=5)
+    inputs = step_inputs(program, step)
+    assert inputs["seq_lens"].tolist() == [6, 6, 11, 11]
+    assert inputs["query_start_loc"].tolist() == [0, 1, 2, 13, 24]
+    assert inputs["position_ids"][0, :3].tolist() == [5, 5, 0] and inputs["input_ids"].shape == (1, 24)
+    assert len(set(inputs["slot_mapping"].tolist())) == 24  # every new token has a slot of its own
 
 
 def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from workbench.errors import WorkbenchError
 from workbench.kernels import fused
 from workbench.kernels import triton_attention as ta
 
@@ -156,6 +157,57 @@ def test_fp8_prompt_steps_round_their_own_keys_as_the_cache_holds_them(head_dim,
     for c, out in zip(caches[1:], outs[1:]):
         assert torch.equal(c.view(torch.uint8), caches[0].view(torch.uint8))
         assert rel_err(out, outs[0]) < 1e-4
+
+
+@pytest.mark.parametrize("kv_dtype,rope", [(torch.bfloat16, False), (torch.float8_e4m3fn, False),
+                                           (torch.float8_e4m3fn, True)])
+def test_mixed_step_decodes_in_a_launch_of_their_own(kv_dtype, rope, monkeypatch):
+    """A config with a ``DECODE`` sub-config runs a mixed step's single-token sequences (decodes, and a
+    one-token prompt) in a launch of their own: each launch writes exactly its rows (outputs poisoned with
+    NaN first), and the step equals the one-launch result (and the reference; over FP8 caches the
+    interpreter's e4m3 rounding is not torch's, so those compare kernel to kernel)."""
+    new, context = [1, 6, 1, 9, 1, 3], [9, 0, 14, 0, 0, 5]
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=2, group=4, head_dim=16, page=4,
+                                                         dtype=torch.bfloat16, seed=5)
+    scales = (0.05, 0.02) if kv_dtype != torch.bfloat16 else (None, None)
+    cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype) if scales[0] else cache
+    rot = dict(zip(("cos", "sin"), rope_tables(step_positions(lens, qsl), 16, torch.bfloat16))) if rope else {}
+    ref_cache = cache.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, None, None, *scales, **rot)
+    prompt = {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1}
+    decode = {"BLOCK_Q": 4, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    empty = torch.empty
+
+    def poisoned(*shape, **kw):
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    outs, caches = [], []
+    for config in (prompt, {**prompt, "DECODE": decode}):
+        caches.append(cache.clone())
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", poisoned)
+            outs.append(ta.paged_attention(q, k, v, caches[-1], slots, tables, lens, qsl, None, None, *scales,
+                                           config=config, **rot))
+        assert torch.isfinite(outs[-1].float()).all()
+    assert torch.equal(caches[1].view(torch.uint8), caches[0].view(torch.uint8))
+    assert kv_dtype != torch.bfloat16 or torch.equal(caches[0], ref_cache)
+    assert rel_err(outs[1], outs[0]) < 1e-3  # other tiles: a few outputs a bf16 step apart
+    assert kv_dtype != torch.bfloat16 or rel_err(outs[1], ref) < 1e-2
+    with pytest.raises(WorkbenchError, match="cannot split the keys"):
+        ta.paged_attention(q, k, v, cache.clone(), slots, tables, lens, qsl, None, None, *scales,
+                           config={**prompt, "DECODE": {**decode, "SPLITS": 4}}, **rot)
+
+
+def test_prune_offers_decode_launches_for_mixed_steps_only():
+    for new, want in (([1, 16, 3], True), ([6, 3], False), ([1, 1], False)):
+        q, k, v, cache, slots, tables, lens, qsl = make_step(new, [2] * len(new), kv_heads=2, group=2, head_dim=64,
+                                                             page=4, dtype=torch.bfloat16, seed=9)
+        kept = ta.prune(ta.CONFIGS, (q, k, v, cache, slots, tables, lens, qsl), {})
+        split = [c for c in kept if "DECODE" in c]
+        assert bool(split) == want
+        if want:
+            assert split == [{**c, "DECODE": ta.DECODE_CONFIG} for c in kept if "DECODE" not in c]
 
 
 def test_prune_offers_bytes_and_pairs_for_fp8_prefill_only():

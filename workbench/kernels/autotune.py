@@ -397,19 +397,27 @@ def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
     from ..runtime.paged_cache import cache_for
 
     vocab = program.graph.meta.get("config", {}).get("vocab_size", 1000)
-    ids = torch.randint(0, vocab, (step.seqs, step.context + step.new), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (step.seqs, step.context + step.new), generator=gen)
     if not program.graph.meta.get("paged"):
-        if step.context:
+        if step.context or step.decodes:
             raise WorkbenchError("this graph has no KV cache (run the insert_paged_attention pass): "
                                  "it can only be tuned on prefill steps; use a profile with context 0")
         pos = torch.arange(step.new).repeat(step.seqs)[None]
         return {"input_ids": ids.reshape(1, -1).to(program.device), "position_ids": pos.to(program.device)}
     page = program.graph.meta["paged"]["block_size"]
-    cache = cache_for(program.graph, num_blocks=step.seqs * -(-(step.context + step.new) // page),
-                      device=program.device)
-    if step.context:  # the context's slots are reserved; what they hold does not change any timing
-        cache.step_inputs([(i, ids[i, :step.context].tolist()) for i in range(step.seqs)])
-    return cache.step_inputs([(i, ids[i, step.context:].tolist()) for i in range(step.seqs)])
+    dec_ids = torch.randint(0, vocab, (step.decodes, step.decode_context + 1), generator=gen)
+    cache = cache_for(program.graph, device=program.device,
+                      num_blocks=step.seqs * -(-(step.context + step.new) // page)
+                      + step.decodes * -(-(step.decode_context + 1) // page))
+    # the contexts' slots are reserved; what they hold does not change any timing
+    history = [(i, ids[i, :step.context].tolist()) for i in range(step.seqs) if step.context]
+    history += [(step.seqs + i, dec_ids[i, :-1].tolist()) for i in range(step.decodes) if step.decode_context]
+    if history:
+        cache.step_inputs(history)
+    # the running decodes, then the prompt chunks
+    return cache.step_inputs([(step.seqs + i, dec_ids[i, -1:].tolist()) for i in range(step.decodes)]
+                             + [(i, ids[i, step.context:].tolist()) for i in range(step.seqs)])
 
 
 def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | None = None,

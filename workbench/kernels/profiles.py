@@ -10,9 +10,13 @@ tokens runs the choices of the first bucket whose edge is >= t:
     bucket edge:      1     4      16      64       256       1024       max_tokens
 
 The representative step of an edge ``t``: ``t`` tokens, as decode (one new token for each of
-``t`` sequences, each with ``context`` tokens cached) while ``t <= max_seqs``, as prefill
-(``t`` new tokens over ``ceil(t / prefill_len)`` fresh sequences) above. ``context`` is the
-profile's "opt" context, the length it is tuned at (TensorRT's opt shape).
+``t`` sequences, each with ``context`` tokens cached) while ``t <= max_seqs``; above, as an
+in-flight batching step in its steady state: the decodes of the running sequences
+(``min(max_seqs, t // 2)`` of them, each after ``context`` cached tokens) beside prompt chunks
+that fill the rest (over ``ceil(rest / prefill_len)`` fresh sequences). Kernels that treat the two
+kinds of sequence differently (paged attention) are then tuned on the mix they will run; with
+``context`` 0 the step is a plain prefill. ``context`` is the profile's "opt" context, the length
+it is tuned at (TensorRT's opt shape).
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from ..errors import WorkbenchError
 
 @dataclass(frozen=True)
 class Step:
-    """One representative step: ``new`` tokens for each of ``seqs`` sequences after ``context`` cached ones."""
+    """One representative step: ``new`` tokens for each of ``seqs`` sequences after ``context`` cached ones,
+    and ``decodes`` sequences more with one new token each after ``decode_context`` cached ones."""
     seqs: int
     new: int
     context: int
+    decodes: int = 0
+    decode_context: int = 0
 
     @property
     def tokens(self) -> int:
-        return self.seqs * self.new
+        return self.seqs * self.new + self.decodes
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,13 @@ class OptimizationProfile:
     def step(self, edge: int) -> Step:
         if edge <= self.max_seqs:
             return Step(seqs=edge, new=1, context=self.context)
-        seqs = -(-edge // self.prefill_len)
-        if edge % seqs:
-            seqs = next(s for s in range(seqs, edge + 1) if edge % s == 0)
-        return Step(seqs=seqs, new=edge // seqs, context=0)
+        decodes = min(self.max_seqs, edge // 2) if self.context else 0
+        prompt = edge - decodes
+        seqs = -(-prompt // self.prefill_len)
+        if prompt % seqs:
+            seqs = next(s for s in range(seqs, prompt + 1) if prompt % s == 0)
+        return Step(seqs=seqs, new=prompt // seqs, context=0, decodes=decodes,
+                    decode_context=self.context if decodes else 0)
 
     def bucket(self, tokens: int) -> int:
         """Index of the bucket a step of ``tokens`` tokens runs in."""

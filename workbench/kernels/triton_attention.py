@@ -26,6 +26,14 @@ gathers every key through the block table with a mask. Decode steps (one token p
 read their one new key back from the cache, in the last cached tile (``"NEW_FROM_CACHE": True``
 in a config forces that for any step).
 
+A mixed step (prompt chunks beside decodes) can run in two launches: a config with a ``"DECODE"``
+sub-config sends the sequences of one new token to a launch of their own at that config (grid:
+one program per sequence and KV head, ``SEQ_MODE`` 1), and the rest to this one (``SEQ_MODE`` 2,
+whose programs skip single-token sequences). At a prompt config (BLOCK_Q 32-64) a decode program
+computes 128-256 query rows of which GROUP are real, over the whole context: on the H200, steps
+of 7.7k prompt tokens beside 500 decodes at ~1500 context took 250 ms instead of 132 beside
+decodes at ~200. The grids depend only on the step's shapes, so both launches replay in a graph.
+
 Split-KV (``SPLITS`` > 1, flash-decoding): the cached range is cut into SPLITS slices, one
 program each; every slice writes a partial output and its log-sum-exp, and a second small
 kernel combines them. For long contexts at small batch, where (query blocks × KV heads)
@@ -202,27 +210,38 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
-        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, NEW_E4M3: tl.constexpr = False):
+        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, NEW_E4M3: tl.constexpr = False,
+        SEQ_MODE: tl.constexpr = 0):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
-    # last query blocks first: they have the most keys (causal), so the long programs start early
-    # and the short ones fill the tail
-    qblock = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_begin = tl.load(QSL + seq)
-    n_q = tl.load(QSL + seq + 1) - q_begin
-    q_start = (qblock - (q_begin // BLOCK_Q + seq)) * BLOCK_Q  # first query of this block, within the sequence
-    if q_start < n_q:
+    if SEQ_MODE == 1:  # a mixed step's decode launch: program i takes sequence i if it has one new token
+        seq = tl.program_id(0)
+        q_begin = tl.load(QSL + seq)
+        n_q = tl.load(QSL + seq + 1) - q_begin
+        q_start = 0
+        run = n_q == 1
+    else:
+        # last query blocks first: they have the most keys (causal), so the long programs start early
+        # and the short ones fill the tail
+        qblock = tl.num_programs(0) - 1 - tl.program_id(0)
+        # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_begin = tl.load(QSL + seq)
+        n_q = tl.load(QSL + seq + 1) - q_begin
+        q_start = (qblock - (q_begin // BLOCK_Q + seq)) * BLOCK_Q  # first query of this block, within the sequence
+        run = q_start < n_q
+        if SEQ_MODE == 2:  # a mixed step's prompt launch: single-token sequences are the decode launch's
+            run = run & (n_q > 1)
+    if run:
         seq_len = tl.load(SEQ_LENS + seq)
         context = seq_len - n_q  # position of the sequence's first new token
 
@@ -448,39 +467,57 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     # token-major ([1, tokens, heads, dim] underneath): the graph's transpose + reshape after it copies nothing
     out = torch.empty(1, tokens, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     seqs = seq_lens.shape[0]
-    block_q = max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
     interpret = bool(os.environ.get("TRITON_INTERPRET"))
     dot_f16 = kv_cache.dtype in FP8_DTYPES and q.dtype != torch.float32  # the interpreter's fp16 is right
-    splits = config.get("SPLITS", 1)
-    grid = (tokens // block_q + seqs, kv_heads, splits)
     kc, vc = kv_cache[0], kv_cache[1]
-    if splits > 1:
-        part = torch.empty(splits, heads, tokens, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, heads, tokens, dtype=torch.float32, device=q.device)
-    else:
-        part = lse = out  # unused
     if not rope:
         cos = sin = q  # unused
     scale = head_dim ** -0.5 if scale is None else scale
-    # an FP8 cache read as int16 pairs (see the module's docstring); "PAIRS": False in a config reads it byte by byte
-    pairs = dot_f16 and head_dim >= 32 and config.get("PAIRS", True)
-    _paged_attention_kernel[grid](
-        q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin,
-        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), cos.stride(0) if rope else 0,
-        seqs, scale * k_scale * LOG2E, k_scale, v_scale, window or 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
-        BLOCK_N=config["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
-        DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
-        NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs and not interpret,
-        NEW_E4M3=new_e4m3,
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if splits > 1:
-        _combine_kernel[(tokens, heads)](
-            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(1), out.stride(2), SPLITS=splits, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+
+    def launch(cfg: dict, seq_mode: int) -> None:
+        block_q = max(cfg["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
+        splits = cfg.get("SPLITS", 1)
+        programs = seqs if seq_mode == 1 else tokens // block_q + seqs
+        if splits > 1:
+            part = torch.empty(splits, heads, tokens, head_dim, dtype=torch.float32, device=q.device)
+            lse = torch.empty(splits, heads, tokens, dtype=torch.float32, device=q.device)
+        else:
+            part = lse = out  # unused
+        # an FP8 cache read as int16 pairs (see the module's docstring); "PAIRS": False reads it byte by byte
+        pairs = dot_f16 and head_dim >= 32 and cfg.get("PAIRS", True)
+        _paged_attention_kernel[(programs, kv_heads, splits)](
+            q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin,
+            q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1),
+            out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, k_scale, v_scale, window or 0,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
+            BLOCK_N=cfg["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
+            DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
+            NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
+            PAIRS_ASM=pairs and not interpret, NEW_E4M3=new_e4m3, SEQ_MODE=seq_mode,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if splits > 1:
+            _combine_kernel[(tokens, heads)](
+                part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+                out.stride(1), out.stride(2), SPLITS=splits, HEAD_DIM=head_dim,
+                BLOCK_D=triton.next_power_of_2(head_dim))
+
+    decode = config.get("DECODE")
+    if decode and tokens > seqs:  # a mixed step: single-token sequences at the decode config, the rest at this one
+        if decode.get("SPLITS", 1) != 1:
+            raise WorkbenchError(f"paged_attention: a DECODE sub-config runs one program per sequence, so it "
+                                 f"cannot split the keys (SPLITS {decode['SPLITS']}); drop SPLITS from {decode}")
+        launch(decode, 1)
+        launch(config, 2)
+    else:
+        launch(config, 0)
     return out
+
+
+#: The decode launch of a mixed step (``"DECODE"`` in a config; see ``paged_attention``): the config the
+#: decode buckets choose from 64 to 512 sequences on the H100 and the H200 (4 query rows per KV head, int16 pairs).
+DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
@@ -489,13 +526,20 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
 
     Over an FP8 cache, prefill steps also try each config reading the cache byte by byte
     (``"PAIRS": False``): int16 pairs win decode by 1.22x on the H100 but lose a 4 × 4096 prefill
-    by about 10%, and steps in between (chunks beside decodes) go either way."""
-    q, kv_cache, seq_lens = args[0], args[3], args[6]
+    by about 10%, and steps in between (chunks beside decodes) go either way.
+
+    A step with prompt chunks beside decodes (sequences of one new token) also tries each config with
+    its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
+    decode program multiplies 128-256 query rows of which GROUP are real."""
+    q, kv_cache, seq_lens, query_start_loc = args[0], args[3], args[6], args[7]
     if q.shape[2] <= 4 * seq_lens.shape[0]:
         return configs
     kept = [c for c in configs if c.get("SPLITS", 1) == 1]
     if kv_cache.dtype in FP8_DTYPES:
         kept += [{**c, "PAIRS": False} for c in kept]
+    new = query_start_loc.diff()
+    if bool((new == 1).any()) and bool((new > 1).any()):  # tuning time only: one host read of the step's lengths
+        kept += [{**c, "DECODE": DECODE_CONFIG} for c in kept]
     return kept
 
 
