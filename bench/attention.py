@@ -1,6 +1,6 @@
 """Triton paged attention vs torch SDPA on the same data, and vs the copy-bandwidth ceiling.
 
-    python bench/attention.py [--sections vs_sdpa,rope,pairs,own]
+    python bench/attention.py [--sections vs_sdpa,rope,pairs,own,split]
 
 decode   batch 64, 4096 tokens of context each, one new token, 32 query / 8 KV heads, head dim 128:
          the paged kernel reads K/V through block tables; the baseline is SDPA (GQA) over the same
@@ -21,6 +21,8 @@ own      over an FP8 cache, steps with prompt tokens: the step's own keys read f
          through e4m3 in the kernel (the default) against read back from the cache through the block
          table (``"NEW_FROM_CACHE": True``), each at its best config; a prefill, a chunked continuation
          and a mixed step (decodes beside prompt chunks); prompt configs (BLOCK_Q >= 16) in one launch.
+split    over an FP8 cache, a mixed step (decodes beside prompt chunks): one launch at a prompt config
+         against the decodes in a launch of their own (``"DECODE"``), each at its best prompt config.
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -199,6 +201,26 @@ def run_own(name, new, context, args, device):
             "rel_err": err, "own_config": own_cfg}
 
 
+def run_split(name, new, context, args, device):
+    """Over an FP8 cache, a mixed step: one launch at a prompt config against the step's decodes in a launch of
+    their own (``"DECODE"``: ``ta.DECODE_CONFIG``); outputs compared, each at its best prompt config."""
+    inputs = (*step_inputs(new, context, device), None, None, 0.05, 0.02)
+    configs = [c for c in ta.prune(ta.CONFIGS, inputs[:8], {})
+               if "DECODE" not in c and "PAIRS" not in c and c["BLOCK_Q"] >= 16]
+
+    def call(config, split):
+        return ta.paged_attention(*inputs, config={**config, "DECODE": ta.DECODE_CONFIG} if split else config)
+
+    a, b = call(configs[0], True), call(configs[0], False)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    (split_ms, split_cfg), (one_ms, one_cfg) = (fastest(lambda c, f=f: call(c, f), configs, args, device)
+                                                for f in (True, False))
+    print(f"{name}: split {split_ms:.3f} ms ({split_cfg}), one launch {one_ms:.3f} ms ({one_cfg}), "
+          f"{one_ms / split_ms:.2f}x, rel err {err:.1e}", flush=True)
+    return {"case": name, "split_ms": split_ms, "one_ms": one_ms, "speedup": one_ms / split_ms, "rel_err": err,
+            "split_config": split_cfg, "one_config": one_cfg}
+
+
 def fp8_write_is_exact(device) -> bool:
     k, v = (torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16) * 40 for _ in range(2))
     cache = torch.zeros(2, 256, 16, 8, 128, device=device, dtype=torch.float8_e4m3fn)
@@ -237,7 +259,7 @@ def run_pairs(name, seqs, context, new, args, device, ceiling):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--sections", default="vs_sdpa,rope,pairs,own",
+    ap.add_argument("--sections", default="vs_sdpa,rope,pairs,own,split",
                     help="which comparisons to run (vs_sdpa: the decode/prefill rows against SDPA)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -260,11 +282,15 @@ def main() -> None:
                 run_own("chunks fp8, 8 x 1024 after 1024", [1024] * 8, [1024] * 8, args, device),
                 run_own("mixed fp8, 377 x 1 after 1500 + 7 x 1117", [1] * 377 + [1117] * 7, [1500] * 377 + [0] * 7,
                         args, device)] if "own" in sections else []
+    split_rows = [run_split("mixed fp8, 512 x 1 after 1500 + 8 x 960", [1] * 512 + [960] * 8, [1500] * 512 + [0] * 8,
+                            args, device),
+                  run_split("mixed fp8, 432 x 1 after 192 + 8 x 970", [1] * 432 + [970] * 8, [192] * 432 + [0] * 8,
+                            args, device)] if "split" in sections else []
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
         args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows,
-                                        "own": own_rows}, indent=1,
+                                        "own": own_rows, "split": split_rows}, indent=1,
                                        default=str))
     print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
