@@ -382,6 +382,11 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLITS": 1},    # bf16 cache: 97% of copy
+    # decode over an FP8 cache on the H200 (the 2-stage config above reads at 76% of copy): from 3 stages on, the
+    # block-table loads are asynchronous too (at 2, each tile's copies wait on a synchronous load of its
+    # block-table entries), but 4 warps then take 144 registers (the 4-stage config above, which loses); 8 warps
+    # take 94 (bench/attention_sass.py, triton 3.6). Not timed on a GPU yet: the tuner decides.
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
