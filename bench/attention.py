@@ -55,19 +55,30 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 
 def paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page, device, dtype, kv_dtype=None):
     """A cache holding ``context`` tokens per sequence in shuffled blocks, plus ``new`` tokens to add."""
-    total = context + new
-    per_seq = -(-total // page)
-    num_blocks = seqs * per_seq
-    cache = torch.randn(2, num_blocks, page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype or dtype)
-    tables = torch.randperm(num_blocks, device=device).view(seqs, per_seq)
-    pos = torch.arange(context, total, device=device)
-    slots = (tables[:, pos // page] * page + pos % page).reshape(-1)
-    q = torch.randn(1, seqs * new, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-    k = torch.randn(1, kv_heads, seqs * new, head_dim, device=device, dtype=dtype)
-    v = torch.randn(1, kv_heads, seqs * new, head_dim, device=device, dtype=dtype)
-    lens = torch.full((seqs,), total, device=device)
-    qsl = torch.arange(0, seqs * new + 1, new, device=device)
-    return q, k, v, cache, slots, tables, lens, qsl
+    return step_inputs([new] * seqs, [context] * seqs, device, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       page=page, dtype=dtype, kv_dtype=kv_dtype or dtype)
+
+
+def step_inputs(new, context, device, *, heads=32, kv_heads=8, head_dim=128, page=16, dtype=torch.bfloat16,
+                kv_dtype=torch.float8_e4m3fn):
+    """A step of ``len(new)`` sequences with ``new[i]`` tokens after ``context[i]`` cached ones (a cache of random
+    values, in shuffled blocks)."""
+    per_seq = [-(-(c + n) // page) for c, n in zip(context, new)]
+    cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype)
+    perm = torch.randperm(sum(per_seq), device=device)
+    tables = torch.zeros(len(new), max(per_seq), dtype=torch.long, device=device)
+    slots, used = [], 0
+    for i, (c, n, p) in enumerate(zip(context, new, per_seq)):
+        tables[i, :p] = perm[used:used + p]
+        used += p
+        pos = torch.arange(c, c + n, device=device)
+        slots.append(tables[i, pos // page] * page + pos % page)
+    tokens = sum(new)
+    q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(1, kv_heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([c + n for c, n in zip(context, new)], device=device)
+    qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], device=device)
+    return q, k, v, cache, torch.cat(slots), tables, lens, qsl
 
 
 def dense_kv(cache, tables, seqs, total):
@@ -132,6 +143,14 @@ def fastest(fn, configs, args, device):
     return min(timed, key=lambda t: t[0])
 
 
+def variants(call, configs, args, device):
+    """Two variants of a kernel, ``call(config, True)`` and ``call(config, False)``: the relative difference of
+    the first from the second (at the first config), and (ms, config) of the fastest config of each."""
+    a, b = call(configs[0], True), call(configs[0], False)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return (err, *(fastest(lambda c, f=f: call(c, f), configs, args, device) for f in (True, False)))
+
+
 def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
     """RoPE inside the kernel (``cos``/``sin``: q rotated as it loads, k as it is stored) against the rope
     kernels then the kernel, on the same pre-RoPE q/k: outputs compared, each timed at its best config."""
@@ -161,39 +180,16 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
             "rope_inside_ms": fused_ms, "rope_kernels_ms": unfused_ms, "speedup": unfused_ms / fused_ms, "rel_err": err}
 
 
-def step_inputs(new, context, device, heads=32, kv_heads=8, head_dim=128, page=16):
-    """A step of ``len(new)`` sequences with ``new[i]`` tokens after ``context[i]`` cached ones (an FP8 cache
-    of random values, in shuffled blocks)."""
-    per_seq = [-(-(c + n) // page) for c, n in zip(context, new)]
-    cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device).to(torch.float8_e4m3fn)
-    perm = torch.randperm(sum(per_seq), device=device)
-    tables = torch.zeros(len(new), max(per_seq), dtype=torch.long, device=device)
-    slots, used = [], 0
-    for i, (c, n, p) in enumerate(zip(context, new, per_seq)):
-        tables[i, :p] = perm[used:used + p]
-        used += p
-        pos = torch.arange(c, c + n, device=device)
-        slots.append(tables[i, pos // page] * page + pos % page)
-    tokens = sum(new)
-    q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
-    k, v = (torch.randn(1, kv_heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    lens = torch.tensor([c + n for c, n in zip(context, new)], device=device)
-    qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], device=device)
-    return q, k, v, cache, torch.cat(slots), tables, lens, qsl
-
-
 def run_own(name, new, context, args, device):
     """Over an FP8 cache: the step's own keys rounded in the kernel (default) against read back from the cache
     (``"NEW_FROM_CACHE"``); outputs compared, each at its best config."""
     inputs = (*step_inputs(new, context, device), None, None, 0.05, 0.02)
     configs = [c for c in ta.prune(ta.CONFIGS, inputs[:8], {}) if "DECODE" not in c and c["BLOCK_Q"] >= 16]
 
-    def call(config, from_cache):
-        return ta.paged_attention(*inputs, config={**config, "NEW_FROM_CACHE": from_cache})
+    def call(config, own):
+        return ta.paged_attention(*inputs, config={**config, "NEW_FROM_CACHE": not own})
 
-    a, b = call(configs[0], False), call(configs[0], True)
-    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-    (own_ms, own_cfg), (cache_ms, _) = (fastest(lambda c, f=f: call(c, f), configs, args, device) for f in (False, True))
+    err, (own_ms, own_cfg), (cache_ms, _) = variants(call, configs, args, device)
     flops = sum(4 * 32 * n * (c + (n + 1) / 2) * 128 for c, n in zip(context, new))  # causal over the new tokens
     print(f"{name}: own {own_ms:.3f} ms, from the cache {cache_ms:.3f} ms, rel err {err:.1e}", flush=True)
     return {"case": name, "own_ms": own_ms, "cache_ms": cache_ms, "speedup": cache_ms / own_ms,
@@ -211,10 +207,7 @@ def run_split(name, new, context, args, device):
     def call(config, split):
         return ta.paged_attention(*inputs, config={**config, "DECODE": ta.DECODE_CONFIG} if split else config)
 
-    a, b = call(configs[0], True), call(configs[0], False)
-    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-    (split_ms, split_cfg), (one_ms, one_cfg) = (fastest(lambda c, f=f: call(c, f), configs, args, device)
-                                                for f in (True, False))
+    err, (split_ms, split_cfg), (one_ms, one_cfg) = variants(call, configs, args, device)
     print(f"{name}: split {split_ms:.3f} ms ({split_cfg}), one launch {one_ms:.3f} ms ({one_cfg}), "
           f"{one_ms / split_ms:.2f}x, rel err {err:.1e}", flush=True)
     return {"case": name, "split_ms": split_ms, "one_ms": one_ms, "speedup": one_ms / split_ms, "rel_err": err,
@@ -244,11 +237,7 @@ def run_pairs(name, seqs, context, new, args, device, ceiling):
     def call(config, pairs):
         return ta.paged_attention(*inputs, config={**config, "PAIRS": pairs})
 
-    a, b = call(configs[0], True), call(configs[0], False)
-    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-    (pairs_ms, pairs_cfg), (bytes_ms, bytes_cfg) = (fastest(lambda c, p=p: call(c, p), configs, args, device)
-                                                    for p in (True, False))
+    err, (pairs_ms, pairs_cfg), (bytes_ms, bytes_cfg) = variants(call, configs, args, device)
     kv_bytes = 2 * seqs * (context + new) * kv_heads * head_dim
     return {"case": name, "seqs": seqs, "context": context, "new": new, "pairs_ms": pairs_ms, "bytes_ms": bytes_ms,
             "speedup": bytes_ms / pairs_ms, "pairs_of_copy": kv_bytes / (pairs_ms * 1e-3) / 1e9 / ceiling,
