@@ -406,18 +406,16 @@ def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
         pos = torch.arange(step.new).repeat(step.seqs)[None]
         return {"input_ids": ids.reshape(1, -1).to(program.device), "position_ids": pos.to(program.device)}
     page = program.graph.meta["paged"]["block_size"]
-    dec_ids = torch.randint(0, vocab, (step.decodes, step.decode_context + 1), generator=gen)
-    cache = cache_for(program.graph, device=program.device,
-                      num_blocks=step.seqs * -(-(step.context + step.new) // page)
-                      + step.decodes * -(-(step.decode_context + 1) // page))
-    # the contexts' slots are reserved; what they hold does not change any timing
-    history = [(i, ids[i, :step.context].tolist()) for i in range(step.seqs) if step.context]
-    history += [(step.seqs + i, dec_ids[i, :-1].tolist()) for i in range(step.decodes) if step.decode_context]
-    if history:
+    # (cached ids, new ids) per sequence: the running decodes, then the prompt chunks
+    rows = [(r[:step.decode_context].tolist(), r[step.decode_context:].tolist())
+            for r in torch.randint(0, vocab, (step.decodes, step.decode_context + 1), generator=gen)]
+    rows += [(r[:step.context].tolist(), r[step.context:].tolist()) for r in ids]
+    cache = cache_for(program.graph, num_blocks=sum(-(-(len(c) + len(n)) // page) for c, n in rows),
+                      device=program.device)
+    history = [(i, c) for i, (c, _) in enumerate(rows) if c]
+    if history:  # the contexts' slots are reserved; what they hold does not change any timing
         cache.step_inputs(history)
-    # the running decodes, then the prompt chunks
-    return cache.step_inputs([(step.seqs + i, dec_ids[i, -1:].tolist()) for i in range(step.decodes)]
-                             + [(i, ids[i, step.context:].tolist()) for i in range(step.seqs)])
+    return cache.step_inputs([(i, n) for i, (_, n) in enumerate(rows)])
 
 
 def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | None = None,
