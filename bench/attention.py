@@ -23,6 +23,9 @@ own      over an FP8 cache, steps with prompt tokens: the step's own keys read f
          and a mixed step (decodes beside prompt chunks); prompt configs (BLOCK_Q >= 16) in one launch.
 split    over an FP8 cache, a mixed step (decodes beside prompt chunks): one launch at a prompt config
          against the decodes in a launch of their own (``"DECODE"``), each at its best prompt config.
+decode   over an FP8 cache with RoPE inside (the runtime's decode steps): every config of ``--decode-configs``
+         at every KV page size of ``--pages`` and step of ``--decode-steps``, each against the copy ceiling
+         (the K/V bytes the step reads over the time), outputs compared with the first config's.
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -159,10 +162,7 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
     heads, kv_heads, head_dim, page = 32, 8, 128, 16
     q, k, v, cache, slots, tables, lens, qsl = paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page,
                                                             device, torch.bfloat16, kv_dtype)
-    pos = (context + torch.arange(new, device=device)).repeat(seqs).float()
-    inv = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)
-    cos, sin = (f(ang).to(torch.bfloat16)[None, None] for f in (torch.cos, torch.sin))
+    cos, sin = rope_tables((context + torch.arange(new, device=device)).repeat(seqs), head_dim, device)
     scales = (0.05, 0.02) if kv_dtype != torch.bfloat16 else (None, None)
     inputs = (q, k, v, cache, slots, tables, lens, qsl, None, None, *scales)
     configs = ta.prune(ta.CONFIGS, inputs[:8], {})
@@ -214,6 +214,47 @@ def run_split(name, new, context, args, device):
             "split_config": split_cfg, "one_config": one_cfg}
 
 
+#: decode configs the ``decode`` section sweeps by default (BLOCK_Q 4: the GROUP 4 query heads of one KV head)
+DECODE_SWEEP = [{"BLOCK_Q": 4, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                for n, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (64, 2, 2), (64, 2, 3),
+                                (32, 1, 4), (32, 2, 3), (32, 2, 4), (32, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3))]
+
+
+def rope_tables(positions, head_dim, device):
+    """Llama-3's cos/sin rows ([1, 1, tokens, head_dim], bf16) at the given positions."""
+    inv = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    ang = positions.float()[:, None] * inv
+    ang = torch.cat([ang, ang], dim=-1)
+    return tuple(f(ang).to(torch.bfloat16)[None, None] for f in (torch.cos, torch.sin))
+
+
+def run_decode(seqs, context, page, configs, args, device, ceiling):
+    """One decode step over an FP8 cache with RoPE inside at each config: ms, share of the copy ceiling, and the
+    relative difference from the first config's output (configs that fail to run are reported, not fatal)."""
+    inputs = (*step_inputs([1] * seqs, [context] * seqs, device, page=page), None, None, 0.05, 0.02)
+    cos, sin = rope_tables(torch.full((seqs,), context, device=device), 128, device)
+    kv_bytes = 2 * seqs * (context + 1) * 8 * 128
+
+    def call(config):
+        return ta.paged_attention(*inputs, config=config, cos=cos, sin=sin)
+
+    ref = call(configs[0]).float()
+    out = []
+    for config in configs:
+        try:
+            err = ((call(config).float() - ref).norm() / ref.norm()).item()
+            ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
+        except Exception as e:  # noqa: BLE001 - a config that cannot run here (resources) is a row, not a crash
+            print(f"  page {page} {seqs}x{context} {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        of_copy = kv_bytes / (ms * 1e-3) / 1e9 / ceiling
+        print(f"  page {page:>3} {seqs}x{context} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, "
+              f"rel err {err:.1e}", flush=True)
+        out.append({"seqs": seqs, "context": context, "page": page, "config": config, "ms": ms, "of_copy": of_copy,
+                    "rel_err": err})
+    return out
+
+
 def fp8_write_is_exact(device) -> bool:
     k, v = (torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16) * 40 for _ in range(2))
     cache = torch.zeros(2, 256, 16, 8, 128, device=device, dtype=torch.float8_e4m3fn)
@@ -250,6 +291,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sections", default="vs_sdpa,rope,pairs,own,split",
                     help="which comparisons to run (vs_sdpa: the decode/prefill rows against SDPA)")
+    ap.add_argument("--decode-configs", type=json.loads, default=DECODE_SWEEP,
+                    help="decode section: a JSON list of configs (default: DECODE_SWEEP)")
+    ap.add_argument("--pages", default="16,32,64", help="decode section: KV page sizes (tokens per block)")
+    ap.add_argument("--decode-steps", default="512x1500,128x1500", help="decode section: SEQSxCONTEXT steps")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -275,11 +320,17 @@ def main() -> None:
                             args, device),
                   run_split("mixed fp8, 432 x 1 after 192 + 8 x 970", [1] * 432 + [970] * 8, [192] * 432 + [0] * 8,
                             args, device)] if "split" in sections else []
+    decode_rows = []
+    if "decode" in sections:
+        for step in args.decode_steps.split(","):
+            seqs, context = map(int, step.split("x"))
+            for page in map(int, args.pages.split(",")):
+                decode_rows += run_decode(seqs, context, page, args.decode_configs, args, device, ceiling)
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
         args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows,
-                                        "own": own_rows, "split": split_rows}, indent=1,
+                                        "own": own_rows, "split": split_rows, "decode": decode_rows}, indent=1,
                                        default=str))
     print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
@@ -316,6 +367,19 @@ def main() -> None:
         for r in own_rows:
             print(f"{r['case']:<42} {r['own_ms']:>8.3f} {r['own_tflops']:>8.1f} {r['cache_ms']:>9.3f} "
                   f"{r['cache_tflops']:>8.1f} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  {r['own_config']}")
+
+
+    if decode_rows:
+        print("\nDecode over an FP8 cache, RoPE inside: the fastest configs per step and page size")
+        print(f"{'step':<10} {'page':>5} {'ms':>8} {'of copy':>8} {'vs page 16 best':>16}  config")
+        for step in sorted({(r['seqs'], r['context']) for r in decode_rows}):
+            rows_ = [r for r in decode_rows if (r['seqs'], r['context']) == step]
+            base = min((r['ms'] for r in rows_ if r['page'] == 16), default=None)
+            for page in sorted({r['page'] for r in rows_}):
+                for r in sorted((r for r in rows_ if r['page'] == page), key=lambda r: r['ms'])[:3]:
+                    vs = f"{base / r['ms']:.3f}x" if base else "-"
+                    print(f"{step[0]}x{step[1]:<6} {page:>5} {r['ms']:>8.4f} {r['of_copy']:>8.1%} {vs:>16}  "
+                          f"{json.dumps(r['config'])}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ and e4m3 unpack conversions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -47,7 +48,8 @@ def pointer_types(kv: str) -> dict[str, str]:
             "SEQ_LENS": "*i64", "QSL": "*i64", "O_PART": "*fp32", "LSE": "*fp32", "COS": "*bf16", "SIN": "*bf16"}
 
 
-def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int = 4, head_dim: int = 128):
+def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int = 4, head_dim: int = 128,
+                   page: int = 16):
     """(compiled kernel, constexprs) of ``_paged_attention_kernel`` at ``config`` for sm_90."""
     fn = ta._paged_attention_kernel
     names = fn.arg_names
@@ -56,7 +58,7 @@ def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int =
     decode = step == "decode"
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                   BLOCK_Q=max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group))), BLOCK_N=config["BLOCK_N"],
-                  PAGE=16, HAS_WINDOW=False, DOT_FP32=False, SPLITS=config.get("SPLITS", 1),
+                  PAGE=page, HAS_WINDOW=False, DOT_FP32=False, SPLITS=config.get("SPLITS", 1),
                   NEW_FROM_INPUT=not fp8 or not decode, DOT_F16=fp8, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs,
                   NEW_E4M3=fp8 and not decode, SEQ_MODE=0)
     ptrs = pointer_types(kv)
@@ -108,13 +110,18 @@ def main() -> None:
     ap.add_argument("--step", default="decode", choices=("decode", "prefill"),
                     help="decode: the step's own key read back from the cache; prefill: read from k/v")
     ap.add_argument("--rope", action="store_true", help="RoPE inside the kernel (the runtime's graphs)")
+    ap.add_argument("--page", type=int, default=16, help="tokens per KV block (the runtime's block size)")
+    ap.add_argument("--configs", type=json.loads,
+                    help='a JSON list of configs to compile instead of the tuning space\'s, e.g. '
+                         '\'[{"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 1, "num_stages": 3}]\'')
     args = ap.parse_args()
-    configs = [c for c in ta.CONFIGS if (c["BLOCK_Q"] <= 4) == (args.step == "decode")]
-    print(f"triton {triton.__version__}, sm_90; {args.kv} cache, {args.step}, rope {args.rope}; GROUP 4, head dim 128")
+    configs = args.configs or [c for c in ta.CONFIGS if (c["BLOCK_Q"] <= 4) == (args.step == "decode")]
+    print(f"triton {triton.__version__}, sm_90; {args.kv} cache, {args.step}, rope {args.rope}; GROUP 4, head dim 128, "
+          f"page {args.page}")
     print(f"{'config':<58} {'regs':>5} {'shared':>7} {'instrs':>7} {'loop':>6} {'LDGSTS':>7} {'LDG':>5} {'BAR':>5} "
           f"{'MMA':>5} {'unpack':>7}")
     for config in configs:
-        kernel, _ = compile_config(config, kv=args.kv, step=args.step, rope=args.rope)
+        kernel, _ = compile_config(config, kv=args.kv, step=args.step, rope=args.rope, page=args.page)
         r = sass_report(kernel.asm["cubin"])
         label = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"{label:<58} {r['regs']:>5} {kernel.metadata.shared:>7} {r['instrs']:>7} {r['loop_instrs']:>6} "

@@ -179,6 +179,8 @@ def build_program(args, device):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     lm = load_model(source, dtype=dtype, device=device)
     captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
+    if getattr(args, "block_size", None):
+        captured.graph.meta["kv_block_size"] = args.block_size  # tokens per KV block (the paged pass's default: 16)
     weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
                **{k: v.to(device) for k, v in captured.constants.items()}}
     graph, _ = run_passes(captured.graph, weights, check=False)
@@ -220,6 +222,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layers", type=int, help="keep only this many decoder layers")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
     ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
+    ap.add_argument("--block-size", type=int, help="tokens per KV-cache block (default: the paged pass's, 16)")
 
 
 def refuse_cache_without_autotune(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:

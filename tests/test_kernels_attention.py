@@ -87,6 +87,31 @@ def test_write_kv_scatters_to_slots_through_strided_inputs():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("page", [8, 16])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("window", [None, 8])
+def test_tiles_within_one_page_read_one_block_table_entry(page, kv_dtype, window):
+    """Pages of a multiple of BLOCK_N tokens (the runtime's blocks of 32 or 64 at BLOCK_N 32-64): each key tile
+    lies in one page, whose block-table entry the kernel loads once, as a scalar. Decode, chunked continuations
+    and split-KV, across page boundaries and with tiles cut short at the context's end."""
+    new, context = [1, 1, 9, 1, 3], [5, 17, 0, 40, 23]
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=2, group=4, head_dim=16, page=page,
+                                                         dtype=torch.bfloat16, seed=12)
+    scales = (0.0625, 0.015625) if kv_dtype != torch.bfloat16 else (None, None)
+    if kv_dtype != torch.bfloat16:
+        k, v = on_fp8_grid(k * 0.1, scales[0]), on_fp8_grid(v * 0.01, scales[1])
+        cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype)
+    ref_cache = cache.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, window, *scales)
+    for config in ({"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1},
+                   {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 2},
+                   {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1, "NEW_FROM_CACHE": True}):
+        tri_cache = cache.clone()
+        out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, window, *scales, config=config)
+        assert torch.equal(tri_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        assert rel_err(out, ref) < 1e-2, config
+
+
 def on_fp8_grid(x, scale):
     """x rounded to values that e4m3 holds exactly after dividing by ``scale`` (a power of two)."""
     return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)

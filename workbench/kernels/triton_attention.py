@@ -297,7 +297,10 @@ def _paged_attention_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             kv = n0 + tl.arange(0, BLOCK_N)
             kv_ok = kv < cached_end
-            page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv_ok, other=0).to(tl.int64)
+            if PAGE % BLOCK_N == 0:  # the tile lies in one page: one block-table entry, loaded once
+                page = tl.load(BT + seq * sbt + n0 // PAGE).to(tl.int64)
+            else:
+                page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv_ok, other=0).to(tl.int64)
             base = page * sc_blk + (kv % PAGE) * sc_off + kv_head * sc_h
             allowed = (kv[None, :] <= pos[:, None]) & kv_ok[None, :] & row_ok[:, None]
             if HAS_WINDOW:
