@@ -63,11 +63,16 @@ def paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page, device, dt
 
 
 def step_inputs(new, context, device, *, heads=32, kv_heads=8, head_dim=128, page=16, dtype=torch.bfloat16,
-                kv_dtype=torch.float8_e4m3fn):
+                kv_dtype=torch.float8_e4m3fn, layout="nhd"):
     """A step of ``len(new)`` sequences with ``new[i]`` tokens after ``context[i]`` cached ones (a cache of random
-    values, in shuffled blocks)."""
+    values, in shuffled blocks). ``layout`` "hnd" stores each block head-major ([kv_heads, page, head_dim]: a
+    head's keys of one block contiguous) behind the same [2, blocks, page, kv_heads, head_dim] view."""
     per_seq = [-(-(c + n) // page) for c, n in zip(context, new)]
-    cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype)
+    if layout == "hnd":
+        cache = torch.randn(2, sum(per_seq), kv_heads, page, head_dim, device=device, dtype=dtype).to(kv_dtype)
+        cache = cache.transpose(2, 3)
+    else:
+        cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype)
     perm = torch.randperm(sum(per_seq), device=device)
     tables = torch.zeros(len(new), max(per_seq), dtype=torch.long, device=device)
     slots, used = [], 0
@@ -228,10 +233,11 @@ def rope_tables(positions, head_dim, device):
     return tuple(f(ang).to(torch.bfloat16)[None, None] for f in (torch.cos, torch.sin))
 
 
-def run_decode(seqs, context, page, configs, args, device, ceiling):
+def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"):
     """One decode step over an FP8 cache with RoPE inside at each config: ms, share of the copy ceiling, and the
     relative difference from the first config's output (configs that fail to run are reported, not fatal)."""
-    inputs = (*step_inputs([1] * seqs, [context] * seqs, device, page=page), None, None, 0.05, 0.02)
+    torch.manual_seed(0)  # the same values in either layout
+    inputs = (*step_inputs([1] * seqs, [context] * seqs, device, page=page, layout=layout), None, None, 0.05, 0.02)
     cos, sin = rope_tables(torch.full((seqs,), context, device=device), 128, device)
     kv_bytes = 2 * seqs * (context + 1) * 8 * 128
 
@@ -248,10 +254,10 @@ def run_decode(seqs, context, page, configs, args, device, ceiling):
             print(f"  page {page} {seqs}x{context} {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         of_copy = kv_bytes / (ms * 1e-3) / 1e9 / ceiling
-        print(f"  page {page:>3} {seqs}x{context} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, "
+        print(f"  {layout} page {page:>3} {seqs}x{context} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, "
               f"rel err {err:.1e}", flush=True)
-        out.append({"seqs": seqs, "context": context, "page": page, "config": config, "ms": ms, "of_copy": of_copy,
-                    "rel_err": err})
+        out.append({"seqs": seqs, "context": context, "page": page, "layout": layout, "config": config, "ms": ms,
+                    "of_copy": of_copy, "rel_err": err})
     return out
 
 
@@ -295,6 +301,8 @@ def main() -> None:
                     help="decode section: a JSON list of configs (default: DECODE_SWEEP)")
     ap.add_argument("--pages", default="16,32,64", help="decode section: KV page sizes (tokens per block)")
     ap.add_argument("--decode-steps", default="512x1500,128x1500", help="decode section: SEQSxCONTEXT steps")
+    ap.add_argument("--layouts", default="nhd,hnd",
+                    help="decode section: cache block layouts (nhd: [page, kv_heads, head_dim], hnd: [kv_heads, page, ..])")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -325,7 +333,8 @@ def main() -> None:
         for step in args.decode_steps.split(","):
             seqs, context = map(int, step.split("x"))
             for page in map(int, args.pages.split(",")):
-                decode_rows += run_decode(seqs, context, page, args.decode_configs, args, device, ceiling)
+                for layout in args.layouts.split(","):
+                    decode_rows += run_decode(seqs, context, page, args.decode_configs, args, device, ceiling, layout)
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
@@ -370,16 +379,17 @@ def main() -> None:
 
 
     if decode_rows:
-        print("\nDecode over an FP8 cache, RoPE inside: the fastest configs per step and page size")
-        print(f"{'step':<10} {'page':>5} {'ms':>8} {'of copy':>8} {'vs page 16 best':>16}  config")
+        print("\nDecode over an FP8 cache, RoPE inside: the fastest configs per step, page size and block layout")
+        print(f"{'step':<10} {'layout':<6} {'page':>5} {'ms':>8} {'of copy':>8} {'vs nhd/16 best':>15}  config")
         for step in sorted({(r['seqs'], r['context']) for r in decode_rows}):
             rows_ = [r for r in decode_rows if (r['seqs'], r['context']) == step]
-            base = min((r['ms'] for r in rows_ if r['page'] == 16), default=None)
-            for page in sorted({r['page'] for r in rows_}):
-                for r in sorted((r for r in rows_ if r['page'] == page), key=lambda r: r['ms'])[:3]:
+            base = min((r['ms'] for r in rows_ if (r['page'], r['layout']) == (16, "nhd")), default=None)
+            for page, layout in sorted({(r['page'], r['layout']) for r in rows_}):
+                picked = sorted((r for r in rows_ if (r['page'], r['layout']) == (page, layout)), key=lambda r: r['ms'])
+                for r in picked[:3]:
                     vs = f"{base / r['ms']:.3f}x" if base else "-"
-                    print(f"{step[0]}x{step[1]:<6} {page:>5} {r['ms']:>8.4f} {r['of_copy']:>8.1%} {vs:>16}  "
-                          f"{json.dumps(r['config'])}")
+                    print(f"{step[0]}x{step[1]:<6} {layout:<6} {page:>5} {r['ms']:>8.4f} {r['of_copy']:>8.1%} "
+                          f"{vs:>15}  {json.dumps(r['config'])}")
 
 
 if __name__ == "__main__":

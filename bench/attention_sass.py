@@ -66,7 +66,8 @@ def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int =
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptrs or n in DIVISIBLE}
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+                            options={"num_warps": config["num_warps"], "num_stages": config["num_stages"],
+                                     **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})})
     return kernel, consts
 
 

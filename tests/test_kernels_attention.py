@@ -112,6 +112,28 @@ def test_tiles_within_one_page_read_one_block_table_entry(page, kv_dtype, window
         assert rel_err(out, ref) < 1e-2, config
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_head_major_blocks_behind_the_same_view(kv_dtype):
+    """A cache whose blocks are stored head-major ([kv_heads, page, head_dim]: one head's keys of a block
+    contiguous) behind the usual [2, blocks, page, kv_heads, head_dim] view: the kernels follow its strides, so
+    the new K/V land in the same logical slots and the outputs are the reference's."""
+    new, context = [1, 1, 6, 1], [5, 17, 3, 40]
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=2, group=4, head_dim=16, page=8,
+                                                         dtype=torch.bfloat16, seed=13)
+    scales = (0.0625, 0.015625) if kv_dtype != torch.bfloat16 else (None, None)
+    if kv_dtype != torch.bfloat16:
+        k, v = on_fp8_grid(k * 0.1, scales[0]), on_fp8_grid(v * 0.01, scales[1])
+        cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype)
+    ref_cache = cache.clone()
+    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, *scales)
+    for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1}):
+        hnd = cache.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not hnd.is_contiguous() and torch.equal(hnd.view(torch.uint8), cache.view(torch.uint8))
+        out = ta.paged_attention(q, k, v, hnd, slots, tables, lens, qsl, 0.3, None, *scales, config=config)
+        assert torch.equal(hnd.view(torch.uint8), ref_cache.view(torch.uint8))
+        assert rel_err(out, ref) < 1e-2, config
+
+
 def on_fp8_grid(x, scale):
     """x rounded to values that e4m3 holds exactly after dividing by ``scale`` (a power of two)."""
     return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)

@@ -83,8 +83,8 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
 @triton.jit
-def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_slot, sc_h, scos_t,
-                     sko_h, sko_t, k_scale, v_scale, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_blk, sc_off, sc_h, scos_t,
+                     sko_h, sko_t, k_scale, v_scale, PAGE: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr, ROPE: tl.constexpr,
                      HAS_K_OUT: tl.constexpr):
     """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
@@ -115,7 +115,7 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc
         k2 = tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0)
         v1 = tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0)
         v2 = tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0)
-    dst = C + slot * sc_slot + h * sc_h + d
+    dst = C + (slot // PAGE) * sc_blk + (slot % PAGE) * sc_off + h * sc_h + d
     tl.store(dst, k1.to(C.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, k2.to(C.dtype.element_ty), mask=mask)
     tl.store(dst + sc_kv, v1.to(C.dtype.element_ty), mask=mask)
@@ -415,18 +415,19 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     if head_dim % 2:
         raise WorkbenchError(f"write_kv: head_dim must be even (the kernel copies it in two halves), not {head_dim}")
+    if kv_cache.stride(-1) != 1:
+        raise WorkbenchError(f"write_kv: the KV cache's head dim must be contiguous (strides {kv_cache.stride()})")
     tokens = k.shape[2]
     if tokens == 0:
         return
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-    flat = kv_cache.view(2, num_blocks * page, kv_heads, head_dim)
     rope = cos is not None
     cos, sin = (cos, sin) if rope else (k, k)  # unused
     k_out_ = k if k_out is None else k_out
     _write_kv_kernel[(tokens,)](
-        k, v, flat, slot_mapping, cos, sin, k_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        flat.stride(0), flat.stride(1), flat.stride(2), cos.stride(0) if rope else 0, k_out_.stride(1),
-        k_out_.stride(2), float(k_scale), float(v_scale), KV_HEADS=kv_heads, HALF=head_dim // 2,
+        k, v, kv_cache, slot_mapping, cos, sin, k_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        *kv_cache.stride()[:4], cos.stride(0) if rope else 0, k_out_.stride(1),
+        k_out_.stride(2), float(k_scale), float(v_scale), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=rope and k_out is not None,
         num_warps=4 if kv_heads * head_dim >= 1024 else 1)
@@ -504,7 +505,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
             PAIRS_ASM=pairs and not interpret, NEW_E4M3=new_e4m3, SEQ_MODE=seq_mode,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:
             _combine_kernel[(tokens, heads)](
                 part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
