@@ -323,3 +323,25 @@ def test_build_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     assert "max_model_len 128" in capsys.readouterr().out
     assert main(["export", str(ws), "--out", str(tmp_path / "e2"), "--stage", "quant"]) == 2
     assert "the quant stage of" in capsys.readouterr().err
+
+
+def test_build_with_another_kv_block_size(tmp_path, capsys):
+    """``--kv-block-size`` reaches the paged graph (and the cache the runtime allocates); the same greedy tokens
+    come out, and a build at another size runs the passes again."""
+    from workbench.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(a)]) == 0
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "8"]) == 0
+    assert load_engine(a).program.graph.meta["paged"]["block_size"] == 16
+    assert load_engine(b).program.graph.meta["paged"]["block_size"] == 8
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 11, 2, 7, 3, 3, 1, 4, 4, 6], [8, 2]]
+    outs = [[o.token_ids for o in LLM(e, num_blocks=16).generate(prompts, greedy)] for e in (a, b)]
+    assert outs[0] == outs[1]
+    capsys.readouterr()
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "32"]) == 0
+    assert "[2/5] passes: done in" in capsys.readouterr().out
+    assert load_engine(b).program.graph.meta["paged"]["block_size"] == 32
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "0"]) == 2
+    assert "tokens per KV-cache block" in capsys.readouterr().err

@@ -253,6 +253,7 @@ def test_prune_offers_decode_launches_for_mixed_steps_only():
         kept = ta.prune(ta.CONFIGS, (q, k, v, cache, slots, tables, lens, qsl), {})
         split = [c for c in kept if "DECODE" in c]
         assert bool(split) == want
+        assert any("maxnreg" in c for c in kept) == (new == [1, 1])  # register caps: decode steps only
         if want:
             assert split == [{**c, "DECODE": ta.DECODE_CONFIG} for c in kept if "DECODE" not in c]
 

@@ -100,9 +100,10 @@ def workspace_source(ws: Workspace) -> ModelSource:
 
 
 def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool = False,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", kv_block_size: int | None = None):
     """`workbench optimize`: run graph passes on the captured graph into ``ws/passes``; each pass's numeric
     check runs on ``device`` (a GPU makes an 8B model's checks seconds instead of minutes on the CPU).
+    ``kv_block_size``: tokens per KV-cache block of the paged graph (default: the paged pass's, 16).
 
     Returns the optimized graph and the per-pass reports."""
     from .graph.passes import DEFAULT_PIPELINE, run_passes
@@ -110,7 +111,12 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     names = list(DEFAULT_PIPELINE if names is None else names)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")
-    with ws.run("passes", params={"passes": names}, upstream=("capture",), force=force) as run:
+    params = {"passes": names}
+    if kv_block_size is not None:
+        if kv_block_size < 1:
+            raise WorkbenchError(f"kv_block_size is tokens per KV-cache block, >= 1; got {kv_block_size}")
+        graph.meta["kv_block_size"] = params["kv_block_size"] = int(kv_block_size)
+    with ws.run("passes", params=params, upstream=("capture",), force=force) as run:
         # the weights only feed the checks: made (random sources) or read straight onto the checking device
         params = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
         optimized, reports = run_passes(graph, params, names, device=device)

@@ -44,6 +44,7 @@ class BuildOptions:
     seq_len: int | None = None
     device: str | None = None        # calibration and tuning device; None: "cuda" when there is a GPU
     tune: bool | None = None         # None: tune when a GPU is present
+    kv_block_size: int | None = None # tokens per KV-cache block; None: the paged pass's default (16)
     force: bool = False              # re-run stages whose artifacts were edited by hand
 
     def __post_init__(self) -> None:
@@ -111,8 +112,10 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
                                          force=options.force))
 
     # 2. passes ---------------------------------------------------------------------------------------------
-    stage("passes", _up_to_date(ws, "passes", True), lambda: pipeline.passes_stage(ws, force=options.force,
-                                                                                         device=device))
+    passes_rec = ws.record("passes")
+    same_block = passes_rec is not None and passes_rec["params"].get("kv_block_size") == options.kv_block_size
+    stage("passes", _up_to_date(ws, "passes", same_block),
+          lambda: pipeline.passes_stage(ws, force=options.force, device=device, kv_block_size=options.kv_block_size))
 
     # 3. quantization -------------------------------------------------------------------------------------
     fmt = FORMAT_OF.get(options.precision)

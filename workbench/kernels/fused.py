@@ -110,7 +110,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """Attention over a paged KV cache for a flat batch of sequences (batch dim 1).
 
     Writes the new tokens' k and v ([1, kv_heads, tokens, head_dim]) into ``kv_cache``
-    ([2, num_blocks, block_size, kv_heads, head_dim]) at ``slot_mapping``, then lets each
+    ([2, num_blocks, block_size, kv_heads, head_dim], any strides: the runtime stores each block
+    head-major behind this shape) at ``slot_mapping``, then lets each
     sequence's new queries attend, causally, to all of its cached tokens read through
     its row of ``block_tables``. The new tokens are the last ones of each sequence.
     With a sliding ``window`` (Mistral), a query at position p sees keys p - window < j <= p,
@@ -125,7 +126,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if cos is not None:
         q, k = rope(q, cos, sin), rope(k, cos, sin)
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
     quant = kv_cache.dtype == torch.float8_e4m3fn
     k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
 
@@ -136,8 +136,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     def load(x, scale):
         return (x.float() * scale).to(q.dtype) if quant else x.to(q.dtype)
 
-    flat[0, slot_mapping] = store(k, k_scale)
-    flat[1, slot_mapping] = store(v, v_scale)
+    # by block and offset, not through a flat view: the cache may be stored head-major behind this shape
+    blk, off = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[0, blk, off] = store(k, k_scale)
+    kv_cache[1, blk, off] = store(v, v_scale)
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()

@@ -378,18 +378,20 @@ def _combine_kernel(O_PART, LSE, O, sp_s, sp_h, sp_t, sl_s, sl_h, so_h, so_t,
 
 
 #: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages,
-#: and SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts).
+#: SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts), and
+#: optionally maxnreg, a cap on registers per thread (more programs per SM; decode configs only).
 CONFIGS = [
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},   # the default: any step
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLITS": 1},    # bf16 cache: 97% of copy
-    # decode over an FP8 cache on the H200 (the 2-stage config above reads at 76% of copy): from 3 stages on, the
-    # block-table loads are asynchronous too (at 2, each tile's copies wait on a synchronous load of its
-    # block-table entries), but 4 warps then take 144 registers (the 4-stage config above, which loses); 8 warps
-    # take 94 (bench/attention_sass.py, triton 3.6). Not timed on a GPU yet: the tuner decides.
-    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
+    # decode over an FP8 cache on the H200, at 512 sequences of 1500: at 118 registers 4 programs fit on an SM; capped
+    # at 80 (some spills) 6 fit, and it reads 8% faster (0.463 against 0.505 ms, pages of 16; 88% of copy in pages of
+    # 64, head-major). At 128 sequences (two waves of programs) the cap loses by 10%: the tuner decides.
+    # (8 warps at 3 stages made the block-table loads asynchronous at 94 registers, and read at 49-55%: dropped.)
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1, "maxnreg": 80},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1, "maxnreg": 96},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
@@ -525,14 +527,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
-#: The decode launch of a mixed step (``"DECODE"`` in a config; see ``paged_attention``): the config the
-#: decode buckets choose from 64 to 512 sequences on the H100 and the H200 (4 query rows per KV head, int16 pairs).
-DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+#: The decode launch of a mixed step (``"DECODE"`` in a config; see ``paged_attention``): 4 query rows per KV head,
+#: int16 pairs, registers capped at 80 so that 6 programs share an SM: the fastest at 512 decodes of 1500 on the
+#: H200 (a mixed step holds 300-512 decodes in the offline runs).
+DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 80}
 
 
 def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     """Split-KV configs only where the query blocks alone are few: a step of a few tokens per
     sequence (decode). Prefill has plenty of programs, and its partial outputs would be huge.
+    Register caps (``maxnreg``: more decode programs per SM) only there too.
 
     Over an FP8 cache, prefill steps also try each config reading the cache byte by byte
     (``"PAIRS": False``): int16 pairs win decode by 1.22x on the H100 but lose a 4 × 4096 prefill
@@ -544,7 +548,7 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     q, kv_cache, seq_lens, query_start_loc = args[0], args[3], args[6], args[7]
     if q.shape[2] <= 4 * seq_lens.shape[0]:
         return configs
-    kept = [c for c in configs if c.get("SPLITS", 1) == 1]
+    kept = [c for c in configs if c.get("SPLITS", 1) == 1 and "maxnreg" not in c]
     if kv_cache.dtype in FP8_DTYPES:
         kept += [{**c, "PAIRS": False} for c in kept]
     new = query_start_loc.diff()

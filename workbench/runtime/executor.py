@@ -44,6 +44,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..graph.ir import Node, Ref, TensorSpec, dtype_from_name
+from .paged_cache import new_kv_cache
 from .request import PLACEHOLDER
 from .sampling import to_device
 from .scheduler import SchedulerOutput
@@ -116,9 +117,9 @@ class Executor:
         self.device = program.device
         # one block more than the block manager hands out: the scratch block that padding rows of a
         # CUDA-graph step write to and read from
-        shape = (2, num_blocks + 1, self.block_size, paged["kv_heads"], paged["head_dim"])
         dtype = dtype_from_name(paged["dtype"])
-        self.cache = {f"kv_cache_{i}": torch.zeros(shape, dtype=dtype, device=self.device) for i in paged["layers"]}
+        self.cache = {f"kv_cache_{i}": new_kv_cache(num_blocks + 1, self.block_size, paged["kv_heads"], paged["head_dim"],
+                                                    dtype, self.device) for i in paged["layers"]}
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise WorkbenchError("CUDA graphs need a CUDA device; run without cuda_graphs on the CPU")

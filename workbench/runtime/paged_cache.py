@@ -13,6 +13,9 @@ and the scheduler; the metadata it hands the graph is the same:
     seq_lens         [seqs]             tokens in each sequence after this step (context + new)
     query_start_loc  [seqs + 1]         where each sequence's new tokens start in the flat batch
     kv_cache_<layer> [2, num_blocks, block_size, kv_heads, head_dim]
+
+The cache tensors have that shape but store each block head-major ([kv_heads, block_size, head_dim]:
+``new_kv_cache``), so that a KV head's keys of one block are contiguous; the kernels follow the strides.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WorkbenchError
+
+
+def new_kv_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: str | torch.device) -> torch.Tensor:
+    """One layer's KV cache, zeroed: shape [2, num_blocks, block_size, kv_heads, head_dim], stored head-major
+    within each block (a transposed view of [2, num_blocks, kv_heads, block_size, head_dim]). A decode program
+    reads one KV head's keys block by block: contiguous runs of block_size × head_dim instead of head_dim-long
+    rows strided by kv_heads × head_dim. On the H200, a 512 × 1500 decode over an FP8 cache in blocks of 64
+    read 2.7% faster so (bench/attention.py --sections decode)."""
+    return torch.zeros(2, num_blocks, kv_heads, block_size, head_dim, dtype=dtype, device=device).transpose(2, 3)
 
 
 @dataclass
@@ -40,8 +53,8 @@ class SimplePagedCache:
 
     def __post_init__(self) -> None:
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
-        shape = (2, self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
-        self.tensors = {f"kv_cache_{i}": torch.zeros(shape, dtype=self.dtype, device=self.device) for i in self.layers}
+        self.tensors = {f"kv_cache_{i}": new_kv_cache(self.num_blocks, self.block_size, self.kv_heads, self.head_dim,
+                                                      self.dtype, self.device) for i in self.layers}
 
     def free(self, seq_id: int) -> None:
         self.free_blocks.extend(reversed(self.blocks.pop(seq_id, [])))
