@@ -45,7 +45,8 @@ FLOATS = {"s_scale", "k_scale", "v_scale"}
 def pointer_types(kv: str) -> dict[str, str]:
     cache = "*fp8e4nv" if kv == "fp8" else "*bf16"
     return {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KC": cache, "VC": cache, "O": "*bf16", "BT": "*i64",
-            "SEQ_LENS": "*i64", "QSL": "*i64", "O_PART": "*fp32", "LSE": "*fp32", "COS": "*bf16", "SIN": "*bf16"}
+            "SEQ_LENS": "*i64", "QSL": "*i64", "O_PART": "*fp32", "LSE": "*fp32", "COS": "*bf16", "SIN": "*bf16",
+            "BLOCK_SEQ": "*i32"}
 
 
 def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int = 4, head_dim: int = 128,

@@ -246,6 +246,25 @@ def test_mixed_step_decodes_in_a_launch_of_their_own(kv_dtype, rope, monkeypatch
                            config={**prompt, "DECODE": {**decode, "SPLITS": 4}}, **rot)
 
 
+def test_block_sequence_map_of_a_mixed_steps_prompt_launch():
+    """``_block_seq_kernel`` (one sequence per query block, -1 for decode blocks and blocks past a sequence's
+    tokens) against the map written out in Python, over more blocks than one of its programs covers."""
+    g = torch.Generator().manual_seed(3)
+    new = [int(n) for n in torch.randint(0, 12, (300,), generator=g)]
+    new = [1 if i % 3 else n for i, n in enumerate(new)]  # decodes among prompts and empty padding sequences
+    qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+    block_q = 4
+    programs = qsl[-1].item() // block_q + len(new)
+    want = [-1] * programs
+    for i, n in enumerate(new):
+        first = qsl[i].item() // block_q + i
+        for j in range(-(-n // block_q)):
+            want[first + j] = i if n > 1 else -1
+    got = torch.empty(programs, dtype=torch.int32)
+    ta._block_seq_kernel[(-(-programs // 256),)](qsl, got, len(new), programs, BLOCK_Q=block_q, BLOCK=256)
+    assert got.tolist() == want
+
+
 def test_prune_offers_decode_launches_for_mixed_steps_only():
     for new, want in (([1, 16, 3], True), ([6, 3], False), ([1, 1], False)):
         q, k, v, cache, slots, tables, lens, qsl = make_step(new, [2] * len(new), kv_heads=2, group=2, head_dim=64,

@@ -202,8 +202,30 @@ def _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed, 
 
 
 @triton.jit
+def _block_seq_kernel(QSL, BLOCK_SEQ, num_seqs, num_blocks, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr):
+    """For a mixed step's prompt launch: each query block's sequence if the block holds prompt tokens (a
+    sequence of more than one new token), else -1. The owner of block b is the last i with
+    qsl[i] // BLOCK_Q + i <= b (the attention kernel's search, here for BLOCK blocks at once)."""
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = b < num_blocks
+    lo = b * 0
+    hi = lo + num_seqs
+    while tl.max(hi - lo, axis=0) > 0:
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        go = tl.load(QSL + mid, mask=open_, other=0) // BLOCK_Q + mid <= b
+        lo = tl.where(open_ & go, mid + 1, lo)
+        hi = tl.where(open_ & ~go, mid, hi)
+    seq = tl.where(ok, lo - 1, 0)
+    q_begin = tl.load(QSL + seq)
+    n_q = tl.load(QSL + seq + 1) - q_begin
+    q_start = (b - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
+    tl.store(BLOCK_SEQ + b, tl.where((q_start < n_q) & (n_q > 1), seq, -1), mask=ok)
+
+
+@triton.jit
 def _paged_attention_kernel(
-        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN,
+        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN, BLOCK_SEQ,
         sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
         scos_t,
         num_seqs, s_scale, k_scale, v_scale, window,
@@ -225,22 +247,30 @@ def _paged_attention_kernel(
         # last query blocks first: they have the most keys (causal), so the long programs start early
         # and the short ones fill the tail
         qblock = tl.num_programs(0) - 1 - tl.program_id(0)
-        # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
-        lo = 0
-        hi = num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
-                lo = mid + 1
-            else:
-                hi = mid
-        seq = lo - 1
+        if SEQ_MODE == 2:
+            # a mixed step's prompt launch: each block's sequence, or -1 where the block is a decode's (the decode
+            # launch's) or past its sequence's tokens, from _block_seq_kernel: one load, where the search below
+            # is ~10 dependent loads. Most of this grid is such blocks (one per decode), and each held an SM's
+            # slot (the prompt configs' shared memory) for its whole search.
+            seq = tl.load(BLOCK_SEQ + qblock)
+            run = seq >= 0
+            seq = tl.maximum(seq, 0)
+        else:
+            # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
+            lo = 0
+            hi = num_seqs
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            seq = lo - 1
         q_begin = tl.load(QSL + seq)
         n_q = tl.load(QSL + seq + 1) - q_begin
         q_start = (qblock - (q_begin // BLOCK_Q + seq)) * BLOCK_Q  # first query of this block, within the sequence
-        run = q_start < n_q
-        if SEQ_MODE == 2:  # a mixed step's prompt launch: single-token sequences are the decode launch's
-            run = run & (n_q > 1)
+        if SEQ_MODE == 0:
+            run = q_start < n_q
     if run:
         seq_len = tl.load(SEQ_LENS + seq)
         context = seq_len - n_q  # position of the sequence's first new token
@@ -496,8 +526,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             part = lse = out  # unused
         # an FP8 cache read as int16 pairs (see the module's docstring); "PAIRS": False reads it byte by byte
         pairs = dot_f16 and head_dim >= 32 and cfg.get("PAIRS", True)
+        block_seq = query_start_loc  # unused
+        if seq_mode == 2:
+            block_seq = torch.empty(programs, dtype=torch.int32, device=q.device)
+            _block_seq_kernel[(triton.cdiv(programs, 256),)](query_start_loc, block_seq, seqs, programs,
+                                                              BLOCK_Q=block_q, BLOCK=256, num_warps=4)
         _paged_attention_kernel[(programs, kv_heads, splits)](
-            q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin,
+            q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin, block_seq,
             q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1),
             out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
