@@ -87,7 +87,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for i in range(args.seqs):
         engine.add_request(str(i), torch.randint(0, vocab, (args.context,), generator=g).tolist(), params)
-    while engine.timeline().empty or engine.timeline()["prefill_tokens"].iloc[-1] > 0:  # until all are decoding
+    def all_decoding():
+        t = engine.timeline()
+        return not t.empty and t["prefill_tokens"].iloc[-1] == 0 and t["decode_tokens"].iloc[-1] == args.seqs
+
+    while not all_decoding():
         engine.step(finished_only=True)
     for _ in range(3):
         engine.step(finished_only=True)
