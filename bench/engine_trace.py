@@ -80,10 +80,13 @@ def main() -> None:
         program = program.with_choices(autotune_profile(program, profile, cache, progress=False, top_k=args.top_k))
     vocab = program.graph.meta["config"]["vocab_size"]
     block = program.graph.meta["paged"]["block_size"]
-    num_blocks = args.seqs * -(-(args.context + args.steps + 8) // block) + 8
-    engine = LLMEngine(program, num_blocks=num_blocks, max_model_len=args.context + args.steps + 8,
+    # the first requests decode while the last are prefilled (SEQS × CONTEXT / max_num_batched_tokens steps): none
+    # may finish before the profiled steps are over
+    max_tokens = args.seqs * args.context // args.max_num_batched_tokens + args.steps + 16
+    num_blocks = args.seqs * -(-(args.context + max_tokens) // block) + 8
+    engine = LLMEngine(program, num_blocks=num_blocks, max_model_len=args.context + max_tokens,
                        config=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.seqs))
-    params = SamplingParams(max_tokens=args.steps + 6, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for i in range(args.seqs):
         engine.add_request(str(i), torch.randint(0, vocab, (args.context,), generator=g).tolist(), params)
