@@ -241,7 +241,7 @@ def test_logits_only_at_the_rows_that_sample(program):
     (full,) = program.run(**inputs)
     rows = ex.execute(out)
     assert rows.shape == (len(last), full.shape[-1])
-    torch.testing.assert_close(rows, full[0, last].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows, full[0, last], rtol=1e-5, atol=1e-5)
 
 
 def test_llm_generates_from_a_workspace(tmp_path):
@@ -317,3 +317,35 @@ def test_graph_token_sizes_cover_the_budget():
     assert graph_token_sizes(100) == (64, 100) and graph_token_sizes(1) == (1,)
     with pytest.raises(WorkbenchError, match="max_tokens must be >= 1"):
         graph_token_sizes(0)
+
+
+def test_bf16_logits_reach_the_sampler_as_they_are():
+    """A bf16 graph's logits leave the executor in bf16 (no float32 copy of every sampling row); the sampler
+    converts them itself, so greedy tokens and their log-probabilities are those of the float32 logits."""
+    from workbench.graph.executor import Program, resolve_params
+    from workbench.graph.passes import run_passes
+    from workbench.models import load_model
+    from workbench.pipeline import CaptureOptions, capture_source, graph_weights
+    from workbench.runtime.block_manager import BlockManager
+    from workbench.runtime.executor import Executor
+    from workbench.runtime.request import Request
+    from workbench.runtime.sampling import Sampler
+    from workbench.runtime.scheduler import Scheduler
+
+    lm = load_model("tiny-llama", dtype=torch.bfloat16)
+    captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
+    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
+    graph, _ = run_passes(captured.graph, base, check=False)
+    program = Program(graph, resolve_params(graph, base))
+    sched = Scheduler(BlockManager(16, 16), SchedulerConfig(max_num_batched_tokens=256))
+    for i, p in enumerate(prompts(3, seed=4)):
+        sched.add(Request(str(i), p, 4))
+    out = sched.schedule()
+    logits = Executor(program, 16).execute(out)
+    assert logits.dtype == torch.bfloat16 and logits.shape[0] == 3
+    params = [SamplingParams(max_tokens=4, temperature=0, logprobs=1)] * 3
+    got = Sampler().sample(logits, params, [None] * 3)
+    tokens = logits.float().argmax(-1)
+    assert got.token_ids == tokens.tolist()
+    want = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(got.logprobs), want)

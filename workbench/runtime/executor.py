@@ -203,8 +203,11 @@ class Executor:
 
     @torch.no_grad()
     def execute(self, out: SchedulerOutput, feed: tuple[torch.Tensor, dict[str, int]] | None = None) -> torch.Tensor:
-        """Run one step; the logits ([sampling requests, vocab], float32, on the device) of the requests whose
-        chunk reaches their last token, in schedule order. ``feed``: see the module docstring."""
+        """Run one step; the logits ([sampling requests, vocab], on the device, in the graph's output dtype) of the
+        requests whose chunk reaches their last token, in schedule order. ``feed``: see the module docstring.
+        The sampler reads them as they come: a float32 copy of a 512-row bf16 step's logits (128k vocabulary)
+        took 0.2 ms of a 22.8 ms decode step on the H200 (bench/engine_trace.py). From a CUDA graph they are a
+        view of its output buffer, valid until the next step is queued (work queued before that reads them)."""
         if out.empty:
             raise WorkbenchError("nothing was scheduled this step; check the scheduler output before executing")
         self.last_graph = key = self._graph_key(out)
@@ -212,7 +215,7 @@ class Executor:
             return self._replay(out, key, feed)
         inputs, last = self.inputs(out, feed)
         (logits,) = self.program.run(**inputs)
-        return logits[0].float() if self.rows_only else logits[0].index_select(0, last).float()
+        return logits[0] if self.rows_only else logits[0].index_select(0, last)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
     @property
@@ -314,5 +317,5 @@ class Executor:
             graph.replay()
         self.replays += 1
         if self.rows_only:
-            return logits[0, :len(last)].float()
-        return logits[0].index_select(0, d_last[:len(last)]).float()
+            return logits[0, :len(last)]
+        return logits[0].index_select(0, d_last[:len(last)])
