@@ -87,6 +87,18 @@ def test_write_kv_scatters_to_slots_through_strided_inputs():
     assert torch.equal(got, expected)
 
 
+def gqa_step(new, context, page, kv_dtype, *, seed):
+    """``make_step`` with GQA 4 over 2 KV heads of 16, in a bf16 or an FP8 cache: (step, (k_scale, v_scale)),
+    the new K/V on the FP8 grid (see ``test_fp8_kv_cache_matches_reference``) and the scales None for bf16."""
+    step = list(make_step(new, context, kv_heads=2, group=4, head_dim=16, page=page, dtype=torch.bfloat16, seed=seed))
+    if kv_dtype == torch.bfloat16:
+        return step, (None, None)
+    scales = (0.0625, 0.015625)
+    step[1], step[2] = on_fp8_grid(step[1] * 0.1, scales[0]), on_fp8_grid(step[2] * 0.01, scales[1])
+    step[3] = (step[3].float() * 4).clamp(-448, 448).to(kv_dtype)
+    return step, scales
+
+
 @pytest.mark.parametrize("page", [8, 16])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("window", [None, 8])
@@ -94,13 +106,8 @@ def test_tiles_within_one_page_read_one_block_table_entry(page, kv_dtype, window
     """Pages of a multiple of BLOCK_N tokens (the runtime's blocks of 32 or 64 at BLOCK_N 32-64): each key tile
     lies in one page, whose block-table entry the kernel loads once, as a scalar. Decode, chunked continuations
     and split-KV, across page boundaries and with tiles cut short at the context's end."""
-    new, context = [1, 1, 9, 1, 3], [5, 17, 0, 40, 23]
-    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=2, group=4, head_dim=16, page=page,
-                                                         dtype=torch.bfloat16, seed=12)
-    scales = (0.0625, 0.015625) if kv_dtype != torch.bfloat16 else (None, None)
-    if kv_dtype != torch.bfloat16:
-        k, v = on_fp8_grid(k * 0.1, scales[0]), on_fp8_grid(v * 0.01, scales[1])
-        cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype)
+    (q, k, v, cache, slots, tables, lens, qsl), scales = gqa_step([1, 1, 9, 1, 3], [5, 17, 0, 40, 23], page, kv_dtype,
+                                                                  seed=12)
     ref_cache = cache.clone()
     ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, window, *scales)
     for config in ({"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1},
@@ -117,13 +124,7 @@ def test_head_major_blocks_behind_the_same_view(kv_dtype):
     """A cache whose blocks are stored head-major ([kv_heads, page, head_dim]: one head's keys of a block
     contiguous) behind the usual [2, blocks, page, kv_heads, head_dim] view: the kernels follow its strides, so
     the new K/V land in the same logical slots and the outputs are the reference's."""
-    new, context = [1, 1, 6, 1], [5, 17, 3, 40]
-    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=2, group=4, head_dim=16, page=8,
-                                                         dtype=torch.bfloat16, seed=13)
-    scales = (0.0625, 0.015625) if kv_dtype != torch.bfloat16 else (None, None)
-    if kv_dtype != torch.bfloat16:
-        k, v = on_fp8_grid(k * 0.1, scales[0]), on_fp8_grid(v * 0.01, scales[1])
-        cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype)
+    (q, k, v, cache, slots, tables, lens, qsl), scales = gqa_step([1, 1, 6, 1], [5, 17, 3, 40], 8, kv_dtype, seed=13)
     ref_cache = cache.clone()
     ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, *scales)
     for config in (ta.CONFIGS[0], {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1}):
