@@ -231,16 +231,20 @@ def test_mixed_step_decodes_in_a_launch_of_their_own(kv_dtype, rope, monkeypatch
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     outs, caches = [], []
-    for config in (prompt, {**prompt, "DECODE": decode}):
+    configs = [prompt, {**prompt, "DECODE": decode}]
+    if scales[0]:  # over an FP8 cache: the prompt launch reading its own keys back from the cache, too
+        configs.append({**prompt, "DECODE": decode, "NEW_FROM_CACHE": True})
+    for config in configs:
         caches.append(cache.clone())
         with monkeypatch.context() as m:
             m.setattr(torch, "empty", poisoned)
             outs.append(ta.paged_attention(q, k, v, caches[-1], slots, tables, lens, qsl, None, None, *scales,
                                            config=config, **rot))
         assert torch.isfinite(outs[-1].float()).all()
-    assert torch.equal(caches[1].view(torch.uint8), caches[0].view(torch.uint8))
+    for c, out in zip(caches[1:], outs[1:]):
+        assert torch.equal(c.view(torch.uint8), caches[0].view(torch.uint8))
+        assert rel_err(out, outs[0]) < 1e-3  # other tiles: a few outputs a bf16 step apart
     assert kv_dtype != torch.bfloat16 or torch.equal(caches[0], ref_cache)
-    assert rel_err(outs[1], outs[0]) < 1e-3  # other tiles: a few outputs a bf16 step apart
     assert kv_dtype != torch.bfloat16 or rel_err(outs[1], ref) < 1e-2
     with pytest.raises(WorkbenchError, match="cannot split the keys"):
         ta.paged_attention(q, k, v, cache.clone(), slots, tables, lens, qsl, None, None, *scales,
@@ -279,7 +283,8 @@ def test_prune_offers_decode_launches_for_mixed_steps_only():
 
 
 def test_prune_offers_bytes_and_pairs_for_fp8_prefill_only():
-    """Split-KV configs for decode only; over an FP8 cache, prefill steps also time each config byte by byte."""
+    """Split-KV configs for decode only; over an FP8 cache, prefill steps also time each config byte by byte, and
+    each prompt config reading its own keys back from the cache."""
     for dtype, new, want_bytes in ((torch.float8_e4m3fn, [6, 3], True), (torch.float8_e4m3fn, [1, 1], False),
                                    (torch.bfloat16, [6, 3], False)):
         q, k, v, cache, slots, tables, lens, qsl = make_step(new, [2, 5], kv_heads=2, group=2, head_dim=64, page=4,
@@ -289,8 +294,12 @@ def test_prune_offers_bytes_and_pairs_for_fp8_prefill_only():
         assert any(c["SPLITS"] > 1 for c in kept) == decode
         bytewise = [c for c in kept if c.get("PAIRS") is False]
         assert bool(bytewise) == want_bytes
+        from_cache = [c for c in kept if c.get("NEW_FROM_CACHE")]
+        assert bool(from_cache) == want_bytes
         if want_bytes:
-            assert [{**c, "PAIRS": False} for c in kept if "PAIRS" not in c] == bytewise
+            plain = [c for c in kept if "PAIRS" not in c and "NEW_FROM_CACHE" not in c]
+            assert [{**c, "PAIRS": False} for c in plain] == bytewise
+            assert [{**c, "NEW_FROM_CACHE": True} for c in plain if c["BLOCK_Q"] >= 16] == from_cache
 
 
 def test_write_kv_fp8_rounding():
