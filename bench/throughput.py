@@ -86,6 +86,19 @@ def eager_steps(steps) -> int:
     return int(((steps["graph_tokens"] == 0) & (steps["scheduled"] > 0)).sum())
 
 
+def step_kinds(steps) -> dict[str, dict[str, float]]:
+    """Where a run's time went, from its timeline: decode-only steps and steps with prompt tokens, each as
+    count, mean and total milliseconds, and mean decode (and prompt) tokens per step."""
+    out = {}
+    for kind, rows in (("decode", steps[steps["prefill_tokens"] == 0]), ("prompt", steps[steps["prefill_tokens"] > 0])):
+        some = len(rows) > 0
+        out[kind] = {"steps": int(len(rows)), "mean_ms": float(rows["step_ms"].mean()) if some else 0.0,
+                     "total_s": float(rows["step_ms"].sum() / 1e3),
+                     "decode_tokens": float(rows["decode_tokens"].mean()) if some else 0.0,
+                     "prefill_tokens": float(rows["prefill_tokens"].mean()) if some else 0.0}
+    return out
+
+
 def run_engine(program, prompts, output_len, *, num_blocks, config, device, timeline=None, keep=False,
                **engine_options):
     """All prompts submitted at once, run to completion: times, tokens, steps, the engine's graph."""
@@ -106,7 +119,7 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
         steps.to_csv(timeline, index=False)
     result = {"seconds": end - t0, "first_token_s": first - t0, "generated": sum(len(o.token_ids) for o in outs),
               "steps": len(steps), "preempted": int(steps["preempted"].sum()), "replays": engine.executor.replays,
-              "eager_steps": eager_steps(steps),
+              "eager_steps": eager_steps(steps), "step_kinds": step_kinds(steps),
               "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs],
               "logprobs": [o.logprobs for o in outs]}
     if not keep:
@@ -396,6 +409,12 @@ def main() -> None:
                          f"{many['seconds']:.1f} s, {many['steps']} steps ({many['eager_steps']} eager), up to "
                          f"{many['max_running']} running, {many['preempted']} preemptions"
                          + (f"; transformers: one static batch of {args.hf_requests}" if hf else "")))
+            dec, pro = many["step_kinds"]["decode"], many["step_kinds"]["prompt"]
+            rows.append(("  where the time went", None, None,
+                         f"{dec['steps']} decode-only steps of {dec['decode_tokens']:.0f} tokens, "
+                         f"{dec['mean_ms']:.2f} ms each ({dec['total_s']:.1f} s); {pro['steps']} with prompt tokens "
+                         f"({pro['prefill_tokens']:.0f} + {pro['decode_tokens']:.0f} decodes), {pro['mean_ms']:.1f} ms "
+                         f"each ({pro['total_s']:.1f} s)"))
             if args.compare_eager_steps:
                 slow, _ = run_engine(program, prompts, n_out, num_blocks=blocks, config=config, device=device,
                                      graph_token_sizes=())
@@ -443,7 +462,8 @@ def main() -> None:
     for case, ours, theirs, note in rows:
         ratio = f"{ours / theirs:>6.2f}x" if theirs else f"{'':>7}"
         theirs = f"{theirs:>13.1f}" if theirs else f"{'':>13}"
-        print(f"{case:<58} {ours:>10.1f} {theirs} {ratio}  {note}")
+        ours = f"{ours:>10.1f}" if ours is not None else f"{'':>10}"
+        print(f"{case:<58} {ours} {theirs} {ratio}  {note}")
 
 
 if __name__ == "__main__":
