@@ -47,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.kernels import triton_attention as ta  # noqa: E402
+from workbench.runtime.paged_cache import new_kv_cache  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
 
@@ -68,11 +69,9 @@ def step_inputs(new, context, device, *, heads=32, kv_heads=8, head_dim=128, pag
     values, in shuffled blocks). ``layout`` "hnd" stores each block head-major ([kv_heads, page, head_dim]: a
     head's keys of one block contiguous) behind the same [2, blocks, page, kv_heads, head_dim] view."""
     per_seq = [-(-(c + n) // page) for c, n in zip(context, new)]
-    if layout == "hnd":
-        cache = torch.randn(2, sum(per_seq), kv_heads, page, head_dim, device=device, dtype=dtype).to(kv_dtype)
-        cache = cache.transpose(2, 3)
-    else:
-        cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype)
+    cache = torch.randn(2, sum(per_seq), page, kv_heads, head_dim, device=device, dtype=dtype).to(kv_dtype)
+    if layout == "hnd":  # the runtime's cache (``new_kv_cache``), holding the same values
+        cache = new_kv_cache(sum(per_seq), page, kv_heads, head_dim, kv_dtype, device).copy_(cache)
     perm = torch.randperm(sum(per_seq), device=device)
     tables = torch.zeros(len(new), max(per_seq), dtype=torch.long, device=device)
     slots, used = [], 0
@@ -238,8 +237,10 @@ def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"
     relative difference from the first config's output (configs that fail to run are reported, not fatal)."""
     torch.manual_seed(0)  # the same values in either layout
     inputs = (*step_inputs([1] * seqs, [context] * seqs, device, page=page, layout=layout), None, None, 0.05, 0.02)
-    cos, sin = rope_tables(torch.full((seqs,), context, device=device), 128, device)
-    kv_bytes = 2 * seqs * (context + 1) * 8 * 128
+    kv_heads, head_dim = inputs[3].shape[3:]
+    cos, sin = rope_tables(torch.full((seqs,), context, device=device), head_dim, device)
+    kv_bytes = 2 * seqs * (context + 1) * kv_heads * head_dim * inputs[3].element_size()
+    label = f"{layout} page {page:>3} {seqs}x{context}"
 
     def call(config):
         return ta.paged_attention(*inputs, config=config, cos=cos, sin=sin)
@@ -251,11 +252,10 @@ def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"
             err = ((call(config).float() - ref).norm() / ref.norm()).item()
             ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
         except Exception as e:  # noqa: BLE001 - a config that cannot run here (resources) is a row, not a crash
-            print(f"  page {page} {seqs}x{context} {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"  {label} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         of_copy = kv_bytes / (ms * 1e-3) / 1e9 / ceiling
-        print(f"  {layout} page {page:>3} {seqs}x{context} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, "
-              f"rel err {err:.1e}", flush=True)
+        print(f"  {label} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, rel err {err:.1e}", flush=True)
         out.append({"seqs": seqs, "context": context, "page": page, "layout": layout, "config": config, "ms": ms,
                     "of_copy": of_copy, "rel_err": err})
     return out

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import add_model_args, build_program, refuse_cache_without_autotune  # noqa: E402
+from throughput import add_model_args, build_program, refuse_cache_without_autotune, tune_for_shape  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.runtime.engine import LLMEngine  # noqa: E402
 from workbench.runtime.sampling import SamplingParams  # noqa: E402
@@ -67,17 +67,8 @@ def main() -> None:
     cuda = device.startswith("cuda")
     _, program, _ = build_program(args, device)
     if args.autotune and cuda:
-        from workbench.kernels.autotune import TimingCache, autotune_profile
-        from workbench.kernels.profiles import OptimizationProfile
-
-        total, seqs = args.max_num_batched_tokens, args.seqs
-        edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
         n_in, n_out = map(int, args.tune_shape.split("x"))
-        profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=n_in + n_out // 2,
-                                      max_context=n_in + n_out, prefill_len=min(n_in, total),
-                                      edges=tuple(sorted(set(edges))))
-        cache = TimingCache.open(args.cache or Path("/tmp/engine_trace_timings.json"), reset=args.cache is None)
-        program = program.with_choices(autotune_profile(program, profile, cache, progress=False, top_k=args.top_k))
+        program, _ = tune_for_shape(program, args, n_in, n_out, args.seqs, "/tmp/engine_trace_timings.json")
     vocab = program.graph.meta["config"]["vocab_size"]
     block = program.graph.meta["paged"]["block_size"]
     # the first requests decode while the last are prefilled (SEQS × CONTEXT / max_num_batched_tokens steps): none
@@ -90,9 +81,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for i in range(args.seqs):
         engine.add_request(str(i), torch.randint(0, vocab, (args.context,), generator=g).tolist(), params)
-    def all_decoding():
-        t = engine.timeline()
-        return not t.empty and t["prefill_tokens"].iloc[-1] == 0 and t["decode_tokens"].iloc[-1] == args.seqs
+
+    def all_decoding():  # the last step's record (engine.timeline() would build a DataFrame of every step)
+        return bool(engine.steps) and engine.steps[-1]["prefill_tokens"] == 0 and \
+            engine.steps[-1]["decode_tokens"] == args.seqs
 
     while not all_decoding():
         engine.step(finished_only=True)
@@ -100,7 +92,7 @@ def main() -> None:
         engine.step(finished_only=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
-    before = len(engine.timeline())
+    before = len(engine.steps)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()

@@ -238,6 +238,22 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--block-size", type=int, help="tokens per KV-cache block (default: the paged pass's, 16)")
 
 
+def tune_for_shape(program, args, n_in: int, n_out: int, seqs: int, default_cache: str):
+    """``program`` with the choices tuned for offline requests of ``n_in`` prompt and ``n_out`` output tokens at
+    ``seqs`` sequences and ``args.max_num_batched_tokens`` tokens a step (decode buckets up to ``seqs``, tuned at
+    the requests' mean context), timings kept in ``args.cache`` (else ``default_cache``, afresh); and the
+    profile. Any bench that tunes so shares ``bench/throughput.py``'s timing cache."""
+    from workbench.kernels.autotune import TimingCache, autotune_profile
+    from workbench.kernels.profiles import OptimizationProfile
+
+    total = args.max_num_batched_tokens
+    edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
+    profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=n_in + n_out // 2, max_context=n_in + n_out,
+                                  prefill_len=min(n_in, total), edges=tuple(sorted(set(edges))))
+    cache = TimingCache.open(args.cache or Path(default_cache), reset=args.cache is None)
+    return program.with_choices(autotune_profile(program, profile, cache, progress=False, top_k=args.top_k)), profile
+
+
 def refuse_cache_without_autotune(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--cache`` is only read when tuning: alone it would be silently ignored and default tactics run."""
     if args.cache and not args.autotune:
@@ -280,23 +296,13 @@ def main() -> None:
     graph = program.graph
     tune_s = None
     if args.autotune and cuda:
-        from workbench.kernels.autotune import TimingCache, autotune_profile
-        from workbench.kernels.profiles import OptimizationProfile
-
-        total, seqs = args.max_num_batched_tokens, args.max_num_seqs
-        edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
         n_in, n_out, _ = parse_shape(args.shapes.split(",")[0], args.requests)
-        context = n_in + n_out // 2  # the first offline shape's mean context
-        profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=context, max_context=n_in + n_out,
-                                      prefill_len=min(n_in, total), edges=tuple(sorted(set(edges))))
         t0 = time.perf_counter()
-        cache = TimingCache.open(args.cache or Path("/tmp/throughput_timings.json"), reset=args.cache is None)
-        tuned = autotune_profile(program, profile, cache, progress=False, top_k=args.top_k)
-        program = program.with_choices(tuned)
+        program, profile = tune_for_shape(program, args, n_in, n_out, args.max_num_seqs, "/tmp/throughput_timings.json")
         tune_s = time.perf_counter() - t0
         gc.collect()  # the timing runs' inputs and their copies, before the engine sizes its KV cache
         torch.cuda.empty_cache()
-        print(f"autotuned {len(profile.edges)} buckets {profile.edges} at context {context} in {tune_s:.0f} s",
+        print(f"autotuned {len(profile.edges)} buckets {profile.edges} at context {profile.context} in {tune_s:.0f} s",
               flush=True)
     elif cuda:
         program = Program(graph, program.params, device=device, tactics=TACTICS)

@@ -38,19 +38,25 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-@pytest.fixture(scope="session")
-def tiny_program():
-    """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
+def optimized_program(model: str = "tiny-llama", dtype: torch.dtype = torch.float32):
+    """``model``'s optimized graph (every pass, paged attention) captured in ``dtype`` and bound to its
+    weights, on the CPU."""
     from workbench.graph.executor import Program, resolve_params
     from workbench.graph.passes import run_passes
     from workbench.models import load_model
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.pipeline import CaptureOptions, capture_source, graph_weights
 
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
+    lm = load_model(model, dtype=dtype)
+    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
     base = {**graph_weights(captured.graph, lm.source), **captured.constants}
     graph, _ = run_passes(captured.graph, base, check=False)
     return Program(graph, resolve_params(graph, base))
+
+
+@pytest.fixture(scope="session")
+def tiny_program():
+    """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
+    return optimized_program()
 
 
 @pytest.fixture(scope="session")

@@ -322,21 +322,14 @@ def test_graph_token_sizes_cover_the_budget():
 def test_bf16_logits_reach_the_sampler_as_they_are():
     """A bf16 graph's logits leave the executor in bf16 (no float32 copy of every sampling row); the sampler
     converts them itself, so greedy tokens and their log-probabilities are those of the float32 logits."""
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import CaptureOptions, capture_source, graph_weights
+    from conftest import optimized_program
     from workbench.runtime.block_manager import BlockManager
     from workbench.runtime.executor import Executor
     from workbench.runtime.request import Request
     from workbench.runtime.sampling import Sampler
     from workbench.runtime.scheduler import Scheduler
 
-    lm = load_model("tiny-llama", dtype=torch.bfloat16)
-    captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    program = Program(graph, resolve_params(graph, base))
+    program = optimized_program(dtype=torch.bfloat16)
     sched = Scheduler(BlockManager(16, 16), SchedulerConfig(max_num_batched_tokens=256))
     for i, p in enumerate(prompts(3, seed=4)):
         sched.add(Request(str(i), p, 4))

@@ -111,12 +111,12 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     names = list(DEFAULT_PIPELINE if names is None else names)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")
-    params = {"passes": names}
+    settings = {"passes": names}  # the stage record's params (a build compares kv_block_size with them)
     if kv_block_size is not None:
         if kv_block_size < 1:
             raise WorkbenchError(f"kv_block_size is tokens per KV-cache block, >= 1; got {kv_block_size}")
-        graph.meta["kv_block_size"] = params["kv_block_size"] = int(kv_block_size)
-    with ws.run("passes", params=params, upstream=("capture",), force=force) as run:
+        graph.meta["kv_block_size"] = settings["kv_block_size"] = int(kv_block_size)
+    with ws.run("passes", params=settings, upstream=("capture",), force=force) as run:
         # the weights only feed the checks: made (random sources) or read straight onto the checking device
         params = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
         optimized, reports = run_passes(graph, params, names, device=device)
