@@ -17,15 +17,20 @@ rope     RoPE inside the kernel (q rotated as it is loaded, k as it is stored: t
          ``fuse_rope_into_attention``) against the two rope kernels then the kernel, same inputs.
 pairs    over an FP8 cache: the cache read as int16 pairs (the kernel's default) against byte by byte
          (``"PAIRS": False``), same inputs, each at its best config.
-own      over an FP8 cache, steps with prompt tokens: the step's own keys read from k/v and rounded
-         through e4m3 in the kernel (the default) against read back from the cache through the block
+own      over an FP8 cache, steps with prompt tokens: the step's own keys read contiguous, as ``write_kv``
+         leaves them beside the cache in fp16 (the default) against read back from the cache through the block
          table (``"NEW_FROM_CACHE": True``), each at its best config; a prefill, a chunked continuation
          and a mixed step (decodes beside prompt chunks); prompt configs (BLOCK_Q >= 16) in one launch.
 split    over an FP8 cache, a mixed step (decodes beside prompt chunks): one launch at a prompt config
          against the decodes in a launch of their own (``"DECODE"``), each at its best prompt config.
+prompt   over an FP8 cache with RoPE inside, pages of ``--prompt-page`` stored head-major (the runtime's steps
+         with prompt tokens): every config of ``--prompt-configs`` (default: the prompt configs the tuner
+         times, and PROMPT_EXTRA) at every step of ``--prompt-steps``; TFLOP/s counts the causal half of
+         the prompts; steps of equal prompts after no context are also timed with SDPA flash and cuDNN on
+         dense bf16 q/k/v of the same shapes (no cache to write, no RoPE): "vs flash" is their ratio.
 decode   over an FP8 cache with RoPE inside (the runtime's decode steps): every config of ``--decode-configs``
          at every KV page size of ``--pages`` and step of ``--decode-steps``, each against the copy ceiling
-         (the K/V bytes the step reads over the time), outputs compared with the first config's.
+         (the K/V bytes the step reads over the time), outputs compared with the reference op's (PyTorch).
 The paged kernel's time includes scattering the step's K/V into the cache; SDPA writes nothing.
 Both are timed as CUDA-graph replays of 10 calls (kernel time, no host launch overhead; what the
 autotuner and a graph-replaying runtime see).
@@ -224,6 +229,78 @@ DECODE_SWEEP = [{"BLOCK_Q": 4, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                                 (32, 1, 4), (32, 2, 3), (32, 2, 4), (32, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3))]
 
 
+#: prompt configs the ``prompt`` section times beside the tuning space's: registers capped so that two
+#: programs of 8 warps share an SM (the uncapped ones take 255 registers, the whole register file)
+PROMPT_EXTRA = [{"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": s, "maxnreg": r}
+                for s, r in ((2, 128), (3, 128))] + [
+    {"BLOCK_Q": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 128},
+    {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 168}]
+
+
+def parse_step(text):
+    """"8x1024x0+512x1x1500" (SEQSxNEWxCONTEXT groups) -> (new tokens per sequence, context per sequence)."""
+    new, context = [], []
+    for group in text.split("+"):
+        seqs, n, c = map(int, group.split("x"))
+        new, context = new + [n] * seqs, context + [c] * seqs
+    return new, context
+
+
+def reference_output(inputs, cos, sin):
+    """The reference op's output (``workbench.kernels.fused.paged_attention``, PyTorch) for a step, in fp32,
+    on a copy of the cache."""
+    from workbench.kernels import fused
+
+    return fused.paged_attention(*inputs[:3], inputs[3].clone(), *inputs[4:], cos=cos, sin=sin).float()
+
+
+def run_prompt(step, page, configs, args, device):
+    """A step with prompt tokens over an FP8 cache with RoPE inside at each config (decodes beside prompts in a
+    launch of their own): ms, TFLOP/s, the relative difference from the reference op's output; for equal
+    prompts after no context, SDPA flash and cuDNN on dense bf16 inputs of the same shapes."""
+    torch.manual_seed(0)
+    new, context = parse_step(step)
+    inputs = (*step_inputs(new, context, device, page=page, layout="hnd"), None, None, 0.05, 0.02)
+    heads, head_dim = inputs[0].shape[1], inputs[0].shape[3]
+    positions = torch.cat([torch.arange(c, c + n, device=device) for n, c in zip(new, context)])
+    cos, sin = rope_tables(positions, head_dim, device)
+    mixed = 1 in new and max(new) > 1
+    flops = sum(4 * heads * n * (c + (n + 1) / 2) * head_dim for n, c in zip(new, context))
+
+    def call(config):
+        return ta.paged_attention(*inputs, config={**config, "DECODE": ta.DECODE_CONFIG} if mixed else config,
+                                  cos=cos, sin=sin)
+
+    row = {"step": step, "page": page, "tflop": flops / 1e12, "sdpa_ms": {}, "configs": []}
+    if len(set(new)) == 1 and not any(context):  # the SDPA baseline: equal prompts, causal, nothing cached
+        qd, kd, vd = (torch.randn(len(new), h, new[0], head_dim, device=device, dtype=torch.bfloat16)
+                      for h in (heads, inputs[1].shape[1], inputs[1].shape[1]))
+        for label in ("flash", "cudnn"):
+            def sdpa(b=BACKENDS[label]):
+                with sdpa_kernel(b):
+                    return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sdpa()
+            except RuntimeError:
+                continue
+            row["sdpa_ms"][label] = time_fn(sdpa, repeats=args.repeats, device=device, graph_calls=10).median_ms
+    ref = reference_output(inputs, cos, sin)
+    for config in configs:
+        try:
+            err = ((call(config).float() - ref).norm() / ref.norm()).item()
+            ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
+        except Exception as e:  # noqa: BLE001 - a config that cannot run here (resources) is a row, not a crash
+            print(f"  {step} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        print(f"  {step} {json.dumps(config)}: {ms:.4f} ms, {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, "
+              f"rel err {err:.1e}", flush=True)
+        row["configs"].append({"config": config, "ms": ms, "rel_err": err})
+    return row
+
+
 def rope_tables(positions, head_dim, device):
     """Llama-3's cos/sin rows ([1, 1, tokens, head_dim], bf16) at the given positions."""
     inv = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
@@ -234,7 +311,7 @@ def rope_tables(positions, head_dim, device):
 
 def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"):
     """One decode step over an FP8 cache with RoPE inside at each config: ms, share of the copy ceiling, and the
-    relative difference from the first config's output (configs that fail to run are reported, not fatal)."""
+    relative difference from the reference op's output (configs that fail to run are reported, not fatal)."""
     torch.manual_seed(0)  # the same values in either layout
     inputs = (*step_inputs([1] * seqs, [context] * seqs, device, page=page, layout=layout), None, None, 0.05, 0.02)
     kv_heads, head_dim = inputs[3].shape[3:]
@@ -245,7 +322,7 @@ def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"
     def call(config):
         return ta.paged_attention(*inputs, config=config, cos=cos, sin=sin)
 
-    ref = call(configs[0]).float()
+    ref = reference_output(inputs, cos, sin)
     out = []
     for config in configs:
         try:
@@ -265,12 +342,16 @@ def fp8_write_is_exact(device) -> bool:
     k, v = (torch.randn(1, 8, 4096, 128, device=device, dtype=torch.bfloat16) * 40 for _ in range(2))
     cache = torch.zeros(2, 256, 16, 8, 128, device=device, dtype=torch.float8_e4m3fn)
     slots = torch.randperm(256 * 16, device=device)[:4096]
-    ta.write_kv(k, v, cache, slots, 0.1, 0.05)
+    # and the fp16 copies a prompt step's attention reads (token-major, as paged_attention allocates them)
+    k_out, v_out = (torch.empty(1, 4096, 8, 128, device=device, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    ta.write_kv(k, v, cache, slots, 0.1, 0.05, k_out=k_out, v_out=v_out)
     flat = cache.view(2, -1, 8, 128)
     want_k = (k[0].transpose(0, 1).float() / 0.1).clamp(-448, 448).to(torch.float8_e4m3fn)
     want_v = (v[0].transpose(0, 1).float() / 0.05).clamp(-448, 448).to(torch.float8_e4m3fn)
     return bool(torch.equal(flat[0, slots].view(torch.uint8), want_k.view(torch.uint8))
-                and torch.equal(flat[1, slots].view(torch.uint8), want_v.view(torch.uint8)))
+                and torch.equal(flat[1, slots].view(torch.uint8), want_v.view(torch.uint8))
+                and torch.equal(k_out[0].transpose(0, 1), want_k.to(torch.float16))
+                and torch.equal(v_out[0].transpose(0, 1), want_v.to(torch.float16)))
 
 
 def run_pairs(name, seqs, context, new, args, device, ceiling):
@@ -303,6 +384,12 @@ def main() -> None:
     ap.add_argument("--decode-steps", default="512x1500,128x1500", help="decode section: SEQSxCONTEXT steps")
     ap.add_argument("--layouts", default="nhd,hnd",
                     help="decode section: cache block layouts (nhd: [page, kv_heads, head_dim], hnd: [kv_heads, page, ..])")
+    ap.add_argument("--prompt-steps", default="8x1024x0,4x4096x0,8x960x0+512x1x1500,8x1024x1024",
+                    help="prompt section: steps of SEQSxNEWxCONTEXT groups joined by +")
+    ap.add_argument("--prompt-page", type=int, default=64, help="prompt section: KV page size")
+    ap.add_argument("--prompt-configs", type=json.loads,
+                    help="prompt section: a JSON list of configs (default: the tuning space's prompt configs and "
+                         "PROMPT_EXTRA)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -335,13 +422,19 @@ def main() -> None:
             for page in map(int, args.pages.split(",")):
                 for layout in args.layouts.split(","):
                     decode_rows += run_decode(seqs, context, page, args.decode_configs, args, device, ceiling, layout)
+    prompt_rows = []
+    if "prompt" in sections:
+        configs = args.prompt_configs or [c for c in ta.CONFIGS if c["BLOCK_Q"] >= 16] + PROMPT_EXTRA
+        configs = configs + [{**configs[0], "NEW_FROM_CACHE": True}]  # own keys from the cache: the same outputs
+        prompt_rows = [run_prompt(step, args.prompt_page, configs, args, device) for step in args.prompt_steps.split(",")]
     exact = fp8_write_is_exact(device)
     gpu = torch.cuda.get_device_name()
     if args.out:
         args.out.write_text(json.dumps({"gpu": gpu, "copy_gbps": ceiling, "rows": rows, "rope": rope_rows, "pairs": pairs_rows,
-                                        "own": own_rows, "split": split_rows, "decode": decode_rows}, indent=1,
+                                        "own": own_rows, "split": split_rows, "decode": decode_rows,
+                                        "prompt": prompt_rows}, indent=1,
                                        default=str))
-    print(f"FP8 cache writes bit-exact against torch's e4m3 rounding: {exact}")
+    print(f"FP8 cache writes (and their fp16 copies) bit-exact against torch's e4m3 rounding: {exact}")
     print(f"\n{gpu}, torch {torch.__version__}; 32/8 heads, head dim 128, bf16, KV pages of 16; copy {ceiling:.0f} GB/s")
     if rows:
         print("SDPA ms per backend (flash is the goals' baseline; the fastest is shown too):")
@@ -369,7 +462,7 @@ def main() -> None:
                   f"{r['bytes_ms']:>9.4f} {r['bytes_of_copy']:>8.1%} {r['speedup']:>7.2f}x {r['rel_err']:>8.1e}  "
                   f"{r['pairs_config']}")
     if own_rows:
-        print("\nFP8 cache, steps with prompt tokens: own keys rounded in the kernel vs read back from the cache "
+        print("\nFP8 cache, steps with prompt tokens: own keys from write_kv's fp16 copies vs read back from the cache "
               "(each at its best config):")
         print(f"{'case':<42} {'own ms':>8} {'TFLOP/s':>8} {'cache ms':>9} {'TFLOP/s':>8} {'speedup':>8} {'rel err':>8}  "
               "own config")
@@ -390,6 +483,16 @@ def main() -> None:
                     vs = f"{base / r['ms']:.3f}x" if base else "-"
                     print(f"{step[0]}x{step[1]:<6} {layout:<6} {page:>5} {r['ms']:>8.4f} {r['of_copy']:>8.1%} "
                           f"{vs:>15}  {json.dumps(r['config'])}")
+    if prompt_rows:
+        print(f"\nSteps with prompt tokens over an FP8 cache, RoPE inside, pages of {args.prompt_page} head-major: the "
+              "fastest configs (SDPA: dense bf16, no cache, no RoPE)")
+        print(f"{'step':<24} {'ms':>8} {'TFLOP/s':>8} {'flash ms':>9} {'vs flash':>9} {'cudnn ms':>9} {'vs cudnn':>9}  config")
+        for r in prompt_rows:
+            for c in sorted(r["configs"], key=lambda c: c["ms"])[:3]:
+                fl, cu = r["sdpa_ms"].get("flash"), r["sdpa_ms"].get("cudnn")
+                print(f"{r['step']:<24} {c['ms']:>8.4f} {r['tflop'] / (c['ms'] * 1e-3):>8.1f} "
+                      f"{fl or float('nan'):>9.4f} {(fl or float('nan')) / c['ms']:>8.2f}x "
+                      f"{cu or float('nan'):>9.4f} {(cu or float('nan')) / c['ms']:>8.2f}x  {json.dumps(c['config'])}")
 
 
 if __name__ == "__main__":

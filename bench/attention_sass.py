@@ -39,12 +39,13 @@ from workbench.kernels import triton_attention as ta  # noqa: E402
 #: 128); the JIT specializes such values, so the offline compile must say so or its loads are not vectorized
 DIVISIBLE = {"sq_h", "sq_t", "sk_h", "sk_t", "sv_h", "sv_t", "so_h", "so_t", "sc_blk", "sc_off", "sc_h", "sp_s",
              "sp_h", "sp_t", "scos_t"}
-FLOATS = {"s_scale", "k_scale", "v_scale"}
+FLOATS = {"s_scale", "v_scale"}
 
 
-def pointer_types(kv: str) -> dict[str, str]:
+def pointer_types(kv: str, step: str) -> dict[str, str]:
     cache = "*fp8e4nv" if kv == "fp8" else "*bf16"
-    return {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KC": cache, "VC": cache, "O": "*bf16", "BT": "*i64",
+    own = "*fp16" if kv == "fp8" and step == "prefill" else "*bf16"  # write_kv's side buffers over an FP8 cache
+    return {"Q": "*bf16", "K": own, "V": own, "KC": cache, "VC": cache, "O": "*bf16", "BT": "*i64",
             "SEQ_LENS": "*i64", "QSL": "*i64", "O_PART": "*fp32", "LSE": "*fp32", "COS": "*bf16", "SIN": "*bf16",
             "BLOCK_SEQ": "*i32"}
 
@@ -61,8 +62,8 @@ def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int =
                   BLOCK_Q=max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group))), BLOCK_N=config["BLOCK_N"],
                   PAGE=page, HAS_WINDOW=False, DOT_FP32=False, SPLITS=config.get("SPLITS", 1),
                   NEW_FROM_INPUT=not fp8 or not decode, DOT_F16=fp8, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs,
-                  NEW_E4M3=fp8 and not decode, SEQ_MODE=0)
-    ptrs = pointer_types(kv)
+                  SEQ_MODE=0)
+    ptrs = pointer_types(kv, step)
     signature = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in FLOATS else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptrs or n in DIVISIBLE}
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)

@@ -19,12 +19,14 @@ rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two 
 A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped.
 With an FP8 cache, scores and outputs are multiplied by the per-layer K and V scales, and the
 step's own keys must be seen as the cache holds them (the reference sees them rounded). In steps
-with prompt tokens (more tokens than sequences) the kernel still reads them from k/v as given,
-contiguous and unmasked below the diagonal, and rounds them through e4m3 itself (value / scale,
-saturated, exactly as ``write_kv`` stores them): a 4 × 4096 prefill over an FP8 cache otherwise
-gathers every key through the block table with a mask. Decode steps (one token per sequence)
-read their one new key back from the cache, in the last cached tile (``"NEW_FROM_CACHE": True``
-in a config forces that for any step).
+with prompt tokens (more tokens than sequences) the kernel still reads them contiguous and unmasked
+below the diagonal, from two fp16 buffers that ``write_kv`` fills beside the cache with the very
+values it stores (value / scale, saturated, rounded to e4m3; fp16 holds each exactly): a 4 × 4096
+prefill over an FP8 cache otherwise gathers every key through the block table with a mask. (The
+kernel rounded them itself until the H200 showed that loop issuing 794 instructions per tile of 64
+keys, against 337 in fp16: each program re-rounded every key it saw.) Decode steps (one token per
+sequence) read their one new key back from the cache, in the last cached tile
+(``"NEW_FROM_CACHE": True`` in a config forces that for any step).
 
 A mixed step (prompt chunks beside decodes) can run in two launches: a config with a ``"DECODE"``
 sub-config sends the sequences of one new token to a launch of their own at that config (grid:
@@ -78,18 +80,39 @@ from ..errors import WorkbenchError
 from .registry import REGISTRY
 
 LOG2E = 1.4426950408889634
+#: the dtype of write_kv's copies of a prompt step's K/V over an FP8 cache (holds every e4m3 value exactly)
+OWN_KEYS_DTYPE = torch.float16
 #: KV-cache dtypes stored scaled (value / scale per layer) and read back times the scale
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
 @triton.jit
-def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_blk, sc_off, sc_h, scos_t,
-                     sko_h, sko_t, k_scale, v_scale, PAGE: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr, ROPE: tl.constexpr,
-                     HAS_K_OUT: tl.constexpr):
+def _round_e4m3(x):
+    """fp32 x (|x| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32, in plain arithmetic: the
+    fp32 mantissa rounded to 3 bits (carries run into the exponent), or below e4m3's least normal (2^-6) to a
+    multiple of 2^-9 (its subnormals) by an fp32 add at that spacing; the sign kept (-0 too). The hardware
+    conversion's value (checked bit-exact on the GPU by bench/attention.py), which then converts it exactly.
+
+    ``write_kv`` rounds so for two reasons: its fp16 copies, converted back from the e4m3 values it stored,
+    came out garbled for half the elements on the H200 (Triton 3.6); and the CPU interpreter's own conversion
+    rounds wrongly where the rounding carries into the exponent (7.9 -> 4), which exact values avoid."""
+    bits = x.to(tl.uint32, bitcast=True)
+    u = bits & 0x7FFFFFFF
+    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    a = u.to(tl.float32, bitcast=True)
+    r = tl.where(a < 0.015625, (a + 16384.0) - 16384.0, normal)
+    return (r.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_blk, sc_off, sc_h,
+                     scos_t, sko_h, sko_t, svo_h, svo_t, k_scale, v_scale, PAGE: tl.constexpr, KV_HEADS: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr,
+                     ROPE: tl.constexpr, HAS_K_OUT: tl.constexpr, HAS_V_OUT: tl.constexpr):
     """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
     halves of the head dim; with ROPE, K rotated first (as ``workbench.rope`` does: fp32, one rounding to
-    K's dtype) and, with HAS_K_OUT, the rotated K also written to K_OUT for the attention to read."""
+    K's dtype). HAS_K_OUT / HAS_V_OUT also write K / V as the attention reads this step's own keys: the
+    rotated K; over an FP8 cache, the values the cache holds (value / scale, rounded to e4m3) in fp16."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -107,14 +130,17 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, sk_h, sk_t, sv_h, sv_t, sc
         x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
         k1 = (x1 * c1 - x2 * s1).to(K.dtype.element_ty)
         k2 = (x2 * c2 + x1 * s2).to(K.dtype.element_ty)
-        if HAS_K_OUT:
-            tl.store(K_OUT + h * sko_h + t * sko_t + d, k1, mask=mask)
-            tl.store(K_OUT + h * sko_h + t * sko_t + HALF + d, k2, mask=mask)
-    if QUANT:  # FP8 cache: value / scale, saturated to the format's range (e4m3: ±448)
-        k1 = tl.clamp(k1.to(tl.float32) / k_scale, -448.0, 448.0)
-        k2 = tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0)
-        v1 = tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0)
-        v2 = tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0)
+    if QUANT:  # FP8 cache: value / scale, saturated to the format's range (e4m3: ±448), rounded (exact after)
+        k1 = _round_e4m3(tl.clamp(k1.to(tl.float32) / k_scale, -448.0, 448.0))
+        k2 = _round_e4m3(tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0))
+        v1 = _round_e4m3(tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0))
+        v2 = _round_e4m3(tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0))
+    if HAS_K_OUT:
+        tl.store(K_OUT + h * sko_h + t * sko_t + d, k1.to(K_OUT.dtype.element_ty), mask=mask)
+        tl.store(K_OUT + h * sko_h + t * sko_t + HALF + d, k2.to(K_OUT.dtype.element_ty), mask=mask)
+    if HAS_V_OUT:
+        tl.store(V_OUT + h * svo_h + t * svo_t + d, v1.to(V_OUT.dtype.element_ty), mask=mask)
+        tl.store(V_OUT + h * svo_h + t * svo_t + HALF + d, v2.to(V_OUT.dtype.element_ty), mask=mask)
     dst = C + (slot // PAGE) * sc_blk + (slot % PAGE) * sc_off + h * sc_h + d
     tl.store(dst, k1.to(C.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, k2.to(C.dtype.element_ty), mask=mask)
@@ -154,14 +180,6 @@ def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_
     else:
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _through_e4m3(x, scale):
-    """x as an FP8 cache holds it, in fp16 and divided by ``scale`` (the kernel multiplies the scale back
-    in with the scores' and outputs' factors): value / scale saturated to ±448 and rounded to e4m3, as
-    ``_write_kv_kernel`` stores it."""
-    return tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float16)
 
 
 @triton.jit
@@ -228,12 +246,11 @@ def _paged_attention_kernel(
         Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN, BLOCK_SEQ,
         sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
         scos_t,
-        num_seqs, s_scale, k_scale, v_scale, window,
+        num_seqs, s_scale, v_scale, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
-        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, NEW_E4M3: tl.constexpr = False,
-        SEQ_MODE: tl.constexpr = 0):
+        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -365,16 +382,12 @@ def _paged_attention_kernel(
                 else:
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
                     v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=d_ok[None, :], other=0.0)
-                if NEW_E4M3:  # as the FP8 cache holds them
-                    k, v = _through_e4m3(k, k_scale), _through_e4m3(v, v_scale)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 j_ok = j < n_q
                 k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-                if NEW_E4M3:
-                    k, v = _through_e4m3(k, k_scale), _through_e4m3(v, v_scale)
                 kp = context + j
                 allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
                 if HAS_WINDOW:
@@ -440,10 +453,13 @@ CONFIGS = [
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
              k_scale: float = 1.0, v_scale: float = 1.0, cos: torch.Tensor | None = None,
-             sin: torch.Tensor | None = None, k_out: torch.Tensor | None = None) -> None:
+             sin: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
+             v_out: torch.Tensor | None = None) -> None:
     """Scatter the new tokens' K and V ([1, kv_heads, tokens, head_dim], any strides with unit last
     stride) into their cache slots; an FP8 cache stores value / scale, saturated. With ``cos``/``sin``
-    (``[tokens, head_dim]`` rows), K is rotated first and, given ``k_out``, the rotated K written there too."""
+    (``[tokens, head_dim]`` rows), K is rotated first. ``k_out`` / ``v_out`` (shaped like k, unit last stride)
+    receive K and V as the cache holds them: rotated, and over an FP8 cache value / scale rounded to e4m3
+    (in their own dtype, e.g. fp16, which holds every e4m3 value)."""
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     if head_dim % 2:
         raise WorkbenchError(f"write_kv: head_dim must be even (the kernel copies it in two halves), not {head_dim}")
@@ -456,12 +472,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     rope = cos is not None
     cos, sin = (cos, sin) if rope else (k, k)  # unused
     k_out_ = k if k_out is None else k_out
+    v_out_ = v if v_out is None else v_out
     _write_kv_kernel[(tokens,)](
-        k, v, kv_cache, slot_mapping, cos, sin, k_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        *kv_cache.stride()[:4], cos.stride(0) if rope else 0, k_out_.stride(1),
-        k_out_.stride(2), float(k_scale), float(v_scale), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
+        k, v, kv_cache, slot_mapping, cos, sin, k_out_, v_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        *kv_cache.stride()[:4], cos.stride(0) if rope else 0, k_out_.stride(1), k_out_.stride(2), v_out_.stride(1),
+        v_out_.stride(2), float(k_scale), float(v_scale), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-        QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=rope and k_out is not None,
+        QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=k_out is not None, HAS_V_OUT=v_out is not None,
         num_warps=4 if kv_heads * head_dim >= 1024 else 1)
 
 
@@ -486,20 +503,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     k_scale, v_scale = k_scale or 1.0, v_scale or 1.0
     heads, tokens = q.shape[1], q.shape[2]
-    # this step's own keys are read from k/v as given (no gather); over an FP8 cache the kernel rounds them as
-    # the cache holds them (steps with prompt tokens), or reads them back from it (decode; see the docstring)
+    # this step's own keys are read contiguous, not gathered through the block table: from k/v as given, or
+    # as the cache write leaves them in side buffers (rotated; over an FP8 cache, in steps with prompt tokens,
+    # rounded as the cache holds them, in fp16); decode steps over an FP8 cache read them back from the cache
     new_e4m3 = (kv_cache.dtype in FP8_DTYPES and q.shape[2] > seq_lens.shape[0]
                 and not config.get("NEW_FROM_CACHE", False))
     new_from_input = kv_cache.dtype == k.dtype or new_e4m3
     rope = cos is not None
-    k_roped = None
-    if rope:  # q rotated inside the attention kernel; k by the cache write, into k_roped when read from there
+    if rope:  # q rotated inside the attention kernel, k by the cache write
         cos, sin = _rope_rows(cos, tokens, head_dim), _rope_rows(sin, tokens, head_dim)
-        if new_from_input:
-            k_roped = torch.empty(1, tokens, kv_heads, head_dim, dtype=k.dtype, device=k.device).transpose(1, 2)
-    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_roped)
-    if k_roped is not None:
-        k = k_roped
+
+    def side_buffer(dtype):  # token-major like the graph's k/v
+        return torch.empty(1, tokens, kv_heads, head_dim, dtype=dtype, device=k.device).transpose(1, 2)
+
+    k_new = side_buffer(OWN_KEYS_DTYPE) if new_e4m3 else side_buffer(k.dtype) if rope and new_from_input else None
+    v_new = side_buffer(OWN_KEYS_DTYPE) if new_e4m3 else None
+    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_new, v_new)
+    k = k if k_new is None else k_new
+    v = v if v_new is None else v_new
     group = heads // kv_heads
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -536,12 +557,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1),
             out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, k_scale, v_scale, window or 0,
+            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, v_scale, window or 0,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
             BLOCK_N=cfg["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
-            PAIRS_ASM=pairs and not interpret, NEW_E4M3=new_e4m3, SEQ_MODE=seq_mode,
+            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:
