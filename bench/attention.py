@@ -231,8 +231,7 @@ DECODE_SWEEP = [{"BLOCK_Q": 4, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
 #: prompt configs the ``prompt`` section times beside the tuning space's: registers capped so that two
 #: programs of 8 warps share an SM (the uncapped ones take 255 registers, the whole register file)
-PROMPT_EXTRA = [{"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": s, "maxnreg": r}
-                for s, r in ((2, 128), (3, 128))] + [
+PROMPT_EXTRA = [{"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "maxnreg": 128},
     {"BLOCK_Q": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 128},
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 168}]

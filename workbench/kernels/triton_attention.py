@@ -422,7 +422,8 @@ def _combine_kernel(O_PART, LSE, O, sp_s, sp_h, sp_t, sl_s, sl_h, so_h, so_t,
 
 #: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages,
 #: SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts), and
-#: optionally maxnreg, a cap on registers per thread (more programs per SM; decode configs only).
+#: optionally maxnreg, a cap on registers per thread (more programs per SM; ``prune`` offers a capped config only
+#: to the steps of its kind: BLOCK_Q 4 to decode, BLOCK_Q >= 16 to prompt steps).
 CONFIGS = [
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},   # the default: any step
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
@@ -443,6 +444,9 @@ CONFIGS = [
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
+    # prompt steps on the H200 (FP8 cache): capped at 128 registers (from 255, some spills), two programs of 8 warps
+    # share an SM; the fastest at 8 x 1024 (0.300 ms against 0.316 for the default), 4 x 4096 and beside decodes
+    {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1, "maxnreg": 128},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 4},    # long context, small batch
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 16},
@@ -590,28 +594,26 @@ DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "
 
 
 def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
-    """Split-KV configs only where the query blocks alone are few: a step of a few tokens per
-    sequence (decode). Prefill has plenty of programs, and its partial outputs would be huge.
-    Register caps (``maxnreg``: more decode programs per SM) only there too.
+    """Configs for a step's shape. Decode steps (a few tokens per sequence) get the query blocks of a few
+    tokens, split-KV (where the query blocks alone are few) and the decode register caps. Steps with prompt
+    tokens get the prompt configs (BLOCK_Q >= 16: a 4-token block multiplies a tile of keys per 4 queries) with
+    their register caps, unsplit (prefill has plenty of programs, and its partial outputs would be huge).
 
-    Over an FP8 cache, prefill steps also try each config reading the cache byte by byte
-    (``"PAIRS": False``): int16 pairs win decode by 1.22x on the H100 but lose a 4 × 4096 prefill
-    by about 10%, and steps in between (chunks beside decodes) go either way. And each prompt config
-    reading the step's own keys back from the cache (``"NEW_FROM_CACHE"``, in int16 pairs) instead of
-    rounding them from k/v: on the H200 in blocks of 16, 8 chunks of 1024 after 1024 cached ran 8% faster
-    so, a 4 × 4096 prefill 10% slower; in blocks of 64 stored head-major, a tile of own keys is one
-    contiguous run of the cache.
+    Over an FP8 cache, prompt steps also try each config reading the cache byte by byte (``"PAIRS": False``):
+    int16 pairs win decode by 1.22x on the H100 but lost a 4 × 4096 prefill by about 10%, and chunks after
+    cached tokens go either way. (Reading the step's own keys back from the cache, ``"NEW_FROM_CACHE"``, is not
+    offered: since they come from write_kv's fp16 copies, it lost every prompt step measured on the H200, by
+    7% at 8 chunks of 1024 after 1024 cached up to 74% at a 4 × 4096 prefill.)
 
     A step with prompt chunks beside decodes (sequences of one new token) also tries each config with
     its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
     decode program multiplies 128-256 query rows of which GROUP are real."""
     q, kv_cache, seq_lens, query_start_loc = args[0], args[3], args[6], args[7]
     if q.shape[2] <= 4 * seq_lens.shape[0]:
-        return configs
-    kept = [c for c in configs if c.get("SPLITS", 1) == 1 and "maxnreg" not in c]
+        return [c for c in configs if "maxnreg" not in c or c["BLOCK_Q"] < 16]
+    kept = [c for c in configs if c.get("SPLITS", 1) == 1 and c["BLOCK_Q"] >= 16]
     if kv_cache.dtype in FP8_DTYPES:
-        kept = (kept + [{**c, "PAIRS": False} for c in kept]
-                + [{**c, "NEW_FROM_CACHE": True} for c in kept if c["BLOCK_Q"] >= 16])
+        kept = kept + [{**c, "PAIRS": False} for c in kept]
     new = query_start_loc.diff()
     if bool((new == 1).any()) and bool((new > 1).any()):  # tuning time only: one host read of the step's lengths
         kept += [{**c, "DECODE": DECODE_CONFIG} for c in kept]
