@@ -254,6 +254,19 @@ def reference_output(inputs, cos, sin):
     return fused.paged_attention(*inputs[:3], inputs[3].clone(), *inputs[4:], cos=cos, sin=sin).float()
 
 
+def against_reference(call, configs, ref, label, args, device):
+    """(config, ms, relative difference from ``ref``) of ``call(config)`` for each config, timed as CUDA-graph
+    replays; a config that cannot run here (resources) is printed, not fatal."""
+    for config in configs:
+        try:
+            err = ((call(config).float() - ref).norm() / ref.norm()).item()
+            ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
+        except Exception as e:  # noqa: BLE001
+            print(f"  {label} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        yield config, ms, err
+
+
 def run_prompt(step, page, configs, args, device):
     """A step with prompt tokens over an FP8 cache with RoPE inside at each config (decodes beside prompts in a
     launch of their own): ms, TFLOP/s, the relative difference from the reference op's output; for equal
@@ -286,14 +299,7 @@ def run_prompt(step, page, configs, args, device):
             except RuntimeError:
                 continue
             row["sdpa_ms"][label] = time_fn(sdpa, repeats=args.repeats, device=device, graph_calls=10).median_ms
-    ref = reference_output(inputs, cos, sin)
-    for config in configs:
-        try:
-            err = ((call(config).float() - ref).norm() / ref.norm()).item()
-            ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
-        except Exception as e:  # noqa: BLE001 - a config that cannot run here (resources) is a row, not a crash
-            print(f"  {step} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            continue
+    for config, ms, err in against_reference(call, configs, reference_output(inputs, cos, sin), step, args, device):
         print(f"  {step} {json.dumps(config)}: {ms:.4f} ms, {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, "
               f"rel err {err:.1e}", flush=True)
         row["configs"].append({"config": config, "ms": ms, "rel_err": err})
@@ -321,15 +327,8 @@ def run_decode(seqs, context, page, configs, args, device, ceiling, layout="nhd"
     def call(config):
         return ta.paged_attention(*inputs, config=config, cos=cos, sin=sin)
 
-    ref = reference_output(inputs, cos, sin)
     out = []
-    for config in configs:
-        try:
-            err = ((call(config).float() - ref).norm() / ref.norm()).item()
-            ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
-        except Exception as e:  # noqa: BLE001 - a config that cannot run here (resources) is a row, not a crash
-            print(f"  {label} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            continue
+    for config, ms, err in against_reference(call, configs, reference_output(inputs, cos, sin), label, args, device):
         of_copy = kv_bytes / (ms * 1e-3) / 1e9 / ceiling
         print(f"  {label} {json.dumps(config)}: {ms:.4f} ms, {of_copy:.1%} of copy, rel err {err:.1e}", flush=True)
         out.append({"seqs": seqs, "context": context, "page": page, "layout": layout, "config": config, "ms": ms,

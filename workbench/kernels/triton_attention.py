@@ -46,8 +46,8 @@ FP8 caches store value / scale, saturated).
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
-it and, where the step's own keys are read from the input (bf16 caches), also writes the rotated k to a
-small buffer that the kernel reads instead. Both round as ``workbench.rope`` does (fp32, then once to
+it and, where the step's own keys are read contiguous (bf16 caches; FP8 caches in steps with prompt tokens),
+also writes them as the cache holds them to small buffers that the kernel reads instead. Both round as ``workbench.rope`` does (fp32, then once to
 the input dtype), so the results equal the rope kernels' followed by this kernel. Two launches per
 layer fewer: at batch-1 decode, a layer's attention takes 9.4 µs instead of 11.7 µs (H100).
 
@@ -603,7 +603,7 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     int16 pairs win decode by 1.22x on the H100 but lost a 4 × 4096 prefill by about 10%, and chunks after
     cached tokens go either way. (Reading the step's own keys back from the cache, ``"NEW_FROM_CACHE"``, is not
     offered: since they come from write_kv's fp16 copies, it lost every prompt step measured on the H200, by
-    7% at 8 chunks of 1024 after 1024 cached up to 74% at a 4 × 4096 prefill.)
+    10% beside 512 decodes and 12% at 8 chunks of 1024 after 1024 cached, up to 74% at a 4 × 4096 prefill.)
 
     A step with prompt chunks beside decodes (sequences of one new token) also tries each config with
     its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
