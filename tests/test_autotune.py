@@ -139,6 +139,39 @@ def test_a_grown_tuning_space_is_timed_afresh_from_a_cache(program, tmp_path, mo
     autotune(program, steps(program), TimingCache.open(path), timer=again, progress=False)
 
 
+def test_a_tactic_whose_code_changed_is_timed_again(program, tmp_path, monkeypatch):
+    """Each timing records its tactic's code version; after an edit to a tactic's kernels (its version changes),
+    the instances it is offered for are timed again, all their candidates, and nothing else is."""
+    from workbench.kernels import autotune as A
+    from workbench.kernels.registry import REGISTRY
+
+    path = tmp_path / "timings.json"
+    autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(), progress=False)
+    before = json.loads(path.read_text())["entries"]
+    assert all(t["version"] == A.tactic_version(REGISTRY.get(e["op"]).tactics.get(t["tactic"])
+                                                 or REGISTRY.get(e["op"]).reference)
+               for e in before.values() for t in e["timings"])
+    edited = REGISTRY.get("aten.linear.default").tactics["triton"]
+    version = A.tactic_version
+    monkeypatch.setattr(A, "tactic_version", lambda fn: "edited" if fn is edited else version(fn))
+    timer = PlantedTimer()
+    autotune(program, steps(program), TimingCache.open(path), timer=timer, progress=False)
+    after = json.loads(path.read_text())["entries"]
+    retimed = {k for k in after if after[k] != before[k]}
+    assert retimed == {k for k in after if json.loads(k)[0] == "aten.linear.default"}
+    assert all(t["version"] == "edited" for k in retimed for t in after[k]["timings"] if t["tactic"] == "triton")
+    assert timer.calls == measurements(after[k] for k in retimed)
+
+
+def test_code_versions_ignore_docstrings_comments_and_layout():
+    from workbench.kernels.autotune import code_hash
+
+    base = 'def f(x):\n    """Doubles."""\n    return x * 2\n'
+    assert code_hash(base) == code_hash('"""A module."""\n# a comment\ndef f(x):\n    """Twice x."""\n\n    return (x *\n            2)  # why\n')
+    assert code_hash(base) != code_hash(base.replace("x * 2", "x * 3"))
+    assert code_hash(base) != code_hash(base.replace("def f", "def g"))
+
+
 def test_interrupted_tuning_resumes(program, tmp_path):
     path = tmp_path / "timings.json"
     with pytest.raises(KeyboardInterrupt):

@@ -16,7 +16,8 @@ How it works:
      overhead), cycling through copies of the arguments that together exceed the L2 cache;
   3. every timing goes into the cache, which is written atomically after each key, so an
      interrupted run resumes where it stopped and a second run times nothing (unless the tuning
-     spaces grew since: an entry that lacks a candidate offered now is timed afresh);
+     spaces grew since, or a tactic's code changed: each timing records its tactic's ``tactic_version``,
+     and an entry that lacks a timing of a candidate offered now, at its current version, is timed afresh);
   4. candidates within ``CLOSE_CALL`` (5%) of the fastest are timed ``RETIMES`` more times,
      interleaved, and ranked by the median of their measurements: one measurement's noise
      (a few percent on a GPU) must not pick the slower of two near-equal candidates;
@@ -30,10 +31,15 @@ Opening it elsewhere raises a clear error instead of reusing timings that do not
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
+import hashlib
+import inspect
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -170,10 +176,40 @@ def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
     return out
 
 
+def code_hash(source: str) -> str:
+    """A digest of Python source's code: docstrings, comments and layout left out, so that only an edit that can
+    change what runs changes it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_code_hash(module: str) -> str | None:
+    try:
+        return code_hash(inspect.getsource(sys.modules[module]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return None
+
+
+def tactic_version(fn: Callable) -> str | None:
+    """What a tactic's timings depend on besides its arguments: the code of the module that defines it (its
+    kernels, their launcher and tuning space; docstrings and comments aside). A timing recorded at another
+    version was measured on other code: the autotuner times that instance again. None where it has no source."""
+    module = getattr(inspect.unwrap(fn), "__module__", None)
+    return _module_code_hash(module) if module else None
+
+
 def _covers(entry: dict, candidates: list[tuple[str, dict | None, Callable]]) -> bool:
-    """Whether a cache entry has a timing for every candidate (tactic and config) in ``candidates``."""
-    timed = {(t["tactic"], json.dumps(t["config"], sort_keys=True)) for t in entry["timings"]}
-    return all((name, json.dumps(config, sort_keys=True)) in timed for name, config, _ in candidates)
+    """Whether a cache entry has a timing for every candidate (tactic and config) in ``candidates``, measured on
+    the tactic's current code (``tactic_version``)."""
+    timed = {(t["tactic"], json.dumps(t["config"], sort_keys=True), t.get("version")) for t in entry["timings"]}
+    return all((name, json.dumps(config, sort_keys=True), tactic_version(fn)) in timed for name, config, fn in candidates)
 
 
 Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
@@ -217,8 +253,9 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     config) -> ms`` defaults to ``profiling.time_fn`` on ``call`` (CUDA-graph replays on a GPU).
     ``top_k`` times only the best-ranked configs of tactics that have a cost model (``fn.rank``).
     An instance already in the cache is timed again only if it lacks a candidate that this call would time:
-    a tactic or config added since (a new kernel), or one that a larger ``top_k`` reaches; then all of its
-    candidates are timed afresh, in one process, as for a new instance.
+    a tactic or config added since (a new kernel), one that a larger ``top_k`` reaches, or one whose code has
+    changed since its timing (``tactic_version``); then all of its candidates are timed afresh, in one process,
+    as for a new instance.
     """
     from ..profiling import time_fn
 
@@ -271,12 +308,14 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         variants = rotations(args, kwargs, l2_bytes)
         for tactic, config, fn in _candidates(op, args, kwargs, top_k):
             call = _Call(fn, config, variants)
+            version = tactic_version(fn)
             try:
                 ms = float(timer(call, op, tactic, config))
             except Exception as e:  # a config that cannot run here (resources): recorded, never chosen
-                timings.append({"tactic": tactic, "config": config, "ms": math.inf, "error": f"{type(e).__name__}: {e}"[:200]})
+                timings.append({"tactic": tactic, "config": config, "ms": math.inf, "version": version,
+                                "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            timings.append({"tactic": tactic, "config": config, "ms": ms})
+            timings.append({"tactic": tactic, "config": config, "ms": ms, "version": version})
             calls[id(timings[-1])] = call
         refine(timings, lambda t: timer(calls[id(t)], op, t["tactic"], t["config"]))
         del variants, calls
