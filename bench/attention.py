@@ -24,8 +24,9 @@ own      over an FP8 cache, steps with prompt tokens: the step's own keys read c
 split    over an FP8 cache, a mixed step (decodes beside prompt chunks): one launch at a prompt config
          against the decodes in a launch of their own (``"DECODE"``), each at its best prompt config.
 prompt   over an FP8 cache with RoPE inside, pages of ``--prompt-page`` stored head-major (the runtime's steps
-         with prompt tokens): every config of ``--prompt-configs`` (default: the prompt configs the tuner
-         times, and PROMPT_EXTRA) at every step of ``--prompt-steps``; TFLOP/s counts the causal half of
+         with prompt tokens): every config of ``--prompt-configs`` (default: the tuning space's prompt configs,
+         without their PAIRS False variants, and PROMPT_EXTRA) at every step of ``--prompt-steps``, a mixed
+         step's decodes at ``DECODE_CONFIG``; TFLOP/s counts the causal half of
          the prompts; steps of equal prompts after no context are also timed with SDPA flash and cuDNN on
          dense bf16 q/k/v of the same shapes (no cache to write, no RoPE): "vs flash" is their ratio.
 decode   over an FP8 cache with RoPE inside (the runtime's decode steps): every config of ``--decode-configs``
@@ -190,8 +191,8 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
 
 
 def run_own(name, new, context, args, device):
-    """Over an FP8 cache: the step's own keys rounded in the kernel (default) against read back from the cache
-    (``"NEW_FROM_CACHE"``); outputs compared, each at its best config."""
+    """Over an FP8 cache: the step's own keys read from write_kv's fp16 copies (default) against read back from
+    the cache (``"NEW_FROM_CACHE"``); outputs compared, each at its best config."""
     inputs = (*step_inputs(new, context, device), None, None, 0.05, 0.02)
     configs = [c for c in ta.prune(ta.CONFIGS, inputs[:8], {}) if "DECODE" not in c and c["BLOCK_Q"] >= 16]
 

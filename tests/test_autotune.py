@@ -3,6 +3,7 @@ the cache reused, resumed after an interruption, and refused on another machine.
 the Triton interpreter; timings are planted by the test's timer (CPU timings of the interpreter mean
 nothing), while every candidate still really runs."""
 
+import functools
 import json
 
 import pytest
@@ -148,10 +149,10 @@ def test_a_tactic_whose_code_changed_is_timed_again(program, tmp_path, monkeypat
     path = tmp_path / "timings.json"
     autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(), progress=False)
     before = json.loads(path.read_text())["entries"]
-    assert all(t["version"] == A.tactic_version(REGISTRY.get(e["op"]).tactics.get(t["tactic"])
-                                                 or REGISTRY.get(e["op"]).reference)
-               for e in before.values() for t in e["timings"])
     edited = REGISTRY.get("aten.linear.default").tactics["triton"]
+    assert A.tactic_version(edited) is not None and A.tactic_version(functools.partial(edited)) == A.tactic_version(edited)
+    assert all(t["version"] == (None if t["tactic"] == "reference" else A.tactic_version(REGISTRY.get(e["op"]).tactics[t["tactic"]]))
+               for e in before.values() for t in e["timings"])
     version = A.tactic_version
     monkeypatch.setattr(A, "tactic_version", lambda fn: "edited" if fn is edited else version(fn))
     timer = PlantedTimer()
@@ -161,6 +162,34 @@ def test_a_tactic_whose_code_changed_is_timed_again(program, tmp_path, monkeypat
     assert retimed == {k for k in after if json.loads(k)[0] == "aten.linear.default"}
     assert all(t["version"] == "edited" for k in retimed for t in after[k]["timings"] if t["tactic"] == "triton")
     assert timer.calls == measurements(after[k] for k in retimed)
+
+
+def test_timings_of_changed_code_are_not_shared_with_new_keys(program, tmp_path, monkeypatch):
+    """Keys that differ only in float scalars share timings (previous test), but not timings measured on code
+    that has changed since: an attention at a softmax scale never seen, after an edit to the attention kernels,
+    is timed afresh rather than copied from the cached entry of the old scale."""
+    import copy
+
+    from workbench.graph.executor import Program
+    from workbench.kernels import autotune as A
+    from workbench.kernels.registry import REGISTRY
+
+    path = tmp_path / "timings.json"
+    autotune(program, steps(program), TimingCache.open(path), timer=PlantedTimer(), progress=False)
+    graph = copy.deepcopy(program.graph)
+    for node in graph.nodes:
+        if node.op == "workbench.paged_attention":
+            node.args = [*node.args[:8], 0.3, *node.args[9:]]
+    scaled = Program(graph, program.params)
+    edited = REGISTRY.get("workbench.paged_attention").tactics["triton"]
+    version = A.tactic_version
+    monkeypatch.setattr(A, "tactic_version", lambda fn: "edited" if fn is edited else version(fn))
+    cache, timer = TimingCache.open(path), PlantedTimer()
+    autotune(scaled, steps(scaled), cache, timer=timer, progress=False)
+    new = [e for k, e in cache.entries.items() if json.loads(k)[0] == "workbench.paged_attention" and "0.3" in k]
+    assert new and timer.calls == measurements(new)  # those timed, nothing else
+    assert all("same_work_as" not in e for e in new)
+    assert all(t["version"] == "edited" for e in new for t in e["timings"] if t["tactic"] == "triton")
 
 
 def test_code_versions_ignore_docstrings_comments_and_layout():

@@ -106,7 +106,8 @@ def test_round_e4m3_is_torchs_rounding():
     x = torch.cat([x, -x])
     y = torch.empty_like(x)
     kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
+    assert (x.view(torch.int32) == (-0.0 * torch.ones(1)).view(torch.int32)).any()  # -0 is among them
+    assert torch.equal(y.view(torch.int32), x.to(torch.float8_e4m3fn).float().view(torch.int32))  # bits: -0 kept
 
 
 @pytest.mark.parametrize("rope", [False, True])
@@ -131,7 +132,10 @@ def test_write_kv_copies_what_it_stores(rope):
     assert torch.equal(k_rot, k) != rope
 
     k_out, v_out = side_buffers(torch.float16)
-    ta.write_kv(k, v, cache.to(torch.float8_e4m3fn), slots, 0.1, 0.05, k_out=k_out, v_out=v_out, **rot)
+    fp8 = cache.to(torch.float8_e4m3fn)
+    ta.write_kv(k, v, fp8, slots, 0.1, 0.05, k_out=k_out, v_out=v_out, **rot)
+    stored = fp8.view(2, -1, 2, 16)[:, slots].to(torch.float16)
+    assert torch.equal(k_out[0].transpose(0, 1), stored[0]) and torch.equal(v_out[0].transpose(0, 1), stored[1])
     for out, x, scale in ((k_out, k_rot, 0.1), (v_out, v, 0.05)):
         want = (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float16)
         assert torch.equal(out, want)
@@ -240,13 +244,13 @@ def test_fp8_cache_read_in_int16_pairs(head_dim):
 @pytest.mark.parametrize("head_dim,rope", [(16, False), (64, False), (16, True)])
 def test_fp8_prompt_steps_see_their_own_keys_as_the_cache_holds_them(head_dim, rope):
     """Over an FP8 cache, a step with prompt tokens reads its own keys contiguous from the fp16 copies write_kv
-    makes of what it stores: without RoPE, on the e4m3 grid (where the interpreter's cache bytes are torch's),
-    the same result as reading them back from the cache (``NEW_FROM_CACHE``); with RoPE (keys off the grid once
-    rotated) the reference's, whose cache write rounds as torch does."""
+    makes of what it stores: off the e4m3 grid, some saturated, the same result as reading them back from the
+    cache (``NEW_FROM_CACHE``) and the reference's. Keys not rounded would differ by ~10%."""
     q, k, v, cache, slots, tables, lens, qsl = make_step([1, 6, 9, 3], [9, 0, 0, 5], kv_heads=2, group=4,
                                                          head_dim=head_dim, page=4, dtype=torch.bfloat16, seed=11)
-    k_scale, v_scale = 2.0 ** -4, 2.0 ** -6
-    k, v = on_fp8_grid(k * 3, k_scale), on_fp8_grid(v * 0.5, v_scale)
+    k_scale, v_scale = 0.05, 0.02
+    k = k * 20  # some past 448 * k_scale: saturated
+    assert (k.abs() > 448 * k_scale).any()
     rot = dict(zip(("cos", "sin"), rope_tables(step_positions(lens, qsl), head_dim, torch.bfloat16))) if rope else {}
     fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
     ref = fused.paged_attention(q, k, v, fp8.clone(), slots, tables, lens, qsl, None, None, k_scale, v_scale, **rot)
@@ -258,10 +262,9 @@ def test_fp8_prompt_steps_see_their_own_keys_as_the_cache_holds_them(head_dim, r
                                        config=config, **rot))
     for c, out in zip(caches[1:], outs[1:]):
         assert torch.equal(c.view(torch.uint8), caches[0].view(torch.uint8))
-        assert rel_err(out, outs[1]) < 1e-3  # the own-keys configs agree (bf16 outputs: one ulp is 4e-3)
-        assert rel_err(out, ref) < 1e-2
-        if not rope:
-            assert rel_err(out, outs[0]) < 1e-3
+        assert rel_err(out, outs[0]) < 1e-3  # bf16 outputs: one ulp is 4e-3
+        # the reference rounds each dequantized key to bf16, and its rotation may round a key one bf16 step apart
+        assert rel_err(out, ref) < 2e-2
 
 
 @pytest.mark.parametrize("kv_dtype,rope", [(torch.bfloat16, False), (torch.float8_e4m3fn, False),
@@ -300,8 +303,8 @@ def test_mixed_step_decodes_in_a_launch_of_their_own(kv_dtype, rope, monkeypatch
     for c, out in zip(caches[1:], outs[1:]):
         assert torch.equal(c.view(torch.uint8), caches[0].view(torch.uint8))
         assert rel_err(out, outs[0]) < 1e-3  # other tiles: a few outputs a bf16 step apart
-    assert kv_dtype != torch.bfloat16 or torch.equal(caches[0], ref_cache)
-    assert kv_dtype != torch.bfloat16 or rel_err(outs[1], ref) < 1e-2
+    assert rope or torch.equal(caches[0].view(torch.uint8), ref_cache.view(torch.uint8))
+    assert rel_err(outs[1], ref) < 1e-2
     with pytest.raises(WorkbenchError, match="cannot split the keys"):
         ta.paged_attention(q, k, v, cache.clone(), slots, tables, lens, qsl, None, None, *scales,
                            config={**prompt, "DECODE": {**decode, "SPLITS": 4}}, **rot)

@@ -190,26 +190,55 @@ def code_hash(source: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module_code_hash(module: str) -> str | None:
+def _source_hash(path: str, mtime: float) -> str | None:  # keyed on the file's mtime: a reload is seen
     try:
-        return code_hash(inspect.getsource(sys.modules[module]))
-    except (KeyError, OSError, TypeError, SyntaxError):
+        return code_hash(Path(path).read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError):
         return None
 
 
 def tactic_version(fn: Callable) -> str | None:
     """What a tactic's timings depend on besides its arguments: the code of the module that defines it (its
-    kernels, their launcher and tuning space; docstrings and comments aside). A timing recorded at another
-    version was measured on other code: the autotuner times that instance again. None where it has no source."""
-    module = getattr(inspect.unwrap(fn), "__module__", None)
-    return _module_code_hash(module) if module else None
+    kernels, their launcher and tuning space; docstrings and comments aside), read from its file. A timing
+    recorded at another version was measured on other code: the autotuner times that instance again. Per
+    module, not per function: an edit to one GEMM kernel retimes every GEMM. None where there is no Python
+    source (a builtin): such a tactic is never retimed for its code. (A file edited but not yet imported again
+    reads as its new version.)"""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    module = sys.modules.get(getattr(inspect.unwrap(fn), "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return None
+    try:
+        return _source_hash(path, Path(path).stat().st_mtime)
+    except OSError:
+        return None
+
+
+def _version(name: str, fn: Callable) -> str | None:
+    """The version a timing of candidate ``name`` records: the tactic's (``tactic_version``); none for the
+    reference, a baseline whose timing rarely decides (an edit to the reference ops would otherwise retime
+    every instance of every op they serve)."""
+    return None if name == REFERENCE else tactic_version(fn)
+
+
+def _current(entry: dict) -> bool:
+    """Whether every timing of a cache entry was measured on its tactic's current code (a tactic no longer
+    registered counts as changed)."""
+    opdef = REGISTRY.get(entry["op"])
+    for t in entry["timings"]:
+        fn = opdef.reference if t["tactic"] == REFERENCE else opdef.tactics.get(t["tactic"])
+        if fn is None or t.get("version") != _version(t["tactic"], fn):
+            return False
+    return True
 
 
 def _covers(entry: dict, candidates: list[tuple[str, dict | None, Callable]]) -> bool:
     """Whether a cache entry has a timing for every candidate (tactic and config) in ``candidates``, measured on
     the tactic's current code (``tactic_version``)."""
     timed = {(t["tactic"], json.dumps(t["config"], sort_keys=True), t.get("version")) for t in entry["timings"]}
-    return all((name, json.dumps(config, sort_keys=True), tactic_version(fn)) in timed for name, config, fn in candidates)
+    return all((name, json.dumps(config, sort_keys=True), _version(name, fn)) in timed for name, config, fn in candidates)
 
 
 Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
@@ -287,9 +316,10 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         if entry is not None and not _covers(entry, _candidates(op, args, kwargs, top_k)):
             del cache.entries[key]
     todo = [k for k in seen if k not in cache.entries]
-    timed = {}  # work key -> a cached key timed for that work
-    for key in cache.entries:
-        timed.setdefault(work_key(key), key)
+    timed = {}  # work key -> a cached key timed for that work, on the tactics' current code
+    for key, entry in cache.entries.items():
+        if work_key(key) not in timed and _current(entry):
+            timed[work_key(key)] = key
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -308,7 +338,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         variants = rotations(args, kwargs, l2_bytes)
         for tactic, config, fn in _candidates(op, args, kwargs, top_k):
             call = _Call(fn, config, variants)
-            version = tactic_version(fn)
+            version = _version(tactic, fn)
             try:
                 ms = float(timer(call, op, tactic, config))
             except Exception as e:  # a config that cannot run here (resources): recorded, never chosen

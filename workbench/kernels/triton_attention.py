@@ -11,7 +11,7 @@ A program takes BLOCK_Q query tokens × the GROUP query heads that share its KV 
 rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two ranges:
 
     keys:  0 ........ context | context ........ last query of the block
-           cached: gathered   | this step's own: read from k/v as given, contiguous;
+           cached: gathered   | this step's own: contiguous, from k/v or write_kv's copies;
            through the block  | tiles below the block's first query need no mask,
            table, masked only | the diagonal tiles are masked (causal, window)
            at the ends        |
@@ -42,7 +42,7 @@ kernel combines them. For long contexts at small batch, where (query blocks × K
 alone cannot fill the GPU.
 
 ``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
-FP8 caches store value / scale, saturated).
+FP8 caches store value / scale, saturated and rounded to e4m3).
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
@@ -594,10 +594,11 @@ DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "
 
 
 def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
-    """Configs for a step's shape. Decode steps (a few tokens per sequence) get the query blocks of a few
-    tokens, split-KV (where the query blocks alone are few) and the decode register caps. Steps with prompt
-    tokens get the prompt configs (BLOCK_Q >= 16: a 4-token block multiplies a tile of keys per 4 queries) with
-    their register caps, unsplit (prefill has plenty of programs, and its partial outputs would be huge).
+    """Configs for a step's shape. Steps of at most 4 new tokens per sequence on average (decode) get every
+    config but the prompt register caps: split-KV (where the query blocks alone are few) and the decode caps
+    among them. Steps of more get the prompt configs (BLOCK_Q >= 16: a 4-token block multiplies a tile of keys
+    per 4 queries) with their register caps, unsplit (prefill has plenty of programs, and its partial outputs
+    would be huge).
 
     Over an FP8 cache, prompt steps also try each config reading the cache byte by byte (``"PAIRS": False``):
     int16 pairs win decode by 1.22x on the H100 but lost a 4 × 4096 prefill by about 10%, and chunks after
