@@ -199,6 +199,30 @@ def test_code_versions_ignore_docstrings_comments_and_layout():
     assert code_hash(base) == code_hash('"""A module."""\n# a comment\ndef f(x):\n    """Twice x."""\n\n    return (x *\n            2)  # why\n')
     assert code_hash(base) != code_hash(base.replace("x * 2", "x * 3"))
     assert code_hash(base) != code_hash(base.replace("def f", "def g"))
+    assert code_hash(base) != code_hash(base.replace("x * 2", "x * '2'"))  # values keep their type
+
+
+def test_code_versions_do_not_depend_on_fields_newer_pythons_add(monkeypatch):
+    """Python 3.12 gives every function an empty ``type_params`` (3.11's trees have no such field): a cache tuned
+    under one must stay current under the other."""
+    import ast
+
+    from workbench.kernels.autotune import code_hash
+
+    source = "class A:\n    def f(self, x):\n        return [x, f'{x!r:>4}']\n"
+    plain = code_hash(source)
+    parse = ast.parse
+
+    def with_new_fields(text, *args, **kwargs):
+        tree = parse(text, *args, **kwargs)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                node._fields = (*node._fields, "type_params") if "type_params" not in node._fields else node._fields
+                node.type_params = []
+        return tree
+
+    monkeypatch.setattr(ast, "parse", with_new_fields)
+    assert code_hash(source) == plain
 
 
 def test_interrupted_tuning_resumes(program, tmp_path):

@@ -178,7 +178,9 @@ def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
 
 def code_hash(source: str) -> str:
     """A digest of Python source's code: docstrings, comments and layout left out, so that only an edit that can
-    change what runs changes it."""
+    change what runs changes it. The same under every Python version that parses the source alike: the syntax
+    tree is written out without the empty fields newer versions add (``ast.dump`` writes those: 3.12's
+    ``type_params=[]``), so a cache tuned under one Python is current under another."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -186,7 +188,17 @@ def code_hash(source: str) -> str:
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+    return hashlib.sha256(_written_out(tree).encode()).hexdigest()[:16]
+
+
+def _written_out(node: Any) -> str:
+    if isinstance(node, ast.AST):
+        fields = (f"{name}={_written_out(value)}" for name, value in ast.iter_fields(node)
+                  if value is not None and value != [] and name != "type_comment")
+        return f"{type(node).__name__}({','.join(fields)})"
+    if isinstance(node, list):
+        return f"[{','.join(_written_out(v) for v in node)}]"
+    return repr(node)
 
 
 @functools.lru_cache(maxsize=None)
