@@ -63,6 +63,27 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 
 
 
+def rel_err(out, ref):
+    """|out - ref| / |ref| over all elements, in fp32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def sdpa_times(sdpa, labels, args, device):
+    """ms of ``sdpa(backend)`` for each SDPA backend of ``labels`` that takes the inputs (the others are left out),
+    timed as CUDA-graph replays."""
+    times = {}
+    for label in labels:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sdpa(BACKENDS[label])
+        except RuntimeError:
+            continue
+        times[label] = time_fn(lambda b=BACKENDS[label]: sdpa(b), repeats=args.repeats, device=device,
+                               graph_calls=10).median_ms
+    return times
+
+
 def paged_inputs(seqs, context, new, heads, kv_heads, head_dim, page, device, dtype, kv_dtype=None):
     """A cache holding ``context`` tokens per sequence in shuffled blocks, plus ``new`` tokens to add."""
     return step_inputs([new] * seqs, [context] * seqs, device, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -120,17 +141,8 @@ def run(name, seqs, context, new, args, device, ceiling, kv_dtype=torch.bfloat16
 
     ref = sdpa()
     ours = out[0].transpose(0, 1).reshape(seqs, new, heads, head_dim).transpose(1, 2)
-    err = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
-    backends = {}  # each SDPA backend that takes these inputs; the goal's baseline is flash
-    for label, backend in BACKENDS.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sdpa(backend)
-        except RuntimeError:
-            continue
-        backends[label] = time_fn(lambda b=backend: sdpa(b), repeats=args.repeats, device=device,
-                                  graph_calls=10).median_ms
+    err = rel_err(ours, ref)
+    backends = sdpa_times(sdpa, BACKENDS, args, device)  # each that takes these inputs; the goal's baseline is flash
     base_label = "flash" if "flash" in backends else min(backends, key=backends.get)
     timed = [(c, time_fn(lambda c=c: ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl, config=c),
                          repeats=args.repeats, device=device, graph_calls=10))
@@ -160,7 +172,7 @@ def variants(call, configs, args, device):
     """Two variants of a kernel, ``call(config, True)`` and ``call(config, False)``: the relative difference of
     the first from the second (at the first config), and (ms, config) of the fastest config of each."""
     a, b = call(configs[0], True), call(configs[0], False)
-    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    err = rel_err(a, b)
     return (err, *(fastest(lambda c, f=f: call(c, f), configs, args, device) for f in (True, False)))
 
 
@@ -183,7 +195,7 @@ def run_rope(name, seqs, context, new, args, device, kv_dtype=torch.bfloat16):
         return ta.paged_attention(tp.rope(q, cos, sin), tp.rope(k, cos, sin), *inputs[2:], config=config)
 
     fused_out, unfused_out = fused(), unfused()
-    err = ((fused_out.float() - unfused_out.float()).norm() / unfused_out.float().norm()).item()
+    err = rel_err(fused_out, unfused_out)
 
     (fused_ms, _), (unfused_ms, _) = fastest(fused, configs, args, device), fastest(unfused, configs, args, device)
     return {"case": name, "kv": str(kv_dtype).removeprefix("torch."), "seqs": seqs, "context": context, "new": new,
@@ -260,7 +272,7 @@ def against_reference(call, configs, ref, label, args, device):
     replays; a config that cannot run here (resources) is printed, not fatal."""
     for config in configs:
         try:
-            err = ((call(config).float() - ref).norm() / ref.norm()).item()
+            err = rel_err(call(config), ref)
             ms = time_fn(lambda c=config: call(c), repeats=args.repeats, device=device, graph_calls=10).median_ms
         except Exception as e:  # noqa: BLE001
             print(f"  {label} {json.dumps(config)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -289,17 +301,12 @@ def run_prompt(step, page, configs, args, device):
     if len(set(new)) == 1 and not any(context):  # the SDPA baseline: equal prompts, causal, nothing cached
         qd, kd, vd = (torch.randn(len(new), h, new[0], head_dim, device=device, dtype=torch.bfloat16)
                       for h in (heads, inputs[1].shape[1], inputs[1].shape[1]))
-        for label in ("flash", "cudnn"):
-            def sdpa(b=BACKENDS[label]):
-                with sdpa_kernel(b):
-                    return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    sdpa()
-            except RuntimeError:
-                continue
-            row["sdpa_ms"][label] = time_fn(sdpa, repeats=args.repeats, device=device, graph_calls=10).median_ms
+
+        def sdpa(backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+
+        row["sdpa_ms"] = sdpa_times(sdpa, ("flash", "cudnn"), args, device)
     for config, ms, err in against_reference(call, configs, reference_output(inputs, cos, sin), step, args, device):
         print(f"  {step} {json.dumps(config)}: {ms:.4f} ms, {flops / (ms * 1e-3) / 1e12:.1f} TFLOP/s, "
               f"rel err {err:.1e}", flush=True)

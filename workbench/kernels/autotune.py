@@ -250,7 +250,8 @@ def _covers(entry: dict, candidates: list[tuple[str, dict | None, Callable]]) ->
     """Whether a cache entry has a timing for every candidate (tactic and config) in ``candidates``, measured on
     the tactic's current code (``tactic_version``)."""
     timed = {(t["tactic"], json.dumps(t["config"], sort_keys=True), t.get("version")) for t in entry["timings"]}
-    return all((name, json.dumps(config, sort_keys=True), _version(name, fn)) in timed for name, config, fn in candidates)
+    return all((name, json.dumps(config, sort_keys=True), _version(name, fn)) in timed
+               for name, config, fn in candidates)
 
 
 Timer = Callable[[Callable[[], Any], str, str, "dict | None"], float]
@@ -329,7 +330,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
             del cache.entries[key]
     todo = [k for k in seen if k not in cache.entries]
     timed = {}  # work key -> a cached key timed for that work, on the tactics' current code
-    for key, entry in cache.entries.items():
+    for key, entry in cache.entries.items() if todo else ():
         if work_key(key) not in timed and _current(entry):
             timed[work_key(key)] = key
     bar = None

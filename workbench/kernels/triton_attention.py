@@ -24,7 +24,7 @@ below the diagonal, from two fp16 buffers that ``write_kv`` fills beside the cac
 values it stores (value / scale, saturated, rounded to e4m3; fp16 holds each exactly): a 4 × 4096
 prefill over an FP8 cache otherwise gathers every key through the block table with a mask. (The
 kernel rounded them itself until the H200 showed that loop issuing 794 instructions per tile of 64
-keys, against 337 in fp16: each program re-rounded every key it saw.) Decode steps (one token per
+keys, against 341 reading fp16: each program re-rounded every key it saw.) Decode steps (one token per
 sequence) read their one new key back from the cache, in the last cached tile
 (``"NEW_FROM_CACHE": True`` in a config forces that for any step).
 
@@ -46,10 +46,11 @@ FP8 caches store value / scale, saturated and rounded to e4m3).
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
-it and, where the step's own keys are read contiguous (bf16 caches; FP8 caches in steps with prompt tokens),
-also writes them as the cache holds them to small buffers that the kernel reads instead. Both round as ``workbench.rope`` does (fp32, then once to
-the input dtype), so the results equal the rope kernels' followed by this kernel. Two launches per
-layer fewer: at batch-1 decode, a layer's attention takes 9.4 µs instead of 11.7 µs (H100).
+it and, where the step's own keys are read contiguous (bf16 caches; FP8 caches in steps with prompt
+tokens), also writes them as the cache holds them to small buffers that the kernel reads instead. Both
+round as ``workbench.rope`` does (fp32, then once to the input dtype), so the results equal the rope
+kernels' followed by this kernel. Two launches per layer fewer: at batch-1 decode, a layer's attention
+takes 9.4 µs instead of 11.7 µs (H100).
 
 Dots run in the input dtype (bf16/fp16 tensor cores) with fp32 accumulation; in fp32,
 or under the CPU interpreter (whose bf16 arithmetic is wrong), they run in fp32 (ieee). Over an
@@ -80,8 +81,6 @@ from ..errors import WorkbenchError
 from .registry import REGISTRY
 
 LOG2E = 1.4426950408889634
-#: the dtype of write_kv's copies of a prompt step's K/V over an FP8 cache (holds every e4m3 value exactly)
-OWN_KEYS_DTYPE = torch.float16
 #: KV-cache dtypes stored scaled (value / scale per layer) and read back times the scale
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
@@ -520,8 +519,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     def side_buffer(dtype):  # token-major like the graph's k/v
         return torch.empty(1, tokens, kv_heads, head_dim, dtype=dtype, device=k.device).transpose(1, 2)
 
-    k_new = side_buffer(OWN_KEYS_DTYPE) if new_e4m3 else side_buffer(k.dtype) if rope and new_from_input else None
-    v_new = side_buffer(OWN_KEYS_DTYPE) if new_e4m3 else None
+    # over an FP8 cache, fp16 copies (fp16 holds every e4m3 value; the kernel's dots run in fp16 there)
+    k_new = side_buffer(torch.float16) if new_e4m3 else side_buffer(k.dtype) if rope and new_from_input else None
+    v_new = side_buffer(torch.float16) if new_e4m3 else None
     write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_new, v_new)
     k = k if k_new is None else k_new
     v = v if v_new is None else v_new
