@@ -16,7 +16,12 @@ rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two 
            table, masked only | the diagonal tiles are masked (causal, window)
            at the ends        |
 
-A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped.
+A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped. Tiles
+that every row of a program sees whole (without a window: below the block's first query) run without
+masks in both ranges: no predicated loads, no per-key comparisons, and in pages of a multiple of BLOCK_N
+one scalar offset per tile over per-element offsets computed once. Over an FP8 cache that took a decode
+tile from 493 to 313 SASS instructions, and a 512 × 1500 decode on the H200 from 87.6% to 91.3% of copy
+bandwidth (its last tile, cut at the context's end, is the only masked one).
 With an FP8 cache, scores and outputs are multiplied by the per-layer K and V scales, and the
 step's own keys must be seen as the cache holds them (the reference sees them rounded). In steps
 with prompt tokens (more tokens than sequences) the kernel still reads them contiguous and unmasked
@@ -204,13 +209,14 @@ def _e4m3_pairs(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed, ASM: tl.constexpr):
+def _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed, MASKED: tl.constexpr,
+                  ASM: tl.constexpr):
     """``_attend`` over an FP8 cache read as int16 pairs: the head dim split into its even and odd
     elements, so that every dot operand is 16-bit (8-bit operands that must be transposed, V's, are
     gathered a byte at a time)."""
     k_e, k_o = _e4m3_pairs(k16, ASM)
     s = tl.dot(q_o, tl.trans(k_o), tl.dot(q_e, tl.trans(k_e)))
-    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, True)
+    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED)
     p = p.to(tl.float16)
     v_e, v_o = _e4m3_pairs(v16, ASM)
     acc_e = tl.dot(p, v_e, acc_e * alpha[:, None])
@@ -238,6 +244,38 @@ def _block_seq_kernel(QSL, BLOCK_SEQ, num_seqs, num_blocks, BLOCK_Q: tl.constexp
     n_q = tl.load(QSL + seq + 1) - q_begin
     q_start = (b - (q_begin // BLOCK_Q + seq)) * BLOCK_Q
     tl.store(BLOCK_SEQ + b, tl.where((q_start < n_q) & (n_q > 1), seq, -1), mask=ok)
+
+
+@triton.jit
+def _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, sc_h, DIM: tl.constexpr,
+                 BLOCK_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N of one KV head from the cache, K and V (strides in elements of KC/VC: int16
+    pairs or the cache's own dtype). When the tile lies in one page (PAGE % BLOCK_N == 0), one block-table
+    entry and one scalar offset: the per-element offsets are the same every tile, computed once. Unmasked
+    tiles load without predicates (every key exists; the head dim is a power of two)."""
+    t = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_DIM)
+    if PAGE % BLOCK_N == 0:
+        page = tl.load(BT + seq * sbt + n0 // PAGE).to(tl.int64)
+        offs = (t * sc_off)[:, None] + d[None, :]
+        start = page * sc_blk + (n0 % PAGE) * sc_off + kv_head * sc_h
+        k_ptrs = KC + start + offs
+        v_ptrs = VC + start + offs
+    else:
+        kv = n0 + t
+        page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv < cached_end, other=0).to(tl.int64)
+        offs = (page * sc_blk + (kv % PAGE) * sc_off + kv_head * sc_h)[:, None] + d[None, :]
+        k_ptrs = KC + offs
+        v_ptrs = VC + offs
+    if MASKED or DIM != BLOCK_DIM:
+        mask = ((n0 + t) < cached_end)[:, None] & (d < DIM)[None, :]
+        zero: tl.constexpr = 0 if KC.dtype.element_ty == tl.int16 else 0.0
+        k = tl.load(k_ptrs, mask=mask, other=zero)
+        v = tl.load(v_ptrs, mask=mask, other=zero)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
 
 
 @triton.jit
@@ -272,16 +310,24 @@ def _paged_attention_kernel(
             run = seq >= 0
             seq = tl.maximum(seq, 0)
         else:
-            # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock
-            lo = 0
-            hi = num_seqs
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            seq = lo - 1
+            # which sequence owns this query block: the last i with qsl[i] // BLOCK_Q + i <= qblock. First a guess,
+            # right wherever every sequence so far has one new token (qsl[i] = i: i owns blocks i + i // BLOCK_Q, and
+            # every BLOCK_Q + 1-th block is empty), checked with two independent loads; else a binary search (~10
+            # dependent loads, each an L2 round trip before the program can issue its first key load).
+            seq = num_seqs  # not found yet
+            g = tl.minimum(qblock - qblock // (BLOCK_Q + 1), num_seqs - 1)
+            if (tl.load(QSL + g) // BLOCK_Q + g <= qblock) & (qblock < tl.load(QSL + g + 1) // BLOCK_Q + g + 1):
+                seq = g
+            if seq == num_seqs:
+                lo = 0
+                hi = num_seqs
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if tl.load(QSL + mid) // BLOCK_Q + mid <= qblock:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                seq = lo - 1
         q_begin = tl.load(QSL + seq)
         n_q = tl.load(QSL + seq + 1) - q_begin
         q_start = (qblock - (q_begin // BLOCK_Q + seq)) * BLOCK_Q  # first query of this block, within the sequence
@@ -318,8 +364,6 @@ def _paged_attention_kernel(
             q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, BLOCK_D // 2, 2]))
             acc_e = tl.zeros([BLOCK_M, BLOCK_D // 2], tl.float32)
             acc_o = tl.zeros([BLOCK_M, BLOCK_D // 2], tl.float32)
-            d2 = tl.arange(0, BLOCK_D // 2)
-            d2_ok = d2 < HEAD_DIM // 2
             KC16 = KC.to(tl.pointer_type(tl.int16), bitcast=True)
             VC16 = VC.to(tl.pointer_type(tl.int16), bitcast=True)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -340,28 +384,35 @@ def _paged_attention_kernel(
             chunk = tl.cdiv(tl.cdiv(cached_end - n_start, BLOCK_N), SPLITS) * BLOCK_N
             n_start = n_start + split * chunk
             n_end = tl.minimum(n_start + chunk, cached_end)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            kv = n0 + tl.arange(0, BLOCK_N)
-            kv_ok = kv < cached_end
-            if PAGE % BLOCK_N == 0:  # the tile lies in one page: one block-table entry, loaded once
-                page = tl.load(BT + seq * sbt + n0 // PAGE).to(tl.int64)
+        # tiles that every row of the block sees whole (below its first query, inside the cached range) run
+        # without masks: no predicated loads, no per-key comparisons (a decode step's every tile but its last)
+        whole_end = n_start
+        if not HAS_WINDOW:
+            whole_end = tl.maximum(n_start + (tl.minimum(n_end, context + q_start + 1) - n_start) // BLOCK_N * BLOCK_N,
+                                  n_start)
+        for n0 in range(n_start, whole_end, BLOCK_N):
+            if PAIRS:
+                k16, v16 = _cached_tile(KC16, VC16, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // 2,
+                                        sc_off // 2, sc_h // 2, HEAD_DIM // 2, BLOCK_D // 2, PAGE, BLOCK_N, False)
+                acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, row_ok,
+                                                       False, PAIRS_ASM)
             else:
-                page = tl.load(BT + seq * sbt + kv // PAGE, mask=kv_ok, other=0).to(tl.int64)
-            base = page * sc_blk + (kv % PAGE) * sc_off + kv_head * sc_h
-            allowed = (kv[None, :] <= pos[:, None]) & kv_ok[None, :] & row_ok[:, None]
+                k, v = _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, sc_h, HEAD_DIM,
+                                    BLOCK_D, PAGE, BLOCK_N, False)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok, False, DOT_FP32)
+        for n0 in range(whole_end, n_end, BLOCK_N):
+            kv = n0 + tl.arange(0, BLOCK_N)
+            allowed = (kv[None, :] <= pos[:, None]) & (kv < cached_end)[None, :] & row_ok[:, None]
             if HAS_WINDOW:
                 allowed = allowed & (kv[None, :] > pos[:, None] - window)
             if PAIRS:
-                base16 = base // 2
-                mask16 = kv_ok[:, None] & d2_ok[None, :]
-                k16 = tl.load(KC16 + base16[:, None] + d2[None, :], mask=mask16, other=0)
-                v16 = tl.load(VC16 + base16[:, None] + d2[None, :], mask=mask16, other=0)
+                k16, v16 = _cached_tile(KC16, VC16, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // 2,
+                                        sc_off // 2, sc_h // 2, HEAD_DIM // 2, BLOCK_D // 2, PAGE, BLOCK_N, True)
                 acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed,
-                                                       PAIRS_ASM)
+                                                       True, PAIRS_ASM)
             else:
-                kv_mask = kv_ok[:, None] & d_ok[None, :]
-                k = tl.load(KC + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(VC + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                k, v = _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, sc_h, HEAD_DIM,
+                                    BLOCK_D, PAGE, BLOCK_N, True)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
         if PAIRS:
             acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_D])
@@ -433,7 +484,9 @@ CONFIGS = [
     # at 80 (some spills) 6 fit, and it reads 8% faster (0.463 against 0.505 ms, pages of 16; 88% of copy in pages of
     # 64, head-major). At 128 sequences (two waves of programs) the cap loses by 10%: the tuner decides.
     # (8 warps at 3 stages made the block-table loads asynchronous at 94 registers, and read at 49-55%: dropped.)
+    # With unmasked tiles (fewer registers live), 72 fits 7 programs: 91.3% of copy at 512 x 1500, 90.2% at 80.
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1, "maxnreg": 80},
+    {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1, "maxnreg": 72},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1, "maxnreg": 96},
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "SPLITS": 1},   # prefill
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "SPLITS": 1},
