@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=64)
     ap.add_argument("--configs", type=json.loads,
                     default=[{"BLOCK_N": n, "num_warps": w, "num_stages": s}
-                             for n, w, s in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3),
+                             for n, w, s in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
                                              (32, 4, 4))])
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
@@ -91,6 +91,10 @@ def main() -> None:
             rows.append((step, "attention " + json.dumps(cfg), ms, nbytes / ms / 1e6 / ceiling))
             print(f"  {rows[-1][0]} {rows[-1][1]}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
         for cfg in args.configs:
+            if args.page % cfg["BLOCK_N"]:
+                print(f"  skipped {cfg}: a tile must lie in one page", flush=True)
+                continue
+
             def call(cfg=cfg):
                 _paged_read_kernel[(seqs, kv_heads)](kc, vc, tables, lens, out, kc.stride(0), kc.stride(1),
                                                      kc.stride(2), tables.stride(0), PAGE=args.page,
@@ -100,7 +104,8 @@ def main() -> None:
             ms = time_fn(call, repeats=args.repeats, device=device, graph_calls=10).median_ms
             rows.append((step, "paged " + json.dumps(cfg), ms, nbytes / ms / 1e6 / ceiling))
             print(f"  {rows[-1][0]} {rows[-1][1]}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
-        flat = cache.view(-1).view(torch.int32)
+        storage = cache if cache.is_contiguous() else cache.transpose(2, 3)  # head-major: contiguous underneath
+        flat = storage.reshape(-1).view(torch.int32)
         n = flat.numel()
         for block, iters, warps in ((1024, 8, 4), (2048, 8, 8), (4096, 4, 8)):
             grid = triton.cdiv(n, block * iters)
