@@ -121,8 +121,28 @@ def main() -> None:
     for name, (count, us) in sorted(per_name.items(), key=lambda kv: -kv[1][1]):
         if count <= 3 * n:
             print(f"  {count / n:>6.1f} {us / n:>9.1f}  {name[:110]}")
+    print("largest idle gaps between kernels, summed per step by the kernels on either side:")
+    print(f"  {'count':>6} {'us':>9}  before -> after")
+    for (before_k, after_k), (count, us) in largest_gaps(kernels)[:12]:
+        print(f"  {count / n:>6.1f} {us / n:>9.1f}  {before_k[:60]} -> {after_k[:60]}")
     if args.out:
         prof.export_chrome_trace(str(args.out))
+
+
+def largest_gaps(kernels) -> list[tuple[tuple[str, str], list]]:
+    """Idle GPU time between consecutive kernels (by start), summed per (kernel before, kernel after) names,
+    largest first: where the GPU waits between a step's graph and the work around it."""
+    gaps = defaultdict(lambda: [0, 0.0])
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    end, last = None, None
+    for e in ordered:
+        if end is not None and e.time_range.start > end:
+            entry = gaps[(last, e.name)]
+            entry[0] += 1
+            entry[1] += e.time_range.start - end
+        if end is None or e.time_range.end >= end:
+            end, last = e.time_range.end, e.name
+    return sorted(gaps.items(), key=lambda kv: -kv[1][1])
 
 
 if __name__ == "__main__":
