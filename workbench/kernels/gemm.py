@@ -48,7 +48,6 @@ pruning. Tests (Triton interpreter, small shapes) and the H100 benchmark:
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
@@ -581,46 +580,6 @@ def fp8_linear_triton(x, weight, weight_scale, input_scale=None, bias=None, out_
                              _out_dtype(x, out_dtype), torch.float8_e4m3fn, torch.float8_e4m3fn, config)
 
 
-#: scales that torch._scaled_mm's row-wise path needs as tensors of M or N values, kept between calls (below)
-_UNIT_ROWS: dict = {}
-_FOLDED: dict = {}  # id(weight_scale) -> (its weakref, input_scale's weakref, both versions, the product)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _unit_rows(M: int, device) -> torch.Tensor:
-    """ones [M, 1] (fp32): the per-row scale of x when its static scale is folded into the weight's. One per M and
-    device, never made during a CUDA-graph capture (a tensor made there holds nothing until the graph is replayed)."""
-    key = (M, str(device))
-    ones = _UNIT_ROWS.get(key)
-    if ones is None:
-        ones = torch.ones(M, 1, dtype=torch.float32, device=device)
-        if not _capturing():
-            _UNIT_ROWS[key] = ones
-    return ones
-
-
-def _folded_scales(input_scale, weight_scale, sx, sw, N: int) -> torch.Tensor:
-    """input_scale · weight_scale as [1, N] (fp32), kept per weight_scale tensor until either scale changes (their
-    version counters) or is freed. With the static input scale folded into the weight's, the row-wise GEMM needs
-    no [M, 1] copy of it per call: in a decode step that copy was a kernel and a launch gap before each of the
-    3 row-wise linears of a layer (1.4 µs per call on the H200)."""
-    key, versions = id(weight_scale), (input_scale._version, weight_scale._version)
-    entry = _FOLDED.get(key)
-    if entry is not None:
-        w_ref, x_ref, kept_versions, folded = entry
-        if w_ref() is weight_scale and x_ref() is input_scale and kept_versions == versions:
-            return folded
-    folded = (sw * sx).expand(N).reshape(1, N).contiguous()
-    if not _capturing():
-        if entry is None or entry[0]() is not weight_scale:  # forget the entry when the weight scale is freed
-            weakref.finalize(weight_scale, _FOLDED.pop, key, None)
-        _FOLDED[key] = (weakref.ref(weight_scale), weakref.ref(input_scale), versions, folded)
-    return folded
-
-
 def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, out_dtype=None, config=None):
     """torch._scaled_mm: cuBLASLt with per-tensor scales, row-wise scales (CUTLASS) where x is scaled per
     token or the weight per channel. Its CUDA rules are checked on every device (the CPU kernel is laxer),
@@ -640,9 +599,7 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
     M = x2.shape[0]
     xq, sx = _quantize_x(x2, input_scale, torch.float8_e4m3fn)
     sw = _flat(weight_scale)
-    if rowwise and input_scale is not None and sx.numel() == 1:  # a static input scale, per-channel weight scales
-        scale_a, scale_b = _unit_rows(M, x.device), _folded_scales(input_scale, weight_scale, sx, sw, N)
-    elif rowwise or not x.is_cuda:  # row-wise shapes; on the CPU also ~400x faster than scalar scales
+    if rowwise or not x.is_cuda:  # row-wise shapes; on the CPU also ~400x faster than scalar scales
         scale_a, scale_b = sx.expand(M).reshape(M, 1).contiguous(), sw.expand(N).reshape(1, N).contiguous()
     else:
         scale_a, scale_b = sx.reshape(()), sw.reshape(())
