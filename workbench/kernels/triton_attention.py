@@ -360,12 +360,16 @@ def _paged_attention_kernel(
             q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         pos = context + tok  # each row's query position
 
+        # the cache as _cached_tile reads it: int16 pairs (strides and head dim halved), or its own dtype
+        KCT = KC
+        VCT = VC
+        PER: tl.constexpr = 2 if PAIRS else 1
         if PAIRS:
             q_e, q_o = tl.split(tl.reshape(q, [BLOCK_M, BLOCK_D // 2, 2]))
             acc_e = tl.zeros([BLOCK_M, BLOCK_D // 2], tl.float32)
             acc_o = tl.zeros([BLOCK_M, BLOCK_D // 2], tl.float32)
-            KC16 = KC.to(tl.pointer_type(tl.int16), bitcast=True)
-            VC16 = VC.to(tl.pointer_type(tl.int16), bitcast=True)
+            KCT = KC.to(tl.pointer_type(tl.int16), bitcast=True)
+            VCT = VC.to(tl.pointer_type(tl.int16), bitcast=True)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -391,28 +395,24 @@ def _paged_attention_kernel(
             whole_end = tl.maximum(n_start + (tl.minimum(n_end, context + q_start + 1) - n_start) // BLOCK_N * BLOCK_N,
                                   n_start)
         for n0 in range(n_start, whole_end, BLOCK_N):
+            k, v = _cached_tile(KCT, VCT, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // PER, sc_off // PER,
+                                sc_h // PER, HEAD_DIM // PER, BLOCK_D // PER, PAGE, BLOCK_N, False)
             if PAIRS:
-                k16, v16 = _cached_tile(KC16, VC16, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // 2,
-                                        sc_off // 2, sc_h // 2, HEAD_DIM // 2, BLOCK_D // 2, PAGE, BLOCK_N, False)
-                acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, row_ok,
+                acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k, v, s_scale, row_ok,
                                                        False, PAIRS_ASM)
             else:
-                k, v = _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, sc_h, HEAD_DIM,
-                                    BLOCK_D, PAGE, BLOCK_N, False)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok, False, DOT_FP32)
         for n0 in range(whole_end, n_end, BLOCK_N):
             kv = n0 + tl.arange(0, BLOCK_N)
             allowed = (kv[None, :] <= pos[:, None]) & (kv < cached_end)[None, :] & row_ok[:, None]
             if HAS_WINDOW:
                 allowed = allowed & (kv[None, :] > pos[:, None] - window)
+            k, v = _cached_tile(KCT, VCT, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // PER, sc_off // PER,
+                                sc_h // PER, HEAD_DIM // PER, BLOCK_D // PER, PAGE, BLOCK_N, True)
             if PAIRS:
-                k16, v16 = _cached_tile(KC16, VC16, BT, seq, sbt, kv_head, n0, cached_end, sc_blk // 2,
-                                        sc_off // 2, sc_h // 2, HEAD_DIM // 2, BLOCK_D // 2, PAGE, BLOCK_N, True)
-                acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed,
+                acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k, v, s_scale, allowed,
                                                        True, PAIRS_ASM)
             else:
-                k, v = _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, sc_h, HEAD_DIM,
-                                    BLOCK_D, PAGE, BLOCK_N, True)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
         if PAIRS:
             acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_D])
