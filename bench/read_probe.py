@@ -74,22 +74,25 @@ def main() -> None:
     device = "cuda"
     ceiling = copy_gbps(device)
     rows = []
+
+    def timed(step, label, fn, nbytes):  # one row: ms of fn as CUDA-graph replays, and nbytes over it against copy
+        ms = time_fn(fn, repeats=args.repeats, device=device, graph_calls=10).median_ms
+        rows.append((step, label, ms, nbytes / ms / 1e6 / ceiling))
+        print(f"  {step} {label}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
+
     for step in args.steps.split(","):
         seqs, context = map(int, step.split("x"))
         torch.manual_seed(0)
-        _, _, _, cache, _, tables, lens, _ = step_inputs([1] * seqs, [context] * seqs, device, page=args.page,
-                                                           layout="hnd")
+        q, k, v, cache, slots, tables, lens, qsl = step_inputs([1] * seqs, [context] * seqs, device, page=args.page,
+                                                               layout="hnd")
         kv_heads, head_dim = cache.shape[3], cache.shape[4]
         nbytes = 2 * seqs * (context + 1) * kv_heads * head_dim * cache.element_size()
         out = torch.empty(seqs, kv_heads, dtype=torch.int32, device=device)
         kc, vc = cache[0], cache[1]
-        q, k, v, _, slots, _, _, qsl = step_inputs([1] * seqs, [context] * seqs, device, page=args.page, layout="hnd")
-        for cfg in [ta.DECODE_CONFIG]:  # the attention kernel itself, same cache, for comparison
-            ms = time_fn(lambda: ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl, None, None, 0.05, 0.02,
-                                                    config=cfg), repeats=args.repeats, device=device,
-                         graph_calls=10).median_ms
-            rows.append((step, "attention " + json.dumps(cfg), ms, nbytes / ms / 1e6 / ceiling))
-            print(f"  {rows[-1][0]} {rows[-1][1]}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
+        # the attention kernel itself, same cache, for comparison
+        timed(step, "attention " + json.dumps(ta.DECODE_CONFIG),
+              lambda: ta.paged_attention(q, k, v, cache, slots, tables, lens, qsl, None, None, 0.05, 0.02,
+                                         config=ta.DECODE_CONFIG), nbytes)
         for cfg in args.configs:
             if args.page % cfg["BLOCK_N"]:
                 print(f"  skipped {cfg}: a tile must lie in one page", flush=True)
@@ -101,21 +104,15 @@ def main() -> None:
                                                      BLOCK_N=cfg["BLOCK_N"], D2=head_dim // 2,
                                                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                                      **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
-            ms = time_fn(call, repeats=args.repeats, device=device, graph_calls=10).median_ms
-            rows.append((step, "paged " + json.dumps(cfg), ms, nbytes / ms / 1e6 / ceiling))
-            print(f"  {rows[-1][0]} {rows[-1][1]}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
+            timed(step, "paged " + json.dumps(cfg), call, nbytes)
         storage = cache if cache.is_contiguous() else cache.transpose(2, 3)  # head-major: contiguous underneath
         flat = storage.reshape(-1).view(torch.int32)
         n = flat.numel()
         for block, iters, warps in ((1024, 8, 4), (2048, 8, 8), (4096, 4, 8)):
             grid = triton.cdiv(n, block * iters)
             sink = torch.empty(grid, dtype=torch.int32, device=device)
-            ms = time_fn(lambda: _flat_read_kernel[(grid,)](flat, sink, n, BLOCK=block, ITERS=iters, num_warps=warps),
-                         repeats=args.repeats, device=device, graph_calls=10).median_ms
-            fbytes = n * 4
-            rows.append((step, f"flat whole cache BLOCK {block} ITERS {iters} warps {warps}", ms,
-                         fbytes / ms / 1e6 / ceiling))
-            print(f"  {rows[-1][0]} {rows[-1][1]}: {ms:.4f} ms, {rows[-1][3]:.1%} of copy", flush=True)
+            timed(step, f"flat whole cache BLOCK {block} ITERS {iters} warps {warps}",
+                  lambda: _flat_read_kernel[(grid,)](flat, sink, n, BLOCK=block, ITERS=iters, num_warps=warps), n * 4)
     print(f"\n{torch.cuda.get_device_name()}; copy {ceiling:.0f} GB/s; pages of {args.page}, head-major, FP8")
     print(f"{'step':<10} {'ms':>8} {'of copy':>8}  read")
     for step, label, ms, frac in rows:
