@@ -351,7 +351,12 @@ def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):
                       timer=ReferenceWins(), progress=False)
     prefill = autotune(program, [step_inputs(program, profile.step(24))], TimingCache.open(tmp_path / "b.json"),
                        timer=PlantedTimer(), progress=False)
-    assert {t for t, _ in decode.values()} == {"reference"} and {t for t, _ in prefill.values()} == {"triton"}
+    # the reference wins every decode timing; the paged attention's reads the host (not CUDA-graph safe), so
+    # its Triton kernel is chosen all the same
+    attn = {n for n in decode if program.graph.node(n).op == "workbench.paged_attention"}
+    assert attn and {decode[n][0] for n in attn} == {"triton"}
+    assert {t for n, (t, _) in decode.items() if n not in attn} == {"reference"}
+    assert {t for t, _ in prefill.values()} == {"triton"}
     calls = []
     for op in tactic_ops():
         fn = REGISTRY.get(op).tactics["triton"]
@@ -371,7 +376,7 @@ def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):
     assert len(calls) == len(prefill)  # every tuned node ran its Triton choice once
     calls.clear()
     tuned.run(**cache.step_inputs([(0, [7])]))
-    assert calls == []  # the decode bucket runs the references
+    assert len(calls) == len(attn)  # the decode bucket runs the references, and the attention kernel
     assert paged_greedy(tuned, prompt, 6) == paged_greedy(program, prompt, 6)
     with pytest.raises(WorkbenchError, match="beyond the tuned profile"):
         tuned.run(**cache_for(program.graph, num_blocks=8).step_inputs([(0, list(range(25)))]))

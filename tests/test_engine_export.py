@@ -81,7 +81,7 @@ def test_round_trip_gives_the_workspace_program(ws, engine):
             "tokenizer/chat_template.jinja"} <= names
     e = load_engine(engine)
     same_run(e.program, load_program(ws, stage="passes"))
-    assert e.limits == EngineLimits(max_model_len=512, max_num_seqs=64, max_num_batched_tokens=2048, block_size=16,
+    assert e.limits == EngineLimits(max_model_len=512, max_num_seqs=512, max_num_batched_tokens=8192, block_size=16,
                                     kv_cache_dtype="bfloat16")
     assert e.config["hidden_size"] == 64 and e.choices is None and e.precision is None
     assert e.chat_template == TEMPLATE and e.tokenizer("the capital of france").input_ids == [2, 3, 4, 5]

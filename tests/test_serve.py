@@ -544,7 +544,7 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
     from workbench.cli import main
     from workbench.engine import export_engine
     from workbench.pipeline import capture_stage, passes_stage
-    from workbench.serve import load_served_model
+    from workbench.runnable import open_runnable
     from workbench.workspace import Workspace
 
     config = tmp_path / "config.json"
@@ -553,8 +553,9 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
     capture_stage(ws, str(config))
     passes_stage(ws)
     export_engine(ws, tmp_path / "engine")
-    from_ws = load_served_model(tmp_path / "ws", tokenizer="smollm2-135m")
-    assert from_ws.name == "ws" and from_ws.limits == {"max_model_len": 2048} and "im_start" in from_ws.chat_template
+    from_ws = open_runnable(tmp_path / "ws", tokenizer="smollm2-135m")
+    assert (from_ws.name, from_ws.kind, from_ws.stage) == ("ws", "workspace", "passes")
+    assert from_ws.limits.max_model_len == 2048 and "im_start" in from_ws.chat_template
     assert main(["serve", str(tmp_path / "nothing")]) == 2  # one line naming the problem, no traceback
     assert main(["serve", str(tmp_path / "engine"), "--tokenizer", "tiny-llama"]) == 2
     with socket.socket() as s:

@@ -53,12 +53,6 @@ def _cmd_capture(args) -> None:
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _cmd_optimize(args) -> None:
     import pandas as pd
 
@@ -82,15 +76,10 @@ def _cmd_optimize(args) -> None:
 def _cmd_tune(args) -> None:
     import collections
 
-    import torch
-
     from .kernels.profiles import OptimizationProfile
     from .pipeline import tune_stage
     from .workspace import Workspace
 
-    if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():
-        raise WorkbenchError(f"tuning times kernels on a CUDA GPU, and {args.device!r} is not one here; run "
-                             "`workbench tune` on the GPU machine (views of a saved timing cache work anywhere)")
     edges = tuple(int(e) for e in args.buckets.split(",")) if args.buckets else ()
     profile = OptimizationProfile(max_tokens=args.max_tokens, max_seqs=args.max_seqs, context=args.context,
                                   max_context=max(args.max_context, args.context), edges=edges)
@@ -146,23 +135,15 @@ def _cmd_info(args) -> None:
         print(df.to_string(index=False))
 
 
-def _program_and_tokenizer(target: str, device: str, stage: str, purpose: str):
-    """The workspace's program, its model's tokenizer and source; ``purpose`` needs real text."""
-    from .models.intake import load_tokenizer
-    from .pipeline import load_program, workspace_source
-    from .workspace import Workspace
+def _runnable(target: str, device: str, stage: str, purpose: str):
+    """What ``target`` (an engine, a workspace or a model source) runs, through ``runnable.open_runnable``;
+    ``purpose`` needs real text, so a model without a tokenizer is refused."""
+    from .runnable import open_runnable
 
-    ws = Workspace(target, create=False)
-    source = workspace_source(ws)
-    tokenizer = load_tokenizer(source)
-    if tokenizer is None:
-        raise WorkbenchError(f"this workspace's model has random weights and no tokenizer; {purpose} needs a real "
-                             "model: capture one")
-    if stage == "latest":  # tuned choices run Triton kernels: on a GPU only
-        tuned = ws.status("tune") == "ok" and device.startswith("cuda")  # a stale tune's choices may not apply
-        stage = ("tune" if tuned else "quant" if ws.record("quant") else "passes" if ws.record("passes")
-                 else "capture")
-    return load_program(ws, stage=stage, device=device), tokenizer, source
+    runnable = open_runnable(target, device=device, stage=stage, paged=False)
+    if runnable.tokenizer is None:
+        raise WorkbenchError(f"{target}'s model has random weights and no tokenizer; {purpose} needs a real model")
+    return runnable
 
 
 def _cmd_generate(args) -> None:
@@ -170,9 +151,10 @@ def _cmd_generate(args) -> None:
 
     from .runtime.paged_cache import greedy
 
-    program, tokenizer, _ = _program_and_tokenizer(args.workspace, args.device, args.stage, "generation")
+    r = _runnable(args.workspace, args.device, args.stage, "generation")
+    tokenizer = r.tokenizer
     ids = torch.tensor(tokenizer(args.prompt).input_ids)
-    new = greedy(program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
+    new = greedy(r.program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(new))
 
 
@@ -183,13 +165,15 @@ def _cmd_eval(args) -> None:
     from .models.intake import load_model
     from .runtime.paged_cache import logits_fn
 
-    program, tokenizer, source = _program_and_tokenizer(args.workspace, args.device, args.stage, "perplexity")
-    ids = torch.tensor(tokenizer(dataset_text(args.dataset)).input_ids)
+    r = _runnable(args.workspace, args.device, args.stage, "perplexity")
+    ids = torch.tensor(r.tokenizer(dataset_text(args.dataset)).input_ids)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
-    fns = {"workbench graph": logits_fn(program)}
+    fns = {f"workbench {r.stage}": logits_fn(r.program)}
     if args.reference:
-        fns["transformers"] = hf_logits(load_model(source, device=args.device).model)
+        if r.source is None:
+            raise WorkbenchError(f"{args.workspace} does not record the model it came from; --reference needs it")
+        fns["transformers"] = hf_logits(load_model(r.source, device=str(r.device)).model)
     for label, fn in fns.items():
         r = perplexity(fn, ids, window=args.window, stride=args.stride, progress=True)
         print(f"{label:>16}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.windows} windows)")
@@ -228,16 +212,23 @@ def _cmd_serve(args) -> None:
 
     serve(args.path, host=args.host, port=args.port, device=args.device, tokenizer=args.tokenizer,
           model_name=args.model_name, max_pending=args.max_pending, num_blocks=args.num_blocks,
-          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-          max_model_len=args.max_model_len, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+          memory_fraction=args.memory_fraction, max_num_seqs=args.max_num_seqs,
+          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _add_device_arg(s, what: str) -> None:
+    s.add_argument("--device", default="auto", help=f"{what}: auto (the default: cuda when there is a GPU, else cpu), "
+                   "cpu, cuda or cuda:N")
 
 
 def _add_limit_args(s) -> None:
     s.add_argument("--max-model-len", type=int,
                    help="longest sequence, prompt and output (default: the model's context)")
-    s.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default: the tuned profile's, or 64)")
+    s.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default: the engine's, "
+                   "or 512)")
     s.add_argument("--max-num-batched-tokens", type=int,
-                   help="most tokens in one step (default: the tuned profile's, or 2048)")
+                   help="most tokens in one step (default: the engine's, or 8192)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--passes", help="comma-separated passes to run, in order (default: the standard pipeline)")
     s.add_argument("--skip", help="comma-separated passes to leave out")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
-    s.add_argument("--device", default="cuda" if _cuda() else "cpu",
-                   help="where each pass's numeric check runs (default: cuda when there is a GPU)")
+    _add_device_arg(s, "where each pass's numeric check runs")
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16; 64 decodes an FP8 cache "
                                                      "about 6%% faster on the H200, see BENCHMARKS.md)")
     s.set_defaults(fn=_cmd_optimize)
@@ -278,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, default=1024, help="context length decode steps are tuned at")
     s.add_argument("--max-context", type=int, default=4096)
     s.add_argument("--buckets", help="comma-separated token-count bucket edges (default: 1,4,16,... up to max-tokens)")
-    s.add_argument("--device", default="cuda")
+    _add_device_arg(s, "the GPU to tune on")
     s.add_argument("--top-k", type=int, help="time only the N configs a tactic's cost model ranks best (GEMMs); "
                    "default: every config that fits")
     s.add_argument("--reset-cache", action="store_true", help="discard the workspace's timing cache and time afresh")
@@ -300,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
     s.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512 on a GPU, 256 on a CPU)")
     s.add_argument("--observer", default="max", choices=["max", "percentile", "mse", "entropy"])
-    s.add_argument("--device", default="cpu")
+    _add_device_arg(s, "where calibration runs")
     s.add_argument("--auto", type=float, metavar="BUDGET",
                    help="choose the plan: each group's sensitivity to --format, then the most groups in --format whose "
                         "verified perplexity increase stays within BUDGET %% (groups --plan marks edited are kept)")
@@ -313,23 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workspace", type=Path)
     s.set_defaults(fn=_cmd_info)
 
-    s = sub.add_parser("generate", help="greedy-decode a prompt with the workspace's captured graph")
-    s.add_argument("workspace", type=Path)
+    s = sub.add_parser("generate", help="greedy-decode a prompt with an engine, a workspace's graph or a model")
+    s.add_argument("workspace", metavar="target", help="an engine directory, a workspace or a model source")
     s.add_argument("prompt")
     s.add_argument("--max-tokens", type=int, default=32)
-    s.add_argument("--device", default="cpu")
+    _add_device_arg(s, "where the graph runs")
     s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
-                   help="which graph to run (default: the latest stage that has run; tuned choices on a GPU only)")
+                   help="a workspace's graph to run (default: the latest up-to-date stage; tuned choices on a GPU only)")
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("eval", help="perplexity of the captured graph on a dataset")
-    s.add_argument("workspace", type=Path)
-    s.add_argument("--dataset", default="evaluation")
+    s = sub.add_parser("eval", help="perplexity of an engine, a workspace's graph or a model on a text set")
+    s.add_argument("workspace", metavar="target", help="an engine directory, a workspace or a model source")
+    s.add_argument("--dataset", default="evaluation",
+                   help="a text set of datasets/ by name (evaluation, calibration) or a text file's path")
     s.add_argument("--window", type=int, default=512)
     s.add_argument("--stride", type=int, default=256)
     s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
-    s.add_argument("--device", default="cpu")
+    _add_device_arg(s, "where the graph runs")
     s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"])
     s.set_defaults(fn=_cmd_eval)
 
@@ -358,21 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1)")
     s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
     s.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    s.add_argument("--device", help="calibration and tuning device (default: cuda when there is a GPU)")
+    _add_device_arg(s, "calibration and tuning device")
     _add_limit_args(s)
     s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand")
     s.set_defaults(fn=_cmd_build)
 
-    s = sub.add_parser("serve", help="serve an engine directory (or a workspace) over an OpenAI-compatible HTTP API")
-    s.add_argument("path", type=Path, help="an engine directory (engine.json) or a workspace")
+    s = sub.add_parser("serve", help="serve an engine directory (or a workspace, or a model) over an OpenAI-compatible "
+                                     "HTTP API")
+    s.add_argument("path", help="an engine directory (engine.json), a workspace or a model source")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--device", default="cpu")
+    _add_device_arg(s, "where the engine runs")
     s.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     s.add_argument("--tokenizer", help="a model directory or name whose tokenizer to use (e.g. for random weights)")
     s.add_argument("--max-pending", type=int, default=256,
                    help="most unfinished requests; more are answered 429 (default 256)")
-    s.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: the engine's, or 256)")
+    s.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: what --memory-fraction of the GPU's free "
+                   "memory holds; a fixed 256 MiB on the CPU)")
+    s.add_argument("--memory-fraction", type=float, help="share of the GPU's free memory, once the weights are "
+                   "loaded, that the KV cache takes (default 0.9)")
     _add_limit_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device
 from .errors import WorkbenchError
 from .graph.capture import Captured, capture
 from .graph.executor import Program, resolve_params
@@ -65,8 +66,9 @@ def graph_weights(graph: Graph, source: ModelSource, *, device: str | torch.devi
 
 
 def program_for(graph: Graph, constants: dict[str, torch.Tensor], source: ModelSource, *,
-                device: str | torch.device = "cpu") -> Program:
-    """Bind a graph (captured or optimized) to the source's weights on ``device``."""
+                device: str | torch.device = "auto") -> Program:
+    """Bind a graph (captured or optimized) to the source's weights on ``device`` ("auto": the GPU when there is one)."""
+    device = resolve_device(device)
     base = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
     return Program(graph, resolve_params(graph, base), device=device)
 
@@ -100,7 +102,7 @@ def workspace_source(ws: Workspace) -> ModelSource:
 
 
 def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool = False,
-                 device: str | torch.device = "cpu", kv_block_size: int | None = None):
+                 device: str | torch.device = "auto", kv_block_size: int | None = None):
     """`workbench optimize`: run graph passes on the captured graph into ``ws/passes``; each pass's numeric
     check runs on ``device`` (a GPU makes an 8B model's checks seconds instead of minutes on the CPU).
     ``kv_block_size``: tokens per KV-cache block of the paged graph (default: the paged pass's, 16).
@@ -109,6 +111,7 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     from .graph.passes import DEFAULT_PIPELINE, run_passes
 
     names = list(DEFAULT_PIPELINE if names is None else names)
+    device = resolve_device(device)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")
     settings = {"passes": names}  # the stage record's params (a build compares kv_block_size with them)
@@ -126,7 +129,7 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
 
 
 def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "bf16", samples: int | None = None,
-                seq_len: int | None = None, observer: str = "max", device: str | torch.device = "cpu",
+                seq_len: int | None = None, observer: str = "max", device: str | torch.device = "auto",
                 force: bool = False, progress: bool = True, auto_budget: float | None = None,
                 probe_tokens: int = 2048, **options):
     """`workbench quantize`: calibrate the optimized graph and apply a precision plan into ``ws/quant``.
@@ -147,6 +150,7 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     from .quant.calibrate import default_sizes
     from .quant.plan import model_fingerprint
 
+    device = resolve_device(device)
     source = workspace_source(ws)
     program = load_program(ws, stage="passes", device=device)
     graph = program.graph
@@ -238,7 +242,7 @@ def _lm_head_weight(graph) -> str:
     return groups["lm_head"].weights[0]
 
 
-def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", timer=None, reset: bool = False,
+def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", timer=None, reset: bool = False,
                force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto"):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
 
@@ -253,6 +257,10 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", t
     configs a tactic's cost model ranks best (see ``autotune``)."""
     from .kernels.autotune import TimingCache, autotune_profile
 
+    device = resolve_device(device)
+    if device.type != "cuda" and timer is None:
+        raise WorkbenchError(f"tuning times kernels on a CUDA GPU, and this runs on {device.type!r}; run "
+                             "`workbench tune` on the GPU machine (views of a saved timing cache work anywhere)")
     if graph == "auto":
         graph = "quant" if ws.status("quant") == "ok" else "passes"
     if graph not in ("passes", "quant"):
@@ -268,7 +276,7 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "cuda", t
     return tuned
 
 
-def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "cpu") -> Program:
+def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.device = "auto") -> Program:
     """A runnable program for the workspace's graph of ``stage``, weights read from the model source
     (``stage="quant"``: the quantized graph, its quantized weights from the stage). ``stage="tune"`` is the
     graph that was tuned (optimized or quantized) running the autotuner's choices (a CUDA device)."""

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over ``AsyncLLMEngine`` (HTTP only; logic lives in runtime).
 
-    workbench serve ws/ --host 127.0.0.1 --port 8000           # a workspace or an engine directory
+    workbench serve engine/ --host 127.0.0.1 --port 8000       # an engine directory, a workspace or a model
     app = create_app(AsyncLLMEngine(LLMEngine(program, tokenizer)), model_name="smollm2", chat_template=tpl)
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,107 +166,35 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-# ---- loading what to serve ------------------------------------------------------------------------------------
-
-@dataclass
-class ServedModel:
-    program: Any
-    tokenizer: Any
-    chat_template: str | None
-    name: str
-    limits: dict[str, Any] = field(default_factory=dict)  # max_model_len, max_num_seqs, num_blocks, ... when known
-
-
-def load_served_model(path: str | Path, *, device: str = "cpu", tokenizer: str | None = None) -> ServedModel:
-    """What ``workbench serve PATH`` runs: an engine directory (``PATH/engine.json``) through
-    ``workbench.engine.load_engine``, else a workspace's latest graph as ``LLM(workspace)`` loads it.
-    ``tokenizer`` (a model directory or name) replaces the model's own, e.g. for a random-weight model."""
-    path = Path(path)
-    name = path.resolve().name
-    tok = _load_tokenizer(tokenizer) if tokenizer else None
-    if (path / "engine.json").is_file():
-        from .engine import load_engine
-
-        loaded = load_engine(path, device=device)
-        tok = tok or loaded.tokenizer
-        template = (getattr(loaded, "chat_template", None) if tokenizer is None else None) or _template_of(tok)
-        return ServedModel(loaded.program, tok, template, name, _as_dict(getattr(loaded, "limits", None)))
-    from .models.intake import load_tokenizer
-    from .pipeline import load_program, workspace_source
-    from .workspace import Workspace
-
-    if not path.is_dir():
-        raise WorkbenchError(f"{path} is neither an engine directory (engine.json) nor a workspace")
-    ws = Workspace(path, create=False)
-    if ws.record("passes") is None:
-        raise WorkbenchError(f"{path} has no optimized graph to serve; run `workbench optimize {path}` first")
-    stage = ("tune" if ws.status("tune") == "ok" and str(device).startswith("cuda") else
-             "quant" if ws.status("quant") == "ok" else "passes")
-    program = load_program(ws, stage=stage, device=device)
-    tok = tok or load_tokenizer(workspace_source(ws))
-    config = program.graph.meta.get("config") or {}
-    limits = {"max_model_len": config["max_position_embeddings"]} if config.get("max_position_embeddings") else {}
-    return ServedModel(program, tok, _template_of(tok), name, limits)
-
-
-def _load_tokenizer(spec: str):
-    from .models.intake import load_tokenizer, resolve_source
-
-    if (Path(spec) / "tokenizer.json").is_file() or (Path(spec) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer  # a directory of tokenizer files alone (no weights needed)
-
-        return AutoTokenizer.from_pretrained(spec)
-    tok = load_tokenizer(resolve_source(spec, fetch=False))
-    if tok is None:
-        raise WorkbenchError(f"{spec!r} has random weights and no tokenizer; give a model directory or name with one")
-    return tok
-
-
-def _template_of(tokenizer) -> str | None:
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    return template if isinstance(template, str) else None
-
-
-def _as_dict(limits) -> dict[str, Any]:
-    if limits is None:
-        return {}
-    if isinstance(limits, dict):
-        return dict(limits)
-    return asdict(limits) if is_dataclass(limits) else dict(vars(limits))
-
-
-def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           tokenizer: str | None = None, model_name: str | None = None, max_pending: int = 256,
-          num_blocks: int | None = None, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-          max_model_len: int | None = None, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
-    """Load ``path``, start the engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``)."""
+          num_blocks: int | None = None, memory_fraction: float | None = None, max_num_seqs: int | None = None,
+          max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
+          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``), start the
+    engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``). The runtime's limits are the
+    engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
+    of the GPU's free memory holds (the capacity planner)."""
     import uvicorn
 
+    from .runnable import open_runnable
+    from .runtime.capacity import DEFAULT_MEMORY_FRACTION
     from .runtime.engine import LLMEngine
-    from .runtime.scheduler import SchedulerConfig
 
-    served = load_served_model(path, device=device, tokenizer=tokenizer)
+    served = open_runnable(path, device=device, tokenizer=tokenizer)
     if served.tokenizer is None:
         print(f"workbench serve: {path} has no tokenizer: prompts must be token ids and outputs have no text; "
               "give --tokenizer MODEL for text", file=sys.stderr)
-    limits = served.limits
-    sched = {"max_num_seqs": max_num_seqs or limits.get("max_num_seqs"),
-             "max_num_batched_tokens": max_num_batched_tokens or limits.get("max_num_batched_tokens")}
-    num_blocks = num_blocks or limits.get("num_blocks")
-    if num_blocks is None and str(device).startswith("cuda"):  # what 85% of the free memory holds
-        from .runtime.capacity import KVLayout, device_memory, plan_capacity
-
-        free, _ = device_memory(device)
-        n = max_model_len or limits.get("max_model_len") or 2048
-        plan = plan_capacity(KVLayout.from_graph(served.program.graph), memory_bytes=free, fraction=0.85,
-                             prompt_len=n // 2, output_len=n - n // 2)
-        print(f"workbench serve: {plan.summary()}", file=sys.stderr)
-        num_blocks = plan.num_blocks
-    engine = LLMEngine(served.program, served.tokenizer, num_blocks=num_blocks or 256,
-                       config=SchedulerConfig(**{k: v for k, v in sched.items() if v}),
-                       max_model_len=max_model_len or limits.get("max_model_len"))
-    aengine = AsyncLLMEngine(engine, max_pending=max_pending,
-                             max_model_len=max_model_len or limits.get("max_model_len"))
+    limits = served.limits.narrowed(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                    max_num_batched_tokens=max_num_batched_tokens, fixed=served.kind == "engine")
+    engine = LLMEngine(served.program, served.tokenizer, num_blocks=num_blocks, limits=limits,
+                       memory_fraction=memory_fraction or DEFAULT_MEMORY_FRACTION)
+    for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
+        print(f"workbench serve: {line}", file=sys.stderr, flush=True)
+    print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}); max_model_len "
+          f"{limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens "
+          f"{limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
+    aengine = AsyncLLMEngine(engine, max_pending=max_pending, max_model_len=limits.max_model_len)
     app = create_app(aengine, model_name=model_name or served.name, chat_template=served.chat_template,
                      shutdown_timeout=shutdown_timeout)
 
@@ -293,4 +220,4 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
         aengine.shutdown(0)  # a no-op after the lifespan's shutdown; stops the thread if startup failed
 
 
-__all__ = ["ApiError", "ServedModel", "create_app", "load_served_model", "serve"]
+__all__ = ["ApiError", "create_app", "serve"]

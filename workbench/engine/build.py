@@ -42,7 +42,7 @@ class BuildOptions:
     max_num_batched_tokens: int | None = None
     samples: int | None = None       # calibration sequences (default: quant_stage's for the device)
     seq_len: int | None = None
-    device: str | None = None        # calibration and tuning device; None: "cuda" when there is a GPU
+    device: str = "auto"             # calibration and tuning device; "auto": the GPU when there is one
     tune: bool | None = None         # None: tune when a GPU is present
     kv_block_size: int | None = None # tokens per KV-cache block; None: the paged pass's default (16)
     force: bool = False              # re-run stages whose artifacts were edited by hand
@@ -57,7 +57,9 @@ class BuildOptions:
                                  "tuning, then re-run the build on the GPU machine")
 
     def _device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from ..device import resolve_device
+
+        return str(resolve_device(self.device))
 
     @property
     def limits(self) -> dict[str, int | None]:
@@ -133,8 +135,7 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     # 4. tuning ---------------------------------------------------------------------------------------------
     config = Graph.loads(ws.path("capture", "graph.json").read_text()).meta.get("config", {})
     max_len = options.max_model_len or int(config.get("max_position_embeddings") or 8192)
-    profile = OptimizationProfile(max_tokens=options.max_num_batched_tokens or 2048,
-                                  max_seqs=options.max_num_seqs or 64, context=min(1024, max_len), max_context=max_len)
+    profile = build_profile(options, max_len)
     if do_tune:
         rec = ws.record("tune")
         same = rec is not None and rec["params"].get("profile") == profile.to_json() and \
@@ -161,6 +162,25 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     log(f"engine {out}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
         f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}")
     return out
+
+
+def build_profile(options: BuildOptions, max_model_len: int):
+    """The optimization profile a build tunes: the engine's limits (default: ``format.DEFAULT_MAX_NUM_SEQS`` and
+    ``DEFAULT_MAX_NUM_BATCHED_TOKENS``), decode steps tuned at 1024 tokens of context. Its buckets are powers of
+    four below ``max_num_seqs``, ``max_num_seqs`` itself (so a full decode step runs choices tuned on decodes
+    alone, not on a mixed step) and ``max_num_batched_tokens`` (a full step of prompt chunks and decodes)."""
+    from ..kernels.profiles import OptimizationProfile
+    from .format import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+
+    tokens = options.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    seqs = min(options.max_num_seqs or DEFAULT_MAX_NUM_SEQS, tokens)
+    edges, e = [], 1
+    while e < seqs:
+        edges.append(e)
+        e *= 4
+    edges = sorted({*edges, seqs, tokens})
+    return OptimizationProfile(max_tokens=tokens, max_seqs=seqs, context=min(1024, max_model_len),
+                               max_context=max_model_len, edges=tuple(edges))
 
 
 def _up_to_date(ws: Workspace, stage: str, same_settings: bool) -> str | None:

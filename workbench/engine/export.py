@@ -1,6 +1,6 @@
 """Export a workspace's optimized (quantized, tuned) graph and its weights as a self-contained engine directory.
 
-    export_engine("ws/", "engine/")                                   # the latest stage: tune, else quant, else passes
+    export_engine("ws/", "engine/")                                   # the latest up-to-date stage: tune, quant, passes
     export_engine(ws, "engine/", stage="quant", limits={"max_model_len": 4096})
 
 The engine needs neither the workspace nor the original checkpoint: weights are written as the graph
@@ -30,25 +30,16 @@ from ..workspace import Workspace, atomic_write, environment, sha256_file
 from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, TOKENIZER_DIR, WEIGHTS, EngineLimits,
                      is_engine_dir)
 
-#: Stages an engine can be exported from, newest first ("latest" takes the first that has run).
+#: Stages an engine can be exported from, newest first ("latest" takes the newest that is up to date).
 EXPORTABLE = ("tune", "quant", "passes")
-
-
-def latest_stage(ws: Workspace) -> str:
-    """The newest stage that has run: tune, else quant, else passes."""
-    for stage in EXPORTABLE:
-        if ws.record(stage) is not None:
-            return stage
-    raise WorkbenchError(f"{ws.root} has no optimized graph to export; run `workbench optimize {ws.root}` first "
-                         "(and optionally `workbench quantize` and `workbench tune`)")
 
 
 def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "latest",
                   limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
 
-    ``stage``: "latest" (tune if it ran, else quant, else passes), or one of those by name; it must be up to
-    date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
+    ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``runnable.latest_stage``), or one of
+    those by name; it must be up to date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
     max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
     ``force``: re-record the export even if ``ws/export`` was edited by hand."""
     from ..kernels.autotune import TimingCache, TunedChoices
@@ -59,7 +50,9 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
     ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)
     out = Path(out)
     if stage == "latest":
-        stage = latest_stage(ws)
+        from ..runnable import latest_stage
+
+        stage = latest_stage(ws)  # on any device: the engine carries the tuned choices for the GPU they fit
     if stage not in EXPORTABLE:
         raise WorkbenchError(f"cannot export the {stage!r} stage; export one of {', '.join(EXPORTABLE)} (the captured "
                              f"graph has no paged KV cache: run `workbench optimize {ws.root}`)")

@@ -56,6 +56,14 @@ def older(installed: str, required: str) -> bool:
     return a + (0,) * (width - len(a)) < b + (0,) * (width - len(b))
 
 
+#: The runtime's defaults where nothing was tuned or asked for: as many sequences and tokens per step as the
+#: serving engines default to on an 80 GB GPU (vLLM: 8192 batched tokens; TensorRT-LLM: max_num_tokens 8192), so
+#: that offline throughput is not capped by the limits (an 8B FP8 model holds about 500 requests of 2000 tokens
+#: in an H100's KV cache). The KV cache, not these, bounds what runs at once on a smaller GPU.
+DEFAULT_MAX_NUM_SEQS = 512
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What the runtime may ask of the engine: the longest sequence (prompt + output), the most sequences
@@ -92,9 +100,9 @@ class EngineLimits:
                                      "cache dtype by the precision plan (--kv-cache)")
         context = int(graph.meta.get("config", {}).get("max_position_embeddings") or 8192)
         limits = cls(max_model_len=overrides.get("max_model_len", context),
-                     max_num_seqs=overrides.get("max_num_seqs", profile.max_seqs if profile else 64),
+                     max_num_seqs=overrides.get("max_num_seqs", profile.max_seqs if profile else DEFAULT_MAX_NUM_SEQS),
                      max_num_batched_tokens=overrides.get("max_num_batched_tokens",
-                                                          profile.max_tokens if profile else 2048),
+                                                          profile.max_tokens if profile else DEFAULT_MAX_NUM_BATCHED_TOKENS),
                      block_size=int(paged["block_size"]), kv_cache_dtype=str(paged["dtype"]))
         if limits.max_model_len > context:
             raise WorkbenchError(f"engine limits: max_model_len {limits.max_model_len} is beyond the model's context "
@@ -109,6 +117,27 @@ class EngineLimits:
                                  f"the tuned profile's max_tokens ({profile.max_tokens}): steps that large have no "
                                  "tuned kernels; give at most that, or tune a profile with a larger --max-tokens")
         return limits
+
+    def narrowed(self, *, fixed: bool = True, **overrides: int | None) -> "EngineLimits":
+        """These limits with ``overrides`` (max_model_len, max_num_seqs, max_num_batched_tokens; None keeps one).
+        With ``fixed`` (an engine's limits: what it was built and tuned for) a limit may only be lowered; else
+        (a workspace's or a model's defaults) any positive value is taken, max_model_len up to the model's
+        context."""
+        from dataclasses import replace
+
+        known = {"max_model_len", "max_num_seqs", "max_num_batched_tokens"}
+        unknown = set(overrides) - known
+        if unknown:
+            raise WorkbenchError(f"unknown runtime limit(s) {', '.join(sorted(unknown))}; limits: {', '.join(sorted(known))}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        for k, v in changes.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise WorkbenchError(f"{k} must be an integer >= 1, got {v!r}")
+            if fixed and v > getattr(self, k):
+                flag = "--" + k.replace("_", "-")
+                raise WorkbenchError(f"{k} {v} is beyond this engine's {getattr(self, k)}, what it was built for; "
+                                     f"give at most that, or rebuild it with `workbench build ... {flag} {v}`")
+        return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

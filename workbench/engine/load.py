@@ -1,6 +1,6 @@
 """Load an engine directory: verify it, then bind its graph to its weights on a device.
 
-    engine = load_engine("engine/")                      # CPU, default kernels
+    engine = load_engine("engine/")                      # the GPU when there is one ("auto"), else the CPU
     engine = load_engine("engine/", device="cuda")       # the tuned kernels, on the GPU they were tuned on
     engine = load_engine("engine/", device="cuda", retune=True)   # re-tune for this GPU (timings cached)
     engine.program, engine.tokenizer, engine.chat_template, engine.config, engine.limits, engine.manifest
@@ -88,7 +88,7 @@ def read_engine(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], bytes
     return manifest, info, raw
 
 
-def load_engine(path: str | Path, *, device: str | torch.device = "cpu", retune: bool = False,
+def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune: bool = False,
                 progress: bool = True) -> Engine:
     """Verify and load the engine at ``path`` onto ``device`` (see the module docstring)."""
     from safetensors.torch import load_file
@@ -97,7 +97,9 @@ def load_engine(path: str | Path, *, device: str | torch.device = "cpu", retune:
     from ..graph.ir import Graph
     from ..kernels.autotune import TunedChoices
 
-    path, device = Path(path), torch.device(device)
+    from ..device import resolve_device
+
+    path, device = Path(path), resolve_device(device)
     if retune and device.type != "cuda":
         raise WorkbenchError("retune=True times kernels on a CUDA GPU, and this engine is being loaded on "
                              f"{device.type!r}; load with device='cuda' on the GPU machine, or without retune to "

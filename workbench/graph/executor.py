@@ -19,26 +19,37 @@ import torch
 
 from ..errors import WorkbenchError
 from ..kernels.autotune import TunedChoices
-from ..kernels.registry import REGISTRY, OpRegistry
+from ..kernels.registry import REFERENCE, REGISTRY, OpRegistry
 from .ir import Graph, Ref, dtype_from_name
+
+#: ``Program(tactics=DEFAULTS)``: each op's GPU default (``OpDef.default_impl``) where no choice names one
+DEFAULTS = "defaults"
 
 
 class Program:
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY,
                  tactics: str | Mapping[str, str] | None = None,
-                 choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None) -> None:
-        """``tactics`` picks implementations: None runs every op's reference; a name (``"triton"``)
-        runs that tactic wherever an op has it; a mapping op name -> tactic name chooses per op.
-        ``choices`` (from the autotuner) names a tactic and config per node, and wins over ``tactics``:
-        one mapping for every step, or ``TunedChoices`` with one mapping per shape bucket, the bucket
-        picked by each step's token count."""
+                 choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None,
+                 graph_safe: bool = False) -> None:
+        """``tactics`` picks implementations: None runs every op's reference; ``DEFAULTS`` ("defaults") runs
+        each op's GPU default (the first of its ``gpu_defaults`` that is graph-safe and supports the node's
+        shapes, else the reference); another name (``"triton"``) runs that tactic wherever an op has it; a
+        mapping op name -> tactic name chooses per op. ``choices`` (from the autotuner) names a tactic and
+        config per node, and wins over ``tactics``: one mapping for every step, or ``TunedChoices`` with one
+        mapping per shape bucket, the bucket picked by each step's token count.
+
+        ``graph_safe``: a node whose implementation so chosen may not be captured in a CUDA graph runs its
+        op's GPU default instead (when that is graph-safe); ``notes`` says which and why, one line each, and
+        ``unsafe_nodes(tokens)`` lists what is left unsafe (a step of those runs eagerly)."""
         self.graph = graph
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
         self.tuned = choices if isinstance(choices, TunedChoices) else None
+        self.graph_safe = graph_safe
+        self.notes: list[str] = []
         per_bucket = self.tuned.choices if self.tuned else [dict(choices or {})]
-        if tactics is not None or any(t != "reference" for c in per_bucket for t, _ in c.values()):
+        if tactics is not None or graph_safe or any(t != REFERENCE for c in per_bucket for t, _ in c.values()):
             import os
 
             if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
@@ -48,6 +59,10 @@ class Program:
 
             tactic_ops()  # registers the Triton tactics
         self.tactics = tactics
+        self._registry = registry
+        self._specs = self._sizes = None  # static specs for tactics' ``supports`` (built on first use)
+        self._names: list[dict[str, str]] = []  # per plan: node -> the implementation it runs
+        self._unsafe: list[list[str]] = []  # per plan: nodes whose implementation is not graph-safe
         self._plans = [self._plan(registry, c) for c in per_bucket]
         self._steps = self._plans[0]
 
@@ -55,25 +70,90 @@ class Program:
         """The same graph and weights, running the autotuner's choices (per node, or ``TunedChoices``)."""
         return Program(self.graph, self.params, device=self.device, choices=choices)
 
-    def _impl(self, registry: OpRegistry, op: str, node: str, choices: Mapping) -> Callable:
-        opdef = registry.get(op)
-        if node in choices:
-            tactic, config = choices[node]
-            if tactic == "reference":
-                return opdef.reference
-            if tactic not in opdef.tactics:
-                raise WorkbenchError(f"node {node!r} was tuned to tactic {tactic!r}, which op {op!r} does not have")
-            return functools.partial(opdef.tactics[tactic], config=config) if config else opdef.tactics[tactic]
+    def for_gpu_steps(self) -> "Program":
+        """The program a GPU runtime runs: its tuned choices where they are graph-safe, each op's GPU default
+        everywhere else (an untuned graph, a node the tuning left out, a choice a CUDA graph cannot capture)."""
+        return Program(self.graph, self.params, device=self.device, registry=self._registry, tactics=DEFAULTS,
+                       choices=self.tuned, graph_safe=True)
+
+    def unsafe_nodes(self, tokens: int | None = None) -> list[str]:
+        """Nodes whose implementation may not be captured in a CUDA graph, in the plan a step of ``tokens``
+        tokens runs (None: any plan)."""
+        if tokens is None or self.tuned is None:
+            return sorted({n for u in self._unsafe for n in u})
+        return list(self._unsafe[self.tuned.bucket(tokens)])
+
+    def implementations(self, tokens: int | None = None) -> dict[str, str]:
+        """node -> the implementation it runs ("reference" or a tactic name) in the plan of a step of
+        ``tokens`` tokens (the first plan when untuned or None)."""
+        i = self.tuned.bucket(tokens) if self.tuned is not None and tokens is not None else 0
+        return dict(self._names[i])
+
+    def _choose(self, opdef, node, choices: Mapping) -> tuple[str, dict | None]:
+        """(implementation name, config) for ``node`` before the graph-safety rule."""
+        if node.name in choices:
+            tactic, config = choices[node.name]
+            if tactic != REFERENCE and tactic not in opdef.tactics:
+                raise WorkbenchError(f"node {node.name!r} was tuned to tactic {tactic!r}, which op {opdef.name!r} "
+                                     "does not have")
+            return tactic, config
         if self.tactics is None:
-            return opdef.reference
+            return REFERENCE, None
+        if self.tactics == DEFAULTS:
+            name, notes = opdef.default_impl(*self._meta_args(node))
+            self._note(node, notes)
+            return name, None
         if isinstance(self.tactics, str):
-            return opdef.tactics.get(self.tactics, opdef.reference)
-        name = self.tactics.get(op)
+            return (self.tactics if self.tactics in opdef.tactics else REFERENCE), None
+        name = self.tactics.get(opdef.name)
         if name is None:
-            return opdef.reference
+            return REFERENCE, None
         if name not in opdef.tactics:
-            raise WorkbenchError(f"op {op!r} has no tactic {name!r}; it has: {', '.join(opdef.tactics) or 'none'}")
-        return opdef.tactics[name]
+            raise WorkbenchError(f"op {opdef.name!r} has no tactic {name!r}; it has: "
+                                 f"{', '.join(opdef.tactics) or 'none'}")
+        return name, None
+
+    def _impl(self, registry: OpRegistry, node, choices: Mapping) -> tuple[str, Callable]:
+        opdef = registry.get(node.op)
+        name, config = self._choose(opdef, node, choices)
+        if self.graph_safe and not opdef.is_graph_safe(name):
+            safe, notes = opdef.default_impl(*self._meta_args(node))
+            self._note(node, notes)
+            if opdef.is_graph_safe(safe):
+                self._note(node, [f"{opdef.name}: {name} is not CUDA-graph safe, running {safe}"])
+                name, config = safe, None
+        fn = opdef.reference if name == REFERENCE else opdef.tactics[name]
+        return name, (functools.partial(fn, config=config) if config and name != REFERENCE else fn)
+
+    def _note(self, node, notes: list[str]) -> None:
+        for line in notes:
+            if line not in self.notes:  # one line per distinct reason, not per layer
+                self.notes.append(line)
+
+    def _meta_args(self, node) -> tuple[tuple, dict]:
+        """The node's arguments as meta tensors of its static shapes (symbolic dims at a small size): what a
+        tactic's ``supports`` reads."""
+        if self._specs is None:
+            self._specs = self.graph.specs()
+            self._sizes = {d: max(r.get("min", 1), min(16, r.get("max", 16))) for d, r in self.graph.dims.items()}
+
+        def meta(v):
+            if isinstance(v, Ref):
+                spec = self._specs.get(v.name)
+                if spec is None:
+                    return None
+                try:
+                    shape = spec.concrete_shape(self._sizes)
+                except Exception:  # noqa: BLE001 - a dim this cannot size: the tactic sees no shape
+                    return None
+                return torch.empty(shape, dtype=dtype_from_name(spec.dtype), device="meta")
+            if isinstance(v, list):
+                return [meta(x) for x in v]
+            if isinstance(v, dict):
+                return {k: meta(x) for k, x in v.items()}
+            return v
+
+        return tuple(meta(a) for a in node.args), {k: meta(v) for k, v in node.kwargs.items()}
 
     def _plan(self, registry: OpRegistry, choices: Mapping) -> list[tuple[str, Callable, list, dict, list[str]]]:
         last_use: dict[str, int] = {}
@@ -85,8 +165,12 @@ class Program:
         for name, i in last_use.items():
             if name not in keep:
                 frees[i].append(name)
-        return [(n.name, self._impl(registry, n.op, n.name, choices), _bind_device(n.args, self.device),
-                 _bind_device(n.kwargs, self.device), frees[i]) for i, n in enumerate(self.graph.nodes)]
+        chosen = [self._impl(registry, n, choices) for n in self.graph.nodes]
+        self._names.append({n.name: name for n, (name, _) in zip(self.graph.nodes, chosen)})
+        self._unsafe.append([n.name for n, (name, _) in zip(self.graph.nodes, chosen)
+                             if not registry.get(n.op).is_graph_safe(name)])
+        return [(n.name, fn, _bind_device(n.args, self.device), _bind_device(n.kwargs, self.device), frees[i])
+                for i, (n, (_, fn)) in enumerate(zip(self.graph.nodes, chosen))]
 
     @torch.no_grad()
     def run(self, *, keep_all: bool = False, _observe: tuple | None = None,

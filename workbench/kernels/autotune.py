@@ -21,7 +21,8 @@ How it works:
   4. candidates within ``CLOSE_CALL`` (5%) of the fastest are timed ``RETIMES`` more times,
      interleaved, and ranked by the median of their measurements: one measurement's noise
      (a few percent on a GPU) must not pick the slower of two near-equal candidates;
-  5. each node gets the fastest candidate for its key.
+  5. each node gets the fastest candidate for its key that a CUDA graph may capture (``OpDef.is_graph_safe``:
+     the runtime replays its steps as graphs, so an unsafe candidate is timed and kept, never chosen).
 
 The cache file records the environment it was measured in (GPU name and SM count, CUDA,
 torch and triton versions) and the copy and GEMM ceilings measured there (for rooflines).
@@ -47,10 +48,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..errors import WorkbenchError
-from .registry import REGISTRY
+from .registry import REFERENCE, REGISTRY
 
 CACHE_VERSION = 1
-REFERENCE = "reference"
 
 
 def environment_key() -> dict[str, Any]:
@@ -380,7 +380,11 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
             for t in cache.entries[key]["timings"]:
                 totals.setdefault((t["tactic"], json.dumps(t["config"])), []).append(t["ms"])
         everywhere = {tk: sum(ms) for tk, ms in totals.items() if len(ms) == len(keys)}
-        (tactic, config), _ = min(everywhere.items(), key=lambda kv: kv[1])
+        # the runtime captures its steps in CUDA graphs: a candidate that may not be captured is never chosen
+        # (while a safe one was timed), however fast it ran
+        opdef = REGISTRY.get(program.graph.node(name).op)
+        safe = {tk: ms for tk, ms in everywhere.items() if opdef.is_graph_safe(tk[0]) and math.isfinite(ms)}
+        (tactic, config), _ = min((safe or everywhere).items(), key=lambda kv: kv[1])
         choices[name] = (tactic, json.loads(config))
     return choices
 

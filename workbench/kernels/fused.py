@@ -35,7 +35,7 @@ def _norm_cost(call: C.OpCall) -> C.Cost:
     return C.Cost(4 * call.out_numel(), call.in_bytes() + call.out_bytes())
 
 
-@register_op("workbench.rms_norm", cost=_norm_cost)
+@register_op("workbench.rms_norm", cost=_norm_cost, graph_safe=True)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as Llama/Mistral/Qwen2 compute it: statistics in fp32, scale in the input dtype."""
     xf = x.to(torch.float32)
@@ -43,26 +43,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-@register_op("workbench.add_rms_norm", cost=_norm_cost)
+@register_op("workbench.add_rms_norm", cost=_norm_cost, graph_safe=True)
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """Residual add then RMSNorm: returns (normed, sum); the sum is the next residual."""
     total = x + residual
     return rms_norm(total, weight, eps), total
 
 
-@register_op("workbench.silu_mul")
+@register_op("workbench.silu_mul", graph_safe=True)
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gating: silu(gate) * up."""
     return torch.nn.functional.silu(gate) * up
 
 
-@register_op("workbench.rms_norm_fp8", cost=_norm_cost)
+@register_op("workbench.rms_norm_fp8", cost=_norm_cost, graph_safe=True)
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
     """RMSNorm whose output is quantized to float8_e4m3fn with the static per-tensor ``scale``."""
     return quantize_fp8(rms_norm(x, weight, eps), scale)
 
 
-@register_op("workbench.add_rms_norm_fp8", cost=_norm_cost)
+@register_op("workbench.add_rms_norm_fp8", cost=_norm_cost, graph_safe=True)
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                      scale: torch.Tensor):
     """Residual add then RMSNorm: (normed quantized to float8_e4m3fn with ``scale``, sum in x's dtype)."""
@@ -70,13 +70,13 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return quantize_fp8(normed, scale), total
 
 
-@register_op("workbench.silu_mul_fp8")
+@register_op("workbench.silu_mul_fp8", graph_safe=True)
 def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up quantized to float8_e4m3fn with the static per-tensor ``scale``."""
     return quantize_fp8(silu_mul(gate, up), scale)
 
 
-@register_op("workbench.rope")
+@register_op("workbench.rope", graph_safe=True)
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (the rotate-half form): x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
@@ -84,7 +84,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-@register_op("workbench.attention", cost=C.attention)
+@register_op("workbench.attention", cost=C.attention, graph_safe=True)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float | None = None) -> torch.Tensor:
     """Attention over [batch, heads, tokens, head_dim] with k/v holding heads // group heads.
@@ -100,6 +100,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+# not graph-safe: it reads the step's sequence lengths on the host (a CUDA graph runs the Triton tactic)
 @register_op("workbench.paged_attention", cost=C.attention, effects=True)
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,

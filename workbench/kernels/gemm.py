@@ -544,7 +544,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # --- workbench.fp8_linear -------------------------------------------------------------------------------------
 
-@register_op("workbench.fp8_linear", cost=C.matmul)
+@register_op("workbench.fp8_linear", cost=C.matmul, graph_safe=True)
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -616,7 +616,7 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
 
 # --- workbench.int8_linear ------------------------------------------------------------------------------------
 
-@register_op("workbench.int8_linear", cost=C.matmul)
+@register_op("workbench.int8_linear", cost=C.matmul, graph_safe=True)
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -657,7 +657,7 @@ def int8_linear_int_mm(x, weight, weight_scale, input_scale=None, bias=None, out
 
 # --- workbench.w8_linear --------------------------------------------------------------------------------------
 
-@register_op("workbench.w8_linear", cost=C.matmul)
+@register_op("workbench.w8_linear", cost=C.matmul, graph_safe=True)
 def w8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only INT8 linear: x (bf16/fp16/fp32) times weight int8 [N, K] · weight_scale (per output channel,
@@ -727,7 +727,13 @@ def register() -> None:
         if quantizes_x is not None:  # Triton tiles: configs that cannot fit or far exceed M are skipped
             fn.prune = _pruner(quantizes_x)
             fn.rank = _ranker
+        fn.graph_safe = True  # every tactic here: grids and scales from shapes, no host reads
         REGISTRY.get(op).tactics[name] = fn
+    # untuned GPU steps: cuBLAS (the reference) for bf16 linears; the quantized ops' fastest general tactics
+    # (_int_mm needs more than 16 rows, so INT8 takes the Triton tiles, which serve every M)
+    for op, defaults in (("workbench.fp8_linear", ("scaled_mm", "triton")), ("workbench.int8_linear", ("triton",)),
+                         ("workbench.w8_linear", ("triton", "dequant"))):
+        REGISTRY.get(op).gpu_defaults = defaults
 
 
 register()

@@ -7,9 +7,22 @@ implementations (Triton, cuBLAS) that the autotuner chooses between.
 Registering an op is the plugin mechanism: a fused op added by a graph pass and
 a custom kernel added from a notebook go through the same call::
 
-    @register_op("mylib.scaled_silu", cost=cost.elementwise)
+    @register_op("mylib.scaled_silu", cost=cost.elementwise, graph_safe=True)
     def scaled_silu(x, scale):
         return torch.nn.functional.silu(x) * scale
+
+**CUDA-graph safety.** Every implementation says whether a CUDA graph may capture it: no host sync
+(``.item()``, ``.tolist()``, ``bool(tensor)``), no allocation whose size depends on tensor values. The
+reference's flag is ``OpDef.graph_safe`` (``register_op(graph_safe=...)``, False unless declared: an op
+nobody vouched for is run eagerly rather than captured wrong); a tactic's is its function's
+``graph_safe`` attribute. A tactic may also carry ``supports(args, kwargs) -> str | None``: None when it
+can run arguments of those shapes and dtypes, else a one-line reason; it reads shapes only, so it can be
+asked with meta tensors built from a graph's static specs.
+
+**GPU defaults.** ``OpDef.gpu_defaults`` names the tactics, in order, that run on a GPU where no tuned
+choice applies (an untuned engine, one tuned on another GPU, a choice that is not graph-safe): the first
+that is graph-safe and supports the node's shapes; else the reference when it is graph-safe
+(``default_impl``).
 
 ATen ops (``aten.<name>.<overload>``) and Python operators on symbolic sizes
 (``operator.mul``) that torch.export emits are resolved on first use, so a new
@@ -38,7 +51,53 @@ class OpDef:
     doc: str = ""
     #: writes memory other than its output (a KV cache): never merged, reordered or dropped by passes
     effects: bool = False
+    #: the reference may be captured in a CUDA graph (no host sync, no value-dependent allocation)
+    graph_safe: bool = False
+    #: tactics to run on a GPU where no tuned choice applies, in order of preference (see ``default_impl``)
+    gpu_defaults: tuple[str, ...] = ()
 
+    def is_graph_safe(self, tactic: str) -> bool:
+        """Whether implementation ``tactic`` ("reference" or a tactic name) may be captured in a CUDA graph."""
+        if tactic == REFERENCE:
+            return self.graph_safe
+        fn = self.tactics.get(tactic)
+        return fn is not None and bool(getattr(fn, "graph_safe", False))
+
+    def unsupported(self, tactic: str, args: tuple, kwargs: dict) -> str | None:
+        """Why ``tactic`` cannot run these arguments (its ``supports``), or None when it can."""
+        if tactic == REFERENCE:
+            return None
+        fn = self.tactics.get(tactic)
+        if fn is None:
+            return f"op {self.name} has no tactic {tactic!r}"
+        check = getattr(fn, "supports", None)
+        return check(args, kwargs) if check is not None else None
+
+    def default_impl(self, args: tuple | None = None, kwargs: dict | None = None) -> tuple[str, list[str]]:
+        """The implementation a GPU runs where no tuned choice applies, and why earlier defaults were passed
+        over (one line each): the first of ``gpu_defaults`` that is graph-safe and supports ``args`` (when
+        given; meta tensors do), else the reference."""
+        notes = []
+        for name in self.gpu_defaults:
+            if name not in self.tactics:
+                continue
+            if not self.is_graph_safe(name):
+                notes.append(f"{self.name}: tactic {name} is not CUDA-graph safe")
+                continue
+            reason = self.unsupported(name, args, kwargs or {}) if args is not None else None
+            if reason:
+                notes.append(f"{self.name}: tactic {name} skipped ({reason})")
+                continue
+            return name, notes
+        return REFERENCE, notes
+
+
+REFERENCE = "reference"
+
+#: ATen ops that read tensor values on the host or allocate by them: never captured in a CUDA graph
+_ATEN_UNSAFE = {"item", "_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique",
+                "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "tolist",
+                "bincount", "histc", "equal", "is_nonzero", "_assert_async", "argwhere"}
 
 # Cost models of the ATen ops that torch.export emits for decoder LLMs. Anything
 # not listed is costed as elementwise (one FLOP per output element).
@@ -96,9 +155,11 @@ class OpRegistry:
                 fn = getattr(getattr(torch.ops.aten, packet), overload or "default")
             except AttributeError:
                 raise WorkbenchError(f"op {name!r} is not an ATen op known to torch {torch.__version__}") from None
-            return OpDef(name, fn, _ATEN_COSTS.get(packet, C.elementwise), doc=str(fn._schema))
-        if namespace == "operator" and hasattr(operator, rest):
-            return OpDef(name, getattr(operator, rest), C.free, doc=f"Python operator.{rest} on sizes")
+            return OpDef(name, fn, _ATEN_COSTS.get(packet, C.elementwise), doc=str(fn._schema),
+                         graph_safe=packet not in _ATEN_UNSAFE)
+        if namespace == "operator" and hasattr(operator, rest):  # on sizes: host integers, fixed per graph
+            return OpDef(name, getattr(operator, rest), C.free, doc=f"Python operator.{rest} on sizes",
+                         graph_safe=True)
         raise WorkbenchError(f"op {name!r} is not registered; register it with "
                              "workbench.kernels.register_op (the plugin mechanism) before running this graph")
 
@@ -108,12 +169,14 @@ REGISTRY = OpRegistry()
 
 
 def register_op(name: str, *, cost: C.CostFn = C.elementwise, replace: bool = False, doc: str = "",
-                effects: bool = False):
-    """Decorator: register ``fn`` as the reference implementation of op ``name``."""
+                effects: bool = False, graph_safe: bool = False):
+    """Decorator: register ``fn`` as the reference implementation of op ``name``. ``graph_safe``: the
+    reference does nothing a CUDA graph cannot capture (no host sync, no value-dependent allocation);
+    until an op says so, GPU steps that contain it run eagerly."""
 
     def wrap(fn: Callable) -> Callable:
-        REGISTRY.register(OpDef(name, fn, cost, doc=doc or (fn.__doc__ or "").strip(), effects=effects),
-                          replace=replace)
+        REGISTRY.register(OpDef(name, fn, cost, doc=doc or (fn.__doc__ or "").strip(), effects=effects,
+                                graph_safe=graph_safe), replace=replace)
         return fn
 
     return wrap

@@ -676,4 +676,7 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
 
 paged_attention.configs = CONFIGS  # the autotuner's search space
 paged_attention.prune = prune
+# grids depend on the step's shapes alone (each program finds its sequence on the device): graph-safe
+paged_attention.graph_safe = True
 REGISTRY.get("workbench.paged_attention").tactics["triton"] = paged_attention
+REGISTRY.get("workbench.paged_attention").gpu_defaults = ("triton",)

@@ -210,7 +210,10 @@ def register() -> None:
                           ("workbench.silu_mul", silu_mul, "silu_mul"),
                           ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")):
         fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
-        REGISTRY.get(op).tactics["triton"] = fn
+        fn.graph_safe = True  # launches only: grids from shapes, no host reads
+        opdef = REGISTRY.get(op)
+        opdef.tactics["triton"] = fn
+        opdef.gpu_defaults = ("triton",)
 
 
 register()

@@ -184,6 +184,42 @@ def plan_capacity(layout: KVLayout, *, memory_bytes: int, fraction: float = 0.9,
                         blocks_per_request=blocks_per_request, max_concurrency=num_blocks // blocks_per_request)
 
 
+#: The share of a GPU's free memory, after the weights are loaded, that ``LLM`` and ``workbench serve`` give the
+#: KV cache unless told otherwise (the rest is the steps' activations and CUDA graphs' memory pool).
+DEFAULT_MEMORY_FRACTION = 0.9
+#: The KV cache's budget on the CPU, where free memory says little about what a process may take (vLLM's CPU
+#: backend likewise takes a fixed ``VLLM_CPU_KVCACHE_SPACE``).
+CPU_KV_BYTES = 256 * 2**20
+
+
+def runtime_plan(layout: KVLayout, device, *, max_model_len: int, max_num_seqs: int,
+                 memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> CapacityPlan:
+    """The KV cache a runtime allocates when it is given no block count: on a GPU, what ``memory_fraction`` of the
+    free memory holds (call it once the weights are on the device); on the CPU, ``CPU_KV_BYTES``; either way no
+    more blocks than ``max_num_seqs`` sequences of ``max_model_len`` tokens could ever fill. The plan's
+    concurrency line is for requests of ``max_model_len`` tokens, half prompt and half output."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = device_memory(device)
+        memory, fraction = free, memory_fraction
+    else:
+        memory, fraction = CPU_KV_BYTES, 1.0
+    plan = plan_capacity(layout, memory_bytes=memory, fraction=fraction, prompt_len=max_model_len // 2,
+                         output_len=max_model_len - max_model_len // 2)
+    need = max_num_seqs * plan.blocks_per_request
+    if plan.num_blocks > need:  # more would never be used: the same plan, capped
+        from dataclasses import replace
+
+        plan = replace(plan, num_blocks=need, tokens=need * layout.block_size,
+                       max_concurrency=need // plan.blocks_per_request)
+    if plan.num_blocks < 1:
+        raise WorkbenchError(f"the KV cache gets no block: {plan.summary()}; free GPU memory, raise the memory "
+                             "fraction or give a block count")
+    return plan
+
+
 def device_memory(device="cuda") -> tuple[int, int]:
     """(free, total) bytes of a CUDA device, from ``torch.cuda.mem_get_info``.
 

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import WorkbenchError
 from .block_manager import BlockManager
+from .capacity import DEFAULT_MEMORY_FRACTION
 from .executor import Executor, graph_token_sizes as default_token_sizes
 from .request import PLACEHOLDER, Request, Status
 from .sampling import (IncrementalDetokenizer, PendingSample, Sampler, SamplingParams, check_stop, make_generator,
@@ -84,18 +85,37 @@ class _Launched:
 
 
 class LLMEngine:
-    def __init__(self, program, tokenizer=None, *, num_blocks: int = 256, config: SchedulerConfig | None = None,
+    def __init__(self, program, tokenizer=None, *, num_blocks: int | None = None,
+                 config: SchedulerConfig | None = None, limits=None, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                  prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None,
                  async_scheduling: bool | None = None, max_model_len: int | None = None,
                  graph_token_sizes=None, emulate_graphs: bool = False) -> None:
-        """``cuda_graphs`` (default: on a GPU): every step replays a captured graph (see ``executor``), all
+        """``limits`` (an engine's ``EngineLimits``, the runtime's config record): the scheduler's budget and
+        sequence count and the longest request, unless ``config`` / ``max_model_len`` say otherwise.
+        ``num_blocks`` (default: the capacity planner's ``runtime_plan``: ``memory_fraction`` of the GPU's free
+        memory, a fixed budget on the CPU; ``capacity_plan`` keeps it) sizes the KV cache.
+        ``cuda_graphs`` (default: on a GPU): every step replays a captured graph (see ``executor``), all
         captured here; ``graph_token_sizes`` are the token counts captured for steps with prompt chunks
         (default: ``graph_token_sizes(max_num_batched_tokens)``; ``()`` runs those steps eagerly).
         ``emulate_graphs``: the CPU test of that path (the graphs' padded inputs, run node by node)."""
+        if limits is not None:
+            config = config or SchedulerConfig(max_num_batched_tokens=limits.max_num_batched_tokens,
+                                               max_num_seqs=limits.max_num_seqs)
+            max_model_len = max_model_len or limits.max_model_len
         #: the longest request (prompt + max_tokens) accepted; None: the cache's size alone limits it
         self.max_model_len = max_model_len
         self.vocab_size = program.graph.meta.get("config", {}).get("vocab_size")
         config = config or SchedulerConfig()
+        #: the capacity planner's plan when it sized the KV cache (None when ``num_blocks`` was given)
+        self.capacity_plan = None
+        if num_blocks is None:
+            from .capacity import KVLayout, runtime_plan
+
+            context = max_model_len or int(program.graph.meta.get("config", {}).get("max_position_embeddings") or 8192)
+            self.capacity_plan = runtime_plan(KVLayout.from_graph(program.graph), program.device,
+                                              max_model_len=context, max_num_seqs=config.max_num_seqs,
+                                              memory_fraction=memory_fraction)
+            num_blocks = self.capacity_plan.num_blocks
         if graph_token_sizes is None:
             graph_token_sizes = default_token_sizes(config.max_num_batched_tokens)
         self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs, graph_token_sizes=graph_token_sizes,
@@ -295,46 +315,50 @@ class LLMEngine:
 
 
 class LLM:
-    """Offline generation: ``LLM(source).generate(prompts, params)``. ``source`` is a workspace directory (its
-    latest graph: quantized and tuned where those stages ran) or a ``Program`` (pass its tokenizer)."""
+    """Offline generation, as vLLM's ``LLM``: ``LLM(model).generate(prompts, params)``.
 
-    def __init__(self, source, *, tokenizer=None, device: str = "cpu", stage: str = "latest", num_blocks: int = 256,
-                 config: SchedulerConfig | None = None, prefix_caching: bool = True) -> None:
-        """``source`` may also be an engine directory (``workbench export``): its program, tokenizer and limits
-        (max_num_seqs and max_num_batched_tokens become the scheduler's unless ``config`` is given)."""
-        from ..engine import is_engine_dir
-        from ..graph.executor import Program
+    ``model`` is an engine directory (``workbench build``/``export``), a workspace (its latest up-to-date graph), a
+    model source (a named model such as ``"smollm2-135m"``, a preset, a Hugging Face directory, a GGUF file or a
+    config.json: captured and optimized in memory, untuned) or a ``Program`` (pass its tokenizer); see
+    ``workbench.runnable.open_runnable``. ``device="auto"`` is the GPU when there is one.
 
-        self.loaded_engine = None  # the Engine (limits, manifest, chat template) when source is an engine directory
-        max_model_len = None
-        if isinstance(source, Program):
-            program = source
-        elif is_engine_dir(source):
-            from ..engine import load_engine
+    The runtime's limits are the engine's (``EngineLimits``: the longest request, sequences and tokens per step);
+    ``max_model_len``, ``max_num_seqs`` and ``max_num_batched_tokens`` override them, and ``config`` (a
+    ``SchedulerConfig``) replaces the scheduler's settings whole. The KV cache holds ``num_blocks`` blocks, by
+    default what ``memory_fraction`` of the GPU's free memory holds once the weights are loaded (the capacity
+    planner, as ``workbench serve`` sizes it), or a fixed budget on the CPU.
+    """
 
-            if stage != "latest":
-                raise WorkbenchError(f"{source} is an engine directory, which holds one graph: leave stage at "
-                                     f"'latest' (got {stage!r}), or give the workspace to run another stage")
-            self.loaded_engine = load_engine(source, device=device)
-            program = self.loaded_engine.program
-            tokenizer = tokenizer or self.loaded_engine.tokenizer
-            limits = self.loaded_engine.limits
-            max_model_len = limits.max_model_len
-            config = config or SchedulerConfig(max_num_batched_tokens=limits.max_num_batched_tokens,
-                                               max_num_seqs=limits.max_num_seqs)
-        else:
-            from ..models.intake import load_tokenizer
-            from ..pipeline import load_program, workspace_source
-            from ..workspace import Workspace
+    def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
+                 num_blocks: int | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
+                 prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
+                 cuda_graphs: bool | None = None) -> None:
+        import sys
 
-            ws = Workspace(source, create=False)
-            if stage == "latest":
-                stage = ("tune" if ws.status("tune") == "ok" and str(device).startswith("cuda") else
-                         "quant" if ws.status("quant") == "ok" else "passes")
-            program = load_program(ws, stage=stage, device=device)
-            tokenizer = tokenizer or load_tokenizer(workspace_source(ws))
-        self.engine = LLMEngine(program, tokenizer, num_blocks=num_blocks, config=config,
-                                prefix_caching=prefix_caching, max_model_len=max_model_len)
+        from ..runnable import open_runnable
+
+        self.runnable = opened = open_runnable(model, device=device, stage=stage, tokenizer=tokenizer, dtype=dtype,
+                                               kv_block_size=kv_block_size)
+        #: the Engine (limits, manifest, chat template) when ``model`` is an engine directory
+        self.loaded_engine = opened.engine
+        limits = opened.limits and opened.limits.narrowed(
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            fixed=opened.kind == "engine")
+        self.limits = limits
+        self.engine = LLMEngine(opened.program, opened.tokenizer, num_blocks=num_blocks, config=config, limits=limits,
+                                memory_fraction=memory_fraction, prefix_caching=prefix_caching,
+                                cuda_graphs=cuda_graphs)
+        self.notes = opened.notes + self.engine.executor.notes
+        if self.engine.executor.device.type == "cuda":  # what vLLM logs at start-up: the cache and what it holds
+            plan = self.engine.capacity_plan
+            for line in ([plan.summary()] if plan is not None else []) + self.engine.executor.notes:
+                print(f"workbench: {line}", file=sys.stderr, flush=True)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                  progress: bool = False) -> list[RequestOutput]:

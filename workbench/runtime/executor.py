@@ -94,8 +94,10 @@ def sampled_rows_program(program):
     if program.tuned is not None:
         choices = TunedChoices(list(program.tuned.edges),
                                [{k: v for k, v in c.items() if k != head.name} for c in program.tuned.choices])
-        return Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices)
-    return Program(graph, program.params, device=program.device, tactics=program.tactics)
+    else:
+        choices = None
+    return Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
+                   graph_safe=program.graph_safe)
 
 
 class Executor:
@@ -111,6 +113,13 @@ class Executor:
             raise WorkbenchError("the runtime runs graphs with paged attention; run the insert_paged_attention pass "
                                  "(`workbench optimize`) first")
         program = sampled_rows_program(program)
+        self.cuda_graphs = program.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and program.device.type != "cuda":
+            raise WorkbenchError("CUDA graphs need a CUDA device; run without cuda_graphs on the CPU")
+        if program.device.type == "cuda" and not program.graph_safe:  # tuned where safe, GPU defaults else
+            program = program.for_gpu_steps()
+        #: one line per reason an implementation was replaced or a step cannot be captured (for logs)
+        self.notes = list(program.notes)
         self.rows_only = "logits_indices" in program.graph.inputs
         self.program, self.num_blocks = program, num_blocks
         self.block_size = paged["block_size"]
@@ -120,9 +129,6 @@ class Executor:
         dtype = dtype_from_name(paged["dtype"])
         self.cache = {f"kv_cache_{i}": new_kv_cache(num_blocks + 1, self.block_size, paged["kv_heads"], paged["head_dim"],
                                                     dtype, self.device) for i in paged["layers"]}
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise WorkbenchError("CUDA graphs need a CUDA device; run without cuda_graphs on the CPU")
         if emulate_graphs and self.cuda_graphs:
             raise WorkbenchError("emulate_graphs stands in for CUDA graphs where there are none; not both")
         self.emulate_graphs = emulate_graphs
@@ -137,6 +143,22 @@ class Executor:
         self._pool = None
         self.replays = 0
         self.last_graph: tuple[int, int] | None = None  # the (tokens, sequences) graph the last step ran in
+        self._unsafe: dict[int, list[str]] = {}  # token count -> nodes that may not be captured at it
+        # a program prepared for GPU steps knows which of its nodes a graph may not capture: steps running
+        # one of those run eagerly (on the CPU, emulated graphs check the same when given such a program)
+        self.checks_safety = self.graphs_enabled and bool(getattr(self.program, "graph_safe", False))
+        if self.checks_safety:
+            unsafe = self.program.unsafe_nodes()
+            if unsafe:
+                self.notes.append(f"{len(unsafe)} node(s) have no CUDA-graph-safe implementation (e.g. {unsafe[0]}): "
+                                  "steps that run them run eagerly")
+
+    def uncapturable(self, tokens: int) -> list[str]:
+        """The nodes a step of ``tokens`` tokens runs with an implementation a CUDA graph may not capture (its
+        token bucket's plan); such a step runs eagerly."""
+        if tokens not in self._unsafe:
+            self._unsafe[tokens] = self.program.unsafe_nodes(tokens)
+        return self._unsafe[tokens]
 
     @property
     def cache_bytes(self) -> int:
@@ -231,11 +253,13 @@ class Executor:
         n = len(out.scheduled)
         if all(s.num_new_tokens == 1 and s.samples for s in out.scheduled) and n <= self.graph_batch_sizes[-1]:
             b = next(b for b in self.graph_batch_sizes if b >= n)
-            return b, b
-        tokens = out.num_tokens
-        if n > self.max_seqs or not self.graph_token_sizes or tokens > self.graph_token_sizes[-1]:
-            return None
-        return next(t for t in self.graph_token_sizes if t >= tokens), self.max_seqs
+            key = b, b
+        else:
+            tokens = out.num_tokens
+            if n > self.max_seqs or not self.graph_token_sizes or tokens > self.graph_token_sizes[-1]:
+                return None
+            key = next(t for t in self.graph_token_sizes if t >= tokens), self.max_seqs
+        return None if self.checks_safety and self.uncapturable(key[0]) else key
 
     def capture(self, batch_sizes=None, token_sizes=None, *, progress: bool = False) -> None:
         """Capture the decode graphs for ``batch_sizes`` (default: all) and the step graphs for
@@ -244,7 +268,8 @@ class Executor:
 
         keys = [(b, b) for b in (self.graph_batch_sizes if batch_sizes is None else batch_sizes)]
         keys += [(t, self.max_seqs) for t in (self.graph_token_sizes if token_sizes is None else token_sizes)]
-        todo = [k for k in sorted(set(keys), reverse=True) if k not in self._graphs]
+        todo = [k for k in sorted(set(keys), reverse=True) if k not in self._graphs
+                and not (self.checks_safety and self.uncapturable(k[0]))]
         for key in tqdm(todo, desc="capture CUDA graphs", unit="graph", disable=not progress or not todo):
             self._capture(key)
 

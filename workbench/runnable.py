@@ -1,0 +1,205 @@
+"""One way to open what runs: an engine directory, a workspace or a model source, as a program with its
+tokenizer and limits. ``LLM``, ``workbench serve``, ``workbench eval`` and ``workbench generate`` all open
+what they run here, and ``latest_stage`` is the one rule for a workspace's "latest" graph.
+
+    r = open_runnable("engine/")          # an engine: verified, its tuned kernels where they apply, its limits
+    r = open_runnable("ws/")              # a workspace: the graph of its latest up-to-date stage
+    r = open_runnable("smollm2-135m")     # a model source (named model, preset, HF directory, GGUF file,
+                                          # config.json): captured and optimized in memory, nothing written
+    r.program, r.tokenizer, r.chat_template, r.limits, r.name, r.kind, r.stage
+
+``device="auto"`` (the default) is the GPU when there is one (``workbench.device``). A model source runs in
+bf16 on a GPU and fp32 on the CPU (``dtype``), untuned: on a GPU its steps run each op's graph-safe default
+kernels (``Program.for_gpu_steps``). Quantizing and tuning are stages: ``workbench build`` makes an engine
+with them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .device import resolve_device
+from .errors import WorkbenchError
+
+#: Stages whose graph the runtime can run (paged attention), newest first; "capture" runs only without it.
+RUNNABLE_STAGES = ("tune", "quant", "passes")
+_COMMANDS = {"tune": "tune", "quant": "quantize", "passes": "optimize", "capture": "capture"}
+
+
+def latest_stage(ws, *, device: str | torch.device | None = None, paged: bool = True) -> str:
+    """The newest stage of workspace ``ws`` that is up to date ("ok" in ``workbench info``): tune, quant, passes
+    (and capture unless ``paged``: the captured graph has no KV cache). The tune stage counts only where its
+    choices run: on a CUDA ``device`` (None: anywhere, as an export carries them). A newer stage that exists
+    but is stale, modified or interrupted is passed over with a warning saying what to re-run."""
+    device = None if device is None else resolve_device(device)
+    order = [*RUNNABLE_STAGES, *(() if paged else ("capture",))]
+    passed = []
+    for stage in order:
+        status = ws.status(stage)
+        if status == "missing":
+            continue
+        if stage == "tune" and device is not None and device.type != "cuda":
+            continue  # tuned choices are Triton kernels and cuBLAS paths: a GPU's
+        if status == "ok":
+            if passed:
+                warnings.warn(f"{ws.root}: running the {stage} stage, since " + "; ".join(passed), stacklevel=3)
+            return stage
+        passed.append(f"the {stage} stage is {status} (re-run `workbench {_COMMANDS[stage]} {ws.root}`)")
+    what = "an optimized graph (`workbench optimize`)" if paged else "a captured graph (`workbench capture`)"
+    detail = f": {'; '.join(passed)}" if passed else ""
+    raise WorkbenchError(f"{ws.root} has no up-to-date stage to run; it needs {what}{detail}")
+
+
+@dataclass
+class Runnable:
+    """What the runtime and the evaluation commands run, with where it came from."""
+
+    program: Any                   # graph.executor.Program, on the device
+    tokenizer: Any | None
+    chat_template: str | None
+    name: str                      # what a server calls the model: the directory's or the source's name
+    kind: str                      # "engine" | "workspace" | "model" | "program"
+    stage: str                     # the graph that runs: "engine", a workspace stage, or "passes" (a model source)
+    limits: Any | None             # engine.format.EngineLimits (None for a graph without paged attention)
+    engine: Any | None = None      # the loaded engine.load.Engine (manifest, profile, precision) for an engine
+    source: Any | None = None      # the models.intake.ModelSource, where known
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.program.device
+
+
+def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "latest", tokenizer=None,
+                  paged: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
+                  progress: bool = True) -> Runnable:
+    """Open ``target`` to run on ``device`` (see the module docstring). ``stage`` picks a workspace's graph
+    ("latest": ``latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
+    model's own; ``paged=False`` also admits a workspace's captured graph (perplexity, not the runtime);
+    ``dtype`` and ``kv_block_size`` apply to a model source."""
+    device = resolve_device(device)
+    runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress)
+    if runnable.device.type == "cuda" and not runnable.program.graph_safe:
+        # the implementations GPU steps run: tuned choices where they apply and are graph-safe, each op's GPU
+        # default kernel elsewhere (never the reference paged attention, which reads the host)
+        runnable.program = runnable.program.for_gpu_steps()
+        runnable.notes += runnable.program.notes
+    return runnable
+
+
+def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress) -> Runnable:
+    from .engine.format import EngineLimits, is_engine_dir
+    from .graph.executor import Program
+
+    tok = load_tokenizer_spec(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if isinstance(target, Program):
+        limits = EngineLimits.for_graph(target.graph) if target.graph.meta.get("paged") else None
+        return Runnable(target, tok, template_of(tok), "model", "program", "program", limits)
+    if is_engine_dir(target):
+        from .engine import load_engine
+
+        if stage != "latest":
+            raise WorkbenchError(f"{target} is an engine directory, which holds one graph: leave stage at 'latest' "
+                                 f"(got {stage!r}), or give the workspace to run another stage")
+        engine = load_engine(target, device=device, progress=progress)
+        tok = tok or engine.tokenizer
+        template = (engine.chat_template if tokenizer is None else None) or template_of(tok)
+        from .models.intake import ModelSource
+
+        source = ModelSource.from_json(engine.info["model"]["source"]) if engine.info.get("model", {}).get(
+            "source") else None
+        return Runnable(engine.program, tok, template, Path(target).resolve().name, "engine", "engine",
+                        engine.limits, engine, source)
+    if _is_workspace(target):
+        return _open_workspace(Path(target), device, stage, tok, tokenizer is None, paged)
+    if stage != "latest":
+        raise WorkbenchError(f"{target!r} is a model source, not a workspace: it has no stages to pick "
+                             f"(got stage {stage!r}); capture it into a workspace first")
+    return _open_model(str(target), device, tok, tokenizer is None, dtype, kv_block_size, progress)
+
+
+def _is_workspace(target) -> bool:
+    if not isinstance(target, (str, Path)):
+        return False
+    from .workspace import STAGE_ORDER
+
+    p = Path(target)
+    return p.is_dir() and any((p / stage).is_dir() for stage in STAGE_ORDER)
+
+
+def _open_workspace(root: Path, device, stage: str, tok, own_tokenizer: bool, paged: bool) -> Runnable:
+    from .engine.format import EngineLimits
+    from .models.intake import load_tokenizer
+    from .pipeline import load_program, workspace_source
+    from .workspace import Workspace
+
+    ws = Workspace(root, create=False)
+    if stage == "latest":
+        stage = latest_stage(ws, device=device, paged=paged)
+    elif stage == "tune" and device.type != "cuda":
+        raise WorkbenchError(f"the tune stage's choices run on a CUDA GPU, and this runs on {device.type!r}; run "
+                             "another stage here (or leave stage at 'latest')")
+    source = workspace_source(ws)
+    program = load_program(ws, stage=stage, device=device)
+    tok = tok or (load_tokenizer(source) if own_tokenizer else None)
+    limits = EngineLimits.for_graph(program.graph) if program.graph.meta.get("paged") else None
+    return Runnable(program, tok, template_of(tok), root.resolve().name, "workspace", stage, limits, None, source)
+
+
+def _open_model(spec: str, device, tok, own_tokenizer: bool, dtype: str, kv_block_size: int | None,
+                progress: bool) -> Runnable:
+    """Capture and optimize a model source in memory (the capture and passes stages, without a workspace)."""
+    import time
+
+    from .engine.format import EngineLimits
+    from .graph.executor import Program, resolve_params
+    from .graph.passes import run_passes
+    from .models.intake import load_tokenizer, resolve_source
+    from .pipeline import CaptureOptions, capture_source, graph_weights
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    source = resolve_source(spec)
+    t0 = time.perf_counter()
+    captured = capture_source(source, CaptureOptions(dtype=dtype))
+    graph = captured.graph
+    if kv_block_size is not None:
+        graph.meta["kv_block_size"] = int(kv_block_size)
+    base = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in captured.constants.items()}}
+    optimized, _ = run_passes(graph, base, check=False, device=device)  # the passes' checks are the optimize stage's
+    program = Program(optimized, resolve_params(optimized, base), device=device)
+    del base
+    notes = [f"{source.spec}: captured and optimized in memory in {time.perf_counter() - t0:.1f} s ({dtype}, "
+             f"{len(graph.nodes)} -> {len(optimized.nodes)} nodes, untuned)"]
+    if progress:
+        import sys
+
+        print(f"workbench: {notes[0]}", file=sys.stderr, flush=True)
+    tok = tok or (load_tokenizer(source) if own_tokenizer else None)
+    name = Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name or spec
+    return Runnable(program, tok, template_of(tok), name, "model", "passes", EngineLimits.for_graph(optimized),
+                    None, source, notes)
+
+
+def load_tokenizer_spec(spec: str | Path):
+    """A tokenizer from a directory of tokenizer files alone, or from a model source's files (name, directory)."""
+    from .models.intake import load_tokenizer, resolve_source
+
+    if (Path(spec) / "tokenizer.json").is_file() or (Path(spec) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer  # a directory of tokenizer files alone (no weights needed)
+
+        return AutoTokenizer.from_pretrained(str(spec))
+    tok = load_tokenizer(resolve_source(spec, fetch=False))
+    if tok is None:
+        raise WorkbenchError(f"{spec!r} has random weights and no tokenizer; give a model directory or name with one")
+    return tok
+
+
+def template_of(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return template if isinstance(template, str) else None
