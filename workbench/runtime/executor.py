@@ -38,6 +38,7 @@ device) and each request's row in it, and the token is copied into this step's i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -98,6 +99,17 @@ def sampled_rows_program(program):
         choices = None
     return Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
                    graph_safe=program.graph_safe)
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    """torch's sync debug mode at "error" for the block: an op that synchronizes with the host raises."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 class Executor:
@@ -300,13 +312,16 @@ class Executor:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up outside the graph (Triton compiles, allocator settles)
+            self.program.run(**static, **self.cache)  # warm up outside the graph (Triton compiles, lazy inits)
+            # then a steady-state run in which anything that makes the host wait for the GPU (a .tolist(), an
+            # .item(), a device-to-host copy: what a graph cannot capture) raises, naming the op in its traceback
+            with _sync_errors():
                 self.program.run(**static, **self.cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool), _sync_errors():  # (entering the graph synchronizes)
             (logits,) = self.program.run(**static, **self.cache)
         self._graphs[key] = (graph, static, logits)
 
