@@ -90,11 +90,13 @@ class Reference:
         fp32 = load_model(source, dtype=torch.float32, device="cuda").model
         self.greedy32 = hf_greedy(fp32, prompts, max_tokens)
         self.ppl32 = perplexity(hf_logits(fp32), eval_ids, window=window, stride=window // 2).perplexity
-        free(fp32)
+        del fp32
+        free()
         bf16 = load_model(source, dtype=torch.bfloat16, device="cuda").model
         self.greedy16 = hf_greedy(bf16, prompts, max_tokens)
         self.ppl16 = perplexity(hf_logits(bf16), eval_ids, window=window, stride=window // 2).perplexity
-        free(bf16)
+        del bf16
+        free()
         self.floor = [prefix(a, b) for a, b in zip(self.greedy16, self.greedy32)]
         self.seconds = time.perf_counter() - t0
 

@@ -121,12 +121,20 @@ def test_cli_capture_info_generate(tmp_path, capsys):
 
 def test_gguf_file_intake_matches_the_converted_directory(smol):
     """The GGUF kept by `fetch` loads directly, with the same weights and tokens as the converted directory."""
+    from workbench.workspace import sha256_file
+
     from workbench.models.cache import gguf_path
 
     lm, _, graph = smol
+    from workbench.models.intake import hf_directory
+
     source = resolve_source(gguf_path("smollm2-135m"))
     assert source.kind == "gguf"
     direct = load_model(source)
+    # dequantized once into the model cache, keyed by the file's sha256; every later load reads safetensors
+    converted_dir = hf_directory(source)
+    assert (converted_dir / ".complete").is_file() and converted_dir.parent.name == "gguf-converted"
+    assert (converted_dir / "SOURCE.txt").read_text().split()[-1] == sha256_file(gguf_path("smollm2-135m"))
     converted = lm.model.state_dict()
     for name, value in direct.model.state_dict().items():
         assert torch.equal(value, converted[name]), name

@@ -95,6 +95,40 @@ def fetch(name: str, *, force: bool = False, log: Callable[[str], None] = _log) 
     return dest
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hash a large GGUF once per process
+
+
+def converted_gguf(gguf: Path, *, log: Callable[[str], None] = _log) -> Path:
+    """The Hugging Face directory a GGUF file dequantizes into, converted once per file content (its sha256) into
+    ``$WORKBENCH_HOME/gguf-converted/<digest>``. Every later capture, weight read, tokenizer and model load of that
+    GGUF reads safetensors (a fraction of a second) instead of dequantizing it again (about 10 s for SmolLM2-135M,
+    every stage of a build). The weights are kept in fp32, the dequantized values exactly."""
+    gguf = Path(gguf)
+    st = gguf.stat()
+    key = (str(gguf.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        check_gguf(gguf)
+        _DIGESTS[key] = sha256_file(gguf)
+    dest = home() / "gguf-converted" / _DIGESTS[key][:16]
+    if (dest / ".complete").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"converting {gguf.name} to a Hugging Face directory once ({dest})")
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".convert-"))
+    try:
+        convert_gguf(gguf, staging)
+        (staging / "SOURCE.txt").write_text(f"{gguf.resolve()}\nsha256 {_DIGESTS[key]}\n")
+        (staging / ".complete").touch()
+        if dest.exists():  # converted meanwhile by another process: keep theirs
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint into ``out_dir`` as config.json + model.safetensors + tokenizer."""
     import safetensors.torch
