@@ -108,6 +108,7 @@ def _cmd_quantize(args) -> None:
     plan, stats, report = quant_stage(ws, args.plan, fmt=args.format, kv_cache=args.kv_cache, samples=args.samples,
                                       seq_len=args.seq_len, observer=args.observer, device=args.device,
                                       force=args.force, auto_budget=args.auto, probe_tokens=args.probe_tokens,
+                                      calib_data=args.calib_data, log=lambda line: print(line, flush=True),
                                       **options)
     counts = ", ".join(f"{n} groups {f}" for f, n in plan.summary().items())
     print(f"plan: {counts}; KV cache {plan.kv_cache}")
@@ -202,8 +203,9 @@ def _cmd_build(args) -> None:
     options = BuildOptions(precision=args.precision, dtype=args.dtype, seed=args.seed, auto_budget=args.budget,
                            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                            max_num_batched_tokens=args.max_num_batched_tokens, samples=args.samples,
-                           seq_len=args.seq_len, device=args.device, kv_block_size=args.kv_block_size,
-                           force=args.force)
+                           seq_len=args.seq_len, calib_data=args.calib_data, eval_data=args.eval_data,
+                           max_ppl_increase=args.max_ppl_increase, device=args.device,
+                           kv_block_size=args.kv_block_size, force=args.force)
     build_engine(args.model, args.out, options, workspace=args.workspace, log=lambda line: print(line, flush=True))
 
 
@@ -229,6 +231,15 @@ def _add_limit_args(s) -> None:
                    "or 512)")
     s.add_argument("--max-num-batched-tokens", type=int,
                    help="most tokens in one step (default: the engine's, or 8192)")
+
+
+def _add_calibration_args(s) -> None:
+    s.add_argument("--calib-data", type=Path, metavar="PATH",
+                   help="calibration text: plain text, or JSONL with a \"text\" field per line (default "
+                        "datasets/calibration.txt)")
+    s.add_argument("--samples", type=int, help="calibration sequences (default: what the data holds, up to 512 on a "
+                   "GPU and 32 on a CPU)")
+    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512 on a GPU, 256 on a CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation scales: calibrated per tensor, or per token at run time")
     s.add_argument("--alpha", type=float, help="SmoothQuant migration strength (int8_sq; default 0.5)")
     s.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"])
-    s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
-    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512 on a GPU, 256 on a CPU)")
+    _add_calibration_args(s)
     s.add_argument("--observer", default="max", choices=["max", "percentile", "mse", "entropy"])
     _add_device_arg(s, "where calibration runs")
     s.add_argument("--auto", type=float, metavar="BUDGET",
@@ -347,11 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16)")
     s.add_argument("--budget", type=float, default=1.0, help="--precision auto: perplexity increase allowed, in %% "
                    "(default 1)")
-    s.add_argument("--samples", type=int, help="calibration sequences (default 512 on a GPU, 32 on a CPU)")
-    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    _add_device_arg(s, "calibration and tuning device")
+    _add_calibration_args(s)
+    s.add_argument("--eval-data", type=Path, metavar="PATH",
+                   help="the accuracy gate's text: plain text, or JSONL with a \"text\" field per line (default "
+                        "datasets/evaluation.txt; its first 2048 tokens on a CPU)")
+    s.add_argument("--max-ppl-increase", type=float, default=5.0, metavar="PCT",
+                   help="the accuracy gate: the most perplexity increase in %% of the quantized graph over the "
+                        "unquantized one that is exported (default 5)")
+    _add_device_arg(s, "calibration, accuracy gate and tuning device")
     _add_limit_args(s)
-    s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand")
+    s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand, and "
+                   "export even over the accuracy gate's limit")
     s.set_defaults(fn=_cmd_build)
 
     s = sub.add_parser("serve", help="serve an engine directory (or a workspace, or a model) over an OpenAI-compatible "

@@ -8,6 +8,9 @@ Both are reduced to a *logits function*: token ids [1, T] -> logits [1, T, vocab
   the result is weighted by tokens, not by windows.
 * ``greedy``: greedy decoding by recomputing the whole sequence each step (no KV
   cache: this is the oracle the runtime's cached decoding is checked against).
+
+Text sets (``dataset_text``) are the shipped ``datasets/`` by name or any file by path, read by
+``load_text``: plain text, or JSONL with a ``text`` field per line. Calibration reads its data the same way.
 """
 
 from __future__ import annotations
@@ -33,13 +36,96 @@ def hf_logits(model: torch.nn.Module) -> LogitsFn:
     return fn
 
 
-def dataset_text(name: str) -> str:
-    """A text set from ``datasets/``: ``calibration`` or ``evaluation``."""
-    path = DATASETS / f"{name}.txt"
+#: How the shipped sets join their documents (datasets/README.md): a blank line, a line "---", a blank line.
+DOCUMENT_SEPARATOR = "\n\n---\n\n"
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def dataset_path(name_or_path: str | Path) -> Path:
+    """The file of a text set: a name of ``datasets/`` (``calibration``, ``evaluation``) or a file's path."""
+    s = str(name_or_path)
+    p = Path(s)
+    shipped = DATASETS / f"{s}.txt"
+    if isinstance(name_or_path, str) and "/" not in s and not p.suffix and shipped.is_file():
+        return shipped
+    if isinstance(name_or_path, str) and "/" not in s and not p.suffix and not p.exists():
+        known = sorted(q.stem for q in DATASETS.glob("*.txt")) if DATASETS.is_dir() else []
+        raise WorkbenchError(f"no dataset {s!r} in {DATASETS}; available: {', '.join(known) or 'none'}, or give a "
+                             "text file's path (plain text, or JSONL with a \"text\" field)")
+    return p
+
+
+def dataset_label(name_or_path: str | Path) -> str:
+    """How records and messages name a text set: ``datasets/NAME.txt`` for a shipped one, else the path given."""
+    p = dataset_path(name_or_path)
+    return f"datasets/{p.name}" if p.parent.resolve() == DATASETS.resolve() else str(name_or_path)
+
+
+def dataset_text(name_or_path: str | Path) -> str:
+    """A text set: a name of ``datasets/`` (``calibration`` or ``evaluation``) or a file's path (``load_text``)."""
+    return load_text(dataset_path(name_or_path))
+
+
+def load_text(path: str | Path, *, option: str | None = None) -> str:
+    """The text of a plain-text file, or of a JSONL file whose lines are objects with a string ``text`` (by its
+    suffix, .jsonl or .json, or by its first line being such an object): its documents joined as the shipped
+    sets join theirs (``DOCUMENT_SEPARATOR``, one newline at the end). Anything else is a one-line
+    ``WorkbenchError`` naming the file, the line and the fix (``option``: the flag that gave the path)."""
+    path = Path(path)
+    given = f"{option} {path}" if option else str(path)
+    if not path.exists():
+        raise WorkbenchError(f"{given}: no such file; give a plain-text file, or JSONL with one "
+                             "{\"text\": \"...\"} object per line")
     if not path.is_file():
-        known = sorted(p.stem for p in DATASETS.glob("*.txt")) if DATASETS.is_dir() else []
-        raise WorkbenchError(f"no dataset {name!r} in {DATASETS}; available: {', '.join(known) or 'none'}")
-    return path.read_text()
+        raise WorkbenchError(f"{given} is not a file; give a plain-text file, or JSONL with one "
+                             "{\"text\": \"...\"} object per line")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise WorkbenchError(f"{given} is not UTF-8 text (line {line}: byte 0x{data[e.start]:02x}); convert it to "
+                             f"UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name}`)") from None
+    if path.suffix.lower() in JSONL_SUFFIXES or _looks_like_jsonl(text):
+        text = _jsonl_text(text, given)
+    if not text.strip():
+        raise WorkbenchError(f"{given} holds no text (it is empty or only whitespace); give a file with text")
+    return text
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    import json
+
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "text" in obj
+
+
+def _jsonl_text(text: str, given: str) -> str:
+    import json
+
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fix = 'each line of a JSONL file is one object with a string "text", e.g. {"text": "..."}'
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"{given} line {number} is not JSON ({e.msg}, column {e.colno}); {fix}") from None
+        if not isinstance(obj, dict):
+            raise WorkbenchError(f"{given} line {number} is a JSON {type(obj).__name__}, not an object; {fix}")
+        if not isinstance(obj.get("text"), str):
+            has = "has no \"text\"" if "text" not in obj else f"has a {type(obj['text']).__name__} \"text\""
+            raise WorkbenchError(f"{given} line {number} {has} (keys: {', '.join(map(str, obj)) or 'none'}); {fix}")
+        docs.append(obj["text"].strip("\n"))
+    joined = DOCUMENT_SEPARATOR.join(d for d in docs if d.strip())
+    return joined + "\n" if joined else ""
 
 
 @dataclass

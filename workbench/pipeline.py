@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ from .graph.capture import Captured, capture
 from .graph.executor import Program, resolve_params
 from .graph.ir import Graph, dtype_from_name
 from .graph.views import summary
-from .models.intake import ModelSource, load_model, load_weights, resolve_source
+from .models.intake import ModelSource, load_weights, resolve_source
 from .models.presets import make_config
 from .models.random_init import build_random_model
 from .workspace import Workspace
@@ -37,19 +38,18 @@ class CaptureOptions:
 
 
 def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions()) -> Captured:
-    """Capture a source's graph. Weights are never loaded except for GGUF files (whose config
-    only transformers' GGUF reader can build): the model is built on the meta device."""
+    """Capture a source's graph. Weights are never loaded: the model is built on the meta device from the
+    source's config (a GGUF file's, from the directory it is converted into once)."""
     dtype = dtype_from_name(options.dtype)
-    if source.kind == "gguf":
-        model = load_model(source, dtype=dtype).model
-    else:
-        if source.kind == "hf":
-            import json
+    if source.kind in ("hf", "gguf"):  # a GGUF file's config from the directory it is converted into once
+        import json
 
-            config = make_config(json.loads((Path(source.path) / "config.json").read_text()))
-        else:
-            config = make_config(source.config)
-        model = build_random_model(config, dtype=dtype, device="meta", seed=source.seed, materialize=False)
+        from .models.intake import hf_directory
+
+        config = make_config(json.loads((hf_directory(source) / "config.json").read_text()))
+    else:
+        config = make_config(source.config)
+    model = build_random_model(config, dtype=dtype, device="meta", seed=source.seed, materialize=False)
     return capture(model)
 
 
@@ -131,13 +131,20 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
 def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "bf16", samples: int | None = None,
                 seq_len: int | None = None, observer: str = "max", device: str | torch.device = "auto",
                 force: bool = False, progress: bool = True, auto_budget: float | None = None,
-                probe_tokens: int = 2048, **options):
+                probe_tokens: int = 2048, calib_data: str | Path | None = None,
+                log: Callable[[str], None] | None = None, **options):
     """`workbench quantize`: calibrate the optimized graph and apply a precision plan into ``ws/quant``.
 
     ``plan``: a PrecisionPlan, a path to its JSON, or None for every group in ``fmt`` (with ``options``, lm_head
     kept in the model's precision) and the KV cache in ``kv_cache``. Writes stats.safetensors (+ stats.json),
     plan.json, graph.json (the quantized graph), weights.safetensors (quantized weights and scales) and
-    report.json. Calibration statistics already in the stage with the same settings and model are reused.
+    report.json. Calibration statistics already in the stage with the same settings, data and model are reused.
+
+    ``calib_data``: the calibration text, a plain-text file or JSONL with a ``text`` field (``evaluate.load_text``;
+    default datasets/calibration.txt; a model without tokenizer calibrates on seeded random ids instead).
+    ``samples`` defaults to what the data holds, up to the device's default (``calibrate.choose_sizes``); the
+    count chosen is recorded in the record's params["calibration"] and said through ``log``. The data file is an
+    input of the stage: changing its content makes the stage stale.
 
     ``auto_budget`` (perplexity increase in %): instead of applying ``plan`` as it is, measure each group's
     sensitivity to ``fmt`` (with ``options``) and choose the plan with the most groups in ``fmt`` whose whole-
@@ -146,12 +153,13 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     datasets/evaluation.txt (random ids for a model without tokenizer); sensitivity.json is written too and
     report.json gets the verified result under "auto_plan". Returns (plan, stats, report)."""
     from .models.intake import load_tokenizer
-    from .quant import CalibrationStats, PrecisionPlan, calibrate, calibration_ids, quantize_graph
-    from .quant.calibrate import default_sizes
+    from .quant import CalibrationStats, PrecisionPlan, calibrate, quantize_graph
     from .quant.plan import model_fingerprint
 
     device = resolve_device(device)
     source = workspace_source(ws)
+    tokenizer = load_tokenizer(source)
+    text = _calibration_text(tokenizer, calib_data)  # before any weights load: a bad file fails at once
     program = load_program(ws, stage="passes", device=device)
     graph = program.graph
     if plan is None:
@@ -165,29 +173,28 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     if plan.model is None:
         plan.model = model_fingerprint(graph)
     plan.validate(graph)
-    sizes = default_sizes(device)
-    samples, seq_len = samples or sizes["samples"], seq_len or sizes["seq_len"]
-    tokenizer = load_tokenizer(source)
-    calib = {"observer": observer, "samples": samples, "seq_len": seq_len,
-             "text": "datasets/calibration.txt" if tokenizer is not None else "random token ids (no tokenizer)"}
+    ids, calib, input_files = _calibration_data(text, graph, device, samples, seq_len)
+    calib["observer"] = observer
+    data = {k: calib[k] for k in ("sha256", "tokens", "random_seed") if k in calib}  # what the statistics saw
     stats_path = ws.stage_dir("quant") / "stats.safetensors"
     params = {"plan": plan.to_json(), "calibration": calib, "device": str(device)}
     if auto_budget is not None:
         params["auto"] = {"budget_pct": auto_budget, "format": fmt, "options": options, "probe_tokens": probe_tokens}
-    with ws.run("quant", params=params, upstream=("passes",), force=force) as run:
+    with ws.run("quant", params=params, upstream=("passes",), input_files=input_files, force=force) as run:
         stats = None
         if stats_path.is_file() and stats_path.with_suffix(".json").is_file():
             old = CalibrationStats.load(stats_path)
-            if (old.model, old.observer, old.samples, old.seq_len) == (model_fingerprint(graph), observer, samples,
-                                                                      seq_len):
+            if (old.model, old.observer, old.samples, old.seq_len, old.data) == (
+                    model_fingerprint(graph), observer, calib["samples"], calib["seq_len"], data):
                 stats = old
+        if log is not None:
+            log(f"calibration: {calib['samples']} samples x {calib['seq_len']} tokens "
+                + (f"from {calib['text']} ({calib['tokens']} tokens)" if "tokens" in calib else f"of {calib['text']}")
+                + ("; statistics reused" if stats is not None else ""))
         if stats is None:
-            if tokenizer is not None:
-                ids = calibration_ids(tokenizer)
-            else:
-                vocab = graph.params[_lm_head_weight(graph)].spec.shape[0]
-                ids = torch.randint(1, vocab, (samples * seq_len,), generator=torch.Generator().manual_seed(0))
-            stats = calibrate(program, ids, samples=samples, seq_len=seq_len, observer=observer, progress=progress)
+            stats = calibrate(program, ids, samples=calib["samples"], seq_len=calib["seq_len"], observer=observer,
+                              progress=progress)
+            stats.data = data
         tensors, meta = stats.state()
         run.write_safetensors("stats.safetensors", tensors)
         run.write_json("stats.json", meta)
@@ -203,6 +210,44 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
         run.write_safetensors("weights.safetensors", {k: v.cpu() for k, v in new.items()})
         run.write_json("report.json", report)
     return plan, stats, report
+
+
+def _calibration_text(tokenizer, calib_data):
+    """(token ids, label, path) of ``quant_stage``'s calibration text, or None for a model without tokenizer."""
+    from .evaluate import dataset_label, dataset_path, load_text
+
+    if tokenizer is None:
+        if calib_data is not None:
+            raise WorkbenchError(f"--calib-data {calib_data}: this model has random weights and no tokenizer to read "
+                                 "text with; leave --calib-data out (it calibrates on seeded random token ids)")
+        return None
+    name = "calibration" if calib_data is None else calib_data
+    path, label = dataset_path(name), dataset_label(name)
+    text = load_text(path, option=None if calib_data is None else "--calib-data")
+    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long), label, path  # as quant.calibration_ids
+
+
+def _calibration_data(text, graph, device, samples, seq_len):
+    """(token ids, the record's params["calibration"], the stage's input files) for ``quant_stage``: the text's
+    tokens (``_calibration_text``) and the sizes chosen for them, or seeded random ids without a text."""
+    from .quant.calibrate import choose_sizes, default_sizes
+    from .workspace import sha256_file
+
+    requested = {"samples": samples, "seq_len": seq_len}
+    if text is None:
+        sizes = default_sizes(device)
+        samples, seq_len = samples or sizes["samples"], seq_len or sizes["seq_len"]
+        vocab = graph.params[_lm_head_weight(graph)].spec.shape[0]
+        ids = torch.randint(1, vocab, (samples * seq_len,), generator=torch.Generator().manual_seed(0))
+        calib = {"samples": samples, "seq_len": seq_len, "text": "random token ids (no tokenizer)", "random_seed": 0,
+                 "requested": requested}
+        return ids, calib, []
+    ids, label, path = text
+    samples, seq_len = choose_sizes(ids.numel(), device, samples=samples, seq_len=seq_len,
+                                    source=f"the calibration set {label}")
+    calib = {"samples": samples, "seq_len": seq_len, "text": label, "file": str(path.resolve()),
+             "sha256": sha256_file(path), "tokens": int(ids.numel()), "requested": requested}
+    return ids, calib, [path]
 
 
 def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, probe_tokens, progress, options):

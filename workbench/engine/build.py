@@ -5,12 +5,21 @@
     [1/5] capture: running ...            capture the graph (CaptureOptions: dtype, seed)
     [2/5] passes: up to date, skipped     the default passes (fusions, paged attention)
     [3/5] quant: ...                      fp8 | int8 (SmoothQuant W8A8) | auto (fp8 where the budget allows)
+    calibration: 243 samples x 512 tokens from datasets/calibration.txt (124834 tokens)
+    accuracy: perplexity 18.66 -> 19.23 (+3.03%) on 2047 tokens of datasets/evaluation.txt (...); limit +5%
     [4/5] tune: ...                       on a GPU only: the engine's profile (from its limits)
-    [5/5] export: ...                     the engine directory
+    [5/5] export: ...                     the engine directory (its manifest.json holds the accuracy block)
 
 A stage whose workspace artifacts are up to date (``Workspace.status`` is "ok") and were made with the
 same settings is not run again, so a build that was interrupted (or re-run with the same arguments)
 starts where it stopped; a stage edited by hand is never overwritten unless ``force``.
+
+The accuracy gate: after quantization the perplexity of the quantized graph and of the unquantized optimized one
+are measured on the evaluation text (``eval_data``, default datasets/evaluation.txt; the first 2048 tokens on the
+CPU; seeded random ids for a model without tokenizer) on the calibration device, and the build stops before
+tuning when the increase is over ``max_ppl_increase`` % unless ``force``. The result is the workspace's
+``accuracy`` stage (upstream: passes and quant; the text file is an input), so an up-to-date build does not
+measure again.
 """
 
 from __future__ import annotations
@@ -40,18 +49,24 @@ class BuildOptions:
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    samples: int | None = None       # calibration sequences (default: quant_stage's for the device)
+    samples: int | None = None       # calibration sequences (default: what the data holds, up to the device's)
     seq_len: int | None = None
+    calib_data: str | Path | None = None  # calibration text: plain text or JSONL with "text" (default: datasets/)
+    eval_data: str | Path | None = None   # the accuracy gate's text (default: datasets/evaluation.txt)
+    max_ppl_increase: float = 5.0    # the accuracy gate: the largest perplexity increase (%) that is exported
     device: str = "auto"             # calibration and tuning device; "auto": the GPU when there is one
     tune: bool | None = None         # None: tune when a GPU is present
     kv_block_size: int | None = None # tokens per KV-cache block; None: the paged pass's default (16)
-    force: bool = False              # re-run stages whose artifacts were edited by hand
+    force: bool = False              # re-run stages edited by hand; export even over the accuracy gate's limit
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise WorkbenchError(f"build: precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.auto_budget <= 0:
             raise WorkbenchError(f"build: the auto budget is a perplexity increase in %, > 0; got {self.auto_budget}")
+        if not self.max_ppl_increase >= 0:
+            raise WorkbenchError(f"build: --max-ppl-increase is a perplexity increase in %, >= 0; got "
+                                 f"{self.max_ppl_increase}")
         if self.tune and not self._device().startswith("cuda"):
             raise WorkbenchError("build: tuning times kernels on a CUDA GPU, and there is none here; build without "
                                  "tuning, then re-run the build on the GPU machine")
@@ -104,6 +119,7 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
 
     # 1. capture ------------------------------------------------------------------------------------------
     source = resolve_source(model, seed=options.seed)
+    _check_texts(options, source, quantized)  # a bad --calib-data or --eval-data fails before any stage runs
     want = _jsonable({"source": source.to_json(), "dtype": options.dtype, "seed": options.seed})
     rec = ws.record("capture")
     if rec is not None and rec["params"].get("source") != want["source"] and not options.force:
@@ -124,13 +140,22 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     budget = options.auto_budget if options.precision == "auto" else None
     if options.precision == "auto" and device.startswith("cuda") and torch.cuda.get_device_capability() < (8, 9):
         fmt = "int8_sq"  # no FP8 tensor cores before Ada/Hopper
+    quant_rec = ws.record("quant")
     if not quantized:
         skip_quant = "not needed (--precision bf16)"
     else:
-        skip_quant = _up_to_date(ws, "quant", _quant_matches(ws.record("quant"), fmt, budget))
+        calib = _calibration_request(options, source)
+        skip_quant = _up_to_date(ws, "quant", _quant_matches(quant_rec, fmt, budget, calib, device))
+    edited = quant_rec is not None and quant_rec["params"]["plan"].get("edited")
     stage("quant", skip_quant, lambda: pipeline.quant_stage(
-        ws, fmt=fmt, auto_budget=budget, samples=options.samples, seq_len=options.seq_len, device=device,
+        ws, ws.stage_dir("quant") / "plan.json" if edited else None, fmt=fmt, auto_budget=budget,
+        samples=options.samples, seq_len=options.seq_len, device=device, calib_data=options.calib_data, log=log,
         force=options.force))
+    if quantized:
+        accuracy = accuracy_gate(ws, options, device, log)
+    else:
+        accuracy = None
+        log("accuracy: not needed (--precision bf16)")
 
     # 4. tuning ---------------------------------------------------------------------------------------------
     config = Graph.loads(ws.path("capture", "graph.json").read_text()).meta.get("config", {})
@@ -156,9 +181,9 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     rec = ws.record("export")
     same = (rec is not None and rec["params"] == _jsonable({"out": str(out.resolve()), "stage": export_from,
                                                              "limits": limits.to_json()}))
-    skip_export = _up_to_date(ws, "export", same and _engine_matches(ws, out, read_engine))
+    skip_export = _up_to_date(ws, "export", same and _engine_matches(ws, out, read_engine, accuracy))
     stage("export", skip_export, lambda: export_engine(ws, out, stage=export_from, limits=limits,
-                                                       force=options.force))
+                                                       force=options.force, accuracy=accuracy))
     log(f"engine {out}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
         f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}")
     return out
@@ -166,7 +191,8 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
 
 def build_profile(options: BuildOptions, max_model_len: int):
     """The optimization profile a build tunes: the engine's limits (default: ``format.DEFAULT_MAX_NUM_SEQS`` and
-    ``DEFAULT_MAX_NUM_BATCHED_TOKENS``), decode steps tuned at 1024 tokens of context. Its buckets are powers of
+    ``DEFAULT_MAX_NUM_BATCHED_TOKENS``), decode steps tuned at 1024 tokens of context (half the model's context
+    where that is shorter). Its buckets are powers of
     four below ``max_num_seqs``, ``max_num_seqs`` itself (so a full decode step runs choices tuned on decodes
     alone, not on a mixed step) and ``max_num_batched_tokens`` (a full step of prompt chunks and decodes)."""
     from ..kernels.profiles import OptimizationProfile
@@ -179,7 +205,8 @@ def build_profile(options: BuildOptions, max_model_len: int):
         edges.append(e)
         e *= 4
     edges = sorted({*edges, seqs, tokens})
-    return OptimizationProfile(max_tokens=tokens, max_seqs=seqs, context=min(1024, max_model_len),
+    # a decode after ``context`` cached tokens writes position ``context``: it must lie inside the model's context
+    return OptimizationProfile(max_tokens=tokens, max_seqs=seqs, context=min(1024, max_model_len // 2),
                                max_context=max_model_len, edges=tuple(edges))
 
 
@@ -188,10 +215,13 @@ def _up_to_date(ws: Workspace, stage: str, same_settings: bool) -> str | None:
     return "up to date, skipped" if same_settings and ws.status(stage) == "ok" else None
 
 
-def _quant_matches(rec: dict | None, fmt: str, budget: float | None) -> bool:
+def _quant_matches(rec: dict | None, fmt: str, budget: float | None, calibration: dict, device: str) -> bool:
     if rec is None:
         return False
     params = rec["params"]
+    recorded = params.get("calibration", {})
+    if params.get("device") != device or any(recorded.get(k) != v for k, v in calibration.items()):
+        return False  # other data, sizes or device (whose default sizes differ): calibrate again
     if params["plan"].get("edited"):  # a plan the user edited and applied: kept, never replaced by a build
         return True
     auto = params.get("auto")
@@ -201,13 +231,137 @@ def _quant_matches(rec: dict | None, fmt: str, budget: float | None) -> bool:
     return not auto and formats == {fmt}
 
 
-def _engine_matches(ws: Workspace, out: Path, read_engine) -> bool:
-    """The engine at ``out`` is intact and is the one the workspace's export stage wrote."""
+def _engine_matches(ws: Workspace, out: Path, read_engine, accuracy: dict | None) -> bool:
+    """The engine at ``out`` is intact, is the one the workspace's export stage wrote, and carries ``accuracy``."""
     try:
         manifest, _, _ = read_engine(out)
-        return manifest == ws.read_json("export", "manifest.json")
+        return manifest == ws.read_json("export", "manifest.json") and manifest.get("accuracy") == accuracy
     except WorkbenchError:
         return False
+
+
+def _check_texts(options: BuildOptions, source, quantized: bool) -> None:
+    """Read --calib-data and --eval-data (which only a quantized build uses) once up front, so a bad file fails in
+    one line before any stage runs."""
+    from ..evaluate import dataset_path, load_text
+
+    for option, given in (("--calib-data", options.calib_data), ("--eval-data", options.eval_data)):
+        if given is None or not quantized:
+            continue
+        if source.kind == "random":
+            raise WorkbenchError(f"{option} {given}: this model has random weights and no tokenizer to read text "
+                                 f"with; leave {option} out (it uses seeded random token ids)")
+        load_text(dataset_path(given), option=option)
+
+
+def _calibration_request(options: BuildOptions, source) -> dict:
+    """What the quant stage's params["calibration"] must hold for a build with ``options`` to reuse it."""
+    from ..evaluate import dataset_path
+
+    data = None if source.kind == "random" else str(dataset_path(options.calib_data or "calibration").resolve())
+    return {"file": data, "requested": {"samples": options.samples, "seq_len": options.seq_len}}
+
+
+# ---- the accuracy gate ---------------------------------------------------------------------------------------
+#: evaluation tokens the gate measures on the CPU (the whole set on a GPU), and random ids for a model without text
+CPU_EVAL_TOKENS = 2048
+RANDOM_EVAL_TOKENS = 2048
+EVAL_WINDOW, EVAL_STRIDE = 512, 256  # as `workbench eval`
+
+
+def accuracy_gate(ws: Workspace, options: BuildOptions, device: str, log: Callable[[str], None]) -> dict:
+    """Perplexity of the quantized graph against the unquantized optimized one (``_measure_accuracy``, or the
+    workspace's up-to-date ``accuracy`` stage), said in one line; refuses an increase over
+    ``options.max_ppl_increase`` % unless ``options.force``. Returns the engine manifest's "accuracy" block."""
+    source_random = _workspace_source(ws).kind == "random"
+    name = options.eval_data or "evaluation"
+    params = _jsonable({"dataset": None if source_random else str(_dataset_file(name)),
+                        "max_tokens": RANDOM_EVAL_TOKENS if source_random else
+                        (None if device.startswith("cuda") else CPU_EVAL_TOKENS),
+                        "window": EVAL_WINDOW, "stride": EVAL_STRIDE, "device": device})
+    rec = ws.record("accuracy")
+    if _up_to_date(ws, "accuracy", rec is not None and rec["params"] == params):
+        result, when = ws.read_json("accuracy", "accuracy.json"), " (measured before: up to date)"
+    else:
+        result, when = _measure_accuracy(ws, params, name, force=options.force, log=log), ""
+    limit = options.max_ppl_increase
+    within = result["increase_pct"] <= limit
+    block = {**{k: v for k, v in result.items() if k != "what"}, "max_tokens": params["max_tokens"],
+             "limit_pct": limit, "within_limit": within, "forced": not within and options.force}
+    change = (f"{result['ppl_base']:.2f} -> {result['ppl']:.2f} ({_pct(result['increase_pct'])}) on "
+              f"{result['tokens']} {result['what']}")
+    if within:
+        log(f"accuracy: perplexity {change}; limit +{limit:g}%{when}")
+        return block
+    if options.force:
+        log(f"accuracy: perplexity {change}; OVER the limit +{limit:g}%, exported anyway (--force){when}")
+        return block
+    gentler = ("a smaller --budget or --precision bf16" if options.precision == "auto" else "a gentler precision "
+               "such as --precision auto")
+    raise WorkbenchError(f"accuracy gate: the {options.precision} graph's perplexity rises {change}, over the limit of +{limit:g}% "
+                         f"(--max-ppl-increase); build with {gentler}, or export it anyway with --force")
+
+
+def _measure_accuracy(ws: Workspace, params: dict, name, *, force: bool, log: Callable[[str], None]) -> dict:
+    """Measure the passes and quant graphs' perplexity as ``params`` says (``accuracy_gate``) into the workspace's
+    ``accuracy`` stage (accuracy.json); on a GPU both run the steps the engine runs (``Program.for_gpu_steps``)."""
+    from ..evaluate import dataset_label, load_text, perplexity
+    from ..graph.ir import Graph
+    from ..models.intake import load_tokenizer
+    from ..pipeline import load_program
+    from ..runtime.paged_cache import logits_fn
+
+    device = params["device"]
+    config = Graph.loads(ws.path("passes", "graph.json").read_text()).meta.get("config", {})
+    if params["dataset"] is None:
+        vocab = int(config["vocab_size"])
+        ids = torch.randint(1, vocab, (params["max_tokens"],), generator=torch.Generator().manual_seed(2))
+        dataset, files = "random token ids (no tokenizer)", []
+        what = "seeded random token ids (the model has no tokenizer)"
+    else:
+        path = Path(params["dataset"])
+        tokenizer = load_tokenizer(_workspace_source(ws))
+        text = load_text(path, option=None if name == "evaluation" else "--eval-data")
+        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+        dataset, files = dataset_label(name), [path]
+        what = f"tokens of {dataset}"
+        if params["max_tokens"] is not None and ids.numel() > params["max_tokens"]:
+            what += f" (its first {params['max_tokens']} tokens of {ids.numel()}: capped on the CPU)"
+            ids = ids[:params["max_tokens"]]
+    window = min(params["window"], int(config.get("max_position_embeddings") or params["window"]))
+    stride = min(params["stride"], max(1, window // 2))
+    log(f"accuracy: measuring the perplexity of the quantized and the unquantized graph on {device}, {ids.numel()} "
+        f"{what} ...")
+    ppl = {}
+    with ws.run("accuracy", params=params, upstream=("passes", "quant"), input_files=files, force=force) as run:
+        for stage in ("passes", "quant"):
+            program = load_program(ws, stage=stage, device=device)
+            if device.startswith("cuda"):
+                program = program.for_gpu_steps()  # the kernels the engine runs
+            ppl[stage] = perplexity(logits_fn(program), ids, window=window, stride=stride, progress=True)
+            del program
+        base, quant = ppl["passes"], ppl["quant"]
+        result = {"ppl_base": base.perplexity, "ppl": quant.perplexity,
+                  "increase_pct": (quant.perplexity / base.perplexity - 1) * 100, "tokens": quant.tokens_scored,
+                  "dataset": dataset, "what": what, "window": window, "stride": stride, "device": device}
+        run.write_json("accuracy.json", result)
+    return result
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.2f}%" if x == 0 or abs(x) >= 0.01 else f"{x:+.1e}%"
+
+
+def _dataset_file(name) -> Path:
+    from ..evaluate import dataset_path
+
+    return dataset_path(name).resolve()
+
+
+def _workspace_source(ws: Workspace):
+    from ..pipeline import workspace_source
+
+    return workspace_source(ws)
 
 
 def _jsonable(obj):

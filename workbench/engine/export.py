@@ -35,13 +35,15 @@ EXPORTABLE = ("tune", "quant", "passes")
 
 
 def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "latest",
-                  limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False) -> Path:
+                  limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False,
+                  accuracy: Mapping[str, Any] | None = None) -> Path:
     """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
 
     ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``runnable.latest_stage``), or one of
     those by name; it must be up to date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
     max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
-    ``force``: re-record the export even if ``ws/export`` was edited by hand."""
+    ``force``: re-record the export even if ``ws/export`` was edited by hand. ``accuracy``: the build's accuracy
+    gate result (perplexity before and after quantization), recorded in the manifest under "accuracy"."""
     from ..kernels.autotune import TimingCache, TunedChoices
     from ..kernels.profiles import OptimizationProfile
     from ..models.intake import load_tokenizer
@@ -112,6 +114,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
             "exported_on": env["host"],
             "tuned_for": tuned_for,
             "workspace": {"root": str(ws.root.resolve()), "stage": stage, "graph": graph_stage},
+            **({"accuracy": dict(accuracy)} if accuracy is not None else {}),
         }
         manifest = _write_engine(out, info, tensors, tokenizer, timings, manifest_extra)
         run.write_json("manifest.json", manifest)

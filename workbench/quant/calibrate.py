@@ -1,6 +1,7 @@
 """Calibration: run the calibration set through the graph and collect statistics per linear group.
 
     ids = calibration_ids(tokenizer)                       # datasets/calibration.txt, tokenized
+    ids = calibration_ids(tokenizer, "my_data.jsonl")      # or any file: plain text, or JSONL with "text"
     stats = calibrate(program, ids, samples=64, seq_len=256, observer="max")
     stats.input_scale("layers.3.down", "fp8")              # static per-tensor activation scale
     stats.save(path) / CalibrationStats.load(path, graph)  # safetensors + JSON beside it
@@ -14,8 +15,9 @@ taken once.
 
 The calibration tokens are cut into ``samples`` sequences of ``seq_len`` tokens, run
 ``batch`` sequences per step as a flat paged batch (the runtime's layout). Defaults follow
-TensorRT-LLM / ModelOpt practice on a GPU (512 × 512) and are smaller on a CPU (32 × 256); a set too
-small for the request is refused with the numbers, never silently reused.
+TensorRT-LLM / ModelOpt practice on a GPU (512 × 512) and are smaller on a CPU (32 × 256); without an
+explicit ``samples`` the count is what the set holds, up to that default (``choose_sizes``). A set too small
+for an explicit request is refused with the numbers, never silently reused.
 """
 
 from __future__ import annotations
@@ -39,11 +41,36 @@ def default_sizes(device: str | torch.device) -> dict[str, int]:
     return dict(GPU_DEFAULTS if torch.device(device).type == "cuda" else CPU_DEFAULTS)
 
 
-def calibration_ids(tokenizer, name: str = "calibration") -> torch.Tensor:
-    """A dataset from ``datasets/`` as one long sequence of token ids."""
+def calibration_ids(tokenizer, name_or_path: str | Path = "calibration") -> torch.Tensor:
+    """A text set as one long sequence of token ids: a name of ``datasets/`` or a file's path (plain text, or
+    JSONL with a ``text`` field; ``evaluate.load_text``)."""
     from ..evaluate import dataset_text
 
-    return torch.tensor(tokenizer(dataset_text(name)).input_ids, dtype=torch.long)
+    return torch.tensor(tokenizer(dataset_text(name_or_path)).input_ids, dtype=torch.long)
+
+
+def choose_sizes(num_tokens: int, device: str | torch.device, *, samples: int | None = None,
+                 seq_len: int | None = None, source: str = "the calibration set") -> tuple[int, int]:
+    """(samples, seq_len) for a set of ``num_tokens`` tokens: ``seq_len`` defaults to the device's; ``samples``
+    to what the set holds, up to the device's default, so the defaults take a small set whole instead of failing.
+    An explicit ``samples`` the set cannot fill is refused with the numbers (``source`` names the set)."""
+    defaults = default_sizes(device)
+    seq_len = seq_len or defaults["seq_len"]
+    if seq_len < 2:
+        raise WorkbenchError(f"seq_len must be >= 2 tokens per calibration sample (got {seq_len})")
+    most = num_tokens // seq_len
+    if not samples:
+        if most < 1:
+            raise WorkbenchError(f"{source} has {num_tokens} tokens, fewer than one sample of {seq_len} tokens; "
+                                 f"ask for shorter samples (at most {num_tokens}) or give a larger calibration set")
+        return min(most, defaults["samples"]), seq_len
+    if samples < 1:
+        raise WorkbenchError(f"samples must be >= 1 (got {samples})")
+    if num_tokens < samples * seq_len:
+        raise WorkbenchError(f"{source} has {num_tokens} tokens, too few for {samples} samples x {seq_len} tokens "
+                             f"({samples * seq_len}); ask for at most {most} samples of {seq_len} tokens (or leave "
+                             "the sample count out to take what it holds), shorter samples, or a larger calibration set")
+    return samples, seq_len
 
 
 @dataclass
@@ -59,6 +86,7 @@ class CalibrationStats:
     channels: dict[str, MaxObserver] = field(default_factory=dict)
     kv: dict[int, dict[str, MaxObserver]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    data: dict | None = None  # what the tokens were (sha256, token count): statistics are reused on the same only
 
     # ---- answers ----------------------------------------------------------------------------------------
     def input_scale(self, group: str, fmt: str) -> torch.Tensor:
@@ -113,7 +141,7 @@ class CalibrationStats:
         for g, w in self.weights.items():
             tensors[f"weights/{g}"] = w.detach().float().cpu()
         meta = {"model": self.model, "observer": self.observer, "samples": self.samples, "seq_len": self.seq_len,
-                "observers": observers, "kv_layers": sorted(self.kv)}
+                "observers": observers, "kv_layers": sorted(self.kv), "data": self.data}
         return tensors, meta
 
     def _all(self):
@@ -138,7 +166,7 @@ class CalibrationStats:
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CalibrationStats":
-        stats = cls(meta["model"], meta["observer"], meta["samples"], meta["seq_len"])
+        stats = cls(meta["model"], meta["observer"], meta["samples"], meta["seq_len"], data=meta.get("data"))
         for prefix, m in meta["observers"].items():
             obs = Observer.from_state({k[len(prefix) + 1:]: v for k, v in tensors.items()
                                        if k.startswith(prefix + "/")}, m)
@@ -190,17 +218,10 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
     graph = program.graph
     if not graph.meta.get("paged"):
         raise WorkbenchError("calibration runs a paged graph: run the passes first (`workbench optimize`)")
-    defaults = default_sizes(program.device)
-    samples = samples or defaults["samples"]
-    seq_len = seq_len or defaults["seq_len"]
-    if samples < 1 or seq_len < 2 or batch < 1:
-        raise WorkbenchError(f"samples, seq_len and batch must be >= 1, >= 2, >= 1 (got {samples}, {seq_len}, {batch})")
+    if batch < 1:
+        raise WorkbenchError(f"batch must be >= 1 sequence per step (got {batch})")
     ids = ids.reshape(-1)
-    if ids.numel() < samples * seq_len:
-        most = ids.numel() // seq_len
-        raise WorkbenchError(f"the calibration set has {ids.numel()} tokens, too few for {samples} samples x "
-                             f"{seq_len} tokens ({samples * seq_len}); ask for at most {most} samples of {seq_len} "
-                             f"tokens, shorter samples, or a larger calibration set")
+    samples, seq_len = choose_sizes(ids.numel(), program.device, samples=samples, seq_len=seq_len)
     make_observer(observer, **observer_options)  # a bad kind or option fails here, before any work
     groups = linear_groups(graph)
     first_node = {g.nodes[0]: name for name, g in groups.items()}

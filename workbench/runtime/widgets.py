@@ -82,8 +82,6 @@ class CapacityWidget:
 
     def update(self) -> None:
         """Recompute the plan and the figure from the fields (what every change does)."""
-        from IPython.display import display
-
         from .plots import capacity_figure
 
         layout = self.layout
@@ -96,7 +94,7 @@ class CapacityWidget:
             self.plan = self.table = self.figure = None
             self.error = str(e)
             self.status.value = f"<span style='color:#c00'>error: {e}</span>"
-            self.output.clear_output()
+            self.output.outputs = ()
             return
         self.error = None
         self.status.value = (f"{self.plan.summary()}<br>{layout.bytes_per_token} B per token, "
@@ -109,9 +107,10 @@ class CapacityWidget:
         self.table = concurrency_table(layout, fractions=fractions, lengths=[(shape["prompt_len"],
                                                                               shape["output_len"])], **budget)
         self.figure = capacity_figure(self.table, fraction=self.fraction.value)
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(self.figure)
+        # set the output area's contents directly: displaying inside ``with self.output`` kept headless kernels
+        # (nbclient, the notebook tests) from going idle for minutes after the figure
+        self.output.outputs = ()
+        self.output.append_display_data(self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
