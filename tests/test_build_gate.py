@@ -124,3 +124,18 @@ def test_the_gate_refuses_over_its_limit_unless_forced(tmp_path, capsys):
     assert "accuracy" not in load_engine(bf16).manifest
     assert main(["build", "tiny-llama", "--precision", "fp8", "--out", str(out), "--max-ppl-increase", "-1"]) == 2
     assert ">= 0; got -1.0" in capsys.readouterr().err
+
+
+def test_an_fp8_kv_cache_is_a_build_setting(tmp_path, capsys):
+    """--kv-cache fp8 with a quantized precision: the engine's cache is float8_e4m3fn; back to bf16, the quant
+    stage runs again; with --precision bf16 it is refused in one line."""
+    out, ws = tmp_path / "engine", tmp_path / "ws"
+    args = ["build", "tiny-llama", "--precision", "fp8", "--out", str(out), "--workspace", str(ws), *QUICK]
+    assert main([*args, "--kv-cache", "fp8"]) == 0
+    assert load_engine(out).limits.kv_cache_dtype == "float8_e4m3fn"
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "[3/5] quant: running" in capsys.readouterr().out
+    assert load_engine(out).limits.kv_cache_dtype == "bfloat16"
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(out), "--kv-cache", "fp8"]) == 2
+    assert "an FP8 KV cache is set by the quantization stage" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def _cmd_build(args) -> None:
                            max_num_batched_tokens=args.max_num_batched_tokens, samples=args.samples,
                            seq_len=args.seq_len, calib_data=args.calib_data, eval_data=args.eval_data,
                            max_ppl_increase=args.max_ppl_increase, device=args.device,
-                           kv_block_size=args.kv_block_size, force=args.force)
+                           kv_block_size=args.kv_block_size, kv_cache=args.kv_cache, force=args.force)
     build_engine(args.model, args.out, options, workspace=args.workspace, log=lambda line: print(line, flush=True))
 
 
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's precision in the engine (default bfloat16)")
     s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16)")
+    s.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"],
+                   help="the KV cache's format (fp8: with a quantized --precision; halves the cache, as TensorRT-LLM's "
+                        "FP8 recipes)")
     s.add_argument("--budget", type=float, default=1.0, help="--precision auto: perplexity increase allowed, in %% "
                    "(default 1)")
     _add_calibration_args(s)

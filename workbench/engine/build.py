@@ -57,6 +57,7 @@ class BuildOptions:
     device: str = "auto"             # calibration and tuning device; "auto": the GPU when there is one
     tune: bool | None = None         # None: tune when a GPU is present
     kv_block_size: int | None = None # tokens per KV-cache block; None: the paged pass's default (16)
+    kv_cache: str = "bf16"           # the KV cache's format: "bf16" (the model's dtype) or "fp8" (a quantized build)
     force: bool = False              # re-run stages edited by hand; export even over the accuracy gate's limit
 
     def __post_init__(self) -> None:
@@ -64,6 +65,11 @@ class BuildOptions:
             raise WorkbenchError(f"build: precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.auto_budget <= 0:
             raise WorkbenchError(f"build: the auto budget is a perplexity increase in %, > 0; got {self.auto_budget}")
+        if self.kv_cache not in ("bf16", "fp8"):
+            raise WorkbenchError(f"build: --kv-cache is bf16 or fp8, not {self.kv_cache!r}")
+        if self.kv_cache == "fp8" and self.precision == "bf16":
+            raise WorkbenchError("build: an FP8 KV cache is set by the quantization stage: give --precision fp8, int8 "
+                                 "or auto with --kv-cache fp8")
         if not self.max_ppl_increase >= 0:
             raise WorkbenchError(f"build: --max-ppl-increase is a perplexity increase in %, >= 0; got "
                                  f"{self.max_ppl_increase}")
@@ -145,10 +151,12 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
         skip_quant = "not needed (--precision bf16)"
     else:
         calib = _calibration_request(options, source)
-        skip_quant = _up_to_date(ws, "quant", _quant_matches(quant_rec, fmt, budget, calib, device))
+        skip_quant = _up_to_date(ws, "quant", _quant_matches(quant_rec, fmt, budget, calib, device)
+                                 and quant_rec["params"]["plan"].get("kv_cache", "bf16") == options.kv_cache)
     edited = quant_rec is not None and quant_rec["params"]["plan"].get("edited")
     stage("quant", skip_quant, lambda: pipeline.quant_stage(
-        ws, ws.stage_dir("quant") / "plan.json" if edited else None, fmt=fmt, auto_budget=budget,
+        ws, ws.stage_dir("quant") / "plan.json" if edited else None, fmt=fmt, kv_cache=options.kv_cache,
+        auto_budget=budget,
         samples=options.samples, seq_len=options.seq_len, device=device, calib_data=options.calib_data, log=log,
         force=options.force))
     if quantized:
