@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import add_model_args, build_program, refuse_cache_without_autotune, tune_for_shape  # noqa: E402
+from bench_program import add_model_args, build_program, refuse_cache_without_autotune, tune_for_shape  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.runtime.engine import LLMEngine  # noqa: E402
 from workbench.runtime.sampling import SamplingParams  # noqa: E402

@@ -5,7 +5,7 @@
 Steps with prompt chunks run eagerly, one Python call per graph node. This runs decode steps of ``--seqs``
 sequences and mixed steps (a ``--chunk``-token prompt chunk beside them) eagerly, times each with and
 without waiting for the GPU (host time vs. step time), and prints the functions with the most own time
-under cProfile. Random bf16 weights; ``--cache`` autotunes from a timing cache (else fixed tactics).
+under cProfile. Random bf16 weights; ``--cache`` autotunes from a timing cache (else the product's GPU defaults).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import TACTICS, build_program  # noqa: E402
-from workbench.graph.executor import Program  # noqa: E402
+from bench_program import build_program  # noqa: E402
 from workbench.runtime.engine import LLMEngine  # noqa: E402
 from workbench.runtime.sampling import SamplingParams  # noqa: E402
 from workbench.runtime.scheduler import SchedulerConfig  # noqa: E402
@@ -52,8 +51,6 @@ def main() -> None:
                                       prefill_len=args.chunk, edges=edges)
         program = program.with_choices(autotune_profile(program, profile, TimingCache.open(args.cache),
                                                         progress=False))
-    else:
-        program = Program(graph, program.params, device=args.device, tactics=TACTICS)
     vocab = graph.meta["config"]["vocab_size"]
     g = torch.Generator().manual_seed(0)
     rows = []

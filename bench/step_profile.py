@@ -29,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import TACTICS, add_model_args, build_program, refuse_cache_without_autotune  # noqa: E402
-from workbench.graph.executor import Program  # noqa: E402
+from bench_program import add_model_args, build_program, refuse_cache_without_autotune  # noqa: E402
 from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
 from workbench.profiling import time_fn, trace_program, trace_summary  # noqa: E402
@@ -143,8 +142,6 @@ def main() -> None:
                 edges.append(steps[i].tokens)
                 picks.append(chosen[i])
         program = program.with_choices(TunedChoices(edges, picks))
-    elif cuda:
-        program = Program(program.graph, program.params, device=device, tactics=TACTICS)
     gbps = copy_gbps(device) if cuda else float("nan")
     results = [profile_step(program, s, device, gbps) for s in steps]
     out = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "preset": source.spec,

@@ -1,34 +1,33 @@
-"""The runtime end to end against transformers, same process: batch-1 decode, offline throughput, latency
-under load.
+"""The runtime end to end, as a user runs it: an engine that ``workbench build`` made, through ``LLM``, against
+transformers in the same process: batch-1 decode, offline throughput, latency under load.
 
-    python3 bench/throughput.py --preset llama-3-8b --cases batch1,offline --requests 1000 \
-        --shapes 1000x1000,128x128 --autotune --cache $OUT/timings.json --out $OUT/throughput.json
+    python3 bench/throughput.py --engine engine/ --cases batch1,offline --requests 1000 --shapes 1000x1000,128x128 \
+        --out $OUT/throughput.json
+    python3 bench/throughput.py --preset llama-3-8b --precision fp8 --kv-cache fp8 --build-args "--kv-block-size 64" \
+        --cases offline --shapes 1000x1000 --requests 1000           # builds the engine first with `workbench build`
 
-The engine replays every step as a CUDA graph: decode steps in one per batch-size bucket, steps with prompt
-chunks in one per token-count bucket (``--compare-eager-steps`` also runs the offline and load cases with
-those steps eager, node by node, as the baseline of their ratio column); with asynchronous scheduling (the
-default on a GPU) the host prepares step N+1 while the GPU runs step N. Kernels: ``--autotune`` tunes the
-graph for decode buckets 1..``--max-num-seqs`` and the full prefill step first (``--cache``: a timing cache
-to reuse and extend; the autotuner re-times a cached entry only if its tuning space grew since), otherwise fixed tactics (Triton for the
-fused ops and attention, cuBLAS / ``_scaled_mm``). ``--precision fp8``: the graph calibrated on random tokens
-and quantized to FP8 W8A8 (``--kv-cache fp8`` adds the FP8 KV cache). Cases (``--cases``):
+Nothing here picks kernels or tactics: the engine runs its build's tuned choices (the product's GPU defaults where
+they do not apply), as ``LLM(engine)`` does. ``--max-num-seqs``, ``--max-num-batched-tokens`` and
+``--memory-fraction`` are ``LLM``'s own arguments (default: the engine's limits and ``LLM``'s fraction); each
+offline shape also runs ``LLM(engine)`` with no arguments at all ("user path", same prompts) and prints its ratio
+to the row above. Without ``--engine``, ``workbench build PRESET --precision P --kv-cache K BUILD_ARGS`` makes one
+(``--layers`` keeps that many decoder layers through a config.json). Cases (``--cases``):
 
-  batch1    one request, ``--batch1-len`` prompt and output tokens: decode tokens/s (first token
-            excluded) and the share of the HBM roofline (weight bytes per token / copy bandwidth measured
-            here); the replayed graph alone; the synchronous engine and the eager executor (their tokens
-            compared); transformers' ``generate`` on the same prompt
-  offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens; ``128x128:5000`` gives
-            a shape its own request count) submitted at once:
-            output tokens/s; transformers' ``generate`` on the first ``--hf-requests`` prompts as one static
-            batch (tuning, ``--autotune``, is for the first shape's mean context)
+  batch1    one request, ``--batch1-len`` prompt and output tokens: decode tokens/s (first token excluded), its
+            share of the HBM roofline (weight bytes per token / the copy ceiling measured here, the best of several
+            sizes) and of the spec sheet's bandwidth; the replayed graph alone; the synchronous engine and the eager
+            executor (their tokens compared); transformers' ``generate`` on the same prompt
+  offline   ``--requests`` requests of each of ``--shapes`` (input x output tokens; ``128x128:5000`` gives a shape
+            its own request count) submitted at once to ``LLM.generate``: output tokens/s; transformers' ``generate``
+            on the first ``--hf-requests`` prompts as one static batch
   check     the step graphs against eager steps on the GPU: 32 prompts of 300 tokens (prompt chunks beside
             decodes), greedy; the first tokens (from steps with prompt chunks) must agree, and their
             log-probabilities' largest difference is printed
   load      ``--load-requests`` requests of ``--load-len`` tokens arriving as a Poisson process at each of
             ``--rates`` requests/s: TTFT and time per output token (p50/p90/p99), output tokens/s
 
-Random token ids and random weights (speed does not depend on their values); every request runs to its
-output length (EOS ignored). Each offline run's step timeline is written next to ``--out`` (CSV).
+Random token ids (speed does not depend on their values); every request runs to its output length (EOS ignored).
+Each offline run's step timeline is written next to ``--out`` (CSV).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ import argparse
 import gc
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,21 +45,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.graph.executor import Program, resolve_params  # noqa: E402
-from workbench.graph.passes import run_passes  # noqa: E402
+from workbench import LLM  # noqa: E402
+from workbench.cli import main as workbench_main  # noqa: E402
 from workbench.models import load_model  # noqa: E402
-from workbench.models.intake import ModelSource, resolve_source  # noqa: E402
-from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
-from workbench.profiling.ceilings import copy_gbps  # noqa: E402
-from workbench.runtime.capacity import KVLayout, device_memory, plan_capacity  # noqa: E402
+from workbench.profiling.ceilings import copy_gbps, spec_sheet_gbps  # noqa: E402
+from workbench.runnable import open_runnable  # noqa: E402
 from workbench.runtime.engine import LLMEngine  # noqa: E402
 from workbench.runtime.sampling import SamplingParams  # noqa: E402
-from workbench.runtime.scheduler import SchedulerConfig  # noqa: E402
-
-TACTICS = {op: "triton" for op in ("workbench.rms_norm", "workbench.add_rms_norm", "workbench.silu_mul",
-                                   "workbench.rope", "workbench.paged_attention", "workbench.rms_norm_fp8",
-                                   "workbench.add_rms_norm_fp8", "workbench.silu_mul_fp8")}
-TACTICS["workbench.fp8_linear"] = "scaled_mm"
 
 
 def sync(device):
@@ -99,17 +91,28 @@ def step_kinds(steps) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_engine(program, prompts, output_len, *, num_blocks, config, device, timeline=None, keep=False,
-               **engine_options):
-    """All prompts submitted at once, run to completion: times, tokens, steps, the engine's graph."""
-    engine = LLMEngine(program, num_blocks=num_blocks, config=config, **engine_options)
+def make_engine(opened, *, llm: dict, engine_options: dict):
+    """The runtime of ``LLM(opened, **llm)`` (when ``engine_options`` is empty: the user's path itself), or an
+    ``LLMEngine`` with the same program, limits and cache sizing plus ``engine_options`` (diagnostic variants:
+    synchronous scheduling, no CUDA graphs, eager prompt-chunk steps)."""
+    if not engine_options:
+        return LLM(opened, **llm).engine
+    limits = opened.limits.narrowed(fixed=True, **{k: llm[k] for k in ("max_num_seqs", "max_num_batched_tokens")
+                                                   if k in llm})
+    return LLMEngine(opened.program, opened.tokenizer, limits=limits,
+                     **{k: v for k, v in llm.items() if k == "memory_fraction"}, **engine_options)
+
+
+def run_engine(opened, prompts, output_len, *, llm, device, timeline=None, keep=False, **engine_options):
+    """All prompts submitted at once, run to completion as ``LLM.generate`` does: times, tokens, steps, the engine."""
+    engine = make_engine(opened, llm=llm, engine_options=engine_options)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     sync(device)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     while engine.has_unfinished:
-        engine.step(finished_only=True)  # as LLM.generate: no output copies for requests still running
+        engine.step(finished_only=True)  # LLM.generate's loop: no output copies for requests still running
     sync(device)
     end = time.perf_counter()
     outs = [engine.output(str(i)) for i in range(len(prompts))]
@@ -120,19 +123,20 @@ def run_engine(program, prompts, output_len, *, num_blocks, config, device, time
     result = {"seconds": end - t0, "first_token_s": first - t0, "generated": sum(len(o.token_ids) for o in outs),
               "steps": len(steps), "preempted": int(steps["preempted"].sum()), "replays": engine.executor.replays,
               "eager_steps": eager_steps(steps), "step_kinds": step_kinds(steps),
-              "max_running": int(steps["running"].max()), "tokens": [o.token_ids for o in outs],
-              "logprobs": [o.logprobs for o in outs]}
+              "max_running": int(steps["running"].max()), "num_blocks": engine.scheduler.bm.num_blocks,
+              "tokens": [o.token_ids for o in outs], "logprobs": [o.logprobs for o in outs]}
     if not keep:
         del engine
         gc.collect()
+        torch.cuda.empty_cache() if str(device).startswith("cuda") else None
         return result, None
     return result, engine
 
 
-def run_load(program, prompts, output_len, rate, *, num_blocks, config, device, seed=0, **engine_options):
+def run_load(opened, prompts, output_len, rate, *, llm, device, seed=0, **engine_options):
     """Requests arriving as a Poisson process at ``rate`` per second; per-request TTFT and time per output
     token (from the arrival time each request was due, so queueing counts)."""
-    engine = LLMEngine(program, num_blocks=num_blocks, config=config, **engine_options)
+    engine = make_engine(opened, llm=llm, engine_options=engine_options)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     rng = random.Random(seed)
     gaps = [rng.expovariate(rate) for _ in prompts]
@@ -180,42 +184,6 @@ def run_hf(model, prompts, output_len, device):
             "requests": len(prompts)}
 
 
-def build_program(args, device):
-    """The optimized graph of the preset (random bf16 weights), quantized when asked: (source, program,
-    calibration seconds). The transformers model it was captured from is dropped, so that only the weights the
-    program runs stay on the GPU (with it, an FP8 program's KV cache would lose 13 GiB to the unused bf16
-    weights); ``run_hf_fresh`` builds it again for the baselines."""
-    source = resolve_source(args.preset)
-    if args.layers:
-        source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
-                             {**source.config, "num_hidden_layers": args.layers}, source.seed)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    lm = load_model(source, dtype=dtype, device=device)
-    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
-    if getattr(args, "block_size", None):
-        captured.graph.meta["kv_block_size"] = args.block_size  # tokens per KV block (the paged pass's default: 16)
-    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
-               **{k: v.to(device) for k, v in captured.constants.items()}}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=device)
-    del weights
-    calib_s = None
-    if args.precision != "bf16":
-        from workbench.quant import PrecisionPlan, calibrate, quantized_program
-
-        vocab = graph.meta["config"]["vocab_size"]
-        ids = torch.randint(0, vocab, (8 * 512,), generator=torch.Generator().manual_seed(1))
-        t0 = time.perf_counter()
-        stats = calibrate(program, ids, samples=8, seq_len=512, progress=False)
-        plan = PrecisionPlan.uniform(graph, args.precision, kv_cache=args.kv_cache)
-        program = quantized_program(program, plan, stats)
-        calib_s = time.perf_counter() - t0
-    del lm  # its parameters that the program uses (unfused bf16 weights) live on in program.params
-    gc.collect()
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
-    return source, program, calib_s
-
-
 def run_hf_fresh(source, prompts, output_len, device):
     """``run_hf`` on the transformers model of ``source`` built again (same seed, same weights), freed
     afterwards: the engine's KV cache needs the memory."""
@@ -229,40 +197,35 @@ def run_hf_fresh(source, prompts, output_len, device):
         torch.cuda.empty_cache() if device.startswith("cuda") else None
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """The arguments ``build_program`` reads: the preset, its layer count, the precision and the KV cache's."""
-    ap.add_argument("--preset", default="llama-3-8b")
-    ap.add_argument("--layers", type=int, help="keep only this many decoder layers")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
-    ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
-    ap.add_argument("--block-size", type=int, help="tokens per KV-cache block (default: the paged pass's, 16)")
+def engine_for(args, device) -> tuple[Path, float | None]:
+    """``--engine``, or the engine ``workbench build`` makes of ``--preset`` (its seconds)."""
+    if args.engine:
+        return args.engine, None
+    spec = args.preset
+    out = Path(args.engine_dir or f"/tmp/throughput_{args.preset}_{args.precision}_{args.kv_cache}")
+    if args.layers:  # the preset with fewer decoder layers, as a config.json the build takes
+        from workbench.models.presets import PRESETS
 
-
-def tune_for_shape(program, args, n_in: int, n_out: int, seqs: int, default_cache: str):
-    """``program`` with the choices tuned for offline requests of ``n_in`` prompt and ``n_out`` output tokens at
-    ``seqs`` sequences and ``args.max_num_batched_tokens`` tokens a step (decode buckets up to ``seqs``, tuned at
-    the requests' mean context), timings kept in ``args.cache`` (else ``default_cache``, afresh); and the
-    profile. Any bench that tunes so shares ``bench/throughput.py``'s timing cache."""
-    from workbench.kernels.autotune import TimingCache, autotune_profile
-    from workbench.kernels.profiles import OptimizationProfile
-
-    total = args.max_num_batched_tokens
-    edges = tuple(e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e < seqs) + (seqs, total)
-    profile = OptimizationProfile(max_tokens=total, max_seqs=seqs, context=n_in + n_out // 2, max_context=n_in + n_out,
-                                  prefill_len=min(n_in, total), edges=tuple(sorted(set(edges))))
-    cache = TimingCache.open(args.cache or Path(default_cache), reset=args.cache is None)
-    return program.with_choices(autotune_profile(program, profile, cache, progress=False, top_k=args.top_k)), profile
-
-
-def refuse_cache_without_autotune(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--cache`` is only read when tuning: alone it would be silently ignored and default tactics run."""
-    if args.cache and not args.autotune:
-        ap.error("--cache is the autotuner's timing cache: pass --autotune too (what the cache holds is not timed again)")
+        spec = str(out.with_name(out.name + "_config.json"))
+        Path(spec).write_text(json.dumps({**PRESETS[args.preset], "num_hidden_layers": args.layers}))
+    t0 = time.perf_counter()
+    argv = ["build", spec, "--precision", args.precision, "--kv-cache", args.kv_cache, "--out", str(out),
+            "--device", device, *shlex.split(args.build_args)]
+    print("workbench " + " ".join(argv), flush=True)
+    if workbench_main(argv) != 0:
+        sys.exit("throughput: workbench build failed (its error is above)")
+    return out, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_args(ap)
+    ap.add_argument("--engine", type=Path, help="the engine directory to run (default: build one of --preset)")
+    ap.add_argument("--preset", default="llama-3-8b", help="without --engine: the model `workbench build` takes")
+    ap.add_argument("--layers", type=int, help="without --engine: keep only this many decoder layers")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "int8", "auto"))
+    ap.add_argument("--kv-cache", default="bf16", choices=("bf16", "fp8"))
+    ap.add_argument("--build-args", default="", help="more `workbench build` arguments, e.g. \"--kv-block-size 64\"")
+    ap.add_argument("--engine-dir", help="where the built engine goes (default: /tmp/throughput_PRESET_...)")
     ap.add_argument("--cases", default="batch1,offline")
     ap.add_argument("--batch1-len", type=int, default=128)
     ap.add_argument("--requests", type=int, default=1000)
@@ -273,86 +236,60 @@ def main() -> None:
     ap.add_argument("--rates", default="4,16,64")
     ap.add_argument("--load-requests", type=int, default=200)
     ap.add_argument("--load-len", type=int, default=128)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--policy", default="max_utilization", choices=("max_utilization", "guaranteed_no_evict"),
-                    help="the scheduler's admission policy")
-    ap.add_argument("--memory-fraction", type=float, default=0.85)
+    ap.add_argument("--max-num-seqs", type=int, help="LLM's max_num_seqs (default: the engine's)")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="LLM's max_num_batched_tokens (default: the engine's)")
+    ap.add_argument("--memory-fraction", type=float, help="LLM's memory_fraction (default: LLM's)")
+    ap.add_argument("--no-user-path", action="store_true", help="offline: skip the LLM(engine) row with no arguments")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--autotune", action="store_true")
-    ap.add_argument("--cache", type=Path, help="timing cache to reuse and extend (default: a fresh one)")
-    ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--compare-eager-steps", action="store_true",
                     help="offline and load: also run steps with prompt chunks eagerly (the ratio's baseline)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    refuse_cache_without_autotune(ap, args)
     cases = set(args.cases.split(","))
     device = args.device
     cuda = device.startswith("cuda")
     t_start = time.perf_counter()
-    source, program, calib_s = build_program(args, device)
+    engine_dir, build_s = engine_for(args, device)
+    opened = open_runnable(engine_dir, device=device)
+    program, source = opened.program, opened.source
     graph = program.graph
-    tune_s = None
-    if args.autotune and cuda:
-        n_in, n_out, _ = parse_shape(args.shapes.split(",")[0], args.requests)
-        t0 = time.perf_counter()
-        program, profile = tune_for_shape(program, args, n_in, n_out, args.max_num_seqs, "/tmp/throughput_timings.json")
-        tune_s = time.perf_counter() - t0
-        gc.collect()  # the timing runs' inputs and their copies, before the engine sizes its KV cache
-        torch.cuda.empty_cache()
-        print(f"autotuned {len(profile.edges)} buckets {profile.edges} at context {profile.context} in {tune_s:.0f} s",
-              flush=True)
-    elif cuda:
-        program = Program(graph, program.params, device=device, tactics=TACTICS)
+    llm = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens",
+                                                                     args.max_num_batched_tokens),
+                             ("memory_fraction", args.memory_fraction)) if v is not None}
+    limits = opened.limits.narrowed(fixed=True, **{k: llm[k] for k in ("max_num_seqs", "max_num_batched_tokens")
+                                                   if k in llm})
     # the bytes a decode step must read: every parameter but the embedding table (one row of it); a table
     # that lm_head also reads (tied) counts
     read = {r for node in graph.nodes if node.op not in ("aten.embedding.default", "embedding") for r in node.refs()}
     weight_bytes = sum(p.numel() * p.element_size() for name, p in program.params.items() if name in read)
-    layout = KVLayout.from_graph(graph)
     vocab = graph.meta["config"]["vocab_size"]
-    config = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                             policy=args.policy)
     g = torch.Generator().manual_seed(0)
-
-    def blocks_for(prompt_len, output_len, requests):
-        """KV blocks for a case: what its requests can ever hold, at most what the free memory allows."""
-        need = requests * -(-(prompt_len + output_len) // layout.block_size)
-        if not cuda:
-            return need
-        gc.collect()
-        torch.cuda.empty_cache()
-        free, _ = device_memory(device)
-        plan = plan_capacity(layout, memory_bytes=free, fraction=args.memory_fraction, prompt_len=prompt_len,
-                             output_len=output_len)
-        print(plan.summary(), flush=True)
-        return min(plan.num_blocks, need)
-
+    tuning = opened.engine.tuning if opened.engine is not None else None
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "preset": source.spec, "args": {k: str(v) for k, v in vars(args).items()},
-              "weight_bytes": weight_bytes, "tune_s": tune_s, "calibration_s": calib_s}
+              "engine": str(engine_dir), "model": source.spec if source else None, "build_s": build_s,
+              "tuning": tuning, "limits": limits.to_json(), "args": {k: str(v) for k, v in vars(args).items()},
+              "weight_bytes": weight_bytes, "notes": opened.notes}
     rows = []  # (case, workbench, transformers, note)
     ceiling = copy_gbps(device) if cuda else None
+    spec = spec_sheet_gbps(device) if cuda else None
     roofline_tps = ceiling * 1e9 / weight_bytes if ceiling else None
-    result["copy_gbps"] = ceiling
+    result["copy_gbps"], result["spec_sheet_gbps"] = ceiling, spec
 
     if "batch1" in cases:
         n = args.batch1_len
         prompt = torch.randint(0, vocab, (1, n), generator=g).tolist()
-        blocks = blocks_for(n, n, 4)
-        run_engine(program, prompt, 4, num_blocks=blocks, config=config, device=device)  # warm up
-        one, engine = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device, keep=True)
+        run_engine(opened, prompt, 4, llm=llm, device=device)  # warm up
+        one, engine = run_engine(opened, prompt, n, llm=llm, device=device, keep=True)
         replay_ms = None
         if engine.executor._graphs.get((1, 1)):  # the batch-1 decode graph alone: GPU time per step
             from workbench.profiling import time_fn
 
             replay_ms = time_fn(engine.executor._graphs[(1, 1)][0].replay, repeats=50, device=device).median_ms
         del engine
-        one_sync, _ = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device,
-                                 async_scheduling=False)
-        one_eager, _ = run_engine(program, prompt, n, num_blocks=blocks, config=config, device=device,
-                                  cuda_graphs=False, async_scheduling=False)
+        one_sync, _ = run_engine(opened, prompt, n, llm=llm, device=device, async_scheduling=False)
+        one_eager, _ = run_engine(opened, prompt, n, llm=llm, device=device, cuda_graphs=False,
+                                  async_scheduling=False)
         same = one["tokens"] == one_sync["tokens"] == one_eager["tokens"]
 
         def tps(r):
@@ -364,6 +301,8 @@ def main() -> None:
                             "graph_replay_ms": replay_ms, "roofline_tps": roofline_tps, "hf_tps": hf_tps,
                             "tokens_equal": same}
         roof = f"{tps(one) / roofline_tps:.1%} of the HBM roofline ({roofline_tps:.0f} tok/s)" if roofline_tps else ""
+        if roofline_tps and spec:  # the spec sheet's bandwidth, which no copy reaches: for comparison only
+            roof += f"; {tps(one) * weight_bytes / 1e9 / spec:.1%} of the spec sheet's {spec / 1e3:.2f} TB/s"
         rows.append(("batch-1 decode, tok/s", tps(one), hf_tps, roof))
         if replay_ms:
             rows.append(("  the decode graph replayed alone, tok/s", 1e3 / replay_ms, None,
@@ -376,11 +315,9 @@ def main() -> None:
 
     if "check" in cases:  # step graphs against eager steps, on this GPU's kernels
         prompts = torch.randint(0, vocab, (32, 300), generator=g).tolist()
-        check_config = SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=args.max_num_seqs)
-        blocks = blocks_for(300, 16, 32)
-        graphs, _ = run_engine(program, prompts, 16, num_blocks=blocks, config=check_config, device=device)
-        eager, _ = run_engine(program, prompts, 16, num_blocks=blocks, config=check_config, device=device,
-                              graph_token_sizes=())
+        check = {**llm, "max_num_batched_tokens": min(1024, limits.max_num_batched_tokens)}
+        graphs, _ = run_engine(opened, prompts, 16, llm=check, device=device)
+        eager, _ = run_engine(opened, prompts, 16, llm=check, device=device, graph_token_sizes=())
         first_same = sum(a[0] == b[0] for a, b in zip(graphs["tokens"], eager["tokens"]))
         all_same = sum(a == b for a, b in zip(graphs["tokens"], eager["tokens"]))
         dlp = max(abs(a[0] - b[0]) for a, b in zip(graphs["logprobs"], eager["logprobs"]))
@@ -394,12 +331,10 @@ def main() -> None:
         for shape in args.shapes.split(","):
             n_in, n_out, requests = parse_shape(shape, args.requests)
             prompts = torch.randint(0, vocab, (requests, n_in), generator=g).tolist()
-            blocks = blocks_for(n_in, n_out, requests)
-            timeline = args.out.with_name(f"timeline_{args.precision}_{n_in}_{n_out}.csv") if args.out else None
-            run_engine(program, prompts[:args.max_num_seqs], 2, num_blocks=blocks, config=config, device=device)
-            run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # odd shapes
-            many, _ = run_engine(program, prompts, n_out, num_blocks=blocks, config=config, device=device,
-                                 timeline=timeline)
+            timeline = args.out.with_name(f"timeline_{n_in}_{n_out}.csv") if args.out else None
+            run_engine(opened, prompts[:limits.max_num_seqs], 2, llm=llm, device=device)  # warm up
+            run_load(opened, prompts[:32], 8, 200.0, llm=llm, device=device)  # odd shapes
+            many, _ = run_engine(opened, prompts, n_out, llm=llm, device=device, timeline=timeline)
             many.pop("tokens")
             many_tps = many["generated"] / many["seconds"]
             gc.collect()
@@ -410,7 +345,7 @@ def main() -> None:
                 hf = run_hf_fresh(source, prompts[:args.hf_requests], n_out, device)
             hf_tps = hf["generated"] / hf["seconds"] if hf else None
             result.setdefault("offline", {})[shape] = {"engine": many, "engine_tps": many_tps, "hf": hf,
-                                                      "hf_tps": hf_tps, "num_blocks": blocks}
+                                                      "hf_tps": hf_tps}
             rows.append((f"offline {requests} x {n_in}/{n_out}, output tok/s", many_tps, hf_tps,
                          f"{many['seconds']:.1f} s, {many['steps']} steps ({many['eager_steps']} eager), up to "
                          f"{many['max_running']} running, {many['preempted']} preemptions"
@@ -421,9 +356,16 @@ def main() -> None:
                          f"{dec['mean_ms']:.2f} ms each ({dec['total_s']:.1f} s); {pro['steps']} with prompt tokens "
                          f"({pro['prefill_tokens']:.0f} + {pro['decode_tokens']:.0f} decodes), {pro['mean_ms']:.1f} ms "
                          f"each ({pro['total_s']:.1f} s)"))
+            if llm and not args.no_user_path:  # LLM(engine) with no arguments: what a user gets
+                user, _ = run_engine(opened, prompts, n_out, llm={}, device=device)
+                user.pop("tokens"), user.pop("logprobs")
+                user_tps = user["generated"] / user["seconds"]
+                result["offline"][shape]["user_path"] = user
+                rows.append(("  user path: LLM(engine) with no arguments, tok/s", user_tps, many_tps,
+                             f"{user['seconds']:.1f} s, up to {user['max_running']} running, {user['preempted']} "
+                             f"preemptions, {user['num_blocks']} KV blocks (baseline: the row above)"))
             if args.compare_eager_steps:
-                slow, _ = run_engine(program, prompts, n_out, num_blocks=blocks, config=config, device=device,
-                                     graph_token_sizes=())
+                slow, _ = run_engine(opened, prompts, n_out, llm=llm, device=device, graph_token_sizes=())
                 slow.pop("tokens")
                 slow_tps = slow["generated"] / slow["seconds"]
                 result["offline"][shape]["eager_steps_engine"] = {k: v for k, v in slow.items() if k != "logprobs"}
@@ -434,15 +376,14 @@ def main() -> None:
     if "load" in cases:
         n = args.load_len
         prompts = torch.randint(0, vocab, (args.load_requests, n), generator=g).tolist()
-        blocks = blocks_for(n, n, args.load_requests)
-        run_load(program, prompts[:32], 8, 200.0, num_blocks=blocks, config=config, device=device)  # warm up
+        run_load(opened, prompts[:32], 8, 200.0, llm=llm, device=device)  # warm up
         result["load"] = []
         modes = [("", {})] + ([("  prompt-chunk steps eager: ", {"graph_token_sizes": ()})]
                               if args.compare_eager_steps else [])
         for rate in (float(r) for r in args.rates.split(",")):
             base = None
             for label, options in modes:
-                r = run_load(program, prompts, n, rate, num_blocks=blocks, config=config, device=device, **options)
+                r = run_load(opened, prompts, n, rate, llm=llm, device=device, **options)
                 r["step_graphs"] = not options
                 result["load"].append(r)
                 t, p = r["ttft_ms"], r["tpot_ms"]
@@ -458,11 +399,13 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - t_start
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\n{result['gpu']}, torch {torch.__version__}: {source.spec}, {args.precision} "
-          f"{'+ fp8 KV cache ' if args.kv_cache == 'fp8' else ''}({weight_bytes / 2**30:.2f} GiB of weights read "
-          f"per step); {'autotuned' if tune_s is not None else 'fixed tactics'}; "
-          f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, "
-          f"policy {args.policy}")
+    precision = (opened.engine.precision or {}) if opened.engine is not None else {}
+    formats = sorted({g.get("format") for g in precision.get("groups", {}).values()}) or ["bf16"]
+    print(f"\n{result['gpu']}, torch {torch.__version__}: engine {engine_dir} ({source.spec if source else '?'}; "
+          f"linears {'/'.join(formats)}, KV cache {limits.kv_cache_dtype} in blocks of {limits.block_size}; "
+          f"{weight_bytes / 2**30:.2f} GiB of weights read per step); kernels: "
+          f"{'tuned on this GPU' if tuning else 'GPU defaults (not tuned here)'}; LLM({', '.join(f'{k}={v}' for k, v in llm.items()) or 'engine'}): "
+          f"max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens {limits.max_num_batched_tokens}")
     print(f"{'case':<58} {'workbench':>10} {'baseline':>13} {'ratio':>7}  notes (baseline: transformers "
           "unless the case says)")
     for case, ours, theirs, note in rows:

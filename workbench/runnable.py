@@ -82,6 +82,8 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
     ("latest": ``latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
     model's own; ``paged=False`` also admits a workspace's captured graph (perplexity, not the runtime);
     ``dtype`` and ``kv_block_size`` apply to a model source."""
+    if isinstance(target, Runnable):  # opened already (a bench running several engines over one load)
+        return target
     device = resolve_device(device)
     runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress)
     if runnable.device.type == "cuda" and not runnable.program.graph_safe:
