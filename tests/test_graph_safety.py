@@ -75,6 +75,13 @@ def test_a_tuned_unsafe_choice_is_replaced_by_the_safe_default(tiny_program):
     assert any("paged_attention: reference is not CUDA-graph safe, running triton" in line for line in gpu.notes)
 
 
+def test_for_gpu_steps_keeps_choices_given_as_one_mapping(tiny_program):
+    norm = next(n.name for n in tiny_program.graph.nodes if n.op == "workbench.rms_norm")
+    config = REGISTRY.get("workbench.rms_norm").tactics["triton"].configs[-1]
+    gpu = tiny_program.with_choices({norm: ("triton", config)}).for_gpu_steps()
+    assert gpu._plans[0][[n.name for n in gpu.graph.nodes].index(norm)][1].keywords == {"config": config}
+
+
 def test_for_gpu_steps_keeps_the_results(tiny_program):
     gpu = tiny_program.for_gpu_steps()
     for step in prefill_then_decode(tiny_program):
@@ -124,3 +131,32 @@ def test_autotuner_never_chooses_an_unsafe_candidate(tiny_program, tmp_path):
         op = tiny_program.graph.node(name).op
         assert tactic == (REFERENCE if REGISTRY.get(op).graph_safe else "triton"), (name, op, tactic)
     assert any(tiny_program.graph.node(n).op == "workbench.paged_attention" for n in choices)
+
+
+def test_the_build_log_names_gpu_kernel_fallbacks(tmp_path, capsys):
+    """An FP8 lm_head over a vocabulary that is not a multiple of 16 cannot run torch._scaled_mm (the FP8 linear's
+    first GPU default): `workbench build` says, in one line, that the GPU runs the next default there."""
+    import json
+
+    from workbench.cli import main
+    from workbench.models.presets import PRESETS
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-llama"], "vocab_size": 501}))
+    plan = tmp_path / "plan.json"
+    assert main(["build", str(config), "--precision", "fp8", "--out", str(tmp_path / "e"), "--samples", "4",
+                 "--seq-len", "32", "--device", "cpu"]) == 0
+    assert "GPU kernels:" not in capsys.readouterr().out  # lm_head stays bf16 in a uniform plan: nothing falls back
+    from workbench.quant import PrecisionPlan
+    from workbench.workspace import Workspace
+
+    ws = Workspace(tmp_path / "e.workspace")
+    edited = PrecisionPlan.loads(ws.path("quant", "plan.json").read_text()).with_format("lm_head", "fp8", edited=True)
+    plan.write_text(edited.dumps())
+    assert main(["quantize", str(ws.root), "--plan", str(plan), "--samples", "4", "--seq-len", "32",
+                 "--device", "cpu"]) == 0
+    assert main(["build", str(config), "--precision", "fp8", "--out", str(tmp_path / "e"), "--samples", "4",
+                 "--seq-len", "32", "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert ("GPU kernels: workbench.fp8_linear: tactic scaled_mm skipped (torch._scaled_mm needs K and N to be "
+            "multiples of 16, got K=64, N=501)") in log

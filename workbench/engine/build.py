@@ -194,6 +194,13 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
                                                        force=options.force, accuracy=accuracy))
     log(f"engine {out}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
         f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}")
+    # what a GPU runs instead of a kernel that cannot take this model's shapes, one line per reason
+    from ..graph.executor import gpu_fallback_notes
+    from ..kernels.autotune import TunedChoices
+
+    choices = TunedChoices.from_json(ws.read_json("tune", "choices.json")) if tuned else None
+    for line in gpu_fallback_notes(graph, choices):
+        log(f"GPU kernels: {line}")
     return out
 
 

@@ -8,6 +8,9 @@ row without padding.
 This is the correctness oracle for every later stage and the CPU path. It frees
 each intermediate after its last reader, so peak memory is what the model needs,
 not the sum of every node's output.
+
+``gpu_fallback_notes(graph, choices)`` says, without a GPU or weights, which nodes a GPU program
+(``Program.for_gpu_steps``) would run on a fallback and why (one line per reason; for the build log).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from ..errors import WorkbenchError
 from ..kernels.autotune import TunedChoices
 from ..kernels.registry import REFERENCE, REGISTRY, OpRegistry
-from .ir import Graph, Ref, dtype_from_name
+from .ir import Graph, Node, Ref, dtype_from_name
 
 #: ``Program(tactics=DEFAULTS)``: each op's GPU default (``OpDef.default_impl``) where no choice names one
 DEFAULTS = "defaults"
@@ -46,6 +49,7 @@ class Program:
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
         self.tuned = choices if isinstance(choices, TunedChoices) else None
+        self._choices = choices  # as given (one mapping for every step, or TunedChoices): for_gpu_steps keeps them
         self.graph_safe = graph_safe
         self.notes: list[str] = []
         per_bucket = self.tuned.choices if self.tuned else [dict(choices or {})]
@@ -60,7 +64,7 @@ class Program:
             tactic_ops()  # registers the Triton tactics
         self.tactics = tactics
         self._registry = registry
-        self._specs = self._sizes = None  # static specs for tactics' ``supports`` (built on first use)
+        self._meta = None  # node -> meta arguments for tactics' ``supports`` (``meta_arguments``, built on first use)
         self._names: list[dict[str, str]] = []  # per plan: node -> the implementation it runs
         self._unsafe: list[list[str]] = []  # per plan: nodes whose implementation is not graph-safe
         self._plans = [self._plan(registry, c) for c in per_bucket]
@@ -74,7 +78,7 @@ class Program:
         """The program a GPU runtime runs: its tuned choices where they are graph-safe, each op's GPU default
         everywhere else (an untuned graph, a node the tuning left out, a choice a CUDA graph cannot capture)."""
         return Program(self.graph, self.params, device=self.device, registry=self._registry, tactics=DEFAULTS,
-                       choices=self.tuned, graph_safe=True)
+                       choices=self._choices, graph_safe=True)
 
     def unsafe_nodes(self, tokens: int | None = None) -> list[str]:
         """Nodes whose implementation may not be captured in a CUDA graph, in the plan a step of ``tokens``
@@ -131,29 +135,10 @@ class Program:
                 self.notes.append(line)
 
     def _meta_args(self, node) -> tuple[tuple, dict]:
-        """The node's arguments as meta tensors of its static shapes (symbolic dims at a small size): what a
-        tactic's ``supports`` reads."""
-        if self._specs is None:
-            self._specs = self.graph.specs()
-            self._sizes = {d: max(r.get("min", 1), min(16, r.get("max", 16))) for d, r in self.graph.dims.items()}
-
-        def meta(v):
-            if isinstance(v, Ref):
-                spec = self._specs.get(v.name)
-                if spec is None:
-                    return None
-                try:
-                    shape = spec.concrete_shape(self._sizes)
-                except Exception:  # noqa: BLE001 - a dim this cannot size: the tactic sees no shape
-                    return None
-                return torch.empty(shape, dtype=dtype_from_name(spec.dtype), device="meta")
-            if isinstance(v, list):
-                return [meta(x) for x in v]
-            if isinstance(v, dict):
-                return {k: meta(x) for k, x in v.items()}
-            return v
-
-        return tuple(meta(a) for a in node.args), {k: meta(v) for k, v in node.kwargs.items()}
+        """The node's arguments as meta tensors of its static shapes (``meta_arguments``)."""
+        if self._meta is None:
+            self._meta = meta_arguments(self.graph)
+        return self._meta(node)
 
     def _plan(self, registry: OpRegistry, choices: Mapping) -> list[tuple[str, Callable, list, dict, list[str]]]:
         last_use: dict[str, int] = {}
@@ -227,6 +212,61 @@ class Program:
         return out[0] if flat else out
 
     __call__ = logits
+
+
+def meta_arguments(graph: Graph) -> Callable[[Node], tuple[tuple, dict]]:
+    """node -> its (args, kwargs) with every value ref replaced by a meta tensor of its static shape and dtype
+    (symbolic dims at a small size: their range's minimum, or 16 where the range allows): what a tactic's
+    ``supports`` and ``OpDef.default_impl`` read, without weights or a device. A value whose shape cannot be
+    sized is None. The graph's specs are computed once, here."""
+    specs = graph.specs()
+    sizes = {d: max(r.get("min", 1), min(16, r.get("max", 16))) for d, r in graph.dims.items()}
+
+    def meta(v):
+        if isinstance(v, Ref):
+            spec = specs.get(v.name)
+            if spec is None:
+                return None
+            try:
+                shape = spec.concrete_shape(sizes)
+            except Exception:  # noqa: BLE001 - a dim this cannot size: the tactic sees no shape
+                return None
+            return torch.empty(shape, dtype=dtype_from_name(spec.dtype), device="meta")
+        if isinstance(v, list):
+            return [meta(x) for x in v]
+        if isinstance(v, dict):
+            return {k: meta(x) for k, x in v.items()}
+        return v
+
+    return lambda node: (tuple(meta(a) for a in node.args), {k: meta(v) for k, v in node.kwargs.items()})
+
+
+def gpu_fallback_notes(graph: Graph, choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None,
+                       *, registry: OpRegistry = REGISTRY) -> list[str]:
+    """The GPU kernel fallbacks of ``graph``, one line per distinct reason, found without a GPU or weights (for
+    the build log): what ``Program.for_gpu_steps()`` records in ``notes`` (a default tactic passed over, with
+    its one-line reason: not graph-safe, or its ``supports`` refuses the node's static shapes; a tuned choice
+    that is not graph-safe, replaced), plus a line per op left with no graph-safe implementation (GPU steps
+    that contain it run eagerly). ``choices``: the autotuner's, per node or ``TunedChoices``."""
+    from ..kernels.autotune import tactic_ops
+
+    tactic_ops()  # registers the Triton tactics (importing them needs no GPU)
+    meta = meta_arguments(graph)
+    per_bucket = choices.choices if isinstance(choices, TunedChoices) else [dict(choices or {})]
+    notes: list[str] = []
+    for bucket in per_bucket:
+        for node in graph.nodes:
+            opdef = registry.get(node.op)
+            tuned = bucket.get(node.name)
+            if tuned is not None and opdef.is_graph_safe(tuned[0]):
+                continue
+            name, lines = opdef.default_impl(*meta(node))
+            if tuned is not None and opdef.is_graph_safe(name):
+                lines.append(f"{opdef.name}: {tuned[0]} is not CUDA-graph safe, running {name}")
+            if not opdef.is_graph_safe(name):
+                lines.append(f"{opdef.name}: no CUDA-graph safe implementation; GPU steps with it run eagerly")
+            notes += [line for line in lines if line not in notes]
+    return notes
 
 
 def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -589,12 +589,9 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
                   torch.float8_e4m3fn)
     out_dtype = _out_dtype(x, out_dtype)
     rowwise = input_scale is None or input_scale.numel() > 1 or weight_scale.numel() > 1
-    if K % 16 or N % 16:
-        raise WorkbenchError(f"{op}: torch._scaled_mm needs K and N to be multiples of 16, got K={K}, N={N}; "
-                             "use the triton tactic for this shape")
-    if rowwise and out_dtype != torch.bfloat16:
-        raise WorkbenchError(f"{op}: torch._scaled_mm with per-token or per-channel (row-wise) scales writes only "
-                             f"bfloat16, not {out_dtype}; pass out_dtype=torch.bfloat16 or use the triton tactic")
+    refusal = _scaled_mm_refusal(N, K, rowwise, out_dtype)
+    if refusal:
+        raise WorkbenchError(f"{op}: {refusal}; use the triton tactic for this shape")
     x2 = _rows(x)
     M = x2.shape[0]
     xq, sx = _quantize_x(x2, input_scale, torch.float8_e4m3fn)
@@ -612,6 +609,32 @@ def fp8_linear_scaled_mm(x, weight, weight_scale, input_scale=None, bias=None, o
     if late_bias:
         y += bias.float()
     return y.view(*x.shape[:-1], N)
+
+
+def _scaled_mm_refusal(N: int, K: int, rowwise: bool, out_dtype: torch.dtype) -> str | None:
+    """Why cuBLAS's ``torch._scaled_mm`` cannot run an [M, K] x [K, N] FP8 product writing ``out_dtype``, or None."""
+    if K % 16 or N % 16:
+        return f"torch._scaled_mm needs K and N to be multiples of 16, got K={K}, N={N}"
+    if rowwise and out_dtype != torch.bfloat16:
+        return (f"torch._scaled_mm with per-token or per-channel (row-wise) scales writes only bfloat16, not "
+                f"{out_dtype}")
+    return None
+
+
+def _scaled_mm_supports(args: tuple, kwargs: dict) -> str | None:
+    """``fp8_linear_scaled_mm.supports``: its CUDA rules on the arguments' shapes and dtypes (meta tensors do), so
+    that a GPU default falls back to the Triton tiles (an lm_head over a vocabulary of 32001, an fp32 output)."""
+    names = ("x", "weight", "weight_scale", "input_scale", "bias", "out_dtype")
+    bound = {**dict(zip(names, args)), **kwargs}
+    x, weight, weight_scale = bound["x"], bound["weight"], bound["weight_scale"]
+    if x is None or weight is None or weight_scale is None or weight.dim() != 2:
+        return None  # shapes unknown here: the call checks them
+    input_scale = bound.get("input_scale")
+    rowwise = input_scale is None or input_scale.numel() > 1 or weight_scale.numel() > 1
+    return _scaled_mm_refusal(weight.shape[0], weight.shape[1], rowwise, _out_dtype(x, bound.get("out_dtype")))
+
+
+fp8_linear_scaled_mm.supports = _scaled_mm_supports
 
 
 # --- workbench.int8_linear ------------------------------------------------------------------------------------

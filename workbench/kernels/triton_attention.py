@@ -8,7 +8,9 @@ over ``query_start_loc`` on the device (no host sync, no per-step grid computati
 
 A program takes BLOCK_Q query tokens × the GROUP query heads that share its KV head
 (GQA/MQA: the KV heads are read once for all of them), i.e. BLOCK_M = BLOCK_Q · GROUP
-rows, with an online softmax (base 2) over its keys in tiles of BLOCK_N, in two ranges:
+rows (a power of two, at least 16: ``query_rows`` rounds them up, and at a GROUP of 3, 5 or 7
+takes as many tokens as they hold, the last rows padding), with an online softmax (base 2)
+over its keys in tiles of BLOCK_N, in two ranges:
 
     keys:  0 ........ context | context ........ last query of the block
            cached: gathered   | this step's own: contiguous, from k/v or write_kv's copies;
@@ -287,8 +289,11 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
-        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0):
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
+        PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0,
+        ROWS: tl.constexpr = 0):
+    # query rows per program (``query_rows``): BLOCK_Q · GROUP, or with ROWS a power of two above it whose last
+    # ROWS - BLOCK_Q · GROUP rows are padding (a GROUP that is not a power of two: 3, 5, 7)
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP if ROWS == 0 else ROWS
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if SEQ_MODE == 1:  # a mixed step's decode launch: program i takes sequence i if it has one new token
@@ -341,6 +346,8 @@ def _paged_attention_kernel(
         tok = q_start + rows // GROUP
         head = kv_head * GROUP + rows % GROUP
         row_ok = tok < n_q
+        if BLOCK_M != BLOCK_Q * GROUP:  # padding rows (their tok is the next block's first): never stored
+            row_ok = row_ok & (rows < BLOCK_Q * GROUP)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q_row = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t
@@ -470,10 +477,10 @@ def _combine_kernel(O_PART, LSE, O, sp_s, sp_h, sp_t, sl_s, sl_h, so_h, so_t,
     tl.store(O + h * so_h + t * so_t + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-#: Tuning space: query tokens per program (BLOCK_Q · GROUP must be >= 16 on a GPU), KV tile, warps, stages,
-#: SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long contexts), and
-#: optionally maxnreg, a cap on registers per thread (more programs per SM; ``prune`` offers a capped config only
-#: to the steps of its kind: BLOCK_Q 4 to decode, BLOCK_Q >= 16 to prompt steps).
+#: Tuning space: query tokens per program (``query_rows`` makes BLOCK_Q · GROUP rows a power of two >= 16), KV tile,
+#: warps, stages, SPLITS, the number of slices the key range is cut into (split-KV, for few programs over long
+#: contexts), and optionally maxnreg, a cap on registers per thread (more programs per SM; ``prune`` offers a capped
+#: config only to the steps of its kind: BLOCK_Q 4 to decode, BLOCK_Q >= 16 to prompt steps).
 CONFIGS = [
     {"BLOCK_Q": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},   # the default: any step
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
@@ -538,6 +545,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         num_warps=4 if kv_heads * head_dim >= 1024 else 1)
 
 
+def query_rows(block_q: int, group: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_Q) of a launch at a config's ``BLOCK_Q`` and GQA ``group``: the program's query rows,
+    BLOCK_Q · GROUP rounded up to a power of two (``tl.arange``) of at least 16 (``tl.dot`` on a GPU), and the
+    tokens it takes, as many as fit. At a power-of-two group, BLOCK_Q · GROUP rows (BLOCK_Q raised to fill 16);
+    at 3, 5 or 7 query heads per KV head (SmolLM2's 9 / 3, Qwen2's 14 / 2 and 28 / 4) the block holds
+    ``rows // group`` tokens and its last ``rows % group`` rows are padding: BLOCK_Q 16 at group 3 is 21 tokens
+    in 64 rows (one padding row), where rounding the tokens up to 16 would pad 16 of them."""
+    rows = triton.next_power_of_2(max(block_q * group, 16))
+    return rows, rows // group
+
+
 def _rope_rows(t: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:
     """cos or sin ([.., tokens, head_dim], one row per token; the graph's [1, 1, tokens, head_dim]) as
     [tokens, head_dim] with a unit last stride."""
@@ -594,7 +612,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     scale = head_dim ** -0.5 if scale is None else scale
 
     def launch(cfg: dict, seq_mode: int) -> None:
-        block_q = max(cfg["BLOCK_Q"], triton.next_power_of_2(-(-16 // group)))
+        block_m, block_q = query_rows(cfg["BLOCK_Q"], group)
         splits = cfg.get("SPLITS", 1)
         programs = seqs if seq_mode == 1 else tokens // block_q + seqs
         if splits > 1:
@@ -619,7 +637,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             BLOCK_N=cfg["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
-            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode,
+            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:
@@ -639,6 +657,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         launch(config, 0)
     return out
 
+
+#: The largest query tile (rows × BLOCK_D, each an fp32 accumulator and an operand element) ``prune`` offers: 256
+#: rows at head dim 128, 128 at 256 (see ``prune``)
+MAX_QUERY_TILE = 32768
 
 #: The decode launch of a mixed step (``"DECODE"`` in a config; see ``paged_attention``): 4 query rows per KV head,
 #: int16 pairs, registers capped at 80 so that 6 programs share an SM: the fastest at 512 decodes of 1500 on the
@@ -661,11 +683,24 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
 
     A step with prompt chunks beside decodes (sequences of one new token) also tries each config with
     its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
-    decode program multiplies 128-256 query rows of which GROUP are real."""
+    decode program multiplies 128-256 query rows of which GROUP are real.
+
+    Configs whose query tile (``query_rows`` × BLOCK_D) exceeds ``MAX_QUERY_TILE`` elements are dropped (all of
+    them never: the smallest stays): at GROUP 8 and head dim 256 (Gemma-2B), BLOCK_Q 64 compiled for sm_90 in
+    408 s (Triton 3.9, ahead of time on a CPU) to a kernel asking for 320 KB of shared memory (an H100 or H200
+    block gets 227 KB), BLOCK_Q 32 in 54 s to 192 KB, both spilling 8-26 KB per thread; at groups 5 and 7
+    (Qwen2) BLOCK_Q 64 rounds up to 512 rows. Llama-3-8B's configs (group 4, head dim 128: at most 256 rows)
+    all stay."""
     q, kv_cache, seq_lens, query_start_loc = args[0], args[3], args[6], args[7]
+    group, block_d = q.shape[1] // kv_cache.shape[3], triton.next_power_of_2(kv_cache.shape[-1])
+    tiles = {id(c): query_rows(c["BLOCK_Q"], group)[0] * block_d for c in configs}
+    configs = ([c for c in configs if tiles[id(c)] <= MAX_QUERY_TILE]
+               or [min(configs, key=lambda c: tiles[id(c)])])
     if q.shape[2] <= 4 * seq_lens.shape[0]:
         return [c for c in configs if "maxnreg" not in c or c["BLOCK_Q"] < 16]
-    kept = [c for c in configs if c.get("SPLITS", 1) == 1 and c["BLOCK_Q"] >= 16]
+    unsplit = [c for c in configs if c.get("SPLITS", 1) == 1]
+    kept = ([c for c in unsplit if c["BLOCK_Q"] >= 16]
+            or [min(unsplit, key=lambda c: tiles[id(c)])])  # many query heads per KV head: a decode config
     if kv_cache.dtype in FP8_DTYPES:
         kept = kept + [{**c, "PAIRS": False} for c in kept]
     new = query_start_loc.diff()
@@ -674,8 +709,18 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     return kept
 
 
+def supports(args: tuple, kwargs: dict) -> str | None:
+    """``paged_attention.supports``: every head count, GQA group and even head dim (``query_rows`` pads the rows,
+    BLOCK_D the head dim to powers of two); ``write_kv`` copies the head dim in two halves."""
+    cache = args[3] if len(args) > 3 else kwargs.get("kv_cache")
+    if cache is not None and cache.shape[-1] % 2:
+        return f"head_dim {cache.shape[-1]} is odd (write_kv copies it in two halves)"
+    return None
+
+
 paged_attention.configs = CONFIGS  # the autotuner's search space
 paged_attention.prune = prune
+paged_attention.supports = supports
 # grids depend on the step's shapes alone (each program finds its sequence on the device): graph-safe
 paged_attention.graph_safe = True
 REGISTRY.get("workbench.paged_attention").tactics["triton"] = paged_attention
