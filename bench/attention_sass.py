@@ -58,11 +58,12 @@ def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int =
     fp8 = kv == "fp8"
     pairs = fp8 and config.get("PAIRS", True)
     decode = step == "decode"
+    rows, block_q = ta.query_rows(config["BLOCK_Q"], group)  # as the launcher sizes a program's query rows
     consts = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                  BLOCK_Q=max(config["BLOCK_Q"], triton.next_power_of_2(-(-16 // group))), BLOCK_N=config["BLOCK_N"],
+                  BLOCK_Q=block_q, BLOCK_N=config["BLOCK_N"],
                   PAGE=page, HAS_WINDOW=False, DOT_FP32=False, SPLITS=config.get("SPLITS", 1),
                   NEW_FROM_INPUT=not fp8 or not decode, DOT_F16=fp8, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs,
-                  SEQ_MODE=0)
+                  SEQ_MODE=0, ROWS=rows)
     ptrs = pointer_types(kv, step)
     signature = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in FLOATS else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptrs or n in DIVISIBLE}
