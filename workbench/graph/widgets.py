@@ -41,13 +41,11 @@ class PassPipelineWidget:
 
     def run(self) -> None:
         """Run the ticked passes into the workspace and show what they did."""
-        from IPython.display import display
-
         from ..pipeline import load_graph, passes_stage
         from .passes import summary_table
         from .plots import pass_layer_figure, pass_waterfall_figure
 
-        self.output.clear_output()
+        self.output.outputs = ()
         self.status.value = "running..."
         try:
             self.graph, self.reports = passes_stage(self.ws, self.selected())
@@ -62,10 +60,11 @@ class PassPipelineWidget:
                         "layer": pass_layer_figure(before, self.graph, self.reports, self.layer)}
         self.status.value = (f"{len(before.nodes)} → {len(self.graph.nodes)} nodes; "
                              f"saved in {self.ws.root / 'passes'}")
-        with self.output:
-            display(self.table)
-            for fig in self.figures.values():
-                display(fig)
+        # the output area's contents set directly: displaying inside ``with self.output`` kept headless kernels
+        # (nbclient, the notebook tests) from going idle for minutes after a figure
+        self.output.outputs = ()
+        for obj in (self.table, *self.figures.values()):
+            self.output.append_display_data(obj)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

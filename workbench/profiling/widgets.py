@@ -97,8 +97,6 @@ class TuningWidget:
 
     def show(self, view: str) -> None:
         """Draw ``view`` (one of ``VIEWS``) of the current timings into the output."""
-        from IPython.display import display
-
         from . import views as V
 
         if self.table is None:
@@ -119,9 +117,8 @@ class TuningWidget:
         else:
             raise WorkbenchError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
         self.figure = fig
-        self.output.clear_output()
-        with self.output:
-            display(fig)
+        self.output.outputs = ()  # set directly (see graph.widgets): a headless kernel goes idle at once
+        self.output.append_display_data(fig)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
