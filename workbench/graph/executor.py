@@ -93,8 +93,9 @@ class Program:
         i = self.tuned.bucket(tokens) if self.tuned is not None and tokens is not None else 0
         return dict(self._names[i])
 
-    def _choose(self, opdef, node, choices: Mapping) -> tuple[str, dict | None]:
-        """(implementation name, config) for ``node`` before the graph-safety rule."""
+    def _choose(self, opdef, node, choices: Mapping) -> tuple[str, dict | None] | None:
+        """(implementation name, config) for ``node`` before the graph-safety rule; None: the op's GPU default
+        (``tactics=DEFAULTS`` and no choice for the node)."""
         if node.name in choices:
             tactic, config = choices[node.name]
             if tactic != REFERENCE and tactic not in opdef.tactics:
@@ -104,9 +105,7 @@ class Program:
         if self.tactics is None:
             return REFERENCE, None
         if self.tactics == DEFAULTS:
-            name, notes = opdef.default_impl(*self._meta_args(node))
-            self._note(node, notes)
-            return name, None
+            return None
         if isinstance(self.tactics, str):
             return (self.tactics if self.tactics in opdef.tactics else REFERENCE), None
         name = self.tactics.get(opdef.name)
@@ -119,17 +118,16 @@ class Program:
 
     def _impl(self, registry: OpRegistry, node, choices: Mapping) -> tuple[str, Callable]:
         opdef = registry.get(node.op)
-        name, config = self._choose(opdef, node, choices)
-        if self.graph_safe and not opdef.is_graph_safe(name):
-            safe, notes = opdef.default_impl(*self._meta_args(node))
-            self._note(node, notes)
-            if opdef.is_graph_safe(safe):
-                self._note(node, [f"{opdef.name}: {name} is not CUDA-graph safe, running {safe}"])
-                name, config = safe, None
+        chosen = self._choose(opdef, node, choices)
+        if chosen is None or (self.graph_safe and not opdef.is_graph_safe(chosen[0])):
+            name, config, notes = gpu_choice(opdef, self._meta_args(node), chosen)
+            self._note(notes)
+        else:
+            name, config = chosen
         fn = opdef.reference if name == REFERENCE else opdef.tactics[name]
         return name, (functools.partial(fn, config=config) if config and name != REFERENCE else fn)
 
-    def _note(self, node, notes: list[str]) -> None:
+    def _note(self, notes: list[str]) -> None:
         for line in notes:
             if line not in self.notes:  # one line per distinct reason, not per layer
                 self.notes.append(line)
@@ -241,6 +239,22 @@ def meta_arguments(graph: Graph) -> Callable[[Node], tuple[tuple, dict]]:
     return lambda node: (tuple(meta(a) for a in node.args), {k: meta(v) for k, v in node.kwargs.items()})
 
 
+def gpu_choice(opdef, meta_args: tuple[tuple, dict], chosen: tuple[str, dict | None] | None
+               ) -> tuple[str, dict | None, list[str]]:
+    """(implementation, config, notes) a GPU step runs for a node of ``opdef`` whose arguments are ``meta_args``
+    (``meta_arguments``), given the implementation ``chosen`` for it (a tuned choice; None: none): ``chosen``
+    where it is graph-safe, else the op's GPU default (``OpDef.default_impl``) where that is, else ``chosen``
+    (or the default) as it is. ``notes``: one line per default passed over or choice replaced."""
+    if chosen is not None and opdef.is_graph_safe(chosen[0]):
+        return chosen[0], chosen[1], []
+    name, notes = opdef.default_impl(*meta_args)
+    if chosen is None:
+        return name, None, notes
+    if not opdef.is_graph_safe(name):  # nothing safer to run: the choice stands (its steps run eagerly)
+        return chosen[0], chosen[1], notes
+    return name, None, [*notes, f"{opdef.name}: {chosen[0]} is not CUDA-graph safe, running {name}"]
+
+
 def gpu_fallback_notes(graph: Graph, choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None,
                        *, registry: OpRegistry = REGISTRY) -> list[str]:
     """The GPU kernel fallbacks of ``graph``, one line per distinct reason, found without a GPU or weights (for
@@ -257,12 +271,7 @@ def gpu_fallback_notes(graph: Graph, choices: Mapping[str, tuple[str, dict | Non
     for bucket in per_bucket:
         for node in graph.nodes:
             opdef = registry.get(node.op)
-            tuned = bucket.get(node.name)
-            if tuned is not None and opdef.is_graph_safe(tuned[0]):
-                continue
-            name, lines = opdef.default_impl(*meta(node))
-            if tuned is not None and opdef.is_graph_safe(name):
-                lines.append(f"{opdef.name}: {tuned[0]} is not CUDA-graph safe, running {name}")
+            name, _, lines = gpu_choice(opdef, meta(node), bucket.get(node.name))
             if not opdef.is_graph_safe(name):
                 lines.append(f"{opdef.name}: no CUDA-graph safe implementation; GPU steps with it run eagerly")
             notes += [line for line in lines if line not in notes]

@@ -350,7 +350,8 @@ class LLM:
         self.engine = LLMEngine(opened.program, opened.tokenizer, num_blocks=num_blocks, config=config, limits=limits,
                                 memory_fraction=memory_fraction, prefix_caching=prefix_caching,
                                 cuda_graphs=cuda_graphs)
-        self.notes = opened.notes + self.engine.executor.notes
+        # the executor's program repeats the lines open_runnable's GPU program noted: each once
+        self.notes = opened.notes + [n for n in self.engine.executor.notes if n not in opened.notes]
         if self.engine.executor.device.type == "cuda":  # what vLLM logs at start-up: the cache and what it holds
             plan = self.engine.capacity_plan
             for line in ([plan.summary()] if plan is not None else []) + self.engine.executor.notes:

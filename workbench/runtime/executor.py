@@ -158,7 +158,7 @@ class Executor:
         self._unsafe: dict[int, list[str]] = {}  # token count -> nodes that may not be captured at it
         # a program prepared for GPU steps knows which of its nodes a graph may not capture: steps running
         # one of those run eagerly (on the CPU, emulated graphs check the same when given such a program)
-        self.checks_safety = self.graphs_enabled and bool(getattr(self.program, "graph_safe", False))
+        self.checks_safety = self.graphs_enabled and self.program.graph_safe
         if self.checks_safety:
             unsafe = self.program.unsafe_nodes()
             if unsafe:
