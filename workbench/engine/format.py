@@ -58,8 +58,9 @@ def older(installed: str, required: str) -> bool:
 
 #: The runtime's defaults where nothing was tuned or asked for: as many sequences and tokens per step as the
 #: serving engines default to on an 80 GB GPU (vLLM: 8192 batched tokens; TensorRT-LLM: max_num_tokens 8192), so
-#: that offline throughput is not capped by the limits (an 8B FP8 model holds about 500 requests of 2000 tokens
-#: in an H100's KV cache). The KV cache, not these, bounds what runs at once on a smaller GPU.
+#: that offline throughput is not capped by the limits (an 8B FP8 model's KV cache on an 80 GB GPU holds about
+#: as many requests of 2000 tokens: BENCHMARKS.md, 2026-11-25, "the whole GPU for the KV cache"). The KV cache,
+#: not these, bounds what runs at once on a smaller GPU.
 DEFAULT_MAX_NUM_SEQS = 512
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 

@@ -408,7 +408,7 @@ def rotations(args: tuple, kwargs: Mapping[str, Any], l2_bytes: int | None, *, b
               most: int = 32) -> list[tuple[tuple, dict]]:
     """The arguments and copies of them, for timing calls that cycle through the copies.
 
-    Timed alone, an op whose tensors fit in L2 (50 MB on an H100) finds them there on every
+    Timed alone, an op whose tensors fit in L2 (tens of MB on a data-center GPU) finds them there on every
     repeat; in the model they were evicted by the layers between. So every tensor smaller than
     L2 gets copies (same shape and strides, same values) until the copies together are twice
     the L2 size (at most ``most`` copies and ``budget`` bytes); larger tensors (the KV cache) are

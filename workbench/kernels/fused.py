@@ -2,8 +2,8 @@
 
 Each reference does the same arithmetic, in the same order and precision, as the
 subgraph it replaces (the transformers modules' code), so a fused fp32 graph gives
-the captured graph's logits to rounding. Faster tactics (Triton) are added to the
-same ops by the kernels issue.
+the captured graph's logits to rounding. Faster tactics (Triton) are registered on the
+same ops by the kernel modules (``triton_pointwise``, ``triton_attention``, ``gemm``).
 
     workbench.rms_norm(x, w, eps)                   w * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)
     workbench.add_rms_norm(x, r, w, eps)            (rms_norm(x + r), x + r)   residual add + norm

@@ -17,13 +17,14 @@ and an epilogue that multiplies by the row scale of A (per token) and the column
 sums that a second small kernel adds up before the same epilogue; that kernel is also the
 epilogue of ``torch._int_mm``'s int32 output. At M = 1 (batch-1 decode) a second kernel, a GEMV
 (``GEMV_CONFIGS``), streams BLOCK_N weight rows along K on the CUDA cores with the same epilogue: a
-tensor-core tile would be 15/16 padding there, and on the H100 the GEMV beat both the tiles and cuBLAS at
-every Llama-3-8B decode shape (``bench/gemm.py``; 98% of copy bandwidth over a whole decode step's linears).
+tensor-core tile would be 15/16 padding there, and the GEMV measured faster than both the tiles and cuBLAS at
+every Llama-3-8B decode shape (``bench/gemm.py``; BENCHMARKS.md, 2026-11-25, "a GEMV kernel for M = 1").
 
 The quantized ops take x in high precision and quantize it themselves: one Triton pass per
 row on the GPU (amax, scale, saturate, round, cast), the torch helpers below elsewhere (the
 Triton interpreter's float→fp8 casts are wrong). That pass reads and writes all of x, which at
-prefill sizes costs 10-20% of an FP8 GEMM; so x may also arrive already quantized (fp8 or
+prefill sizes is a noticeable share of an FP8 GEMM's time (BENCHMARKS.md, 2026-11-24, "FP8 GEMMs on x
+quantized upstream"); so x may also arrive already quantized (fp8 or
 int8, with its scale per tensor or per token), written so by the op that produced it, and the
 op is then the GEMM alone. The references are the oracle: quantize x
 with those helpers, dequantize both operands to fp32, matmul in fp32, add the bias, round to
@@ -32,14 +33,14 @@ Hopper, where FP8 tensor cores accumulate in reduced precision: ``torch._scaled_
 ``fast_accum`` (a config; off: cuBLAS promotes partial sums to fp32) and Triton's FP8 dots (Triton's
 default on sm90). fp32 inputs to the linear take exact fp32 dots (no TF32), as the reference does.
 
-Helpers for the quantization issue: ``fp8_scale(t, dim)``, ``quantize_fp8(t, scale)``,
+Quantization helpers (the quant stage and the references use them): ``fp8_scale(t, dim)``, ``quantize_fp8(t, scale)``,
 ``int8_scale(t, dim)``, ``quantize_int8(t, scale)`` (dim=None: one scale for the tensor;
 dim=-1: one per row, kept as [..., 1]).
 
 Configs are plain data (``CONFIGS``, the autotuner's search space per tactic, ``fn.configs``);
 ``fn.prune(configs, args, kwargs)`` drops those that cannot fit in shared memory or whose row
 tile is far taller than M. The launchers take one config and default to the first that survives
-pruning. Tests (Triton interpreter, small shapes) and the H100 benchmark:
+pruning. Tests (Triton interpreter, small shapes) and the GPU benchmark:
 
     python -m pytest -q tests/test_kernels_gemm.py
     PYTHONUNBUFFERED=1 python3 bench/gemm.py --out $OUT        # --quick for fewer shapes
@@ -60,7 +61,7 @@ from .registry import REGISTRY, register_op
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0  # symmetric: -128 is never produced
 MIN_SCALE = 1e-12  # floor of every computed scale: an all-zero row still gets a usable one
-#: H100's opt-in shared memory per block (228 KB per SM less 1 KB the driver reserves): the default budget
+#: Hopper's (sm_90) opt-in shared memory per block (228 KB per SM less 1 KB the driver reserves): the default budget
 H100_SMEM_BYTES = 227 * 1024
 
 
@@ -270,9 +271,9 @@ def _gemv(bn, bk, warps):
             "num_warps": warps, "num_stages": 1}
 
 
-#: M = 1 (batch-1 decode): ``_gemv_kernel``, a few weight rows per program on the CUDA cores. On the H100 it
-#: beat both the tensor-core tiles above and cuBLAS at every Llama-3-8B decode shape (e.g. o_proj 14.0 µs
-#: against cuBLAS's 17.0, gate_up 77.4 against 82.6; 97% of copy bandwidth over 8 layers' GEMVs in a graph).
+#: M = 1 (batch-1 decode): ``_gemv_kernel``, a few weight rows per program on the CUDA cores. It measured faster
+#: than both the tensor-core tiles above and cuBLAS at every Llama-3-8B decode shape, close to copy bandwidth
+#: (BENCHMARKS.md, 2026-11-25, "a GEMV kernel for M = 1").
 GEMV_CONFIGS = {
     "16bit": [_gemv(8, 1024, 8), _gemv(8, 512, 4), _gemv(16, 1024, 8)],
     "8bit": [_gemv(8, 2048, 8), _gemv(8, 1024, 4), _gemv(16, 2048, 8)],

@@ -21,27 +21,28 @@ over its keys in tiles of BLOCK_N, in two ranges:
 A query at position p sees keys max(0, p - window + 1) .. p; tiles outside that are skipped. Tiles
 that every row of a program sees whole (without a window: below the block's first query) run without
 masks in both ranges: no predicated loads, no per-key comparisons, and in pages of a multiple of BLOCK_N
-one scalar offset per tile over per-element offsets computed once. Over an FP8 cache that took a decode
-tile from 493 to 313 SASS instructions, and a 512 × 1500 decode on the H200 from 87.6% to 91.3% of copy
-bandwidth (its last tile, cut at the context's end, is the only masked one).
+one scalar offset per tile over per-element offsets computed once. In a decode step only the last tile, cut
+at the context's end, is masked. Why: the masked loop's extra instructions are integer offsets and per-key
+selects, and the decode step's access pattern alone reads at copy bandwidth, so what kept decode below it was
+the loop's own instructions (BENCHMARKS.md, 2026-12-01, "unmasked tiles").
 With an FP8 cache, scores and outputs are multiplied by the per-layer K and V scales, and the
 step's own keys must be seen as the cache holds them (the reference sees them rounded). In steps
 with prompt tokens (more tokens than sequences) the kernel still reads them contiguous and unmasked
 below the diagonal, from two fp16 buffers that ``write_kv`` fills beside the cache with the very
-values it stores (value / scale, saturated, rounded to e4m3; fp16 holds each exactly): a 4 × 4096
-prefill over an FP8 cache otherwise gathers every key through the block table with a mask. (The
-kernel rounded them itself until the H200 showed that loop issuing 794 instructions per tile of 64
-keys, against 341 reading fp16: each program re-rounded every key it saw.) Decode steps (one token per
-sequence) read their one new key back from the cache, in the last cached tile
-(``"NEW_FROM_CACHE": True`` in a config forces that for any step).
+values it stores (value / scale, saturated, rounded to e4m3; fp16 holds each exactly): a prefill over an
+FP8 cache otherwise gathers every key through the block table with a mask. (The copies are written once
+per token; rounding in the attention loop instead would repeat the work in every program that reads the
+key, which is how the kernel once did it: BENCHMARKS.md, 2026-12-01, "prompt attention over an FP8
+cache".) Decode steps (one token per sequence) read their one new key back from the cache, in the last
+cached tile (``"NEW_FROM_CACHE": True`` in a config forces that for any step).
 
 A mixed step (prompt chunks beside decodes) can run in two launches: a config with a ``"DECODE"``
 sub-config sends the sequences of one new token to a launch of their own at that config (grid:
 one program per sequence and KV head, ``SEQ_MODE`` 1), and the rest to this one (``SEQ_MODE`` 2,
 whose programs skip single-token sequences). At a prompt config (BLOCK_Q 32-64) a decode program
-computes 128-256 query rows of which GROUP are real, over the whole context: on the H200, steps
-of 7.7k prompt tokens beside 500 decodes at ~1500 context took 250 ms instead of 132 beside
-decodes at ~200. The grids depend only on the step's shapes, so both launches replay in a graph.
+computes 128-256 query rows of which GROUP are real, over the whole context, so a mixed step's decodes run
+far slower in the prompt launch than in their own (BENCHMARKS.md, 2026-12-01, "a mixed step's decodes in a
+launch of their own"). The grids depend only on the step's shapes, so both launches replay in a graph.
 
 Split-KV (``SPLITS`` > 1, flash-decoding): the cached range is cut into SPLITS slices, one
 program each; every slice writes a partial output and its log-sum-exp, and a second small
@@ -56,24 +57,25 @@ rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` ro
 it and, where the step's own keys are read contiguous (bf16 caches; FP8 caches in steps with prompt
 tokens), also writes them as the cache holds them to small buffers that the kernel reads instead. Both
 round as ``workbench.rope`` does (fp32, then once to the input dtype), so the results equal the rope
-kernels' followed by this kernel. Two launches per layer fewer: at batch-1 decode, a layer's attention
-takes 9.4 µs instead of 11.7 µs (H100).
+kernels' followed by this kernel. Two launches per layer fewer, which matters most where launches are a large
+share of the attention's time: batch-1 decode (BENCHMARKS.md, 2026-11-25, "RoPE inside attention").
 
 Dots run in the input dtype (bf16/fp16 tensor cores) with fp32 accumulation; in fp32,
 or under the CPU interpreter (whose bf16 arithmetic is wrong), they run in fp32 (ieee). Over an
 FP8 cache they run in fp16 whatever q's 16-bit dtype (``DOT_F16``): e4m3 converts to fp16 in one
-instruction per pair but to bf16 only through more, which made that kernel convert-bound (64% of
-copy bandwidth at 256 sequences × 1500 tokens on the H100, 75% in fp16). fp16 holds every e4m3
-value and the probabilities with more precision than bf16; q is saturated to fp16's range.
+instruction per pair but to bf16 only through more, which made bf16 dots convert-bound (BENCHMARKS.md,
+2026-11-25, "fp16 dots over the FP8 cache"). fp16 holds every e4m3 value and the probabilities with more
+precision than bf16; q is saturated to fp16's range.
 
 An FP8 cache is read as int16 pairs (``PAIRS``): each int16 holds an even and an odd element of a
 key's or value's row, and the head dim is split in two halves, the even elements and the odd ones
 (scores = q_even·k_even + q_odd·k_odd; the output's even and odd columns accumulate separately).
 Every dot operand is then 16-bit. Triton gathers an 8-bit operand that must be transposed (V's,
-whose keys are the reduction) from shared memory one byte at a time, and the loop ran about 800
-instructions per 64 keys, against 430 in pairs: one byte permute and two conversions per two int16,
-as they come out of ``ldmatrix``. On the H100 this took decode over an FP8 cache from 72-75% to
-86-90% of copy bandwidth (bench/attention.py: 1.22× the byte-by-byte reads).
+whose keys are the reduction) from shared memory one byte at a time; 16-bit operands load through
+``ldmatrix``, and each two int16 then cost one byte permute and two conversions. So the loop issues far
+fewer instructions, and decode over an FP8 cache reads closer to copy bandwidth (``bench/attention.py``;
+BENCHMARKS.md, 2026-11-25, "an FP8 KV cache read as int16 pairs"). Prompt steps also try the byte-by-byte
+reads (see ``prune``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def _round_e4m3(x):
     conversion's value (checked bit-exact on the GPU by bench/attention.py), which then converts it exactly.
 
     ``write_kv`` rounds so for two reasons: its fp16 copies, converted back from the e4m3 values it stored,
-    came out garbled for half the elements on the H200 (Triton 3.6); and the CPU interpreter's own conversion
+    came out garbled for half the elements on the GPU (Triton 3.6; BENCHMARKS.md, 2026-12-01, "a Triton
+    miscompile caught by the reference"); and the CPU interpreter's own conversion
     rounds wrongly where the rounding carries into the exponent (7.9 -> 4), which exact values avoid."""
     bits = x.to(tl.uint32, bitcast=True)
     u = bits & 0x7FFFFFFF
@@ -486,12 +489,11 @@ CONFIGS = [
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1},    # decode
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "SPLITS": 1},
     {"BLOCK_Q": 4, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
-    {"BLOCK_Q": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLITS": 1},    # bf16 cache: 97% of copy
-    # decode over an FP8 cache on the H200, at 512 sequences of 1500: at 118 registers 4 programs fit on an SM; capped
-    # at 80 (some spills) 6 fit, and it reads 8% faster (0.463 against 0.505 ms, pages of 16; 88% of copy in pages of
-    # 64, head-major). At 128 sequences (two waves of programs) the cap loses by 10%: the tuner decides.
-    # (8 warps at 3 stages made the block-table loads asynchronous at 94 registers, and read at 49-55%: dropped.)
-    # With unmasked tiles (fewer registers live), 72 fits 7 programs: 91.3% of copy at 512 x 1500, 90.2% at 80.
+    {"BLOCK_Q": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4, "SPLITS": 1},    # decode over a bf16 cache
+    # decode over an FP8 cache: a cap on registers per thread (a few spills) fits more programs on an SM (80: 6, 72
+    # with the unmasked tiles' fewer live registers: 7). That wins at hundreds of sequences and loses at about two
+    # waves of programs, so the tuner decides per bucket. (8 warps at 3 stages made the block-table loads
+    # asynchronous but read slower: dropped.) BENCHMARKS.md, 2026-12-01, "register caps" and "unmasked tiles".
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1, "maxnreg": 80},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 1, "maxnreg": 72},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 1, "maxnreg": 96},
@@ -503,8 +505,8 @@ CONFIGS = [
     {"BLOCK_Q": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1},
     {"BLOCK_Q": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "SPLITS": 1},
     {"BLOCK_Q": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLITS": 1},
-    # prompt steps on the H200 (FP8 cache): capped at 128 registers (from 255, some spills), two programs of 8 warps
-    # share an SM; the fastest at 8 x 1024 (0.300 ms against 0.316 for the default), 4 x 4096 and beside decodes
+    # prompt steps over an FP8 cache: capped at 128 registers (from 255, some spills) so that two programs of 8 warps
+    # share an SM (BENCHMARKS.md, 2026-12-01, "prompt attention over an FP8 cache")
     {"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "SPLITS": 1, "maxnreg": 128},
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLITS": 4},    # long context, small batch
     {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
@@ -663,8 +665,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 MAX_QUERY_TILE = 32768
 
 #: The decode launch of a mixed step (``"DECODE"`` in a config; see ``paged_attention``): 4 query rows per KV head,
-#: int16 pairs, registers capped at 80 so that 6 programs share an SM: the fastest at 512 decodes of 1500 on the
-#: H200 (a mixed step holds 300-512 decodes in the offline runs).
+#: int16 pairs, registers capped at 80 so that 6 programs share an SM: the decode config measured fastest at the
+#: hundreds of decodes a mixed step holds in the offline runs (BENCHMARKS.md, 2026-12-01, "register caps").
 DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 80}
 
 
@@ -676,21 +678,21 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     would be huge).
 
     Over an FP8 cache, prompt steps also try each config reading the cache byte by byte (``"PAIRS": False``):
-    int16 pairs win decode by 1.22x on the H100 but lost a 4 × 4096 prefill by about 10%, and chunks after
-    cached tokens go either way. (Reading the step's own keys back from the cache, ``"NEW_FROM_CACHE"``, is not
-    offered: since they come from write_kv's fp16 copies, it lost every prompt step measured on the H200, by
-    10% beside 512 decodes and 12% at 8 chunks of 1024 after 1024 cached, up to 74% at a 4 × 4096 prefill.)
+    int16 pairs win decode but lost a long prefill, and chunks after cached tokens go either way (BENCHMARKS.md,
+    2026-11-25, "int16 pairs"). (Reading the step's own keys back from the cache, ``"NEW_FROM_CACHE"``, is not
+    offered: since they come from write_kv's fp16 copies, it lost every prompt step measured, BENCHMARKS.md,
+    2026-12-01, "prompt attention over an FP8 cache".)
 
     A step with prompt chunks beside decodes (sequences of one new token) also tries each config with
     its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
     decode program multiplies 128-256 query rows of which GROUP are real.
 
     Configs whose query tile (``query_rows`` × BLOCK_D) exceeds ``MAX_QUERY_TILE`` elements are dropped (all of
-    them never: the smallest stays): at GROUP 8 and head dim 256 (Gemma-2B), BLOCK_Q 64 compiled for sm_90 in
-    408 s (Triton 3.9, ahead of time on a CPU) to a kernel asking for 320 KB of shared memory (an H100 or H200
-    block gets 227 KB), BLOCK_Q 32 in 54 s to 192 KB, both spilling 8-26 KB per thread; at groups 5 and 7
-    (Qwen2) BLOCK_Q 64 rounds up to 512 rows. Llama-3-8B's configs (group 4, head dim 128: at most 256 rows)
-    all stay."""
+    them never: the smallest stays): at GROUP 8 and head dim 256 (Gemma-2B), BLOCK_Q 64 compiles for sm_90, slowly,
+    to a kernel asking for more shared memory than a block gets (227 KB), and BLOCK_Q 32 to one that spills; at
+    groups 5 and 7 (Qwen2) BLOCK_Q 64 rounds up to 512 rows. Llama-3-8B's configs (group 4,
+    head dim 128: at most 256 rows) all stay. (The compile figures: BENCHMARKS.md, "Figures moved out of source
+    docstrings".)"""
     q, kv_cache, seq_lens, query_start_loc = args[0], args[3], args[6], args[7]
     group, block_d = q.shape[1] // kv_cache.shape[3], triton.next_power_of_2(kv_cache.shape[-1])
     tiles = {id(c): query_rows(c["BLOCK_Q"], group)[0] * block_d for c in configs}

@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ..errors import WorkbenchError
 
-#: Lanes per program step, and the programs a batch should spread over (about 16 per SM of an H100: at 512
-#: rows of a 128k vocabulary 66 µs against 103 µs with 264, measured on the H100)
+#: Lanes per program step, and the programs a batch should spread over (about 16 per SM of a Hopper GPU; fewer
+#: measured slower at large batches: BENCHMARKS.md, 2026-11-25, "greedy sampling in one pass")
 BLOCK = 1024
 TARGET_PROGRAMS = 2048
 #: Chunks the combining program takes at a time

@@ -16,7 +16,7 @@ from .timing import time_fn
 
 
 #: Memory bandwidth on the vendor's spec sheet, GB/s, by the start of ``torch.cuda.get_device_name()``: what
-#: batch-1 rows print beside the measured ceiling (no GPU copies at the spec-sheet rate; ~90% is typical).
+#: batch-1 rows print beside the measured ceiling (no GPU copies at the spec-sheet rate).
 SPEC_SHEET_GBPS = {"NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H100 PCIe": 2000.0, "NVIDIA H100 NVL": 3900.0,
                    "NVIDIA H200": 4800.0, "NVIDIA A100-SXM4-80GB": 2039.0, "NVIDIA A100-SXM4-40GB": 1555.0}
 
@@ -25,8 +25,8 @@ def copy_gbps(device: str | torch.device = "cuda", sizes: tuple[int, ...] = (512
               rounds: int = 3) -> float:
     """The device-to-device copy ceiling, bytes read + written per second: the best of ``rounds`` timings (each the
     median of 10 copies) at each of several ``sizes``. A ceiling is what the device can reach, so the best is
-    taken: a single median at one size undercounts (one process measured 2.6 TB/s with one 2 GiB copy on an
-    H100 where 3.0 TB/s is reachable: clocks ramp, other work shares the device)."""
+    taken: a single median at one size undercounts (clocks ramp, other work shares the device; an example in
+    BENCHMARKS.md, "Figures moved out of source docstrings")."""
     def rate(nbytes: int) -> float:
         src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
         dst = torch.empty_like(src)

@@ -12,8 +12,9 @@ graph's cache dtype (an FP8 cache when the precision plan says so).
 **Logits only where a token is sampled.** The executor runs a copy of the graph whose lm_head reads the
 hidden states of the rows named by one more input, ``logits_indices``: the last new token of each request
 whose chunk reaches its last token. A prefill step of 8192 tokens then multiplies a few rows by the
-vocabulary instead of all 8192 (for a 128k vocabulary, 8.6 TFLOP and 2 GiB of logits saved). The
-workspace's graph keeps every row's logits (perplexity needs them).
+vocabulary instead of all 8192 (the lm_head is the widest linear of a model with a large vocabulary, and
+its logits, tokens × vocabulary, the largest activation). The workspace's graph keeps every row's logits
+(perplexity needs them).
 
 **CUDA graphs, for every step.** On a GPU a step replays a captured graph: a step made only of decodes in
 the graph of the smallest batch size in ``graph_batch_sizes`` that holds it, any other step (prompt chunks,
@@ -27,7 +28,8 @@ because the attention kernel's grid depends on T and S alone (each program finds
 device), so nothing in a step depends on host values a graph would freeze. Block tables are padded to
 ``max_model_len`` tokens' worth of blocks; a step with a longer table, more tokens than the largest size or
 more sequences than ``max_seqs`` runs eagerly, node by node. A captured step launches no Python per node:
-the host cost of ~1000 kernel launches (about 60 ms for an 8B model) is what it removes.
+the host cost of an 8B model's ~1000 kernel launches from Python is what it removes (BENCHMARKS.md,
+2026-11-24, "every step in a CUDA graph").
 
 **Never waiting for the GPU.** A step's inputs cross to the device in one copy from pinned memory, queued
 without blocking, and ``execute`` returns the logits as a device tensor without synchronizing: the host
@@ -240,8 +242,9 @@ class Executor:
         """Run one step; the logits ([sampling requests, vocab], on the device, in the graph's output dtype) of the
         requests whose chunk reaches their last token, in schedule order. ``feed``: see the module docstring.
         The sampler reads them as they come: a float32 copy of a 512-row bf16 step's logits (128k vocabulary)
-        took 0.2 ms of a 22.8 ms decode step on the H200 (bench/engine_trace.py). From a CUDA graph they are a
-        view of its output buffer, valid until the next step is queued (work queued before that reads them)."""
+        was a measurable share of a decode step (bench/engine_trace.py; BENCHMARKS.md, 2026-12-01, fifth entry,
+        "an engine's decode step beyond its graph"). From a CUDA graph they are a view of its output buffer, valid
+        until the next step is queued (work queued before that reads them)."""
         if out.empty:
             raise WorkbenchError("nothing was scheduled this step; check the scheduler output before executing")
         self.last_graph = key = self._graph_key(out)
