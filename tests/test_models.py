@@ -126,11 +126,29 @@ def test_corrupt_gguf(tmp_path):
 
 
 def test_cli_prints_one_line_errors(capsys, tmp_path):
-    assert main(["capture", "/no/such/model", "--workspace", str(tmp_path / "ws")]) == 2
+    assert main(["capture", "/no/such/model", str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("workbench: error: no file, directory, preset or model")
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "is not a workspace directory" in capsys.readouterr().err
+
+
+def test_capture_takes_its_workspace_after_the_model_and_still_as_the_old_option(capsys, tmp_path):
+    ws = tmp_path / "ws"
+    assert main(["capture", "tiny-llama", "--workspace", str(ws)]) == 0  # the spelling before it was positional
+    assert "`capture MODEL --workspace DIR` is now `capture MODEL DIR`" in capsys.readouterr().err
+    assert (ws / "capture" / "graph.json").is_file()
+    assert main(["capture", "tiny-llama", str(ws), "-w", str(ws)]) == 0  # the same one twice: no conflict
+    capsys.readouterr()
+    assert main(["capture", "tiny-llama", str(ws), "-w", str(tmp_path / "other")]) == 2
+    assert "two workspaces given" in capsys.readouterr().err
+    assert main(["capture", "tiny-llama"]) == 2
+    assert "capture needs a workspace: workbench capture MODEL WORKSPACE" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit):
+        main(["capture", "--help"])
+    usage = capsys.readouterr().out
+    assert "model workspace" in usage and "--workspace" not in usage  # hidden from the help
 
 
 def test_fetch_unknown_model(home):
@@ -139,7 +157,7 @@ def test_fetch_unknown_model(home):
 
 def test_cli_text_commands_need_a_tokenizer(capsys, tmp_path):
     ws = str(tmp_path / "ws")
-    assert main(["capture", "tiny-llama", "--workspace", ws]) == 0
+    assert main(["capture", "tiny-llama", ws]) == 0
     capsys.readouterr()
     assert main(["generate", ws, "hello"]) == 2
     assert "no tokenizer; generation needs a real model" in capsys.readouterr().err

@@ -291,7 +291,7 @@ def test_quantize_command(tmp_path, capsys):
     from workbench.cli import main
 
     ws = str(tmp_path / "ws")
-    assert main(["capture", "tiny-llama", "--workspace", ws]) == 0
+    assert main(["capture", "tiny-llama", ws]) == 0
     assert main(["optimize", ws]) == 0
     assert main(["quantize", ws, "--format", "int8_sq", "--alpha", "0.6", "--samples", "4", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
@@ -308,7 +308,7 @@ def test_quantize_command_chooses_an_auto_plan_within_its_budget(tmp_path, capsy
     from workbench.quant.sensitivity import SensitivityReport
 
     ws = tmp_path / "ws"
-    assert main(["capture", "tiny-llama", "--workspace", str(ws)]) == 0
+    assert main(["capture", "tiny-llama", str(ws)]) == 0
     assert main(["optimize", str(ws)]) == 0
     common = ["--samples", "4", "--seq-len", "32", "--probe-tokens", "300"]
     assert main(["quantize", str(ws), "--format", "bf16", "--auto", "1", *common]) == 2

@@ -429,7 +429,7 @@ def test_cuda_without_a_gpu_is_one_line(workdir, capsys):
 def test_parsing_of_marks_and_commands():
     text = """## A
 ```bash
-workbench capture smollm2-135m --workspace ws/   # a comment
+workbench capture smollm2-135m ws/   # a comment
 workbench build m --out e/ && workbench serve e/ --port 1 \\
   --host 127.0.0.1
 ```
@@ -442,7 +442,7 @@ workbench info ws/
     a, b = readme_blocks(text)
     assert (a.id, a.lang, a.line, b.id, b.skip_prefix) == ("a-1", "bash", 2, "a-2", ("workbench tune", "GPU only"))
     assert [(c.argv, c.line, c.kind) for c in commands(a)] == [
-        (["workbench", "capture", "tiny-smol/", "--workspace", "ws/"], 3, "workbench"),
+        (["workbench", "capture", "tiny-smol/", "ws/"], 3, "workbench"),
         (["workbench", "build", "m", "--out", "e/"], 4, "workbench"),
         (["workbench", "serve", "e/", "--port", "1", "--host", "127.0.0.1"], 4, "serve")]
     assert [c.kind for c in commands(b)] == ["skip", "workbench"]

@@ -95,7 +95,7 @@ def test_perplexity_agrees_with_transformers(smol):
 
 def test_cli_capture_info_generate(tmp_path, capsys):
     ws_dir = tmp_path / "ws"
-    assert main(["capture", "smollm2-135m", "--workspace", str(ws_dir)]) == 0
+    assert main(["capture", "smollm2-135m", str(ws_dir)]) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM (float32)" in out and "30 decoder layers" in out and "134.5 M" in out
     assert "GFLOP/token" in out and "aten.linear.default" in out

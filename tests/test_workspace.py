@@ -145,3 +145,87 @@ def test_corrupt_record_and_artifact_messages(tmp_path):
         ws.record("capture")
     with pytest.raises(WorkbenchError, match="has no passes/graph.json"):
         ws.path("passes", "graph.json")
+
+
+# ---- refusals leave nothing behind ----------------------------------------------------------------------------
+
+def test_opening_makes_nothing_and_a_refused_first_run_removes_what_it_made(tmp_path):
+    ws = Workspace(tmp_path / "a" / "ws")
+    assert not (tmp_path / "a").exists() and ws.stages() == [] and ws.info().empty
+    with pytest.raises(WorkbenchError, match="unsupported"):
+        with ws.run("capture", params={}):
+            raise WorkbenchError("unsupported architecture")
+    assert not (tmp_path / "a").exists()  # the stage folder, the workspace and its parent: all made by the run
+    with pytest.raises(KeyboardInterrupt):
+        with ws.run("capture", params={}):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(WorkbenchError, match="is a file"):
+        Workspace(tmp_path / "file.txt")
+
+
+def test_a_failed_run_keeps_what_was_there_and_what_it_wrote(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    _run(ws, "capture", {"graph.json": b"v1"})
+    with pytest.raises(RuntimeError):
+        with ws.run("passes", params={}, upstream=("capture",)):
+            raise RuntimeError("a pass crashed")
+    assert ws.stages() == ["capture"] and ws.status("capture") == "ok"  # its new folder went, the rest stayed
+    with pytest.raises(RuntimeError):
+        with ws.run("tune", params={}, upstream=("capture",)) as run:
+            run.write_bytes("timings.json", b"{}")  # saved as it grew: an interrupted tuning resumes from it
+            raise RuntimeError("interrupted")
+    assert (tmp_path / "ws" / "tune" / "timings.json").read_bytes() == b"{}"
+    assert ws.status("tune") == "missing"
+    (tmp_path / "empty").mkdir()  # a directory the user made stays, even empty
+    with pytest.raises(RuntimeError):
+        with Workspace(tmp_path / "empty").run("capture", params={}):
+            raise RuntimeError("refused")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def _unsupported_config(tmp_path):
+    path = tmp_path / "gpt2.json"
+    path.write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    return str(path)
+
+
+def test_refused_capture_and_build_leave_no_workspace(tmp_path, capsys, monkeypatch):
+    from workbench.cli import main
+
+    bad = [str(tmp_path / "no" / "such" / "model"), _unsupported_config(tmp_path)]
+    for model in bad:
+        assert main(["capture", model, str(tmp_path / "ws")]) == 2
+        assert main(["build", model, "--precision", "bf16", "--out", str(tmp_path / "engine")]) == 2
+        assert main(["build", model, "--precision", "fp8", "--out", str(tmp_path / "e2"), "--workspace",
+                     str(tmp_path / "deep" / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "no file, directory, preset or model" in err and "unsupported architecture 'GPT2LMHeadModel'" in err
+    # a capture refused inside its stage, after its folders were made, removes them too
+    import workbench.pipeline
+
+    def refuse(*args, **kwargs):
+        raise WorkbenchError("torch.export refused this model")
+
+    monkeypatch.setattr(workbench.pipeline, "capture_source", refuse)
+    assert main(["capture", "tiny-llama", str(tmp_path / "ws")]) == 2
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(tmp_path / "engine")]) == 2
+    assert "torch.export refused this model" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.json"]
+
+
+def test_a_refused_capture_keeps_an_existing_workspace(tmp_path, capsys):
+    from workbench.cli import main
+
+    ws = Workspace(tmp_path / "ws")
+    _run(ws, "capture", {"graph.json": b"{}"})
+    _run(ws, "passes", {"graph.json": b"{}"}, upstream=("capture",))
+    for model in [str(tmp_path / "missing"), _unsupported_config(tmp_path)]:
+        assert main(["capture", model, str(ws.root)]) == 2
+        assert main(["capture", model, str(ws.root), "--force"]) == 2
+        assert main(["build", model, "--precision", "bf16", "--out", str(tmp_path / "engine"), "--workspace",
+                     str(ws.root)]) == 2
+    capsys.readouterr()
+    assert ws.stages() == ["capture", "passes"] and ws.status("passes") == "ok"
+    assert not (tmp_path / "engine").exists()

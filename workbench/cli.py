@@ -1,17 +1,23 @@
 """The ``workbench`` command line.
 
     workbench fetch smollm2-135m                      prepare the default model
-    workbench capture MODEL --workspace ws/           capture the graph, print its summary
-    workbench optimize ws/                            run the graph passes, print what each did
-    workbench info ws/                                stages, status, artifacts
-    workbench generate ws/ "The capital of France is" greedy tokens from the captured graph
-    workbench eval ws/ --dataset evaluation           perplexity of the captured graph (or --reference)
     workbench models                                  presets and fetchable models
-    workbench export ws/ --out engine/                the engine directory of the latest stage
+    workbench capture MODEL ws/                       writes ws/capture: the graph; prints its summary
+    workbench optimize ws/                            writes ws/passes: the graph passes; prints what each did
+    workbench quantize ws/ --format fp8               writes ws/quant: calibration and a precision plan
+    workbench tune ws/                                writes ws/tune: kernel timings and choices (GPU)
+    workbench info ws/                                stages, status, artifacts
+    workbench generate ws/ "The capital of France is" greedy tokens from the latest up-to-date stage
+    workbench eval ws/ --dataset evaluation           perplexity of the latest up-to-date stage (or --reference)
+    workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
     workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
     workbench serve engine/ --port 8000               the OpenAI-compatible HTTP server (engine or workspace)
 
-Errors in the user's input print one line (``workbench: error: ...``) and exit 2.
+The workspace is the first positional argument of every command that reads one, and the second of
+``capture`` (after the model); the stage folder a verb writes is named in its help. ``capture`` still
+accepts ``--workspace DIR``, the spelling before the workspace became positional.
+Errors in the user's input print one line (``workbench: error: ...``) and exit 2; a refused command
+leaves no directory it made (see ``Workspace.run``).
 """
 
 from __future__ import annotations
@@ -46,11 +52,25 @@ def _cmd_capture(args) -> None:
     from .pipeline import CaptureOptions, capture_stage
     from .workspace import Workspace
 
-    ws = Workspace(args.workspace)
+    ws = Workspace(_capture_workspace(args))
     captured = capture_stage(ws, args.model, CaptureOptions(dtype=args.dtype, seed=args.seed), force=args.force)
     g = captured.graph
     print(format_summary(summary(g), op_histogram(g, tokens=512)))
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
+
+
+def _capture_workspace(args) -> Path:
+    """``capture``'s workspace: the positional argument, or the older ``--workspace`` option (hidden from the help,
+    kept for scripts that use it)."""
+    given, old = args.workspace, args.workspace_option
+    if old is None:
+        if given is None:
+            raise WorkbenchError("capture needs a workspace: workbench capture MODEL WORKSPACE")
+        return given
+    if given is not None and given != old:
+        raise WorkbenchError(f"two workspaces given ({given} and --workspace {old}); give one, after the model")
+    print("workbench: note: `capture MODEL --workspace DIR` is now `capture MODEL DIR`", file=sys.stderr)
+    return old
 
 
 def _cmd_optimize(args) -> None:
@@ -254,25 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list presets and fetchable models")
     s.set_defaults(fn=_cmd_models)
 
-    s = sub.add_parser("capture", help="capture a model's graph into a workspace and print its summary")
+    s = sub.add_parser("capture", help="capture a model's graph into WORKSPACE/capture and print its summary",
+                       usage="%(prog)s [-h] [--dtype {float32,bfloat16,float16}] [--seed SEED] [--force] model workspace")
     s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
-    s.add_argument("--workspace", "-w", required=True, type=Path)
+    s.add_argument("workspace", type=Path, nargs="?", help="the workspace directory (made if missing; a refused "
+                   "capture leaves none behind)")
+    s.add_argument("--workspace", "-w", dest="workspace_option", type=Path, help=argparse.SUPPRESS)
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_capture)
 
-    s = sub.add_parser("optimize", help="run graph passes (fusion, elimination) on a workspace's captured graph")
+    s = sub.add_parser("optimize", help="run the graph passes (elimination, fusion, paged attention) on the captured "
+                                        "graph into WORKSPACE/passes")
     s.add_argument("workspace", type=Path)
     s.add_argument("--passes", help="comma-separated passes to run, in order (default: the standard pipeline)")
     s.add_argument("--skip", help="comma-separated passes to leave out")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     _add_device_arg(s, "where each pass's numeric check runs")
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16; 64 decodes an FP8 cache "
-                                                     "about 6%% faster on the H200, see BENCHMARKS.md)")
+                                                     "faster on Hopper, see BENCHMARKS.md, 2026-12-01)")
     s.set_defaults(fn=_cmd_optimize)
 
-    s = sub.add_parser("tune", help="autotune the optimized graph's kernels on this GPU for an optimization profile")
+    s = sub.add_parser("tune", help="autotune the kernels of the latest graph (quant if up to date, else passes) on "
+                                    "this GPU for an optimization profile, into WORKSPACE/tune")
     s.add_argument("workspace", type=Path)
     s.add_argument("--max-tokens", type=int, default=2048, help="most tokens in one step (prefill and decode mixed)")
     s.add_argument("--max-seqs", type=int, default=64, help="most sequences in one step (decode batch)")
@@ -289,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimized one)")
     s.set_defaults(fn=_cmd_tune)
 
-    s = sub.add_parser("quantize", help="calibrate the optimized graph and apply a precision plan (FP8/INT8)")
+    s = sub.add_parser("quantize", help="calibrate the optimized graph (passes) and apply a precision plan (FP8/INT8) "
+                                        "into WORKSPACE/quant")
     s.add_argument("workspace", type=Path)
     s.add_argument("--plan", type=Path, help="a precision plan JSON (default: every group in --format, lm_head kept)")
     s.add_argument("--format", default="fp8", choices=["bf16", "fp8", "int8_sq", "int8_wo"])
@@ -313,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workspace", type=Path)
     s.set_defaults(fn=_cmd_info)
 
-    s = sub.add_parser("generate", help="greedy-decode a prompt with an engine, a workspace's graph or a model")
+    s = sub.add_parser("generate", help="greedy-decode a prompt with an engine, a workspace's latest up-to-date stage "
+                                        "or a model")
     s.add_argument("workspace", metavar="target", help="an engine directory, a workspace or a model source")
     s.add_argument("prompt")
     s.add_argument("--max-tokens", type=int, default=32)
@@ -322,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a workspace's graph to run (default: the latest up-to-date stage; tuned choices on a GPU only)")
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("eval", help="perplexity of an engine, a workspace's graph or a model on a text set")
+    s = sub.add_parser("eval", help="perplexity of an engine, a workspace's latest up-to-date stage or a model on a "
+                                    "text set")
     s.add_argument("workspace", metavar="target", help="an engine directory, a workspace or a model source")
     s.add_argument("--dataset", default="evaluation",
                    help="a text set of datasets/ by name (evaluation, calibration) or a text file's path")
@@ -331,19 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens")
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
     _add_device_arg(s, "where the graph runs")
-    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"])
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
+                   help="a workspace's graph to run (default: the latest up-to-date stage; tuned choices on a GPU only)")
     s.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("export", help="write a workspace's optimized graph, weights, tuning and tokenizer as an engine")
+    s = sub.add_parser("export", help="write the latest up-to-date stage's graph (tune, else quant, else passes), its "
+                                      "weights, tuning and tokenizer as an engine directory; recorded as WORKSPACE/export")
     s.add_argument("workspace", type=Path)
     s.add_argument("--out", "-o", required=True, type=Path, help="the engine directory (replaced if it is one)")
     s.add_argument("--stage", default="latest", choices=["latest", "passes", "quant", "tune"],
-                   help="which graph to export (default: tune if it ran, else quant, else passes)")
+                   help="which stage's graph to export (default: the latest up-to-date of tune, quant, passes)")
     _add_limit_args(s)
     s.add_argument("--force", action="store_true", help="overwrite the workspace's export record if edited by hand")
     s.set_defaults(fn=_cmd_export)
 
-    s = sub.add_parser("build", help="capture, optimize, quantize, tune (on a GPU) and export an engine in one go")
+    s = sub.add_parser("build", help="capture, optimize, quantize, tune (on a GPU) and export an engine in one go, "
+                                     "with every stage in --workspace")
     s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
     s.add_argument("--precision", required=True, choices=["bf16", "fp8", "int8", "auto"],
                    help="linears in the model's precision, FP8, INT8 (SmoothQuant W8A8), or auto: FP8 where the "

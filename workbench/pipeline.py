@@ -1,8 +1,9 @@
 """Stage drivers: each reads its inputs, calls the library, and writes a workspace stage.
 
-``capture_stage`` is the first; later issues add passes, quantization, tuning and
-export with the same shape. ``load_program`` rebuilds a runnable program from a
-workspace without the original ``transformers`` model object.
+``capture_stage`` (``workbench capture``, folder ``capture/``), ``passes_stage`` (``workbench optimize``,
+``passes/``), ``quant_stage`` (``workbench quantize``, ``quant/``) and ``tune_stage`` (``workbench tune``,
+``tune/``) all have that shape; the export stage is ``engine.export_engine``. ``load_program`` rebuilds a
+runnable program from a workspace without the original ``transformers`` model object.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def load_graph(ws: Workspace, stage: str = "capture") -> tuple[Graph, dict[str, 
 def workspace_source(ws: Workspace) -> ModelSource:
     rec = ws.record("capture")
     if rec is None:
-        raise WorkbenchError(f"{ws.root} has no capture stage; run `workbench capture MODEL --workspace {ws.root}`")
+        raise WorkbenchError(f"{ws.root} has no capture stage; run `workbench capture MODEL {ws.root}`")
     return ModelSource.from_json(rec["params"]["source"])
 
 

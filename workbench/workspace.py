@@ -22,6 +22,16 @@ Every write goes to a temporary file in the same folder, is fsynced, then
 renamed over the target, so a run killed mid-write leaves the previous artifact
 intact; ``record.json`` is written after all artifacts, so a record never
 describes artifacts that are not there.
+
+Directories appear when a stage first runs, not when a ``Workspace`` is opened, and a
+stage run that fails or is refused removes the directories it made if they are still
+empty: a refused ``workbench capture`` or ``build`` leaves no empty workspace behind, and
+never touches a directory that was there before.
+
+The folders are the stages, each written by one command: capture/ (``workbench capture``),
+passes/ (``optimize``), quant/ (``quantize``), tune/ (``tune``), export/ (``export``: the
+record of the engine written elsewhere); ``build`` runs them all, and its accuracy gate
+writes accuracy/.
 """
 
 from __future__ import annotations
@@ -152,13 +162,16 @@ class StageRun:
 
 
 class Workspace:
+    """A workspace directory. ``create=False`` requires it to exist; otherwise a missing one is made by the
+    first stage that runs in it (``run``), so opening one and then being refused leaves nothing on disk."""
+
     def __init__(self, root: str | Path, *, create: bool = True) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            if not create:
-                raise WorkbenchError(f"{self.root} is not a workspace directory; create one with "
-                                     "`workbench capture MODEL --workspace DIR`")
-            self.root.mkdir(parents=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise WorkbenchError(f"{self.root} is a file, not a workspace directory; give a directory")
+        if not self.root.is_dir() and not create:
+            raise WorkbenchError(f"{self.root} is not a workspace directory; create one with "
+                                 "`workbench capture MODEL DIR`")
 
     # ---- reading ------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -188,6 +201,8 @@ class Workspace:
             raise WorkbenchError(f"{p} is corrupt; delete the {stage} folder and re-run the stage") from None
 
     def stages(self) -> list[str]:
+        if not self.root.is_dir():  # opened, no stage run yet
+            return []
         present = [d.name for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
         return [s for s in STAGE_ORDER if s in present] + [s for s in present if s not in STAGE_ORDER]
 
@@ -243,7 +258,10 @@ class Workspace:
         """Run a stage: yields a ``StageRun`` to write artifacts through, then writes the record.
 
         Refuses to overwrite artifacts edited by hand unless ``force``; refuses to run on
-        an upstream stage that is missing.
+        an upstream stage that is missing. A run that raises removes the directories it made
+        (the stage's folder, the workspace and its missing parents) where they are still empty,
+        so a refused first stage leaves nothing; what a failed run wrote (an interrupted tuning's
+        timing cache) stays, and so does every directory that existed before.
         """
         directory = self.stage_dir(stage)
         status = self.status(stage)
@@ -261,16 +279,18 @@ class Workspace:
             if up_rec is None:
                 raise WorkbenchError(f"stage {stage!r} needs the {up!r} stage, which has not run in {self.root}")
             upstream_hashes[up] = {a: e["sha256"] for a, e in up_rec["artifacts"].items()}
+        made = _missing_dirs(directory)  # deepest first: what this run creates, and removes again if left empty
         directory.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.glob(".*.tmp-*"):  # from a writer that was killed; never renamed into place
-            leftover.unlink(missing_ok=True)
-        started = time.time()
-        atomic_write(directory / RUNNING, json.dumps({"pid": os.getpid(), "started": started}).encode())
-        handle = StageRun(stage, directory)
         try:
+            for leftover in directory.glob(".*.tmp-*"):  # from a writer that was killed; never renamed into place
+                leftover.unlink(missing_ok=True)
+            started = time.time()
+            atomic_write(directory / RUNNING, json.dumps({"pid": os.getpid(), "started": started}).encode())
+            handle = StageRun(stage, directory)
             yield handle
         except BaseException:
             (directory / RUNNING).unlink(missing_ok=True)
+            _remove_if_empty(made)
             raise
         finished = time.time()
         record = {
@@ -285,6 +305,27 @@ class Workspace:
         }
         atomic_write(directory / RECORD, (json.dumps(record, indent=1) + "\n").encode())
         (directory / RUNNING).unlink(missing_ok=True)
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """``directory`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    return missing
+
+
+def _remove_if_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while each is empty; stop at the first that holds anything."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: a failed run's partial artifacts stay, and so does everything above them
+            return
 
 
 def _iso(t: float) -> str:
