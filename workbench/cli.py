@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_models)
 
     s = sub.add_parser("capture", help="capture a model's graph into WORKSPACE/capture and print its summary",
-                       usage="%(prog)s [-h] [--dtype {float32,bfloat16,float16}] [--seed SEED] [--force] model workspace")
+                       usage="%(prog)s [-h] [--dtype {float32,bfloat16,float16}] [--seed SEED] [--force] "
+                             "model workspace")
     s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
     s.add_argument("workspace", type=Path, nargs="?", help="the workspace directory (made if missing; a refused "
                    "capture leaves none behind)")
@@ -360,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", action="store_true", help="also evaluate the transformers model")
     _add_device_arg(s, "where the graph runs")
     s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
-                   help="a workspace's graph to run (default: the latest up-to-date stage; tuned choices on a GPU only)")
+                   help="a workspace's graph to evaluate (default: the latest up-to-date stage; tuned choices on a GPU "
+                        "only)")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("export", help="write the latest up-to-date stage's graph (tune, else quant, else passes), its "
-                                      "weights, tuning and tokenizer as an engine directory; recorded as WORKSPACE/export")
+                                      "weights, tuning and tokenizer as an engine directory; recorded as "
+                                      "WORKSPACE/export")
     s.add_argument("workspace", type=Path)
     s.add_argument("--out", "-o", required=True, type=Path, help="the engine directory (replaced if it is one)")
     s.add_argument("--stage", default="latest", choices=["latest", "passes", "quant", "tune"],
