@@ -231,7 +231,7 @@ def _calibration_data(text, graph, device, samples, seq_len):
     """(token ids, the record's params["calibration"], the stage's input files) for ``quant_stage``: the text's
     tokens (``_calibration_text``) and the sizes chosen for them, or seeded random ids without a text."""
     from .quant.calibrate import choose_sizes, default_sizes
-    from .workspace import sha256_file
+    from .env import sha256_file
 
     requested = {"samples": samples, "seq_len": seq_len}
     if text is None:

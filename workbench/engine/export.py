@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WorkbenchError
-from ..workspace import Workspace, atomic_write, environment, sha256_file
+from ..env import atomic_write, environment, sha256_file
+from ..workspace import Workspace
 from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, TOKENIZER_DIR, WEIGHTS, EngineLimits,
                      is_engine_dir)
 
