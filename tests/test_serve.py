@@ -27,6 +27,7 @@ from workbench.runtime.engine import LLM, LLMEngine
 from workbench.runtime.sampling import SamplingParams
 from workbench.runtime.scheduler import SchedulerConfig
 from workbench.serve import create_app
+from workbench.serve.metrics import prometheus_text
 
 SMOL_SHAPED = dict(PRESETS["tiny-llama"], vocab_size=49152, max_position_embeddings=512)
 MODEL = "tiny-smol"
@@ -457,7 +458,7 @@ def test_async_engine_shutdown_finishes_in_flight_then_aborts_past_the_timeout(s
 
     first, report, engine = asyncio.run(past_the_timeout())
     assert all(len(o.token_ids) >= 1 for o in first) and report == {"in_flight": 2, "aborted": 2}
-    values = metric_values(engine.prometheus_text())
+    values = metric_values(prometheus_text(engine.metrics, engine.stats()))
     assert values['workbench_requests_total{finish_reason="abort"}'] == 2
     assert engine.engine.scheduler.bm.num_free == 256 and not engine.engine.states
 
@@ -495,7 +496,7 @@ def test_generate_cancellation_back_pressure_and_the_metrics_page(smol_program, 
     assert len(texts) >= 1 and texts[-1]
     stats = engine.stats()
     assert stats["pending"] == stats["running"] == stats["waiting"] == 0 and stats["kv_usage_percent"] == 0
-    page = engine.prometheus_text()
+    page = prometheus_text(engine.metrics, engine.stats())
     engine.shutdown(1)
     for name, kind in (("workbench_requests_total", "counter"), ("workbench_kv_cache_usage_percent", "gauge"),
                        ("workbench_time_to_first_token_seconds", "histogram"), ("workbench_preemptions_total",

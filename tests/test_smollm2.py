@@ -121,7 +121,7 @@ def test_cli_capture_info_generate(tmp_path, capsys):
 
 def test_gguf_file_intake_matches_the_converted_directory(smol):
     """The GGUF kept by `fetch` loads directly, with the same weights and tokens as the converted directory."""
-    from workbench.workspace import sha256_file
+    from workbench.env import sha256_file
 
     from workbench.models.cache import gguf_path
 

@@ -8,6 +8,7 @@ runnable program from a workspace without the original ``transformers`` model ob
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -232,7 +233,7 @@ def _calibration_data(text, graph, device, samples, seq_len):
     """(token ids, the record's params["calibration"], the stage's input files) for ``quant_stage``: the text's
     tokens (``_calibration_text``) and the sizes chosen for them, or seeded random ids without a text."""
     from .quant.calibrate import choose_sizes, default_sizes
-    from .workspace import sha256_file
+    from .env import sha256_file
 
     requested = {"samples": samples, "seq_len": seq_len}
     if text is None:
@@ -343,3 +344,31 @@ def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.d
     program = program_for(graph, constants, source, device=device)
     return program.with_choices(choices) if choices else program
 
+
+#: Stages whose graph the runtime can run (paged attention), newest first; "capture" runs only without it.
+RUNNABLE_STAGES = ("tune", "quant", "passes")
+_COMMANDS = {"tune": "tune", "quant": "quantize", "passes": "optimize", "capture": "capture"}
+
+
+def latest_stage(ws, *, device: str | torch.device | None = None, paged: bool = True) -> str:
+    """The newest stage of workspace ``ws`` that is up to date ("ok" in ``workbench info``): tune, quant, passes
+    (and capture unless ``paged``: the captured graph has no KV cache). The tune stage counts only where its
+    choices run: on a CUDA ``device`` (None: anywhere, as an export carries them). A newer stage that exists
+    but is stale, modified or interrupted is passed over with a warning saying what to re-run."""
+    device = None if device is None else resolve_device(device)
+    order = [*RUNNABLE_STAGES, *(() if paged else ("capture",))]
+    passed = []
+    for stage in order:
+        status = ws.status(stage)
+        if status == "missing":
+            continue
+        if stage == "tune" and device is not None and device.type != "cuda":
+            continue  # tuned choices are Triton kernels and cuBLAS paths: a GPU's
+        if status == "ok":
+            if passed:
+                warnings.warn(f"{ws.root}: running the {stage} stage, since " + "; ".join(passed), stacklevel=3)
+            return stage
+        passed.append(f"the {stage} stage is {status} (re-run `workbench {_COMMANDS[stage]} {ws.root}`)")
+    what = "an optimized graph (`workbench optimize`)" if paged else "a captured graph (`workbench capture`)"
+    detail = f": {'; '.join(passed)}" if passed else ""
+    raise WorkbenchError(f"{ws.root} has no up-to-date stage to run; it needs {what}{detail}")

@@ -1,6 +1,6 @@
 """One way to open what runs: an engine directory, a workspace or a model source, as a program with its
 tokenizer and limits. ``LLM``, ``workbench serve``, ``workbench eval`` and ``workbench generate`` all open
-what they run here, and ``latest_stage`` is the one rule for a workspace's "latest" graph.
+what they run here; a workspace's "latest" graph is ``pipeline.latest_stage``'s.
 
     r = open_runnable("engine/")          # an engine: verified, its tuned kernels where they apply, its limits
     r = open_runnable("ws/")              # a workspace: the graph of its latest up-to-date stage
@@ -16,7 +16,6 @@ with them.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,35 +24,6 @@ import torch
 
 from .device import resolve_device
 from .errors import WorkbenchError
-
-#: Stages whose graph the runtime can run (paged attention), newest first; "capture" runs only without it.
-RUNNABLE_STAGES = ("tune", "quant", "passes")
-_COMMANDS = {"tune": "tune", "quant": "quantize", "passes": "optimize", "capture": "capture"}
-
-
-def latest_stage(ws, *, device: str | torch.device | None = None, paged: bool = True) -> str:
-    """The newest stage of workspace ``ws`` that is up to date ("ok" in ``workbench info``): tune, quant, passes
-    (and capture unless ``paged``: the captured graph has no KV cache). The tune stage counts only where its
-    choices run: on a CUDA ``device`` (None: anywhere, as an export carries them). A newer stage that exists
-    but is stale, modified or interrupted is passed over with a warning saying what to re-run."""
-    device = None if device is None else resolve_device(device)
-    order = [*RUNNABLE_STAGES, *(() if paged else ("capture",))]
-    passed = []
-    for stage in order:
-        status = ws.status(stage)
-        if status == "missing":
-            continue
-        if stage == "tune" and device is not None and device.type != "cuda":
-            continue  # tuned choices are Triton kernels and cuBLAS paths: a GPU's
-        if status == "ok":
-            if passed:
-                warnings.warn(f"{ws.root}: running the {stage} stage, since " + "; ".join(passed), stacklevel=3)
-            return stage
-        passed.append(f"the {stage} stage is {status} (re-run `workbench {_COMMANDS[stage]} {ws.root}`)")
-    what = "an optimized graph (`workbench optimize`)" if paged else "a captured graph (`workbench capture`)"
-    detail = f": {'; '.join(passed)}" if passed else ""
-    raise WorkbenchError(f"{ws.root} has no up-to-date stage to run; it needs {what}{detail}")
-
 
 @dataclass
 class Runnable:
@@ -79,7 +49,7 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
                   paged: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
                   progress: bool = True) -> Runnable:
     """Open ``target`` to run on ``device`` (see the module docstring). ``stage`` picks a workspace's graph
-    ("latest": ``latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
+    ("latest": ``pipeline.latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
     model's own; ``paged=False`` also admits a workspace's captured graph (perplexity, not the runtime);
     ``dtype`` and ``kv_block_size`` apply to a model source."""
     if isinstance(target, Runnable):  # opened already (a bench running several engines over one load)
@@ -137,7 +107,7 @@ def _is_workspace(target) -> bool:
 def _open_workspace(root: Path, device, stage: str, tok, own_tokenizer: bool, paged: bool) -> Runnable:
     from .engine.format import EngineLimits
     from .models.intake import load_tokenizer
-    from .pipeline import load_program, workspace_source
+    from .pipeline import latest_stage, load_program, workspace_source
     from .workspace import Workspace
 
     ws = Workspace(root, create=False)

@@ -38,54 +38,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
-import platform
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .env import atomic_write, environment, sha256_file
 from .errors import WorkbenchError
 
 #: Stages in pipeline order (for display); a stage declares its own upstream when it runs.
 STAGE_ORDER = ("capture", "passes", "quant", "tune", "export")
 RECORD = "record.json"
 RUNNING = "running.json"
-
-
-def atomic_write(path: Path, data: bytes | Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -101,30 +68,6 @@ def _unchanged(path: Path, entry: dict[str, Any]) -> bool:
     if st.st_size == entry["bytes"] and st.st_mtime_ns == entry["mtime_ns"]:
         return True
     return st.st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
-
-
-def environment() -> dict[str, Any]:
-    """Library versions and the machine, for records and caches."""
-    from importlib import metadata
-
-    from . import __version__
-
-    # workbench's own version from the package that runs (it may be on PYTHONPATH, not pip-installed)
-    versions = {"python": platform.python_version(), "workbench": __version__}
-    for pkg in ("torch", "triton", "transformers", "safetensors"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    host = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "gpu": None}
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        host["gpu"] = {"name": props.name, "sm_count": props.multi_processor_count,
-                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-    return {"versions": versions, "host": host}
 
 
 @dataclass

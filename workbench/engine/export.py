@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WorkbenchError
-from ..workspace import Workspace, atomic_write, environment, sha256_file
+from ..env import atomic_write, environment, sha256_file
+from ..workspace import Workspace
 from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, TOKENIZER_DIR, WEIGHTS, EngineLimits,
                      is_engine_dir)
 
@@ -39,7 +40,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
                   accuracy: Mapping[str, Any] | None = None) -> Path:
     """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
 
-    ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``runnable.latest_stage``), or one of
+    ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``pipeline.latest_stage``), or one of
     those by name; it must be up to date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
     max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
     ``force``: re-record the export even if ``ws/export`` was edited by hand. ``accuracy``: the build's accuracy
@@ -47,13 +48,11 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
     from ..kernels.autotune import TimingCache, TunedChoices
     from ..kernels.profiles import OptimizationProfile
     from ..models.intake import load_tokenizer
-    from ..pipeline import load_program, workspace_source
+    from ..pipeline import latest_stage, load_program, workspace_source
 
     ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)
     out = Path(out)
     if stage == "latest":
-        from ..runnable import latest_stage
-
         stage = latest_stage(ws)  # on any device: the engine carries the tuned choices for the GPU they fit
     if stage not in EXPORTABLE:
         raise WorkbenchError(f"cannot export the {stage!r} stage; export one of {', '.join(EXPORTABLE)} (the captured "

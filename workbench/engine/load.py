@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from ..env import environment, environment_key, sha256_file
 from ..errors import WorkbenchError
-from ..workspace import sha256_file
 from .format import ENGINE_JSON, FORMAT_VERSION, MANIFEST, TIMINGS, WEIGHTS, EngineLimits, older
 
 
@@ -226,8 +226,6 @@ def tuning_mismatch(tuned_for: dict, device: torch.device) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is available here"
     props = torch.cuda.get_device_properties(device)
-    from ..workspace import environment
-
     here = {"gpu": props.name, "sm_count": props.multi_processor_count, "cuda": torch.version.cuda,
             "torch": torch.__version__, "triton": environment()["versions"]["triton"]}
     diff = [f"{k} {tuned_for.get(k)!r} there, {v!r} here" for k, v in here.items() if tuned_for.get(k) != v]
@@ -238,7 +236,7 @@ def _retune(path: Path, program, info: dict, manifest: dict, raw: bytes, progres
     """Tune the engine's profile on this GPU; timings cached per engine (and per GPU: the cache is keyed)."""
     import shutil
 
-    from ..kernels.autotune import TimingCache, autotune_profile, environment_key
+    from ..kernels.autotune import TimingCache, autotune_profile
     from ..kernels.profiles import OptimizationProfile
     from ..models.cache import home
 

@@ -47,20 +47,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..env import atomic_write, environment_key
 from ..errors import WorkbenchError
+from ..profiling.ceilings import copy_gbps, matmul_tflops
+from ..profiling.timing import time_fn
 from .registry import REFERENCE, REGISTRY
 
 CACHE_VERSION = 1
-
-
-def environment_key() -> dict[str, Any]:
-    """What a timing depends on besides the op and its shapes (from the workspace's environment record)."""
-    from ..workspace import environment
-
-    env = environment()
-    gpu = env["host"]["gpu"] or {}
-    return {"torch": torch.__version__, "triton": env["versions"]["triton"], "cuda": torch.version.cuda,
-            "gpu": gpu.get("name", "cpu"), "sm_count": gpu.get("sm_count", 0)}
 
 
 def _describe(v: Any) -> Any:
@@ -132,8 +125,6 @@ class TimingCache:
         return cls(path, data.get("env", {}), data.get("entries", {}), data.get("ceilings", {}))
 
     def save(self) -> None:
-        from ..workspace import atomic_write
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps({"version": CACHE_VERSION, "env": self.env, "ceilings": self.ceilings,
                                             "entries": self.entries}, indent=1).encode())
@@ -299,8 +290,6 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     changed since its timing (``tactic_version``); then all of its candidates are timed afresh, in one process,
     as for a new instance.
     """
-    from ..profiling import time_fn
-
     def default_timer(call, op, tactic, config):
         # kernel time from CUDA-graph replays (launch overhead left out; what graph-replayed steps see),
         # over calls cycling through the argument copies
@@ -308,8 +297,6 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
 
     timer = timer or default_timer
     if program.device.type == "cuda" and not cache.ceilings:
-        from ..profiling.ceilings import copy_gbps, matmul_tflops
-
         cache.ceilings = {"copy_gbps": copy_gbps(program.device), "matmul_tflops": matmul_tflops(program.device)}
     l2_bytes = torch.cuda.get_device_properties(program.device).L2_cache_size if program.device.type == "cuda" else None
     ops = tactic_ops()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import WorkbenchError
-from ..workspace import sha256_file
+from ..env import sha256_file
 from .files import check_gguf
 from .presets import NAMED_MODELS, SUPPORTED_ARCHITECTURES
 

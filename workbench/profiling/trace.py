@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..env import atomic_write, environment_key
 from ..errors import WorkbenchError
 from .nvtx import op_ranges_as
 
@@ -80,8 +81,6 @@ def trace_program(program, steps: Iterable[Mapping[str, torch.Tensor]], *, warmu
         path = Path(chrome_trace) if chrome_trace is not None else Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         df = chrome_trace_frame(path, gpu=on_gpu)
-    from ..kernels.autotune import environment_key
-
     df.attrs = {"env": environment_key(), "device": str(program.device), "steps": len(steps), "warmup": warmup}
     return df
 
@@ -114,8 +113,6 @@ def trace_summary(df, by: str = "node"):
 
 def save_trace(df, path: str | Path) -> Path:
     """Write a trace DataFrame (and its attrs) as JSON, atomically."""
-    from ..workspace import atomic_write
-
     path = Path(path)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:

@@ -157,7 +157,7 @@ class CalibrationStats:
         """``path`` (.safetensors) and ``path`` with .json: both written atomically."""
         from safetensors.torch import save
 
-        from ..workspace import atomic_write
+        from ..env import atomic_write
 
         tensors, meta = self.state()
         path = Path(path)

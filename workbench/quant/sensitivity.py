@@ -103,7 +103,7 @@ class SensitivityReport:
                    obj.get("window"), obj.get("stride"), obj.get("tokens"))
 
     def save(self, path: str | Path) -> None:
-        from ..workspace import atomic_write
+        from ..env import atomic_write
 
         atomic_write(Path(path), (json.dumps(self.to_json(), indent=1) + "\n").encode())
 

@@ -213,7 +213,7 @@ class PrecisionWidget:
 
     def save(self, path: str | Path | None = None) -> Path | None:
         """Write the plan's JSON to ``path`` (default ``save_path``) atomically; returns where."""
-        from ..workspace import atomic_write
+        from ..env import atomic_write
 
         path = Path(path) if path else self.save_path
         if path is None:

@@ -1,11 +1,11 @@
-"""The async engine: an ``LLMEngine`` stepped by one background thread, fed by asyncio callers; serving metrics.
+"""The async engine: an ``LLMEngine`` stepped by one background thread, fed by asyncio callers.
 
     aengine = AsyncLLMEngine(LLMEngine(program, tokenizer), max_pending=256)
     async for out in aengine.generate("Hello", SamplingParams(max_tokens=16)):
         out.text                                   # cumulative snapshots: callers compute deltas
     stream = aengine.submit(prompt, params)        # checks and queues now; errors before any response starts
     async for out in stream: ...                   # the same snapshots; stream.abort() cancels
-    aengine.prometheus_text()                      # counters, histograms, gauges (Prometheus text format)
+    aengine.metrics, aengine.stats()               # counters and histograms (runtime.metrics), gauges
     aengine.shutdown(timeout=30)                   # stop accepting, let in-flight finish, abort the rest
 
 **Threads.** ``LLMEngine`` is not thread-safe, so one thread owns it and nothing else touches it:
@@ -32,8 +32,9 @@ bound. After ``shutdown`` (or an engine error) ``submit`` raises ``EngineClosedE
 every stream with ``EngineClosedError`` instead of leaving it waiting, and the engine accepts nothing more;
 ``check_params`` refuses the parameters that would make a shared step fail (a temperature that overflows).
 
-Metrics are recorded by the engine thread (TTFT is measured from ``submit``); gauges are a snapshot the
-engine thread publishes after every iteration, so readers never touch the scheduler.
+Metrics are recorded by the engine thread into ``runtime.metrics.EngineMetrics`` (TTFT is measured from
+``submit``); gauges are a snapshot the engine thread publishes after every iteration, so readers never touch
+the scheduler. The server renders both for Prometheus (``workbench.serve.metrics``).
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from typing import AsyncIterator
 
 from ..errors import WorkbenchError
 from .engine import LLMEngine, RequestOutput
+from .metrics import EngineMetrics
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,100 +69,6 @@ class ContextLengthError(WorkbenchError):
 #: Temperatures in (0, MIN_TEMPERATURE) overflow ``logits / temperature`` to inf and the draw to NaN, which
 #: would fail the whole step (every request in it); vLLM treats them as greedy.
 MIN_TEMPERATURE = 1e-5
-
-
-# ---- metrics ---------------------------------------------------------------------------------------------
-
-#: Histogram bucket upper bounds in seconds (vLLM's choices, for comparable dashboards).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
-
-
-class Histogram:
-    """Counts per bucket (not cumulative; rendering accumulates), the sum and the count of observations."""
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one: above every bound (+Inf)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, total = [], 0
-        for bound, n in zip((*self.buckets, math.inf), self.counts):
-            total += n
-            out.append(f'{name}_bucket{{le="{_number(bound)}"}} {total}')
-        return out + [f"{name}_sum {_number(self.sum)}", f"{name}_count {self.count}"]
-
-
-def _number(x: float) -> str:
-    if x == math.inf:
-        return "+Inf"
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
-
-
-class EngineMetrics:
-    """What the server exports: written by the engine thread (and ``submit`` for rejections), read by
-    ``render``; one lock guards both."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.finished: Counter[str] = Counter()   # finish reason -> requests
-        self.rejected: Counter[str] = Counter()   # "queue_full" | "closed" -> requests refused by submit
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.itl = Histogram(ITL_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
-
-    def render(self, gauges: dict[str, float]) -> str:
-        """Prometheus text exposition format (version 0.0.4)."""
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
-
-        with self.lock:
-            reasons = sorted(set(self.finished) | {"stop", "length", "abort"})
-            metric("workbench_requests_total", "counter", "Requests finished, by finish reason (abort: cancelled "
-                   "by the client or by shutdown).",
-                   [f'workbench_requests_total{{finish_reason="{r}"}} {self.finished[r]}' for r in reasons])
-            rejected = sorted(set(self.rejected) | {"queue_full", "closed"})
-            metric("workbench_requests_rejected_total", "counter", "Requests refused at submission: the queue was "
-                   "full (429) or the engine was closed (503).",
-                   [f'workbench_requests_rejected_total{{reason="{r}"}} {self.rejected[r]}' for r in rejected])
-            metric("workbench_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-                   [f"workbench_prompt_tokens_total {self.prompt_tokens}"])
-            metric("workbench_generation_tokens_total", "counter", "Tokens generated for finished requests.",
-                   [f"workbench_generation_tokens_total {self.generation_tokens}"])
-            metric("workbench_preemptions_total", "counter", "Requests preempted (KV blocks freed, recomputed later).",
-                   [f"workbench_preemptions_total {int(gauges.get('preemptions', 0))}"])
-            for key, name, help_ in (
-                    ("running", "workbench_requests_running", "Requests in the running batch."),
-                    ("waiting", "workbench_requests_waiting", "Requests waiting for admission (or preempted)."),
-                    ("pending", "workbench_requests_pending", "Requests submitted and not finished (bounded by "
-                     "max_pending)."),
-                    ("kv_usage_percent", "workbench_kv_cache_usage_percent", "Share of KV-cache blocks held by "
-                     "requests, in percent."),
-                    ("prefix_cache_hit_rate", "workbench_prefix_cache_hit_rate", "Share of admitted prompt tokens "
-                     "found in the prefix cache (0 to 1).")):
-                metric(name, "gauge", help_, [f"{name} {_number(gauges.get(key, 0))}"])
-            for hist, name, help_ in (
-                    (self.ttft, "workbench_time_to_first_token_seconds", "Time from submission to the first token."),
-                    (self.itl, "workbench_inter_token_latency_seconds", "Time between consecutive tokens of a "
-                     "request."),
-                    (self.e2e, "workbench_e2e_request_latency_seconds", "Time from submission to the end of a "
-                     "request.")):
-                metric(name, "histogram", help_, hist.lines(name))
-        return "\n".join(lines) + "\n"
 
 
 # ---- per-request streams -----------------------------------------------------------------------------------
@@ -337,9 +244,6 @@ class AsyncLLMEngine:
         with self._cond:
             return {**self._gauges, "pending": len(self._streams)}
 
-    def prometheus_text(self) -> str:
-        return self.metrics.render(self.stats())
-
     def shutdown(self, timeout: float = 30.0) -> dict[str, int]:
         """Stop accepting requests, let the in-flight ones finish for up to ``timeout`` seconds, abort the
         rest and stop the engine thread. Returns how many were in flight, and how many of them were aborted.
@@ -498,5 +402,5 @@ def _config_value(engine: LLMEngine, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-__all__ = ["AsyncLLMEngine", "ContextLengthError", "EngineClosedError", "EngineMetrics", "Histogram",
-           "MIN_TEMPERATURE", "QueueFullError", "RequestStream", "merge_streams"]
+__all__ = ["AsyncLLMEngine", "ContextLengthError", "EngineClosedError", "MIN_TEMPERATURE", "QueueFullError",
+           "RequestStream", "merge_streams"]

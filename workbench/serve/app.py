@@ -1,12 +1,12 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over ``AsyncLLMEngine`` (HTTP only; logic lives in runtime).
+"""The OpenAI-compatible HTTP server: FastAPI routes over ``AsyncLLMEngine`` (HTTP only; the engine is runtime's).
 
     workbench serve engine/ --host 127.0.0.1 --port 8000       # an engine directory, a workspace or a model
     app = create_app(AsyncLLMEngine(LLMEngine(program, tokenizer)), model_name="smollm2", chat_template=tpl)
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text, rendered by the engine).
+``GET /metrics`` (Prometheus text: ``serve/metrics.py``).
 
-* **The protocol** (parameters, n, streaming, error bodies) is ``runtime/openai_api.py``'s.
+* **The protocol** (parameters, n, streaming, error bodies) is ``serve/openai_api.py``'s.
 * **Disconnects** abort: a streaming client that goes away cancels the response task, a non-streaming one is
   watched for ``http.disconnect``; either way the engine aborts the requests and frees their blocks.
 * **Shutdown** (``serve``, on SIGTERM/SIGINT): stop accepting connections, then ``AsyncLLMEngine.shutdown``
@@ -28,10 +28,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .errors import WorkbenchError
-from .runtime.async_engine import AsyncLLMEngine
-from .runtime.openai_api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIApi, api_error, collect,
-                                 parse_body)
+from ..errors import WorkbenchError
+from ..runtime.async_engine import AsyncLLMEngine
+from .metrics import MEDIA_TYPE, prometheus_text
+from .openai_api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIApi, api_error, collect,
+                         parse_body)
 
 MAX_BODY_BYTES = 4 * 2**20
 
@@ -104,7 +105,7 @@ def create_app(engine: AsyncLLMEngine, *, model_name: str, chat_template: str | 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(prometheus_text(engine.metrics, engine.stats()), media_type=MEDIA_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -177,9 +178,9 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     of the GPU's free memory holds (the capacity planner)."""
     import uvicorn
 
-    from .runnable import open_runnable
-    from .runtime.capacity import DEFAULT_MEMORY_FRACTION
-    from .runtime.engine import LLMEngine
+    from ..runnable import open_runnable
+    from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
+    from ..runtime.engine import LLMEngine
 
     served = open_runnable(path, device=device, tokenizer=tokenizer)
     if served.tokenizer is None:

@@ -1,5 +1,5 @@
 """OpenAI's completions and chat API over the runtime: request bodies, sampling parameters, choices and
-their streams, response bodies and server-sent events. The HTTP server (``workbench.serve``) only wires
+their streams, response bodies and server-sent events. The HTTP server (``serve/app.py``) only wires
 this to FastAPI; nothing here knows about HTTP beyond the status code an ``ApiError`` carries.
 
     api = OpenAIApi(AsyncLLMEngine(LLMEngine(program, tokenizer)), "smollm2", chat_template)
@@ -37,10 +37,10 @@ from typing import Any, AsyncIterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import WorkbenchError
-from .async_engine import (MIN_TEMPERATURE, AsyncLLMEngine, ContextLengthError, EngineClosedError, QueueFullError,
-                           merge_streams)
-from .engine import RequestOutput
-from .sampling import SamplingParams
+from ..runtime.async_engine import (MIN_TEMPERATURE, AsyncLLMEngine, ContextLengthError, EngineClosedError,
+                                    QueueFullError, merge_streams)
+from ..runtime.engine import RequestOutput
+from ..runtime.sampling import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -188,7 +188,7 @@ class Choice:
 @dataclass
 class OpenAIApi:
     """OpenAI's completions and chat API over an ``AsyncLLMEngine``: request bodies to engine requests,
-    engine outputs to response bodies and server-sent events. No HTTP here (``workbench.serve`` does that)."""
+    engine outputs to response bodies and server-sent events. No HTTP here (``serve/app.py`` does that)."""
     engine: AsyncLLMEngine
     model_name: str
     chat_template: str | None

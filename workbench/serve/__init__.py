@@ -1,0 +1,15 @@
+"""The OpenAI-compatible server of ``workbench serve``, over the runtime's ``AsyncLLMEngine``.
+
+    serve("engine/", host="127.0.0.1", port=8000)                    # workbench serve engine/ --port 8000
+    app = create_app(AsyncLLMEngine(LLMEngine(program, tokenizer)), model_name="smollm2")   # FastAPI
+
+``app.py`` is the HTTP layer (routes, body limits, disconnects, shutdown), ``openai_api.py`` OpenAI's request
+and response shapes over the engine (pydantic bodies, choices, server-sent events, error bodies), and
+``metrics.py`` the Prometheus page of the metrics the runtime records (``runtime.metrics``). The runtime
+imports nothing from here.
+"""
+
+from .app import MAX_BODY_BYTES, create_app, serve
+from .openai_api import ApiError
+
+__all__ = ["ApiError", "MAX_BODY_BYTES", "create_app", "serve"]
