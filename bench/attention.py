@@ -52,8 +52,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from workbench.graph.paged import new_kv_cache  # noqa: E402
 from workbench.kernels import triton_attention as ta  # noqa: E402
-from workbench.runtime.paged_cache import new_kv_cache  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
 

@@ -9,8 +9,8 @@ import sys, torch, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from workbench.engine.build import BuildOptions, build_engine
 from workbench import LLM, SamplingParams
+from workbench.evaluate import paged_greedy
 from workbench.models.intake import load_model, resolve_source
-from workbench.runtime.paged_cache import paged_greedy
 from workbench.runtime.executor import sampled_rows_program
 t=time.time()
 tune = sys.argv[1] == "tune"

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_program import add_model_args, build_program, refuse_cache_without_autotune, tune_for_shape  # noqa: E402
+from workbench.graph.paged import PagedLayout  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.runtime.engine import LLMEngine  # noqa: E402
 from workbench.runtime.sampling import SamplingParams  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
         n_in, n_out = map(int, args.tune_shape.split("x"))
         program, _ = tune_for_shape(program, args, n_in, n_out, args.seqs, "/tmp/engine_trace_timings.json")
     vocab = program.graph.meta["config"]["vocab_size"]
-    block = program.graph.meta["paged"]["block_size"]
+    block = PagedLayout.from_graph(program.graph).block_size
     # the first requests decode while the last are prefilled (SEQS × CONTEXT / max_num_batched_tokens steps): none
     # may finish before the profiled steps are over
     max_tokens = args.seqs * args.context // args.max_num_batched_tokens + args.steps + 16

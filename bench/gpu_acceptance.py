@@ -44,9 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench import LLM, SamplingParams  # noqa: E402
 from workbench.cli import main as workbench_main  # noqa: E402
-from workbench.evaluate import dataset_text, hf_logits, perplexity  # noqa: E402
+from workbench.evaluate import dataset_text, hf_logits, logits_fn, perplexity  # noqa: E402
 from workbench.models.intake import load_model, resolve_source  # noqa: E402
-from workbench.runtime.paged_cache import logits_fn  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at", "Once upon a time, a small robot",
            "The three primary colours are", "In 1969, the first person to walk on the Moon was",

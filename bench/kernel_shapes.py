@@ -54,12 +54,12 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from workbench.graph.paged import new_kv_cache  # noqa: E402
 from workbench.kernels import fused  # noqa: E402
 from workbench.kernels import gemm as G  # noqa: E402
 from workbench.kernels import triton_attention as ta  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.kernels.triton_sampling import greedy_logprobs  # noqa: E402
-from workbench.runtime.paged_cache import new_kv_cache  # noqa: E402
 
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
 

@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.graph.executor import Program, resolve_params  # noqa: E402
+from workbench.graph.paged import PagedLayout, cache_for, is_paged  # noqa: E402
 from workbench.graph.passes import run_passes, summary_table  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
-from workbench.runtime.paged_cache import cache_for  # noqa: E402
 
 
 def main() -> None:
@@ -73,8 +73,8 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.seqs, args.tokens), device=device, generator=gen)
     pos = torch.arange(args.tokens, device=device).expand(args.seqs, -1).contiguous()
     prompts = [(i, ids[i].tolist()) for i in range(args.seqs)]
-    paged = graph.meta.get("paged")
-    blocks = args.seqs * (-(-(args.tokens + 1) // paged["block_size"])) if paged else 0
+    paged = is_paged(graph)
+    blocks = args.seqs * PagedLayout.from_graph(graph).blocks_for(args.tokens + 1) if paged else 0
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()

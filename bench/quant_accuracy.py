@@ -23,14 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.evaluate import dataset_text, perplexity  # noqa: E402
+from workbench.evaluate import dataset_text, logits_fn, perplexity  # noqa: E402
 from workbench.graph.executor import Program, resolve_params  # noqa: E402
 from workbench.graph.passes import run_passes  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.models.intake import load_tokenizer  # noqa: E402
 from workbench.pipeline import capture_source, graph_weights  # noqa: E402
 from workbench.quant import PrecisionPlan, calibrate, calibration_ids, quantized_program  # noqa: E402
-from workbench.runtime.paged_cache import logits_fn  # noqa: E402
 
 
 def plans(graph, alphas):

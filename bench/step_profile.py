@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_program import add_model_args, build_program, refuse_cache_without_autotune  # noqa: E402
+from workbench.graph.paged import PagedLayout, is_paged  # noqa: E402
 from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
 from workbench.profiling import time_fn, trace_program, trace_summary  # noqa: E402
@@ -53,12 +54,12 @@ def node_costs(program, step: Step, sampled_rows: int) -> dict[str, tuple[int, i
     graph = program.graph
     tokens = step.seqs * step.new
     table = node_table(graph, batch=1, tokens=tokens)
-    paged = graph.meta.get("paged") or {}
+    layout = PagedLayout.from_graph(graph) if is_paged(graph) else None
     config = graph.meta.get("config", {})
-    per_token = 2 * paged.get("kv_heads", 0) * paged.get("head_dim", 0) * \
-        (1 if "float8" in str(paged.get("dtype")) else 2)
+    kv_heads, head_dim = (layout.kv_heads, layout.head_dim) if layout else (0, 0)
+    per_token = 2 * kv_heads * head_dim * (1 if layout and "float8" in layout.dtype else 2)
     hidden = config.get("hidden_size", 0)
-    q_width = config.get("num_attention_heads", 0) * paged.get("head_dim", 0)
+    q_width = config.get("num_attention_heads", 0) * head_dim
     head = getattr(lm_head(graph), "name", None)
     out = {}
     for name, op, nbytes, flops in zip(table["name"], table["op"], table["bytes"], table["flops"]):

@@ -83,7 +83,7 @@ def stats(tiny_stats):
 def prefill_then_decode(program):
     """Graph inputs of two steps on a fresh paged cache: a prefill of two prompts (12 and 9 tokens), then a
     decode step of both."""
-    from workbench.runtime.paged_cache import cache_for
+    from workbench.graph.paged import cache_for
 
     cache = cache_for(program.graph, num_blocks=8)
     return [cache.step_inputs([(0, list(range(3, 15))), (1, list(range(40, 49)))]),

@@ -11,8 +11,8 @@ import torch
 
 from conftest import prefill_then_decode
 from workbench.errors import WorkbenchError
+from workbench.evaluate import paged_greedy
 from workbench.kernels.autotune import TimingCache, autotune, instance_key, tactic_ops
-from workbench.runtime.paged_cache import paged_greedy
 
 
 def steps(program):
@@ -369,7 +369,7 @@ def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):
         monkeypatch.setitem(REGISTRY.get(op).tactics, "triton", counted)
     tuned = program.with_choices(TunedChoices([2, 24], [decode, prefill]))
     prompt = torch.tensor([5, 9, 11, 2, 30, 7, 1, 8, 13, 4, 21, 3])  # 12-token prefill, then 1-token decode steps
-    from workbench.runtime.paged_cache import cache_for
+    from workbench.graph.paged import cache_for
 
     cache = cache_for(program.graph, num_blocks=8)
     tuned.run(**cache.step_inputs([(0, prompt.tolist())]))

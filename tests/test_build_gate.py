@@ -34,7 +34,7 @@ def test_the_gate_measures_records_and_does_not_measure_again(model, tmp_path, c
     import workbench.evaluate
     from workbench.evaluate import perplexity
     from workbench.pipeline import load_program
-    from workbench.runtime.paged_cache import logits_fn
+    from workbench.evaluate import logits_fn
 
     held_out = tmp_path / "held_out.jsonl"  # 2500 tokens: capped to the first 2048 on the CPU
     held_out.write_text("".join(json.dumps({"text": words(s, 500)}) + "\n" for s in range(5)))

@@ -201,7 +201,7 @@ def test_eval_reads_a_file_by_path(ws, tokenizer, tmp_path, capsys):
     from workbench.cli import main
     from workbench.evaluate import perplexity
     from workbench.pipeline import load_program
-    from workbench.runtime.paged_cache import logits_fn
+    from workbench.evaluate import logits_fn
 
     docs = random_docs(21, docs=4, words=150)
     plain, jsonl = tmp_path / "held_out.txt", write_jsonl(tmp_path / "held_out.jsonl", docs)

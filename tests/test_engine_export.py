@@ -16,11 +16,12 @@ from conftest import prefill_then_decode
 
 from workbench.engine import EngineLimits, export_engine, load_engine, read_engine
 from workbench.errors import WorkbenchError
+from workbench.evaluate import paged_greedy
+from workbench.graph.paged import PagedLayout
 from workbench.pipeline import CaptureOptions, capture_stage, load_program, passes_stage, quant_stage
 from workbench.runtime.engine import LLM
-from workbench.runtime.paged_cache import paged_greedy
 from workbench.runtime.sampling import SamplingParams
-from workbench.workspace import Workspace
+from workbench.workspace import Workspace, sha256_file
 
 WORDS = ["the", "capital", "of", "france", "is", "paris", "a", "city", "and", "river", "hello", "world"]
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
@@ -136,6 +137,23 @@ def test_round_trip_of_an_fp8_workspace(ws, tmp_path):
         fp8 = [k for k in f.keys() if f.get_slice(k).get_dtype() == "F8_E4M3"]
     assert len(fp8) == 8  # qkv, o, gate_up, down of both layers; lm_head stays in bf16
     assert e.manifest["workspace"]["stage"] == "quant"
+    scales = PagedLayout.from_graph(e.program.graph).scales
+    assert scales is not None and len(scales) == 2
+
+    # an engine written before the KV scales went by name held them at positions 10 and 11: it loads the same
+    def positional(info):
+        for n in info["graph"]["nodes"]:
+            if n["op"] == "workbench.paged_attention":
+                n["args"] += [n["kwargs"].pop("k_scale"), n["kwargs"].pop("v_scale")]
+
+    edit_json(out / "engine.json", positional)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["engine.json"] = {"sha256": sha256_file(out / "engine.json"),
+                                        "bytes": (out / "engine.json").stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    old = load_engine(out)
+    assert PagedLayout.from_graph(old.program.graph).scales == scales
+    same_run(old.program, e.program)
 
 
 def test_llm_on_an_engine_generates_what_the_workspace_does(ws, tmp_path):
@@ -156,7 +174,7 @@ def test_llm_on_an_engine_generates_what_the_workspace_does(ws, tmp_path):
 def test_loading_needs_neither_the_workspace_nor_model_code(engine, tmp_path):
     moved = shutil.copytree(engine, tmp_path / "elsewhere")
     code = ("import sys, warnings, torch; from workbench.engine import load_engine; "
-            "from workbench.runtime.paged_cache import paged_greedy; "
+            "from workbench.evaluate import paged_greedy; "
             f"e = load_engine({str(moved)!r}); "
             "print(paged_greedy(e.program, torch.tensor([5, 9, 11, 2, 7]), 6)); "
             "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and 'modeling' in m "
@@ -333,8 +351,8 @@ def test_build_with_another_kv_block_size(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(a)]) == 0
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "8"]) == 0
-    assert load_engine(a).program.graph.meta["paged"]["block_size"] == 16
-    assert load_engine(b).program.graph.meta["paged"]["block_size"] == 8
+    assert PagedLayout.from_graph(load_engine(a).program.graph).block_size == 16
+    assert PagedLayout.from_graph(load_engine(b).program.graph).block_size == 8
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [[5, 9, 11, 2, 7, 3, 3, 1, 4, 4, 6], [8, 2]]
     outs = [[o.token_ids for o in LLM(e, num_blocks=16).generate(prompts, greedy)] for e in (a, b)]
@@ -342,6 +360,6 @@ def test_build_with_another_kv_block_size(tmp_path, capsys):
     capsys.readouterr()
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "32"]) == 0
     assert "[2/5] passes: done in" in capsys.readouterr().out
-    assert load_engine(b).program.graph.meta["paged"]["block_size"] == 32
+    assert PagedLayout.from_graph(load_engine(b).program.graph).block_size == 32
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "0"]) == 2
     assert "tokens per KV-cache block" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_tactic_runs_a_whole_paged_graph():
     from workbench.graph.passes import run_passes
     from workbench.models import load_model
     from workbench.pipeline import capture_source, graph_weights
-    from workbench.runtime.paged_cache import paged_greedy
+    from workbench.evaluate import paged_greedy
 
     lm = load_model("tiny-mistral")  # sliding window 16: decoding 30 tokens crosses it
     captured = capture_source(lm.source)

@@ -203,7 +203,7 @@ def test_linear_tactic_runs_a_whole_graph():
     from workbench.graph.passes import run_passes
     from workbench.models import load_model
     from workbench.pipeline import capture_source, graph_weights
-    from workbench.runtime.paged_cache import logits_fn
+    from workbench.evaluate import logits_fn
 
     assert REGISTRY.get("aten.linear.default").tactics["triton"] is G.linear
     lm = load_model("tiny-llama")

@@ -142,7 +142,7 @@ def test_triton_tactics_run_a_whole_optimized_graph():
     from workbench.graph.passes import DEFAULT_PIPELINE, run_passes
     from workbench.models import load_model
     from workbench.pipeline import capture_source, graph_weights
-    from workbench.runtime.paged_cache import logits_fn
+    from workbench.evaluate import logits_fn
 
     lm = load_model("tiny-llama")
     captured = capture_source(lm.source)

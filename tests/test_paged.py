@@ -5,11 +5,11 @@ import torch
 
 from conftest import rel_err
 from workbench.errors import WorkbenchError
-from workbench.evaluate import greedy as recompute_greedy
+from workbench.evaluate import greedy as recompute_greedy, paged_greedy
+from workbench.graph.paged import PagedLayout, SimplePagedCache, cache_for, is_paged, step_inputs
 from workbench.graph.passes import run_passes
 from workbench.models import load_model
 from workbench.pipeline import capture_source, graph_weights, program_for
-from workbench.runtime.paged_cache import SimplePagedCache, cache_for, paged_greedy
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])
@@ -49,7 +49,7 @@ def test_cached_greedy_equals_recompute(programs):
 
 def test_cache_bookkeeping_and_errors(programs):
     _, paged = programs
-    cache = SimplePagedCache(num_blocks=3, block_size=4, layers=[0], kv_heads=2, head_dim=8)
+    cache = SimplePagedCache(PagedLayout(block_size=4, layers=[0], kv_heads=2, head_dim=8, dtype="float32"), 3)
     inputs = cache.step_inputs([(0, [1, 2, 3, 4, 5]), (1, [6])])
     assert inputs["slot_mapping"].tolist() == [0, 1, 2, 3, 4, 8]
     assert inputs["block_tables"].tolist() == [[0, 1], [2, 0]]
@@ -61,6 +61,38 @@ def test_cache_bookkeeping_and_errors(programs):
     assert sorted(cache.free_blocks) == [0, 1]
     with pytest.raises(WorkbenchError, match="paged KV cache"):
         paged.logits(torch.tensor([1, 2, 3]))
+
+
+def test_step_inputs_from_context_lengths_and_block_tables():
+    """The one builder of a step's metadata (the executor's and the simple cache's): slots through each table,
+    positions after the cached tokens, tables padded with the fill."""
+    step = step_inputs(4, [(6, [7, 8, 9], [5, 2, 9]), (0, [1], [3])], table_fill=11)
+    assert step.input_ids == [7, 8, 9, 1] and step.position_ids == [6, 7, 8, 0]
+    assert step.slot_mapping == [2 * 4 + 2, 2 * 4 + 3, 9 * 4 + 0, 3 * 4 + 0]
+    assert (step.block_tables, step.table_width) == ([5, 2, 9, 3, 11, 11], 3)
+    assert (step.seq_lens, step.query_start_loc) == ([9, 1], [0, 3, 4])
+    t = step.tensors("cpu")
+    assert t["block_tables"].tolist() == [[5, 2, 9], [3, 11, 11]] and t["input_ids"].shape == (1, 4)
+    with pytest.raises(WorkbenchError, match="needs 3 blocks of 4, its block table has 2"):
+        step_inputs(4, [(8, [1], [0, 1])])
+
+
+def test_layout_is_read_once_from_the_graph(programs):
+    _, paged = programs
+    layout = PagedLayout.from_graph(paged.graph)
+    assert (layout.block_size, layout.layers, layout.dtype, layout.scales) == (16, (0, 1), "float32", None)
+    assert PagedLayout(**{**layout.to_meta(), "layers": range(2)}) == layout  # the meta is its serialized form
+    assert layout.cache_inputs == {"kv_cache_0": 0, "kv_cache_1": 1}
+    assert set(layout.cache_inputs) <= set(paged.graph.inputs)
+    assert layout.blocks_for(16) == 1 and layout.blocks_for(17) == 2
+    caches = layout.new_caches(3, "cpu")
+    assert [tuple(t.shape) for t in caches.values()] == [(2, 3, 16, layout.kv_heads, layout.head_dim)] * 2
+    assert sum(t.nbytes for t in caches.values()) == 3 * layout.bytes_per_block
+    with pytest.raises(WorkbenchError, match="layers must list the attention layers' indices.*range\\(32\\)"):
+        PagedLayout(block_size=16, layers=32, kv_heads=2, head_dim=8, dtype="float32")
+    with pytest.raises(WorkbenchError, match="2 \\(k_scale, v_scale\\) pairs for 1 layers"):
+        PagedLayout(block_size=16, layers=[0], kv_heads=2, head_dim=8, dtype="float8_e4m3fn",
+                    scales=[(1.0, 1.0), (1.0, 1.0)])
 
 
 def test_window_less_paged_attention_is_rejected_on_mistral(monkeypatch):
@@ -75,4 +107,4 @@ def test_window_less_paged_attention_is_rejected_on_mistral(monkeypatch):
     last = next(r for r in reports if r.name == "insert_paged_attention")
     assert not last.accepted
     assert last.first_diverging.startswith("paged_attention")
-    assert not graph.meta.get("paged")
+    assert not is_paged(graph)

@@ -8,12 +8,12 @@ import torch
 
 from conftest import rel_err
 from workbench.errors import WorkbenchError
+from workbench.evaluate import logits_fn
 from workbench.graph.ir import Graph, Node, Ref
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES, Match, register_pass, run_passes, summary_table
 from workbench.kernels import register_op
 from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, graph_weights, program_for
-from workbench.runtime.paged_cache import logits_fn
 
 
 def optimize(name, dtype="float32", names=None):

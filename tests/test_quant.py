@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.evaluate import logits_fn
+from workbench.graph.paged import PagedLayout
 from workbench.kernels import fused
 from workbench.kernels import gemm as G
 from workbench.quant import CalibrationStats, PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
 from workbench.quant.apply import smoothing_factors
-from workbench.runtime.paged_cache import logits_fn
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_calibration_sees_every_group_input_and_layer(program, stats):
     # the statistics are those of the tensors the linears read: re-observe one group's input by hand
     seen = []
     ids = torch.randint(1, 512, (2, 48))
-    from workbench.runtime.paged_cache import cache_for
+    from workbench.graph.paged import cache_for
 
     cache = cache_for(program.graph, num_blocks=6)
     inputs = cache.step_inputs([(0, ids[0].tolist()), (1, ids[1].tolist())])
@@ -244,9 +245,13 @@ def test_fp8_producers_only_where_the_linears_alone_read_x(program, stats):
 def test_fp8_kv_cache_uses_calibrated_scales(program, stats, probe):
     plan = PrecisionPlan.uniform(program.graph, "bf16", kv_cache="fp8")
     q = quantized_program(program, plan, stats)
-    assert q.graph.meta["paged"]["dtype"] == "float8_e4m3fn"
+    layout = PagedLayout.from_graph(q.graph)
+    assert layout.dtype == "float8_e4m3fn" and PagedLayout.from_graph(program.graph).scales is None
     attn = [n for n in q.graph.nodes if n.op == "workbench.paged_attention"]
-    assert [tuple(n.args[10:12]) for n in attn] == [stats.kv_scales(0), stats.kv_scales(1)]
+    # the scales go by name, read back through the layout
+    assert all(len(n.args) == 10 for n in attn)
+    assert [(n.kwargs["k_scale"], n.kwargs["v_scale"]) for n in attn] == [stats.kv_scales(0), stats.kv_scales(1)]
+    assert layout.scales == (stats.kv_scales(0), stats.kv_scales(1)) and layout.scale_of(1) == stats.kv_scales(1)
     ids, ref = probe
     assert 0 < kl(ref, logits_fn(q)(ids)) < 1e-3
 
@@ -334,7 +339,7 @@ def test_tune_stage_tunes_the_quantized_graph(tmp_path):
     from test_autotune import TINY_PROFILE, PlantedTimer
     from workbench.kernels.profiles import OptimizationProfile
     from workbench.pipeline import capture_stage, load_program, passes_stage, quant_stage, tune_stage
-    from workbench.runtime.paged_cache import paged_greedy
+    from workbench.evaluate import paged_greedy
     from workbench.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.graph.paged import cache_for
 from workbench.kernels.autotune import TimingCache, instance_key
 from workbench.quant import PrecisionPlan, linear_groups, quantize_graph, quantized_program
 from workbench.quant import sensitivity as S
-from workbench.runtime.paged_cache import cache_for
 
 WINDOW, STRIDE = 64, 32
 GROUPS = [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
@@ -87,7 +87,7 @@ def test_one_row_per_group_and_format(report):
 
 def test_base_is_the_unquantized_program_on_perplexitys_windows(program, ids):
     from workbench.evaluate import perplexity
-    from workbench.runtime.paged_cache import logits_fn
+    from workbench.evaluate import logits_fn
 
     base = S.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
     ref = perplexity(logits_fn(program), ids, window=WINDOW, stride=STRIDE)

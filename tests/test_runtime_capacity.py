@@ -7,13 +7,12 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.graph.ir import Graph
-from workbench.runtime.capacity import (GIB, CapacityPlan, KVLayout, concurrency_table, device_memory,
-                                        plan_capacity)
-from workbench.runtime.paged_cache import cache_for
+from workbench.graph.paged import PagedLayout, cache_for
+from workbench.runtime.capacity import GIB, CapacityPlan, concurrency_table, device_memory, plan_capacity
 
 #: Llama-3-8B: 32 layers, 8 KV heads (GQA), head_dim 128. Built by hand: capturing the 8B
 #: graph without weights takes ~20 s on a CPU, beyond this file's budget.
-LLAMA3_8B = dict(layers=32, kv_heads=8, head_dim=128, block_size=16)
+LLAMA3_8B = dict(layers=range(32), kv_heads=8, head_dim=128, block_size=16)
 H100 = 80 * GIB
 WEIGHTS_8B = 16 * 10**9
 
@@ -34,10 +33,11 @@ def graphs():
 
 def test_tiny_llama_layout_matches_its_graph_and_the_allocated_cache(graphs):
     _, graph = graphs
-    paged = graph.meta["paged"]
-    layout = KVLayout.from_graph(graph)
+    paged = graph.meta["paged"]  # the layout's serialized form
+    layout = PagedLayout.from_graph(graph)
     assert (layout.layers, layout.kv_heads, layout.head_dim, layout.dtype, layout.block_size) == (
-        len(paged["layers"]), paged["kv_heads"], paged["head_dim"], paged["dtype"], paged["block_size"])
+        tuple(paged["layers"]), paged["kv_heads"], paged["head_dim"], paged["dtype"], paged["block_size"])
+    assert layout.to_meta() == paged
     element = torch.empty((), dtype=getattr(torch, paged["dtype"])).element_size()
     assert layout.bytes_per_token == 2 * len(paged["layers"]) * paged["kv_heads"] * paged["head_dim"] * element
     assert layout.bytes_per_block == layout.bytes_per_token * paged["block_size"]
@@ -48,10 +48,10 @@ def test_tiny_llama_layout_matches_its_graph_and_the_allocated_cache(graphs):
     assert sum(t.nbytes for t in cache.tensors.values()) == 5 * layout.bytes_per_block
 
 
-def test_from_graph_overrides_plan_a_cache_the_graph_does_not_have(graphs):
+def test_planned_layouts_plan_a_cache_the_graph_does_not_have(graphs):
     _, graph = graphs
-    base = KVLayout.from_graph(graph)
-    fp8 = KVLayout.from_graph(graph, dtype="float8_e4m3fn", block_size=32)
+    base = PagedLayout.from_graph(graph)
+    fp8 = base.planned(dtype="float8_e4m3fn", block_size=32)
     assert (fp8.dtype, fp8.block_size) == ("float8_e4m3fn", 32)
     assert fp8.bytes_per_token == base.bytes_per_token // 4  # float32 -> 1 byte
     assert fp8.bytes_per_block == fp8.bytes_per_token * 32
@@ -59,15 +59,15 @@ def test_from_graph_overrides_plan_a_cache_the_graph_does_not_have(graphs):
 
 
 def test_llama3_8b_bytes_per_token():
-    bf16 = KVLayout(**LLAMA3_8B, dtype="bfloat16")
+    bf16 = PagedLayout(**LLAMA3_8B, dtype="bfloat16")
     assert bf16.bytes_per_token == 131072 == 32 * 8 * 128 * 2 * 2
     assert bf16.bytes_per_block == 2 * 2**20  # 2 MiB per 16-token block
-    assert KVLayout(**LLAMA3_8B, dtype="float8_e4m3fn").bytes_per_token == 65536
-    assert KVLayout(**LLAMA3_8B, dtype="torch.bfloat16").dtype == "bfloat16"
+    assert PagedLayout(**LLAMA3_8B, dtype="float8_e4m3fn").bytes_per_token == 65536
+    assert PagedLayout(**LLAMA3_8B, dtype="torch.bfloat16").dtype == "bfloat16"
 
 
 def test_worked_plan_llama3_8b_on_80_gib():
-    layout = KVLayout(**LLAMA3_8B, dtype="bfloat16")
+    layout = PagedLayout(**LLAMA3_8B, dtype="bfloat16")
     plan = plan_capacity(layout, memory_bytes=H100, fraction=0.9, weights_bytes=WEIGHTS_8B,
                          prompt_len=1000, output_len=1000)
     budget = 80 * 2**30 * 9 // 10 - 16 * 10**9
@@ -84,14 +84,14 @@ def test_worked_plan_llama3_8b_on_80_gib():
     assert d["layout"]["bytes_per_token"] == 131072 and d["layout"]["dtype"] == "bfloat16"
 
     # an FP8 cache holds twice the blocks; activations come off the budget too
-    fp8 = plan_capacity(KVLayout(**LLAMA3_8B, dtype="float8_e4m3fn"), memory_bytes=H100, fraction=0.9,
+    fp8 = plan_capacity(PagedLayout(**LLAMA3_8B, dtype="float8_e4m3fn"), memory_bytes=H100, fraction=0.9,
                         weights_bytes=WEIGHTS_8B, activation_bytes=2 * GIB, prompt_len=1000, output_len=1000)
     assert fp8.num_blocks == (budget - 2 * 2**30) // (65536 * 16) == 56421
     assert fp8.max_concurrency == 56421 // 125 == 451
 
 
 def test_blocks_per_request_rounds_up_and_partial_blocks_are_dropped():
-    layout = KVLayout(layers=1, kv_heads=1, head_dim=4, dtype="float32", block_size=4)  # 32 B/token, 128 B/block
+    layout = PagedLayout(layers=[0], kv_heads=1, head_dim=4, dtype="float32", block_size=4)  # 32 B/token, 128 B/block
     plan = plan_capacity(layout, memory_bytes=1000, fraction=1.0, prompt_len=5, output_len=0)
     assert (plan.kv_budget_bytes, plan.num_blocks, plan.tokens) == (1000, 7, 28)  # 1000 // 128
     assert (plan.blocks_per_request, plan.max_concurrency) == (2, 3)  # 5 tokens -> 2 blocks
@@ -107,20 +107,20 @@ def test_blocks_per_request_rounds_up_and_partial_blocks_are_dropped():
 def test_bad_layouts_say_what_to_fix(graphs):
     captured, _ = graphs
     with pytest.raises(WorkbenchError, match="run the insert_paged_attention pass first"):
-        KVLayout.from_graph(captured)
+        PagedLayout.from_graph(captured)
     empty = Graph(inputs={}, params={}, nodes=[], outputs=[], dims={})
-    with pytest.raises(WorkbenchError, match="no paged attention"):
-        KVLayout.from_graph(empty)
+    with pytest.raises(WorkbenchError, match="no paged attention.*`workbench optimize`"):
+        PagedLayout.from_graph(empty)
     for bad in (0, -16, 16.0, "16", True):
         with pytest.raises(WorkbenchError, match=r"block_size must be a positive integer, got .*block_size=16"):
-            KVLayout(layers=2, kv_heads=2, head_dim=16, dtype="bfloat16", block_size=bad)
+            PagedLayout(layers=range(2), kv_heads=2, head_dim=16, dtype="bfloat16", block_size=bad)
     _, graph = graphs
     with pytest.raises(WorkbenchError, match="block_size must be a positive integer, got 0"):
-        KVLayout.from_graph(graph, block_size=0)
+        PagedLayout.from_graph(graph).planned(block_size=0)
     with pytest.raises(WorkbenchError, match="kv_heads must be a positive integer, got 0"):
-        KVLayout(layers=2, kv_heads=0, head_dim=16, dtype="bfloat16", block_size=16)
+        PagedLayout(layers=range(2), kv_heads=0, head_dim=16, dtype="bfloat16", block_size=16)
     with pytest.raises(WorkbenchError, match="unknown dtype 'fp7'; use one of .*bfloat16"):
-        KVLayout(layers=2, kv_heads=2, head_dim=16, dtype="fp7", block_size=16)
+        PagedLayout(layers=range(2), kv_heads=2, head_dim=16, dtype="fp7", block_size=16)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -142,7 +142,7 @@ def test_bad_layouts_say_what_to_fix(graphs):
 def test_bad_plans_say_what_to_fix(kwargs, message):
     args = dict(memory_bytes=H100, fraction=0.9, weights_bytes=WEIGHTS_8B, prompt_len=1000, output_len=1000)
     with pytest.raises(WorkbenchError, match=message):
-        plan_capacity(KVLayout(**LLAMA3_8B, dtype="bfloat16"), **{**args, **kwargs})
+        plan_capacity(PagedLayout(**LLAMA3_8B, dtype="bfloat16"), **{**args, **kwargs})
 
 
 def test_device_memory_reads_cuda_or_asks_for_memory_bytes(monkeypatch):
@@ -159,7 +159,7 @@ def test_device_memory_reads_cuda_or_asks_for_memory_bytes(monkeypatch):
 
 
 def test_concurrency_table_rows():
-    layout = KVLayout(**LLAMA3_8B, dtype="bfloat16")
+    layout = PagedLayout(**LLAMA3_8B, dtype="bfloat16")
     table = concurrency_table(layout, memory_bytes=H100, fractions=[0.5, 0.9], weights_bytes=WEIGHTS_8B,
                               lengths=[(1000, 1000), (8000, 500)])
     assert list(table.columns) == ["fraction", "prompt_len", "output_len", "num_blocks", "tokens", "kv_gib",

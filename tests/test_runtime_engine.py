@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.evaluate import paged_greedy
 from workbench.runtime.engine import LLM, LLMEngine
-from workbench.runtime.paged_cache import paged_greedy
 from workbench.runtime.sampling import SamplingParams
 from workbench.runtime.scheduler import SchedulerConfig
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.runtime.capacity import KVLayout, concurrency_table, plan_capacity
+from workbench.graph.paged import PagedLayout
+from workbench.runtime.capacity import concurrency_table, plan_capacity
 from workbench.runtime.engine import LLMEngine
 from workbench.runtime.plots import capacity_figure, request_table, timeline_figure
 from workbench.runtime.sampling import SamplingParams
@@ -121,7 +122,7 @@ def test_request_table_counts_each_request(run):
 
 @pytest.fixture(scope="module")
 def layout(tiny_program):
-    return KVLayout.from_graph(tiny_program.graph)
+    return PagedLayout.from_graph(tiny_program.graph)
 
 
 def test_capacity_figure_has_a_line_per_request_shape(layout):
@@ -153,7 +154,7 @@ def widget(tiny_program):
 
 def expected(dtype="float32", block_size=16, fraction=0.9, prompt_len=512, output_len=128, weights=MIB):
     """The plan from the model's numbers (2 layers, 2 KV heads, head dim 16), not from the graph."""
-    layout = KVLayout(layers=2, kv_heads=2, head_dim=16, dtype=dtype, block_size=block_size)
+    layout = PagedLayout(layers=range(2), kv_heads=2, head_dim=16, dtype=dtype, block_size=block_size)
     return plan_capacity(layout, memory_bytes=64 * MIB, fraction=fraction, prompt_len=prompt_len,
                          output_len=output_len, weights_bytes=weights)
 

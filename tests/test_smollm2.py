@@ -9,11 +9,10 @@ import torch
 
 from conftest import rel_err
 from workbench.cli import main
+from workbench.evaluate import dataset_text, greedy, hf_logits, logits_fn, perplexity, program_greedy as cached_greedy
 from workbench.graph.capture import capture
-from workbench.evaluate import dataset_text, greedy, hf_logits, perplexity
 from workbench.models import load_model, resolve_source
 from workbench.pipeline import capture_source, load_program, program_for
-from workbench.runtime.paged_cache import greedy as cached_greedy, logits_fn
 from workbench.workspace import Workspace
 
 PROMPTS = [

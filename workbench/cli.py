@@ -170,21 +170,20 @@ def _runnable(target: str, device: str, stage: str, purpose: str):
 def _cmd_generate(args) -> None:
     import torch
 
-    from .runtime.paged_cache import greedy
+    from .evaluate import program_greedy
 
     r = _runnable(args.workspace, args.device, args.stage, "generation")
     tokenizer = r.tokenizer
     ids = torch.tensor(tokenizer(args.prompt).input_ids)
-    new = greedy(r.program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
+    new = program_greedy(r.program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(new))
 
 
 def _cmd_eval(args) -> None:
     import torch
 
-    from .evaluate import dataset_text, hf_logits, perplexity
+    from .evaluate import dataset_text, hf_logits, logits_fn, perplexity
     from .models.intake import load_model
-    from .runtime.paged_cache import logits_fn
 
     r = _runnable(args.workspace, args.device, args.stage, "perplexity")
     ids = torch.tensor(r.tokenizer(dataset_text(args.dataset)).input_ids)

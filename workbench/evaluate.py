@@ -8,6 +8,8 @@ Both are reduced to a *logits function*: token ids [1, T] -> logits [1, T, vocab
   the result is weighted by tokens, not by windows.
 * ``greedy``: greedy decoding by recomputing the whole sequence each step (no KV
   cache: this is the oracle the runtime's cached decoding is checked against).
+* ``logits_fn``, ``paged_greedy``, ``program_greedy``: the same for a workbench program, whose
+  paged graph runs its steps over a ``graph.paged.SimplePagedCache``.
 
 Text sets (``dataset_text``) are the shipped ``datasets/`` by name or any file by path, read by
 ``load_text``: plain text, or JSONL with a ``text`` field per line. Calibration reads its data the same way.
@@ -199,3 +201,50 @@ def greedy(logits_fn: LogitsFn, prompt: torch.Tensor, max_new_tokens: int, *,
             break
         ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
     return new
+
+
+# ---- drivers for workbench programs (paged graphs run their steps through graph.paged's SimplePagedCache) ----
+def paged_greedy(program, prompt: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
+                 num_blocks: int = 64) -> list[int]:
+    """Greedy decoding through a paged graph: one prefill step, then one token per step from the cache."""
+    from .graph.paged import cache_for
+
+    cache = cache_for(program.graph, num_blocks=num_blocks, device=program.device)
+    new: list[int] = []
+    step = prompt.reshape(-1).tolist()
+    for _ in range(max_new_tokens):
+        (logits,) = program.run(**cache.step_inputs([(0, step)]))
+        nxt = int(logits[0, -1].argmax())
+        new.append(nxt)
+        if nxt == eos_token_id:
+            break
+        step = [nxt]
+    return new
+
+
+def logits_fn(program) -> LogitsFn:
+    """A logits function ([1, T] ids -> [1, T, vocab]) for any program: a paged graph runs each
+    call as one fresh sequence's prefill; any other graph runs as it is."""
+    from .graph.paged import PagedLayout, SimplePagedCache, is_paged
+
+    if not is_paged(program.graph):
+        return program
+    layout = PagedLayout.from_graph(program.graph)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        cache = SimplePagedCache(layout, layout.blocks_for(ids.shape[-1]), program.device)
+        (logits,) = program.run(**cache.step_inputs([(0, ids.reshape(-1).tolist())]))
+        return logits
+
+    return run
+
+
+def program_greedy(program, prompt: torch.Tensor, max_new_tokens: int, *,
+                   eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding with any program: KV-cached through a paged graph, full recompute otherwise."""
+    from .graph.paged import PagedLayout, is_paged
+
+    if is_paged(program.graph):
+        blocks = PagedLayout.from_graph(program.graph).blocks_for(prompt.numel() + max_new_tokens)
+        return paged_greedy(program, prompt, max_new_tokens, eos_token_id=eos_token_id, num_blocks=blocks)
+    return greedy(program, prompt, max_new_tokens, eos_token_id=eos_token_id)

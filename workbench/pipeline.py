@@ -20,6 +20,7 @@ from .errors import WorkbenchError
 from .graph.capture import Captured, capture
 from .graph.executor import Program, resolve_params
 from .graph.ir import Graph, dtype_from_name
+from .graph.paged import scales_by_name
 from .graph.views import summary
 from .models.intake import ModelSource, load_weights, resolve_source
 from .models.presets import make_config
@@ -92,6 +93,7 @@ def load_graph(ws: Workspace, stage: str = "capture") -> tuple[Graph, dict[str, 
     from safetensors.torch import load_file
 
     graph = Graph.loads(ws.path(stage, "graph.json").read_text())
+    scales_by_name(graph)  # graphs written before the KV scales went by name
     constants = load_file(str(ws.path("capture", "constants.safetensors")))
     return graph, constants
 

@@ -24,6 +24,7 @@ import torch
 
 from .device import resolve_device
 from .errors import WorkbenchError
+from .graph.paged import is_paged
 
 @dataclass
 class Runnable:
@@ -70,7 +71,7 @@ def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progres
 
     tok = load_tokenizer_spec(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if isinstance(target, Program):
-        limits = EngineLimits.for_graph(target.graph) if target.graph.meta.get("paged") else None
+        limits = EngineLimits.for_graph(target.graph) if is_paged(target.graph) else None
         return Runnable(target, tok, template_of(tok), "model", "program", "program", limits)
     if is_engine_dir(target):
         from .engine import load_engine
@@ -119,7 +120,7 @@ def _open_workspace(root: Path, device, stage: str, tok, own_tokenizer: bool, pa
     source = workspace_source(ws)
     program = load_program(ws, stage=stage, device=device)
     tok = tok or (load_tokenizer(source) if own_tokenizer else None)
-    limits = EngineLimits.for_graph(program.graph) if program.graph.meta.get("paged") else None
+    limits = EngineLimits.for_graph(program.graph) if is_paged(program.graph) else None
     return Runnable(program, tok, template_of(tok), root.resolve().name, "workspace", stage, limits, None, source)
 
 

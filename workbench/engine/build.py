@@ -320,11 +320,10 @@ def accuracy_gate(ws: Workspace, options: BuildOptions, device: str, log: Callab
 def _measure_accuracy(ws: Workspace, params: dict, name, *, force: bool, log: Callable[[str], None]) -> dict:
     """Measure the passes and quant graphs' perplexity as ``params`` says (``accuracy_gate``) into the workspace's
     ``accuracy`` stage (accuracy.json); on a GPU both run the steps the engine runs (``Program.for_gpu_steps``)."""
-    from ..evaluate import dataset_label, load_text, perplexity
+    from ..evaluate import dataset_label, load_text, logits_fn, perplexity
     from ..graph.ir import Graph
     from ..models.intake import load_tokenizer
     from ..pipeline import load_program
-    from ..runtime.paged_cache import logits_fn
 
     device = params["device"]
     config = Graph.loads(ws.path("passes", "graph.json").read_text()).meta.get("config", {})

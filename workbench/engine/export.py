@@ -45,6 +45,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
     max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
     ``force``: re-record the export even if ``ws/export`` was edited by hand. ``accuracy``: the build's accuracy
     gate result (perplexity before and after quantization), recorded in the manifest under "accuracy"."""
+    from ..graph.paged import is_paged
     from ..kernels.autotune import TimingCache, TunedChoices
     from ..kernels.profiles import OptimizationProfile
     from ..models.intake import load_tokenizer
@@ -74,7 +75,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         tuned_for = TimingCache.view(timings).env
     program = load_program(ws, stage=graph_stage, device="cpu")  # weights as the graph runs them
     graph = program.graph
-    if not graph.meta.get("paged"):
+    if not is_paged(graph):
         raise WorkbenchError(f"the {graph_stage} graph of {ws.root} has no paged attention, which the runtime needs: "
                              f"re-run `workbench optimize {ws.root}` with the default passes (insert_paged_attention)")
     limits = limits if isinstance(limits, EngineLimits) else EngineLimits.for_graph(graph, profile, limits)

@@ -86,15 +86,18 @@ class EngineLimits:
     def for_graph(cls, graph, profile=None, overrides: Mapping[str, Any] | None = None) -> "EngineLimits":
         """Defaults from the graph (its context length, KV layout) and the tuned ``profile`` (the most tokens
         and sequences a step was tuned for), with ``overrides`` checked against what the graph can run."""
-        paged = graph.meta.get("paged")
-        if not paged:
-            raise WorkbenchError("engine limits need a graph with paged attention (graph.meta['paged'])")
+        from ..graph.paged import PagedLayout, is_paged
+
+        if not is_paged(graph):
+            raise WorkbenchError("engine limits need a graph with paged attention; run the insert_paged_attention "
+                                 "pass first (`workbench optimize`)")
+        layout = PagedLayout.from_graph(graph)
         overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise WorkbenchError(f"unknown engine limit(s) {', '.join(sorted(unknown))}; limits: {', '.join(known)}")
-        for f, have in (("block_size", paged["block_size"]), ("kv_cache_dtype", paged["dtype"])):
+        for f, have in (("block_size", layout.block_size), ("kv_cache_dtype", layout.dtype)):
             if f in overrides and overrides[f] != have:
                 raise WorkbenchError(f"engine limits: {f} is fixed by the graph ({have!r}), not {overrides[f]!r}; "
                                      "the KV block size is set when the passes insert paged attention and the "
@@ -104,7 +107,7 @@ class EngineLimits:
                      max_num_seqs=overrides.get("max_num_seqs", profile.max_seqs if profile else DEFAULT_MAX_NUM_SEQS),
                      max_num_batched_tokens=overrides.get("max_num_batched_tokens",
                                                           profile.max_tokens if profile else DEFAULT_MAX_NUM_BATCHED_TOKENS),
-                     block_size=int(paged["block_size"]), kv_cache_dtype=str(paged["dtype"]))
+                     block_size=layout.block_size, kv_cache_dtype=layout.dtype)
         if limits.max_model_len > context:
             raise WorkbenchError(f"engine limits: max_model_len {limits.max_model_len} is beyond the model's context "
                                  f"({context} positions, max_position_embeddings); give at most {context}")

@@ -95,6 +95,7 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
 
     from ..graph.executor import Program
     from ..graph.ir import Graph
+    from ..graph.paged import PagedLayout, is_paged, scales_by_name
     from ..kernels.autotune import TunedChoices
 
     from ..device import resolve_device
@@ -108,8 +109,9 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     graph = Graph.from_json(info["graph"])
     check_ops(graph, manifest)
     limits = EngineLimits.from_json(info["limits"])
-    paged = graph.meta.get("paged") or {}
-    if (paged.get("block_size"), paged.get("dtype")) != (limits.block_size, limits.kv_cache_dtype):
+    scales_by_name(graph)  # engines written before the KV scales went by name
+    layout = PagedLayout.from_graph(graph) if is_paged(graph) else None
+    if layout is None or (layout.block_size, layout.dtype) != (limits.block_size, limits.kv_cache_dtype):
         raise WorkbenchError(f"{path / ENGINE_JSON}: limits (block size {limits.block_size}, KV cache "
                              f"{limits.kv_cache_dtype}) do not match the graph's paged cache; re-export the engine")
     try:

@@ -24,6 +24,7 @@ from ..errors import WorkbenchError
 from ..kernels.autotune import TunedChoices
 from ..kernels.registry import REFERENCE, REGISTRY, OpRegistry
 from .ir import Graph, Node, Ref, dtype_from_name
+from .paged import is_paged
 
 #: ``Program(tactics=DEFAULTS)``: each op's GPU default (``OpDef.default_impl``) where no choice names one
 DEFAULTS = "defaults"
@@ -194,9 +195,9 @@ class Program:
 
         Without ``position_ids`` each row is one sequence starting at position 0.
         """
-        if self.graph.meta.get("paged"):
+        if is_paged(self.graph):
             raise WorkbenchError("this graph attends over a paged KV cache: run it with the attention metadata "
-                                 "of workbench.runtime.paged_cache (e.g. paged_greedy), not logits()")
+                                 "of workbench.graph.paged (e.g. workbench.evaluate.paged_greedy), not logits()")
         flat = input_ids.dim() == 1
         ids = input_ids.unsqueeze(0) if flat else input_ids
         if position_ids is None:

@@ -467,24 +467,23 @@ class TunedChoices:
 def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """Graph inputs of one representative ``Step`` (see ``profiles``): random token ids and, for a
     graph with paged attention, a fresh paged cache with the context of every sequence reserved."""
-    from ..runtime.paged_cache import cache_for
+    from ..graph.paged import PagedLayout, SimplePagedCache, is_paged
 
     vocab = program.graph.meta.get("config", {}).get("vocab_size", 1000)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (step.seqs, step.context + step.new), generator=gen)
-    if not program.graph.meta.get("paged"):
+    if not is_paged(program.graph):
         if step.context or step.decodes:
             raise WorkbenchError("this graph has no KV cache (run the insert_paged_attention pass): "
                                  "it can only be tuned on prefill steps; use a profile with context 0")
         pos = torch.arange(step.new).repeat(step.seqs)[None]
         return {"input_ids": ids.reshape(1, -1).to(program.device), "position_ids": pos.to(program.device)}
-    page = program.graph.meta["paged"]["block_size"]
+    layout = PagedLayout.from_graph(program.graph)
     # (cached ids, new ids) per sequence: the running decodes, then the prompt chunks
     rows = [(r[:step.decode_context].tolist(), r[step.decode_context:].tolist())
             for r in torch.randint(0, vocab, (step.decodes, step.decode_context + 1), generator=gen)]
     rows += [(r[:step.context].tolist(), r[step.context:].tolist()) for r in ids]
-    cache = cache_for(program.graph, num_blocks=sum(-(-(len(c) + len(n)) // page) for c, n in rows),
-                      device=program.device)
+    cache = SimplePagedCache(layout, sum(layout.blocks_for(len(c) + len(n)) for c, n in rows), program.device)
     history = [(i, c) for i, (c, _) in enumerate(rows) if c]
     if history:  # the contexts' slots are reserved; what they hold does not change any timing
         cache.step_inputs(history)

@@ -10,8 +10,9 @@ same ops by the kernel modules (``triton_pointwise``, ``triton_attention``, ``ge
     workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
     workbench.rope(x, cos, sin)                     x * cos + rotate_half(x) * sin
     workbench.attention(q, k, v, mask, scale)       SDPA reading k, v with fewer heads (GQA/MQA)
-    workbench.paged_attention(q, k, v, kv_cache, ..., cos=, sin=)
-                                                    the same over a paged KV cache; with cos/sin, RoPE first
+    workbench.paged_attention(q, k, v, kv_cache, ..., k_scale=, v_scale=, cos=, sin=)
+                                                    the same over a paged KV cache (an FP8 one with its scales,
+                                                    which graph nodes carry by name); with cos/sin, RoPE first
 
 FP8 producers (the quant stage puts them before FP8 linears with static activation scales, so the GEMM
 reads x already quantized and no separate quantization pass runs; the rounding is exactly the
@@ -119,7 +120,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     as transformers' sliding-window mask does.
 
     An FP8 (e4m3) cache holds k / k_scale and v / v_scale (per-layer scales, saturated to ±448)
-    and is read back times the scale.
+    and is read back times the scale. Graph nodes pass the scales by name (the quant stage sets them;
+    ``graph.paged.PagedLayout.scales`` reads them).
 
     With ``cos`` and ``sin`` ([1, 1, tokens, head_dim], the ``fuse_rope_into_attention`` pass) q and k
     arrive before their rotary embedding, and it is applied first: ``rope(q, cos, sin)``, ``rope(k, cos, sin)``.

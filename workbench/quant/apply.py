@@ -11,8 +11,8 @@ Per group (see ``plan``):
              1/s is folded into the weight of the RMSNorm that produces x when only this group reads
              that norm's output (the q/k/v and gate/up inputs); elsewhere (o, down) an explicit
              multiply by 1/s is inserted before the GEMM
-    kv fp8   every paged attention node gets its layer's k_scale / v_scale and the KV cache inputs
-             become float8_e4m3fn
+    kv fp8   every paged attention node gets its layer's scales as keyword arguments (k_scale=, v_scale=)
+             and the KV cache inputs become float8_e4m3fn
 
 **FP8 producers.** Where an fp8 group has static activation scales and its x is written by an RMSNorm,
 a residual add + RMSNorm or SwiGLU's silu_mul read by nobody else, that op is replaced by its FP8
@@ -35,6 +35,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..graph.ir import Graph, Node, Param, Ref, TensorSpec, dtype_from_name, dtype_name
+from ..graph.paged import PagedLayout, is_paged
 from ..graph.rewrite import Rewriter
 from ..kernels.gemm import fp8_scale, int8_scale, quantize_fp8, quantize_int8
 from .calibrate import CalibrationStats
@@ -239,25 +240,22 @@ def quantize_graph(graph: Graph, params: dict[str, torch.Tensor], plan: Precisio
 
 
 def _fp8_kv_cache(g: Graph, stats: CalibrationStats, report: dict) -> None:
-    paged = g.meta.get("paged")
-    if not paged:
+    if not is_paged(g):
         raise WorkbenchError("an FP8 KV cache needs a paged graph: run the passes first")
-    layers = {f"kv_cache_{i}": i for i in paged["layers"]}
+    layout = PagedLayout.from_graph(g)
+    layers = layout.cache_inputs
     scales = {}
     for n in g.nodes:
         if n.op != "workbench.paged_attention":
             continue
-        cache = n.args[3]
-        layer = layers[cache.name]
+        layer = layers[n.args[3].name]  # the node's kv_cache input
         k_scale, v_scale = stats.kv_scales(layer)
-        args = list(n.args) + [None] * (12 - len(n.args))
-        args[10], args[11] = k_scale, v_scale
-        n.args = args
+        n.kwargs = {**n.kwargs, "k_scale": k_scale, "v_scale": v_scale}
         scales[layer] = (k_scale, v_scale)
     for name in layers:
         spec = g.inputs[name]
         g.inputs[name] = TensorSpec(list(spec.shape), "float8_e4m3fn", spec.contiguous)
-    paged["dtype"] = "float8_e4m3fn"
+    layout.planned(dtype="float8_e4m3fn").store(g)
     report["kv_scales"] = scales
 
 

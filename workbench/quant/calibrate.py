@@ -213,11 +213,12 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
     """Statistics of ``program`` (a paged graph, after the passes) over ``samples`` sequences of ``seq_len``
     tokens cut from ``ids``, ``batch`` sequences per step. ``observer`` (and its options) watches each
     group's input; see the module docstring."""
-    from ..runtime.paged_cache import cache_for
+    from ..graph.paged import PagedLayout, SimplePagedCache, is_paged
 
     graph = program.graph
-    if not graph.meta.get("paged"):
+    if not is_paged(graph):
         raise WorkbenchError("calibration runs a paged graph: run the passes first (`workbench optimize`)")
+    layout = PagedLayout.from_graph(graph)
     if batch < 1:
         raise WorkbenchError(f"batch must be >= 1 sequence per step (got {batch})")
     ids = ids.reshape(-1)
@@ -225,7 +226,7 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
     make_observer(observer, **observer_options)  # a bad kind or option fails here, before any work
     groups = linear_groups(graph)
     first_node = {g.nodes[0]: name for name, g in groups.items()}
-    kv_inputs = {f"kv_cache_{i}": i for i in graph.meta["paged"]["layers"]}
+    kv_inputs = layout.cache_inputs
     attention = {n.name: _kv_layer(n, kv_inputs) for n in graph.nodes if n.op == "workbench.paged_attention"}
     stats = CalibrationStats(model_fingerprint(graph), observer, samples, seq_len)
     for name in groups:
@@ -259,10 +260,10 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
         from tqdm.auto import tqdm
 
         bar = tqdm(total=samples, desc="calibrate", unit="sample")
-    blocks = -(-seq_len // graph.meta["paged"]["block_size"]) * batch
+    blocks = layout.blocks_for(seq_len) * batch
     for start in range(0, samples, batch):
         part = chunks[start:start + batch]
-        cache = cache_for(graph, num_blocks=blocks, device=program.device)
+        cache = SimplePagedCache(layout, blocks, program.device)
         inputs = cache.step_inputs([(i, row.tolist()) for i, row in enumerate(part)])
         program.run(_observe=(watched, observe), **inputs)
         if bar is not None:

@@ -234,8 +234,7 @@ class _Recorder:
 @torch.no_grad()
 def reference_logits(program, ids: torch.Tensor, *, window: int = 256, stride: int = 128) -> BaseLogits:
     """Run the unquantized ``program`` over ``ids`` once; what every variant is compared with."""
-    from ..evaluate import perplexity
-    from ..runtime.paged_cache import logits_fn
+    from ..evaluate import logits_fn, perplexity
 
     ids = _probe_ids(ids, window, stride)
     spans = _windows(ids.numel(), window, stride)
@@ -248,8 +247,7 @@ def reference_logits(program, ids: torch.Tensor, *, window: int = 256, stride: i
 @torch.no_grad()
 def _measure(program, base: BaseLogits) -> dict[str, float]:
     """ppl of ``program`` on the probe, its change vs the base and the mean KL(base || program)."""
-    from ..evaluate import perplexity
-    from ..runtime.paged_cache import logits_fn
+    from ..evaluate import logits_fn, perplexity
 
     kl_sum, rows = 0.0, 0
 

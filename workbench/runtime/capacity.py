@@ -1,6 +1,6 @@
 """KV-cache capacity planning: how many blocks fit on a GPU and how many requests they hold at once.
 
-The paged cache (``workbench/runtime/paged_cache.py``) keeps one tensor per attention layer,
+The paged cache (``workbench/graph/paged.py``) keeps one tensor per attention layer,
 ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K and V), so a cached token costs the same
 in every block and the whole cache is a count of blocks. Before allocating it, the runtime
 (and a user choosing a GPU, a KV dtype or a memory fraction) asks how big it can be; this is
@@ -21,10 +21,11 @@ weights (then pass ``weights_bytes=0``). ``max_concurrency`` is the worst case i
 request holds its peak (prompt and all of its output) at the same time; in-flight batching
 staggers requests and prefix caching shares blocks, so a server usually runs more.
 
-Planning is arithmetic on a :class:`KVLayout`; nothing here touches a GPU except
-:func:`device_memory`, which asks CUDA (lazily) for the free and total bytes:
+Planning is arithmetic on the graph's :class:`~workbench.graph.paged.PagedLayout` (its ``bytes_per_token``
+and ``bytes_per_block``); nothing here touches a GPU except :func:`device_memory`, which asks CUDA (lazily) for
+the free and total bytes:
 
-    layout = KVLayout.from_graph(graph, dtype="float8_e4m3fn")        # plan an FP8 cache
+    layout = PagedLayout.from_graph(graph).planned(dtype="float8_e4m3fn")   # plan an FP8 cache
     plan = plan_capacity(layout, memory_bytes=80 * 2**30, weights_bytes=16 * 10**9,
                          prompt_len=1000, output_len=1000)
     print(plan.summary())
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from ..errors import WorkbenchError
+from ..graph.paged import PagedLayout
 
 GIB = 2**30
 
@@ -55,70 +57,13 @@ def _positive_int(value, what: str, fix: str) -> int:
 
 
 @dataclass(frozen=True)
-class KVLayout:
-    """What one cached token costs: the paged cache's per-layer shape and dtype.
-
-    ``layers`` counts the attention layers that own a cache tensor; ``dtype`` is a torch dtype
-    name (``"bfloat16"``, ``"float8_e4m3fn"``, ...); ``block_size`` is tokens per block.
-    """
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-    block_size: int
-
-    def __post_init__(self) -> None:
-        from ..graph.ir import dtype_from_name, dtype_name
-
-        for name in ("layers", "kv_heads", "head_dim"):
-            _positive_int(getattr(self, name), f"KV layout: {name}", "read the layout from a paged graph "
-                          "(KVLayout.from_graph) or give the model's numbers")
-        _positive_int(self.block_size, "KV layout: block_size",
-                      "pass the tokens per KV block, e.g. block_size=16")
-        # normalizes "torch.bfloat16" to "bfloat16" and refuses unknown names
-        object.__setattr__(self, "dtype", dtype_name(dtype_from_name(str(self.dtype))))
-
-    @classmethod
-    def from_graph(cls, graph, *, dtype: str | None = None, block_size: int | None = None) -> "KVLayout":
-        """The layout of a graph after ``insert_paged_attention`` (``graph.meta["paged"]``).
-
-        ``dtype`` and ``block_size`` override the graph's, to plan a cache the graph does not
-        have yet (an FP8 cache before quantizing, a larger block size).
-        """
-        paged = graph.meta.get("paged")
-        if not paged:
-            raise WorkbenchError("this graph has no paged attention, so it has no KV cache to plan; "
-                                 "run the insert_paged_attention pass first (run_passes does)")
-        return cls(layers=len(paged["layers"]), kv_heads=paged["kv_heads"], head_dim=paged["head_dim"],
-                   dtype=paged["dtype"] if dtype is None else dtype,
-                   block_size=paged["block_size"] if block_size is None else block_size)
-
-    @property
-    def element_size(self) -> int:
-        from ..graph.ir import dtype_from_name
-
-        return dtype_from_name(self.dtype).itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.element_size
-
-    @property
-    def bytes_per_block(self) -> int:
-        return self.bytes_per_token * self.block_size
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_block": self.bytes_per_block}
-
-
-@dataclass(frozen=True)
 class CapacityPlan:
     """How many KV blocks a memory budget holds and how many requests of one shape fit in them.
 
     The inputs (memory, fraction, weights, activations, request lengths) are kept beside the
     results so a plan explains itself. Build it with :func:`plan_capacity`.
     """
-    layout: KVLayout
+    layout: PagedLayout
     memory_bytes: int
     fraction: float
     weights_bytes: int
@@ -150,7 +95,7 @@ class CapacityPlan:
         return {**asdict(self), "layout": self.layout.to_dict(), "kv_bytes": self.kv_bytes}
 
 
-def plan_capacity(layout: KVLayout, *, memory_bytes: int, fraction: float = 0.9, prompt_len: int,
+def plan_capacity(layout: PagedLayout, *, memory_bytes: int, fraction: float = 0.9, prompt_len: int,
                   output_len: int, weights_bytes: int = 0, activation_bytes: int = 0) -> CapacityPlan:
     """The KV cache that ``fraction`` of ``memory_bytes`` holds after the weights and activations.
 
@@ -192,7 +137,7 @@ DEFAULT_MEMORY_FRACTION = 0.9
 CPU_KV_BYTES = 256 * 2**20
 
 
-def runtime_plan(layout: KVLayout, device, *, max_model_len: int, max_num_seqs: int,
+def runtime_plan(layout: PagedLayout, device, *, max_model_len: int, max_num_seqs: int,
                  memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> CapacityPlan:
     """The KV cache a runtime allocates when it is given no block count: on a GPU, what ``memory_fraction`` of the
     free memory holds (call it once the weights are on the device); on the CPU, ``CPU_KV_BYTES``; either way no
@@ -238,7 +183,7 @@ def device_memory(device="cuda") -> tuple[int, int]:
     return int(free), int(total)
 
 
-def concurrency_table(layout: KVLayout, *, memory_bytes: int, fractions: Iterable[float],
+def concurrency_table(layout: PagedLayout, *, memory_bytes: int, fractions: Iterable[float],
                       lengths: Iterable[tuple[int, int]], weights_bytes: int = 0, activation_bytes: int = 0):
     """One row per (fraction, (prompt_len, output_len)): the plan's blocks, tokens, GiB and concurrency.
 

@@ -109,10 +109,11 @@ class LLMEngine:
         #: the capacity planner's plan when it sized the KV cache (None when ``num_blocks`` was given)
         self.capacity_plan = None
         if num_blocks is None:
-            from .capacity import KVLayout, runtime_plan
+            from ..graph.paged import PagedLayout
+            from .capacity import runtime_plan
 
             context = max_model_len or int(program.graph.meta.get("config", {}).get("max_position_embeddings") or 8192)
-            self.capacity_plan = runtime_plan(KVLayout.from_graph(program.graph), program.device,
+            self.capacity_plan = runtime_plan(PagedLayout.from_graph(program.graph), program.device,
                                               max_model_len=context, max_num_seqs=config.max_num_seqs,
                                               memory_fraction=memory_fraction)
             num_blocks = self.capacity_plan.num_blocks

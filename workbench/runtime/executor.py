@@ -4,10 +4,11 @@
     logits = ex.execute(scheduler_output)    # [requests that sample, vocab]: one row each, in schedule order
 
 A step runs the graph once over a flat batch: every scheduled request's new tokens back to back, with the
-attention metadata the paged graph reads (see ``paged_cache``): positions, the cache slot of each new
-token (from the request's block table), padded block tables, sequence lengths after the step and where
-each request's tokens start. The KV cache is allocated once, ``num_blocks`` blocks per layer, in the
-graph's cache dtype (an FP8 cache when the precision plan says so).
+attention metadata the paged graph reads (``graph.paged.step_inputs`` builds it, as it does for every
+other driver of a paged graph): positions, the cache slot of each new token (from the request's block
+table), padded block tables, sequence lengths after the step and where each request's tokens start. The
+KV cache is allocated once (``PagedLayout.new_caches``), ``num_blocks`` blocks per layer, in the graph's
+cache dtype (an FP8 cache when the precision plan says so).
 
 **Logits only where a token is sampled.** The executor runs a copy of the graph whose lm_head reads the
 hidden states of the rows named by one more input, ``logits_indices``: the last new token of each request
@@ -46,8 +47,8 @@ import copy
 import torch
 
 from ..errors import WorkbenchError
-from ..graph.ir import Node, Ref, TensorSpec, dtype_from_name
-from .paged_cache import new_kv_cache
+from ..graph.ir import Node, Ref, TensorSpec
+from ..graph.paged import PagedLayout, is_paged, step_inputs
 from .request import PLACEHOLDER
 from .sampling import to_device
 from .scheduler import SchedulerOutput
@@ -122,8 +123,7 @@ class Executor:
         eagerly); ``max_seqs``: the most sequences such a step may have (the scheduler's max_num_seqs).
         ``emulate_graphs`` (for tests on the CPU): every step runs the way a graph would, on the same
         padded static inputs, but node by node instead of replayed."""
-        paged = program.graph.meta.get("paged")
-        if not paged:
+        if not is_paged(program.graph):
             raise WorkbenchError("the runtime runs graphs with paged attention; run the insert_paged_attention pass "
                                  "(`workbench optimize`) first")
         program = sampled_rows_program(program)
@@ -136,13 +136,12 @@ class Executor:
         self.notes = list(program.notes)
         self.rows_only = "logits_indices" in program.graph.inputs
         self.program, self.num_blocks = program, num_blocks
-        self.block_size = paged["block_size"]
+        self.layout = PagedLayout.from_graph(program.graph)
+        self.block_size = self.layout.block_size
         self.device = program.device
         # one block more than the block manager hands out: the scratch block that padding rows of a
         # CUDA-graph step write to and read from
-        dtype = dtype_from_name(paged["dtype"])
-        self.cache = {f"kv_cache_{i}": new_kv_cache(num_blocks + 1, self.block_size, paged["kv_heads"], paged["head_dim"],
-                                                    dtype, self.device) for i in paged["layers"]}
+        self.cache = self.layout.new_caches(num_blocks + 1, self.device)
         if emulate_graphs and self.cuda_graphs:
             raise WorkbenchError("emulate_graphs stands in for CUDA graphs where there are none; not both")
         self.emulate_graphs = emulate_graphs
@@ -183,55 +182,40 @@ class Executor:
         flat = to_device([x for part in parts for x in part], self.device)
         return list(flat.split([len(part) for part in parts]))
 
-    def _rows(self, out: SchedulerOutput, feed):
-        """Per scheduled request: its new tokens (placeholders as 0), positions, slots and length, padded
-        block tables, the flat index of each sampling request's last token, and the placeholder feeds
-        (flat index in this step, row in the feeding step)."""
-        ids, pos, slots, starts, lens, last, feed_at, feed_row = [], [], [], [0], [], [], [], []
-        bs = self.block_size
+    def _rows(self, out: SchedulerOutput, feed, table_fill: int):
+        """The step's metadata (``step_inputs``: placeholders as token 0, block tables padded with
+        ``table_fill``), the flat index of each sampling request's last token, and the placeholder feeds (flat
+        index in this step, row in the feeding step)."""
+        seqs, last, feed_at, feed_row = [], [], [], []
+        end = 0  # flat index past the request's new tokens
         for s in out.scheduled:
             req, n = s.request, s.num_new_tokens
             c = req.num_computed_tokens
             tokens = req.token_slice(c, c + n)
+            end += n
             if tokens[-1] == PLACEHOLDER:  # sampled by the step still running: fed on the device
                 if feed is None or req.request_id not in feed[1]:
                     raise WorkbenchError(f"request {req.request_id}: its last token is not sampled yet and no "
                                          "step feeds it; resolve the previous step first")
-                feed_at.append(len(ids) + n - 1)
+                feed_at.append(end - 1)
                 feed_row.append(feed[1][req.request_id])
                 tokens = tokens[:-1] + [0]
-            ids += tokens
-            pos += range(c, c + n)
-            table = req.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
-            starts.append(starts[-1] + n)
-            lens.append(c + n)
+            seqs.append((c, tokens, req.block_table))
             if s.samples:
-                last.append(starts[-1] - 1)
-        return ids, pos, slots, starts, lens, last, feed_at, feed_row
-
-    @staticmethod
-    def _tables(out: SchedulerOutput, fill: int) -> tuple[list[int], int]:
-        """Block tables of the scheduled requests, padded with ``fill`` to the longest; flattened, and that
-        width."""
-        width = max(len(s.request.block_table) for s in out.scheduled)
-        flat = []
-        for s in out.scheduled:
-            flat += s.request.block_table
-            flat += [fill] * (width - len(s.request.block_table))
-        return flat, width
+                last.append(end - 1)
+        return step_inputs(self.block_size, seqs, table_fill=table_fill), last, feed_at, feed_row
 
     def inputs(self, out: SchedulerOutput, feed=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The graph inputs of one step, and the flat index of each sampling request's last new token (on
         the device)."""
-        ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
-        tables, width = self._tables(out, 0)
+        step, last, feed_at, feed_row = self._rows(out, feed, 0)
         d_ids, d_pos, d_slots, d_tables, d_lens, d_starts, d_last, d_at, d_row = self._stage(
-            [ids, pos, slots, tables, lens, starts, last, feed_at, feed_row])
+            [step.input_ids, step.position_ids, step.slot_mapping, step.block_tables, step.seq_lens,
+             step.query_start_loc, last, feed_at, feed_row])
         if feed_at:
             d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
         inputs = {"input_ids": d_ids[None], "position_ids": d_pos[None], "slot_mapping": d_slots,
-                  "block_tables": d_tables.view(len(out.scheduled), width), "seq_lens": d_lens,
+                  "block_tables": d_tables.view(len(out.scheduled), step.table_width), "seq_lens": d_lens,
                   "query_start_loc": d_starts, **self.cache}
         if self.rows_only:
             inputs["logits_indices"] = d_last
@@ -337,13 +321,13 @@ class Executor:
         # read), rows past the step's stale (their sequences are empty); the padding row stays scratch.
         t, s = key
         n, scratch = len(out.scheduled), self.num_blocks
-        ids, pos, slots, starts, lens, last, feed_at, feed_row = self._rows(out, feed)
-        used, pad = len(ids), t - len(ids)
-        tables, width = self._tables(out, scratch)
+        step, last, feed_at, feed_row = self._rows(out, feed, scratch)
+        used, pad, width = len(step.input_ids), t - len(step.input_ids), step.table_width
         d_ids, d_pos, d_slots, d_lens, d_starts, d_last, d_tables, d_at, d_row = self._stage(
-            [ids + [0] * pad, pos + [0] * pad, slots + [scratch * self.block_size] * pad,
-             lens + [0] * (s - n) + [pad], starts + [used] * (s - n) + [t], last + [t - 1] * (s - len(last)),
-             tables, feed_at, feed_row])
+            [step.input_ids + [0] * pad, step.position_ids + [0] * pad,
+             step.slot_mapping + [scratch * self.block_size] * pad, step.seq_lens + [0] * (s - n) + [pad],
+             step.query_start_loc + [used] * (s - n) + [t], last + [t - 1] * (s - len(last)),
+             step.block_tables, feed_at, feed_row])
         if feed_at:
             d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
         static["input_ids"][0].copy_(d_ids)

@@ -8,7 +8,7 @@
 
 Every change recomputes ``capacity.plan_capacity`` for the graph's paged layout with the block size and
 KV dtype chosen (a block size or an fp8 cache the graph does not have yet is planned as
-``KVLayout.from_graph`` overrides it), and redraws ``capacity_figure``: the request shape's max
+``PagedLayout.planned`` does), and redraws ``capacity_figure``: the request shape's max
 concurrency at every fraction of the slider, the fraction in use marked. Fields that leave nothing to
 plan (no memory left for the cache, a request of 0 tokens) set ``plan`` to None and ``error`` to the
 reason, which the widget shows.
@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 
 from ..errors import WorkbenchError
-from .capacity import KVLayout, concurrency_table, plan_capacity
+from ..graph.paged import PagedLayout
+from .capacity import concurrency_table, plan_capacity
 
 #: block sizes offered (the graph's own is added when it is not one of them)
 BLOCK_SIZES = (8, 16, 32)
@@ -44,7 +45,7 @@ class CapacityWidget:
                  fraction: float = 0.9, prompt_len: int = 512, output_len: int = 128) -> None:
         import ipywidgets as W
 
-        base = KVLayout.from_graph(graph)  # refuses a graph without paged attention
+        self.base = base = PagedLayout.from_graph(graph)  # refuses a graph without paged attention
         self.graph = graph
         self.memory_bytes, self.weights_bytes, self.activation_bytes = memory_bytes, weights_bytes, activation_bytes
         self.plan = self.table = self.figure = None
@@ -68,7 +69,7 @@ class CapacityWidget:
         self.output = W.Output()
         memory = ", ".join(f"{_size(n)} of {what}" for n, what in ((memory_bytes, "memory"), (weights_bytes, "weights"),
                                                                    (activation_bytes, "activations")) if n)
-        self.widget = W.VBox([W.HTML(f"<b>KV-cache capacity</b> ({base.layers} layers × {base.kv_heads} KV heads × "
+        self.widget = W.VBox([W.HTML(f"<b>KV-cache capacity</b> ({base.num_layers} layers × {base.kv_heads} KV heads × "
                                      f"{base.head_dim} head dim; {memory})"),
                               W.HBox([W.VBox([self.fraction, self.block_size, self.kv_dtype]),
                                       W.VBox([self.prompt_len, self.output_len])]),
@@ -76,9 +77,9 @@ class CapacityWidget:
         self.update()
 
     @property
-    def layout(self) -> KVLayout:
+    def layout(self) -> PagedLayout:
         """The layout planned: the graph's, with the block size and KV dtype chosen."""
-        return KVLayout.from_graph(self.graph, dtype=self.kv_dtype.value, block_size=self.block_size.value)
+        return self.base.planned(dtype=self.kv_dtype.value, block_size=self.block_size.value)
 
     def update(self) -> None:
         """Recompute the plan and the figure from the fields (what every change does)."""

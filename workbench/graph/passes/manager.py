@@ -26,6 +26,7 @@ import torch
 from ...errors import WorkbenchError
 from ..executor import Program, resolve_params
 from ..ir import Graph
+from ..paged import cache_for, is_paged
 from ..rewrite import Rewriter
 from ..views import node_table
 
@@ -122,12 +123,10 @@ class CheckInputs:
 def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs,
             device: torch.device) -> dict[str, torch.Tensor]:
     program = Program(graph, resolve_params(graph, params), device=device)
-    if not graph.meta.get("paged"):
+    if not is_paged(graph):
         return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True)
     # A paged graph sees the same tokens as one flat batch of three sequences (the second
     # row packs two); its logits are put back in the rows' shape to compare.
-    from ...runtime.paged_cache import cache_for
-
     ids = inputs.input_ids
     half = ids.shape[1] // 2
     seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]

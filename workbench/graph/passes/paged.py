@@ -1,7 +1,7 @@
 """Paged attention insertion: the fused attention reads and writes a paged KV cache.
 
 After this pass the graph takes a flat batch (batch dim 1) of new tokens from any
-number of sequences plus attention metadata (see ``workbench/runtime/paged_cache.py``
+number of sequences plus attention metadata (see ``workbench/graph/paged.py``
 for the inputs), writes each layer's new K/V into its cache, and attends over each
 sequence's whole context. The same graph serves prefill (many new tokens per
 sequence), decode (one) and a mix of both in one step. The packed-sequence mask
@@ -12,6 +12,7 @@ drops it.
 from __future__ import annotations
 
 from ..ir import Node, Ref, TensorSpec
+from ..paged import PagedLayout, cache_input
 from ..rewrite import Rewriter
 from .manager import Match, register_pass
 
@@ -48,7 +49,7 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
         q, k, v, _mask, scale = n.args
         k_spec = rw.spec(k)
         kv_heads, head_dim = k_spec.shape[1], k_spec.shape[3]
-        cache = f"kv_cache_{n.layer}"
+        cache = cache_input(n.layer)
         g.inputs[cache] = TensorSpec([2, "num_blocks", block_size, kv_heads, head_dim], k_spec.dtype)
         window = sliding_window(g.meta.get("config", {}), n.layer)
         fused = rw.insert_before(n, Node(rw.fresh("paged_attention"), "workbench.paged_attention",
@@ -60,8 +61,8 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
     g.dims["batch"] = {"min": 1, "max": 1}
     g.dims.update({"seqs": {"min": 1, "max": 4096}, "max_blocks": {"min": 1, "max": 1 << 16},
                    "num_blocks": {"min": 1, "max": 1 << 24}})
-    g.meta["paged"] = {"block_size": block_size, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
-                       "dtype": k_spec.dtype}
+    PagedLayout(block_size=block_size, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                dtype=k_spec.dtype).store(g)
     return matches
 
 
