@@ -15,17 +15,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 
 #: Lowest first. "base" and "measure" serve every stage (the root package: ``__version__``); "inputs" are what
-#: stages read and write besides graphs; then the data flow: the IR, the op registry and its kernels (the graph
-#: executor looks ops up in the registry, and autotuning is the registry's), the graph stages, precision,
+#: stages read and write besides graphs; then the data flow: the IR and the paged layout it describes (the
+#: tuner's example steps use it), the op registry and its kernels (the graph executor looks ops up in the
+#: registry, and autotuning is the registry's), the graph stages, evaluating a program (perplexity, greedy
+#: drivers: used by quant and the build's gate), precision,
 #: analysis, the stage drivers, engine directories, opening what runs, the runtime, the server, and the user
 #: interfaces over all of them.
 LAYERS = (
-    ("base", ("workbench.errors", "workbench.env", "workbench.device")),
+    ("base", ("workbench.errors", "workbench.env", "workbench.device", "workbench.plugins")),
     ("measure", ("workbench.profiling.nvtx", "workbench.profiling.timing", "workbench.profiling.ceilings")),
-    ("inputs", ("workbench.models", "workbench.evaluate", "workbench.workspace")),
-    ("ir", ("workbench.graph.ir",)),
+    ("inputs", ("workbench.models", "workbench.workspace")),
+    ("ir", ("workbench.graph.ir", "workbench.graph.paged")),
     ("kernels", ("workbench.kernels",)),
     ("graph", ("workbench.graph",)),
+    ("evaluate", ("workbench.evaluate",)),
     ("quant", ("workbench.quant",)),
     ("profiling", ("workbench.profiling",)),
     ("pipeline", ("workbench.pipeline",)),
@@ -47,24 +50,8 @@ FACADES = {
     "importing graph.ir (which kernels/cost.py does) import the executor, which imports the kernels",
 }
 
-_PAGED_CACHE = ("runtime/paged_cache.py is the stand-alone paged KV cache (free list, block tables, step inputs; "
-                "no scheduler) that runs a graph after insert_paged_attention outside the runtime, here {}. It "
-                "belongs below graph/, beside graph/passes/paged.py whose layout it encodes; not moved while the "
-                "paged-layout change owns both files")
-
 #: (importer, imported) -> why it stays for now.
-UPWARD = {
-    ("workbench.graph.passes.manager", "workbench.runtime.paged_cache"):
-        _PAGED_CACHE.format("for the passes' numeric check of a paged graph"),
-    ("workbench.kernels.autotune", "workbench.runtime.paged_cache"):
-        _PAGED_CACHE.format("for the example steps the tuner times (step_inputs)"),
-    ("workbench.quant.calibrate", "workbench.runtime.paged_cache"):
-        _PAGED_CACHE.format("for the calibration steps"),
-    ("workbench.quant.sensitivity", "workbench.runtime.paged_cache"):
-        _PAGED_CACHE.format("for the perplexity probes (logits_fn)"),
-    ("workbench.engine.build", "workbench.runtime.paged_cache"):
-        _PAGED_CACHE.format("for the build's accuracy gate (logits_fn)"),
-}
+UPWARD = {}
 
 #: Import cycles (modules that import each other, directly or round) -> why they stay for now.
 CYCLES = {
@@ -217,9 +204,9 @@ def test_no_import_cycles_beyond_the_listed_ones():
 
 
 def test_the_checks_see_function_level_imports_and_layers():
-    """The parser counts an import inside a function (autotune's paged cache is one) and orders layers as listed."""
+    """The parser counts an import inside a function (autotune's paged layout is one) and orders layers as listed."""
     edges = _imports(_modules())
-    assert ("workbench.kernels.autotune", "workbench.runtime.paged_cache") in {(a, b) for a, b, _ in edges}
+    assert ("workbench.kernels.autotune", "workbench.graph.paged") in {(a, b) for a, b, _ in edges}
     assert ("workbench.kernels.autotune", "workbench.env") in {(a, b) for a, b, _ in edges}
     assert _layer("workbench.graph.ir") < _layer("workbench.kernels.autotune") < _layer("workbench.graph.executor")
     assert _layer("workbench.profiling.timing") < _layer("workbench.kernels") < _layer("workbench.profiling.trace")

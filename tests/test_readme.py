@@ -73,7 +73,7 @@ SKIPPED_COMMANDS = {
 }
 
 #: Fenced blocks by language: a block added or removed changes these counts, on purpose.
-EXPECTED_BLOCKS = {"bash": 7, "python": 5, "text": 1}
+EXPECTED_BLOCKS = {"bash": 7, "python": 6, "text": 1}
 #: Commands (or whole blocks) the README marks as not runnable here: keep these few.
 EXPECTED_MARKED_LINES = 1  # `workbench tune ws/` (GPU only)
 
@@ -306,8 +306,12 @@ def server_for_requests(block: Block) -> Command:
 # ---- python ---------------------------------------------------------------------------------------------------
 
 def run_python(block: Block) -> None:
+    """Runs the block; the ops and passes a block registers (the plugin example) are unregistered after it."""
+    from workbench.graph.passes import PASSES, PLACES
+    from workbench.kernels.registry import REGISTRY
     from workbench.runtime.async_engine import AsyncLLMEngine
 
+    registries = [(r, dict(r)) for r in (PASSES, PLACES, REGISTRY._ops)]
     namespace = {"__name__": "__readme__"}
     try:
         exec(compile(block.text(), f"README.md:{block.line}", "exec"), namespace)  # noqa: S102 - the README's code
@@ -315,6 +319,9 @@ def run_python(block: Block) -> None:
         for value in list(namespace.values()):
             if isinstance(value, AsyncLLMEngine):
                 value.shutdown(5)
+        for registry, before in registries:
+            registry.clear()
+            registry.update(before)
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ widget and server packages are imported inside the functions that need them.
 """
 
 from .errors import WorkbenchError
+from .plugins import load_plugins
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "WorkbenchError", "__version__"]
+__all__ = ["LLM", "SamplingParams", "WorkbenchError", "__version__", "load_plugins"]
 
 
 def __getattr__(name: str):

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .errors import WorkbenchError
+from .plugins import load_plugins
 
 
 def _cmd_fetch(args) -> None:
@@ -76,11 +77,11 @@ def _capture_workspace(args) -> Path:
 def _cmd_optimize(args) -> None:
     import pandas as pd
 
-    from .graph.passes import DEFAULT_PIPELINE, PASSES, summary_table
+    from .graph.passes import PASSES, default_pipeline, summary_table
     from .pipeline import passes_stage
     from .workspace import Workspace
 
-    names = args.passes.split(",") if args.passes else list(DEFAULT_PIPELINE)
+    names = args.passes.split(",") if args.passes else default_pipeline()
     skip = set(args.skip.split(",")) if args.skip else set()
     unknown = (set(names) | skip) - set(PASSES)
     if unknown:
@@ -425,12 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=_cmd_serve)
+    for s in sub.choices.values():
+        s.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                       help="import a plugin (a module or .py file registering ops and passes) first; repeatable. "
+                            "WORKBENCH_PLUGINS and installed workbench.plugins entry points are loaded too")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins(args.plugin)
         args.fn(args)
     except WorkbenchError as e:
         print(f"workbench: error: {e}", file=sys.stderr)

@@ -112,9 +112,9 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     ``kv_block_size``: tokens per KV-cache block of the paged graph (default: the paged pass's, 16).
 
     Returns the optimized graph and the per-pass reports."""
-    from .graph.passes import DEFAULT_PIPELINE, run_passes
+    from .graph.passes import default_pipeline, run_passes
 
-    names = list(DEFAULT_PIPELINE if names is None else names)
+    names = default_pipeline() if names is None else list(names)
     device = resolve_device(device)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..env import atomic_write, environment, sha256_file
+from ..plugins import loaded as loaded_plugins
 from ..workspace import Workspace
 from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, TOKENIZER_DIR, WEIGHTS, EngineLimits,
                      is_engine_dir)
@@ -113,6 +114,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
             "requires": {"workbench": env["versions"]["workbench"], "torch": MIN_TORCH},
             "exported_on": env["host"],
             "tuned_for": tuned_for,
+            "plugins": loaded_plugins(),
             "workspace": {"root": str(ws.root.resolve()), "stage": stage, "graph": graph_stage},
             **({"accuracy": dict(accuracy)} if accuracy is not None else {}),
         }

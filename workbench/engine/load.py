@@ -185,9 +185,16 @@ def check_requirements(path: Path, manifest: dict) -> None:
 
 
 def check_ops(graph, manifest: dict) -> None:
-    """Every op of the graph resolves here; one that does not names the torch the engine was exported with."""
+    """Every op of the graph resolves here, once the plugins the engine was built with are loaded; one that does
+    not names the torch the engine was exported with."""
     from ..kernels.registry import REGISTRY
+    from ..plugins import load_plugin
 
+    for spec in manifest.get("plugins") or ():
+        try:
+            load_plugin(spec)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"the engine was built with a plugin that does not load here: {e}") from None
     for op in sorted({n.op for n in graph.nodes}):
         try:
             REGISTRY.get(op)

@@ -18,12 +18,13 @@ class PassPipelineWidget:
     def __init__(self, ws: Workspace, *, layer: int = 0) -> None:
         import ipywidgets as W
 
-        from .passes import DEFAULT_PIPELINE, PASSES
+        from .passes import PASSES, default_pipeline
 
         self.ws = ws
         self.layer = layer
-        names = [*DEFAULT_PIPELINE, *(n for n in PASSES if n not in DEFAULT_PIPELINE)]
-        self.checkboxes = {n: W.Checkbox(value=n in DEFAULT_PIPELINE, description=n, indent=False,
+        pipeline = default_pipeline()
+        names = [*pipeline, *(n for n in PASSES if n not in pipeline)]
+        self.checkboxes = {n: W.Checkbox(value=n in pipeline, description=n, indent=False,
                                          tooltip=PASSES[n].description) for n in names}
         self.run_button = W.Button(description="Run passes", button_style="primary", icon="play")
         self.run_button.on_click(lambda _button: self.run())

@@ -160,8 +160,9 @@ class OpRegistry:
         if namespace == "operator" and hasattr(operator, rest):  # on sizes: host integers, fixed per graph
             return OpDef(name, getattr(operator, rest), C.free, doc=f"Python operator.{rest} on sizes",
                          graph_safe=True)
-        raise WorkbenchError(f"op {name!r} is not registered; register it with "
-                             "workbench.kernels.register_op (the plugin mechanism) before running this graph")
+        raise WorkbenchError(f"op {name!r} is not registered; load the plugin that registers it (`--plugin "
+                             "MODULE_OR_FILE`, or workbench.load_plugins) or register it with "
+                             "workbench.kernels.register_op before running this graph")
 
 
 #: The process-wide registry that graphs are executed against.

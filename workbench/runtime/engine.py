@@ -327,7 +327,9 @@ class LLM:
     ``max_model_len``, ``max_num_seqs`` and ``max_num_batched_tokens`` override them, and ``config`` (a
     ``SchedulerConfig``) replaces the scheduler's settings whole. The KV cache holds ``num_blocks`` blocks, by
     default what ``memory_fraction`` of the GPU's free memory holds once the weights are loaded (the capacity
-    planner, as ``workbench serve`` sizes it), or a fixed budget on the CPU.
+    planner, as ``workbench serve`` sizes it), or a fixed budget on the CPU. ``plugins``: modules or ``.py``
+    files registering ops and passes, loaded first, with those of ``WORKBENCH_PLUGINS`` and the installed
+    ``workbench.plugins`` entry points (``workbench.plugins``); an engine loads the plugins it was built with.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
@@ -335,11 +337,13 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, plugins=()) -> None:
         import sys
 
+        from ..plugins import load_plugins
         from ..runnable import open_runnable
 
+        load_plugins(plugins)
         self.runnable = opened = open_runnable(model, device=device, stage=stage, tokenizer=tokenizer, dtype=dtype,
                                                kv_block_size=kv_block_size)
         #: the Engine (limits, manifest, chat template) when ``model`` is an engine directory

@@ -1,11 +1,12 @@
 """Graph passes: named, ordered rewrites of the workbench IR, each checked and explained.
 
-``run_passes(graph, params)`` applies ``DEFAULT_PIPELINE``; ``register_pass`` adds a
-user's pass (a plugin) that any pipeline can name.
+``run_passes(graph, params)`` applies ``default_pipeline()``: ``DEFAULT_PIPELINE`` with the passes registered
+with a place (``register_pass(name, after=...)``) in it. ``register_pass`` adds a user's pass (a plugin).
 """
 
 from . import eliminate, fold, fuse, horizontal, paged, tensors  # noqa: F401  (register the built-in passes)
-from .manager import PASSES, GraphPass, Match, PassReport, register_pass, run_passes, summary_table
+from .manager import (PASSES, PLACES, GraphPass, Match, PassReport, default_pipeline, register_pass, run_passes,
+                      summary_table)
 
 #: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
 DEFAULT_PIPELINE = (
@@ -23,5 +24,5 @@ DEFAULT_PIPELINE = (
     "fuse_rope_into_attention",
 )
 
-__all__ = ["DEFAULT_PIPELINE", "GraphPass", "Match", "PASSES", "PassReport", "register_pass", "run_passes",
-           "summary_table"]
+__all__ = ["DEFAULT_PIPELINE", "GraphPass", "Match", "PASSES", "PLACES", "PassReport", "default_pipeline",
+           "register_pass", "run_passes", "summary_table"]

@@ -77,18 +77,53 @@ class PassReport:
 
 
 PASSES: dict[str, GraphPass] = {}
+#: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
+PLACES: dict[str, tuple[str, str]] = {}
 
 
-def register_pass(name: str, description: str = "", *, replace: bool = False):
-    """Decorator registering ``fn(Rewriter) -> list[Match]`` as pass ``name`` (the plugin mechanism)."""
+def register_pass(name: str, description: str = "", *, before: str | None = None, after: str | None = None,
+                  replace: bool = False):
+    """Decorator registering ``fn(Rewriter) -> list[Match]`` as pass ``name`` (the plugin mechanism).
+
+    ``before`` / ``after`` name the pass it runs next to in the default pipeline (``default_pipeline()``):
+    a pattern must be placed where the graph still has its shape (before ``fuse_attention`` for one on the
+    attention's parts, say), and appending it at the end would let an earlier fusion change the pattern so
+    that it silently matches nothing. A pass registered without a place runs only where it is named."""
+    if before is not None and after is not None:
+        raise WorkbenchError(f"pass {name!r}: give before= or after=, not both")
+    anchor = before or after
+    if anchor is not None and anchor not in PASSES:
+        raise WorkbenchError(f"pass {name!r} is placed by {anchor!r}, which is not a registered pass; "
+                             f"registered: {', '.join(PASSES)}")
 
     def wrap(fn):
         if name in PASSES and not replace:
             raise WorkbenchError(f"pass {name!r} is already registered; pass replace=True to override it")
         PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        PLACES.pop(name, None)
+        if anchor is not None:
+            PLACES[name] = ("before" if before is not None else "after", anchor)
         return fn
 
     return wrap
+
+
+def default_pipeline() -> list[str]:
+    """The standard pipeline (``DEFAULT_PIPELINE``) with every pass registered with a place inserted there, in
+    registration order (a pass placed by another placed pass follows it)."""
+    from . import DEFAULT_PIPELINE
+
+    names = list(DEFAULT_PIPELINE)
+    pending = dict(PLACES)
+    while pending:
+        placed = [n for n, (_, anchor) in pending.items() if anchor in names]
+        if not placed:  # anchors that were replaced away: say so rather than drop the passes
+            raise WorkbenchError(f"pass(es) {', '.join(pending)} are placed by passes not in the pipeline")
+        for n in placed:
+            where, anchor = pending.pop(n)
+            at = names.index(anchor)
+            names.insert(at if where == "before" else at + 1, n)
+    return names
 
 
 def _check_registered(graph: Graph) -> None:
@@ -173,16 +208,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str] | None = None, *,
                tokens: int = 512, check: bool = True,
                device: str | torch.device = "cpu") -> tuple[Graph, list[PassReport]]:
-    """Apply passes ``names`` (default: the standard pipeline) in order; returns the graph and reports.
+    """Apply passes ``names`` (default: ``default_pipeline()``) in order; returns the graph and reports.
 
     ``params`` holds the captured graph's tensors by name (weights, buffers and
     constants); derived parameters of fused graphs are computed from them. The
     numeric checks run on ``device``.
     """
     device = torch.device(device)
-    from . import DEFAULT_PIPELINE
-
-    names = list(DEFAULT_PIPELINE if names is None else names)
+    names = default_pipeline() if names is None else list(names)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise WorkbenchError(f"unknown pass(es) {', '.join(unknown)}; registered: {', '.join(PASSES)}")
