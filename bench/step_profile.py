@@ -35,7 +35,8 @@ from workbench.kernels.autotune import step_inputs  # noqa: E402
 from workbench.kernels.profiles import Step  # noqa: E402
 from workbench.profiling import time_fn, trace_program, trace_summary  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
-from workbench.runtime.executor import lm_head, sampled_rows_program  # noqa: E402
+from workbench.graph.passes.rows import lm_head  # noqa: E402
+from workbench.runtime.executor import sampled_rows_program  # noqa: E402
 
 def kind(op: str) -> str:
     """A short name for a node's op: ``aten.add.Tensor`` -> add, ``workbench.paged_attention`` -> paged_attention."""

@@ -54,14 +54,7 @@ FACADES = {
 UPWARD = {}
 
 #: Import cycles (modules that import each other, directly or round) -> why they stay for now.
-CYCLES = {
-    frozenset({"workbench.graph.passes", "workbench.graph.passes.manager", "workbench.graph.passes.eliminate",
-               "workbench.graph.passes.fold", "workbench.graph.passes.fuse", "workbench.graph.passes.horizontal",
-               "workbench.graph.passes.paged", "workbench.graph.passes.tensors"}):
-        "graph/passes: the package imports each pass to register it with the manager, and run_passes reads "
-        "DEFAULT_PIPELINE from the package (inside the function). DEFAULT_PIPELINE belongs in manager.py; left "
-        "where it is while the paged-layout change may edit the pipeline",
-}
+CYCLES = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -342,3 +342,54 @@ def test_bf16_logits_reach_the_sampler_as_they_are():
     assert got.token_ids == tokens.tolist()
     want = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(got.logprobs), want)
+
+
+def test_the_rows_pass_finds_a_fused_norm_and_head(program):
+    """select_logits_rows finds lm_head by what it computes (the logits output), not as "the last linear": a
+    plugin op that fuses the final norm into the lm_head is narrowed to the sampled rows the same way, checked
+    by the pass manager, and LLM generates the unfused graph's tokens through it."""
+    import copy
+
+    from workbench.graph.executor import Program
+    from workbench.graph.ir import Node, Ref
+    from workbench.graph.passes import run_passes
+    from workbench.graph.passes.rows import lm_head
+    from workbench.kernels import register_op
+    from workbench.kernels.registry import REGISTRY
+
+    add_rms_norm = REGISTRY.get("workbench.add_rms_norm").reference
+
+    @register_op("testplugin.norm_head", replace=True)
+    def norm_head(x, residual, norm_weight, eps, weight):
+        """The final residual add and RMSNorm, then the lm_head: one op."""
+        return torch.nn.functional.linear(add_rms_norm(x, residual, norm_weight, eps)[0], weight)
+
+    try:
+        graph = copy.deepcopy(program.graph)
+        head = lm_head(graph)
+        item = next(n for n in graph.nodes if n.name == head.args[0].name)  # add_rms_norm's first output
+        norm = next(n for n in graph.nodes if n.name == item.args[0].name)
+        assert norm.op == "workbench.add_rms_norm" and [n.op for n in graph.nodes[-3:]] == [
+            "workbench.add_rms_norm", "operator.getitem", head.op]
+        fused = Node("norm_head", "testplugin.norm_head", [*norm.args[:4], head.args[1]], {}, head.outputs,
+                     head.module, head.layer)
+        graph.nodes[graph.nodes.index(head)] = fused
+        graph.nodes.remove(item)
+        graph.nodes.remove(norm)
+        graph.outputs = ["norm_head"]
+        graph.validate()
+        assert lm_head(graph).name == "norm_head"
+
+        rows, (report,) = run_passes(graph, program.params, ["select_logits_rows"])  # checked, every row
+        assert report.accepted and len(report.matches) == 1 and report.max_rel_err < 1e-6
+        narrowed = next(n for n in rows.nodes if n.name == "norm_head")
+        assert [a.name[:14] for a in narrowed.args[:2]] == ["norm_head_rows"] * 2  # x and the residual
+        assert narrowed.out.shape[1] == "logits_rows"
+
+        ps = prompts(3, seed=9)
+        sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        mine = LLM(Program(graph, program.params), num_blocks=32).generate(ps, sp)
+        plain = LLM(program, num_blocks=32).generate(ps, sp)
+        assert [o.token_ids for o in mine] == [o.token_ids for o in plain]
+    finally:
+        REGISTRY._ops.pop("testplugin.norm_head", None)

@@ -115,6 +115,12 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     from .graph.passes import default_pipeline, run_passes
 
     names = default_pipeline() if names is None else list(names)
+    from .graph.passes import PASSES
+
+    runtime = [n for n in names if n in PASSES and PASSES[n].runtime_only]
+    if runtime:
+        raise WorkbenchError(f"pass {runtime[0]!r} is applied by the runtime to the graph it runs, not to a "
+                             "workspace's graph; leave it out of --passes")
     device = resolve_device(device)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")

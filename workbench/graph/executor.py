@@ -280,8 +280,8 @@ def gpu_fallback_notes(graph: Graph, choices: Mapping[str, tuple[str, dict | Non
 
 
 def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Values of every graph param from ``base`` (checkpoint tensors and constants by name),
-    computing the derived ones that passes created:
+    """Values of every graph param from ``base`` (checkpoint tensors and constants by name, or a program's
+    params, derived ones included), computing the derived ones that passes created and ``base`` lacks:
 
         cat        concatenation of inputs along ``dim`` (fused QKV / gate-up weights)
         transpose  input with ``dims`` swapped, stored contiguous (a weight transpose folded)
@@ -290,9 +290,10 @@ def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, 
     out = {}
     for name, p in graph.params.items():
         d = p.derived
+        if name in base:
+            out[name] = base[name]
+            continue
         if not d:
-            if name in base:
-                out[name] = base[name]
             continue
         inputs = [base[src] for src, _aliases in d.get("inputs", [])]
         if d["op"] == "cat":

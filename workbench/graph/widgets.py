@@ -23,7 +23,7 @@ class PassPipelineWidget:
         self.ws = ws
         self.layer = layer
         pipeline = default_pipeline()
-        names = [*pipeline, *(n for n in PASSES if n not in pipeline)]
+        names = [*pipeline, *(n for n, p in PASSES.items() if n not in pipeline and not p.runtime_only)]
         self.checkboxes = {n: W.Checkbox(value=n in pipeline, description=n, indent=False,
                                          tooltip=PASSES[n].description) for n in names}
         self.run_button = W.Button(description="Run passes", button_style="primary", icon="play")

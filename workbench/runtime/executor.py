@@ -11,8 +11,8 @@ KV cache is allocated once (``PagedLayout.new_caches``), ``num_blocks`` blocks p
 cache dtype (an FP8 cache when the precision plan says so).
 
 **Logits only where a token is sampled.** The executor runs a copy of the graph whose lm_head reads the
-hidden states of the rows named by one more input, ``logits_indices``: the last new token of each request
-whose chunk reaches its last token. A prefill step of 8192 tokens then multiplies a few rows by the
+hidden states of the rows named by one more input, ``logits_indices`` (the ``select_logits_rows`` pass,
+``graph/passes/rows.py``): the last new token of each request whose chunk reaches its last token. A prefill step of 8192 tokens then multiplies a few rows by the
 vocabulary instead of all 8192 (the lm_head is the widest linear of a model with a large vocabulary, and
 its logits, tokens × vocabulary, the largest activation). The workspace's graph keeps every row's logits
 (perplexity needs them).
@@ -42,12 +42,10 @@ device) and each request's row in it, and the token is copied into this step's i
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
 from ..errors import WorkbenchError
-from ..graph.ir import Node, Ref, TensorSpec
 from ..graph.paged import PagedLayout, is_paged, step_inputs
 from .request import PLACEHOLDER
 from .sampling import to_device
@@ -68,40 +66,36 @@ def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
     return tuple(sorted({t for t in sizes if t < max_tokens} | {max_tokens}))
 
 
-def lm_head(graph):
-    """The graph's lm_head: its last linear node (None if it has none)."""
-    return next((n for n in reversed(graph.nodes) if n.op.endswith("linear") or n.op.endswith("linear.default")),
-                None)
-
-
 def sampled_rows_program(program):
-    """``program`` with its lm_head (the graph's last linear) reading only the rows ``logits_indices`` names."""
+    """``program`` with its lm_head reading only the rows ``logits_indices`` names: the ``select_logits_rows``
+    pass, checked numerically where the program runs on the CPU (on a GPU the check would hold every value of
+    two forward passes in device memory before the KV cache is sized; the suite checks the pass on the CPU),
+    and the pass's report kept. The lm_head's tuned choice is dropped: it was tuned for a
+    bucket's token count, not a few rows, so its default tactic runs instead. The pass's report is the new
+    program's ``rows_report``."""
     from ..graph.executor import Program
+    from ..graph.passes import run_passes
+    from ..graph.passes.rows import lm_head
     from ..kernels.autotune import TunedChoices
 
-    graph = copy.deepcopy(program.graph)
+    check = program.device.type == "cpu"
+    graph, (report,) = run_passes(program.graph, program.params, ["select_logits_rows"], check=check,
+                                  device=program.device)
+    if not report.accepted:
+        raise WorkbenchError(f"select_logits_rows changed the logits ({'; '.join(report.notes)}, first at "
+                             f"{report.first_diverging}); report it with the graph's lm_head op")
+    if not report.matches:
+        return program  # no [batch, tokens, hidden] -> logits head this knows: every row's logits
     head = lm_head(graph)
-    x = head.args[0] if head is not None and head.args else None
-    spec = graph.specs().get(x.name) if isinstance(x, Ref) else None
-    if spec is None or len(spec.shape) != 3:
-        return program  # not the [1, tokens, hidden] -> lm_head shape this knows: every row's logits
-    graph.inputs["logits_indices"] = TensorSpec(["logits_rows"], "int64")
-    graph.dims["logits_rows"] = {"min": 1, "max": 1 << 20}
-    rows = Node(f"{head.name}_rows", "aten.index_select.default", [x, 1, Ref("logits_indices")], {},
-                [TensorSpec([spec.shape[0], "logits_rows", spec.shape[2]], spec.dtype)], head.module, head.layer)
-    graph.nodes.insert(graph.nodes.index(head), rows)
-    head.args = [Ref(rows.name), *head.args[1:]]
-    if head.out is not None:
-        head.outputs = [TensorSpec([head.out.shape[0], "logits_rows", *head.out.shape[2:]], head.out.dtype),
-                        *head.outputs[1:]]
-    # lm_head was tuned for a bucket's token count, not a few rows: its default tactic (cuBLAS) runs instead
+    choices = None
     if program.tuned is not None:
         choices = TunedChoices(list(program.tuned.edges),
                                [{k: v for k, v in c.items() if k != head.name} for c in program.tuned.choices])
-    else:
-        choices = None
-    return Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
+    rows = Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
                    graph_safe=program.graph_safe)
+    rows.notes = [*program.notes]
+    rows.rows_report = report
+    return rows
 
 
 @contextlib.contextmanager

@@ -49,6 +49,8 @@ class GraphPass:
     name: str
     fn: Callable[[Rewriter], list[Match]]
     description: str
+    #: applied by the runtime to the graph it runs, never part of a workspace's pipeline
+    runtime_only: bool = False
 
 
 @dataclass
@@ -76,19 +78,36 @@ class PassReport:
         return d
 
 
+#: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
+DEFAULT_PIPELINE = (
+    "eliminate_noops",
+    "fold_rope_tables",
+    "eliminate_duplicates",
+    "collapse_layout_chains",
+    "fuse_rms_norm",
+    "fuse_add_rms_norm",
+    "fuse_silu_mul",
+    "fuse_rope",
+    "fuse_attention",
+    "fuse_parallel_linears",
+    "insert_paged_attention",
+    "fuse_rope_into_attention",
+)
+
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
 PLACES: dict[str, tuple[str, str]] = {}
 
 
 def register_pass(name: str, description: str = "", *, before: str | None = None, after: str | None = None,
-                  replace: bool = False):
+                  replace: bool = False, runtime_only: bool = False):
     """Decorator registering ``fn(Rewriter) -> list[Match]`` as pass ``name`` (the plugin mechanism).
 
     ``before`` / ``after`` name the pass it runs next to in the default pipeline (``default_pipeline()``):
     a pattern must be placed where the graph still has its shape (before ``fuse_attention`` for one on the
     attention's parts, say), and appending it at the end would let an earlier fusion change the pattern so
-    that it silently matches nothing. A pass registered without a place runs only where it is named."""
+    that it silently matches nothing. A pass registered without a place runs only where it is named.
+    ``runtime_only``: the runtime applies it to the graph it runs; a workspace's passes stage refuses it."""
     if before is not None and after is not None:
         raise WorkbenchError(f"pass {name!r}: give before= or after=, not both")
     anchor = before or after
@@ -99,7 +118,7 @@ def register_pass(name: str, description: str = "", *, before: str | None = None
     def wrap(fn):
         if name in PASSES and not replace:
             raise WorkbenchError(f"pass {name!r} is already registered; pass replace=True to override it")
-        PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0], runtime_only)
         PLACES.pop(name, None)
         if anchor is not None:
             PLACES[name] = ("before" if before is not None else "after", anchor)
@@ -111,8 +130,6 @@ def register_pass(name: str, description: str = "", *, before: str | None = None
 def default_pipeline() -> list[str]:
     """The standard pipeline (``DEFAULT_PIPELINE``) with every pass registered with a place inserted there, in
     registration order (a pass placed by another placed pass follows it)."""
-    from . import DEFAULT_PIPELINE
-
     names = list(DEFAULT_PIPELINE)
     pending = dict(PLACES)
     while pending:
@@ -158,14 +175,17 @@ class CheckInputs:
 def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs,
             device: torch.device) -> dict[str, torch.Tensor]:
     program = Program(graph, resolve_params(graph, params), device=device)
+    # a graph whose lm_head reads selected rows (select_logits_rows) is checked with every row selected
+    rows = {"logits_indices": torch.arange(inputs.input_ids.numel() if is_paged(graph) else inputs.input_ids.shape[1])
+            } if "logits_indices" in graph.inputs else {}
     if not is_paged(graph):
-        return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True)
+        return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True, **rows)
     # A paged graph sees the same tokens as one flat batch of three sequences (the second
     # row packs two); its logits are put back in the rows' shape to compare.
     ids = inputs.input_ids
     half = ids.shape[1] // 2
     seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
-    values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))))
+    values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))), **rows)
     out = graph.outputs[0]
     values[out] = values[out].reshape(*ids.shape, -1)
     return values
