@@ -2,9 +2,10 @@
 mismatches: every tiny-mistral engine and tiny-llama's auto engine matched 0 greedy tokens of transformers on the
 H100, while their CPU runs match).
 
-    python3 bench/divergence_check.py tiny-mistral:bf16 tiny-llama:auto tiny-llama:bf16
+    python3 bench/divergence_check.py tiny-mistral:bf16 tiny-llama:auto tiny-llama:bf16 [--tune]
 
-Each MODEL:PRECISION is built with ``workbench build`` (tuned on the GPU, as a user's build is), then opened
+Each MODEL:PRECISION is built (untuned; with ``--tune`` by ``workbench build``, tuned as a user's build is on
+a GPU), then opened
 twice: on the GPU (the kernels a GPU step runs: tuned where graph-safe, GPU defaults else) and on the CPU (the
 reference ops). One prefill step of a seeded random prompt runs through each with every value kept; the table
 lists the nodes whose relative error (GPU against CPU) first passes the tolerance, with the error of their
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.cli import main as workbench_main  # noqa: E402
+from workbench.engine.build import BuildOptions, build_engine  # noqa: E402
 from workbench.evaluate import greedy, hf_logits, paged_greedy  # noqa: E402
 from workbench.graph.ir import Ref  # noqa: E402
 from workbench.graph.paged import cache_for  # noqa: E402
@@ -44,9 +46,15 @@ def check(spec: str, work: Path) -> None:
     model, precision = spec.rsplit(":", 1)
     engine = work / f"{Path(model).stem}-{precision}"
     t = time.perf_counter()
-    rc = workbench_main(["build", model, "--precision", precision, "--out", str(engine),
-                         "--workspace", str(work / f"{Path(model).stem}.ws")])
-    print(f"\n== {spec}: build rc {rc} in {time.perf_counter() - t:.0f} s", flush=True)
+    if TUNE:
+        rc = workbench_main(["build", model, "--precision", precision, "--out", str(engine),
+                             "--workspace", str(work / f"{Path(model).stem}.ws")])
+    else:  # the same build without its tuning: the GPU runs the default kernels
+        build_engine(model, engine, BuildOptions(precision=precision, tune=False),
+                     workspace=work / f"{Path(model).stem}.ws", log=lambda line: None)
+        rc = 0
+    print(f"\n== {spec}: build rc {rc} ({'tuned' if TUNE else 'untuned'}) in {time.perf_counter() - t:.0f} s",
+          flush=True)
     gpu = open_runnable(engine, device="cuda" if torch.cuda.is_available() else "cpu").program
     cpu = open_runnable(engine, device="cpu").program
     g = torch.Generator().manual_seed(0)
@@ -88,9 +96,11 @@ def check(spec: str, work: Path) -> None:
         print("hf32 cuda  ", greedy(hf_logits(hf), torch.tensor(ids, device="cuda"), 8), flush=True)
 
 
+TUNE = "--tune" in sys.argv
+
 if __name__ == "__main__":
     work = Path("/tmp/divergence")
-    for spec in sys.argv[1:]:
+    for spec in (a for a in sys.argv[1:] if not a.startswith("--")):
         try:
             check(spec, work)
         except Exception as e:  # noqa: BLE001 - a diagnostic: say it, go on to the next
