@@ -27,6 +27,23 @@ def test_random_weights_are_deterministic_and_named():
     assert torch.equal(sub[name], a[name])
 
 
+def test_random_weights_do_not_depend_on_dtype_chunks_or_device(monkeypatch):
+    """A preset is the same model wherever it is made: bfloat16 weights are the float32 ones rounded, the chunking
+    does not show, and (on a machine with a GPU) CUDA makes the CPU's values."""
+    import workbench.models.random_init as random_init
+
+    name, shape = "model.layers.0.mlp.up_proj.weight", (96, 64)
+    f32 = random_init.init_tensor(name, shape, dtype=torch.float32, device="cpu", seed=0)
+    assert torch.equal(random_init.init_tensor(name, shape, dtype=torch.bfloat16, device="cpu", seed=0),
+                       f32.bfloat16())
+    monkeypatch.setattr(random_init, "CHUNK", 1000)  # 6144 elements in 7 chunks, the last one short
+    assert torch.equal(random_init.init_tensor(name, shape, dtype=torch.float32, device="cpu", seed=0), f32)
+    assert abs(f32.mean()) < 3e-3 and 0.018 < f32.std() < 0.022
+    if torch.cuda.is_available():
+        cuda = random_init.init_tensor(name, shape, dtype=torch.float32, device="cuda", seed=0).cpu()
+        torch.testing.assert_close(cuda, f32, rtol=1e-6, atol=1e-7)  # the float32 transform's last bit at most
+
+
 def test_random_weights_are_made_in_the_target_dtype():
     lm = load_model("tiny-llama", dtype=torch.bfloat16)
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}

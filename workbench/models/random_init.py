@@ -1,11 +1,18 @@
 """Random-weight models, built straight into the target dtype and device.
 
 The model skeleton is built on the meta device (no memory), then each parameter
-is allocated once where it will live and filled from its own generator, seeded
-by ``(seed, parameter name)``. So an 8B bf16 model never exists as fp32 on the
-CPU, and a parameter's values do not depend on which other parameters exist:
-``init_tensor`` regenerates any one of them by name, identically (``load_weights``
-uses it to give a graph its weights without building the model).
+is allocated once where it will live and filled there, in chunks, from a
+counter-based generator keyed by ``(seed, parameter name)``: element i's value is
+a hash of i, turned into a normal sample (Box-Muller) in float32, then cast. So an
+8B bf16 model never exists as fp32 on the CPU; a parameter's values do not depend
+on which other parameters exist (``init_tensor`` regenerates any one of them by
+name, identically: ``load_weights`` uses it to give a graph its weights without
+building the model); and they do not depend on the device or the dtype either
+(integer hashing is exact everywhere; the float32 transform may differ in the last
+bit between CPU and GPU math libraries). A preset is the same model on the CPU and
+on the GPU, in float32 and in bfloat16: an engine built on the GPU and transformers
+loaded on the CPU compare the same weights. (``torch.Generator`` would not: its CPU
+and CUDA streams differ, and so do its float32 and bfloat16 samples.)
 
 Buffers computed from the config (rotary ``inv_freq``) have no values on the
 meta device; the modules that own them take only the config, so they are built
@@ -14,6 +21,7 @@ again on the CPU and their buffers copied over.
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Iterable
 
@@ -26,15 +34,41 @@ def _is_norm_weight(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
+#: Elements filled per chunk (bounds the float32 and int64 scratch: 16 M elements, 256 MB of int64 at most).
+CHUNK = 1 << 24
+_M31 = (1 << 31) - 1
+
+
+def _mix(h: torch.Tensor, mul: int, shift: int) -> torch.Tensor:
+    """One multiply-xorshift round on 31-bit values: products stay below 2**62, so every device computes the
+    same integers."""
+    return ((h ^ (h >> shift)) * mul) & _M31
+
+
+def _hash31(x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 31-bit hashes of int64 counters ``x`` (< 2**40) under ``key``."""
+    h = ((x & _M31) * 0x2C1B3C6D + (x >> 31) * 0x1B873593 + key) & _M31
+    h = _mix(_mix(h, 0x297A2D39, 15), 0x2545F491, 13)
+    return h ^ (h >> 16), _mix(h, 0x1CE4E5B9, 16) ^ (h >> 11)
+
+
 def init_tensor(name: str, shape: Iterable[int], *, dtype: torch.dtype, device: torch.device | str,
                 seed: int, std: float = 0.02) -> torch.Tensor:
-    """The value parameter ``name`` gets under ``seed``: N(0, std), norm weights N(1, 0.1)."""
+    """The value parameter ``name`` gets under ``seed``: N(0, std), norm weights N(1, 0.1); the same values on
+    any device and (up to the cast) in any dtype."""
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    key = zlib.crc32(f"{seed}:{name}".encode()) & _M31
+    mean, scale = (1.0, 0.1) if _is_norm_weight(name) else (0.0, std)
     t = torch.empty(tuple(shape), dtype=dtype, device=device)
-    if _is_norm_weight(name):
-        return t.normal_(1.0, 0.1, generator=gen)
-    return t.normal_(0.0, std, generator=gen)
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        i = torch.arange(start, min(start + CHUNK, flat.numel()), device=device, dtype=torch.int64)
+        h1, h2 = _hash31(i, key)
+        u1 = (h1.to(torch.float32) + 1.0) / 2.0 ** 31  # (0, 1]
+        u2 = h2.to(torch.float32) / 2.0 ** 31          # [0, 1)
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        flat[start:start + i.numel()] = (z * scale + mean).to(dtype)
+    return t
 
 
 def build_random_model(config, *, dtype: torch.dtype, device: torch.device | str, seed: int,
