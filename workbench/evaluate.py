@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .errors import WorkbenchError
+from .progress import progress_bar
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
@@ -167,24 +168,17 @@ def perplexity(logits_fn: LogitsFn, ids: torch.Tensor, *, window: int = 512, str
         spans.append((begin, scored_to, end))
         scored_to = end
     nll_sum, scored = 0.0, 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(spans), desc="perplexity", unit="window")
-    for begin, first, end in spans:
-        chunk = ids[begin:end].unsqueeze(0)
-        logits = logits_fn(chunk)[0].float()
-        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i+1
-        targets = chunk[0, 1:].to(logprobs.device)
-        nll = -logprobs.gather(1, targets[:, None])[:, 0]
-        nll = nll[first - begin - 1:]  # tokens first..end-1
-        nll_sum += nll.double().sum().item()
-        scored += nll.numel()
-        if bar is not None:
+    with progress_bar(len(spans), "perplexity", "window", enabled=progress) as bar:
+        for begin, first, end in spans:
+            chunk = ids[begin:end].unsqueeze(0)
+            logits = logits_fn(chunk)[0].float()
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i+1
+            targets = chunk[0, 1:].to(logprobs.device)
+            nll = -logprobs.gather(1, targets[:, None])[:, 0]
+            nll = nll[first - begin - 1:]  # tokens first..end-1
+            nll_sum += nll.double().sum().item()
+            scored += nll.numel()
             bar.update(1)
-    if bar is not None:
-        bar.close()
     return Perplexity(math.exp(nll_sum / scored), nll_sum, scored, len(spans))
 
 

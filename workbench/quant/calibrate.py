@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 from ..kernels.fused import rope
 from .observers import MaxObserver, Observer, make_observer
 from .plan import linear_groups, model_fingerprint
@@ -255,19 +256,12 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
 
     watched = set(first_node) | {n for n, layer in attention.items() if layer is not None}
     chunks = ids[: samples * seq_len].reshape(samples, seq_len)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=samples, desc="calibrate", unit="sample")
     blocks = layout.blocks_for(seq_len) * batch
-    for start in range(0, samples, batch):
-        part = chunks[start:start + batch]
-        cache = SimplePagedCache(layout, blocks, program.device)
-        inputs = cache.step_inputs([(i, row.tolist()) for i, row in enumerate(part)])
-        program.run(_observe=(watched, observe), **inputs)
-        if bar is not None:
+    with progress_bar(samples, "calibrate", "sample", enabled=progress) as bar:
+        for start in range(0, samples, batch):
+            part = chunks[start:start + batch]
+            cache = SimplePagedCache(layout, blocks, program.device)
+            inputs = cache.step_inputs([(i, row.tolist()) for i, row in enumerate(part)])
+            program.run(_observe=(watched, observe), **inputs)
             bar.update(len(part))
-    if bar is not None:
-        bar.close()
     return stats

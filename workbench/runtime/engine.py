@@ -375,15 +375,11 @@ class LLM:
         if len(params) != len(prompts):
             raise WorkbenchError(f"{len(prompts)} prompts but {len(params)} sampling params; give one, or one each")
         ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-            bar = tqdm(total=len(ids), desc="generate", unit="request")
-        while self.engine.has_unfinished:
-            done = len(self.engine.step(finished_only=True))
-            if bar is not None and done:
-                bar.update(done)
-        if bar is not None:
-            bar.close()
+        with progress_bar(len(ids), "generate", "request", enabled=progress) as bar:
+            while self.engine.has_unfinished:
+                done = len(self.engine.step(finished_only=True))
+                if done:
+                    bar.update(done)
         return [self.engine.output(i) for i in ids]

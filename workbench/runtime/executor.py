@@ -257,14 +257,16 @@ class Executor:
     def capture(self, batch_sizes=None, token_sizes=None, *, progress: bool = False) -> None:
         """Capture the decode graphs for ``batch_sizes`` (default: all) and the step graphs for
         ``token_sizes`` (default: all), largest first, in one memory pool (``progress``: a progress bar)."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         keys = [(b, b) for b in (self.graph_batch_sizes if batch_sizes is None else batch_sizes)]
         keys += [(t, self.max_seqs) for t in (self.graph_token_sizes if token_sizes is None else token_sizes)]
         todo = [k for k in sorted(set(keys), reverse=True) if k not in self._graphs
                 and not (self.checks_safety and self.uncapturable(k[0]))]
-        for key in tqdm(todo, desc="capture CUDA graphs", unit="graph", disable=not progress or not todo):
-            self._capture(key)
+        with progress_bar(len(todo), "capture CUDA graphs", "graph", enabled=progress) as bar:
+            for key in todo:
+                self._capture(key)
+                bar.update(1)
 
     def _static(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The static inputs of a (T tokens, S sequences) graph, holding a step of padding only: S empty
