@@ -145,46 +145,35 @@ def test_plugin_pass_and_op_run_in_the_pipeline():
     assert "testplugin_fuse_swiglu_down" in list(summary_table(reports)["pass"])
 
 
-@register_op("testplugin.silu", graph_safe=True)
-def plugin_silu(x):
-    """A user's own SiLU."""
-    return torch.nn.functional.silu(x)
-
-
-def own_silu(rw):
-    """aten.silu -> testplugin.silu: a pattern that fuse_silu_mul consumes, so it exists only before it."""
-    matches = []
-    for n in list(rw.graph.nodes):
-        if n.op == "aten.silu.default":
-            mine = rw.insert_before(n, Node(rw.fresh("own_silu"), "testplugin.silu", list(n.args), {}, [n.out],
-                                            n.module, n.layer))
-            rw.replace_uses(n.name, Ref(mine.name))
-            matches.append(Match("own_silu", n.layer, [n.name], [mine.name]))
-    return matches
-
-
 def test_a_plugin_pass_runs_at_the_place_it_names():
-    from workbench.graph.passes import PLACES, default_pipeline
+    from pathlib import Path
 
-    register_pass("testplugin_own_silu", "aten.silu -> testplugin.silu", after="fuse_rms_norm")(own_silu)
+    from workbench.graph.passes import PLACES, default_pipeline
+    from workbench.kernels.registry import REGISTRY
+    from workbench.plugins import LOADED, load_plugin
+
+    plugin = load_plugin(Path(__file__).parent / "data" / "silu_plugin.py")  # tests/test_plugins.py: --plugin
+    own_silu = PASSES["myplugin_own_silu"].fn
     try:
         pipeline = default_pipeline()
-        assert pipeline.index("testplugin_own_silu") == pipeline.index("fuse_rms_norm") + 1
-        assert [n for n in pipeline if n != "testplugin_own_silu"] == list(DEFAULT_PIPELINE)
+        assert pipeline.index("myplugin_own_silu") == pipeline.index("fuse_rms_norm") + 1
+        assert [n for n in pipeline if n != "myplugin_own_silu"] == list(DEFAULT_PIPELINE)
         lm, captured, graph, reports = optimize("tiny-llama")  # the default pipeline, the plugin in it
-        mine = next(r for r in reports if r.name == "testplugin_own_silu")
+        mine = next(r for r in reports if r.name == "myplugin_own_silu")
         assert mine.accepted and len(mine.matches) == 2 and mine.max_rel_err < 1e-5
-        assert per_layer(graph, "testplugin.silu") == {0: 1, 1: 1}
+        assert per_layer(graph, "myplugin.silu") == {0: 1, 1: 1}
         # appended after the fusions instead, the same pattern is gone before it runs
-        *_, late = optimize("tiny-llama", names=[*DEFAULT_PIPELINE, "testplugin_own_silu"])
+        *_, late = optimize("tiny-llama", names=[*DEFAULT_PIPELINE, "myplugin_own_silu"])
         assert late[-1].matches == []
         with pytest.raises(WorkbenchError, match="not a registered pass"):
             register_pass("testplugin_nowhere", before="no_such_pass")(own_silu)
         with pytest.raises(WorkbenchError, match="not both"):
             register_pass("testplugin_twice", before="fuse_rope", after="fuse_rope")(own_silu)
     finally:
-        PASSES.pop("testplugin_own_silu", None)
-        PLACES.pop("testplugin_own_silu", None)
+        PASSES.pop("myplugin_own_silu", None)
+        PLACES.pop("myplugin_own_silu", None)
+        REGISTRY._ops.pop("myplugin.silu", None)
+        LOADED.pop(plugin, None)
     assert default_pipeline() == list(DEFAULT_PIPELINE)
 
 

@@ -8,29 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-PLUGIN = textwrap.dedent('''
-    import torch
-    from workbench.graph.ir import Node, Ref
-    from workbench.graph.passes import Match, register_pass
-    from workbench.kernels import register_op
-
-    @register_op("myplugin.silu", graph_safe=True)
-    def silu(x):
-        """My own SiLU."""
-        return torch.nn.functional.silu(x)
-
-    @register_pass("myplugin_own_silu", "aten.silu -> myplugin.silu", after="fuse_rms_norm")
-    def own_silu(rw):
-        matches = []
-        for n in list(rw.graph.nodes):
-            if n.op == "aten.silu.default":
-                mine = rw.insert_before(n, Node(rw.fresh("own_silu"), "myplugin.silu", list(n.args), {}, [n.out],
-                                                n.module, n.layer))
-                rw.replace_uses(n.name, Ref(mine.name))
-                matches.append(Match("own_silu", n.layer, [n.name], [mine.name]))
-        return matches
-''')
+PLUGIN = Path(__file__).parent / "data" / "silu_plugin.py"
 
 
 def run(args, env=None, **kw):
@@ -39,8 +19,7 @@ def run(args, env=None, **kw):
 
 
 def test_a_plugin_file_runs_in_build_and_comes_back_with_the_engine(tmp_path):
-    plugin = tmp_path / "myplugin.py"
-    plugin.write_text(PLUGIN)
+    plugin = PLUGIN
     engine = tmp_path / "engine"
     r = run(["-m", "workbench", "build", "tiny-llama", "--precision", "bf16", "--device", "cpu", "--out",
              str(engine), "--plugin", str(plugin)])
