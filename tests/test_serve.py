@@ -18,7 +18,6 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
-import torch
 
 from workbench.errors import WorkbenchError
 from workbench.models import PRESETS, ModelSource, load_tokenizer, resolve_source
@@ -233,44 +232,54 @@ def test_200_concurrent_requests_equal_offline_generation(served, offline, token
     t0 = time.monotonic()
     results = asyncio.run(run())
     elapsed = time.monotonic() - t0
-    completed = 0
-    for s, res in zip(specs, results):
-        b, n = s["body"], s["body"].get("n", 1)
-        assert res[0] == 200, (s, res)
-        if s["disconnect"]:
-            assert not res[4] and len(res[1][0]) > 0  # some text came, then the client left
-            continue
-        want = [expected[(s["i"], j)] for j in range(n)]
-        completed += n
-        if s["stream"]:
-            _, texts, reasons, usage, done = res
-            assert done and [texts[j] for j in range(n)] == [w.text for w in want], (s["i"], texts, want)
-            assert [reasons[j] for j in range(n)] == [w.finish_reason for w in want]
-        else:
-            body = res[1]
-            key = "message" if s["chat"] else "text"
-            got = [c["message"]["content"] if s["chat"] else c["text"] for c in body["choices"]]
-            assert got == [w.text for w in want], (s["i"], key, got, want)
-            assert [c["finish_reason"] for c in body["choices"]] == [w.finish_reason for w in want]
-            assert body["object"] == ("chat.completion" if s["chat"] else "text_completion")
-            usage = body["usage"]
-            if "logprobs" in b:
-                lp = body["choices"][0]["logprobs"]
-                if s["chat"]:
-                    got_lp = [t["logprob"] for t in lp["content"]]
-                    assert all(len(t["top_logprobs"]) == 2 for t in lp["content"])
-                else:
-                    got_lp = lp["token_logprobs"]
-                    assert len(lp["tokens"]) == len(got_lp) and all(len(t) <= 2 for t in lp["top_logprobs"])
-                assert got_lp == pytest.approx(want[0].logprobs, abs=1e-4)
-        generated = sum(len(w.token_ids) for w in want)
-        assert usage == {"prompt_tokens": len(s["prompt_ids"]), "completion_tokens": generated,
-                         "total_tokens": len(s["prompt_ids"]) + generated}
-
+    completed = sum(check_answer(s, res, expected) for s, res in zip(specs, results))
     disconnected = sum(s["disconnect"] for s in specs)
     deadline = time.monotonic() + 30
     while engine.stats()["pending"] and time.monotonic() < deadline:  # aborts are processed between steps
         time.sleep(0.05)
+    check_metrics_after_the_load(url, engine, before, completed, disconnected, elapsed)
+
+
+def check_answer(s: dict, res: tuple, expected: dict) -> int:
+    """One request's answer against offline generation's (text, finish reason, usage, logprobs); returns the
+    completions it finished (0 for a client that disconnected)."""
+    b, n = s["body"], s["body"].get("n", 1)
+    assert res[0] == 200, (s, res)
+    if s["disconnect"]:
+        assert not res[4] and len(res[1][0]) > 0  # some text came, then the client left
+        return 0
+    want = [expected[(s["i"], j)] for j in range(n)]
+    if s["stream"]:
+        _, texts, reasons, usage, done = res
+        assert done and [texts[j] for j in range(n)] == [w.text for w in want], (s["i"], texts, want)
+        assert [reasons[j] for j in range(n)] == [w.finish_reason for w in want]
+    else:
+        body = res[1]
+        key = "message" if s["chat"] else "text"
+        got = [c["message"]["content"] if s["chat"] else c["text"] for c in body["choices"]]
+        assert got == [w.text for w in want], (s["i"], key, got, want)
+        assert [c["finish_reason"] for c in body["choices"]] == [w.finish_reason for w in want]
+        assert body["object"] == ("chat.completion" if s["chat"] else "text_completion")
+        usage = body["usage"]
+        if "logprobs" in b:
+            lp = body["choices"][0]["logprobs"]
+            if s["chat"]:
+                got_lp = [t["logprob"] for t in lp["content"]]
+                assert all(len(t["top_logprobs"]) == 2 for t in lp["content"])
+            else:
+                got_lp = lp["token_logprobs"]
+                assert len(lp["tokens"]) == len(got_lp) and all(len(t) <= 2 for t in lp["top_logprobs"])
+            assert got_lp == pytest.approx(want[0].logprobs, abs=1e-4)
+    generated = sum(len(w.token_ids) for w in want)
+    assert usage == {"prompt_tokens": len(s["prompt_ids"]), "completion_tokens": generated,
+                     "total_tokens": len(s["prompt_ids"]) + generated}
+    return n
+
+
+def check_metrics_after_the_load(url, engine, before: dict, completed: int, disconnected: int,
+                                 elapsed: float) -> None:
+    """/metrics after the load: every request counted by how it ended, the cache and the queues empty again,
+    preemptions and prefix-cache hits seen, latencies recorded."""
     after = metric_values(httpx.get(url + "/metrics").text)
 
     def delta(key):
@@ -538,32 +547,59 @@ def test_a_failing_engine_step_ends_every_request_with_an_error_instead_of_hangi
     assert engine.shutdown(1) == {"in_flight": 0, "aborted": 0}
 
 
-def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_aborts_and_exits_0(tmp_path):
-    """The command on an engine directory (random weights, SmolLM2's tokenizer via --tokenizer). SIGTERM with two
-    streams in flight: the short one completes, the long one is aborted at the timeout; both end with [DONE],
-    and the process exits 0. A workspace loads too."""
-    from workbench.cli import main
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A workspace (random weights of SmolLM2's shape, passes run) and the engine exported from it."""
     from workbench.engine import export_engine
     from workbench.pipeline import capture_stage, passes_stage
-    from workbench.runnable import open_runnable
     from workbench.workspace import Workspace
 
-    config = tmp_path / "config.json"
+    root = tmp_path_factory.mktemp("exported")
+    config = root / "config.json"
     config.write_text(json.dumps(dict(SMOL_SHAPED, max_position_embeddings=2048)))
-    ws = Workspace(tmp_path / "ws")
+    ws = Workspace(root / "ws")
     capture_stage(ws, str(config))
     passes_stage(ws)
-    export_engine(ws, tmp_path / "engine")
-    from_ws = open_runnable(tmp_path / "ws", tokenizer="smollm2-135m")
+    export_engine(ws, root / "engine")
+    return root / "ws", root / "engine"
+
+
+def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported):
+    from workbench.cli import main
+    from workbench.runnable import open_runnable
+
+    ws, engine = exported
+    from_ws = open_runnable(ws, tokenizer="smollm2-135m")
     assert (from_ws.name, from_ws.kind, from_ws.stage) == ("ws", "workspace", "passes")
     assert from_ws.limits.max_model_len == 2048 and "im_start" in from_ws.chat_template
-    assert main(["serve", str(tmp_path / "nothing")]) == 2  # one line naming the problem, no traceback
-    assert main(["serve", str(tmp_path / "engine"), "--tokenizer", "tiny-llama"]) == 2
+    assert main(["serve", str(ws.parent / "nothing")]) == 2  # one line naming the problem, no traceback
+    assert main(["serve", str(engine), "--tokenizer", "tiny-llama"]) == 2
+
+
+def wait_until_up(proc, url: str, seconds: float = 90) -> None:
+    """Polls ``/health`` until the server answers 200; fails with its output if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
+def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_aborts_and_exits_0(exported):
+    """The command on an engine directory (random weights, SmolLM2's tokenizer via --tokenizer). SIGTERM with two
+    streams in flight: the short one completes, the long one is aborted at the timeout; both end with [DONE],
+    and the process exits 0."""
+    _, engine = exported
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(tmp_path / "engine"), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(engine), "--port", str(port),
                              "--tokenizer", "smollm2-135m", "--shutdown-timeout", "1.5", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -590,16 +626,7 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
             return await asyncio.gather(*tasks)
 
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, url)
         assert httpx.get(url + "/v1/models").json()["data"][0] == {
             "id": "engine", "object": "model", "owned_by": "workbench", "created": ANY, "max_model_len": 2048}
         (short, short_done), (long, long_done) = asyncio.run(run())
