@@ -35,7 +35,8 @@ class GroupTimes:
                 self.best.setdefault((op, shape.n, shape.k), {}).setdefault(shape.tokens, {})[shape.input_scale] = ms
 
     def _one(self, op: str, n: int, k: int, tokens: int, input_scale: bool | None) -> float:
-        """The best time at this shape; where the asked activation scaling was not timed, the best of those that were."""
+        """The best time at this shape; where the activation scaling asked for was not timed, the best of
+        those that were."""
         slot = self.best.get((op, n, k), {}).get(tokens)
         if not slot:
             return math.nan
