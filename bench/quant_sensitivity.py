@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant_accuracy import calibrated_model  # noqa: E402  (bench/, the script's directory)
 from workbench.quant import PrecisionPlan  # noqa: E402
-from workbench.quant.sensitivity import (SensitivityReport, auto_plan, evaluate_plan,  # noqa: E402
-                                         reference_logits, sensitivity)
+from workbench.quant.auto_plan import auto_plan  # noqa: E402
+from workbench.quant.probe import evaluate_plan, reference_logits  # noqa: E402
+from workbench.quant.sensitivity import SensitivityReport, sensitivity  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,12 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.graph.paged import cache_for
-from workbench.kernels.autotune import TimingCache, instance_key
+from workbench.kernels.autotune import LinearShape, TimingCache, instance_key
 from workbench.quant import PrecisionPlan, linear_groups, quantize_graph, quantized_program
+from workbench.quant import auto_plan as A
+from workbench.quant import cost as C
+from workbench.quant import pareto as P
+from workbench.quant import probe
 from workbench.quant import sensitivity as S
 
 WINDOW, STRIDE = 64, 32
@@ -89,12 +93,12 @@ def test_base_is_the_unquantized_program_on_perplexitys_windows(program, ids):
     from workbench.evaluate import perplexity
     from workbench.evaluate import logits_fn
 
-    base = S.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
+    base = probe.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
     ref = perplexity(logits_fn(program), ids, window=WINDOW, stride=STRIDE)
     assert base.ppl == ref.perplexity
     assert len(base.logprobs) == ref.windows and sum(lp.shape[0] for lp in base.logprobs) == ref.tokens_scored == 299
     # the unquantized program against itself: no change, no divergence
-    same = S._measure(program, base)
+    same = probe.measure(program, base)
     assert same["ppl_delta_pct"] == 0 and same["kl"] == pytest.approx(0, abs=1e-9)
 
 
@@ -102,15 +106,15 @@ def test_a_row_is_that_group_alone_quantized(program, stats, ids, report):
     plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.1.down", "int8_sq")
     _, _, done = quantize_graph(program.graph, dict(program.params), plan, stats)
     assert list(done["groups"]) == ["layers.1.down"]  # nothing else is rewritten
-    got = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    got = probe.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
     row = report.frame[(report.frame["group"] == "layers.1.down") & (report.frame["format"] == "int8_sq")].iloc[0]
     assert (got["ppl"], got["ppl_delta_pct"], got["kl"]) == (row["ppl"], row["ppl_delta_pct"], row["kl"])
     assert got["base_ppl"] == report.base_ppl
     # a cached base gives the same numbers; a base from other ids is refused
-    base = S.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
-    assert S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE, base_logits=base) == got
+    base = probe.reference_logits(program, ids, window=WINDOW, stride=STRIDE)
+    assert probe.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE, base_logits=base) == got
     with pytest.raises(WorkbenchError, match="base_logits were computed on other ids"):
-        S.evaluate_plan(program, plan, stats, ids[:200], window=WINDOW, stride=STRIDE, base_logits=base)
+        probe.evaluate_plan(program, plan, stats, ids[:200], window=WINDOW, stride=STRIDE, base_logits=base)
 
 
 def test_groups_and_options_and_base_plan(program, stats, ids, report):
@@ -120,10 +124,10 @@ def test_groups_and_options_and_base_plan(program, stats, ids, report):
     assert list(part.frame["group"]) == ["layers.0.o", "lm_head"]  # graph order, whatever was asked
     assert part.base_ppl == report.base_ppl
     plan = base_plan.with_format("layers.0.o", "int8_sq", alpha=0.8)
-    got = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    got = probe.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
     assert part.frame.loc[0, "ppl"] == got["ppl"]
     # the base plan's own quantized group is in every row (rows compare with the unquantized program)
-    alone = S.evaluate_plan(program, PrecisionPlan.uniform(program.graph, "bf16").with_format(
+    alone = probe.evaluate_plan(program, PrecisionPlan.uniform(program.graph, "bf16").with_format(
         "layers.0.o", "int8_sq", alpha=0.8), stats, ids, window=WINDOW, stride=STRIDE)
     assert part.frame.loc[0, "ppl"] != alone["ppl"]
 
@@ -136,7 +140,7 @@ def test_planted_timings_give_saved_ms(program, stats, ids, tmp_path):
                          timings=cache, progress=False)
     for row in part.frame.to_dict("records"):
         base = planted_ms(program, row["group"], "aten.linear.default", (16, 32))
-        quant = planted_ms(program, row["group"], S.LINEAR_OPS[row["format"]], (16, 32))
+        quant = planted_ms(program, row["group"], C.LINEAR_OPS[row["format"]], (16, 32))
         assert row["base_ms"] == pytest.approx(base) and row["quant_ms"] == pytest.approx(quant)
         assert row["saved_ms"] == pytest.approx(base - quant) and row["saved_ms"] > 0
     # an op the cache never timed leaves NaN, the rest stays
@@ -147,29 +151,43 @@ def test_planted_timings_give_saved_ms(program, stats, ids, tmp_path):
     assert math.isnan(saved["int8_wo"]) and saved["fp8"] == pytest.approx(0.6e-6 * 64 * 64 * 16)
 
 
+def test_the_cache_answers_linear_times(program, stats, tmp_path):
+    """TimingCache.linear_times: the best finite time per shape read from the planted keys (x [1, M, K])."""
+    cache = planted_cache(program, stats, tmp_path, tokens=(16, 32))
+    weights = {(128, 64), (64, 64), (256, 64), (64, 128), (512, 64)}  # qkv, o, gate_up, down, lm_head
+    bf16 = cache.linear_times("aten.linear.default")
+    assert set(bf16) == {LinearShape(m, n, k) for m in (16, 32) for n, k in weights}
+    assert bf16[LinearShape(32, 256, 64)] == pytest.approx(1e-6 * 256 * 64 * 32)  # not the failed (inf) timing
+    # fp8 takes a static activation scale by default, SmoothQuant int8 scales per token
+    assert {s.input_scale for s in cache.linear_times("workbench.fp8_linear")} == {True}
+    assert {s.input_scale for s in cache.linear_times("workbench.int8_linear")} == {False}
+    assert cache.linear_times("workbench.rms_norm") == {}
+    assert LinearShape.of_key(next(iter(cache.entries))) in bf16
+
+
 def test_estimated_cost(program, stats, tmp_path):
     graph = program.graph
     per_layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128
     total = 2 * per_layer + 512 * 64
-    assert S.estimated_cost(graph, PrecisionPlan.uniform(graph, "bf16")) == {"ms": None, "low_precision_flops": 0.0}
+    assert C.estimated_cost(graph, PrecisionPlan.uniform(graph, "bf16")) == {"ms": None, "low_precision_flops": 0.0}
     fp8 = PrecisionPlan.uniform(graph, "fp8")  # lm_head stays bf16
-    assert S.estimated_cost(graph, fp8)["low_precision_flops"] == pytest.approx(2 * per_layer / total)
+    assert C.estimated_cost(graph, fp8)["low_precision_flops"] == pytest.approx(2 * per_layer / total)
     cache = planted_cache(program, stats, tmp_path)
-    cost = S.estimated_cost(graph, fp8, cache)
+    cost = C.estimated_cost(graph, fp8, cache)
     assert cost["ms"] == pytest.approx(1e-6 * 512 * 64 * 16 + 0.4e-6 * 2 * per_layer * 16)
-    assert S.estimated_cost(graph, fp8, TimingCache(tmp_path / "empty.json", {}))["ms"] is None
+    assert C.estimated_cost(graph, fp8, TimingCache(tmp_path / "empty.json", {}))["ms"] is None
 
 
 # --- auto plans ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("budget", [0.0, 0.01, 1.0])
 def test_auto_plan_is_verified_within_budget(program, stats, ids, report, budget):
-    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=budget, window=WINDOW, stride=STRIDE,
+    plan, info = A.auto_plan(report, program, stats, ids, budget_pct=budget, window=WINDOW, stride=STRIDE,
                              progress=False)
     plan.validate(program.graph)
     assert info["ppl_delta_pct"] <= budget and info["within_budget"]
     assert 1 <= info["rounds"] == len(info["history"]) <= 8
-    again = S.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
+    again = probe.evaluate_plan(program, plan, stats, ids, window=WINDOW, stride=STRIDE)
     assert again["ppl"] == info["ppl"] and again["kl"] == info["kl"]
     for g in plan.quantized():  # only formats whose own row fits the budget are chosen
         assert report.delta(g, plan.format_of(g)) <= budget
@@ -191,8 +209,8 @@ def test_auto_plan_backs_off_when_verification_fails(program, stats, ids, report
     frame = report.frame.copy()
     frame["ppl_delta_pct"] = 0.0
     free = S.SensitivityReport(frame, report.base_ppl, report.formats, report.model)
-    monkeypatch.setattr(S, "_measure", fake_measure)
-    plan, info = S.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+    monkeypatch.setattr(A, "measure", fake_measure)
+    plan, info = A.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
                              progress=False)
     history = info["history"]
     assert [len(h["quantized"]) for h in history] == [9, 4, 3, 2]
@@ -201,13 +219,13 @@ def test_auto_plan_backs_off_when_verification_fails(program, stats, ids, report
     assert plan.quantized() == ["layers.1.gate_up", "lm_head"] and plan.summary() == {"bf16": 7, "fp8": 2}
     assert info["ppl_delta_pct"] == pytest.approx(0.06) and info["rounds"] == 4 and info["within_budget"]
     # the last round allowed drops every chosen group
-    plan, info = S.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+    plan, info = A.auto_plan(free, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
                              progress=False, max_rounds=2)
     assert plan.quantized() == [] and info["rounds"] == 2 and info["ppl_delta_pct"] == 0
     # groups the user edited count against the budget by their rows, and their cost cannot be backed off
     edited = PrecisionPlan.uniform(program.graph, "bf16").with_format("lm_head", "fp8", edited=True)
     frame.loc[frame["group"] == "lm_head", "ppl_delta_pct"] = 0.05
-    plan, info = S.auto_plan(S.SensitivityReport(frame, report.base_ppl, report.formats), program, stats, ids,
+    plan, info = A.auto_plan(S.SensitivityReport(frame, report.base_ppl, report.formats), program, stats, ids,
                              budget_pct=0.03, base_plan=edited, window=WINDOW, stride=STRIDE, progress=False)
     assert plan.quantized() == ["lm_head"] and not info["within_budget"] and info["ppl_delta_pct"] == 0.05
 
@@ -219,8 +237,8 @@ def test_auto_plan_fills_the_budget_its_rows_overestimated(program, stats, ids, 
     frame["ppl_delta_pct"] = 0.03
     frame.loc[frame["group"] == "lm_head", "ppl_delta_pct"] = 0.15  # never fits
     pessimistic = S.SensitivityReport(frame, report.base_ppl, report.formats, report.model)
-    monkeypatch.setattr(S, "_measure", fake_measure)
-    plan, info = S.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+    monkeypatch.setattr(A, "measure", fake_measure)
+    plan, info = A.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
                              progress=False)
     history = info["history"]
     assert [len(h["quantized"]) for h in history] == [2, 6] and len(history[1]["added"]) == 4
@@ -232,8 +250,8 @@ def test_auto_plan_fills_the_budget_its_rows_overestimated(program, stats, ids, 
         delta = 0.01 * n if n <= 2 else 1.0
         return {"ppl": base.ppl * (1 + delta / 100), "ppl_delta_pct": delta, "kl": delta}
 
-    monkeypatch.setattr(S, "_measure", cliff)
-    plan, info = S.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
+    monkeypatch.setattr(A, "measure", cliff)
+    plan, info = A.auto_plan(pessimistic, program, stats, ids, budget_pct=0.065, window=WINDOW, stride=STRIDE,
                              progress=False)
     assert [len(h["quantized"]) for h in info["history"]] == [2, 6] and info["history"][1]["ppl_delta_pct"] == 1.0
     assert len(plan.quantized()) == 2 and info["ppl_delta_pct"] == pytest.approx(0.02) and info["within_budget"]
@@ -242,13 +260,13 @@ def test_auto_plan_fills_the_budget_its_rows_overestimated(program, stats, ids, 
 def test_auto_plan_keeps_edited_groups(program, stats, ids, report):
     base = (PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.0.qkv", "int8_wo", edited=True)
             .with_format("lm_head", "bf16", edited=True))
-    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=1.0, base_plan=base, window=WINDOW,
+    plan, info = A.auto_plan(report, program, stats, ids, budget_pct=1.0, base_plan=base, window=WINDOW,
                              stride=STRIDE, progress=False)
     assert plan.edited == ["layers.0.qkv", "lm_head"]
     assert plan.format_of("layers.0.qkv") == "int8_wo" and plan.format_of("lm_head") == "bf16"
     assert all(plan.format_of(g) == "fp8" for g in GROUPS if g not in plan.edited)
     # with no budget at all, the edited groups still keep their formats
-    tight, _ = S.auto_plan(report, program, stats, ids, budget_pct=0.0, base_plan=base, window=WINDOW,
+    tight, _ = A.auto_plan(report, program, stats, ids, budget_pct=0.0, base_plan=base, window=WINDOW,
                            stride=STRIDE, progress=False, max_rounds=2)
     assert tight.format_of("layers.0.qkv") == "int8_wo" and tight.edited == base.edited
 
@@ -259,7 +277,7 @@ def test_auto_plan_prefers_the_most_time_saved(program, stats, ids, report, tmp_
     for entry in cache.entries.values():
         if entry["op"] == "workbench.w8_linear":
             entry["timings"][0]["ms"] /= 100
-    plan, info = S.auto_plan(report, program, stats, ids, budget_pct=1.0, timings=cache, window=WINDOW,
+    plan, info = A.auto_plan(report, program, stats, ids, budget_pct=1.0, timings=cache, window=WINDOW,
                              stride=STRIDE, progress=False)
     assert plan.summary() == {"int8_wo": 9}
     w8_ms = sum(planted_ms(program, g, "workbench.w8_linear") for g in GROUPS) / 100
@@ -279,7 +297,7 @@ def test_sensitivity_figure(report):
 def test_pareto_front_and_figure():
     points = [{"name": "a", "ppl_delta_pct": 5.0, "ms": 1.0}, {"name": "b", "ppl_delta_pct": 1.0, "ms": 2.0},
               {"name": "c", "ppl_delta_pct": 2.0, "ms": 3.0}, {"name": "d", "ppl_delta_pct": 0.0, "ms": 4.0}]
-    fig = S.pareto_figure(points)
+    fig = P.pareto_figure(points)
     assert [t.name for t in fig.data] == ["plans", "Pareto front"]
     assert list(fig.data[0].text) == ["a", "b", "c", "d"]
     assert list(fig.data[1].text) == ["a", "b", "d"] and list(fig.data[1].x) == [1.0, 2.0, 4.0]
@@ -287,13 +305,13 @@ def test_pareto_front_and_figure():
     flops = [{"name": "x", "ppl_delta_pct": 0.0, "low_precision_flops": 0.0},
              {"name": "y", "ppl_delta_pct": 0.5, "low_precision_flops": 0.7},
              {"name": "z", "ppl_delta_pct": 0.6, "low_precision_flops": 0.6}]
-    assert [p["name"] for p in S.pareto_front(flops)] == ["y", "x"]
-    assert "FLOPs" in S.pareto_figure(flops).layout.xaxis.title.text
+    assert [p["name"] for p in P.pareto_front(flops)] == ["y", "x"]
+    assert "FLOPs" in P.pareto_figure(flops).layout.xaxis.title.text
 
 
 def test_pareto_points(program, stats, ids, report, tmp_path):
     cache = planted_cache(program, stats, tmp_path)
-    points = S.pareto_points(report, program, stats, ids, budgets=(0.0, 1.0), timings=cache, window=WINDOW,
+    points = P.pareto_points(report, program, stats, ids, budgets=(0.0, 1.0), timings=cache, window=WINDOW,
                              stride=STRIDE, progress=False)
     names = [p["name"] for p in points]
     assert names[:4] == ["base", "uniform fp8", "uniform int8_sq", "uniform int8_wo"]
@@ -303,7 +321,7 @@ def test_pareto_points(program, stats, ids, report, tmp_path):
     assert base["ms"] == pytest.approx(sum(planted_ms(program, g, "aten.linear.default") for g in GROUPS))
     auto = points[names.index("auto +1%")]
     assert auto["ms"] < points[1]["ms"]  # fp8 everywhere, lm_head too, beats uniform fp8 (lm_head bf16)
-    fig = S.pareto_figure(points)
+    fig = P.pareto_figure(points)
     assert len(fig.data[0].x) == len(points) and "auto +1%" in fig.data[1].text
 
 
@@ -330,8 +348,8 @@ def test_report_json_round_trip(report, tmp_path):
      "name the group 'layers.0.qkv'"),
     (lambda p, s, i: S.sensitivity(p, s, i, formats=("fp8",), window=WINDOW, stride=STRIDE, progress=False,
                                    alpha=0.5), "option 'alpha' is taken by none of the formats fp8"),
-    (lambda p, s, i: S.evaluate_plan(p, PrecisionPlan.uniform(p.graph, "fp8"), s, i[:10], window=WINDOW,
-                                     stride=STRIDE), "fewer than one window"),
+    (lambda p, s, i: probe.evaluate_plan(p, PrecisionPlan.uniform(p.graph, "fp8"), s, i[:10], window=WINDOW,
+                                         stride=STRIDE), "fewer than one window"),
 ])
 def test_bad_requests_say_what_and_how_to_fix(program, stats, ids, call, match):
     with pytest.raises(WorkbenchError, match=match):
@@ -343,9 +361,9 @@ def test_a_report_of_another_model_is_refused(program, stats, ids, report, tmp_p
     frame.loc[frame["group"] == "layers.1.o", "group"] = "layers.7.o"
     other = S.SensitivityReport(frame, report.base_ppl, report.formats)
     with pytest.raises(WorkbenchError, match="names 1 groups this model does not have .layers.7.o.*run sensitivity"):
-        S.auto_plan(other, program, stats, ids, window=WINDOW, stride=STRIDE, progress=False)
+        A.auto_plan(other, program, stats, ids, window=WINDOW, stride=STRIDE, progress=False)
     with pytest.raises(WorkbenchError, match="measured on another model"):
-        S.pareto_points(S.SensitivityReport(report.frame, 1.0, report.formats, "0123456789abcdef"), program, stats,
+        P.pareto_points(S.SensitivityReport(report.frame, 1.0, report.formats, "0123456789abcdef"), program, stats,
                         ids, window=WINDOW, stride=STRIDE, progress=False)
     with pytest.raises(WorkbenchError, match="has no format 'int4'"):
         report.worst("int4")

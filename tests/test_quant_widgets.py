@@ -145,8 +145,8 @@ def test_colours_follow_the_report(program, report):
 
 
 def test_precision_widget_runs_the_library(program, stats, report, tmp_path):
-    """precision_widget's buttons run sensitivity.evaluate_plan and auto_plan on the program itself."""
-    from workbench.quant.sensitivity import evaluate_plan
+    """precision_widget's buttons run probe.evaluate_plan and auto_plan on the program itself."""
+    from workbench.quant.probe import evaluate_plan
     from workbench.quant.widgets import precision_widget
 
     ids = torch.randint(1, 512, (160,), generator=torch.Generator().manual_seed(2))

@@ -263,7 +263,8 @@ def _calibration_data(text, graph, device, samples, seq_len):
 def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, probe_tokens, progress, options):
     """Sensitivity of every group to ``fmt`` and the auto plan within ``budget`` (see ``quant_stage``)."""
     from .evaluate import dataset_text
-    from .quant.sensitivity import auto_plan, sensitivity
+    from .quant.auto_plan import auto_plan
+    from .quant.sensitivity import sensitivity
 
     if fmt == "bf16":
         raise WorkbenchError("an auto plan chooses which groups to quantize: give a quantized --format "

@@ -4,6 +4,7 @@
     tuned = autotune_profile(program, OptimizationProfile(), cache)   # per token bucket (kernels/profiles.py)
     fast = program.with_choices(tuned)                       # each step runs its bucket's choices
     choices = autotune(program, steps, cache)                # or: node -> (tactic, config) for given steps
+    cache.linear_times("workbench.fp8_linear")               # LinearShape(tokens, n, k, input_scale) -> best ms
 
 How it works:
   1. each example step runs once through the program, recording the arguments each node
@@ -28,6 +29,9 @@ The cache file records the environment it was measured in (GPU name and SM count
 torch and triton versions) and the copy and GEMM ceilings measured there (for rooflines).
 Opening it elsewhere raises a clear error instead of reusing timings that do not apply;
 ``TimingCache.open(path, reset=True)`` starts afresh, ``TimingCache.view(path)`` only looks.
+
+Keys are ``instance_key`` strings; only this module writes or reads them (``read_key``): callers ask the cache
+(``best``, ``table``, ``linear_times``: the best time of a linear op at each shape) instead of parsing keys.
 """
 
 from __future__ import annotations
@@ -67,6 +71,49 @@ def _describe(v: Any) -> Any:
 def instance_key(op: str, args: tuple, kwargs: Mapping[str, Any]) -> str:
     """Op and its arguments' shapes, dtypes and scalar values: equal keys run identical work."""
     return json.dumps([op, _describe(list(args)), {k: _describe(v) for k, v in sorted(kwargs.items())}])
+
+
+def read_key(key: str) -> tuple[str, list, dict[str, Any]]:
+    """An ``instance_key`` read back: (op, its arguments, its keyword arguments) as described there (a tensor
+    as [shape, dtype name], lists as lists, other values as themselves or their repr)."""
+    op, args, kwargs = json.loads(key)
+    return op, args, kwargs
+
+
+#: linear ops whose fourth argument is a static activation scale (None: scaled per token when run)
+INPUT_SCALED = ("workbench.fp8_linear", "workbench.int8_linear")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """The work of one linear call: x [..., K] times weight [N, K]; ``tokens`` (M) is the product of x's leading
+    dims. ``input_scale``: for the ops of ``INPUT_SCALED``, whether a static activation scale was given; None
+    for the others."""
+
+    tokens: int
+    n: int
+    k: int
+    input_scale: bool | None = None
+
+    @classmethod
+    def of_key(cls, key: str) -> "LinearShape | None":
+        """The shape of a linear op's ``instance_key`` (x first, the weight second); None for another op's."""
+        return _linear_shape(key)
+
+
+@functools.lru_cache(maxsize=4096)  # keys repeat across calls (one per group and format of a sensitivity sweep)
+def _linear_shape(key: str) -> LinearShape | None:
+    try:
+        op, args, _ = read_key(key)
+        (x_shape, _), (w_shape, _) = args[0], args[1]
+        n, k = (int(d) for d in w_shape)
+        if int(x_shape[-1]) != k:
+            return None
+        tokens = math.prod(int(d) for d in x_shape[:-1])
+    except (ValueError, TypeError, IndexError, KeyError):
+        return None
+    scaled = (len(args) > 3 and args[3] is not None) if op in INPUT_SCALED else None
+    return LinearShape(tokens, n, k, scaled)
 
 
 def _floats_masked(v: Any) -> Any:
@@ -132,6 +179,20 @@ class TimingCache:
     def best(self, key: str) -> dict[str, Any] | None:
         entry = self.entries.get(key)
         return min(entry["timings"], key=lambda t: t["ms"]) if entry else None
+
+    def linear_times(self, op: str) -> dict[LinearShape, float]:
+        """Best time for linear op ``op`` at each shape it was timed at: the fastest finite timing of its
+        instances of that ``LinearShape`` (instances that differ in anything else, such as x as [1, M, K] or
+        [M, K], count as one). Shapes with no finite timing are left out."""
+        best: dict[LinearShape, float] = {}
+        for key, entry in self.entries.items():
+            shape = _linear_shape(key)
+            if shape is None or (entry["op"] if "op" in entry else read_key(key)[0]) != op:
+                continue
+            ms = [float(t["ms"]) for t in entry.get("timings", []) if math.isfinite(float(t.get("ms", math.inf)))]
+            if ms:
+                best[shape] = min(best.get(shape, math.inf), min(ms))
+        return best
 
     def table(self):
         """Every timing as a DataFrame: op, key, tactic, config, ms, whether it was chosen."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 def _short(key: str) -> str:
     """'workbench.rope [[[1, 32, 2048, 128], ...' -> 'rope 1x32x2048x128'"""
-    import json
+    from ..kernels.autotune import read_key
 
-    op, args, _kwargs = json.loads(key)
+    op, args, _kwargs = read_key(key)
     first = next((a for a in args if isinstance(a, list) and len(a) == 2 and isinstance(a[0], list)), None)
     shape = "x".join(map(str, first[0])) if first else ""
     return f"{op.removeprefix('workbench.')} {shape}"
@@ -183,11 +183,10 @@ def key_cost(key: str, registry=None) -> tuple[int, int]:
 
     Output specs come from running the op's reference on meta tensors (no data, no time); an op
     whose reference needs data (``.tolist()``, as paged attention's loop does) raises."""
-    import json
-
     import torch
 
     from ..graph.ir import TensorSpec, dtype_from_name, dtype_name
+    from ..kernels.autotune import read_key
     from ..kernels.cost import OpCall
     from ..kernels.registry import REGISTRY
 
@@ -197,7 +196,7 @@ def key_cost(key: str, registry=None) -> tuple[int, int]:
     def spec(shape, dtype):
         return TensorSpec(list(shape), dtype)  # the key does not say; a timed argument is usually contiguous
 
-    op, args, kwargs = json.loads(key)
+    op, args, kwargs = read_key(key)
     opdef = (registry or REGISTRY).get(op)
     out = opdef.reference(*_decode(args, meta), **{k: _decode(v, meta) for k, v in kwargs.items()})
     outs = list(out) if isinstance(out, (tuple, list)) else [out]

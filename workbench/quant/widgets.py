@@ -18,7 +18,7 @@ it returns, edited groups get the user's format back, and the status says which 
 
 ``PrecisionWidget`` takes callables, so it needs no model to test: ``on_evaluate(plan) -> {"ppl",
 "ppl_delta_pct", "kl"}`` and ``on_auto(plan) -> (plan, result)``; ``precision_widget`` wires them to
-``sensitivity.evaluate_plan`` and ``sensitivity.auto_plan``. ipywidgets is imported only when built.
+``probe.evaluate_plan`` and ``auto_plan.auto_plan``. ipywidgets is imported only when built.
 """
 
 from __future__ import annotations
@@ -247,21 +247,22 @@ class PrecisionWidget:
 def precision_widget(program, stats, ids, plan: PrecisionPlan | None = None, report=None,
                      save_path: str | Path | None = None, window: int = 256, stride: int = 128, *,
                      budget_pct: float = 1.0, timings=None) -> PrecisionWidget:
-    """A ``PrecisionWidget`` for ``program`` whose buttons run ``sensitivity.evaluate_plan`` and (with a
-    ``report``) ``sensitivity.auto_plan`` within ``budget_pct`` % more perplexity, on ``ids``."""
-    from . import sensitivity as S
+    """A ``PrecisionWidget`` for ``program`` whose buttons run ``probe.evaluate_plan`` and (with a
+    ``report``) ``auto_plan.auto_plan`` within ``budget_pct`` % more perplexity, on ``ids``."""
+    from .auto_plan import auto_plan
+    from .probe import evaluate_plan, reference_logits
 
     plan = plan if plan is not None else PrecisionPlan.uniform(program.graph, "bf16")
     reference: list = []  # the unquantized program's log-probs on ids: computed at the first Evaluate, then kept
 
     def evaluate(p: PrecisionPlan) -> dict:
         if not reference:
-            reference.append(S.reference_logits(program, ids, window=window, stride=stride))
-        return S.evaluate_plan(program, p, stats, ids, window=window, stride=stride, base_logits=reference[0])
+            reference.append(reference_logits(program, ids, window=window, stride=stride))
+        return evaluate_plan(program, p, stats, ids, window=window, stride=stride, base_logits=reference[0])
 
     def auto(p: PrecisionPlan):
-        return S.auto_plan(report, program, stats, ids, budget_pct=budget_pct, base_plan=p, timings=timings,
-                           window=window, stride=stride, progress=False)
+        return auto_plan(report, program, stats, ids, budget_pct=budget_pct, base_plan=p, timings=timings,
+                         window=window, stride=stride, progress=False)
 
     return PrecisionWidget(program.graph, plan, report=report, on_evaluate=evaluate,
                            on_auto=auto if report is not None else None, save_path=save_path)
