@@ -53,6 +53,7 @@ import torch
 
 from ..env import atomic_write, environment_key
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 from ..profiling.ceilings import copy_gbps, matmul_tflops
 from ..profiling.timing import time_fn
 from .registry import REFERENCE, REGISTRY
@@ -381,42 +382,34 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     for key, entry in cache.entries.items() if todo else ():
         if work_key(key) not in timed and _current(entry):
             timed[work_key(key)] = key
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="autotune", unit="op")
-    for key in todo:
-        op, args, kwargs = seen[key]
-        same = timed.get(work_key(key))
-        if same is not None:  # the same kernels on the same shapes were timed already: their timings
-            cache.entries[key] = {"op": op, "timings": copy.deepcopy(cache.entries[same]["timings"]),
-                                  "same_work_as": same}
-            if bar is not None:
+    with progress_bar(len(todo), "autotune", "op", enabled=progress) as bar:
+        for key in todo:
+            op, args, kwargs = seen[key]
+            same = timed.get(work_key(key))
+            if same is not None:  # the same kernels on the same shapes were timed already: their timings
+                cache.entries[key] = {"op": op, "timings": copy.deepcopy(cache.entries[same]["timings"]),
+                                      "same_work_as": same}
                 bar.update(1)
-            continue
-        timings, calls = [], {}  # id(timing) -> its call, for the near-ties' re-measurements
-        variants = rotations(args, kwargs, l2_bytes)
-        for tactic, config, fn in _candidates(op, args, kwargs, top_k):
-            call = _Call(fn, config, variants)
-            version = _version(tactic, fn)
-            try:
-                ms = float(timer(call, op, tactic, config))
-            except Exception as e:  # a config that cannot run here (resources): recorded, never chosen
-                timings.append({"tactic": tactic, "config": config, "ms": math.inf, "version": version,
-                                "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            timings.append({"tactic": tactic, "config": config, "ms": ms, "version": version})
-            calls[id(timings[-1])] = call
-        refine(timings, lambda t: timer(calls[id(t)], op, t["tactic"], t["config"]))
-        del variants, calls
-        cache.entries[key] = {"op": op, "timings": timings}
-        timed.setdefault(work_key(key), key)
-        cache.save()  # after every key: an interrupted run resumes here
-        if bar is not None:
+            timings, calls = [], {}  # id(timing) -> its call, for the near-ties' re-measurements
+            variants = rotations(args, kwargs, l2_bytes)
+            for tactic, config, fn in _candidates(op, args, kwargs, top_k):
+                call = _Call(fn, config, variants)
+                version = _version(tactic, fn)
+                try:
+                    ms = float(timer(call, op, tactic, config))
+                except Exception as e:  # a config that cannot run here (resources): recorded, never chosen
+                    timings.append({"tactic": tactic, "config": config, "ms": math.inf, "version": version,
+                                    "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                timings.append({"tactic": tactic, "config": config, "ms": ms, "version": version})
+                calls[id(timings[-1])] = call
+            refine(timings, lambda t: timer(calls[id(t)], op, t["tactic"], t["config"]))
+            del variants, calls
+            cache.entries[key] = {"op": op, "timings": timings}
+            timed.setdefault(work_key(key), key)
+            cache.save()  # after every key: an interrupted run resumes here
             bar.update(1)
-    if bar is not None:
-        bar.close()
     if todo:
         cache.save()
     choices = {}

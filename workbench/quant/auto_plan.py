@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 from .cost import GroupTimes, estimated_cost, group_flops
 from .plan import PrecisionPlan, linear_groups
 from .probe import BaseLogits, base_for, measure, probe_ids
@@ -195,8 +196,7 @@ def _rounds(search: _Search, graph, verify, max_rounds: int,
         result = verify(candidate)
         history.append({"round": round_, "quantized": {g: f for g, (f, _) in search.chosen.items()},
                         "estimate_pct": search.estimate_pct(), "backed_off": backed_off, "added": added, **result})
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if result["ppl_delta_pct"] <= search.budget_pct:
             best = (candidate, result, dict(search.chosen))
             if round_ == max_rounds:
@@ -227,19 +227,13 @@ def _auto_plan(report, program, stats, base: BaseLogits, *, budget_pct, base_pla
         raise WorkbenchError(f"budget_pct is the perplexity increase allowed in %, >= 0; got {budget_pct}")
     search = _search(report, graph, budget_pct, base_plan, timings)
     _choose(search)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_rounds, desc="auto plan", unit="round")
     from .apply import quantized_program
 
     def verify(plan: PrecisionPlan) -> dict[str, float]:
         return measure(quantized_program(program, plan, stats), base)
 
-    candidate, final, history = _rounds(search, graph, verify, max_rounds, bar)
-    if bar is not None:
-        bar.close()
+    with progress_bar(max_rounds, "auto plan", "round", enabled=progress) as bar:
+        candidate, final, history = _rounds(search, graph, verify, max_rounds, bar)
     if final["ppl_delta_pct"] > budget_pct and search.chosen:  # rounds ran out with groups still chosen: none is safe
         search.chosen = {}
         candidate = search.start.validate(graph)

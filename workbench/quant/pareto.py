@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 from .auto_plan import auto_plan
 from .cost import estimated_cost
 from .plan import PrecisionPlan
@@ -54,24 +55,17 @@ def pareto_points(report: SensitivityReport, program, stats, ids: torch.Tensor, 
                                max_rounds=max_rounds, base_logits=base)
         candidates.append((f"auto +{budget:g}%", "auto", plan, info))
     points: dict[str, dict[str, Any]] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(candidates), desc="pareto points", unit="plan")
-    for name, kind, plan, info in candidates:
-        key = json.dumps(plan.groups, sort_keys=True) + plan.kv_cache
-        if key in points:
-            points[key]["name"] += f" = {name}"
-        else:
-            numbers = info or measure(quantized_program(program, plan, stats), base)
-            points[key] = {"name": name, "kind": kind, "plan": plan, "ppl": numbers["ppl"],
-                           "ppl_delta_pct": numbers["ppl_delta_pct"], "kl": numbers["kl"],
-                           **estimated_cost(graph, plan, timings)}
-        if bar is not None:
+    with progress_bar(len(candidates), "pareto points", "plan", enabled=progress) as bar:
+        for name, kind, plan, info in candidates:
+            key = json.dumps(plan.groups, sort_keys=True) + plan.kv_cache
+            if key in points:
+                points[key]["name"] += f" = {name}"
+            else:
+                numbers = info or measure(quantized_program(program, plan, stats), base)
+                points[key] = {"name": name, "kind": kind, "plan": plan, "ppl": numbers["ppl"],
+                               "ppl_delta_pct": numbers["ppl_delta_pct"], "kl": numbers["kl"],
+                               **estimated_cost(graph, plan, timings)}
             bar.update(1)
-    if bar is not None:
-        bar.close()
     return list(points.values())
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 from .cost import GroupTimes
 from .plan import FORMATS, OPTIONS, PrecisionPlan, _unknown_group, linear_groups, model_fingerprint
 from .probe import measure, probe_ids, reference_logits
@@ -189,32 +190,25 @@ def sensitivity(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, gro
     ids = probe_ids(ids, window, stride)
     base = reference_logits(program, ids, window=window, stride=stride)
     table = GroupTimes(timings) if timings is not None else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(chosen) * len(formats), desc="sensitivity", unit="variant")
     from .apply import quantized_program
 
     measured: dict[str, dict[str, float]] = {}  # plan JSON -> numbers: a row equal to the base plan runs once
     rows = []
-    for name in chosen:
-        g = known[name]
-        base_ms = table.group_ms(graph, g, "bf16") if table else math.nan
-        for fmt in formats:
-            options = {k: v for k, v in format_options.items() if k in OPTIONS[fmt]}
-            plan = base_plan.with_format(name, fmt, **options).validate(graph)
-            key = plan.dumps()
-            if key not in measured:
-                measured[key] = measure(quantized_program(program, plan, stats), base)
-            quant_ms = table.group_ms(graph, g, fmt, plan.options(name)) if table else math.nan
-            rows.append({"group": name, "layer": g.layer, "kind": g.kind, "format": fmt, **measured[key],
-                         "base_ms": base_ms, "quant_ms": quant_ms, "saved_ms": base_ms - quant_ms})
-            if bar is not None:
+    with progress_bar(len(chosen) * len(formats), "sensitivity", "variant", enabled=progress) as bar:
+        for name in chosen:
+            g = known[name]
+            base_ms = table.group_ms(graph, g, "bf16") if table else math.nan
+            for fmt in formats:
+                options = {k: v for k, v in format_options.items() if k in OPTIONS[fmt]}
+                plan = base_plan.with_format(name, fmt, **options).validate(graph)
+                key = plan.dumps()
+                if key not in measured:
+                    measured[key] = measure(quantized_program(program, plan, stats), base)
+                quant_ms = table.group_ms(graph, g, fmt, plan.options(name)) if table else math.nan
+                rows.append({"group": name, "layer": g.layer, "kind": g.kind, "format": fmt, **measured[key],
+                             "base_ms": base_ms, "quant_ms": quant_ms, "saved_ms": base_ms - quant_ms})
                 bar.set_postfix_str(f"{name} {fmt}")
                 bar.update(1)
-    if bar is not None:
-        bar.close()
     return SensitivityReport(_frame(rows), base.ppl, formats, model_fingerprint(graph), window, stride, ids.numel())
 
 
