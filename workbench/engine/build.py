@@ -155,10 +155,10 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
                                  and quant_rec["params"]["plan"].get("kv_cache", "bf16") == options.kv_cache)
     edited = quant_rec is not None and quant_rec["params"]["plan"].get("edited")
     stage("quant", skip_quant, lambda: pipeline.quant_stage(
-        ws, ws.stage_dir("quant") / "plan.json" if edited else None, fmt=fmt, kv_cache=options.kv_cache,
-        auto_budget=budget,
-        samples=options.samples, seq_len=options.seq_len, device=device, calib_data=options.calib_data, log=log,
-        force=options.force))
+        ws, ws.stage_dir("quant") / "plan.json" if edited else None,
+        pipeline.QuantOptions(fmt=fmt, kv_cache=options.kv_cache, samples=options.samples, seq_len=options.seq_len,
+                              calib_data=options.calib_data, auto_budget=budget),
+        device=device, log=log, force=options.force))
     if quantized:
         accuracy = accuracy_gate(ws, options, device, log)
     else:
