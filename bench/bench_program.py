@@ -14,11 +14,8 @@ from pathlib import Path
 
 import torch
 
-from workbench.graph.executor import Program, resolve_params
-from workbench.graph.passes import run_passes
-from workbench.models import load_model
 from workbench.models.intake import ModelSource, resolve_source
-from workbench.pipeline import CaptureOptions, capture_source
+from workbench.pipeline import optimize
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -32,23 +29,18 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 def build_program(args, device):
     """The optimized graph of the preset (random bf16 weights), quantized when asked: (source, program,
-    calibration seconds). The transformers model it was captured from is dropped, so that only the weights the
-    program runs stay on the GPU (with it, an FP8 program's KV cache would lose 13 GiB to the unused bf16
-    weights); ``run_hf_fresh`` builds it again for the baselines."""
+    calibration seconds). No transformers model is built (``pipeline.optimize`` reads the weights straight onto
+    the device), so that only the weights the program runs stay on the GPU (with the model, an FP8 program's KV
+    cache would lose 13 GiB to the unused bf16 weights); ``run_hf_fresh`` builds it for the baselines."""
     source = resolve_source(args.preset)
     if args.layers:
         source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
                              {**source.config, "num_hidden_layers": args.layers}, source.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    lm = load_model(source, dtype=dtype, device=device)
-    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
-    if getattr(args, "block_size", None):
-        captured.graph.meta["kv_block_size"] = args.block_size  # tokens per KV block (the paged pass's default: 16)
-    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
-               **{k: v.to(device) for k, v in captured.constants.items()}}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=device)
-    del weights
+    # tokens per KV block: --block-size, else the paged pass's default (16)
+    program = optimize(source, dtype=str(dtype).removeprefix("torch."), device=device,
+                       kv_block_size=getattr(args, "block_size", None) or None).program
+    graph = program.graph
     calib_s = None
     if args.precision != "bf16":
         from workbench.quant import PrecisionPlan, calibrate, quantized_program
@@ -60,7 +52,6 @@ def build_program(args, device):
         plan = PrecisionPlan.uniform(graph, args.precision, kv_cache=args.kv_cache)
         program = quantized_program(program, plan, stats)
         calib_s = time.perf_counter() - t0
-    del lm  # its parameters that the program uses (unfused bf16 weights) live on in program.params
     gc.collect()
     torch.cuda.empty_cache() if device.startswith("cuda") else None
     if device.startswith("cuda"):

@@ -24,11 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.evaluate import dataset_text, logits_fn, perplexity  # noqa: E402
-from workbench.graph.executor import Program, resolve_params  # noqa: E402
-from workbench.graph.passes import run_passes  # noqa: E402
-from workbench.models import load_model  # noqa: E402
+from workbench.graph.executor import Program  # noqa: E402
 from workbench.models.intake import load_tokenizer  # noqa: E402
-from workbench.pipeline import capture_source, graph_weights  # noqa: E402
+from workbench.pipeline import optimize  # noqa: E402
 from workbench.quant import PrecisionPlan, calibrate, calibration_ids, quantized_program  # noqa: E402
 
 
@@ -48,12 +46,10 @@ def plans(graph, alphas):
 def calibrated_model(args):
     """(optimized graph, its program, calibration statistics, evaluation token ids) for ``args.model``
     on ``args.device``, calibrated with ``args.samples`` x ``args.seq_len`` tokens and ``args.observer``."""
-    lm = load_model(args.model)
-    tokenizer = load_tokenizer(lm.source)
-    captured = capture_source(lm.source)
-    weights = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=args.device)
+    optimized = optimize(args.model, dtype="float32", device="cpu")  # weights made or read on the CPU, then moved
+    tokenizer = load_tokenizer(optimized.source)
+    graph = optimized.graph
+    program = Program(graph, optimized.program.params, device=args.device)
     stats = calibrate(program, calibration_ids(tokenizer), samples=args.samples, seq_len=args.seq_len,
                       observer=args.observer)
     return graph, program, stats, torch.tensor(tokenizer(dataset_text("evaluation")).input_ids)

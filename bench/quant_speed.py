@@ -39,13 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench.graph.executor import Program, resolve_params  # noqa: E402
-from workbench.graph.passes import run_passes  # noqa: E402
+from workbench.graph.executor import Program  # noqa: E402
 from workbench.kernels.autotune import TimingCache, autotune_profile, step_inputs  # noqa: E402
 from workbench.kernels.profiles import OptimizationProfile  # noqa: E402
-from workbench.models import load_model  # noqa: E402
 from workbench.models.intake import ModelSource, resolve_source  # noqa: E402
-from workbench.pipeline import CaptureOptions, capture_source  # noqa: E402
+from workbench.pipeline import optimize  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.quant import PrecisionPlan, calibrate, quantized_program  # noqa: E402
 
@@ -88,13 +86,8 @@ def main() -> None:
     if args.layers:
         source = ModelSource("random", f"{args.preset}, {args.layers} layers", None,
                              {**source.config, "num_hidden_layers": args.layers}, source.seed)
-    lm = load_model(source, dtype=torch.bfloat16, device=device)
-    captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
-    weights = {**dict(lm.model.named_parameters(remove_duplicate=False)),
-               **{k: v.to(device) for k, v in captured.constants.items()}}
-    graph, _ = run_passes(captured.graph, weights, check=False)
-    program = Program(graph, resolve_params(graph, weights), device=device)
-    del lm, weights
+    program = optimize(source, dtype="bfloat16", device=device).program  # the weights read straight onto device
+    graph = program.graph
     vocab = graph.meta["config"]["vocab_size"]
     calib_ids = torch.randint(0, vocab, (args.calib_samples * args.tokens,), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()

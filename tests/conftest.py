@@ -41,16 +41,9 @@ def home(tmp_path, monkeypatch):
 def optimized_program(model: str = "tiny-llama", dtype: torch.dtype = torch.float32):
     """``model``'s optimized graph (every pass, paged attention) captured in ``dtype`` and bound to its
     weights, on the CPU."""
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import CaptureOptions, capture_source, graph_weights
+    from workbench.pipeline import optimize
 
-    lm = load_model(model, dtype=dtype)
-    captured = capture_source(lm.source, CaptureOptions(dtype=str(dtype).removeprefix("torch.")))
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    return Program(graph, resolve_params(graph, base))
+    return optimize(model, dtype=str(dtype).removeprefix("torch."), device="cpu").program
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,7 @@ def test_calibrate_takes_what_the_ids_hold(tiny_program):
 
 def test_quant_stage_records_the_count_the_data_and_goes_stale_when_it_changes(ws, tokenizer, tmp_path, capsys):
     from workbench.cli import main
-    from workbench.pipeline import quant_stage
+    from workbench.pipeline import QuantOptions, quant_stage
 
     data = tmp_path / "mine.jsonl"
     docs = random_docs(11, docs=5, words=120)
@@ -138,8 +138,8 @@ def test_quant_stage_records_the_count_the_data_and_goes_stale_when_it_changes(w
     tokens = calibration_ids(tokenizer, data).numel()
     assert 32 * 3 < tokens < 32 * 32  # the data, not the device default, limits the count
     lines = []
-    _, stats, _ = quant_stage(ws, fmt="fp8", seq_len=32, calib_data=data, log=lines.append, progress=False,
-                              device="cpu")
+    _, stats, _ = quant_stage(ws, options=QuantOptions(fmt="fp8", seq_len=32, calib_data=data), log=lines.append,
+                              progress=False, device="cpu")
     rec = ws.record("quant")
     calib = rec["params"]["calibration"]
     assert (calib["samples"], calib["seq_len"], calib["tokens"]) == (tokens // 32, 32, tokens)
@@ -148,21 +148,22 @@ def test_quant_stage_records_the_count_the_data_and_goes_stale_when_it_changes(w
     assert lines == [f"calibration: {tokens // 32} samples x 32 tokens from {data} ({tokens} tokens)"]
     assert ws.status("quant") == "ok"
     # the same data again: its statistics are reused
-    quant_stage(ws, fmt="fp8", seq_len=32, calib_data=data, log=lines.append, progress=False, device="cpu")
+    quant_stage(ws, options=QuantOptions(fmt="fp8", seq_len=32, calib_data=data), log=lines.append, progress=False,
+                device="cpu")
     assert lines[-1].endswith("; statistics reused")
     # another content in the same file, as many tokens (each word -> the next): the stage is stale, and re-running
     # calibrates again, though the sizes are the same
     write_jsonl(data, [" ".join(WORDS[(WORDS.index(w) + 1) % len(WORDS)] for w in d.split()) for d in docs])
     assert calibration_ids(tokenizer, data).numel() == tokens
     assert ws.status("quant") == "stale"
-    _, new_stats, _ = quant_stage(ws, fmt="fp8", seq_len=32, calib_data=data, log=lines.append, progress=False,
-                                  device="cpu")
+    _, new_stats, _ = quant_stage(ws, options=QuantOptions(fmt="fp8", seq_len=32, calib_data=data), log=lines.append,
+                                  progress=False, device="cpu")
     assert not lines[-1].endswith("reused") and ws.status("quant") == "ok"
     assert ws.record("quant")["params"]["calibration"]["sha256"] != calib["sha256"]
     # (layer 1: layer 0's qkv input depends on each token alone, and both texts hold every word)
     assert not torch.equal(new_stats.activations["layers.1.qkv"].amax(), stats.activations["layers.1.qkv"].amax())
     # the default: the shipped set, capped by the device default (CPU: 32 samples)
-    quant_stage(ws, fmt="fp8", seq_len=16, log=lines.append, progress=False, device="cpu")
+    quant_stage(ws, options=QuantOptions(fmt="fp8", seq_len=16), log=lines.append, progress=False, device="cpu")
     calib = ws.record("quant")["params"]["calibration"]
     assert (calib["samples"], calib["seq_len"], calib["text"]) == (32, 16, "datasets/calibration.txt")
     assert lines[-1].startswith(f"calibration: 32 samples x 16 tokens from datasets/calibration.txt ({calib['tokens']}")
@@ -182,17 +183,18 @@ def calib_data_tokens(tokenizer, path) -> int:
 
 
 def test_random_weights_calibrate_on_random_ids_and_refuse_text(tmp_path):
-    from workbench.pipeline import capture_stage, passes_stage, quant_stage
+    from workbench.pipeline import QuantOptions, capture_stage, passes_stage, quant_stage
 
     ws = Workspace(tmp_path / "ws")
     capture_stage(ws, "tiny-llama")
     passes_stage(ws)
     lines = []
-    quant_stage(ws, fmt="int8_wo", samples=3, seq_len=16, log=lines.append, progress=False, device="cpu")
+    quant_stage(ws, options=QuantOptions(fmt="int8_wo", samples=3, seq_len=16), log=lines.append, progress=False,
+                device="cpu")
     assert lines == ["calibration: 3 samples x 16 tokens of random token ids (no tokenizer)"]
     assert ws.record("quant")["params"]["calibration"]["random_seed"] == 0
     with pytest.raises(WorkbenchError, match="random weights and no tokenizer to read text with; leave --calib-data"):
-        quant_stage(ws, calib_data=tmp_path / "x.txt", progress=False)
+        quant_stage(ws, options=QuantOptions(calib_data=tmp_path / "x.txt"), progress=False)
 
 
 # ---- `workbench eval --dataset FILE` -------------------------------------------------------------------------

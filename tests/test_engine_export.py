@@ -18,7 +18,7 @@ from workbench.engine import EngineLimits, export_engine, load_engine, read_engi
 from workbench.errors import WorkbenchError
 from workbench.evaluate import paged_greedy
 from workbench.graph.paged import PagedLayout
-from workbench.pipeline import CaptureOptions, capture_stage, load_program, passes_stage, quant_stage
+from workbench.pipeline import CaptureOptions, QuantOptions, capture_stage, load_program, passes_stage, quant_stage
 from workbench.runtime.engine import LLM
 from workbench.runtime.sampling import SamplingParams
 from workbench.workspace import Workspace, sha256_file
@@ -128,7 +128,8 @@ def test_round_trip_of_an_fp8_workspace(ws, tmp_path):
     from safetensors import safe_open
 
     qws = copy_ws(ws, tmp_path)
-    plan, _, _ = quant_stage(qws, fmt="fp8", kv_cache="fp8", samples=4, seq_len=32, progress=False)
+    plan, _, _ = quant_stage(qws, options=QuantOptions(fmt="fp8", kv_cache="fp8", samples=4, seq_len=32),
+                             progress=False)
     out = export_engine(qws, tmp_path / "engine")  # latest: the quant stage
     e = load_engine(out)
     same_run(e.program, load_program(qws, stage="quant"))

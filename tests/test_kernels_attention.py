@@ -60,17 +60,12 @@ def test_matches_reference(new, context, kv_heads, group, window, dtype):
 
 
 def test_tactic_runs_a_whole_paged_graph():
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.graph.executor import Program
+    from workbench.pipeline import optimize
     from workbench.evaluate import paged_greedy
 
-    lm = load_model("tiny-mistral")  # sliding window 16: decoding 30 tokens crosses it
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    params = resolve_params(graph, base)
+    program = optimize("tiny-mistral", device="cpu").program  # sliding window 16: decoding 30 tokens crosses it
+    graph, params = program.graph, program.params
     prompt = torch.randint(0, 512, (9,))
     reference = paged_greedy(Program(graph, params), prompt, 24)
     assert paged_greedy(Program(graph, params, tactics={"workbench.paged_attention": "triton"}), prompt, 24) == reference

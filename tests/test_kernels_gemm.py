@@ -199,18 +199,13 @@ def test_linear_rejects_what_it_cannot_do():
 
 
 def test_linear_tactic_runs_a_whole_graph():
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.graph.executor import Program
+    from workbench.pipeline import optimize
     from workbench.evaluate import logits_fn
 
     assert REGISTRY.get("aten.linear.default").tactics["triton"] is G.linear
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    params = resolve_params(graph, base)
+    program = optimize("tiny-llama", device="cpu").program
+    graph, params = program.graph, program.params
     ids = torch.randint(0, 512, (1, 9))
     reference = logits_fn(Program(graph, params))(ids)
     ours = logits_fn(Program(graph, params, tactics={"aten.linear.default": "triton"}))(ids)

@@ -138,20 +138,15 @@ def test_fp8_producers_match_the_unfused_op_then_quantize():
 
 
 def test_triton_tactics_run_a_whole_optimized_graph():
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import DEFAULT_PIPELINE, run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.graph.executor import Program
+    from workbench.graph.passes import DEFAULT_PIPELINE
+    from workbench.pipeline import optimize
     from workbench.evaluate import logits_fn
 
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
-    base = {**graph_weights(captured.graph, lm.source), **captured.constants}
     # without moving RoPE into the attention, so the rope kernel runs in the graph too
     names = [p for p in DEFAULT_PIPELINE if p != "fuse_rope_into_attention"]
-    graph, _ = run_passes(captured.graph, base, names, check=False)
-    params = resolve_params(graph, base)
-    reference = Program(graph, params)
+    reference = optimize("tiny-llama", device="cpu", passes=names).program
+    graph, params = reference.graph, reference.params
     triton_program = Program(graph, params, tactics="triton")
     used = {n.op for n in graph.nodes} & {"workbench.rms_norm", "workbench.add_rms_norm", "workbench.silu_mul",
                                           "workbench.rope"}

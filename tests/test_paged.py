@@ -7,20 +7,16 @@ from conftest import rel_err
 from workbench.errors import WorkbenchError
 from workbench.evaluate import greedy as recompute_greedy, paged_greedy
 from workbench.graph.paged import PagedLayout, SimplePagedCache, cache_for, is_paged, step_inputs
-from workbench.graph.passes import run_passes
-from workbench.models import load_model
-from workbench.pipeline import capture_source, graph_weights, program_for
+from workbench.pipeline import optimize
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])
 def programs(request):
-    lm = load_model(request.param)
-    captured = capture_source(lm.source)
-    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
+    result = optimize(request.param, device="cpu", check=True)
+    reports = result.reports
     assert [r.name for r in reports[-2:]] == ["insert_paged_attention", "fuse_rope_into_attention"]
     assert all(r.accepted for r in reports) and all(r.matches for r in reports[-2:])
-    return (program_for(captured.graph, captured.constants, lm.source),
-            program_for(graph, captured.constants, lm.source))
+    return result.captured_program(), result.program
 
 
 def test_mixed_prefill_and_decode_steps_match_recompute(programs):
@@ -101,10 +97,8 @@ def test_window_less_paged_attention_is_rejected_on_mistral(monkeypatch):
     from workbench.graph.passes import paged
 
     monkeypatch.setattr(paged, "sliding_window", lambda config, layer: None)
-    lm = load_model("tiny-mistral")
-    captured = capture_source(lm.source)
-    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
-    last = next(r for r in reports if r.name == "insert_paged_attention")
+    result = optimize("tiny-mistral", device="cpu", check=True)
+    last = next(r for r in result.reports if r.name == "insert_paged_attention")
     assert not last.accepted
     assert last.first_diverging.startswith("paged_attention")
-    assert not is_paged(graph)
+    assert not is_paged(result.graph)

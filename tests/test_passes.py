@@ -13,15 +13,16 @@ from workbench.graph.ir import Graph, Node, Ref
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES, Match, register_pass, run_passes, summary_table
 from workbench.kernels import register_op
 from workbench.models import load_model
-from workbench.pipeline import CaptureOptions, capture_source, graph_weights, program_for
+from workbench import pipeline
+from workbench.pipeline import CaptureOptions, capture_source, program_for
 
 
 def optimize(name, dtype="float32", names=None):
+    """The transformers model (the reference) and ``pipeline.optimize``'s captured graph, optimized graph and
+    reports, every pass checked."""
     lm = load_model(name, dtype=getattr(torch, dtype))
-    captured = capture_source(lm.source, CaptureOptions(dtype=dtype))
-    params = {**graph_weights(captured.graph, lm.source), **captured.constants}
-    graph, reports = run_passes(captured.graph, params, names)
-    return lm, captured, graph, reports
+    result = pipeline.optimize(lm.source, dtype=dtype, device="cpu", passes=names, check=True)
+    return lm, result.captured, result.graph, result.reports
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])

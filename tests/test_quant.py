@@ -266,13 +266,14 @@ def test_plans_that_need_statistics_say_so(program):
 # --- the workspace stage --------------------------------------------------------------------------------------
 
 def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(tmp_path):
-    from workbench.pipeline import capture_stage, load_program, passes_stage, quant_stage
+    from workbench.pipeline import QuantOptions, capture_stage, load_program, passes_stage, quant_stage
     from workbench.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     capture_stage(ws, "tiny-llama")
     passes_stage(ws)
-    plan, stats, report = quant_stage(ws, fmt="fp8", kv_cache="fp8", samples=4, seq_len=32, progress=False)
+    plan, stats, report = quant_stage(ws, options=QuantOptions(fmt="fp8", kv_cache="fp8", samples=4, seq_len=32),
+                                      progress=False)
     for name in ("stats.safetensors", "stats.json", "plan.json", "graph.json", "weights.safetensors", "report.json"):
         assert (ws.stage_dir("quant") / name).is_file()
     assert report["kv_cache"] == "fp8" and len(report["groups"]) == 8
@@ -284,9 +285,9 @@ def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(tmp_path):
     edited = plan.with_format("layers.0.down", "int8_wo", edited=True)
     (ws.stage_dir("quant") / "plan.json").write_text(edited.dumps())
     with pytest.raises(WorkbenchError, match="changed by hand"):
-        quant_stage(ws, samples=4, seq_len=32, progress=False)
-    plan2, stats2, _ = quant_stage(ws, ws.stage_dir("quant") / "plan.json", samples=4, seq_len=32, progress=False,
-                                   force=True)
+        quant_stage(ws, options=QuantOptions(samples=4, seq_len=32), progress=False)
+    plan2, stats2, _ = quant_stage(ws, ws.stage_dir("quant") / "plan.json", QuantOptions(samples=4, seq_len=32),
+                                   progress=False, force=True)
     assert plan2.format_of("layers.0.down") == "int8_wo" and plan2.edited == ["layers.0.down"]
     assert torch.equal(stats2.input_scale("layers.0.o", "fp8"), stats.input_scale("layers.0.o", "fp8"))  # reused
     assert any(n.op == "workbench.w8_linear" for n in load_program(ws, stage="quant").graph.nodes)
@@ -338,14 +339,14 @@ def test_tune_stage_tunes_the_quantized_graph(tmp_path):
     tactics), and the tuned program decodes like the quantized one; re-quantizing makes the tune stale."""
     from test_autotune import TINY_PROFILE, PlantedTimer
     from workbench.kernels.profiles import OptimizationProfile
-    from workbench.pipeline import capture_stage, load_program, passes_stage, quant_stage, tune_stage
+    from workbench.pipeline import QuantOptions, capture_stage, load_program, passes_stage, quant_stage, tune_stage
     from workbench.evaluate import paged_greedy
     from workbench.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     capture_stage(ws, "tiny-llama")
     passes_stage(ws)
-    quant_stage(ws, fmt="fp8", samples=4, seq_len=32, progress=False)
+    quant_stage(ws, options=QuantOptions(fmt="fp8", samples=4, seq_len=32), progress=False)
     tuned = tune_stage(ws, OptimizationProfile(**TINY_PROFILE), device="cpu", timer=PlantedTimer(), progress=False)
     assert ws.record("tune")["params"]["graph"] == "quant"
     fast, plain = load_program(ws, stage="tune"), load_program(ws, stage="quant")
@@ -354,5 +355,5 @@ def test_tune_stage_tunes_the_quantized_graph(tmp_path):
             "workbench.silu_mul_fp8"} <= ops
     prompt = torch.tensor([5, 9, 11, 2, 30])
     assert paged_greedy(fast, prompt, 6) == paged_greedy(plain, prompt, 6)
-    quant_stage(ws, fmt="int8_wo", samples=4, seq_len=32, progress=False)
+    quant_stage(ws, options=QuantOptions(fmt="int8_wo", samples=4, seq_len=32), progress=False)
     assert ws.status("tune") == "stale"

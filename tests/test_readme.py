@@ -353,7 +353,7 @@ def make_tiny_smol(root: Path) -> Path:
 def workdir(tmp_path_factory):
     from workbench.engine import export_engine
     from workbench.evaluate import dataset_text
-    from workbench.pipeline import capture_stage, passes_stage, quant_stage
+    from workbench.pipeline import QuantOptions, capture_stage, passes_stage, quant_stage
     from workbench.workspace import Workspace
 
     root = tmp_path_factory.mktemp("readme")
@@ -361,7 +361,7 @@ def workdir(tmp_path_factory):
     ws = Workspace(root / "ws")
     capture_stage(ws, str(root / TINY))
     passes_stage(ws)
-    quant_stage(ws, fmt="fp8", samples=4)
+    quant_stage(ws, options=QuantOptions(fmt="fp8", samples=4))
     export_engine(ws, root / "engine")
     shutil.copy(ws.path("quant", "plan.json"), root / "my_plan.json")
     docs = dataset_text("calibration").split("\n\n---\n\n")

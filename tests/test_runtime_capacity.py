@@ -20,15 +20,10 @@ WEIGHTS_8B = 16 * 10**9
 @pytest.fixture(scope="module")
 def graphs():
     """tiny-llama's graph as captured (no paged attention) and after every pass."""
-    from workbench.graph.passes import run_passes
-    from workbench.models import load_model
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.pipeline import optimize
 
-    lm = load_model("tiny-llama")
-    captured = capture_source(lm.source)
-    graph, _ = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants},
-                          check=False)
-    return captured.graph, graph
+    result = optimize("tiny-llama", device="cpu")
+    return result.captured.graph, result.graph
 
 
 def test_tiny_llama_layout_matches_its_graph_and_the_allocated_cache(graphs):

@@ -51,15 +51,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def smol_program():
     """The optimized graph (paged attention) of a 2-layer random Llama with SmolLM2's 49152-token vocabulary."""
-    from workbench.graph.executor import Program, resolve_params
-    from workbench.graph.passes import run_passes
-    from workbench.pipeline import capture_source, graph_weights
+    from workbench.pipeline import optimize
 
-    source = ModelSource("random", MODEL, None, SMOL_SHAPED, 0)
-    captured = capture_source(source)
-    base = {**graph_weights(captured.graph, source), **captured.constants}
-    graph, _ = run_passes(captured.graph, base, check=False)
-    return Program(graph, resolve_params(graph, base))
+    return optimize(ModelSource("random", MODEL, None, SMOL_SHAPED, 0), device="cpu").program
 
 
 def make_engine(program, tokenizer, *, max_pending=256, num_blocks=256, max_num_seqs=32):

@@ -34,13 +34,10 @@ def smol():
 
 @pytest.fixture(scope="module")
 def smol_optimized(smol):
-    from workbench.graph.passes import run_passes
-    from workbench.pipeline import graph_weights
+    from workbench.pipeline import optimize
 
-    lm, _, graph = smol
-    captured = capture_source(lm.source)
-    graph, reports = run_passes(captured.graph, {**graph_weights(captured.graph, lm.source), **captured.constants})
-    return program_for(graph, captured.constants, lm.source), reports
+    result = optimize(smol[0].source, device="cpu", check=True)
+    return result.program, result.reports
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,19 @@ def test_upstream_change_marks_downstream_stale(tmp_path):
     assert list(df["status"]) == ["ok", "ok", "stale"]
 
 
+
+def test_up_to_date_needs_an_ok_status_and_the_same_settings(tmp_path):
+    ws = Workspace(tmp_path)
+    assert not ws.up_to_date("capture")  # never run
+    _run(ws, "capture", {"graph.json": b"v1"})
+    _run(ws, "passes", {"graph.json": b"x", "report.json": b"[]"}, upstream=("capture",))
+    assert ws.up_to_date("passes") and ws.up_to_date("passes", {"n": 2})
+    assert ws.up_to_date("passes", matches=lambda p: p["n"] == 2)
+    assert not ws.up_to_date("passes", {"n": 3})  # other settings
+    assert not ws.up_to_date("passes", {"n": 2}, matches=lambda p: False)
+    _run(ws, "capture", {"graph.json": b"v2"})
+    assert ws.status("passes") == "stale" and not ws.up_to_date("passes", {"n": 2})
+
 def test_rerun_with_identical_result_keeps_downstream_fresh(tmp_path):
     ws = Workspace(tmp_path)
     _run(ws, "capture", {"graph.json": b"v1"})

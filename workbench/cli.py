@@ -115,22 +115,16 @@ def _cmd_tune(args) -> None:
 
 
 def _cmd_quantize(args) -> None:
-    from .pipeline import quant_stage
+    from .pipeline import QuantOptions, quant_stage
     from .workspace import Workspace
 
-    options = {}
-    if args.weights:
-        options["weights"] = args.weights
-    if args.activations:
-        options["activations"] = args.activations
-    if args.alpha is not None:
-        options["alpha"] = args.alpha
+    options = QuantOptions(fmt=args.format, kv_cache=args.kv_cache, weights=args.weights,
+                           activations=args.activations, alpha=args.alpha, samples=args.samples, seq_len=args.seq_len,
+                           observer=args.observer, calib_data=args.calib_data, auto_budget=args.auto,
+                           probe_tokens=args.probe_tokens)
     ws = Workspace(args.workspace, create=False)
-    plan, stats, report = quant_stage(ws, args.plan, fmt=args.format, kv_cache=args.kv_cache, samples=args.samples,
-                                      seq_len=args.seq_len, observer=args.observer, device=args.device,
-                                      force=args.force, auto_budget=args.auto, probe_tokens=args.probe_tokens,
-                                      calib_data=args.calib_data, log=lambda line: print(line, flush=True),
-                                      **options)
+    plan, stats, report = quant_stage(ws, args.plan, options, device=args.device, force=args.force,
+                                      log=lambda line: print(line, flush=True))
     counts = ", ".join(f"{n} groups {f}" for f, n in plan.summary().items())
     print(f"plan: {counts}; KV cache {plan.kv_cache}")
     auto = report.get("auto_plan")

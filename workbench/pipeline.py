@@ -4,6 +4,9 @@
 ``passes/``), ``quant_stage`` (``workbench quantize``, ``quant/``) and ``tune_stage`` (``workbench tune``,
 ``tune/``) all have that shape; the export stage is ``engine.export_engine``. ``load_program`` rebuilds a
 runnable program from a workspace without the original ``transformers`` model object.
+
+``optimize(source)`` is the capture and passes stages in memory, without a workspace: what opening a model
+source to run (``runnable``), the tests' programs and the bench scripts start from.
 """
 
 from __future__ import annotations
@@ -76,6 +79,52 @@ def program_for(graph: Graph, constants: dict[str, torch.Tensor], source: ModelS
     return Program(graph, resolve_params(graph, base), device=device)
 
 
+@dataclass
+class Optimized:
+    """What ``optimize`` made: the optimized program and how it came to be."""
+
+    program: Program        # the optimized graph (paged attention) bound to the source's weights on the device
+    captured: Captured      # the graph as captured, with its constants (weights stay in the source)
+    reports: list           # one graph.passes.PassReport per pass (numeric checks only with check=True)
+    source: ModelSource
+
+    @property
+    def graph(self) -> Graph:
+        return self.program.graph
+
+    def captured_program(self) -> Program:
+        """The captured graph (no paged attention) bound to the source's weights, on the program's device."""
+        return program_for(self.captured.graph, self.captured.constants, self.source, device=self.program.device)
+
+
+def optimize(source: str | Path | ModelSource, *, dtype: str = "auto", device: str | torch.device = "auto",
+             passes: list[str] | None = None, check: bool = False, kv_block_size: int | None = None,
+             seed: int = 0) -> Optimized:
+    """Capture and optimize a model source in memory: the capture and passes stages without a workspace.
+
+    ``source``: whatever ``models.resolve_source`` takes (a named model, preset, HF directory, GGUF file,
+    config.json; ``seed`` for random weights), or a ``ModelSource``. ``dtype``: the capture dtype ("auto": bf16
+    on a GPU, fp32 on the CPU). ``passes``: the pass names (default: ``default_pipeline()``); their numeric
+    checks run on ``device`` only with ``check`` (they are the optimize stage's). ``kv_block_size``: tokens per
+    KV-cache block of the paged graph (default: the paged pass's, 16). The weights are read once, straight onto
+    ``device``, and feed both the checks and the program."""
+    from .graph.passes import run_passes
+    from .models.intake import resolve_source
+
+    device = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if not isinstance(source, ModelSource):
+        source = resolve_source(source, seed=seed)
+    captured = capture_source(source, CaptureOptions(dtype=dtype, seed=seed))
+    graph = captured.graph
+    if kv_block_size is not None:
+        graph.meta["kv_block_size"] = _block_size(kv_block_size)
+    base = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in captured.constants.items()}}
+    optimized, reports = run_passes(graph, base, passes, check=check, device=device)
+    return Optimized(Program(optimized, resolve_params(optimized, base), device=device), captured, reports, source)
+
+
 def capture_stage(ws: Workspace, spec: str, options: CaptureOptions = CaptureOptions(), *,
                   force: bool = False) -> Captured:
     """`workbench capture`: capture ``spec`` into ``ws/capture``."""
@@ -126,9 +175,7 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     graph, constants = load_graph(ws, "capture")
     settings = {"passes": names}  # the stage record's params (a build compares kv_block_size with them)
     if kv_block_size is not None:
-        if kv_block_size < 1:
-            raise WorkbenchError(f"kv_block_size is tokens per KV-cache block, >= 1; got {kv_block_size}")
-        graph.meta["kv_block_size"] = settings["kv_block_size"] = int(kv_block_size)
+        graph.meta["kv_block_size"] = settings["kv_block_size"] = _block_size(kv_block_size)
     with ws.run("passes", params=settings, upstream=("capture",), force=force) as run:
         # the weights only feed the checks: made (random sources) or read straight onto the checking device
         params = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
@@ -138,43 +185,89 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     return optimized, reports
 
 
-def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "bf16", samples: int | None = None,
-                seq_len: int | None = None, observer: str = "max", device: str | torch.device = "auto",
-                force: bool = False, progress: bool = True, auto_budget: float | None = None,
-                probe_tokens: int = 2048, calib_data: str | Path | None = None,
-                log: Callable[[str], None] | None = None, **options):
+def _block_size(kv_block_size: int) -> int:
+    if kv_block_size < 1:
+        raise WorkbenchError(f"kv_block_size is tokens per KV-cache block, >= 1; got {kv_block_size}")
+    return int(kv_block_size)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """What the quant stage is asked to do (``workbench quantize``, a build's quant step): built once at the edge,
+    its settings land in the stage record's params.
+
+    ``fmt``: the format of every group when no plan is given (lm_head kept in the model's precision), and the
+    format an auto plan chooses groups for; ``weights``, ``activations`` and ``alpha`` are that format's options
+    (None: the format's default). ``kv_cache``: the KV cache's format of a plan made here. ``samples`` and
+    ``seq_len``: the calibration sizes (None: chosen from the data and the device); ``observer``: the statistic of
+    each input's range; ``calib_data``: the calibration text (None: datasets/calibration.txt). ``auto_budget``
+    (perplexity increase in %): choose the plan by sensitivity within it, measured on ``probe_tokens`` tokens."""
+
+    fmt: str = "fp8"
+    kv_cache: str = "bf16"
+    weights: str | None = None
+    activations: str | None = None
+    alpha: float | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    observer: str = "max"
+    calib_data: str | Path | None = None
+    auto_budget: float | None = None
+    probe_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        from .quant.plan import FORMATS, KV_FORMATS  # the plan's own messages, said before anything loads
+
+        if self.fmt not in FORMATS:
+            raise WorkbenchError(f"format {self.fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+        if self.kv_cache not in KV_FORMATS:
+            raise WorkbenchError(f"kv_cache format {self.kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}")
+
+    @property
+    def format_options(self) -> dict[str, object]:
+        """The options given for ``fmt`` (those left None are the format's defaults)."""
+        given = {"weights": self.weights, "activations": self.activations, "alpha": self.alpha}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+def quant_stage(ws: Workspace, plan=None, options: QuantOptions = QuantOptions(), *,
+                device: str | torch.device = "auto", force: bool = False, progress: bool = True,
+                log: Callable[[str], None] | None = None):
     """`workbench quantize`: calibrate the optimized graph and apply a precision plan into ``ws/quant``.
 
-    ``plan``: a PrecisionPlan, a path to its JSON, or None for every group in ``fmt`` (with ``options``, lm_head
-    kept in the model's precision) and the KV cache in ``kv_cache``. Writes stats.safetensors (+ stats.json),
-    plan.json, graph.json (the quantized graph), weights.safetensors (quantized weights and scales) and
-    report.json. Calibration statistics already in the stage with the same settings, data and model are reused.
+    ``plan``: a PrecisionPlan, a path to its JSON, or None for every group in ``options.fmt`` (with its format
+    options, lm_head kept in the model's precision) and the KV cache in ``options.kv_cache``. Writes
+    stats.safetensors (+ stats.json), plan.json, graph.json (the quantized graph), weights.safetensors (quantized
+    weights and scales) and report.json. Calibration statistics already in the stage with the same settings, data
+    and model are reused.
 
-    ``calib_data``: the calibration text, a plain-text file or JSONL with a ``text`` field (``evaluate.load_text``;
-    default datasets/calibration.txt; a model without tokenizer calibrates on seeded random ids instead).
-    ``samples`` defaults to what the data holds, up to the device's default (``calibrate.choose_sizes``); the
-    count chosen is recorded in the record's params["calibration"] and said through ``log``. The data file is an
-    input of the stage: changing its content makes the stage stale.
+    ``options.calib_data``: the calibration text, a plain-text file or JSONL with a ``text`` field
+    (``evaluate.load_text``; default datasets/calibration.txt; a model without tokenizer calibrates on seeded
+    random ids instead). ``options.samples`` defaults to what the data holds, up to the device's default
+    (``calibrate.choose_sizes``); the count chosen is recorded in the record's params["calibration"] and said
+    through ``log``. The data file is an input of the stage: changing its content makes the stage stale.
 
-    ``auto_budget`` (perplexity increase in %): instead of applying ``plan`` as it is, measure each group's
-    sensitivity to ``fmt`` (with ``options``) and choose the plan with the most groups in ``fmt`` whose whole-
-    plan perplexity stays within the budget (``quant.sensitivity.auto_plan``); groups the given plan marks as
-    edited keep their format, and so does its KV cache. Both run on the first ``probe_tokens`` tokens of
-    datasets/evaluation.txt (random ids for a model without tokenizer); sensitivity.json is written too and
+    ``options.auto_budget`` (perplexity increase in %): instead of applying ``plan`` as it is, measure each
+    group's sensitivity to ``fmt`` (with its options) and choose the plan with the most groups in ``fmt`` whose
+    whole-plan perplexity stays within the budget (``quant.sensitivity.auto_plan``); groups the given plan marks
+    as edited keep their format, and so does its KV cache. Both run on the first ``options.probe_tokens`` tokens
+    of datasets/evaluation.txt (random ids for a model without tokenizer); sensitivity.json is written too and
     report.json gets the verified result under "auto_plan". Returns (plan, stats, report)."""
     from .models.intake import load_tokenizer
     from .quant import CalibrationStats, PrecisionPlan, calibrate, quantize_graph
     from .quant.plan import model_fingerprint
 
+    fmt, auto_budget, observer = options.fmt, options.auto_budget, options.observer
+    fmt_options = options.format_options
     device = resolve_device(device)
     source = workspace_source(ws)
     tokenizer = load_tokenizer(source)
-    text = _calibration_text(tokenizer, calib_data)  # before any weights load: a bad file fails at once
+    text = _calibration_text(tokenizer, options.calib_data)  # before any weights load: a bad file fails at once
     program = load_program(ws, stage="passes", device=device)
     graph = program.graph
     if plan is None:
-        plan = PrecisionPlan.uniform(graph, "bf16" if auto_budget is not None else fmt, kv_cache=kv_cache,
-                                     **({} if auto_budget is not None else options))
+        plan = PrecisionPlan.uniform(graph, "bf16" if auto_budget is not None else fmt, kv_cache=options.kv_cache,
+                                     **({} if auto_budget is not None else fmt_options))
     elif not isinstance(plan, PrecisionPlan):
         path = Path(plan)
         if not path.is_file():
@@ -183,13 +276,14 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
     if plan.model is None:
         plan.model = model_fingerprint(graph)
     plan.validate(graph)
-    ids, calib, input_files = _calibration_data(text, graph, device, samples, seq_len)
+    ids, calib, input_files = _calibration_data(text, graph, device, options.samples, options.seq_len)
     calib["observer"] = observer
     data = {k: calib[k] for k in ("sha256", "tokens", "random_seed") if k in calib}  # what the statistics saw
     stats_path = ws.stage_dir("quant") / "stats.safetensors"
     params = {"plan": plan.to_json(), "calibration": calib, "device": str(device)}
     if auto_budget is not None:
-        params["auto"] = {"budget_pct": auto_budget, "format": fmt, "options": options, "probe_tokens": probe_tokens}
+        params["auto"] = {"budget_pct": auto_budget, "format": fmt, "options": fmt_options,
+                          "probe_tokens": options.probe_tokens}
     with ws.run("quant", params=params, upstream=("passes",), input_files=input_files, force=force) as run:
         stats = None
         if stats_path.is_file() and stats_path.with_suffix(".json").is_file():
@@ -210,8 +304,8 @@ def quant_stage(ws: Workspace, plan=None, *, fmt: str = "fp8", kv_cache: str = "
         run.write_json("stats.json", meta)
         auto = None
         if auto_budget is not None:
-            plan, auto = _auto_plan_stage(run, program, stats, tokenizer, plan, fmt, auto_budget, probe_tokens,
-                                          progress, options)
+            plan, auto = _auto_plan_stage(run, program, stats, tokenizer, plan, fmt, auto_budget,
+                                          options.probe_tokens, progress, fmt_options)
         quantized, new, report = quantize_graph(graph, dict(program.params), plan, stats)
         if auto is not None:
             report["auto_plan"] = auto

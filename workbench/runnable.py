@@ -130,24 +130,16 @@ def _open_model(spec: str, device, tok, own_tokenizer: bool, dtype: str, kv_bloc
     import time
 
     from .engine.format import EngineLimits
-    from .graph.executor import Program, resolve_params
-    from .graph.passes import run_passes
     from .models.intake import load_tokenizer, resolve_source
-    from .pipeline import CaptureOptions, capture_source, graph_weights
+    from .pipeline import optimize
 
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
     source = resolve_source(spec)
     t0 = time.perf_counter()
-    captured = capture_source(source, CaptureOptions(dtype=dtype))
-    graph = captured.graph
-    if kv_block_size is not None:
-        graph.meta["kv_block_size"] = int(kv_block_size)
-    base = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in captured.constants.items()}}
-    optimized, _ = run_passes(graph, base, check=False, device=device)  # the passes' checks are the optimize stage's
-    program = Program(optimized, resolve_params(optimized, base), device=device)
-    del base
-    notes = [f"{source.spec}: captured and optimized in memory in {time.perf_counter() - t0:.1f} s ({dtype}, "
+    # the passes' checks are the optimize stage's
+    result = optimize(source, dtype=dtype, device=device, kv_block_size=kv_block_size, check=False)
+    graph, program, optimized = result.captured.graph, result.program, result.graph
+    notes = [f"{source.spec}: captured and optimized in memory in {time.perf_counter() - t0:.1f} s "
+             f"({graph.meta['dtype']}, "
              f"{len(graph.nodes)} -> {len(optimized.nodes)} nodes, untuned)"]
     if progress:
         import sys

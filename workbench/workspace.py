@@ -181,6 +181,20 @@ class Workspace:
                 return "stale"
         return "ok"
 
+    def up_to_date(self, stage: str, params: dict[str, Any] | None = None, *,
+                   matches: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+        """``stage`` need not run again: its status is "ok" and its record's params are ``params`` (compared as
+        JSON) and satisfy ``matches`` (each only where given). The settings are compared first: a stage run
+        with other settings is out of date without hashing its artifacts."""
+        rec = self.record(stage)
+        if rec is None:
+            return False
+        if params is not None and rec["params"] != json.loads(json.dumps(params)):
+            return False
+        if matches is not None and not matches(rec["params"]):
+            return False
+        return self.status(stage) == "ok"
+
     def info(self):
         """One row per stage: status, artifacts, size, when and how long."""
         import pandas as pd

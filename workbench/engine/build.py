@@ -131,14 +131,12 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     if rec is not None and rec["params"].get("source") != want["source"] and not options.force:
         raise WorkbenchError(f"workspace {ws.root} holds a capture of {rec['params']['source'].get('spec')!r}, not "
                              f"{model!r}; give another --workspace (or --force to re-capture it there)")
-    stage("capture", _up_to_date(ws, "capture", rec is not None and rec["params"] == want),
+    stage("capture", _skip(ws.up_to_date("capture", want)),
           lambda: pipeline.capture_stage(ws, model, pipeline.CaptureOptions(dtype=options.dtype, seed=options.seed),
                                          force=options.force))
 
     # 2. passes ---------------------------------------------------------------------------------------------
-    passes_rec = ws.record("passes")
-    same_block = passes_rec is not None and passes_rec["params"].get("kv_block_size") == options.kv_block_size
-    stage("passes", _up_to_date(ws, "passes", same_block),
+    stage("passes", _skip(ws.up_to_date("passes", matches=lambda p: p.get("kv_block_size") == options.kv_block_size)),
           lambda: pipeline.passes_stage(ws, force=options.force, device=device, kv_block_size=options.kv_block_size))
 
     # 3. quantization -------------------------------------------------------------------------------------
@@ -151,14 +149,14 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
         skip_quant = "not needed (--precision bf16)"
     else:
         calib = _calibration_request(options, source)
-        skip_quant = _up_to_date(ws, "quant", _quant_matches(quant_rec, fmt, budget, calib, device)
-                                 and quant_rec["params"]["plan"].get("kv_cache", "bf16") == options.kv_cache)
+        skip_quant = _skip(ws.up_to_date("quant", matches=lambda p: _quant_matches(p, fmt, budget, calib, device)
+                                          and p["plan"].get("kv_cache", "bf16") == options.kv_cache))
     edited = quant_rec is not None and quant_rec["params"]["plan"].get("edited")
     stage("quant", skip_quant, lambda: pipeline.quant_stage(
-        ws, ws.stage_dir("quant") / "plan.json" if edited else None, fmt=fmt, kv_cache=options.kv_cache,
-        auto_budget=budget,
-        samples=options.samples, seq_len=options.seq_len, device=device, calib_data=options.calib_data, log=log,
-        force=options.force))
+        ws, ws.stage_dir("quant") / "plan.json" if edited else None,
+        pipeline.QuantOptions(fmt=fmt, kv_cache=options.kv_cache, samples=options.samples, seq_len=options.seq_len,
+                              calib_data=options.calib_data, auto_budget=budget),
+        device=device, log=log, force=options.force))
     if quantized:
         accuracy = accuracy_gate(ws, options, device, log)
     else:
@@ -170,26 +168,22 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     max_len = options.max_model_len or int(config.get("max_position_embeddings") or 8192)
     profile = build_profile(options, max_len)
     if do_tune:
-        rec = ws.record("tune")
-        same = rec is not None and rec["params"].get("profile") == profile.to_json() and \
-            rec["params"].get("graph") == graph_stage
-        skip_tune = _up_to_date(ws, "tune", same)
+        skip_tune = _skip(ws.up_to_date("tune", matches=lambda p: p.get("profile") == profile.to_json()
+                                        and p.get("graph") == graph_stage))
     else:
         skip_tune = "skipped (no GPU here: the engine runs default kernels until tuned; re-run this build on the GPU)"
     stage("tune", skip_tune, lambda: pipeline.tune_stage(ws, profile, device=device, graph=graph_stage,
                                                          force=options.force))
 
     # 5. export ---------------------------------------------------------------------------------------------
-    rec = ws.record("tune")
-    tuned = ws.status("tune") == "ok" and rec["params"].get("graph") == graph_stage
+    tuned = ws.up_to_date("tune", matches=lambda p: p.get("graph") == graph_stage)
     export_from = "tune" if tuned else graph_stage
-    tuned_profile = OptimizationProfile.from_json(rec["params"]["profile"]) if tuned else None
+    tuned_profile = OptimizationProfile.from_json(ws.record("tune")["params"]["profile"]) if tuned else None
     graph = Graph.loads(ws.path(graph_stage, "graph.json").read_text())
     limits = EngineLimits.for_graph(graph, tuned_profile, options.limits)
-    rec = ws.record("export")
-    same = (rec is not None and rec["params"] == _jsonable({"out": str(out.resolve()), "stage": export_from,
-                                                             "limits": limits.to_json()}))
-    skip_export = _up_to_date(ws, "export", same and _engine_matches(ws, out, read_engine, accuracy))
+    skip_export = _skip(ws.up_to_date("export", {"out": str(out.resolve()), "stage": export_from,
+                                                 "limits": limits.to_json()},
+                                       matches=lambda _: _engine_matches(ws, out, read_engine, accuracy)))
     stage("export", skip_export, lambda: export_engine(ws, out, stage=export_from, limits=limits,
                                                        force=options.force, accuracy=accuracy))
     log(f"engine {out}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
@@ -225,15 +219,13 @@ def build_profile(options: BuildOptions, max_model_len: int):
                                max_context=max_model_len, edges=tuple(edges))
 
 
-def _up_to_date(ws: Workspace, stage: str, same_settings: bool) -> str | None:
-    """The skip message when ``stage`` need not run again, else None."""
-    return "up to date, skipped" if same_settings and ws.status(stage) == "ok" else None
+def _skip(up_to_date: bool) -> str | None:
+    """The skip message of a stage that need not run again (``Workspace.up_to_date``), else None."""
+    return "up to date, skipped" if up_to_date else None
 
 
-def _quant_matches(rec: dict | None, fmt: str, budget: float | None, calibration: dict, device: str) -> bool:
-    if rec is None:
-        return False
-    params = rec["params"]
+def _quant_matches(params: dict, fmt: str, budget: float | None, calibration: dict, device: str) -> bool:
+    """A quant stage run with record params ``params`` is what a build with these settings would run."""
     recorded = params.get("calibration", {})
     if params.get("device") != device or any(recorded.get(k) != v for k, v in calibration.items()):
         return False  # other data, sizes or device (whose default sizes differ): calibrate again
@@ -294,8 +286,7 @@ def accuracy_gate(ws: Workspace, options: BuildOptions, device: str, log: Callab
                         "max_tokens": RANDOM_EVAL_TOKENS if source_random else
                         (None if device.startswith("cuda") else CPU_EVAL_TOKENS),
                         "window": EVAL_WINDOW, "stride": EVAL_STRIDE, "device": device})
-    rec = ws.record("accuracy")
-    if _up_to_date(ws, "accuracy", rec is not None and rec["params"] == params):
+    if ws.up_to_date("accuracy", params):
         result, when = ws.read_json("accuracy", "accuracy.json"), " (measured before: up to date)"
     else:
         result, when = _measure_accuracy(ws, params, name, force=options.force, log=log), ""
