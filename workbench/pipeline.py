@@ -249,7 +249,7 @@ def quant_stage(ws: Workspace, plan=None, options: QuantOptions = QuantOptions()
 
     ``options.auto_budget`` (perplexity increase in %): instead of applying ``plan`` as it is, measure each
     group's sensitivity to ``fmt`` (with its options) and choose the plan with the most groups in ``fmt`` whose
-    whole-plan perplexity stays within the budget (``quant.sensitivity.auto_plan``); groups the given plan marks
+    whole-plan perplexity stays within the budget (``quant.auto_plan.auto_plan``); groups the given plan marks
     as edited keep their format, and so does its KV cache. Both run on the first ``options.probe_tokens`` tokens
     of datasets/evaluation.txt (random ids for a model without tokenizer); sensitivity.json is written too and
     report.json gets the verified result under "auto_plan". Returns (plan, stats, report)."""
