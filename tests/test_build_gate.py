@@ -92,9 +92,11 @@ def test_the_gate_measures_records_and_does_not_measure_again(model, tmp_path, c
 
 def test_the_gate_refuses_over_its_limit_unless_forced(tmp_path, capsys):
     """tiny-llama with random weights (no tokenizer): measured on seeded random ids; a planted limit of 1e-9 %
-    trips on a real FP8 quantization."""
+    trips on a real FP8 quantization. (On a random model FP8 noise moves the perplexity either way: weights seed
+    1 is one where it rises, +8e-3%.)"""
     out, ws = tmp_path / "engine", tmp_path / "engine.workspace"
-    args = ["build", "tiny-llama", "--precision", "fp8", "--out", str(out), *QUICK, "--max-ppl-increase", "1e-9"]
+    args = ["build", "tiny-llama", "--seed", "1", "--precision", "fp8", "--out", str(out), *QUICK,
+            "--max-ppl-increase", "1e-9"]
     assert main(args) == 2
     captured = capsys.readouterr()
     err = captured.err.splitlines()[-1]  # after the progress bars
@@ -118,8 +120,8 @@ def test_the_gate_refuses_over_its_limit_unless_forced(tmp_path, capsys):
 
     # bf16 needs no gate, and its manifest says nothing of one
     bf16 = tmp_path / "bf16"
-    assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(bf16), "--workspace", str(ws),
-                 "--device", "cpu"]) == 0
+    assert main(["build", "tiny-llama", "--seed", "1", "--precision", "bf16", "--out", str(bf16), "--workspace",
+                 str(ws), "--device", "cpu"]) == 0
     assert "accuracy: not needed (--precision bf16)" in capsys.readouterr().out
     assert "accuracy" not in load_engine(bf16).manifest
     assert main(["build", "tiny-llama", "--precision", "fp8", "--out", str(out), "--max-ppl-increase", "-1"]) == 2
