@@ -393,7 +393,8 @@ def test_bad_inputs_get_openai_errors_while_good_requests_complete(served, offli
 
 
 def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
-    """Without a chat template chat is a clear 400; max_pending unfinished requests make the next one a 429;
+    """Without a chat template chat is a clear 400; max_pending unfinished requests make the next one a 429 (with
+    Retry-After; a request's n choices count together); n beyond max_pending is a 400 (retrying cannot help);
     after shutdown requests get 503 (through the ASGI app, no socket)."""
     engine = make_engine(smol_program, tokenizer, max_pending=2)
     app = create_app(engine, model_name=MODEL, chat_template=None)
@@ -407,11 +408,9 @@ def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
             while engine.stats()["pending"] < 2:
                 await asyncio.sleep(0.01)
             full = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-            two = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
+            two = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
             done = await asyncio.gather(*slow)
             n3 = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
-            while engine.stats()["pending"]:  # n3's two admitted choices are being aborted
-                await asyncio.sleep(0.01)
             ok = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
             await asyncio.to_thread(engine.shutdown, 5)
             closed = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
@@ -422,14 +421,15 @@ def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
     chat, full, two, done, n3, ok, closed, health, metrics = asyncio.run(run())
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template"
     assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert full.headers["retry-after"] == "1"
     assert two.status_code == 429
     assert [r.json()["usage"]["completion_tokens"] for r in done] == [40, 40]
-    assert n3.status_code == 429  # three choices never fit two pending slots: nothing of it runs
+    assert n3.status_code == 400 and n3.json()["error"]["param"] == "n"  # three never fit two pending slots
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
     assert closed.status_code == 503 and closed.json()["error"]["type"] == "service_unavailable"
     assert health.status_code == 503
     values = metric_values(metrics.text)
-    assert values['workbench_requests_rejected_total{reason="queue_full"}'] == 3
+    assert values['workbench_requests_rejected_total{reason="queue_full"}'] == 2
     assert values['workbench_requests_rejected_total{reason="closed"}'] == 1
     assert values['workbench_requests_total{finish_reason="length"}'] == 4
     assert engine.engine.scheduler.bm.num_free == 256
