@@ -343,6 +343,15 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens", None),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", None),                     # not implemented
     ("/v1/completions", b'{"prompt": "' + b"x" * (2**20 + 10) + b'"}', 413, None, "request_too_large"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "prompt", None),                       # lone surrogate
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages", None),
+    ("/v1/completions", b'{"prompt": "x", "a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None, None),  # nested
+    ("/v1/completions", {"prompt": "x", "a": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}, 400, None, None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ab"] * 100_000}, 400, "stop", None),         # over the limits
+    ("/v1/completions", {"prompt": "hi", "stop": "s" * 257}, 400, "stop", None),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [1] * 257}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 128}, 400, "n", None),                # never fits
+    ("/v1/completions", {"prompt": "hi", "seed": True}, 400, "seed", None),
     ("/v1/nothing", {"prompt": "hi"}, 404, None, "not_found"),
 ]
 
@@ -384,12 +393,129 @@ def test_bad_inputs_get_openai_errors_while_good_requests_complete(served, offli
         if want_code is not None:
             assert body["error"]["code"] == want_code, (case[:2], body)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
     for b, res, w in zip(good, goods, want):
         assert res[0] == 200
         assert (res[1][0] if b["stream"] else res[1]["choices"][0]["text"]) == w.text
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     models = httpx.get(url + "/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == SERVED_BLOCKS * 16
+
+
+def test_a_seed_whose_choices_overflow_64_bits_works_and_the_engine_goes_on(served, offline):
+    """Issue 25: seed 2**64-1 with n=2 stopped the engine thread (seed + 1 overflowed); choice i's seed is now
+    seed + i in 64 bits, so choice 1 samples with seed 0."""
+    url, engine = served
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.8, "n": 2, "seed": 2**64 - 1}
+    want = offline.generate([PROMPTS[0]] * 2, [SamplingParams(max_tokens=4, temperature=0.8, seed=s)
+                                               for s in (2**64 - 1, 0)])
+    with httpx.Client(timeout=60) as c:
+        plain = c.post(url + "/v1/completions", json=body)
+        streamed = c.post(url + "/v1/completions", json={**body, "stream": True})
+        canary = c.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert plain.status_code == 200 and [ch["text"] for ch in plain.json()["choices"]] == [w.text for w in want]
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n") and '"error"' not in streamed.text
+    assert canary.status_code == 200 and engine.is_running
+
+
+def test_a_request_that_fails_inside_the_step_fails_alone(smol_program, tokenizer, offline):
+    """The supervisor: one request's draw raises inside the shared step (injected: its seed poisons the sampler);
+    that request gets a 500 (in-band in a stream), its batch-mates get offline generation's text, and the
+    server goes on serving."""
+    engine = make_engine(smol_program, tokenizer)
+    launch = engine.engine.sampler.launch
+
+    def poisoned(logits, params, generators, suppress=None):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return launch(logits, params, generators, suppress)
+
+    engine.engine.sampler.launch = poisoned
+    app = create_app(engine, model_name=MODEL)
+    good = [{"prompt": p, "max_tokens": 8, "temperature": 0.7, "seed": 5 + i} for i, p in enumerate(PROMPTS[:4])]
+    want = offline.generate(PROMPTS[:4], [SamplingParams(max_tokens=8, temperature=0.7, seed=5 + i) for i in range(4)])
+    bad = {"prompt": PROMPTS[5], "max_tokens": 8, "temperature": 0.7, "seed": 666}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            results = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in good),
+                                           c.post("/v1/completions", json=bad),
+                                           c.post("/v1/completions", json={**bad, "stream": True}))
+            canary = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            metrics = await c.get("/metrics")
+            return results, canary, metrics
+
+    (*goods, failed, failed_stream), canary, metrics = asyncio.run(run())
+    assert [r.json()["choices"][0]["text"] for r in goods] == [w.text for w in want]
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "request_failed"
+    assert "injected sampling failure" in failed.json()["error"]["message"]
+    assert failed_stream.status_code == 200 and '"request_failed"' in failed_stream.text
+    assert failed_stream.text.endswith("data: [DONE]\n\n")
+    assert canary.status_code == 200 and engine.is_running
+    assert metric_values(metrics.text)['workbench_requests_total{finish_reason="error"}'] == 2
+    engine.shutdown(1)
+    assert engine.engine.scheduler.bm.num_free == 256 and not engine.engine.states
+
+
+def test_api_key_host_allow_list_json_bodies_and_cors(smol_program, tokenizer, monkeypatch):
+    """The access rules (serve/access.py) through the ASGI app: a bearer key on /v1 (not /health), JSON-only
+    bodies (a cross-origin "simple" text/plain POST runs nothing), the Host allow-list, CORS only for the
+    allowed origins; max_tokens null means OpenAI's 16; the request models are in /openapi.json."""
+    from workbench.serve.access import Access, default_allowed_hosts
+
+    engine = make_engine(smol_program, tokenizer)
+    access = Access("sk-test", default_allowed_hosts("127.0.0.1"), ("https://ok.example",))
+    app = create_app(engine, model_name=MODEL, access=access)
+    key, body = {"Authorization": "Bearer sk-test"}, {"prompt": "hi", "max_tokens": 2}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000",
+                                     timeout=60) as c:
+            post = c.post
+            return dict(
+                no_key=await post("/v1/completions", json=body),
+                wrong_key=await post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-tesT"}),
+                models_no_key=await c.get("/v1/models"),
+                health=await c.get("/health"),
+                ok=await post("/v1/completions", json=body, headers=key),
+                null=await post("/v1/completions", json={**body, "max_tokens": None, "ignore_eos": True}, headers=key),
+                text_plain=await post("/v1/completions", content=json.dumps(body),
+                                      headers={**key, "Content-Type": "text/plain"}),
+                no_type=await post("/v1/completions", content=json.dumps(body).encode(), headers=key),
+                rebound=await post("/v1/completions", json=body, headers={**key, "Host": "evil.example"}),
+                ipv6=await c.get("/health", headers={"Host": "[::1]:8000"}),
+                preflight=await c.options("/v1/completions", headers={
+                    "Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type"}),
+                other_origin=await c.get("/health", headers={"Origin": "https://evil.example"}),
+                openapi=await c.get("/openapi.json"))
+
+    r = asyncio.run(run())
+    engine.shutdown(1)
+    for name in ("no_key", "wrong_key", "models_no_key"):
+        assert r[name].status_code == 401 and r[name].json()["error"]["code"] == "invalid_api_key", name
+    assert r["no_key"].headers["www-authenticate"] == "Bearer"
+    assert r["health"].status_code == r["ok"].status_code == r["ipv6"].status_code == 200
+    assert r["null"].json()["usage"]["completion_tokens"] == 16  # OpenAI: "max_tokens ... Defaults to 16"
+    assert r["text_plain"].status_code == r["no_type"].status_code == 415
+    assert r["rebound"].status_code == 400 and r["rebound"].json()["error"]["code"] == "invalid_host"
+    assert r["preflight"].headers["access-control-allow-origin"] == "https://ok.example"
+    assert "access-control-allow-origin" not in r["other_origin"].headers
+    schemas = r["openapi"].json()["components"]["schemas"]
+    assert "prompt" in schemas["CompletionRequest"]["properties"] and "ChatMessage" in schemas
+    assert engine.metrics.finished["length"] == 2  # ok and null: nothing else ran
+    assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("10.1.2.3") == {"10.1.2.3"}
+    assert default_allowed_hosts("10.1.2.3", ["*"]) is None
+
+    import workbench.serve as serve_package
+    from workbench.cli import main
+
+    seen = {}
+    monkeypatch.setattr(serve_package, "serve", lambda path, **kw: seen.update(kw))
+    monkeypatch.setenv("WORKBENCH_API_KEY", "from-env")
+    assert main(["serve", "e/", "--allowed-hosts", "a.example,b.example", "--allowed-hosts", "c"]) == 0
+    assert seen["api_key"] == "from-env" and seen["allowed_hosts"] == ["a.example", "b.example", "c"]
+    assert main(["serve", "e/", "--api-key", "flag"]) == 0 and seen["api_key"] == "flag"
 
 
 def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
