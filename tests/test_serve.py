@@ -518,6 +518,59 @@ def test_api_key_host_allow_list_json_bodies_and_cors(smol_program, tokenizer, m
     assert main(["serve", "e/", "--api-key", "flag"]) == 0 and seen["api_key"] == "flag"
 
 
+def fuzz_bodies():
+    """Hypothesis strategies of request bodies: OpenAI's fields with valid, edge and wrong values, plus junk."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                               max_leaves=8)
+    text = st.text(max_size=20) | st.sampled_from(["hi", "\ud800", "", "\x00", "é🙂"])
+    common = {"temperature": st.floats(-1, 3) | st.sampled_from([0, 1e-30, 1e308, "hot"]),
+              "top_p": st.floats(-0.5, 1.5), "top_k": st.integers(-2, 2**40), "n": st.integers(-1, 3),
+              "seed": st.integers(-2**64, 2**65), "stop": text | st.lists(text, max_size=20),
+              "stop_token_ids": st.lists(st.integers(-3, 60_000), max_size=3), "stream": st.booleans(),
+              "logprobs": st.integers(-1, 25) | st.booleans(), "min_tokens": st.integers(-1, 4),
+              "model": st.sampled_from([MODEL, "gpt-4", None]), "junk": json_values}
+    prompt = text | st.lists(text, max_size=3) | st.lists(st.integers(-2, 50_000), max_size=4) | json_values
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard"]),
+                                     "content": text | st.none() | json_values})
+    max_tokens = st.integers(-2, 3) | st.sampled_from(["1", 1.5, 2**70, [], {}])
+    completion = st.fixed_dictionaries({"prompt": prompt, "max_tokens": max_tokens | st.none()}, optional=common)
+    chat = st.fixed_dictionaries({"messages": st.lists(message, max_size=3), "max_tokens": max_tokens},
+                                 optional=common)
+    return st.tuples(st.just("/v1/completions"), completion | json_values) | \
+        st.tuples(st.just("/v1/chat/completions"), chat | json_values)
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_engine_goes_on(served, offline):
+    """Property: whatever JSON arrives (a fixed, small number of generated bodies), the answer is a 2xx or an
+    OpenAI 4xx, never a 5xx, and a canary request afterwards still gets offline generation's text."""
+    from hypothesis import HealthCheck, given, settings
+
+    url, engine = served
+    client = httpx.Client(base_url=url, timeout=60)
+
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(fuzz_bodies())
+    def one(case):
+        path, body = case
+        r = client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    try:
+        one()
+        canary = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    finally:
+        client.close()
+    assert canary.status_code == 200 and engine.is_running
+    want = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0].text
+    assert canary.json()["choices"][0]["text"] == want
+
+
 def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
     """Without a chat template chat is a clear 400; max_pending unfinished requests make the next one a 429 (with
     Retry-After; a request's n choices count together); n beyond max_pending is a 400 (retrying cannot help);
