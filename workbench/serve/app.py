@@ -6,7 +6,8 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus text: ``serve/metrics.py``).
 
-* **The protocol** (parameters, n, streaming, error bodies) is ``serve/openai_api.py``'s.
+* **The protocol** (parameters, n, streaming, error bodies, limits) is ``serve/openai_api.py``'s; who may call
+  it (API key, Host allow-list, JSON-only bodies, CORS) ``serve/access.py``'s.
 * **Disconnects** abort: a streaming client that goes away cancels the response task, a non-streaming one is
   watched for ``http.disconnect``; either way the engine aborts the requests and frees their blocks.
 * **Shutdown** (``serve``, on SIGTERM/SIGINT): stop accepting connections, then ``AsyncLLMEngine.shutdown``
