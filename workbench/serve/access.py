@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from ..errors import WorkbenchError
 from .openai_api import ApiError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -42,7 +43,7 @@ class Access:
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty; give a non-empty key or none")
+            raise WorkbenchError("the API key is blank; give a non-empty --api-key (or WORKBENCH_API_KEY), or none")
         if self.allowed_hosts is not None:
             hosts = frozenset(h.strip().lower().strip("[]") for h in self.allowed_hosts if h.strip())
             object.__setattr__(self, "allowed_hosts", None if "*" in hosts else hosts)
