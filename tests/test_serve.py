@@ -523,7 +523,8 @@ def fuzz_bodies():
     from hypothesis import strategies as st
 
     json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner,
+                                                                                           max_size=3),
                                max_leaves=8)
     text = st.text(max_size=20) | st.sampled_from(["hi", "\ud800", "", "\x00", "é🙂"])
     common = {"temperature": st.floats(-1, 3) | st.sampled_from([0, 1e-30, 1e308, "hot"]),

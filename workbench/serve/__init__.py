@@ -5,7 +5,8 @@
 
 ``app.py`` is the HTTP layer (routes, body limits, disconnects, shutdown), ``openai_api.py`` OpenAI's request
 and response shapes over the engine (pydantic bodies and their limits, choices, server-sent events, error
-bodies), ``access.py`` who may use it (API key, Host allow-list, JSON-only bodies, CORS), and ``metrics.py`` the Prometheus page of the metrics the runtime records (``runtime.metrics``). The runtime
+bodies), ``access.py`` who may use it (API key, Host allow-list, JSON-only bodies, CORS), and ``metrics.py``
+the Prometheus page of the metrics the runtime records (``runtime.metrics``). The runtime
 imports nothing from here.
 """
 
