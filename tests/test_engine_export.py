@@ -4,6 +4,7 @@ message that names it, a tuned engine loaded elsewhere warns and runs default ke
 resumes, and `LLM(engine)` generates what `LLM(workspace)` does."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -198,6 +199,13 @@ def edit_json(path, fn):
     path.write_text(json.dumps(data))
 
 
+def rehash(d, fn):
+    """Edit engine.json and record its new hash, as a hand-made engine would."""
+    edit_json(d / "engine.json", fn)
+    edit_json(d / "manifest.json", lambda m: m["files"].update({"engine.json": {
+        "sha256": sha256_file(d / "engine.json"), "bytes": (d / "engine.json").stat().st_size}}))
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda d: (d / "weights.safetensors").unlink(), r"missing weights\.safetensors, which its manifest lists"),
     (lambda d: (d / "tokenizer" / "tokenizer.json").unlink(), r"missing tokenizer/tokenizer\.json"),
@@ -212,6 +220,9 @@ def edit_json(path, fn):
      r"requires torch >= 99\.1.*upgrade torch"),
     (lambda d: edit_json(d / "engine.json", lambda e: e["limits"].update(max_num_seqs=1000)),
      r"engine\.json was altered since the engine was exported \(sha256"),
+    (lambda d: edit_json(d / "manifest.json", lambda m: m["files"].update({"weights.safetensors": "abc"})),
+     r"manifest\.json: its entry for 'weights\.safetensors' is 'abc', not .*re-export the engine"),
+    (lambda d: rehash(d, lambda e: e.pop("graph")), r"engine\.json has no 'graph'.*re-export the engine"),
 ])
 def test_a_damaged_engine_fails_and_says_how(engine, tmp_path, damage, match):
     d = damaged(engine, tmp_path)
@@ -276,6 +287,25 @@ def test_an_interrupted_export_keeps_the_previous_engine(ws, tmp_path, monkeypat
         export_engine(ws, out, limits={"max_num_seqs": 7})
     assert load_engine(out).limits.max_num_seqs == 2  # the old engine, whole
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no half-written directory left beside it
+
+
+def test_the_next_export_removes_a_killed_exports_leftovers(ws, engine, tmp_path):
+    """A process killed mid-export leaves .engine.tmp-PID-*; the next export of the same --out removes it even
+    when PID is alive again (a container reuses process ids: here our parent's), unless a live export holds it."""
+    from workbench.engine.export import _hold
+
+    out = tmp_path / "engine"
+    stale = shutil.copytree(engine, tmp_path / f".engine.tmp-{os.getppid()}-dead")
+    running = tmp_path / f".engine.tmp-{os.getppid()}-live"
+    running.mkdir()
+    lock = _hold(running)
+    try:
+        export_engine(ws, out, limits={"max_num_seqs": 3})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "engine"] and not stale.exists()
+    finally:
+        os.close(lock)
+    export_engine(ws, out, limits={"max_num_seqs": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]
 
 
 def test_a_tuned_engine_elsewhere_warns_and_runs_default_kernels(ws, tmp_path, monkeypatch):

@@ -337,6 +337,15 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens", None),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", None),                     # not implemented
     ("/v1/completions", b'{"prompt": "' + b"x" * (2**20 + 10) + b'"}', 413, None, "request_too_large"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "prompt", None),                       # lone surrogate
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages", None),
+    ("/v1/completions", b'{"prompt": "x", "a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None, None),  # nested
+    ("/v1/completions", {"prompt": "x", "a": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}, 400, None, None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ab"] * 100_000}, 400, "stop", None),         # over the limits
+    ("/v1/completions", {"prompt": "hi", "stop": "s" * 257}, 400, "stop", None),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [1] * 257}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 128}, 400, "n", None),                # never fits
+    ("/v1/completions", {"prompt": "hi", "seed": True}, 400, "seed", None),
     ("/v1/nothing", {"prompt": "hi"}, 404, None, "not_found"),
 ]
 
@@ -378,6 +387,7 @@ def test_bad_inputs_get_openai_errors_while_good_requests_complete(served, offli
         if want_code is not None:
             assert body["error"]["code"] == want_code, (case[:2], body)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
     for b, res, w in zip(good, goods, want):
         assert res[0] == 200
         assert (res[1][0] if b["stream"] else res[1]["choices"][0]["text"]) == w.text
@@ -386,8 +396,179 @@ def test_bad_inputs_get_openai_errors_while_good_requests_complete(served, offli
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == SERVED_BLOCKS * 16
 
 
+def test_a_seed_whose_choices_overflow_64_bits_works_and_the_engine_goes_on(served, offline):
+    """Issue 25: seed 2**64-1 with n=2 stopped the engine thread (seed + 1 overflowed); choice i's seed is now
+    seed + i in 64 bits, so choice 1 samples with seed 0."""
+    url, engine = served
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.8, "n": 2, "seed": 2**64 - 1}
+    want = offline.generate([PROMPTS[0]] * 2, [SamplingParams(max_tokens=4, temperature=0.8, seed=s)
+                                               for s in (2**64 - 1, 0)])
+    with httpx.Client(timeout=60) as c:
+        plain = c.post(url + "/v1/completions", json=body)
+        streamed = c.post(url + "/v1/completions", json={**body, "stream": True})
+        canary = c.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert plain.status_code == 200 and [ch["text"] for ch in plain.json()["choices"]] == [w.text for w in want]
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n") and '"error"' not in streamed.text
+    assert canary.status_code == 200 and engine.is_running
+
+
+def test_a_request_that_fails_inside_the_step_fails_alone(smol_program, tokenizer, offline):
+    """The supervisor: one request's draw raises inside the shared step (injected: its seed poisons the sampler);
+    that request gets a 500 (in-band in a stream), its batch-mates get offline generation's text, and the
+    server goes on serving."""
+    engine = make_engine(smol_program, tokenizer)
+    launch = engine.engine.sampler.launch
+
+    def poisoned(logits, params, generators, suppress=None):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return launch(logits, params, generators, suppress)
+
+    engine.engine.sampler.launch = poisoned
+    app = create_app(engine, model_name=MODEL)
+    good = [{"prompt": p, "max_tokens": 8, "temperature": 0.7, "seed": 5 + i} for i, p in enumerate(PROMPTS[:4])]
+    want = offline.generate(PROMPTS[:4], [SamplingParams(max_tokens=8, temperature=0.7, seed=5 + i) for i in range(4)])
+    bad = {"prompt": PROMPTS[5], "max_tokens": 8, "temperature": 0.7, "seed": 666}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            results = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in good),
+                                           c.post("/v1/completions", json=bad),
+                                           c.post("/v1/completions", json={**bad, "stream": True}))
+            canary = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            metrics = await c.get("/metrics")
+            return results, canary, metrics
+
+    (*goods, failed, failed_stream), canary, metrics = asyncio.run(run())
+    assert [r.json()["choices"][0]["text"] for r in goods] == [w.text for w in want]
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "request_failed"
+    assert "injected sampling failure" in failed.json()["error"]["message"]
+    assert failed_stream.status_code == 200 and '"request_failed"' in failed_stream.text
+    assert failed_stream.text.endswith("data: [DONE]\n\n")
+    assert canary.status_code == 200 and engine.is_running
+    assert metric_values(metrics.text)['workbench_requests_total{finish_reason="error"}'] == 2
+    engine.shutdown(1)
+    assert engine.engine.scheduler.bm.num_free == 256 and not engine.engine.states
+
+
+def test_api_key_host_allow_list_json_bodies_and_cors(smol_program, tokenizer, monkeypatch):
+    """The access rules (serve/access.py) through the ASGI app: a bearer key on /v1 (not /health), JSON-only
+    bodies (a cross-origin "simple" text/plain POST runs nothing), the Host allow-list, CORS only for the
+    allowed origins; max_tokens null means OpenAI's 16; the request models are in /openapi.json."""
+    from workbench.serve.access import Access, default_allowed_hosts
+
+    engine = make_engine(smol_program, tokenizer)
+    access = Access("sk-test", default_allowed_hosts("127.0.0.1"), ("https://ok.example",))
+    app = create_app(engine, model_name=MODEL, access=access)
+    key, body = {"Authorization": "Bearer sk-test"}, {"prompt": "hi", "max_tokens": 2}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000",
+                                     timeout=60) as c:
+            post = c.post
+            return dict(
+                no_key=await post("/v1/completions", json=body),
+                wrong_key=await post("/v1/completions", json=body, headers={"Authorization": "Bearer sk-tesT"}),
+                models_no_key=await c.get("/v1/models"),
+                health=await c.get("/health"),
+                ok=await post("/v1/completions", json=body, headers=key),
+                null=await post("/v1/completions", json={**body, "max_tokens": None, "ignore_eos": True}, headers=key),
+                text_plain=await post("/v1/completions", content=json.dumps(body),
+                                      headers={**key, "Content-Type": "text/plain"}),
+                no_type=await post("/v1/completions", content=json.dumps(body).encode(), headers=key),
+                rebound=await post("/v1/completions", json=body, headers={**key, "Host": "evil.example"}),
+                ipv6=await c.get("/health", headers={"Host": "[::1]:8000"}),
+                preflight=await c.options("/v1/completions", headers={
+                    "Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type"}),
+                other_origin=await c.get("/health", headers={"Origin": "https://evil.example"}),
+                openapi=await c.get("/openapi.json"))
+
+    r = asyncio.run(run())
+    engine.shutdown(1)
+    for name in ("no_key", "wrong_key", "models_no_key"):
+        assert r[name].status_code == 401 and r[name].json()["error"]["code"] == "invalid_api_key", name
+    assert r["no_key"].headers["www-authenticate"] == "Bearer"
+    assert r["health"].status_code == r["ok"].status_code == r["ipv6"].status_code == 200
+    assert r["null"].json()["usage"]["completion_tokens"] == 16  # OpenAI: "max_tokens ... Defaults to 16"
+    assert r["text_plain"].status_code == r["no_type"].status_code == 415
+    assert r["rebound"].status_code == 400 and r["rebound"].json()["error"]["code"] == "invalid_host"
+    assert r["preflight"].headers["access-control-allow-origin"] == "https://ok.example"
+    assert "access-control-allow-origin" not in r["other_origin"].headers
+    schemas = r["openapi"].json()["components"]["schemas"]
+    assert "prompt" in schemas["CompletionRequest"]["properties"] and "ChatMessage" in schemas
+    assert engine.metrics.finished["length"] == 2  # ok and null: nothing else ran
+    assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("10.1.2.3") == {"10.1.2.3"}
+    assert default_allowed_hosts("10.1.2.3", ["*"]) is None
+
+    import workbench.serve as serve_package
+    from workbench.cli import main
+
+    seen = {}
+    monkeypatch.setattr(serve_package, "serve", lambda path, **kw: seen.update(kw))
+    monkeypatch.setenv("WORKBENCH_API_KEY", "from-env")
+    assert main(["serve", "e/", "--allowed-hosts", "a.example,b.example", "--allowed-hosts", "c"]) == 0
+    assert seen["api_key"] == "from-env" and seen["allowed_hosts"] == ["a.example", "b.example", "c"]
+    assert main(["serve", "e/", "--api-key", "flag"]) == 0 and seen["api_key"] == "flag"
+
+
+def fuzz_bodies():
+    """Hypothesis strategies of request bodies: OpenAI's fields with valid, edge and wrong values, plus junk."""
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner,
+                                                                                           max_size=3),
+                               max_leaves=8)
+    text = st.text(max_size=20) | st.sampled_from(["hi", "\ud800", "", "\x00", "é🙂"])
+    common = {"temperature": st.floats(-1, 3) | st.sampled_from([0, 1e-30, 1e308, "hot"]),
+              "top_p": st.floats(-0.5, 1.5), "top_k": st.integers(-2, 2**40), "n": st.integers(-1, 3),
+              "seed": st.integers(-2**64, 2**65), "stop": text | st.lists(text, max_size=20),
+              "stop_token_ids": st.lists(st.integers(-3, 60_000), max_size=3), "stream": st.booleans(),
+              "logprobs": st.integers(-1, 25) | st.booleans(), "min_tokens": st.integers(-1, 4),
+              "model": st.sampled_from([MODEL, "gpt-4", None]), "junk": json_values}
+    prompt = text | st.lists(text, max_size=3) | st.lists(st.integers(-2, 50_000), max_size=4) | json_values
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard"]),
+                                     "content": text | st.none() | json_values})
+    max_tokens = st.integers(-2, 3) | st.sampled_from(["1", 1.5, 2**70, [], {}])
+    completion = st.fixed_dictionaries({"prompt": prompt, "max_tokens": max_tokens | st.none()}, optional=common)
+    chat = st.fixed_dictionaries({"messages": st.lists(message, max_size=3), "max_tokens": max_tokens},
+                                 optional=common)
+    return st.tuples(st.just("/v1/completions"), completion | json_values) | \
+        st.tuples(st.just("/v1/chat/completions"), chat | json_values)
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_engine_goes_on(served, offline):
+    """Property: whatever JSON arrives (a fixed, small number of generated bodies), the answer is a 2xx or an
+    OpenAI 4xx, never a 5xx, and a canary request afterwards still gets offline generation's text."""
+    from hypothesis import HealthCheck, given, settings
+
+    url, engine = served
+    client = httpx.Client(base_url=url, timeout=60)
+
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(fuzz_bodies())
+    def one(case):
+        path, body = case
+        r = client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    try:
+        one()
+        canary = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    finally:
+        client.close()
+    assert canary.status_code == 200 and engine.is_running
+    want = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0].text
+    assert canary.json()["choices"][0]["text"] == want
+
+
 def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
-    """Without a chat template chat is a clear 400; max_pending unfinished requests make the next one a 429;
+    """Without a chat template chat is a clear 400; max_pending unfinished requests make the next one a 429 (with
+    Retry-After; a request's n choices count together); n beyond max_pending is a 400 (retrying cannot help);
     after shutdown requests get 503 (through the ASGI app, no socket)."""
     engine = make_engine(smol_program, tokenizer, max_pending=2)
     app = create_app(engine, model_name=MODEL, chat_template=None)
@@ -401,11 +582,9 @@ def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
             while engine.stats()["pending"] < 2:
                 await asyncio.sleep(0.01)
             full = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-            two = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
+            two = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
             done = await asyncio.gather(*slow)
             n3 = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
-            while engine.stats()["pending"]:  # n3's two admitted choices are being aborted
-                await asyncio.sleep(0.01)
             ok = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
             await asyncio.to_thread(engine.shutdown, 5)
             closed = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
@@ -416,14 +595,15 @@ def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
     chat, full, two, done, n3, ok, closed, health, metrics = asyncio.run(run())
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template"
     assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert full.headers["retry-after"] == "1"
     assert two.status_code == 429
     assert [r.json()["usage"]["completion_tokens"] for r in done] == [40, 40]
-    assert n3.status_code == 429  # three choices never fit two pending slots: nothing of it runs
+    assert n3.status_code == 400 and n3.json()["error"]["param"] == "n"  # three never fit two pending slots
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
     assert closed.status_code == 503 and closed.json()["error"]["type"] == "service_unavailable"
     assert health.status_code == 503
     values = metric_values(metrics.text)
-    assert values['workbench_requests_rejected_total{reason="queue_full"}'] == 3
+    assert values['workbench_requests_rejected_total{reason="queue_full"}'] == 2
     assert values['workbench_requests_rejected_total{reason="closed"}'] == 1
     assert values['workbench_requests_total{finish_reason="length"}'] == 4
     assert engine.engine.scheduler.bm.num_free == 256

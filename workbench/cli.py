@@ -23,6 +23,7 @@ leaves no directory it made (see ``Workspace.run``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -230,7 +231,17 @@ def _cmd_serve(args) -> None:
           model_name=args.model_name, max_pending=args.max_pending, num_blocks=args.num_blocks,
           memory_fraction=args.memory_fraction, max_num_seqs=args.max_num_seqs,
           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, allowed_hosts=_csv(args.allowed_hosts),
+          allowed_origins=_csv(args.allowed_origins))
+
+
+API_KEY_ENV = "WORKBENCH_API_KEY"
+
+
+def _csv(values: list[str]) -> list[str]:
+    """Repeated and comma-separated values of one option, as one list."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
 def _add_device_arg(s, what: str) -> None:
@@ -419,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--api-key", help="the key clients send as 'Authorization: Bearer KEY' on every /v1 route "
+                   f"(default: ${API_KEY_ENV}; none: no key needed)")
+    s.add_argument("--allowed-hosts", action="append", default=[], metavar="NAMES",
+                   help="more Host header names to answer for (comma-separated, repeatable; '*' for any); by default "
+                        "the --host address, plus localhost and 127.0.0.1 when it is a loopback one")
+    s.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+                   help="browser origins allowed to read responses (CORS; comma-separated, repeatable; '*' for any); "
+                        "by default none")
     s.set_defaults(fn=_cmd_serve)
     for s in sub.choices.values():
         s.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",

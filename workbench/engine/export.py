@@ -23,6 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: leftovers are told apart by process id alone
+    fcntl = None
+
 import torch
 
 from ..errors import WorkbenchError
@@ -163,6 +168,7 @@ def _write_engine(out: Path, info: dict, tensors: dict[str, torch.Tensor], token
     _remove_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    lock = _hold(tmp)  # while this export lives: the next one tells a dead export's leftover from a running one
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "workbench_engine": str(FORMAT_VERSION)})
         os.chmod(tmp / WEIGHTS, tmp.stat().st_mode & 0o666)  # safetensors creates it owner-only; as umask says
@@ -182,9 +188,35 @@ def _write_engine(out: Path, info: dict, tensors: dict[str, torch.Tensor], token
         atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())  # last: its hashes
         _swap_into_place(tmp, out)
     finally:
+        os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _hold(directory: Path) -> int:
+    """An open descriptor of ``directory`` holding an exclusive lock on it until closed (or the process dies)."""
+    fd = os.open(directory, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held(directory: Path) -> bool:
+    """Whether a live export holds ``directory`` (``_hold``); False where locks are unavailable."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -200,10 +232,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """Temporary directories of exports to ``out`` whose process died (never renamed into place)."""
+    """Temporary directories of exports to ``out`` whose process died (never renamed into place). A ``tmp``
+    one is stale unless a live export holds its lock (a process id alone would not do: a container's next
+    process often gets the dead one's id); an ``old`` one unless its process id is alive."""
     for d in out.parent.glob(f".{out.name}.*-*-*"):
         kind, _, rest = d.name[len(out.name) + 2:].partition("-")
         if kind not in ("tmp", "old") or not d.is_dir():
+            continue
+        if kind == "tmp" and fcntl is not None:
+            if not _held(d):
+                shutil.rmtree(d, ignore_errors=True)
             continue
         try:
             pid = int(rest.split("-")[0])

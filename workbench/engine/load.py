@@ -67,6 +67,10 @@ class Engine:
         return self.info.get("precision")
 
 
+#: What every engine.json holds (``export``); a file without one of them is refused before anything is built.
+ENGINE_KEYS = ("graph", "limits", "weights", "profiles")
+
+
 def read_engine(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """Checks 1-4 of the module docstring without building anything: (manifest, engine.json, its bytes)."""
     path = Path(path)
@@ -83,6 +87,11 @@ def read_engine(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], bytes
     raw = (path / ENGINE_JSON).read_bytes()
     info = _parse_json(path, ENGINE_JSON, raw)
     _check_format(path, ENGINE_JSON, info, manifest)
+    missing = [key for key in ENGINE_KEYS if key not in info]
+    if missing:
+        raise WorkbenchError(f"{path / ENGINE_JSON} has no {', '.join(repr(k) for k in missing)}; it is not an "
+                             f"engine.json `workbench export` wrote: re-export the engine (`workbench export "
+                             f"{_workspace(manifest)} --out {path}`)")
     check_requirements(path, manifest)
     verify_files(path, manifest, preread={ENGINE_JSON: raw})
     return manifest, info, raw
@@ -213,6 +222,11 @@ def verify_files(path: Path, manifest: dict, *, preread: dict[str, bytes] | None
                              "re-export the engine")
     for name, entry in files.items():
         f = path / name
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int):
+            raise WorkbenchError(f"{path / MANIFEST}: its entry for {name!r} is {entry!r}, not {{\"sha256\": ..., "
+                                 f"\"bytes\": ...}}; it is not a manifest `workbench export` wrote: re-export the "
+                                 f"engine (`workbench export {_workspace(manifest)} --out {path}`)")
         if not f.is_file():
             raise WorkbenchError(_missing(path, name, manifest))
         if preread and name in preread:
@@ -296,4 +310,5 @@ def _missing(path: Path, name: str, manifest: dict) -> str:
 
 
 def _workspace(manifest: dict) -> str:
-    return (manifest.get("workspace") or {}).get("root") or "WS"
+    workspace = manifest.get("workspace") if isinstance(manifest, dict) else None
+    return str(workspace.get("root") or "WS") if isinstance(workspace, dict) else "WS"

@@ -28,9 +28,13 @@ KV blocks are freed at once. Finished requests are released too: the engine keep
 running); one more raises ``QueueFullError`` (the server answers 429) instead of growing a queue without
 bound. After ``shutdown`` (or an engine error) ``submit`` raises ``EngineClosedError`` (503).
 
-**Failures.** A request the engine refuses gets the error alone. A step that raises (a device error) ends
-every stream with ``EngineClosedError`` instead of leaving it waiting, and the engine accepts nothing more;
-``check_params`` refuses the parameters that would make a shared step fail (a temperature that overflows).
+**Failures.** No request can stop the engine for the others. Its parameters and token ids are checked before it
+is queued (``check_params`` refuses what would make a shared step fail: a temperature that overflows, ids
+outside the vocabulary, a seed out of 64 bits); a request the engine refuses gets the error alone; and what one
+request still raises inside a step (its draw, detokenizer or stop check: ``LLMEngine`` isolates those) ends
+that request alone with ``RequestFailedError`` while the others go on. Only a step that raises as a whole (a
+device error) ends every stream with ``EngineClosedError`` instead of leaving it waiting, and the engine
+accepts nothing more.
 
 Metrics are recorded by the engine thread into ``runtime.metrics.EngineMetrics`` (TTFT is measured from
 ``submit``); gauges are a snapshot the engine thread publishes after every iteration, so readers never touch
@@ -60,6 +64,10 @@ class QueueFullError(WorkbenchError):
 
 class EngineClosedError(WorkbenchError):
     """The engine is shutting down or stopped after an error (HTTP 503)."""
+
+
+class RequestFailedError(WorkbenchError):
+    """The engine failed this request alone, inside a step (HTTP 500); the others went on."""
 
 
 class ContextLengthError(WorkbenchError):
@@ -199,11 +207,22 @@ class AsyncLLMEngine:
         """Check a request and queue it for the engine thread; returns its stream. Call from a coroutine
         (the stream delivers to the running loop). Raises ``WorkbenchError`` for a bad prompt,
         or parameters, ``ContextLengthError``, ``QueueFullError`` or ``EngineClosedError``."""
+        return self.submit_all([(prompt, params, request_id)])[0]
+
+    def submit_all(self, requests: list[tuple]) -> list[RequestStream]:
+        """``submit`` for several ``(prompt, params, request_id)`` at once (a request's ``n`` choices), all or
+        none: they count together against ``max_pending``, and more than it could ever hold is refused."""
         loop = asyncio.get_running_loop()
-        params = params or SamplingParams()
-        ids = self.encode(prompt)
-        self.check_params(params)
-        self.check_length(len(ids), params.max_tokens)
+        if len(requests) > self.max_pending:
+            raise WorkbenchError(f"{len(requests)} requests at once can never fit this engine's max_pending of "
+                                 f"{self.max_pending}; send fewer (lower n, or fewer prompts per request)")
+        checked = []
+        for prompt, params, request_id in requests:
+            params = params or SamplingParams()
+            ids = self.encode(prompt)
+            self.check_params(params)
+            self.check_length(len(ids), params.max_tokens)
+            checked.append((ids, params, request_id))
         arrival = time.perf_counter()
         with self._cond:
             if self._error is not None or not self._accepting:
@@ -211,20 +230,25 @@ class AsyncLLMEngine:
                     self.metrics.rejected["closed"] += 1
                 raise EngineClosedError("the engine is shutting down" if self._error is None else
                                         f"the engine stopped after an error ({self._error!r}); restart the server")
-            if len(self._streams) >= self.max_pending:
+            if len(self._streams) + len(checked) > self.max_pending:
                 with self.metrics.lock:
                     self.metrics.rejected["queue_full"] += 1
                 raise QueueFullError(f"{len(self._streams)} requests are already pending (max_pending="
                                      f"{self.max_pending}); retry later")
-            if request_id is None:
-                request_id = f"req-{next(self._ids)}"
-            elif request_id in self._streams:
-                raise WorkbenchError(f"request id {request_id!r} is already in use; give each request its own id")
-            stream = RequestStream(self, str(request_id), loop, params, len(ids), arrival)
-            self._streams[stream.request_id] = stream
-            self._commands.append(("add", stream, ids))
+            ids_given = [str(rid) for _, _, rid in checked if rid is not None]
+            taken = next((rid for rid in ids_given if rid in self._streams), None)
+            if taken is not None or len(set(ids_given)) < len(ids_given):
+                raise WorkbenchError(f"request id {taken or ids_given[0]!r} is already in use; give each request "
+                                     "its own id")
+            streams = []
+            for ids, params, request_id in checked:
+                rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+                stream = RequestStream(self, rid, loop, params, len(ids), arrival)
+                self._streams[rid] = stream
+                self._commands.append(("add", stream, ids))
+                streams.append(stream)
             self._cond.notify_all()
-        return stream
+        return streams
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -336,13 +360,17 @@ class AsyncLLMEngine:
                 stream.put(out)
 
     def _finish(self, stream: RequestStream, out: RequestOutput) -> None:
+        if out.finish_reason == "error":
+            log.error("request %s failed inside the engine step; the others go on", stream.request_id,
+                      exc_info=out.error)
         with self.metrics.lock:
             self.metrics.finished[out.finish_reason or "abort"] += 1
             self.metrics.prompt_tokens += stream.num_prompt_tokens
             self.metrics.generation_tokens += len(out.token_ids)
             self.metrics.e2e.observe(time.perf_counter() - stream.arrival)
         self._forget(stream)
-        stream.put(out)
+        stream.put(out if out.finish_reason != "error" else RequestFailedError(
+            f"the engine failed this request ({out.error!r}); other requests were not affected"))
 
     def _forget(self, stream: RequestStream) -> None:
         with self._cond:
@@ -403,4 +431,4 @@ def _config_value(engine: LLMEngine, key: str) -> int | None:
 
 
 __all__ = ["AsyncLLMEngine", "ContextLengthError", "EngineClosedError", "MIN_TEMPERATURE", "QueueFullError",
-           "RequestStream", "merge_streams"]
+           "RequestFailedError", "RequestStream", "merge_streams"]

@@ -40,8 +40,8 @@ from .block_manager import BlockManager
 from .capacity import DEFAULT_MEMORY_FRACTION
 from .executor import Executor, graph_token_sizes as default_token_sizes
 from .request import PLACEHOLDER, Request, Status
-from .sampling import (IncrementalDetokenizer, PendingSample, Sampler, SamplingParams, check_stop, make_generator,
-                       suppressed_tokens)
+from .sampling import (IncrementalDetokenizer, PendingSample, ReadySample, SampleOutput, Sampler, SamplingParams,
+                       check_stop, make_generator, suppressed_tokens)
 from .scheduler import Scheduler, SchedulerConfig
 
 
@@ -57,6 +57,7 @@ class RequestOutput:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[Any] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None  # finish_reason "error": what failed this request alone
 
 
 @dataclass(eq=False)
@@ -74,6 +75,7 @@ class _State:
     finished_time: float | None = None
     finish_reason: str | None = None
     prompt_ids: list[int] = field(default_factory=list)  # copied once: every output of the request shares it
+    error: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -82,6 +84,7 @@ class _Launched:
     requests: list[Request]
     rows: dict[str, int]
     sample: PendingSample
+    failed: dict[str, BaseException] = field(default_factory=dict)  # rows whose draw raised: those requests fail
 
 
 class LLMEngine:
@@ -166,10 +169,11 @@ class LLMEngine:
                                  f"({self.max_model_len}); shorten the prompt or lower max_tokens")
         req = Request(request_id, ids, params.max_tokens, arrival=time.perf_counter() if arrival is None else arrival,
                       params=params)
-        self.scheduler.add(req)  # validates the request against the cache and the budget
+        # all or nothing: whatever can refuse the request runs before the scheduler holds it
+        generator = make_generator(params, self.executor.device)
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        self.states[request_id] = _State(req, params, text, make_generator(params, self.executor.device), detok,
-                                         prompt_ids=list(ids))
+        self.scheduler.add(req)  # validates the request against the cache and the budget
+        self.states[request_id] = _State(req, params, text, generator, detok, prompt_ids=list(ids))
         return request_id
 
     def check_token_ids(self, ids: list[int], stop_token_ids=()) -> None:
@@ -234,9 +238,29 @@ class LLMEngine:
         states = [self.states[r.request_id] for r in requests]
         suppress = [suppressed_tokens(st.params, len(r.output_token_ids), self.eos_token_id)
                     for r, st in zip(requests, states)]
-        sample = self.sampler.launch(logits, [st.params for st in states], [st.generator for st in states],
-                                     suppress=suppress)
-        return _Launched(requests, {r.request_id: i for i, r in enumerate(requests)}, sample)
+        params, generators = [st.params for st in states], [st.generator for st in states]
+        failed: dict[str, BaseException] = {}
+        try:
+            sample = self.sampler.launch(logits, params, generators, suppress=suppress)
+        except Exception:  # noqa: BLE001 - one request's draw may be at fault: find it, fail it alone
+            sample = self._launch_by_row(logits, requests, params, generators, suppress, failed)
+        return _Launched(requests, {r.request_id: i for i, r in enumerate(requests)}, sample, failed)
+
+    def _launch_by_row(self, logits, requests, params, generators, suppress, failed) -> PendingSample:
+        """The draw of a step whose batched draw raised, one row at a time: a row's draw depends only on its own
+        logits, parameters and generator, so the rows that succeed get the tokens the batch would have given
+        them; a row that raises alone goes into ``failed`` (its token, 0, is never read)."""
+        rows = []
+        for i, req in enumerate(requests):
+            try:
+                rows.append(self.sampler.launch(logits[i:i + 1], params[i:i + 1], generators[i:i + 1],
+                                                suppress=suppress[i:i + 1]).result())
+            except Exception as e:  # noqa: BLE001 - this request's sampling fails; the others go on
+                failed[req.request_id] = e
+                rows.append(SampleOutput([0], [float("nan")], [None]))
+        tokens = torch.tensor([r.token_ids[0] for r in rows], dtype=torch.long, device=logits.device)
+        return ReadySample(tokens, SampleOutput([r.token_ids[0] for r in rows], [r.logprobs[0] for r in rows],
+                                                [r.top_logprobs[0] for r in rows]))
 
     def _advance(self, out, launched: _Launched | None) -> None:
         """The bookkeeping of a launched step: requests advance, each sampling one gets a placeholder for
@@ -256,22 +280,21 @@ class LLMEngine:
             st = self.states.get(req.request_id)
             if st is None or st.request is not req or st.finish_reason is not None:
                 continue  # finished (a stop read back meanwhile), aborted or released: the token is dropped
-            token = result.token_ids[i]
             if not req.output_token_ids or req.output_token_ids[-1] != PLACEHOLDER:
                 raise WorkbenchError(f"request {req.request_id}: no token waiting to be read back; report this bug")
-            req.output_token_ids[-1] = token
-            st.logprobs.append(result.logprobs[i])
-            if st.params.logprobs is not None:
-                st.top_logprobs.append(result.top_logprobs[i])
-            if st.first_token_time is None:
-                st.first_token_time = now
-            delta = st.detok.add(token) if st.detok is not None else ""
-            stop, reason, keep = check_stop(st.params, req.output_token_ids, token, st.text + delta,
-                                            self.eos_token_id)
-            st.text = (st.text + delta)[:keep]
+            try:
+                error = launched.failed.get(req.request_id)
+                if error is not None:
+                    raise error
+                stop, reason = self._take_token(req, st, result, i, now)
+            except Exception as e:  # noqa: BLE001 - a request's own failure (its draw, detokenizer, stop check)
+                if req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER:
+                    req.output_token_ids.pop()
+                st.error, stop, reason = e, True, "error"
             if stop:
                 st.finish_reason, st.finished_time = reason, now
-                status = Status.FINISHED_LENGTH if reason == "length" else Status.FINISHED_STOPPED
+                status = {"length": Status.FINISHED_LENGTH, "stop": Status.FINISHED_STOPPED}.get(
+                    reason, Status.FINISHED_ABORTED)
                 if req.request_id in self.scheduler.requests:
                     self.scheduler.finish(req.request_id, status)
                 else:  # left the scheduler at max_tokens already; a stop on that last token says "stop"
@@ -279,6 +302,21 @@ class LLMEngine:
             if stop or not finished_only:
                 outputs.append(self._output(st))
         return outputs
+
+    def _take_token(self, req: Request, st: _State, result: SampleOutput, i: int,
+                    now: float) -> tuple[bool, str | None]:
+        """Row ``i``'s token into its request: token, log-probs, text; whether (and why) the request stops."""
+        token = result.token_ids[i]
+        req.output_token_ids[-1] = token
+        st.logprobs.append(result.logprobs[i])
+        if st.params.logprobs is not None:
+            st.top_logprobs.append(result.top_logprobs[i])
+        if st.first_token_time is None:
+            st.first_token_time = now
+        delta = st.detok.add(token) if st.detok is not None else ""
+        stop, reason, keep = check_stop(st.params, req.output_token_ids, token, st.text + delta, self.eos_token_id)
+        st.text = (st.text + delta)[:keep]
+        return stop, reason
 
     def _output(self, st: _State) -> RequestOutput:
         req = st.request
@@ -288,8 +326,8 @@ class LLMEngine:
                    "num_preemptions": req.num_preemptions}
         ids = req.output_token_ids
         ids = ids[:-1] if ids and ids[-1] == PLACEHOLDER else list(ids)  # a token not read back yet
-        return RequestOutput(req.request_id, st.prompt, st.prompt_ids, ids,
-                             st.text, finished, st.finish_reason, list(st.logprobs), list(st.top_logprobs), metrics)
+        return RequestOutput(req.request_id, st.prompt, st.prompt_ids, ids, st.text, finished, st.finish_reason,
+                             list(st.logprobs), list(st.top_logprobs), metrics, st.error)
 
     def output(self, request_id: str) -> RequestOutput:
         """The current state of any request this engine has seen (and not released)."""

@@ -53,6 +53,17 @@ _TOP_P_TOLERANCE = 1e-6
 _DETOKENIZE_CONTEXT = 5
 
 
+#: The seeds a generator takes (``torch.Generator.manual_seed``): 64 bits, a negative one as its two's complement.
+MIN_SEED, MAX_SEED = -2**63, 2**64 - 1
+
+
+def derived_seed(seed: int, i: int) -> int:
+    """Seed ``seed + i`` in 64-bit arithmetic (what ``manual_seed`` makes of it), e.g. for a request's i-th choice:
+    always a valid seed, and for a seed that does not wrap, ``seed + i`` itself."""
+    value = (seed + i) % 2**64
+    return value if seed >= 0 else value - 2**64 if value >= 2**63 else value
+
+
 @dataclass
 class SamplingParams:
     """How one request picks its tokens and when it stops; field names and defaults follow vLLM.
@@ -97,8 +108,10 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise WorkbenchError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}; "
                                  "use None to return no top log-probs")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise WorkbenchError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise WorkbenchError(f"seed must be an integer from {MIN_SEED} to {MAX_SEED} (a 64-bit seed) or None, "
+                                 f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise WorkbenchError(f"stop must be non-empty strings, got {self.stop!r}; "
                                  "an empty stop string would end every request at once")
@@ -171,6 +184,16 @@ class PendingSample:
         else:
             tops = [None if k is None else [] for k in self.wanted]
         return SampleOutput(tokens, chosen, tops)
+
+
+class ReadySample(PendingSample):
+    """A draw already read back (the engine's row-by-row fallback): the same interface as ``PendingSample``."""
+
+    def __init__(self, tokens: torch.Tensor, output: SampleOutput) -> None:
+        self.tokens, self.wanted, self._output = tokens, [None] * len(output.token_ids), output
+
+    def result(self) -> SampleOutput:
+        return self._output
 
 
 class Sampler:

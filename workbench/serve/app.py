@@ -6,7 +6,8 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus text: ``serve/metrics.py``).
 
-* **The protocol** (parameters, n, streaming, error bodies) is ``serve/openai_api.py``'s.
+* **The protocol** (parameters, n, streaming, error bodies, limits) is ``serve/openai_api.py``'s; who may call
+  it (API key, Host allow-list, JSON-only bodies, CORS) ``serve/access.py``'s.
 * **Disconnects** abort: a streaming client that goes away cancels the response task, a non-streaming one is
   watched for ``http.disconnect``; either way the engine aborts the requests and frees their blocks.
 * **Shutdown** (``serve``, on SIGTERM/SIGINT): stop accepting connections, then ``AsyncLLMEngine.shutdown``
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import WorkbenchError
 from ..runtime.async_engine import AsyncLLMEngine
+from .access import LOOPBACK_NAMES, Access, default_allowed_hosts
 from .metrics import MEDIA_TYPE, prometheus_text
 from .openai_api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIApi, api_error, collect,
                          parse_body)
@@ -55,18 +57,19 @@ async def _parse(request: Request, model, limit: int) -> Any:
     return parse_body(bytes(raw), model)
 
 
-def _error_response(e: Exception) -> JSONResponse:
+def _error_response(e: Exception, headers: dict[str, str] | None = None) -> JSONResponse:
     error = api_error(e)
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 # ---- the app -------------------------------------------------------------------------------------------------
 
 def create_app(engine: AsyncLLMEngine, *, model_name: str, chat_template: str | None = None,
                max_model_len: int | None = None, shutdown_timeout: float = 30.0,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, access: Access = Access()) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``. ``max_model_len`` (default: the engine's) caps
-    prompt + max_tokens; when the app's lifespan ends, the engine is shut down within ``shutdown_timeout``."""
+    prompt + max_tokens; when the app's lifespan ends, the engine is shut down within ``shutdown_timeout``.
+    ``access``: the API key, Host allow-list and CORS origins (``serve/access.py``; default: open, no CORS)."""
     from contextlib import asynccontextmanager
 
     if max_model_len is not None:
@@ -79,6 +82,7 @@ def create_app(engine: AsyncLLMEngine, *, model_name: str, chat_template: str | 
         await asyncio.to_thread(engine.shutdown, shutdown_timeout)
 
     app = FastAPI(title="workbench", lifespan=lifespan)
+    access.install(app)
 
     @app.exception_handler(Exception)
     async def on_error(request, e):
@@ -90,7 +94,7 @@ def create_app(engine: AsyncLLMEngine, *, model_name: str, chat_template: str | 
     @app.exception_handler(HTTPException)
     async def on_http_error(request, e: HTTPException):
         code = _HTTP_CODES.get(e.status_code)
-        return _error_response(ApiError(e.status_code, str(e.detail), code=code))
+        return _error_response(ApiError(e.status_code, str(e.detail), code=code), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, e):
@@ -122,7 +126,30 @@ def create_app(engine: AsyncLLMEngine, *, model_name: str, chat_template: str | 
         body = api.check_model(await _parse(request, ChatCompletionRequest, max_body_bytes))
         return await _generate(api, request, body, [api.chat_prompt(body)], chat=True)
 
+    _document_bodies(app)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Show the request models in /openapi.json: the routes read their bodies themselves (``_parse``: a size
+    limit while reading, OpenAI's errors), so FastAPI cannot see them."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            routes = (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest))
+            for path, model in routes:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(body.pop("$defs", {}))
+                schemas[model.__name__] = body
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _generate(api: OpenAIApi, request: Request, body, prompts: list[list[int]], *, chat: bool):
@@ -171,11 +198,13 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           tokenizer: str | None = None, model_name: str | None = None, max_pending: int = 256,
           num_blocks: int | None = None, memory_fraction: float | None = None, max_num_seqs: int | None = None,
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
+          allowed_hosts: list[str] = (), allowed_origins: list[str] = ()) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``), start the
     engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``). The runtime's limits are the
     engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
-    of the GPU's free memory holds (the capacity planner)."""
+    of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts`` (beyond
+    ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``."""
     import uvicorn
 
     from ..runnable import open_runnable
@@ -195,9 +224,13 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}); max_model_len "
           f"{limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens "
           f"{limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
+    access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
+    if api_key is None and not LOOPBACK_NAMES <= (default_allowed_hosts(host) or set()):
+        print(f"workbench serve: listening on {host} without an API key: anyone who reaches it can generate; "
+              "give --api-key (or WORKBENCH_API_KEY)", file=sys.stderr, flush=True)
     aengine = AsyncLLMEngine(engine, max_pending=max_pending, max_model_len=limits.max_model_len)
     app = create_app(aengine, model_name=model_name or served.name, chat_template=served.chat_template,
-                     shutdown_timeout=shutdown_timeout)
+                     shutdown_timeout=shutdown_timeout, access=access)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):

@@ -14,15 +14,20 @@ this to FastAPI; nothing here knows about HTTP beyond the status code an ``ApiEr
   vLLM's ``ignore_eos``, ``min_tokens``, ``stop_token_ids``. Types are strict: ``"16"`` is not an integer.
   Fields this server does not implement are refused when set (``echo``, penalties, ``tools``, ...), other
   unknown fields are ignored.
-* **n > 1** runs n engine requests; with a ``seed``, choice i samples with seed ``seed + i`` (so a choice
-  equals a single request with that seed), without one each draws from the global generator.
+* **n > 1** runs n engine requests; with a ``seed``, choice i samples with seed ``seed + i`` (in 64-bit
+  arithmetic, ``derived_seed``: so a choice equals a single request with that seed, and no seed overflows),
+  without one each draws from the global generator. Prompts x n count against ``max_pending`` together;
+  more than it could ever hold is a 400.
+* **Limits** bound the work one request makes for the others (``MAX_*`` below): n, stop strings (count and
+  length), stop token ids, log-probs, JSON nesting depth; ``app.MAX_BODY_BYTES`` bounds the body.
 * **Streaming** is server-sent events, ``data: {json}\\n\\n`` chunks then ``data: [DONE]\\n\\n``. While a
   request runs, the last (longest stop string - 1) characters are held back, so a stop string is never sent
   and then taken back. ``usage`` comes in a last chunk when ``stream_options.include_usage`` is set.
 * **Errors** are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
-  (malformed JSON, invalid UTF-8, wrong types: FastAPI's 422 becomes 400, values out of range, a prompt
-  plus max_tokens over the context length), 404 for an unknown model or path, 413 for a body over
-  ``max_body_bytes``, 429 when ``max_pending`` requests are unfinished, 503 while shutting down.
+  (malformed JSON, invalid UTF-8, lone surrogates, nesting, wrong types: FastAPI's 422 becomes 400, values
+  out of range or over the limits, a prompt plus max_tokens over the context length), 404 for an unknown
+  model or path, 413 for a body over ``max_body_bytes``, 429 (with ``Retry-After``) when ``max_pending``
+  requests are unfinished, 500 for a request the engine failed alone, 503 while shutting down.
 """
 
 from __future__ import annotations
@@ -32,18 +37,26 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import WorkbenchError
 from ..runtime.async_engine import (MIN_TEMPERATURE, AsyncLLMEngine, ContextLengthError, EngineClosedError,
-                                    QueueFullError, merge_streams)
+                                    QueueFullError, RequestFailedError, merge_streams)
 from ..runtime.engine import RequestOutput
-from ..runtime.sampling import SamplingParams
+from ..runtime.sampling import MAX_SEED, MIN_SEED, SamplingParams, derived_seed
 
+# Limits of a request body beyond its size (``app.MAX_BODY_BYTES``): each bounds work one request makes for all.
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_STOP = 16            # stop strings (OpenAI: 4); every one is searched after every token
+MAX_STOP_CHARS = 256     # characters of one stop string (a stream holds back the longest one minus one)
+MAX_STOP_TOKEN_IDS = 256
+MAX_JSON_DEPTH = 16      # nesting of the JSON body; the deepest valid field (messages.i.content.j.text) is 5
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, also when max_tokens is null
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------
@@ -65,17 +78,22 @@ class _GenerationRequest(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _null_is_the_default(cls, value):  # OpenAI: "max_tokens: integer or null, defaults to 16"
+        return COMPLETION_MAX_TOKENS if value is None else value
 
 
 class TextPart(_Strict):
@@ -109,6 +127,7 @@ class ApiError(Exception):
                  code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers: dict[str, str] = {"Retry-After": "1"} if status == 429 else {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -122,6 +141,8 @@ def api_error(e: Exception) -> ApiError:
         return ApiError(429, str(e), type="rate_limit_error", code="queue_full")
     if isinstance(e, EngineClosedError):
         return ApiError(503, str(e), type="service_unavailable", code="engine_closed")
+    if isinstance(e, RequestFailedError):
+        return ApiError(500, str(e), type="internal_error", code="request_failed")
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
     if isinstance(e, WorkbenchError):
@@ -141,13 +162,25 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         obj = json.loads(text, parse_constant=_no_constant)
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        obj = _TOO_DEEP  # nested too deeply to parse: refused below
+    if obj is _TOO_DEEP or text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests JSON arrays and objects deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    for name, value in obj.items():  # "\ud800" parses to a lone surrogate, which no tokenizer or response takes
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{name}: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), which is not text", param=str(name)) from None
     try:
         body = model.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if isinstance(p, int) or "[" not in str(p) and p not in _TYPE_NAMES]
+        errors = e.errors()  # of a union's branches, the one that got past the type check says most
+        err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+        loc = [str(p) for p in err["loc"] if isinstance(p, int) or "[" not in str(p) and p not in _TYPE_NAMES
+               and not str(p).startswith("constrained-")]
         raise ApiError(400, f"{'.'.join(loc) or 'body'}: {err['msg']}", param=loc[0] if loc else None) from None
     for name, off in _UNSUPPORTED.items():
         value = (body.model_extra or {}).get(name, off)
@@ -157,6 +190,18 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+_TOO_DEEP = object()
+
+
+def _depth(obj: Any) -> int:
+    """How deeply ``obj`` nests lists and dicts, counted without recursion, up to ``MAX_JSON_DEPTH + 1``."""
+    level, depth = [obj], 0
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (list, dict))]
+    return depth
 
 
 def _no_constant(name: str):
@@ -211,15 +256,24 @@ class OpenAIApi:
             prompts = [prompts]
         if not prompts:
             raise ApiError(400, "the prompt is empty; give a string, a list of strings or token ids", param="prompt")
+        self.check_count(len(prompts), body.n)
         try:
             return [self.engine.encode(p) for p in prompts]
         except WorkbenchError as e:
             raise ApiError(400, str(e), param="prompt") from None
 
+    def check_count(self, num_prompts: int, n: int) -> None:
+        """Refuse (400) prompts x n choices that ``max_pending`` could never hold at once: retrying cannot help."""
+        if num_prompts * n > self.engine.max_pending:
+            raise ApiError(400, f"{num_prompts} prompt(s) x n={n} is {num_prompts * n} completions, more than this "
+                                f"server ever runs at once ({self.engine.max_pending}, its --max-pending); send "
+                                "fewer prompts per request or a lower n", param="n")
+
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         if self.chat_template is None or self.tokenizer is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
+        self.check_count(1, body.n)
         messages = []
         for i, m in enumerate(body.messages):
             content = m.content if not isinstance(m.content, list) else "\n".join(p.text for p in m.content)
@@ -246,7 +300,7 @@ class OpenAIApi:
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0  # tiny: greedy, as vLLM
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=body.top_k,
-                                    top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
+                                    top_p=body.top_p, seed=None if body.seed is None else derived_seed(body.seed, i),
                                     stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                                     logprobs=logprobs, min_tokens=body.min_tokens)
             self.engine.check_params(params)
@@ -267,14 +321,8 @@ class OpenAIApi:
         jobs = [(ids, self.params(body, len(ids), i)) for ids in prompts for i in range(body.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         holdback = max((len(s) for s in jobs[0][1].stop), default=1) - 1
-        choices: list[Choice] = []
-        try:
-            for i, (ids, params) in enumerate(jobs):
-                choices.append(Choice(i, self.engine.submit(ids, params, f"{rid}-{i}"), holdback))
-        except BaseException:
-            for c in choices:
-                c.stream.abort()
-            raise
+        streams = self.engine.submit_all([(ids, params, f"{rid}-{i}") for i, (ids, params) in enumerate(jobs)])
+        choices = [Choice(i, stream, holdback) for i, stream in enumerate(streams)]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         return head, choices, sum(len(ids) for ids in prompts)
