@@ -160,8 +160,11 @@ def test_quant_stage_records_the_count_the_data_and_goes_stale_when_it_changes(w
                                   progress=False, device="cpu")
     assert not lines[-1].endswith("reused") and ws.status("quant") == "ok"
     assert ws.record("quant")["params"]["calibration"]["sha256"] != calib["sha256"]
-    # (layer 1: layer 0's qkv input depends on each token alone, and both texts hold every word)
-    assert not torch.equal(new_stats.activations["layers.1.qkv"].amax(), stats.activations["layers.1.qkv"].amax())
+    # (layer 1: layer 0's qkv input depends on each token alone, and both texts hold every word; a group's
+    # per-tensor maximum can be the same token's in both, so any of layer 1's groups)
+    layer1 = [g for g in stats.activations if g.startswith("layers.1.")]
+    assert layer1 and any(not torch.equal(new_stats.activations[g].amax(), stats.activations[g].amax())
+                          for g in layer1)
     # the default: the shipped set, capped by the device default (CPU: 32 samples)
     quant_stage(ws, options=QuantOptions(fmt="fp8", seq_len=16), log=lines.append, progress=False, device="cpu")
     calib = ws.record("quant")["params"]["calibration"]
