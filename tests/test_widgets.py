@@ -52,6 +52,32 @@ def test_pass_widget_reports_errors_in_place(ws):
     assert "changed by hand" in w.error and "error" in w.status.value
 
 
+def test_a_graph_the_runtime_cannot_run_is_saved_with_a_warning(ws):
+    """Unticking fuse_attention leaves insert_paged_attention matching nothing: the widget and the stage say so
+    when they save, and the runtime refuses the graph in one line naming the pass, not a KeyError."""
+    from workbench.errors import WorkbenchError
+    from workbench.graph.widgets import PassPipelineWidget
+    from workbench.pipeline import passes_stage
+    from workbench.runtime.engine import LLM
+
+    w = PassPipelineWidget(ws)
+    assert w.warnings == []
+    w.checkboxes["fuse_attention"].value = False
+    w.run_button.click()
+    assert w.error is None and ws.status("passes") == "ok"
+    [warning] = w.warnings
+    assert "insert_paged_attention matched nothing" in warning and "needs fuse_attention" in warning
+    assert "warning: " in w.status.value and "\n" not in warning
+    with pytest.warns(UserWarning, match="insert_paged_attention.*fuse_attention"):
+        passes_stage(ws, [n for n in DEFAULT_PIPELINE if n != "fuse_attention"], force=True)
+    with pytest.raises(WorkbenchError, match="no paged attention.*fuse_attention and insert_paged_attention") as e:
+        LLM(ws.root, device="cpu")
+    assert "\n" not in str(e.value)
+    w.checkboxes["fuse_attention"].value = True
+    w.run_button.click()
+    assert w.warnings == [] and "warning" not in w.status.value
+
+
 def test_pass_figures_show_the_reports(ws):
     from workbench.graph.passes import summary_table
     from workbench.pipeline import load_graph, passes_stage

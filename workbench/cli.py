@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import WorkbenchError
@@ -88,8 +89,12 @@ def _cmd_optimize(args) -> None:
     if unknown:
         raise WorkbenchError(f"unknown pass(es) {', '.join(sorted(unknown))}; passes: {', '.join(PASSES)}")
     ws = Workspace(args.workspace, create=False)
-    graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force, device=args.device,
-                                  kv_block_size=args.kv_block_size)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's warning format
+        warnings.simplefilter("always")
+        graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force,
+                                      device=args.device, kv_block_size=args.kv_block_size)
+    for w in caught:
+        print(f"workbench: warning: {w.message}", file=sys.stderr)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary_table(reports).to_string(index=False))
     print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
