@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from workbench.errors import WorkbenchError
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES
 from workbench.graph.plots import pass_layer_figure, pass_waterfall_figure
 from workbench.pipeline import capture_stage
@@ -116,6 +117,27 @@ def test_tuning_widget_without_a_gpu_shows_saved_timings(ws):
     assert sorted(cells) == pytest.approx(sorted(timed["ms"]))  # the heatmap shows exactly that op's timings
     w.view.value = "op share"
     assert w.figure.data[0].type == "treemap"
+
+
+def test_tuning_widget_dropdown_names_the_figure_shown(ws):
+    """``show`` from code (what 03's cells call) chooses the view in the dropdown too, so after Run All the
+    dropdown names the figure under it; choosing in the dropdown draws that view."""
+    from workbench.profiling.widgets import VIEWS, TuningWidget
+
+    titles = {"tactic comparison": "Every candidate", "config x shape heatmap": "every config at every shape",
+              "op share": "Share of tuned time", "top slowest": "Top ", "roofline": "Roofline"}
+    assert set(titles) == set(VIEWS)
+    w = TuningWidget(ws, saved=H100_CACHE, device=None)
+    w.tune()
+    for view in ("roofline", "tactic comparison", "op share", "top slowest", "config x shape heatmap", "roofline"):
+        w.show(view)
+        assert w.view.value == view and titles[view] in w.figure.layout.title.text
+        assert len(w.output.outputs) == 1  # drawn once, not once more by the dropdown's observer
+    w.view.value = "tactic comparison"
+    assert titles["tactic comparison"] in w.figure.layout.title.text
+    with pytest.raises(WorkbenchError, match="unknown view"):
+        w.show("flame graph")
+    assert w.view.value == "tactic comparison"
 
 
 def test_tuning_widget_tunes_the_profile_it_shows(ws):
