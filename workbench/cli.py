@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16)")
     s.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"],
-                   help="the KV cache's format (fp8: with a quantized --precision; halves the cache, as TensorRT-LLM's "
-                        "FP8 recipes)")
+                   help="the KV cache's format (fp8: with a quantized --precision; half a bf16 cache, a quarter of a "
+                        "float32 one; as TensorRT-LLM's FP8 recipes)")
     s.add_argument("--budget", type=float, default=1.0, help="--precision auto: perplexity increase allowed, in %% "
                    "(default 1)")
     _add_calibration_args(s)
