@@ -101,7 +101,7 @@ def test_blocks_per_request_rounds_up_and_partial_blocks_are_dropped():
 
 def test_bad_layouts_say_what_to_fix(graphs):
     captured, _ = graphs
-    with pytest.raises(WorkbenchError, match="run the insert_paged_attention pass first"):
+    with pytest.raises(WorkbenchError, match="re-run the passes with fuse_attention and insert_paged_attention"):
         PagedLayout.from_graph(captured)
     empty = Graph(inputs={}, params={}, nodes=[], outputs=[], dims={})
     with pytest.raises(WorkbenchError, match="no paged attention.*`workbench optimize`"):

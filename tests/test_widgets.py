@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from workbench.errors import WorkbenchError
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES
 from workbench.graph.plots import pass_layer_figure, pass_waterfall_figure
 from workbench.pipeline import capture_stage
@@ -52,6 +53,32 @@ def test_pass_widget_reports_errors_in_place(ws):
     assert "changed by hand" in w.error and "error" in w.status.value
 
 
+def test_a_graph_the_runtime_cannot_run_is_saved_with_a_warning(ws):
+    """Unticking fuse_attention leaves insert_paged_attention matching nothing: the widget and the stage say so
+    when they save, and the runtime refuses the graph in one line naming the pass, not a KeyError."""
+    from workbench.errors import WorkbenchError
+    from workbench.graph.widgets import PassPipelineWidget
+    from workbench.pipeline import passes_stage
+    from workbench.runtime.engine import LLM
+
+    w = PassPipelineWidget(ws)
+    assert w.warnings == []
+    w.checkboxes["fuse_attention"].value = False
+    w.run_button.click()
+    assert w.error is None and ws.status("passes") == "ok"
+    [warning] = w.warnings
+    assert "insert_paged_attention matched nothing" in warning and "needs fuse_attention" in warning
+    assert "warning: " in w.status.value and "\n" not in warning
+    with pytest.warns(UserWarning, match="insert_paged_attention.*fuse_attention"):
+        passes_stage(ws, [n for n in DEFAULT_PIPELINE if n != "fuse_attention"], force=True)
+    with pytest.raises(WorkbenchError, match="no paged attention.*fuse_attention and insert_paged_attention") as e:
+        LLM(ws.root, device="cpu")
+    assert "\n" not in str(e.value)
+    w.checkboxes["fuse_attention"].value = True
+    w.run_button.click()
+    assert w.warnings == [] and "warning" not in w.status.value
+
+
 def test_pass_figures_show_the_reports(ws):
     from workbench.graph.passes import summary_table
     from workbench.pipeline import load_graph, passes_stage
@@ -90,6 +117,27 @@ def test_tuning_widget_without_a_gpu_shows_saved_timings(ws):
     assert sorted(cells) == pytest.approx(sorted(timed["ms"]))  # the heatmap shows exactly that op's timings
     w.view.value = "op share"
     assert w.figure.data[0].type == "treemap"
+
+
+def test_tuning_widget_dropdown_names_the_figure_shown(ws):
+    """``show`` from code (what 03's cells call) chooses the view in the dropdown too, so after Run All the
+    dropdown names the figure under it; choosing in the dropdown draws that view."""
+    from workbench.profiling.widgets import VIEWS, TuningWidget
+
+    titles = {"tactic comparison": "Every candidate", "config x shape heatmap": "every config at every shape",
+              "op share": "Share of tuned time", "top slowest": "Top ", "roofline": "Roofline"}
+    assert set(titles) == set(VIEWS)
+    w = TuningWidget(ws, saved=H100_CACHE, device=None)
+    w.tune()
+    for view in ("roofline", "tactic comparison", "op share", "top slowest", "config x shape heatmap", "roofline"):
+        w.show(view)
+        assert w.view.value == view and titles[view] in w.figure.layout.title.text
+        assert len(w.output.outputs) == 1  # drawn once, not once more by the dropdown's observer
+    w.view.value = "tactic comparison"
+    assert titles["tactic comparison"] in w.figure.layout.title.text
+    with pytest.raises(WorkbenchError, match="unknown view"):
+        w.show("flame graph")
+    assert w.view.value == "tactic comparison"
 
 
 def test_tuning_widget_tunes_the_profile_it_shows(ws):

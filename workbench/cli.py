@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import WorkbenchError
@@ -88,8 +89,12 @@ def _cmd_optimize(args) -> None:
     if unknown:
         raise WorkbenchError(f"unknown pass(es) {', '.join(sorted(unknown))}; passes: {', '.join(PASSES)}")
     ws = Workspace(args.workspace, create=False)
-    graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force, device=args.device,
-                                  kv_block_size=args.kv_block_size)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's warning format
+        warnings.simplefilter("always")
+        graph, reports = passes_stage(ws, [n for n in names if n not in skip], force=args.force,
+                                      device=args.device, kv_block_size=args.kv_block_size)
+    for w in caught:
+        print(f"workbench: warning: {w.message}", file=sys.stderr)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary_table(reports).to_string(index=False))
     print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
@@ -395,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
     s.add_argument("--kv-block-size", type=int, help="tokens per KV-cache block (default 16)")
     s.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp8"],
-                   help="the KV cache's format (fp8: with a quantized --precision; halves the cache, as TensorRT-LLM's "
-                        "FP8 recipes)")
+                   help="the KV cache's format (fp8: with a quantized --precision; half a bf16 cache, a quarter of a "
+                        "float32 one; as TensorRT-LLM's FP8 recipes)")
     s.add_argument("--budget", type=float, default=1.0, help="--precision auto: perplexity increase allowed, in %% "
                    "(default 1)")
     _add_calibration_args(s)

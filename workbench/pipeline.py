@@ -162,6 +162,7 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
 
     Returns the optimized graph and the per-pass reports."""
     from .graph.passes import default_pipeline, run_passes
+    from .graph.passes.paged import runtime_gap
 
     names = default_pipeline() if names is None else list(names)
     from .graph.passes import PASSES
@@ -182,6 +183,9 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
         optimized, reports = run_passes(graph, params, names, device=device)
         run.write_text("graph.json", optimized.dumps())
         run.write_json("report.json", [r.to_json() for r in reports])
+    gap = runtime_gap(optimized, names)
+    if gap:  # saved all the same (a graph to study), but the runtime and its notebook would fail on it later
+        warnings.warn(gap, stacklevel=2)
     return optimized, reports
 
 

@@ -54,6 +54,12 @@ def cache_input(layer: int) -> str:
     return f"kv_cache_{layer}"
 
 
+#: How to give a graph paged attention, for every error about one without it: ``insert_paged_attention`` rewrites
+#: ``fuse_attention``'s nodes, so unticking fuse_attention leaves it matching nothing.
+RERUN_PASSES = ("re-run the passes with fuse_attention and insert_paged_attention (`workbench optimize` --force, "
+                "or tick both in the passes widget and run it again)")
+
+
 def is_paged(graph) -> bool:
     """Whether ``graph`` attends over a paged KV cache (``insert_paged_attention`` ran on it)."""
     return bool(graph.meta.get("paged"))
@@ -103,8 +109,7 @@ class PagedLayout:
         ``k_scale`` / ``v_scale``."""
         meta = graph.meta.get("paged")
         if not meta:
-            raise WorkbenchError("this graph has no paged attention, so it has no KV cache; run the "
-                                 "insert_paged_attention pass first (`workbench optimize`, or run_passes)")
+            raise WorkbenchError(f"this graph has no paged attention, so it has no KV cache: {RERUN_PASSES}")
         layers = list(meta["layers"])
         by_cache = {cache_input(i): i for i in layers}
         scales = {}

@@ -3,12 +3,16 @@
 ``PassPipelineWidget(ws)`` shows one checkbox per registered pass (the standard
 pipeline first, ticked; plugin passes after it) and a Run button. Running writes
 the workspace's ``passes`` stage and shows the report table, the waterfall and a
-before/after view of one decoder layer. Everything it shows is also kept on the
+before/after view of one decoder layer; a graph the runtime cannot run (no paged
+attention) is saved with a warning in the status line. Everything it shows is also kept on the
 object (``graph``, ``reports``, ``table``, ``figures``), so tests and notebook
 cells can use the results directly.
 """
 
 from __future__ import annotations
+
+import html
+import warnings
 
 from ..errors import WorkbenchError
 from ..workspace import Workspace
@@ -36,6 +40,7 @@ class PassPipelineWidget:
         self.graph = self.reports = self.table = None
         self.figures: dict[str, object] = {}
         self.error: str | None = None
+        self.warnings: list[str] = []  # the last run's, one line each (a graph the runtime cannot run)
 
     def selected(self) -> list[str]:
         return [n for n, cb in self.checkboxes.items() if cb.value]
@@ -49,18 +54,23 @@ class PassPipelineWidget:
         self.output.outputs = ()
         self.status.value = "running..."
         try:
-            self.graph, self.reports = passes_stage(self.ws, self.selected())
+            with warnings.catch_warnings(record=True) as caught:  # shown in the status line, not below the widget
+                warnings.simplefilter("always")
+                self.graph, self.reports = passes_stage(self.ws, self.selected())
         except WorkbenchError as e:
             self.error = str(e)
             self.status.value = f"<span style='color:#c00'>error: {e}</span>"
             return
         self.error = None
+        self.warnings = [str(w.message) for w in caught]
         self.table = summary_table(self.reports)
         before, _ = load_graph(self.ws, "capture")
         self.figures = {"waterfall": pass_waterfall_figure(self.table),
                         "layer": pass_layer_figure(before, self.graph, self.reports, self.layer)}
         self.status.value = (f"{len(before.nodes)} → {len(self.graph.nodes)} nodes; "
-                             f"saved in {self.ws.root / 'passes'}")
+                             f"saved in {self.ws.root / 'passes'}"
+                             + "".join(f"<br><span style='color:#b60'>warning: {html.escape(w)}</span>"
+                                       for w in self.warnings))
         # the output area's contents set directly: displaying inside ``with self.output`` kept headless kernels
         # (nbclient, the notebook tests) from going idle for minutes after a figure
         self.output.outputs = ()

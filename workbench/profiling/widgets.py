@@ -96,9 +96,15 @@ class TuningWidget:
         self.show(self.view.value)
 
     def show(self, view: str) -> None:
-        """Draw ``view`` (one of ``VIEWS``) of the current timings into the output."""
+        """Draw ``view`` (one of ``VIEWS``) of the current timings into the output. The dropdown always names
+        the view drawn: a view asked for in code is chosen there, and its change draws it."""
         from . import views as V
 
+        if view not in VIEWS:
+            raise WorkbenchError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
+        if self.view.value != view:
+            self.view.value = view  # the dropdown's observer calls show(view) again, which draws it
+            return
         if self.table is None:
             return
         if view == "tactic comparison":
@@ -110,12 +116,11 @@ class TuningWidget:
         elif view == "top slowest":
             fig = V.top_slowest_figure(self.table, n=20)
         elif view == "roofline":
-            if not self.cache.ceilings:
+            if not self.cache.ceilings:  # no figure, rather than the previous view's under this view's name
                 self.status.value = "this timing cache has no measured ceilings (it was not tuned on a GPU)"
+                self.figure, self.output.outputs = None, ()
                 return
             fig = V.roofline_figure(V.roofline_rows(self.table), self.cache.ceilings)
-        else:
-            raise WorkbenchError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
         self.figure = fig
         self.output.outputs = ()  # set directly (see graph.widgets): a headless kernel goes idle at once
         self.output.append_display_data(fig)

@@ -46,7 +46,7 @@ import contextlib
 import torch
 
 from ..errors import WorkbenchError
-from ..graph.paged import PagedLayout, is_paged, step_inputs
+from ..graph.paged import RERUN_PASSES, PagedLayout, is_paged, step_inputs
 from .request import PLACEHOLDER
 from .sampling import to_device
 from .scheduler import SchedulerOutput
@@ -118,8 +118,7 @@ class Executor:
         ``emulate_graphs`` (for tests on the CPU): every step runs the way a graph would, on the same
         padded static inputs, but node by node instead of replayed."""
         if not is_paged(program.graph):
-            raise WorkbenchError("the runtime runs graphs with paged attention; run the insert_paged_attention pass "
-                                 "(`workbench optimize`) first")
+            raise WorkbenchError(f"the runtime runs graphs with paged attention, and this one has none: {RERUN_PASSES}")
         program = sampled_rows_program(program)
         self.cuda_graphs = program.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and program.device.type != "cuda":

@@ -12,7 +12,7 @@ drops it.
 from __future__ import annotations
 
 from ..ir import Node, Ref, TensorSpec
-from ..paged import PagedLayout, cache_input
+from ..paged import RERUN_PASSES, PagedLayout, cache_input, is_paged
 from ..rewrite import Rewriter
 from .manager import Match, register_pass
 
@@ -64,6 +64,21 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
     PagedLayout(block_size=block_size, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                 dtype=k_spec.dtype).store(g)
     return matches
+
+
+def runtime_gap(graph, names: list[str]) -> str | None:
+    """Why the runtime cannot run ``graph``, the result of passes ``names`` (one line; None: it can). A later
+    stage that needs the KV cache (quantizing it, the runtime, an engine) fails on such a graph, so the passes
+    stage warns when it saves one."""
+    if is_paged(graph):
+        return None
+    if "insert_paged_attention" not in names:
+        cause = "insert_paged_attention did not run"
+    elif "fuse_attention" not in names:
+        cause = "insert_paged_attention matched nothing, since it needs fuse_attention, which did not run"
+    else:
+        cause = "insert_paged_attention matched nothing"
+    return f"the runtime cannot run this graph (no paged attention): {cause}; {RERUN_PASSES}"
 
 
 def _is_one(rw: Rewriter, dim) -> bool:
