@@ -34,8 +34,8 @@ def _is_norm_weight(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
-#: Elements filled per chunk (bounds the float32 and int64 scratch: 16 M elements, 256 MB of int64 at most).
-CHUNK = 1 << 24
+#: Elements filled per chunk: bounds the scratch (int64 counters and hashes, float32 samples) to about 200 MB.
+CHUNK = 1 << 22
 _M31 = (1 << 31) - 1
 
 

@@ -166,7 +166,8 @@ def runtime_plan(layout: PagedLayout, device, *, max_model_len: int, max_num_seq
 
 
 def device_memory(device="cuda") -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, from ``torch.cuda.mem_get_info``.
+    """(free, total) bytes of a CUDA device, from ``torch.cuda.mem_get_info``, after handing the caching
+    allocator's unused blocks back (what a build or a weight load left cached is free for the KV cache).
 
     It creates the CUDA context if there is none yet (no tensor memory).
     """
@@ -179,6 +180,7 @@ def device_memory(device="cuda") -> tuple[int, int]:
     if not torch.cuda.is_available():
         raise WorkbenchError("no CUDA device here to read free memory from; pass memory_bytes explicitly "
                              "(e.g. memory_bytes=80 * 2**30 to plan for an 80 GiB GPU)")
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(dev)
     return int(free), int(total)
 
