@@ -161,12 +161,10 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     ``kv_block_size``: tokens per KV-cache block of the paged graph (default: the paged pass's, 16).
 
     Returns the optimized graph and the per-pass reports."""
-    from .graph.passes import default_pipeline, run_passes
+    from .graph.passes import PASSES, default_pipeline, run_passes
     from .graph.passes.paged import runtime_gap
 
     names = default_pipeline() if names is None else list(names)
-    from .graph.passes import PASSES
-
     runtime = [n for n in names if n in PASSES and PASSES[n].runtime_only]
     if runtime:
         raise WorkbenchError(f"pass {runtime[0]!r} is applied by the runtime to the graph it runs, not to a "

@@ -37,11 +37,11 @@ def load_plugin(spec: str) -> str:
     key = str(Path(spec).expanduser().resolve()) if is_file else spec
     if key in LOADED:
         return key
+    if is_file and not Path(key).is_file():
+        raise WorkbenchError(f"plugin {spec}: no such file; give a .py file or an importable module name")
     try:
         if is_file:
             path = Path(key)
-            if not path.is_file():
-                raise WorkbenchError(f"plugin {spec}: no such file; give a .py file or an importable module name")
             name = f"workbench_plugin_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
@@ -49,9 +49,7 @@ def load_plugin(spec: str) -> str:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(spec)
-    except WorkbenchError as e:
-        if str(e).startswith(f"plugin {spec}"):
-            raise
+    except WorkbenchError as e:  # the plugin's own registration refused (a name taken, a place unknown)
         raise WorkbenchError(f"plugin {spec}: {e}") from None
     except ModuleNotFoundError as e:
         raise WorkbenchError(f"plugin {spec}: {e}; install it, or give the path of its .py file") from None
@@ -79,7 +77,7 @@ def load_plugins(specs=(), *, environment: bool = True, installed: bool = True) 
             except Exception as e:  # noqa: BLE001
                 raise WorkbenchError(f"plugin {ep.name} ({ep.value}, an installed {ENTRY_POINT_GROUP} entry point) "
                                      f"failed to import ({type(e).__name__}: {e})") from None
-    return list(LOADED)
+    return loaded()
 
 
 def loaded() -> list[str]:

@@ -69,13 +69,11 @@ def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
 def sampled_rows_program(program):
     """``program`` with its lm_head reading only the rows ``logits_indices`` names: the ``select_logits_rows``
     pass, checked numerically where the program runs on the CPU (on a GPU the check would hold every value of
-    two forward passes in device memory before the KV cache is sized; the suite checks the pass on the CPU),
-    and the pass's report kept. The lm_head's tuned choice is dropped: it was tuned for a
-    bucket's token count, not a few rows, so its default tactic runs instead. The pass's report is the new
-    program's ``rows_report``."""
+    two forward passes in device memory before the KV cache is sized; the suite checks the pass on the CPU).
+    The pass's report is the new program's ``rows_report``. The lm_head's tuned choice is dropped: it was
+    tuned for a bucket's token count, not a few rows, so its default tactic runs instead."""
     from ..graph.executor import Program
     from ..graph.passes import run_passes
-    from ..graph.passes.rows import lm_head
     from ..kernels.autotune import TunedChoices
 
     check = program.device.type == "cpu"
@@ -86,14 +84,13 @@ def sampled_rows_program(program):
                              f"{report.first_diverging}); report it with the graph's lm_head op")
     if not report.matches:
         return program  # no [batch, tokens, hidden] -> logits head this knows: every row's logits
-    head = lm_head(graph)
+    head = report.matches[0].replaced[0]  # the lm_head node the pass narrowed
     choices = None
     if program.tuned is not None:
         choices = TunedChoices(list(program.tuned.edges),
-                               [{k: v for k, v in c.items() if k != head.name} for c in program.tuned.choices])
+                               [{k: v for k, v in c.items() if k != head} for c in program.tuned.choices])
     rows = Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
                    graph_safe=program.graph_safe)
-    rows.notes = [*program.notes]
     rows.rows_report = report
     return rows
 

@@ -24,33 +24,32 @@ ROWS_DIM = "logits_rows"
 ROW_PRESERVING = frozenset({"aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout"})
 
 
+def _head_chain(graph) -> list[Node]:
+    """The producer of the graph's logits (its first output), then back through casts to the node that computes
+    the logits from the hidden states, which ends the list; empty for a graph with no such node."""
+    producers = {n.name: n for n in graph.nodes}
+    chain, node = [], producers.get(graph.outputs[0]) if graph.outputs else None
+    while node is not None:
+        chain.append(node)
+        if node.op not in ROW_PRESERVING or not (node.args and isinstance(node.args[0], Ref)):
+            return chain
+        node = producers.get(node.args[0].name)
+    return []
+
+
 def lm_head(graph) -> Node | None:
     """The node that computes the graph's logits (its first output) from the hidden states: the output's
     producer, walked back through casts. None for a graph with no such node."""
-    producers = {n.name: n for n in graph.nodes}
-    node = producers.get(graph.outputs[0]) if graph.outputs else None
-    while node is not None and node.op in ROW_PRESERVING and node.args and isinstance(node.args[0], Ref):
-        node = producers.get(node.args[0].name)
-    return node
-
-
-def _chain(graph, head: Node) -> list[Node]:
-    """The head and the casts after it, up to the graph's output."""
-    producers = {n.name: n for n in graph.nodes}
-    chain, node = [], producers.get(graph.outputs[0])
-    while node is not None:
-        chain.append(node)
-        if node is head:
-            break
-        node = producers.get(node.args[0].name)
-    return chain
+    chain = _head_chain(graph)
+    return chain[-1] if chain else None
 
 
 @register_pass("select_logits_rows", "lm_head computes only the rows the input logits_indices names",
                runtime_only=True)
 def select_logits_rows(rw) -> list[Match]:
     graph = rw.graph
-    head = lm_head(graph)
+    chain = _head_chain(graph)
+    head = chain[-1] if chain else None
     if head is None or LOGITS_INDICES in graph.inputs or head.out is None or len(head.out.shape) != 3:
         return []
     tokens = head.out.shape[1]
@@ -79,7 +78,7 @@ def select_logits_rows(rw) -> list[Match]:
 
     head.args = [narrowed(a) for a in head.args]
     head.kwargs = {k: narrowed(v) for k, v in head.kwargs.items()}
-    for node in _chain(graph, head):
+    for node in chain:
         out = node.out
         node.outputs = [TensorSpec([out.shape[0], ROWS_DIM, *out.shape[2:]], out.dtype), *node.outputs[1:]]
     return [Match("logits_rows", head.layer, [head.name], [*created, head.name])]
