@@ -3,13 +3,17 @@ load generator at several request rates.
 
     python3 bench/serve_load.py --model config.json --precision bf16 --tokenizer tok/ --out $OUT/serve.json
 
-1. ``workbench build MODEL --precision P --out ENGINE`` (every stage; its per-stage times are kept).
-2. Offline: ``LLM(ENGINE).generate`` on ``--requests`` prompts of ``--len`` tokens, all at once (output tok/s).
-3. ``workbench serve ENGINE`` in a subprocess; for each of ``--rates`` requests/s, ``--requests`` streaming
-   ``/v1/completions`` requests (token-id prompts, ``max_tokens`` = ``--len``, ``ignore_eos``) arrive as a
-   Poisson process: TTFT (first streamed token), inter-token latency and output tok/s, from the client's side.
-   The last row, ``inf``, sends every request at once: its throughput over the offline one is what the HTTP
-   layer costs.
+    python3 bench/serve_load.py --engine /tmp/e8b --requests 200 --len 1000 --rates inf   # an engine already built
+
+1. ``workbench build MODEL --precision P --out ENGINE`` (every stage; its per-stage times are kept), unless
+   ``--engine`` already holds an engine (then ``--model`` is not needed).
+2. ``workbench serve ENGINE`` in a subprocess with the product's defaults (its KV cache sized from free memory,
+   unless ``--num-blocks``); for each of ``--rates`` requests/s, ``--requests`` streaming ``/v1/completions``
+   requests (token-id prompts, ``max_tokens`` = ``--len``, ``ignore_eos``) arrive as a Poisson process: TTFT
+   (first streamed token), inter-token latency and output tok/s, from the client's side. The last row, ``inf``,
+   sends every request at once: its throughput over the offline one is what the HTTP layer costs.
+3. Offline, once the server has exited (so both see the same free memory): ``LLM(ENGINE).generate`` with the
+   same defaults on the same prompts, all at once (output tok/s).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ async def one_request(client, url, prompt, n, due, t0):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
+            if chunk.get("choices") and (chunk["choices"][0].get("text") or chunk["choices"][0].get("token_ids")):
                 times.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -88,7 +92,8 @@ async def run_rate(port, prompts, n, rate, seed=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="what `workbench build` takes: preset, config.json, HF dir")
+    ap.add_argument("--model", help="what `workbench build` takes: preset, config.json, HF dir (not needed when "
+                    "--engine already holds an engine)")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--tokenizer", help="tokenizer directory for random-weight models")
     ap.add_argument("--engine", type=Path, default=Path("/tmp/serve_engine"))
@@ -96,7 +101,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--len", type=int, default=128)
     ap.add_argument("--rates", default="4,16,inf")
-    ap.add_argument("--num-blocks", type=int, default=16384)
+    ap.add_argument("--num-blocks", type=int, help="KV blocks for both runs (default: sized from free memory)")
     ap.add_argument("--port", type=int, default=8377)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path)
@@ -105,47 +110,40 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "workbench", "build", args.model, "--precision", args.precision,
-           "--out", str(args.engine), *args.build_args.split()]
-    build = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in build.stdout:  # streamed: a build that runs out of time still shows how far it got
-        print(line, end="", flush=True)
-        lines.append(line)
-    if build.wait():
-        raise SystemExit(f"build failed ({build.returncode})")
-    result["build_s"] = time.perf_counter() - t0
-    result["build_stages"] = re.findall(r"\[(\d)/5\] (\w+): (.*)", "".join(lines))
-
-    from workbench.runtime.engine import LLM
-    from workbench.runtime.sampling import SamplingParams
-
+    if (args.engine / "engine.json").is_file():
+        print(f"{args.engine} already holds an engine: not building", flush=True)
+        result["build_s"], result["build_stages"] = None, []
+    else:
+        if not args.model:
+            raise SystemExit(f"{args.engine} holds no engine: give --model to build one")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "workbench", "build", args.model, "--precision", args.precision,
+               "--out", str(args.engine), *args.build_args.split()]
+        build = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in build.stdout:  # streamed: a build that runs out of time still shows how far it got
+            print(line, end="", flush=True)
+            lines.append(line)
+        if build.wait():
+            raise SystemExit(f"build failed ({build.returncode})")
+        result["build_s"] = time.perf_counter() - t0
+        result["build_stages"] = re.findall(r"\[(\d)/5\] (\w+): (.*)", "".join(lines))
+    vocab = json.loads((args.engine / "engine.json").read_text()).get("config", {}).get("vocab_size") or 49152
     g = torch.Generator().manual_seed(0)
-    vocab = 49152
     prompts = torch.randint(0, vocab, (args.requests, args.len), generator=g).tolist()
-    llm = LLM(args.engine, device=args.device, num_blocks=args.num_blocks)
-    params = SamplingParams(max_tokens=args.len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
-    torch.cuda.synchronize() if cuda else None
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize() if cuda else None
-    offline_s = time.perf_counter() - t
-    result["offline_tps"] = sum(len(o.token_ids) for o in outs) / offline_s
-    del llm, outs
-    torch.cuda.empty_cache() if cuda else None
+    blocks = ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
 
-    cmd = [sys.executable, "-m", "workbench", "serve", str(args.engine), "--device", args.device, "--port", str(args.port),
-           "--num-blocks", str(args.num_blocks), "--log-level", "warning", "--max-pending", "4096",
+    cmd = [sys.executable, "-m", "workbench", "serve", str(args.engine), "--device", args.device, "--port",
+           str(args.port), *blocks, "--log-level", "warning", "--max-pending", str(max(4096, args.requests)),
            "--model-name", "engine"]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
+    t0 = time.perf_counter()
     server = subprocess.Popen(cmd, env=env)
     try:
         import httpx
 
-        for _ in range(600):
+        for _ in range(1200):
             if server.poll() is not None:
                 raise SystemExit(f"the server exited with {server.returncode} before it was healthy")
             try:
@@ -154,6 +152,7 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        result["serve_start_s"] = time.perf_counter() - t0
         asyncio.run(run_rate(args.port, prompts[:16], 4, float("inf")))  # warm up
         result["served"] = []
         for rate in (float(r) for r in args.rates.split(",")):
@@ -164,9 +163,24 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         result["server_exit"] = server.wait(timeout=60)
+
+    from workbench.runtime.engine import LLM
+    from workbench.runtime.sampling import SamplingParams
+
+    llm = LLM(args.engine, device=args.device, **({"num_blocks": args.num_blocks} if args.num_blocks else {}))
+    params = SamplingParams(max_tokens=args.len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
+    torch.cuda.synchronize() if cuda else None
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize() if cuda else None
+    offline_s = time.perf_counter() - t
+    result["offline_tps"] = sum(len(o.token_ids) for o in outs) / offline_s
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\n{result['gpu']}: {args.model}, {args.precision}; build {result['build_s']:.0f} s")
+    built = f"build {result['build_s']:.0f} s" if result["build_s"] else "engine reused"
+    print(f"\n{result['gpu']}: {args.model or args.engine}, {args.precision}; {built}; server up in "
+          f"{result['serve_start_s']:.0f} s")
     for stage in result["build_stages"]:
         print(f"  build [{stage[0]}/5] {stage[1]}: {stage[2]}")
     print(f"offline LLM.generate, {args.requests} x {args.len}/{args.len}: {result['offline_tps']:.0f} output tok/s")

@@ -609,6 +609,39 @@ def test_chat_template_queue_full_and_closed_engine(smol_program, tokenizer):
     assert engine.engine.scheduler.bm.num_free == 256
 
 
+def test_an_engine_without_a_tokenizer_answers_and_streams_token_ids(smol_program, tokenizer):
+    """A random-weight preset has no tokenizer: token-id prompts get ``token_ids`` in every choice (vLLM's field),
+    the stream sends each new token as it comes, and both equal the offline engine's greedy ids."""
+    ids = tokenizer.encode(PROMPTS[0])
+    want = LLMEngine(smol_program, None, num_blocks=256)
+    want.add_request("w", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    while want.has_unfinished:
+        want.step()
+    want = want.output("w").token_ids
+    engine = make_engine(smol_program, None)
+    app = create_app(engine, model_name=MODEL, chat_template=None)
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            whole = await c.post("/v1/completions", json=body)
+            chunks = []
+            async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:])["choices"][0])
+            await asyncio.to_thread(engine.shutdown, 5)
+            return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["choices"][0]["token_ids"] == want and whole.json()["choices"][0]["text"] == ""
+    streamed = [c["token_ids"] for c in chunks]
+    assert sum(streamed, []) == want
+    assert len([t for t in streamed if t]) >= 2  # sent as they came, not all at the end
+    assert chunks[-1]["finish_reason"] == "length"
+
+
 def test_async_engine_shutdown_finishes_in_flight_then_aborts_past_the_timeout(smol_program, tokenizer, offline):
     params = SamplingParams(max_tokens=6, temperature=0)
 

@@ -23,6 +23,8 @@ this to FastAPI; nothing here knows about HTTP beyond the status code an ``ApiEr
 * **Streaming** is server-sent events, ``data: {json}\\n\\n`` chunks then ``data: [DONE]\\n\\n``. While a
   request runs, the last (longest stop string - 1) characters are held back, so a stop string is never sent
   and then taken back. ``usage`` comes in a last chunk when ``stream_options.include_usage`` is set.
+* **Engines without a tokenizer** (random-weight presets) take token-id prompts and answer in token ids: every
+  choice carries ``token_ids`` (vLLM's field), and a stream sends each new token's ids as they come.
 * **Errors** are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
   (malformed JSON, invalid UTF-8, lone surrogates, nesting, wrong types: FastAPI's 422 becomes 400, values
   out of range or over the limits, a prompt plus max_tokens over the context length), 404 for an unknown
@@ -338,6 +340,8 @@ class OpenAIApi:
             else:
                 out.append({"index": c.index, "text": c.out.text, "logprobs": lp,
                             "finish_reason": c.out.finish_reason})
+            if self.tokenizer is None:  # an engine without a tokenizer answers in token ids
+                out[-1]["token_ids"] = list(c.out.token_ids)
         return {**head, "choices": out, "usage": usage(prompt_tokens, choices)}
 
     async def events(self, head: dict, choices: list[Choice], chat: bool, prompt_tokens: int,
@@ -352,7 +356,8 @@ class OpenAIApi:
                 c = choices[i]
                 text, start = c.advance(out)
                 lp = self._logprobs(c, start, chat) if len(out.token_ids) > start else None
-                if not (text or lp or out.finished):
+                ids = out.token_ids[start:] if self.tokenizer is None else []
+                if not (text or lp or ids or out.finished):
                     continue
                 reason = out.finish_reason if out.finished else None
                 if chat:
@@ -360,6 +365,8 @@ class OpenAIApi:
                               "finish_reason": reason}
                 else:
                     choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
+                if self.tokenizer is None:  # no text to stream: the new token ids, each as it comes
+                    choice["token_ids"] = list(ids)
                 yield sse({**head, "choices": [choice]})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, choices)})
