@@ -394,3 +394,77 @@ def test_build_with_another_kv_block_size(tmp_path, capsys):
     assert PagedLayout.from_graph(load_engine(b).program.graph).block_size == 32
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(b), "--kv-block-size", "0"]) == 2
     assert "tokens per KV-cache block" in capsys.readouterr().err
+
+
+def _json_paths(value, path=()):
+    """Every (path, value) in a JSON tree, the root's children first."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield path + (k,), v
+            yield from _json_paths(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:8]):  # a graph has hundreds of nodes: a few of each list are enough
+            yield path + (i,), v
+            yield from _json_paths(v, path + (i,))
+
+
+_REPLACEMENTS = [None, -1, 0, 2**70, 1.5, float("nan"), "", "x" * 3, [], {}, [1, "a"], {"a": None}, True]
+
+
+def test_a_mutated_engine_loads_or_fails_in_one_line(engine, tmp_path):
+    """Fuzzing the loader: a field of engine.json or manifest.json replaced by a value of another type, removed,
+    or the bytes of a file cut or flipped (engine.json re-hashed, as a hand-made engine would be). Loading either
+    works or raises a one-line WorkbenchError; never another exception. Bounded: 60 examples."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    docs = {name: json.loads((engine / name).read_text()) for name in ("engine.json", "manifest.json")}
+    paths = {name: [p for p, _ in _json_paths(doc)] for name, doc in docs.items()}
+    base = tmp_path / "base"
+    shutil.copytree(engine, base)
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data):
+        d = tmp_path / "mutated"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(base, d)
+        kind = data.draw(st.sampled_from(["field", "field", "field", "remove", "bytes"]))
+        name = data.draw(st.sampled_from(["engine.json", "manifest.json"]))
+        if kind == "bytes":
+            target = d / data.draw(st.sampled_from(["engine.json", "manifest.json", "weights.safetensors"]))
+            raw = bytearray(target.read_bytes())
+            at = data.draw(st.integers(0, min(len(raw) - 1, 4096)))  # the safetensors header, the JSON's start
+            if data.draw(st.booleans()):
+                raw = raw[:at]
+            else:
+                raw[at] ^= data.draw(st.integers(1, 255))
+            target.write_bytes(bytes(raw))
+            if target.name == "engine.json":
+                edit_json(d / "manifest.json", lambda m: m["files"].update({"engine.json": {
+                    "sha256": sha256_file(target), "bytes": target.stat().st_size}}))
+        else:
+            path = data.draw(st.sampled_from(paths[name]))
+            new = None if kind == "remove" else data.draw(st.sampled_from(_REPLACEMENTS))
+
+            def mutate(doc):
+                parent = doc
+                for key in path[:-1]:
+                    parent = parent[key]
+                if kind == "remove":
+                    parent.pop(path[-1]) if isinstance(parent, dict) else parent.pop(path[-1])
+                else:
+                    parent[path[-1]] = new
+
+            (rehash(d, mutate) if name == "engine.json" else edit_json(d / name, mutate))
+        try:
+            load_engine(d)
+            seen["ok"] += 1
+        except WorkbenchError as e:
+            assert "\n" not in str(e).strip() and str(e).strip(), repr(str(e))
+            seen["refused"] += 1
+
+    check()
+    assert seen["refused"] > 20, seen  # most mutations break something, and each said so in one line

@@ -82,6 +82,7 @@ def read_engine(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], bytes
         raise WorkbenchError(f"{path} is not an engine directory (no {MANIFEST} or {ENGINE_JSON});{hint}")
     manifest = _read_json(path, MANIFEST)
     _check_format(path, MANIFEST, manifest, manifest)
+    _check_manifest_fields(path, manifest)
     if not (path / ENGINE_JSON).is_file():
         raise WorkbenchError(_missing(path, ENGINE_JSON, manifest))
     raw = (path / ENGINE_JSON).read_bytes()
@@ -115,11 +116,12 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
                              f"{device.type!r}; load with device='cuda' on the GPU machine, or without retune to "
                              "run the default kernels here")
     manifest, info, raw = read_engine(path)
-    graph = Graph.from_json(info["graph"])
-    check_ops(graph, manifest)
-    limits = EngineLimits.from_json(info["limits"])
-    scales_by_name(graph)  # engines written before the KV scales went by name
-    layout = PagedLayout.from_graph(graph) if is_paged(graph) else None
+    with _malformed(path, ENGINE_JSON, manifest):
+        graph = Graph.from_json(info["graph"])
+        check_ops(graph, manifest)
+        limits = EngineLimits.from_json(info["limits"])
+        scales_by_name(graph)  # engines written before the KV scales went by name
+        layout = PagedLayout.from_graph(graph) if is_paged(graph) else None
     if layout is None or (layout.block_size, layout.dtype) != (limits.block_size, limits.kv_cache_dtype):
         raise WorkbenchError(f"{path / ENGINE_JSON}: limits (block size {limits.block_size}, KV cache "
                              f"{limits.kv_cache_dtype}) do not match the graph's paged cache; re-export the engine")
@@ -128,8 +130,9 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types; the hashes matched, so: version
         raise WorkbenchError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {e}); check that safetensors and "
                              "torch are at least the versions in its manifest") from None
-    for name, stored in (info["weights"].get("tied") or {}).items():
-        params[name] = params[stored]
+    with _malformed(path, ENGINE_JSON, manifest):
+        for name, stored in (info["weights"].get("tied") or {}).items():
+            params[name] = params[stored]
     missing = [n for n in graph.params if n not in params]
     if missing:
         raise WorkbenchError(f"{path / WEIGHTS} lacks {len(missing)} graph parameters (e.g. {missing[0]!r}); "
@@ -139,13 +142,15 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     if info.get("choices"):
         reason = tuning_mismatch(manifest.get("tuned_for") or {}, device)
         if reason is None:
-            choices, tuning = TunedChoices.from_json(info["choices"]), "engine"
+            with _malformed(path, ENGINE_JSON, manifest):
+                choices, tuning = TunedChoices.from_json(info["choices"]), "engine"
         elif not retune:
             tuned = (manifest.get("tuned_for") or {}).get("gpu", "an unknown GPU")
             warnings.warn(f"engine {path} was tuned on {tuned}, but {reason}: its kernel choices do not apply, so "
                           "it runs the default kernels; load it with retune=True on a GPU (`--retune`) to tune "
                           "it for this one", stacklevel=2)
-    program = Program(graph, params, device=device)
+    with _malformed(path, ENGINE_JSON, manifest):
+        program = Program(graph, params, device=device)
     if retune:
         choices, tuning = _retune(path, program, info, manifest, raw, progress), "retuned"
     if choices is not None:
@@ -160,6 +165,9 @@ def load_tokenizer(path: Path, info: dict, manifest: dict):
     """The engine's tokenizer from its own files (tokenizer classes only, never model code); None if it has none."""
     if not info.get("tokenizer"):
         return None
+    if not isinstance(info["tokenizer"], str):
+        raise WorkbenchError(f"{path / ENGINE_JSON}: 'tokenizer' is {str(info['tokenizer'])[:60]!r}, not the name of "
+                             "the engine's tokenizer directory; re-export the engine")
     directory = path / info["tokenizer"]
     try:
         from transformers import AutoTokenizer
@@ -288,6 +296,45 @@ def _check_format(path: Path, name: str, data: Any, manifest: dict) -> None:
     if version != FORMAT_VERSION:
         raise WorkbenchError(f"{path / name} has an unknown engine format version {version!r} (this workbench reads "
                              f"{FORMAT_VERSION}); it was not written by `workbench export`: re-export the engine")
+
+
+#: The manifest's fields that loading reads, and the JSON types `workbench export` writes them as
+_MANIFEST_FIELDS = {"files": dict, "requires": dict, "versions": dict, "plugins": list, "tuned_for": (dict, type(None)),
+                    "workspace": (dict, type(None))}
+
+
+def _check_manifest_fields(path: Path, manifest: dict) -> None:
+    """Each field loading reads has the type `workbench export` writes (a hand-edited one is named, in one line)."""
+    for key, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if key in manifest and not isinstance(value, kind):
+            raise WorkbenchError(f"{path / MANIFEST}: {key!r} is {str(value)[:60]!r}, not what `workbench export` "
+                                 f"writes; re-export the engine (`workbench export {_workspace(manifest)} --out "
+                                 f"{path}`)")
+    if not all(isinstance(v, (str, type(None))) for v in (manifest.get("requires") or {}).values()) \
+            or not all(isinstance(v, str) for v in manifest.get("plugins") or ()):
+        raise WorkbenchError(f"{path / MANIFEST}: 'requires' must map libraries to versions and 'plugins' list "
+                             "module names or files; re-export the engine")
+
+
+class _malformed:
+    """``with _malformed(path, name, manifest):`` turns the errors of reading a structure that is not what
+    `workbench export` wrote (a missing key, a wrong type; the hashes matched, so it was made or edited by hand)
+    into one line that names the file and the fix. WorkbenchErrors pass through."""
+
+    def __init__(self, path: Path, name: str, manifest: dict):
+        self.path, self.name, self.manifest = path, name, manifest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is None or issubclass(kind, WorkbenchError) or not issubclass(kind, Exception):
+            return False
+        what = " ".join(f"{kind.__name__}: {e}".split())[:200]
+        raise WorkbenchError(f"{self.path / self.name} is malformed ({what}); it is not what `workbench export` "
+                             f"wrote: re-export the engine (`workbench export {_workspace(self.manifest)} --out "
+                             f"{self.path}`)") from None
 
 
 def _read_json(path: Path, name: str) -> Any:

@@ -505,6 +505,45 @@ def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     return out_dtype or (x.dtype if x.dtype in _FLOATS else torch.bfloat16)
 
 
+#: Rows per matmul call in the CPU references (the last block zero-padded). CPU BLAS chooses its kernel, its
+#: blocking and how it splits K over threads by the number of rows, so a row's result depends on how many rows
+#: share the call: a request's logits would change with the other requests in its step. Blocks of a fixed size
+#: give every row the same call shape wherever it sits (checked by tests/test_paged.py at fp32 and bf16, 1-4
+#: threads); 32 rows keep big products near the plain matmul's speed and cost little padding when decoding.
+INVARIANT_ROWS = 32
+
+
+def rows_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [M, K] @ b [K, N] (+ bias)``, each row's result independent of the other rows: on the CPU in blocks of
+    ``INVARIANT_ROWS`` rows (bias added in the same call, so it rounds once as ``linear`` does); elsewhere the
+    plain product (GPU steps run the tactics, whose tiles do not depend on a row's neighbours' values)."""
+    if a.device.type != "cpu" or a.shape[0] == 0:
+        return a @ b if bias is None else torch.addmm(bias, a, b)
+    m, r = a.shape[0], INVARIANT_ROWS
+    pad = -m % r
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.promote_types(a.dtype, b.dtype))
+    for i in range(0, a.shape[0], r):
+        if bias is None:
+            torch.mm(a[i:i + r], b, out=out[i:i + r])
+        else:
+            torch.addmm(bias, a[i:i + r], b, out=out[i:i + r])
+    return out[:m]
+
+
+@register_op("aten.linear.default", cost=C.matmul, replace=True, graph_safe=True,
+             doc="aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor; on the CPU row-blocked "
+                 "(rows_matmul) so a row's result does not depend on the other rows")
+def linear_reference(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """aten.linear's reference: torch's own, except on the CPU, where the product runs in fixed row blocks
+    (``rows_matmul``): batch-invariant, so a request's output does not depend on its step's other requests."""
+    if input.device.type != "cpu" or weight.dim() != 2 or input.dtype != weight.dtype or input.dim() == 0:
+        return torch.ops.aten.linear.default(input, weight, bias)
+    y = rows_matmul(input.reshape(-1, input.shape[-1]), weight.t(), bias)
+    return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
 def _dequantized_matmul(x, weight, weight_scale, input_scale, bias, out_dtype, quantize: str | None):
     """The references' arithmetic: (quantize x), dequantize to fp32, fp32 matmul, + bias, round once."""
     x2 = _rows(x)
@@ -517,7 +556,7 @@ def _dequantized_matmul(x, weight, weight_scale, input_scale, bias, out_dtype, q
         scale_fn, quant_fn = (int8_scale, quantize_int8) if quantize == "int8" else (fp8_scale, quantize_fp8)
         sx = scale_fn(x2, dim=-1) if input_scale is None else input_scale.float().reshape(())
         xd = quant_fn(x2, sx).float() * sx
-    y = xd @ (weight.float() * weight_scale.float().reshape(-1, 1)).t()
+    y = rows_matmul(xd, (weight.float() * weight_scale.float().reshape(-1, 1)).t())
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
