@@ -374,3 +374,30 @@ def test_a_report_of_another_model_is_refused(program, stats, ids, report, tmp_p
     (tmp_path / "bad.json").write_text("{rows: ")
     with pytest.raises(WorkbenchError, match="not valid JSON"):
         S.SensitivityReport.load(tmp_path / "bad.json")
+
+
+def test_plan_sweep_fits_a_budget_with_every_kind_spread_over_depth(program, stats, ids):
+    """On a CPU a sweep is planned to take a few minutes: a subset of layers, every kind of group in each, spread
+    from the first layer to the last, with the estimate and the way to the full sweep printed before it starts."""
+    timed = S.plan_sweep(program, stats, ids, window=WINDOW, stride=STRIDE)  # tiny-llama: all of it fits
+    assert timed.full and timed.groups == GROUPS and timed.seconds_per_variant > 0
+    assert timed.budget_s == S.CPU_SWEEP_BUDGET_S and str(timed).startswith("full sweep: 9 groups x 3 formats")
+    from workbench.models import PRESETS, ModelSource
+    from workbench.pipeline import optimize
+
+    deep = optimize(ModelSource("random", "tiny-6", None, dict(PRESETS["tiny-llama"], num_hidden_layers=6), 0),
+                    device="cpu").program
+    names = list(linear_groups(deep.graph))
+    # 2 s a variant x 3 formats, 60 s: lm_head and two layers' 4 groups fit (27 variants)
+    quick = S.plan_sweep(deep, None, ids, budget_s=60, seconds_per_variant=2.0)
+    assert quick.groups == [g for g in names if g.startswith(("layers.0.", "layers.5."))] + ["lm_head"]
+    assert not quick.full and quick.variants == 27 and quick.estimate_s == 54
+    assert "quick sweep: 9 of 25 groups" in str(quick) and "full=True" in str(quick) and "2 min" in str(quick)
+    assert S.plan_sweep(deep, None, ids, budget_s=60, seconds_per_variant=2.0, full=True).groups == names
+    wide = S.plan_sweep(deep, None, ids, budget_s=200, seconds_per_variant=2.0, formats=["fp8"])
+    assert {g.split(".")[1] for g in wide.groups if g != "lm_head"} == {"0", "1", "2", "3", "4", "5"}
+    assert S.plan_sweep(deep, None, ids, budget_s=0, seconds_per_variant=2.0).groups == \
+        [g for g in names if g.startswith("layers.0.")] + ["lm_head"]  # at least one layer, whatever the budget
+    report = S.sensitivity(deep, None, ids, groups=quick.groups, formats=["int8_wo"], window=WINDOW, stride=STRIDE,
+                           progress=False)
+    assert report.groups == quick.groups

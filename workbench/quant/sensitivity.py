@@ -1,6 +1,8 @@
 """Layer sensitivity: what quantizing each linear group alone costs, one row per (group, format).
 
     report = sensitivity(program, stats, ids, timings=cache)      # one row per (group, format)
+    sweep = plan_sweep(program, stats, ids); print(sweep)        # a CPU-sized subset, with its time estimate
+    report = sensitivity(program, stats, ids, groups=sweep.groups)
     report.table()                                                # rows groups, columns formats: ppl change in %
     report.save(path); SensitivityReport.load(path)               # plain JSON
     sensitivity_figure(report)
@@ -163,6 +165,101 @@ def _check_formats(formats) -> list[str]:
             raise WorkbenchError(f"format {f!r} is unknown; use some of {', '.join(QUANT_FORMATS)} "
                                  "(bf16 is the baseline every row is compared with)")
     return list(dict.fromkeys(formats))
+
+
+#: What a sweep planned without a budget may take on a CPU (a notebook's first run): a few minutes
+CPU_SWEEP_BUDGET_S = 180.0
+
+
+@dataclass
+class SweepPlan:
+    """The groups and formats a sensitivity sweep will measure, and how long it should take (``plan_sweep``)."""
+
+    groups: list[str]
+    formats: list[str]
+    total_groups: int
+    seconds_per_variant: float
+    device: str
+    budget_s: float | None
+
+    @property
+    def full(self) -> bool:
+        return len(self.groups) == self.total_groups
+
+    @property
+    def variants(self) -> int:
+        return len(self.groups) * len(self.formats)
+
+    @property
+    def estimate_s(self) -> float:
+        return self.variants * self.seconds_per_variant
+
+    @property
+    def full_estimate_s(self) -> float:
+        return self.total_groups * len(self.formats) * self.seconds_per_variant
+
+    def __str__(self) -> str:
+        per = f"{self.seconds_per_variant:.1f} s a variant on {self.device}"
+        if self.full:
+            return (f"full sweep: {self.total_groups} groups x {len(self.formats)} formats = {self.variants} variants, "
+                    f"about {_duration(self.estimate_s)} ({per})")
+        return (f"quick sweep: {len(self.groups)} of {self.total_groups} groups (every kind, in layers spread over the "
+                f"model) x {len(self.formats)} formats = {self.variants} variants, about {_duration(self.estimate_s)} "
+                f"({per}); the others stay unmeasured (grey in the widget; the auto plan leaves them in bf16). The "
+                f"full sweep ({self.total_groups * len(self.formats)} variants) takes about "
+                f"{_duration(self.full_estimate_s)}: plan_sweep(..., full=True)")
+
+    __repr__ = __str__
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def plan_sweep(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, full: bool | None = None,
+               budget_s: float | None = None, window: int = 256, stride: int = 128,
+               seconds_per_variant: float | None = None) -> SweepPlan:
+    """Which groups ``sensitivity`` should measure to finish within ``budget_s`` seconds (default: no limit on a
+    GPU, ``CPU_SWEEP_BUDGET_S`` on a CPU), from the time one variant takes here (measured: the first group in the
+    first format, on the same probe). ``full=True`` takes every group whatever the time; ``full=False`` the
+    budget's subset even when everything would fit. A subset keeps every kind of group (q/k/v, o, gate/up, down,
+    lm_head) and spreads its layers from the first to the last, so the sweep still shows where in depth
+    quantization hurts. Print the plan to see the estimate before starting, then pass ``groups=plan.groups``.
+    ``seconds_per_variant``, when known (a previous plan's), skips the timing run."""
+    import time
+
+    from .apply import quantized_program
+
+    graph = program.graph
+    formats = _check_formats(formats)
+    known = linear_groups(graph)
+    if not known:
+        raise WorkbenchError("the graph has no linear groups to measure")
+    device = str(program.device)
+    if budget_s is None and not device.startswith("cuda"):
+        budget_s = CPU_SWEEP_BUDGET_S
+    per = seconds_per_variant
+    if per is None:
+        probe = probe_ids(ids, window, stride)
+        base = reference_logits(program, probe, window=window, stride=stride)
+        t0 = time.perf_counter()
+        plan = PrecisionPlan.uniform(graph, "bf16").with_format(next(iter(known)), formats[0]).validate(graph)
+        measure(quantized_program(program, plan, stats), base)
+        per = time.perf_counter() - t0
+    names = list(known)
+    if full or budget_s is None or (full is None and per * len(names) * len(formats) <= budget_s):
+        chosen = names
+    else:
+        layers = sorted({g.layer for g in known.values() if g.layer is not None})
+        per_layer = max(1, len({g.kind for g in known.values() if g.layer is not None}))
+        head = [n for n, g in known.items() if g.layer is None]
+        fit = int(budget_s // (per * len(formats))) - len(head)
+        count = max(1, min(len(layers), fit // per_layer))
+        picked = {layers[round(i * (len(layers) - 1) / max(1, count - 1))] for i in range(count)} if layers else set()
+        chosen = [n for n, g in known.items() if g.layer in picked or g.layer is None]
+    return SweepPlan(chosen, formats, len(names), per, device, budget_s)
 
 
 def sensitivity(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, groups=None,
