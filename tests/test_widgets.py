@@ -26,8 +26,15 @@ def test_pass_widget_runs_the_ticked_passes(ws):
     w = PassPipelineWidget(ws)
     assert [n for n, cb in w.checkboxes.items() if cb.value] == list(DEFAULT_PIPELINE)
     w.checkboxes["fuse_rope"].value = False
+    shown = []  # what the status line said while the passes ran: each pass by name, in order
+    w.status.observe(lambda change: shown.append(change["new"]), names="value")
     w.run_button.click()
     assert w.error is None
+    ran = [n for n in DEFAULT_PIPELINE if n != "fuse_rope"]
+    assert [s for s in shown if s.startswith("pass ")] == [f"pass {i + 1} of {len(ran)}: {n}..."
+                                                           for i, n in enumerate(ran)]
+    assert w.progress.value == w.progress.max == len(ran) and w.progress.layout.visibility == "hidden"
+    assert not w.run_button.disabled
     assert list(w.table["pass"]) == [n for n in DEFAULT_PIPELINE if n != "fuse_rope"]
     assert ws.status("passes") == "ok"
     saved = [r["name"] for r in ws.read_json("passes", "report.json")]

@@ -155,10 +155,11 @@ def workspace_source(ws: Workspace) -> ModelSource:
 
 
 def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool = False,
-                 device: str | torch.device = "auto", kv_block_size: int | None = None):
+                 device: str | torch.device = "auto", kv_block_size: int | None = None, on_pass=None):
     """`workbench optimize`: run graph passes on the captured graph into ``ws/passes``; each pass's numeric
     check runs on ``device`` (a GPU makes an 8B model's checks seconds instead of minutes on the CPU).
     ``kv_block_size``: tokens per KV-cache block of the paged graph (default: the paged pass's, 16).
+    ``on_pass``: ``run_passes``'s progress callback.
 
     Returns the optimized graph and the per-pass reports."""
     from .graph.passes import PASSES, default_pipeline, run_passes
@@ -178,7 +179,7 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     with ws.run("passes", params=settings, upstream=("capture",), force=force) as run:
         # the weights only feed the checks: made (random sources) or read straight onto the checking device
         params = {**graph_weights(graph, source, device=device), **{k: v.to(device) for k, v in constants.items()}}
-        optimized, reports = run_passes(graph, params, names, device=device)
+        optimized, reports = run_passes(graph, params, names, device=device, on_pass=on_pass)
         run.write_text("graph.json", optimized.dumps())
         run.write_json("report.json", [r.to_json() for r in reports])
     gap = runtime_gap(optimized, names)

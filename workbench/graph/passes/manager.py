@@ -226,13 +226,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str] | None = None, *,
-               tokens: int = 512, check: bool = True,
-               device: str | torch.device = "cpu") -> tuple[Graph, list[PassReport]]:
+               tokens: int = 512, check: bool = True, device: str | torch.device = "cpu",
+               on_pass: Callable[[int, int, str], None] | None = None) -> tuple[Graph, list[PassReport]]:
     """Apply passes ``names`` (default: ``default_pipeline()``) in order; returns the graph and reports.
 
     ``params`` holds the captured graph's tensors by name (weights, buffers and
     constants); derived parameters of fused graphs are computed from them. The
-    numeric checks run on ``device``.
+    numeric checks run on ``device``. ``on_pass(i, total, name)`` is called as pass ``i`` (from 0) starts, and
+    ``on_pass(total, total, "")`` once all are done (a widget's progress bar).
     """
     device = torch.device(device)
     names = default_pipeline() if names is None else list(names)
@@ -247,7 +248,9 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     current = graph
     reference = _values(current, params, inputs, device) if check else None
     reports = []
-    for name in names:
+    for i, name in enumerate(names):
+        if on_pass is not None:
+            on_pass(i, len(names), name)
         gp = PASSES[name]
         start = time.perf_counter()
         candidate = copy.deepcopy(current)
@@ -275,6 +278,8 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
         report.seconds = round(time.perf_counter() - start, 3)
         reports.append(report)
     current.meta = {**current.meta, "passes": [r.name for r in reports if r.accepted]}
+    if on_pass is not None:
+        on_pass(len(names), len(names), "")
     return current, reports
 
 
