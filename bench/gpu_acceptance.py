@@ -125,11 +125,12 @@ def build(model: str, precision: str, engine: Path, ws: Path, extra: list[str]) 
     return time.perf_counter() - t0, log
 
 
-def serve_check(engine: Path, prompt_ids: list[int], llm_text: str | None, max_tokens: int, chat: bool,
-                log_path: Path) -> dict:
+def serve_check(engine: Path, prompt_ids: list[int], llm_text: str | None, llm_ids: list[int], max_tokens: int,
+                chat: bool, log_path: Path) -> dict:
     """``workbench serve ENGINE`` in a subprocess, asked by the official openai client: a greedy completion (its
-    text must equal ``LLM``'s for the same prompt alone, where the model has a tokenizer), the same streamed, and a
-    chat completion streamed and not (the repeats' equality is reported: they read the prefix cache)."""
+    text must equal ``LLM``'s for the same prompt alone where the model has a tokenizer, else its ``token_ids``
+    must), the same streamed, and a chat completion streamed and not (the repeats' equality is reported: they read
+    the prefix cache)."""
     from openai import OpenAI
 
     with socket.socket() as s:
@@ -159,14 +160,17 @@ def serve_check(engine: Path, prompt_ids: list[int], llm_text: str | None, max_t
                     extra_body={"ignore_eos": True})
         done = client.completions.create(**body)
         result["tokens"] = done.usage.completion_tokens
-        streamed = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True) if c.choices)
+        chunks = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+        if llm_text is not None:
+            streamed, answer, want = "".join(c.text for c in chunks), done.choices[0].text, llm_text
+        else:  # no tokenizer: the engine answers in token ids (vLLM's token_ids field), streamed as they come
+            streamed = sum(((c.model_extra or {}).get("token_ids") or [] for c in chunks), [])
+            answer, want = (done.choices[0].model_extra or {}).get("token_ids"), llm_ids
         # the repeat reads its prompt from the prefix cache (another kernel path for its prefill): reported,
         # not required equal
-        result["stream_equal"] = streamed == done.choices[0].text
-        checks = [done.usage.completion_tokens == max_tokens, bool(streamed)]
-        if llm_text is not None:
-            result["equal_to_llm"] = done.choices[0].text == llm_text
-            checks.append(result["equal_to_llm"])
+        result["stream_equal"] = streamed == answer
+        result["equal_to_llm"] = answer == want
+        checks = [done.usage.completion_tokens == max_tokens, bool(streamed), result["equal_to_llm"]]
         if chat:
             msg = [{"role": "user", "content": "Name one planet."}]
             c = client.chat.completions.create(model=name, messages=msg, max_tokens=16, temperature=0)
@@ -263,11 +267,12 @@ def main() -> None:
                 # the server answers one request at a time here: compare with LLM's answer to that prompt alone
                 # (in a batch of 8, decode GEMMs of another batch size round differently in bf16, and greedy
                 # near-ties flip: on the CPU, SmolLM2 in bf16 kept 6 of 32 tokens of a prompt batched vs alone)
-                llm_text = llm.generate([prompts[0]], params)[0].text if tok is not None else None
+                alone = llm.generate([prompts[0]], params)[0]
                 llm = None
                 free()
                 if not args.no_serve:
-                    row["serve"] = serve_check(engine, prompts[0], llm_text, args.max_tokens, tok is not None,
+                    row["serve"] = serve_check(engine, prompts[0], alone.text if tok is not None else None,
+                                               list(alone.token_ids), args.max_tokens, tok is not None,
                                                args.out / f"serve_{name}_{precision}.log")
                 row["ok"] = bool(row.get("greedy_ok")) and row.get("ppl_ok", True) and (
                     args.no_serve or row["serve"]["ok"])
