@@ -12,6 +12,8 @@ For each model (anything `workbench build` takes) and precision, in this order:
            transformers bf16 against fp32: the noise floor a bf16 engine is held to
   ppl      perplexity of the engine's graph (the kernels its steps run) on datasets/evaluation.txt, its change
            against transformers fp32 and against the bf16 engine (random ids for models without a tokenizer)
+  alone    each prompt decoded alone against the same prompt in the batch above (batch invariance on the GPU:
+           how many of the prompts keep every token, and the least kept; measured, not required)
   graphs   the engine captured its CUDA graphs with torch's sync debug mode at "error" in the steady-state
            warm-up and the capture (``runtime.executor``): the count captured
   serve    ``workbench serve ENGINE`` (a subprocess) answering the official ``openai`` client: a completion and a
@@ -267,7 +269,11 @@ def main() -> None:
                 # the server answers one request at a time here: compare with LLM's answer to that prompt alone
                 # (in a batch of 8, decode GEMMs of another batch size round differently in bf16, and greedy
                 # near-ties flip: on the CPU, SmolLM2 in bf16 kept 6 of 32 tokens of a prompt batched vs alone)
-                alone = llm.generate([prompts[0]], params)[0]
+                # batch invariance on the GPU, measured (not required): each prompt alone against the batch of 8
+                alone_all = [llm.generate([p], params)[0] for p in prompts]
+                same = [prefix(a.token_ids, o.token_ids) for a, o in zip(alone_all, outs)]
+                row["alone_vs_batch"] = f"{sum(s == args.max_tokens for s in same)}/{len(same)} (min {min(same)})"
+                alone = alone_all[0]
                 llm = None
                 free()
                 if not args.no_serve:
@@ -286,13 +292,14 @@ def main() -> None:
             (args.out / "acceptance.json").write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1, default=str))
     print(f"\n{gpu}, torch {torch.__version__}: gpu_acceptance in {time.perf_counter() - t_start:.0f} s")
     head = f"{'model':<26} {'prec':<5} {'build s':>7} {'graphs':>6} {'greedy vs fp32':>16} {'hf bf16':>12} " \
-           f"{'ppl':>9} {'vs fp32':>8} {'vs bf16':>8} {'serve':>6} {'ok':>4}"
+           f"{'ppl':>9} {'vs fp32':>8} {'vs bf16':>8} {'alone=batch':>11} {'serve':>6} {'ok':>4}"
     print(head)
     for r in rows:
         serve = r.get("serve", {})
         print(f"{r['model'][:26]:<26} {r['precision']:<5} {r.get('build_s', '-'):>7} {r.get('graphs', '-'):>6} "
               f"{r.get('greedy_vs_fp32', '-'):>16} {r.get('hf_bf16_vs_fp32', '-'):>12} {r.get('ppl', '-'):>9} "
               f"{r.get('ppl_vs_fp32_pct', '-'):>8} {r.get('ppl_vs_bf16_pct', '-'):>8} "
+              f"{r.get('alone_vs_batch', '-'):>11} "
               f"{('ok' if serve.get('ok') else 'FAIL') if serve else '-':>6} {'yes' if r.get('ok') else 'NO':>4}"
               + (f"  {r['error'][:120]}" if r.get("error") else ""))
 
