@@ -7,6 +7,7 @@ from conftest import rel_err
 from workbench.errors import WorkbenchError
 from workbench.evaluate import greedy as recompute_greedy, paged_greedy
 from workbench.graph.paged import PagedLayout, SimplePagedCache, cache_for, is_paged, step_inputs
+from workbench.kernels.gemm import batch_invariant
 from workbench.models import PRESETS, ModelSource
 from workbench.pipeline import optimize
 from workbench.quant import PrecisionPlan, calibrate, quantized_program
@@ -140,11 +141,25 @@ def test_a_sequences_rows_do_not_depend_on_the_other_sequences_in_its_step(smol_
              and n.out.shape[1] == "tokens" and n.out.dtype in ("bfloat16", "float32")}
     assert len(nodes) > 5
     together, alone = cache_for(program.graph, device="cpu"), cache_for(program.graph, device="cpu")
-    batch = program.run(keep_all=True, **together.step_inputs(list(enumerate(seqs))))
-    single = program.run(keep_all=True, **alone.step_inputs([(1, seqs[1])]))
-    for name in nodes:
-        assert torch.equal(rows(batch, 9, 23)[name], rows(single, 0, 23)[name]), name
-    batch = program.run(keep_all=True, **together.step_inputs([(i, [7 + i]) for i in range(5)]))
-    single = program.run(keep_all=True, **alone.step_inputs([(1, [8])]))
-    for name in nodes:
-        assert torch.equal(rows(batch, 1, 1)[name], rows(single, 0, 1)[name]), name
+    with batch_invariant():  # as the runtime's steps run
+        batch = program.run(keep_all=True, **together.step_inputs(list(enumerate(seqs))))
+        single = program.run(keep_all=True, **alone.step_inputs([(1, seqs[1])]))
+        for name in nodes:
+            assert torch.equal(rows(batch, 9, 23)[name], rows(single, 0, 23)[name]), name
+        batch = program.run(keep_all=True, **together.step_inputs([(i, [7 + i]) for i in range(5)]))
+        single = program.run(keep_all=True, **alone.step_inputs([(1, [8])]))
+        for name in nodes:
+            assert torch.equal(rows(batch, 1, 1)[name], rows(single, 0, 1)[name]), name
+
+
+def test_llm_gives_a_prompt_the_same_tokens_alone_and_in_a_batch(smol_layer):
+    """The runtime's steps run under batch_invariant(): `LLM` gives each prompt the tokens it gives it alone."""
+    from workbench.runtime.engine import LLM
+    from workbench.runtime.sampling import SamplingParams
+
+    llm = LLM(smol_layer["float32"], num_blocks=64)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 1024, (n,), generator=g).tolist() for n in (7, 30, 12, 19, 3, 25)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    batch = [o.token_ids for o in llm.generate(prompts, params)]
+    assert batch == [llm.generate([p], params)[0].token_ids for p in prompts]

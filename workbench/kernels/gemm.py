@@ -48,6 +48,8 @@ pruning. Tests (Triton interpreter, small shapes) and the GPU benchmark:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -505,19 +507,33 @@ def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     return out_dtype or (x.dtype if x.dtype in _FLOATS else torch.bfloat16)
 
 
-#: Rows per matmul call in the CPU references (the last block zero-padded). CPU BLAS chooses its kernel, its
-#: blocking and how it splits K over threads by the number of rows, so a row's result depends on how many rows
-#: share the call: a request's logits would change with the other requests in its step. Blocks of a fixed size
-#: give every row the same call shape wherever it sits (checked by tests/test_paged.py at fp32 and bf16, 1-4
-#: threads); 32 rows keep big products near the plain matmul's speed and cost little padding when decoding.
+#: Rows per matmul call in the CPU references under ``batch_invariant()`` (the last block zero-padded). CPU BLAS
+#: chooses its kernel, its blocking and how it splits K over threads by the number of rows, so a row's result
+#: depends on how many rows share the call: a request's logits would change with the other requests in its
+#: step. Blocks of a fixed size give every row the same call shape wherever it sits (checked by
+#: tests/test_paged.py at fp32 and bf16, 1-4 threads). 32 rows cost little padding when decoding; each block
+#: re-packs the weight, which is why only runtime steps (where requests share a call) pay for it.
 INVARIANT_ROWS = 32
+_INVARIANT = contextvars.ContextVar("workbench_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True):
+    """Within the block, the CPU references compute each row independently of the other rows of the call
+    (``rows_matmul``). The runtime's steps run under it (``runtime.executor``): a request's output does not
+    depend on the requests that share its step. Whole-sequence work (perplexity, calibration) does not need it."""
+    token = _INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        _INVARIANT.reset(token)
 
 
 def rows_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a [M, K] @ b [K, N] (+ bias)``, each row's result independent of the other rows: on the CPU in blocks of
-    ``INVARIANT_ROWS`` rows (bias added in the same call, so it rounds once as ``linear`` does); elsewhere the
-    plain product (GPU steps run the tactics, whose tiles do not depend on a row's neighbours' values)."""
-    if a.device.type != "cpu" or a.shape[0] == 0:
+    """``a [M, K] @ b [K, N] (+ bias)``; under ``batch_invariant()`` on the CPU, in blocks of ``INVARIANT_ROWS``
+    rows so each row's result is independent of the other rows (bias added in the same call, so it rounds once as
+    ``linear`` does). Elsewhere the plain product (GPU steps run the tactics, not these references)."""
+    if a.device.type != "cpu" or a.shape[0] == 0 or not _INVARIANT.get():
         return a @ b if bias is None else torch.addmm(bias, a, b)
     m, r = a.shape[0], INVARIANT_ROWS
     pad = -m % r
@@ -536,9 +552,10 @@ def rows_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = No
              doc="aten::linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor; on the CPU row-blocked "
                  "(rows_matmul) so a row's result does not depend on the other rows")
 def linear_reference(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """aten.linear's reference: torch's own, except on the CPU, where the product runs in fixed row blocks
-    (``rows_matmul``): batch-invariant, so a request's output does not depend on its step's other requests."""
-    if input.device.type != "cpu" or weight.dim() != 2 or input.dtype != weight.dtype or input.dim() == 0:
+    """aten.linear's reference: torch's own, except on the CPU under ``batch_invariant()``, where the product runs
+    in fixed row blocks (``rows_matmul``), so a request's output does not depend on its step's other requests."""
+    if input.device.type != "cpu" or weight.dim() != 2 or input.dtype != weight.dtype or input.dim() == 0 \
+            or not _INVARIANT.get():
         return torch.ops.aten.linear.default(input, weight, bias)
     y = rows_matmul(input.reshape(-1, input.shape[-1]), weight.t(), bias)
     return y.reshape(*input.shape[:-1], weight.shape[0])

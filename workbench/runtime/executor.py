@@ -47,6 +47,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..graph.paged import RERUN_PASSES, PagedLayout, is_paged, step_inputs
+from ..kernels.gemm import batch_invariant
 from .request import PLACEHOLDER
 from .sampling import to_device
 from .scheduler import SchedulerOutput
@@ -225,7 +226,8 @@ class Executor:
         if key is not None:
             return self._replay(out, key, feed)
         inputs, last = self.inputs(out, feed)
-        (logits,) = self.program.run(**inputs)
+        with batch_invariant():  # CPU references: a request's rows do not depend on the others in the step
+            (logits,) = self.program.run(**inputs)
         return logits[0] if self.rows_only else logits[0].index_select(0, last)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
