@@ -4,7 +4,10 @@ TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so 
 is set here, at import time of the first module pytest loads.
 """
 
+import importlib.util
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -81,3 +84,33 @@ def prefill_then_decode(program):
     cache = cache_for(program.graph, num_blocks=8)
     return [cache.step_inputs([(0, list(range(3, 15))), (1, list(range(40, 49)))]),
             cache.step_inputs([(0, [7]), (1, [8])])]
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def tiny_notebook(path: Path, directory: Path) -> Path:
+    """A copy of notebook ``path`` in ``directory`` that runs on ``tiny-llama`` with its workspace in
+    ``directory/ws``: the cell tagged ``parameters`` (the papermill convention) replaced by those values."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "each notebook has exactly one parameters cell"
+    values = {"MODEL": "tiny-llama", "WORKSPACE": str(directory / "ws")}
+    cells[0].source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    directory.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, directory / path.name)
+    return directory / path.name
+
+
+def browser_missing() -> str | None:
+    """Why tests/test_browser.py cannot run here, or None when it can: it drives the system's Chromium (Debian's
+    ``chromium``, which install.sh installs where it can) with the ``playwright`` package (the dev extra). The
+    notebooks run in exactly one place: in the browser when this is None, else headless in
+    tests/test_notebooks.py."""
+    if shutil.which("chromium") is None:
+        return "no chromium on PATH (install.sh installs Debian's chromium where apt-get and root or sudo are at hand)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import warnings
 
+from ..display import show_in
 from ..errors import WorkbenchError
 from ..workspace import Workspace
 
@@ -86,11 +87,7 @@ class PassPipelineWidget:
                              f"saved in {self.ws.root / 'passes'}"
                              + "".join(f"<br><span style='color:#b60'>warning: {html.escape(w)}</span>"
                                        for w in self.warnings))
-        # the output area's contents set directly: displaying inside ``with self.output`` kept headless kernels
-        # (nbclient, the notebook tests) from going idle for minutes after a figure
-        self.output.outputs = ()
-        for obj in (self.table, *self.figures.values()):
-            self.output.append_display_data(obj)
+        show_in(self.output, self.table, *self.figures.values())
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..display import show_in
 from ..errors import WorkbenchError
 from ..workspace import Workspace
 
@@ -122,8 +123,7 @@ class TuningWidget:
                 return
             fig = V.roofline_figure(V.roofline_rows(self.table), self.cache.ceilings)
         self.figure = fig
-        self.output.outputs = ()  # set directly (see graph.widgets): a headless kernel goes idle at once
-        self.output.append_display_data(fig)
+        show_in(self.output, fig)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

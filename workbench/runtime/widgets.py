@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from ..display import show_in
 from ..errors import WorkbenchError
 from ..graph.paged import PagedLayout
 from .capacity import concurrency_table, plan_capacity
@@ -108,10 +109,7 @@ class CapacityWidget:
         self.table = concurrency_table(layout, fractions=fractions, lengths=[(shape["prompt_len"],
                                                                               shape["output_len"])], **budget)
         self.figure = capacity_figure(self.table, fraction=self.fraction.value)
-        # set the output area's contents directly: displaying inside ``with self.output`` kept headless kernels
-        # (nbclient, the notebook tests) from going idle for minutes after the figure
-        self.output.outputs = ()
-        self.output.append_display_data(self.figure)
+        show_in(self.output, self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
