@@ -79,6 +79,26 @@ def test_auto_never_overwrites_edited_groups(program):
     assert w.plan.edited == ["layers.0.down", "layers.1.o"]
 
 
+def test_an_edit_to_the_shown_format_is_recorded_and_kept_by_auto(program):
+    """Pinning a group to the format its dropdown already shows (bf16 before any auto plan) fires no change event;
+    ``edit`` records it anyway, and the auto plan keeps it (notebook 04's cell does this)."""
+    def all_fp8(plan):
+        return PrecisionPlan.uniform(program.graph, "fp8"), {"ppl": 1.0, "ppl_delta_pct": 0.1, "kl": 0.0}
+
+    w = widget(program, on_auto=all_fp8)
+    assert w.dropdowns["layers.1.down"].value == "bf16"
+    w.edit("layers.1.down", "bf16")
+    assert w.plan.edited == ["layers.1.down"] and "edited" in w.status.value
+    w.auto()
+    assert w.plan.format_of("layers.1.down") == "bf16" and w.plan.format_of("layers.0.down") == "fp8"
+    w.edit("layers.0.qkv", "int8_wo")  # a changed value goes through the dropdown, recorded once
+    assert w.plan.edited == ["layers.1.down", "layers.0.qkv"] and w.dropdowns["layers.0.qkv"].value == "int8_wo"
+    w.edit("layers.9.o", "fp8")
+    assert "no group 'layers.9.o'" in w.error
+    w.edit("kv_cache", "int8_sq")
+    assert "kv_cache takes" in w.error
+
+
 def test_auto_without_a_report_says_it_cannot(program):
     w = widget(program)
     w.auto_button.click()

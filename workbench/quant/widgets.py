@@ -152,6 +152,21 @@ class PrecisionWidget:
         self._paint(group)
         self._say(f"{group} → {change['new']} (edited: the auto plan keeps it)")
 
+    def edit(self, group: str, fmt: str) -> None:
+        """A hand edit: ``group`` (a linear group, or "kv_cache") takes ``fmt`` and is marked edited, so the auto
+        plan keeps it, also when its dropdown already showed ``fmt`` (choosing the shown value fires no change)."""
+        if group not in self.dropdowns:
+            self._fail(f"no group {group!r}; the groups are {', '.join(self.dropdowns)}")
+            return
+        dd = self.dropdowns[group]
+        if fmt not in dd.options:
+            self._fail(f"{group} takes {', '.join(dd.options)}, not {fmt!r}")
+            return
+        if dd.value != fmt:
+            dd.value = fmt  # the observer records the edit
+            return
+        self._changed(group, {"new": fmt})
+
     def set_plan(self, plan: PrecisionPlan) -> None:
         """Show ``plan`` (validated against the graph) as the current plan; no group is marked edited by this."""
         plan = copy.deepcopy(plan).validate(self.graph)
