@@ -66,8 +66,9 @@ def test_greedy_tokens_equal_transformers(built, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_pass_reports_match_each_fusion_once_per_layer(built, name):
-    """The reports' matches, layer by layer: Qwen3's per-head q and k norms are two more RMSNorms per layer, run
-    as the fused rms_norm op over [batch, tokens, heads, head_dim]; everything else matches as on Llama."""
+    """The reports' matches, layer by layer: Qwen3's per-head q and k norms are two more RMSNorms per layer, fused
+    over [batch, tokens, heads, head_dim], then moved into the paged attention with the RoPE (its kernel norms and
+    rotates q as it loads it, k before it writes the cache); everything else matches as on Llama."""
     lm, result = built(name)
     cfg = lm.model.config
     layers = range(cfg.num_hidden_layers)
@@ -88,6 +89,8 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
                                                 **{("gate_up", i): 1 for i in layers}}
     assert matched("insert_paged_attention") == {("paged_attention", i): 1 for i in layers}
     assert matched("fuse_rope_into_attention") == {("rope into paged_attention", i): 1 for i in layers}
+    assert matched("fuse_qk_norm_into_attention") == ({("q/k norm into paged_attention", i): 1 for i in layers}
+                                                      if qwen3 else {})
     assert matched("fold_rope_tables") == {("rope table", None): 2}
 
     graph = result.graph
@@ -95,16 +98,17 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert PagedLayout.from_graph(graph).head_dim == head_dim
     qkv = graph.params["model.layers.0.self_attn.qkv_proj.weight"].spec.shape
     assert qkv == [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size]
-    per_head = [n for n in graph.nodes if n.op == "workbench.rms_norm" and n.args[1].name.endswith(("q_norm.weight",
-                                                                                                  "k_norm.weight"))]
+    attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    assert [n.layer for n in attention] == list(layers)
+    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1  # only the first layer's input norm is left
     if qwen3:
         assert head_dim * cfg.num_attention_heads != cfg.hidden_size  # the preset's point
-        assert Counter(n.layer for n in per_head) == {i: 2 for i in layers}
-        assert {tuple(n.out.shape) for n in per_head} == {("batch", "tokens", cfg.num_attention_heads, head_dim),
-                                                          ("batch", "tokens", cfg.num_key_value_heads, head_dim)}
+        assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name, n.kwargs["norm_eps"]) for n in attention] == [
+            (f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight", 1e-6)
+            for i in layers]
         assert "model.layers.0.self_attn.q_proj.bias" not in result.captured.graph.params
     else:
-        assert per_head == []
+        assert all("q_norm" not in n.kwargs for n in attention)
 
 
 def test_llama31_rope_tables_are_the_scaled_ones(built):
@@ -134,7 +138,8 @@ def test_llama31_rope_tables_are_the_scaled_ones(built):
                                           ("int8_wo", "workbench.w8_linear", 1e-4)])
 def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
     """Groups follow Qwen3's linears (fused QKV, fused gate/up); every format rewrites them all and stays close.
-    The q/k norms feed the attention, not a linear: they stay rms_norm (no FP8 producer, no smoothing)."""
+    The q/k norms are inside the attention: an FP8 KV cache is calibrated on the keys normed and rotated, as the
+    cache holds them; SmoothQuant folds into the input norm, never into them."""
     from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
 
     _, result = built("tiny-qwen3")
@@ -148,9 +153,8 @@ def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
     q = quantized_program(program, plan, stats)
     ops = Counter(n.op for n in q.graph.nodes)
     assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
-    per_head = [n for n in q.graph.nodes if n.op == "workbench.rms_norm" and "_norm.weight" in n.args[1].name
-                and n.args[1].name.rsplit(".", 2)[-2] in ("q_norm", "k_norm")]
-    assert len(per_head) == 4
+    assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight") for n in q.graph.nodes
+               if n.op == "workbench.paged_attention")
     ids = torch.randint(1, 512, (1, 33))
     ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
     kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,

@@ -39,15 +39,18 @@ def test_each_fusion_matches_once_per_layer(optimized):
     layers = range(lm.model.config.num_hidden_layers)
     assert per_layer(graph, "workbench.paged_attention") == {i: 1 for i in layers}
     assert per_layer(graph, "workbench.rope") == {}  # fused, then moved into the attention
-    assert all(n.kwargs.keys() == {"cos", "sin"} for n in graph.nodes if n.op == "workbench.paged_attention")
+    qk_norm = hasattr(lm.model.model.layers[0].self_attn, "q_norm")  # Qwen3: per-head RMSNorm on q and k
+    inside = {"cos", "sin"} | ({"q_norm", "k_norm", "norm_eps"} if qk_norm else set())  # moved into the attention
+    assert all(n.kwargs.keys() == inside for n in graph.nodes if n.op == "workbench.paged_attention")
     for name in ("fuse_rope", "fuse_rope_into_attention"):
         matched = Counter(m.layer for r in reports if r.name == name for m in r.matches)
         assert matched == {i: (2 if name == "fuse_rope" else 1) for i in layers}, name
     assert per_layer(graph, "workbench.silu_mul") == {i: 1 for i in layers}
     cfg = lm.model.config
-    qk_norm = hasattr(lm.model.model.layers[0].self_attn, "q_norm")  # Qwen3: per-head RMSNorm on q and k
     norms = Counter(n.layer for n in graph.nodes if n.op in ("workbench.rms_norm", "workbench.add_rms_norm"))
-    assert norms == {**{i: 4 if qk_norm else 2 for i in layers}, None: 1}  # per layer, and the final norm
+    assert norms == {**{i: 2 for i in layers}, None: 1}  # two per layer (Qwen3's q/k norms: in the attention)
+    matched = Counter(m.layer for r in reports if r.name == "fuse_qk_norm_into_attention" for m in r.matches)
+    assert matched == ({i: 1 for i in layers} if qk_norm else {})
     kinds = Counter((m.what, m.layer) for r in reports if r.name == "fuse_parallel_linears" for m in r.matches)
     assert kinds == {**{("qkv", i): 1 for i in layers}, **{("gate_up", i): 1 for i in layers}}
     assert all(r.accepted for r in reports) and [r.name for r in reports] == list(DEFAULT_PIPELINE)
