@@ -197,5 +197,6 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.rstrip().endswith(f"unsupported architecture 'Gemma3ForCausalLM'; supported: {supported}")
     assert not (tmp_path / "ws").exists()
-    with pytest.raises(WorkbenchError, match=f"^unsupported architecture 'Qwen3MoeForCausalLM'; supported: {supported}$"):
-        make_config({**PRESETS["tiny-qwen3"], "architectures": ["Qwen3MoeForCausalLM"]})
+    moe = "Qwen3MoeForCausalLM"
+    with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
+        make_config({**PRESETS["tiny-qwen3"], "architectures": [moe]})

@@ -665,8 +665,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                                               BLOCK_Q=block_q, BLOCK=256, num_warps=4)
         _paged_attention_kernel[(programs, kv_heads, splits)](
             q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin, block_seq,
-            q_norm if norm else q, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1),
-            out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+            q_norm if norm else q, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+            out.stride(1), out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, v_scale, window or 0, float(norm_eps or 0.0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,

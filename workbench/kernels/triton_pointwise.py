@@ -169,8 +169,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     rows = config["ROWS"]
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), stride_x, stride_xh, heads,
-        r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None, QUANT=scale is not None,
-        ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
+        r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
+        QUANT=scale is not None, ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
         num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 
