@@ -42,6 +42,21 @@ def test_rms_norm(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 9, 3, 64), (5, 14, 2, 128), (3, 4, 2, 32)])
+def test_per_head_rms_norm_on_slices_of_a_fused_qkv(tokens, heads, kv_heads, head_dim, dtype):
+    """Qwen3's q/k norm: [batch, tokens, heads, head_dim] views of the fused QKV output's q and k slices,
+    normed over head_dim with a head_dim weight. The kernel reads the strided heads in place (no copy)."""
+    qkv = torch.randn(2, tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    q = qkv[..., :heads * head_dim].view(2, tokens, heads, head_dim)
+    k = qkv[..., heads * head_dim:(heads + kv_heads) * head_dim].view(2, tokens, kv_heads, head_dim)
+    w = (1 + 0.1 * torch.randn(head_dim)).to(dtype)
+    for x in (q, k, q[:1, :1]):  # a decode step's single token too
+        assert tp._head_rows(x)[3] == (x.shape[2] if x.shape[0] * x.shape[1] > 1 else 1)  # two levels, or plain rows
+        for config in tp.CONFIGS["rms_norm"][:3]:  # rows per program that split a token's heads, or not
+            close(tp.rms_norm(x, w, 1e-6, config=config), fused.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 64), (3, 5, 100)])
 def test_add_rms_norm(shape, dtype):
     x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
@@ -137,7 +152,8 @@ def test_fp8_producers_match_the_unfused_op_then_quantize():
     assert torch.equal(bits(fused.silu_mul_fp8(x, r, scale)), bits(quantize_fp8(fused.silu_mul(x, r), scale)))
 
 
-def test_triton_tactics_run_a_whole_optimized_graph():
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])  # Qwen3: per-head q/k norms on strided slices
+def test_triton_tactics_run_a_whole_optimized_graph(model):
     from workbench.graph.executor import Program
     from workbench.graph.passes import DEFAULT_PIPELINE
     from workbench.pipeline import optimize
@@ -145,7 +161,7 @@ def test_triton_tactics_run_a_whole_optimized_graph():
 
     # without moving RoPE into the attention, so the rope kernel runs in the graph too
     names = [p for p in DEFAULT_PIPELINE if p != "fuse_rope_into_attention"]
-    reference = optimize("tiny-llama", device="cpu", passes=names).program
+    reference = optimize(model, device="cpu", passes=names).program
     graph, params = reference.graph, reference.params
     triton_program = Program(graph, params, tactics="triton")
     used = {n.op for n in graph.nodes} & {"workbench.rms_norm", "workbench.add_rms_norm", "workbench.silu_mul",

@@ -52,11 +52,19 @@ def test_random_weights_are_made_in_the_target_dtype():
 
 
 @pytest.mark.parametrize("name,params", [("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_248_023_552),
-                                         ("qwen2-7b", 7_615_616_512)])
+                                         ("qwen2-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360),
+                                         ("llama-3.1-8b", 8_030_261_248), ("llama-3.2-1b", 1_235_814_400)])
 def test_full_size_presets_have_published_parameter_counts(name, params):
     model = load_model(name, dtype=torch.bfloat16, materialize=False).model
     assert sum(p.numel() for p in model.parameters()) == params
     assert PRESETS[name]["num_key_value_heads"] < PRESETS[name]["num_attention_heads"]  # GQA
+    rope = model.config.rope_parameters
+    if name.startswith(("llama-3.1", "llama-3.2")):  # the scaled RoPE, in the buffer the graph captures
+        assert rope["rope_type"] == "llama3" and rope["factor"] == (8.0 if "3.1" in name else 32.0)
+        assert rope["original_max_position_embeddings"] == 8192 and model.config.max_position_embeddings == 131072
+        inv_freq = model.model.rotary_emb.inv_freq
+        plain = 1.0 / 500000.0 ** (torch.arange(0, model.config.head_dim, 2).float() / model.config.head_dim)
+        assert torch.equal(inv_freq[:8], plain[:8]) and torch.allclose(inv_freq[-1], plain[-1] / rope["factor"])
 
 
 @pytest.fixture
@@ -90,7 +98,8 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"):
+    with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
+                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -25,7 +25,7 @@ def optimize(name, dtype="float32", names=None):
     return lm, result.captured, result.graph, result.reports
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
 def optimized(request):
     return optimize(request.param)
 
@@ -39,13 +39,18 @@ def test_each_fusion_matches_once_per_layer(optimized):
     layers = range(lm.model.config.num_hidden_layers)
     assert per_layer(graph, "workbench.paged_attention") == {i: 1 for i in layers}
     assert per_layer(graph, "workbench.rope") == {}  # fused, then moved into the attention
-    assert all(n.kwargs.keys() == {"cos", "sin"} for n in graph.nodes if n.op == "workbench.paged_attention")
+    qk_norm = hasattr(lm.model.model.layers[0].self_attn, "q_norm")  # Qwen3: per-head RMSNorm on q and k
+    inside = {"cos", "sin"} | ({"q_norm", "k_norm", "norm_eps"} if qk_norm else set())  # moved into the attention
+    assert all(n.kwargs.keys() == inside for n in graph.nodes if n.op == "workbench.paged_attention")
     for name in ("fuse_rope", "fuse_rope_into_attention"):
         matched = Counter(m.layer for r in reports if r.name == name for m in r.matches)
         assert matched == {i: (2 if name == "fuse_rope" else 1) for i in layers}, name
     assert per_layer(graph, "workbench.silu_mul") == {i: 1 for i in layers}
+    cfg = lm.model.config
     norms = Counter(n.layer for n in graph.nodes if n.op in ("workbench.rms_norm", "workbench.add_rms_norm"))
-    assert norms == {**{i: 2 for i in layers}, None: 1}  # two per layer and the final norm
+    assert norms == {**{i: 2 for i in layers}, None: 1}  # two per layer (Qwen3's q/k norms: in the attention)
+    matched = Counter(m.layer for r in reports if r.name == "fuse_qk_norm_into_attention" for m in r.matches)
+    assert matched == ({i: 1 for i in layers} if qk_norm else {})
     kinds = Counter((m.what, m.layer) for r in reports if r.name == "fuse_parallel_linears" for m in r.matches)
     assert kinds == {**{("qkv", i): 1 for i in layers}, **{("gate_up", i): 1 for i in layers}}
     assert all(r.accepted for r in reports) and [r.name for r in reports] == list(DEFAULT_PIPELINE)
@@ -59,7 +64,8 @@ def test_each_fusion_matches_once_per_layer(optimized):
     # the rotary embedding is two table lookups, tables computed when weights load
     assert ops["aten.embedding.default"] == 3
     tables = [p for p in graph.params.values() if p.derived and p.derived["op"] == "tabulate"]
-    assert len(tables) == 2 and tables[0].spec.shape == [512, 16]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert len(tables) == 2 and tables[0].spec.shape == [cfg.max_position_embeddings, head_dim]
     assert ops["aten.linear.default"] == 4 * lm.model.config.num_hidden_layers + 1  # qkv, o, gate_up, down; lm_head
     assert len(graph.nodes) < 0.6 * len(captured.graph.nodes)
 

@@ -110,7 +110,7 @@ def test_cli_capture_info_generate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fuse_attention" in out and "fuse_rope" not in {line.split()[0] for line in out.splitlines() if line.strip()}
     assert ws.status("passes") == "ok" and ws.record("passes")["upstream"].keys() == {"capture"}
-    assert [r["name"] for r in ws.read_json("passes", "report.json")][-1] == "fuse_rope_into_attention"
+    assert [r["name"] for r in ws.read_json("passes", "report.json")][-1] == "fuse_qk_norm_into_attention"
     assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3", "--stage", "passes"]) == 0
     assert "The capital of France is Paris" in capsys.readouterr().out
 

@@ -43,8 +43,11 @@ def _cmd_models(args) -> None:
 
     print("presets (random weights):")
     for name, p in PRESETS.items():
+        extra = f" head_dim={p['head_dim']}" if "head_dim" in p else ""
+        if p.get("rope_scaling"):
+            extra += f" rope={p['rope_scaling']['rope_type']} x{p['rope_scaling']['factor']:g}"
         print(f"  {name:<14} {p['architectures'][0]:<20} layers={p['num_hidden_layers']} "
-              f"hidden={p['hidden_size']} heads={p['num_attention_heads']}/{p['num_key_value_heads']}")
+              f"hidden={p['hidden_size']} heads={p['num_attention_heads']}/{p['num_key_value_heads']}{extra}")
     print("real models (`workbench fetch NAME`):")
     for name, info in NAMED_MODELS.items():
         print(f"  {name:<14} {info['description']}")

@@ -10,9 +10,10 @@ same ops by the kernel modules (``triton_pointwise``, ``triton_attention``, ``ge
     workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
     workbench.rope(x, cos, sin)                     x * cos + rotate_half(x) * sin
     workbench.attention(q, k, v, mask, scale)       SDPA reading k, v with fewer heads (GQA/MQA)
-    workbench.paged_attention(q, k, v, kv_cache, ..., k_scale=, v_scale=, cos=, sin=)
+    workbench.paged_attention(q, k, v, kv_cache, ..., k_scale=, v_scale=, cos=, sin=, q_norm=, k_norm=, norm_eps=)
                                                     the same over a paged KV cache (an FP8 one with its scales,
-                                                    which graph nodes carry by name); with cos/sin, RoPE first
+                                                    which graph nodes carry by name); with q_norm/k_norm, a
+                                                    per-head RMSNorm first (Qwen3), then with cos/sin RoPE
 
 FP8 producers (the quant stage puts them before FP8 linears with static activation scales, so the GEMM
 reads x already quantized and no separate quantization pass runs; the rounding is exactly the
@@ -101,6 +102,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def attention_input(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float | None = None,
+                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q or k as ``paged_attention`` attends with it (and k as its cache holds it): the per-head RMSNorm over
+    head_dim when ``norm`` is given, then the rotary embedding when ``cos``/``sin`` are, each rounded as its
+    own op rounds (``rms_norm``, ``rope``)."""
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    if cos is not None:
+        x = rope(x, cos, sin)
+    return x
+
+
 # not graph-safe: it reads the step's sequence lengths on the host (a CUDA graph runs the Triton tactic)
 @register_op("workbench.paged_attention", cost=C.attention, effects=True)
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -108,7 +121,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     query_start_loc: torch.Tensor, scale: float | None = None,
                     window: int | None = None, k_scale: float | None = None,
                     v_scale: float | None = None, *, cos: torch.Tensor | None = None,
-                    sin: torch.Tensor | None = None) -> torch.Tensor:
+                    sin: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, norm_eps: float | None = None) -> torch.Tensor:
     """Attention over a paged KV cache for a flat batch of sequences (batch dim 1).
 
     Writes the new tokens' k and v ([1, kv_heads, tokens, head_dim]) into ``kv_cache``
@@ -125,9 +139,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
     With ``cos`` and ``sin`` ([1, 1, tokens, head_dim], the ``fuse_rope_into_attention`` pass) q and k
     arrive before their rotary embedding, and it is applied first: ``rope(q, cos, sin)``, ``rope(k, cos, sin)``.
+    With ``q_norm`` and ``k_norm`` (head_dim weights, the ``fuse_qk_norm_into_attention`` pass) they arrive
+    before Qwen3's per-head RMSNorm too, which comes before the RoPE: ``attention_input``.
     """
-    if cos is not None:
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+    q = attention_input(q, q_norm, norm_eps, cos, sin)
+    k = attention_input(k, k_norm, norm_eps, cos, sin)
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     quant = kv_cache.dtype == torch.float8_e4m3fn
     k_scale, v_scale = k_scale or 1.0, v_scale or 1.0

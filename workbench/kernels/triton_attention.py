@@ -52,6 +52,11 @@ alone cannot fill the GPU.
 ``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
 FP8 caches store value / scale, saturated and rounded to e4m3).
 
+Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3; the ``fuse_qk_norm_into_attention`` pass): the
+kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is normed
+with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each rounded as
+``workbench.rms_norm`` rounds. Two more launches per layer fewer, and q and k are read once.
+
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
 it and, where the step's own keys are read contiguous (bf16 caches; FP8 caches in steps with prompt
@@ -114,23 +119,33 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_blk, sc_off, sc_h,
-                     scos_t, sko_h, sko_t, svo_h, svo_t, k_scale, v_scale, PAGE: tl.constexpr, KV_HEADS: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr,
-                     ROPE: tl.constexpr, HAS_K_OUT: tl.constexpr, HAS_V_OUT: tl.constexpr):
+def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_h, sv_t, sc_kv, sc_blk, sc_off, sc_h,
+                     scos_t, sko_h, sko_t, svo_h, svo_t, k_scale, v_scale, norm_eps, PAGE: tl.constexpr,
+                     KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     QUANT: tl.constexpr, ROPE: tl.constexpr, HAS_K_OUT: tl.constexpr, HAS_V_OUT: tl.constexpr,
+                     NORM: tl.constexpr = False):
     """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
-    halves of the head dim; with ROPE, K rotated first (as ``workbench.rope`` does: fp32, one rounding to
-    K's dtype). HAS_K_OUT / HAS_V_OUT also write K / V as the attention reads this step's own keys: the
-    rotated K; over an FP8 cache, the values the cache holds (value / scale, rounded to e4m3) in fp16."""
+    halves of the head dim; with NORM, each head of K first normed over the head dim by the weight KW (Qwen3's
+    k_norm, rounded as ``workbench.rms_norm`` rounds it: fp32 statistics, the normed value rounded to K's dtype,
+    times the weight, rounded again); with ROPE, K then rotated (as ``workbench.rope`` does: fp32, one rounding to
+    K's dtype). HAS_K_OUT / HAS_V_OUT also write K / V as the attention reads this step's own keys: K normed
+    and rotated; over an FP8 cache, the values the cache holds (value / scale, rounded to e4m3) in fp16."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < KV_HEADS) & (d < HALF)
-    k1 = tl.load(K + h * sk_h + t * sk_t + d, mask=mask)
-    k2 = tl.load(K + h * sk_h + t * sk_t + HALF + d, mask=mask)
+    k1 = tl.load(K + h * sk_h + t * sk_t + d, mask=mask, other=0.0)
+    k2 = tl.load(K + h * sk_h + t * sk_t + HALF + d, mask=mask, other=0.0)
     v1 = tl.load(V + h * sv_h + t * sv_t + d, mask=mask)
     v2 = tl.load(V + h * sv_h + t * sv_t + HALF + d, mask=mask)
+    if NORM:
+        x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
+        r = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1))[:, None] / (2 * HALF) + norm_eps)
+        w1 = tl.load(KW + d, mask=d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(KW + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        k1 = ((x1 * r).to(K.dtype.element_ty).to(tl.float32) * w1).to(K.dtype.element_ty)
+        k2 = ((x2 * r).to(K.dtype.element_ty).to(tl.float32) * w2).to(K.dtype.element_ty)
     if ROPE:
         c1 = tl.load(COS + t * scos_t + d, mask=d < HALF, other=0.0).to(tl.float32)
         c2 = tl.load(COS + t * scos_t + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
@@ -285,15 +300,15 @@ def _cached_tile(KC, VC, BT, seq, sbt, kv_head, n0, cached_end, sc_blk, sc_off, 
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN, BLOCK_SEQ,
+        Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN, BLOCK_SEQ, QW,
         sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
         scos_t,
-        num_seqs, s_scale, v_scale, window,
+        num_seqs, s_scale, v_scale, window, norm_eps,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
         PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0,
-        ROWS: tl.constexpr = 0):
+        ROWS: tl.constexpr = 0, NORM: tl.constexpr = False):
     # query rows per program (``query_rows``): BLOCK_Q · GROUP, or with ROWS a power of two above it whose last
     # ROWS - BLOCK_Q · GROUP rows are padding (a GROUP that is not a power of two: 3, 5, 7)
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP if ROWS == 0 else ROWS
@@ -356,9 +371,18 @@ def _paged_attention_kernel(
         q_row = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_row + d[None, :], mask=q_mask, other=0.0)
+        if NORM:  # Qwen3's per-head q_norm on the way in, rounded as workbench.rms_norm rounds it
+            qf = q.to(tl.float32)
+            r = tl.math.rsqrt(tl.sum(qf * qf, axis=1)[:, None] / HEAD_DIM + norm_eps)
+            w = tl.load(QW + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            q = ((qf * r).to(Q.dtype.element_ty).to(tl.float32) * w).to(Q.dtype.element_ty)
         if ROPE:  # rotary embedding on the way in, rounded to q's dtype as workbench.rope rounds it
             half: tl.constexpr = HEAD_DIM // 2
             partner = tl.load(q_row + ((d + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            if NORM:  # the partner element normed as its own column is (the row's r, its own weight)
+                w_p = tl.load(QW + (d + half) % HEAD_DIM, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                partner = ((partner * r).to(Q.dtype.element_ty).to(tl.float32) * w_p).to(Q.dtype.element_ty)
+                partner = partner.to(tl.float32)
             cs_off = (q_begin + tok)[:, None].to(tl.int64) * scos_t + d[None, :]
             c = tl.load(COS + cs_off, mask=q_mask, other=0.0).to(tl.float32)
             s = tl.load(SIN + cs_off, mask=q_mask, other=0.0).to(tl.float32)
@@ -519,12 +543,14 @@ CONFIGS = [
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
              k_scale: float = 1.0, v_scale: float = 1.0, cos: torch.Tensor | None = None,
              sin: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
-             v_out: torch.Tensor | None = None) -> None:
+             v_out: torch.Tensor | None = None, *, k_norm: torch.Tensor | None = None,
+             norm_eps: float | None = None) -> None:
     """Scatter the new tokens' K and V ([1, kv_heads, tokens, head_dim], any strides with unit last
-    stride) into their cache slots; an FP8 cache stores value / scale, saturated. With ``cos``/``sin``
-    (``[tokens, head_dim]`` rows), K is rotated first. ``k_out`` / ``v_out`` (shaped like k, unit last stride)
-    receive K and V as the cache holds them: rotated, and over an FP8 cache value / scale rounded to e4m3
-    (in their own dtype, e.g. fp16, which holds every e4m3 value)."""
+    stride) into their cache slots; an FP8 cache stores value / scale, saturated. With ``k_norm`` (a head_dim
+    weight) each head of K is RMS-normed first (``norm_eps``); with ``cos``/``sin`` (``[tokens, head_dim]``
+    rows), K is then rotated. ``k_out`` / ``v_out`` (shaped like k, unit last stride) receive K and V as the
+    cache holds them: normed and rotated, and over an FP8 cache value / scale rounded to e4m3 (in their own
+    dtype, e.g. fp16, which holds every e4m3 value)."""
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
     if head_dim % 2:
         raise WorkbenchError(f"write_kv: head_dim must be even (the kernel copies it in two halves), not {head_dim}")
@@ -539,12 +565,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     k_out_ = k if k_out is None else k_out
     v_out_ = v if v_out is None else v_out
     _write_kv_kernel[(tokens,)](
-        k, v, kv_cache, slot_mapping, cos, sin, k_out_, v_out_, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        *kv_cache.stride()[:4], cos.stride(0) if rope else 0, k_out_.stride(1), k_out_.stride(2), v_out_.stride(1),
-        v_out_.stride(2), float(k_scale), float(v_scale), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
+        k, v, kv_cache, slot_mapping, cos, sin, k_out_, v_out_, k if k_norm is None else k_norm, k.stride(1),
+        k.stride(2), v.stride(1), v.stride(2), *kv_cache.stride()[:4], cos.stride(0) if rope else 0,
+        k_out_.stride(1), k_out_.stride(2), v_out_.stride(1), v_out_.stride(2), float(k_scale), float(v_scale),
+        float(norm_eps or 0.0), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=k_out is not None, HAS_V_OUT=v_out is not None,
-        num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+        NORM=k_norm is not None, num_warps=4 if kv_heads * head_dim >= 1024 else 1)
 
 
 def query_rows(block_q: int, group: int) -> tuple[int, int]:
@@ -573,7 +600,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     query_start_loc: torch.Tensor, scale: float | None = None, window: int | None = None,
                     k_scale: float | None = None, v_scale: float | None = None,
                     config: dict | None = None, *, cos: torch.Tensor | None = None,
-                    sin: torch.Tensor | None = None) -> torch.Tensor:
+                    sin: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, norm_eps: float | None = None) -> torch.Tensor:
     """Same contract as the reference ``workbench.paged_attention`` (see ``kernels/fused.py``)."""
     config = config or CONFIGS[0]
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
@@ -586,6 +614,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                 and not config.get("NEW_FROM_CACHE", False))
     new_from_input = kv_cache.dtype == k.dtype or new_e4m3
     rope = cos is not None
+    norm = q_norm is not None  # q normed inside the attention kernel, k by the cache write (before RoPE)
+    if norm and k_norm is None:
+        raise WorkbenchError("paged_attention: q_norm without k_norm; the q/k norms move inside together")
     if rope:  # q rotated inside the attention kernel, k by the cache write
         cos, sin = _rope_rows(cos, tokens, head_dim), _rope_rows(sin, tokens, head_dim)
 
@@ -593,9 +624,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         return torch.empty(1, tokens, kv_heads, head_dim, dtype=dtype, device=k.device).transpose(1, 2)
 
     # over an FP8 cache, fp16 copies (fp16 holds every e4m3 value; the kernel's dots run in fp16 there)
-    k_new = side_buffer(torch.float16) if new_e4m3 else side_buffer(k.dtype) if rope and new_from_input else None
+    transformed = rope or norm  # the step's own keys are read as write_kv leaves them, not as given
+    k_new = (side_buffer(torch.float16) if new_e4m3 else side_buffer(k.dtype) if transformed and new_from_input
+             else None)
     v_new = side_buffer(torch.float16) if new_e4m3 else None
-    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos, sin, k_new, v_new)
+    write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale, cos if rope else None, sin, k_new, v_new,
+             k_norm=k_norm if norm else None, norm_eps=norm_eps)
     k = k if k_new is None else k_new
     v = v if v_new is None else v_new
     group = heads // kv_heads
@@ -631,15 +665,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                                               BLOCK_Q=block_q, BLOCK=256, num_warps=4)
         _paged_attention_kernel[(programs, kv_heads, splits)](
             q, k, v, kc, vc, out, block_tables, seq_lens, query_start_loc, part, lse, cos, sin, block_seq,
-            q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1),
-            out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+            q_norm if norm else q, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+            out.stride(1), out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, v_scale, window or 0,
+            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, v_scale, window or 0, float(norm_eps or 0.0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
             BLOCK_N=cfg["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
-            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m,
+            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m, NORM=norm,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:

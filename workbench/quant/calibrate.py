@@ -30,7 +30,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..progress import progress_bar
-from ..kernels.fused import rope
+from ..kernels.fused import attention_input
 from .observers import MaxObserver, Observer, make_observer
 from .plan import linear_groups, model_fingerprint
 
@@ -248,9 +248,9 @@ def calibrate(program, ids: torch.Tensor, *, samples: int | None = None, seq_len
             stats.channels[g].update(x)
         elif attention.get(node) is not None:
             kv = stats.kv[attention[node]]
-            k = args[1]
-            if kwargs.get("cos") is not None:  # RoPE inside the attention: the cache holds the rotated keys
-                k = rope(k, kwargs["cos"], kwargs["sin"])
+            # the keys as the cache holds them: normed (Qwen3's k_norm) and rotated when the attention does it
+            k = attention_input(args[1], kwargs.get("k_norm"), kwargs.get("norm_eps"), kwargs.get("cos"),
+                                kwargs.get("sin"))
             kv["k"].update(k)
             kv["v"].update(args[2])
 

@@ -92,6 +92,7 @@ DEFAULT_PIPELINE = (
     "fuse_parallel_linears",
     "insert_paged_attention",
     "fuse_rope_into_attention",
+    "fuse_qk_norm_into_attention",
 )
 
 PASSES: dict[str, GraphPass] = {}

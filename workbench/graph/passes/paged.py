@@ -117,3 +117,51 @@ def fuse_rope_into_attention(rw: Rewriter) -> list[Match]:
     if matches:
         rw.refresh()
     return matches
+
+
+def _head_norm(rw: Rewriter, v, reader):
+    """(transpose or None, rms_norm) if ``v`` is [transpose(]rms_norm(x)[)] read only by ``reader``, its weight one
+    head_dim vector and its output in x's dtype (so the attention can round as the op does)."""
+    t = rw.only_reader(v, reader)
+    if t is not None and t.op == "aten.transpose.int":
+        norm = rw.only_reader(t.args[0], t)
+    else:
+        t, norm = None, t
+    if norm is None or norm.op != "workbench.rms_norm":
+        return None
+    x, w = rw.spec(norm.args[0]), rw.spec(norm.args[1])
+    if x is None or w is None or norm.out is None or len(w.shape) != 1 or w.shape[0] != x.shape[-1]:
+        return None
+    if not (x.dtype == w.dtype == norm.out.dtype):
+        return None
+    return t, norm
+
+
+@register_pass("fuse_qk_norm_into_attention",
+               "rms_norm(q), rms_norm(k) per head -> workbench.paged_attention(..., q_norm=, k_norm=): Qwen3's "
+               "q/k norms inside the attention")
+def fuse_qk_norm_into_attention(rw: Rewriter) -> list[Match]:
+    """Qwen3's per-head RMSNorms of q and k move into the paged attention that reads them (after their RoPE moved
+    there): its kernel norms q as it loads it, and the cache write norms k before rotating and storing it; two
+    norm launches per layer fewer. Matches where both norms share eps, norm over head_dim in the input dtype,
+    and are read by nothing else (through the transpose to [batch, heads, tokens, head_dim])."""
+    matches = []
+    for n in rw.graph.nodes:
+        if n.op != "workbench.paged_attention" or "q_norm" in n.kwargs:
+            continue
+        found = [_head_norm(rw, n.args[i], n) for i in (0, 1)]
+        if None in found or found[0][1] is found[1][1] or found[0][1].args[2] != found[1][1].args[2]:
+            continue
+        args = list(n.args)
+        for i, (t, norm) in enumerate(found):
+            if t is not None:  # the transpose now reads the norm's input
+                t.args = [norm.args[0], *t.args[1:]]
+            else:
+                args[i] = norm.args[0]
+        n.args = args
+        (_, qn), (_, kn) = found
+        n.kwargs = {**n.kwargs, "q_norm": qn.args[1], "k_norm": kn.args[1], "norm_eps": qn.args[2]}
+        matches.append(Match("q/k norm into paged_attention", n.layer, [qn.name, kn.name, n.name], [n.name]))
+    if matches:
+        rw.refresh()
+    return matches

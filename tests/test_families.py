@@ -1,0 +1,202 @@
+"""Model families beyond Llama (issue 26), on the CPU in fp32 against transformers: Qwen3 (per-head RMSNorm on q
+and k, a head_dim apart from hidden / heads, no biases) and Llama 3.1's scaled RoPE (``rope_type: llama3``).
+
+The families also run in the parametrized tests of test_capture (captured logits), test_passes (each fusion once
+per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel);
+here: greedy tokens through the product path, the pass reports' counts, the rotary tables, quantization, an engine
+built and run, and the one-line refusal of an architecture that is not supported."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import rel_err
+from workbench.evaluate import greedy, logits_fn
+from workbench.graph.paged import PagedLayout
+from workbench.models import PRESETS, load_model
+from workbench.models.presets import make_config
+from workbench.pipeline import optimize
+from workbench import LLM, SamplingParams
+
+FAMILIES = ["tiny-qwen3", "tiny-llama31"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
+
+
+@pytest.fixture(scope="module")
+def built():
+    """name -> (transformers model, ``optimize`` result with every pass checked), each built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            lm = load_model(name)
+            cache[name] = lm, optimize(lm.source, device="cpu", check=True)
+        return cache[name]
+
+    return get
+
+
+def prompts(n=5):
+    g = torch.Generator().manual_seed(26)
+    return [torch.randint(0, 512, (length,), generator=g) for length in (3, 8, 13, 21, 30)[:n]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_tokens_equal_transformers(built, name):
+    """5 prompts, 32 greedy tokens each: transformers (recomputing), the captured graph (recomputing) and the
+    optimized graph through `LLM` (paged KV cache, the 5 prompts batched in one engine) give the same tokens;
+    the prompts' logits agree to < 1e-4."""
+    lm, result = built(name)
+    with torch.no_grad():
+        def reference(ids):
+            return lm.model(ids, use_cache=False).logits
+
+        expected = [greedy(reference, p, 32) for p in prompts()]
+        captured = result.captured_program()
+        assert [greedy(captured, p, 32) for p in prompts()] == expected
+        outs = LLM(result.program, num_blocks=32).generate(
+            [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        assert [o.token_ids for o in outs] == expected
+        for p in prompts(2):
+            ref = reference(p[None])
+            assert rel_err(captured(p[None]), ref) < 1e-4
+            assert rel_err(logits_fn(result.program)(p[None]), ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pass_reports_match_each_fusion_once_per_layer(built, name):
+    """The reports' matches, layer by layer: Qwen3's per-head q and k norms are two more RMSNorms per layer, fused
+    over [batch, tokens, heads, head_dim], then moved into the paged attention with the RoPE (its kernel norms and
+    rotates q as it loads it, k before it writes the cache); everything else matches as on Llama."""
+    lm, result = built(name)
+    cfg = lm.model.config
+    layers = range(cfg.num_hidden_layers)
+    qwen3 = name == "tiny-qwen3"
+
+    def matched(pass_name):
+        return Counter((m.what, m.layer) for r in result.reports if r.name == pass_name for m in r.matches)
+
+    assert all(r.accepted for r in result.reports)
+    assert matched("fuse_rms_norm") == {**{("rms_norm", i): 4 if qwen3 else 2 for i in layers},
+                                        ("rms_norm", None): 1}
+    # each residual add feeding a norm; the add before layer i's input norm is layer i's, the last the final norm's
+    assert matched("fuse_add_rms_norm") == {("add_rms_norm", 0): 1, ("add_rms_norm", 1): 2, ("add_rms_norm", None): 1}
+    assert matched("fuse_silu_mul") == {("silu_mul", i): 1 for i in layers}
+    assert matched("fuse_rope") == {("rope", i): 2 for i in layers}
+    assert matched("fuse_attention") == {("attention (repeat_kv removed)", i): 1 for i in layers}
+    assert matched("fuse_parallel_linears") == {**{("qkv", i): 1 for i in layers},
+                                                **{("gate_up", i): 1 for i in layers}}
+    assert matched("insert_paged_attention") == {("paged_attention", i): 1 for i in layers}
+    assert matched("fuse_rope_into_attention") == {("rope into paged_attention", i): 1 for i in layers}
+    assert matched("fuse_qk_norm_into_attention") == ({("q/k norm into paged_attention", i): 1 for i in layers}
+                                                      if qwen3 else {})
+    assert matched("fold_rope_tables") == {("rope table", None): 2}
+
+    graph = result.graph
+    head_dim = cfg.head_dim
+    assert PagedLayout.from_graph(graph).head_dim == head_dim
+    qkv = graph.params["model.layers.0.self_attn.qkv_proj.weight"].spec.shape
+    assert qkv == [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size]
+    attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    assert [n.layer for n in attention] == list(layers)
+    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1  # only the first layer's input norm is left
+    if qwen3:
+        assert head_dim * cfg.num_attention_heads != cfg.hidden_size  # the preset's point
+        assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name, n.kwargs["norm_eps"]) for n in attention] == [
+            (f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight", 1e-6)
+            for i in layers]
+        assert "model.layers.0.self_attn.q_proj.bias" not in result.captured.graph.params
+    else:
+        assert all("q_norm" not in n.kwargs for n in attention)
+
+
+def test_llama31_rope_tables_are_the_scaled_ones(built):
+    """The folded cos/sin tables are transformers' llama3-scaled ones at every position (bit for bit), not the
+    unscaled ones; past original_max_position_embeddings (8192) the captured graph still matches transformers."""
+    lm, result = built("tiny-llama31")
+    program = result.program
+    rows = PRESETS["tiny-llama31"]["max_position_embeddings"]
+    tables = sorted(n for n, p in program.graph.params.items() if p.derived and p.derived["op"] == "tabulate")
+    pos = torch.arange(rows)[None]
+    rotary = lm.model.model.rotary_emb
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
+    assert [tuple(program.params[t].shape) for t in tables] == [(rows, 16)] * 2
+    assert {torch.equal(program.params[t], cos[0]) or torch.equal(program.params[t], sin[0]) for t in tables} == {True}
+    unscaled = type(rotary)(config=make_config({**PRESETS["tiny-llama31"], "rope_scaling": None}))
+    plain_cos, _ = unscaled(torch.zeros(1), pos)
+    assert rel_err(plain_cos[0, 9000:], cos[0, 9000:]) > 0.1  # the scaling changes the long wavelengths
+    ids = torch.randint(0, 512, (1, 12))
+    far = torch.arange(12000, 12012)[None]
+    with torch.no_grad():
+        ref = lm.model(ids, position_ids=far, use_cache=False).logits
+    assert rel_err(result.captured_program()(ids, far), ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
+                                          ("int8_sq", "workbench.int8_linear", 1e-3),
+                                          ("int8_wo", "workbench.w8_linear", 1e-4)])
+def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
+    """Groups follow Qwen3's linears (fused QKV, fused gate/up); every format rewrites them all and stays close.
+    The q/k norms are inside the attention: an FP8 KV cache is calibrated on the keys normed and rotated, as the
+    cache holds them; SmoothQuant folds into the input norm, never into them."""
+    from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+
+    _, result = built("tiny-qwen3")
+    program = result.program
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+    assert groups["layers.1.qkv"].weights == ("model.layers.1.self_attn.qkv_proj.weight",)
+    torch.manual_seed(1)
+    stats = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, progress=False)
+    plan = PrecisionPlan.uniform(program.graph, fmt, kv_cache="fp8" if fmt == "fp8" else "bf16")
+    q = quantized_program(program, plan, stats)
+    ops = Counter(n.op for n in q.graph.nodes)
+    assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
+    assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight") for n in q.graph.nodes
+               if n.op == "workbench.paged_attention")
+    ids = torch.randint(1, 512, (1, 33))
+    ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
+    kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    assert torch.isfinite(out).all() and 0 < kl < limit
+    if fmt == "int8_sq":
+        _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+        assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"
+        assert "model.layers.0.input_layernorm.weight.smooth" in tensors
+        assert not any("q_norm" in t or "k_norm" in t for t in tensors if t.endswith(".smooth"))
+
+
+def test_qwen3_fp8_engine_builds_and_generates(tmp_path, capsys):
+    """`workbench build tiny-qwen3 --precision fp8`, then `LLM(engine).generate`, on the CPU."""
+    import json
+
+    from workbench.cli import main
+
+    out = tmp_path / "engine"
+    assert main(["build", "tiny-qwen3", "--precision", "fp8", "--out", str(out), "--samples", "4", "--seq-len", "32",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    engine = json.loads((out / "engine.json").read_text())
+    assert engine["model"]["architecture"] == "Qwen3ForCausalLM"
+    outs = LLM(out, device="cpu", num_blocks=32).generate(
+        [p.tolist() for p in prompts()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [8] * 5
+    assert all(0 <= t < 512 for o in outs for t in o.token_ids)
+
+
+def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.errors import WorkbenchError
+
+    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    config = tmp_path / "config.json"
+    config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
+    assert main(["capture", str(config), str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.rstrip().endswith(f"unsupported architecture 'Gemma3ForCausalLM'; supported: {supported}")
+    assert not (tmp_path / "ws").exists()
+    moe = "Qwen3MoeForCausalLM"
+    with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
+        make_config({**PRESETS["tiny-qwen3"], "architectures": [moe]})
