@@ -222,8 +222,8 @@ def plan_sweep(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, full
                budget_s: float | None = None, window: int = 256, stride: int = 128,
                seconds_per_variant: float | None = None) -> SweepPlan:
     """Which groups ``sensitivity`` should measure to finish within ``budget_s`` seconds (default: no limit on a
-    GPU, ``CPU_SWEEP_BUDGET_S`` on a CPU), from the time one variant takes here (measured: the first group in the
-    first format, on the same probe). ``full=True`` takes every group whatever the time; ``full=False`` the
+    GPU, ``CPU_SWEEP_BUDGET_S`` on a CPU), from the time a variant takes here (measured on the same probe: the
+    first group and the largest in the first format, the slower of the two counted for every variant). ``full=True`` takes every group whatever the time; ``full=False`` the
     budget's subset even when everything would fit. A subset keeps every kind of group (q/k/v, o, gate/up, down,
     lm_head) and spreads its layers from the first to the last, so the sweep still shows where in depth
     quantization hurts. Print the plan to see the estimate before starting, then pass ``groups=plan.groups``.
@@ -241,13 +241,16 @@ def plan_sweep(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, full
     if budget_s is None and not device.startswith("cuda"):
         budget_s = CPU_SWEEP_BUDGET_S
     per = seconds_per_variant
-    if per is None:
+    if per is None:  # the first group and the largest (lm_head's dequantized reference costs most): the slower
         probe = probe_ids(ids, window, stride)
         base = reference_logits(program, probe, window=window, stride=stride)
-        t0 = time.perf_counter()
-        plan = PrecisionPlan.uniform(graph, "bf16").with_format(next(iter(known)), formats[0]).validate(graph)
-        measure(quantized_program(program, plan, stats), base)
-        per = time.perf_counter() - t0
+        largest = max(known, key=lambda n: sum(graph.params[w].spec.numel({}) for w in known[n].weights))
+        per = 0.0
+        for name in dict.fromkeys([next(iter(known)), largest]):
+            t0 = time.perf_counter()
+            plan = PrecisionPlan.uniform(graph, "bf16").with_format(name, formats[0]).validate(graph)
+            measure(quantized_program(program, plan, stats), base)
+            per = max(per, time.perf_counter() - t0)
     names = list(known)
     if full or budget_s is None or (full is None and per * len(names) * len(formats) <= budget_s):
         chosen = names
