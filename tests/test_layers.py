@@ -22,7 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 #: analysis, the stage drivers, engine directories, opening what runs, the runtime, the server, and the user
 #: interfaces over all of them.
 LAYERS = (
-    ("base", ("workbench.errors", "workbench.env", "workbench.device", "workbench.plugins", "workbench.progress")),
+    ("base", ("workbench.errors", "workbench.env", "workbench.device", "workbench.plugins", "workbench.progress",
+              "workbench.display")),
     ("measure", ("workbench.profiling.nvtx", "workbench.profiling.timing", "workbench.profiling.ceilings")),
     ("inputs", ("workbench.models", "workbench.workspace")),
     ("ir", ("workbench.graph.ir", "workbench.graph.paged")),
