@@ -43,7 +43,9 @@ def test_grid_has_a_dropdown_per_group_and_the_kv_cache(program):
     w = widget(program)
     assert set(w.dropdowns) == set(linear_groups(program.graph)) | {"kv_cache"}
     assert w.dropdowns["layers.1.down"].options == ("bf16", "fp8", "int8_sq", "int8_wo")
-    assert w.dropdowns["kv_cache"].options == ("bf16", "fp8")
+    # the plan's "bf16" cache is the model's own dtype: float32 for this CPU capture, and the label says so
+    assert w.dropdowns["kv_cache"].options == (("bf16 = float32", "bf16"), ("fp8", "fp8"))
+    assert w.dropdowns["kv_cache"].label == "bf16 = float32" and w.dropdowns["kv_cache"].value == "bf16"
     assert set(w.colours.values()) == {"grey"}  # no report: nothing measured
 
 

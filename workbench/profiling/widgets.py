@@ -34,18 +34,22 @@ class TuningWidget:
         self.ws, self.saved, self.timer = ws, Path(saved) if saved else None, timer
         self.device = device or ("cuda" if torch.cuda.is_available() else None)
         d = OptimizationProfile()
+        # labels at a width that fits the longest ("max context"), buttons as wide as their text: at ipywidgets'
+        # defaults JupyterLab cut them to "max cont…" and "Load saved tim…"
+        label = {"style": {"description_width": "90px"}, "layout": W.Layout(width="260px")}
         self.fields = {
-            "max_tokens": W.BoundedIntText(d.max_tokens, min=1, max=1 << 20, description="max tokens"),
-            "max_seqs": W.BoundedIntText(d.max_seqs, min=1, max=1 << 16, description="max seqs"),
-            "context": W.BoundedIntText(d.context, min=0, max=1 << 20, description="context"),
-            "max_context": W.BoundedIntText(d.max_context, min=1, max=1 << 20, description="max context"),
+            "max_tokens": W.BoundedIntText(d.max_tokens, min=1, max=1 << 20, description="max tokens", **label),
+            "max_seqs": W.BoundedIntText(d.max_seqs, min=1, max=1 << 16, description="max seqs", **label),
+            "context": W.BoundedIntText(d.context, min=0, max=1 << 20, description="context", **label),
+            "max_context": W.BoundedIntText(d.max_context, min=1, max=1 << 20, description="max context", **label),
         }
-        self.buckets = W.Text(placeholder="1,4,16,... (default)", description="buckets")
+        self.buckets = W.Text(placeholder="1,4,16,... (default)", description="buckets", **label)
         self.tune_button = W.Button(description="Tune" if self.device else "Load saved timings",
-                                    button_style="primary", icon="play")
+                                    button_style="primary", icon="play", layout=W.Layout(width="auto"))
         self.tune_button.on_click(lambda _b: self.tune())
-        self.view = W.Dropdown(options=VIEWS, value=VIEWS[0], description="view")
-        self.op = W.Dropdown(options=[], description="op")
+        self.view = W.Dropdown(options=VIEWS, value=VIEWS[0], description="view", **label)
+        self.op = W.Dropdown(options=[], description="op", style={"description_width": "40px"},
+                             layout=W.Layout(width="360px"))
         self.view.observe(lambda change: self.show(change["new"]), names="value")
         self.op.observe(lambda change: self.show(self.view.value), names="value")
         self.status = W.HTML()

@@ -81,7 +81,11 @@ class PrecisionWidget:
         groups = linear_groups(graph)
         self.dropdowns = {name: W.Dropdown(options=FORMATS, value=self.plan.format_of(name),
                                            layout=W.Layout(width="110px")) for name in groups}
-        self.dropdowns[KV] = W.Dropdown(options=KV_FORMATS, value=self.plan.kv_cache, layout=W.Layout(width="110px"))
+        # the plan's "bf16" for the cache means the model's own dtype (float32 for a CPU capture): say which
+        own = str(graph.meta.get("dtype", "bfloat16"))
+        kv_options = [(f"bf16 = {own}" if f == "bf16" and own != "bfloat16" else f, f) for f in KV_FORMATS]
+        self.dropdowns[KV] = W.Dropdown(options=kv_options, value=self.plan.kv_cache,
+                                        layout=W.Layout(width="150px"))
         for name, dd in self.dropdowns.items():
             dd.observe(partial(self._changed, name), names="value")
             self._paint(name)
@@ -159,8 +163,9 @@ class PrecisionWidget:
             self._fail(f"no group {group!r}; the groups are {', '.join(self.dropdowns)}")
             return
         dd = self.dropdowns[group]
-        if fmt not in dd.options:
-            self._fail(f"{group} takes {', '.join(dd.options)}, not {fmt!r}")
+        values = [o[1] if isinstance(o, tuple) else o for o in dd.options]
+        if fmt not in values:
+            self._fail(f"{group} takes {', '.join(values)}, not {fmt!r}")
             return
         if dd.value != fmt:
             dd.value = fmt  # the observer records the edit
