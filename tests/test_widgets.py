@@ -48,6 +48,8 @@ def test_pass_widget_runs_the_ticked_passes(ws):
     assert len(attention) == 2 and all("cos" in n.kwargs for n in attention)  # fused ropes, moved into attention
     assert "fuse_rope" in [r["name"] for r in ws.read_json("passes", "report.json")]
     assert "nodes" in w.status.value and set(w.figures) == {"waterfall", "layer"}
+    shown = w.output.outputs[0]["data"]["text/html"]  # the table as shown: short numbers, no "None"
+    assert "<table" in shown and ">None<" not in shown and "0.000000" not in shown
 
 
 def test_pass_widget_reports_errors_in_place(ws):

@@ -87,9 +87,21 @@ class PassPipelineWidget:
                              f"saved in {self.ws.root / 'passes'}"
                              + "".join(f"<br><span style='color:#b60'>warning: {html.escape(w)}</span>"
                                        for w in self.warnings))
-        show_in(self.output, self.table, *self.figures.values())
+        show_in(self.output, _readable(self.table), *self.figures.values())
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.widget)
+
+
+def _readable(table):
+    """The pass table as the widget shows it (``table`` itself keeps the numbers): no index, errors to two
+    significant digits, seconds to 0.01, bytes with separators, no "None" for passes that did not diverge."""
+    try:
+        return (table.style.hide(axis="index")
+                .format({"max_rel_err": lambda v: "" if v is None or v != v else f"{v:.1e}",
+                         "seconds": "{:.2f}", "bytes_saved": "{:,}"})
+                .format(lambda v: v or "", subset=["first_diverging"]))
+    except ImportError:  # pandas' Styler needs jinja2
+        return table

@@ -103,8 +103,9 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
                             + (f", {eager} steps eager" if "graph_tokens" in df.columns else ""))
     fig.update_yaxes(title_text="tokens run", row=1, col=1)
     fig.update_yaxes(title_text="KV used (%)", range=[0, 105], row=2, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="requests", rangemode="tozero", row=2, col=1, secondary_y=True)
-    fig.update_xaxes(title_text="step", row=2, col=1)
+    # whole requests and steps: no 0.5 ticks when the counts are small
+    fig.update_yaxes(title_text="requests", rangemode="tozero", tickformat="d", row=2, col=1, secondary_y=True)
+    fig.update_xaxes(title_text="step", tickformat="d", row=2, col=1)
     return fig
 
 
@@ -150,5 +151,5 @@ def capacity_figure(table, *, fraction: float | None = None):
         fig.add_vline(x=fraction, line_dash="dash", line_color="#555", annotation_text=f"fraction {fraction:g}")
     fig.update_layout(title="Requests the KV cache holds at once (each at its peak: prompt and all its output)",
                       xaxis_title="memory fraction the engine may use", yaxis_title="max concurrency",
-                      yaxis_rangemode="tozero", legend_title="prompt+output")
+                      yaxis_rangemode="tozero", yaxis_tickformat="d", legend_title="prompt+output")
     return fig
