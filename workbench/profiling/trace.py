@@ -28,7 +28,10 @@ Files are JSON (no pyarrow here or on the GPU machine), written atomically; floa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,27 @@ COLUMNS = {"step": "int64", "node": "str", "op": "str", "name": "str", "device":
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset", "memcpy", "memset")
 
 
+@contextlib.contextmanager
+def _native_stderr_quiet():
+    """File descriptor 2 to /dev/null for the block: the profiler's C++ side prints "USDT: ... profiler_start" and
+    "profiler_stop" lines there as it starts and stops, which a notebook shows as red error output. Only those
+    two calls run under it, so nothing of the program's own output is lost."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 to redirect (an embedded interpreter): leave it
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def trace_program(program, steps: Iterable[Mapping[str, torch.Tensor]], *, warmup: int = 1,
                   chrome_trace: str | Path | None = None):
     """Run each step (graph inputs, as for ``autotune``) once under the profiler; one row per kernel.
@@ -70,13 +94,19 @@ def trace_program(program, steps: Iterable[Mapping[str, torch.Tensor]], *, warmu
     if on_gpu:
         torch.cuda.synchronize(program.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    prof = profile(activities=activities)
+    with _native_stderr_quiet():
+        prof.start()
+    try:
         with op_ranges_as(lambda label: record_function(NODE_PREFIX + label)):
             for i, step in enumerate(steps):
                 with record_function(f"{STEP_PREFIX}{i}"):
                     program.run(**step)
         if on_gpu:
             torch.cuda.synchronize(program.device)
+    finally:
+        with _native_stderr_quiet():
+            prof.stop()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(chrome_trace) if chrome_trace is not None else Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
