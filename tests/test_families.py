@@ -240,3 +240,61 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     moe = "Qwen3MoeForCausalLM"
     with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
         make_config({**PRESETS["tiny-qwen3"], "architectures": [moe]})
+
+
+def test_a_pattern_the_passes_do_not_know_runs_on_reference_ops_and_the_build_names_the_layers(tmp_path, capsys):
+    """tiny-llama with a GELU-gated MLP (gelu(gate) * up): fuse_silu_mul knows only SwiGLU, so both layers keep
+    the gelu and the mul as reference ops; every other fusion (paged attention included, which the runtime needs)
+    still matches. The graph matches transformers, greedy tokens are equal, and `workbench build` / `optimize`
+    say which layers stayed unfused."""
+    import json
+
+    from workbench.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-llama"], "hidden_act": "gelu"}))
+    lm = load_model(str(config))
+    assert lm.model.config.hidden_act == "gelu"
+    result = optimize(lm.source, device="cpu", check=True)
+    assert all(r.accepted for r in result.reports)
+    assert result.unfused() == ["fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)"]
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["aten.gelu.default"] == 2 and ops["workbench.silu_mul"] == 0 and ops["workbench.paged_attention"] == 2
+    with torch.no_grad():
+        def reference(ids):
+            return lm.model(ids, use_cache=False).logits
+
+        expected = [greedy(reference, p, 32) for p in prompts()]
+        assert [greedy(result.captured_program(), p, 32) for p in prompts()] == expected
+        outs = LLM(result.program, num_blocks=32).generate(
+            [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        assert [o.token_ids for o in outs] == expected
+        p = prompts(2)[1][None]
+        assert rel_err(logits_fn(result.program)(p), reference(p)) < 1e-4
+
+    out = tmp_path / "engine"
+    assert main(["build", str(config), "--precision", "bf16", "--out", str(out), "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert "passes: fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in log
+    assert log.count("stay unfused") == 1
+    outs = LLM(out, device="cpu", num_blocks=32).generate(
+        [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    ws = tmp_path / "ws"
+    assert main(["capture", str(config), str(ws)]) == 0 and main(["optimize", str(ws), "--device", "cpu"]) == 0
+    assert "fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in capsys.readouterr().out
+
+
+def test_unfused_lines_name_layer_ranges():
+    from workbench.graph.passes import Match, PassReport, unfused_lines
+
+    def report(name, layers, accepted=True):
+        return PassReport(name, "", [Match("x", i, [], []) for i in layers], 0, 0, 0, 0, None, accepted)
+
+    reports = [report("fuse_rope", [0, 1, 2, 3, 4, 5]), report("fuse_silu_mul", [1, 2, 4]),
+               report("fuse_attention", range(6), accepted=False), report("fuse_qk_norm_into_attention", [])]
+    assert unfused_lines(reports, 6) == [
+        "fuse_silu_mul matched 3 of 6 layers: layers 0, 3, 5 stay unfused (reference ops)",
+        "fuse_attention matched 0 of 6 layers: layers 0-5 stay unfused (reference ops)"]
+    assert unfused_lines([report("fuse_rope", [0, 2])], 3) == [
+        "fuse_rope matched 2 of 3 layers: layer 1 stays unfused (reference ops)"]
