@@ -298,3 +298,13 @@ def test_unfused_lines_name_layer_ranges():
         "fuse_attention matched 0 of 6 layers: layers 0-5 stay unfused (reference ops)"]
     assert unfused_lines([report("fuse_rope", [0, 2])], 3) == [
         "fuse_rope matched 2 of 3 layers: layer 1 stays unfused (reference ops)"]
+
+
+def test_longrope_is_refused_in_one_line():
+    """LongRoPE (Phi-3-128k, Phi-3.5) is length-dependent in transformers (the long factors for a whole pass once
+    its largest position reaches original_max_position_embeddings): refused, naming it."""
+    from workbench.errors import WorkbenchError
+
+    rope = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    with pytest.raises(WorkbenchError, match="^Phi3ForCausalLM: LongRoPE .* not supported yet"):
+        make_config({**PRESETS["tiny-phi3"], "max_position_embeddings": 2048, "rope_scaling": rope})

@@ -104,4 +104,13 @@ def make_config(fields: dict[str, Any]):
 
         raise WorkbenchError(f"unsupported architecture {arch!r}; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    rope = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+        from ..errors import WorkbenchError
+
+        # transformers picks LongRoPE's long or short factors per forward pass, from its largest position
+        # (torch.where on max(position_ids)), which no per-position cos/sin table folds; and capture on the meta
+        # device loses the long factors' lifted tensor
+        raise WorkbenchError(f"{arch}: LongRoPE (rope_scaling type {rope.get('rope_type', rope.get('type'))!r}) is "
+                             "not supported yet; Phi-3 checkpoints without rope_scaling (the 4k ones) are")
     return getattr(transformers, cls_name)(**fields)
