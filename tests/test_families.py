@@ -1,5 +1,6 @@
 """Model families beyond Llama (issue 26), on the CPU in fp32 against transformers: Qwen3 (per-head RMSNorm on q
-and k, a head_dim apart from hidden / heads, no biases) and Llama 3.1's scaled RoPE (``rope_type: llama3``).
+and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE (``rope_type: llama3``) and Phi-3
+(q/k/v and gate/up packed in the checkpoint, split by slices and a chunk).
 
 The families also run in the parametrized tests of test_capture (captured logits), test_passes (each fusion once
 per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel);
@@ -19,7 +20,7 @@ from workbench.models.presets import make_config
 from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
-FAMILIES = ["tiny-qwen3", "tiny-llama31"]
+FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -68,7 +69,8 @@ def test_greedy_tokens_equal_transformers(built, name):
 def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     """The reports' matches, layer by layer: Qwen3's per-head q and k norms are two more RMSNorms per layer, fused
     over [batch, tokens, heads, head_dim], then moved into the paged attention with the RoPE (its kernel norms and
-    rotates q as it loads it, k before it writes the cache); everything else matches as on Llama."""
+    rotates q as it loads it, k before it writes the cache); Phi-3's packed qkv_proj and gate_up_proj are found as
+    packed groups (their chunk made slices, as a fused group's outputs are), then everything matches as on Llama."""
     lm, result = built(name)
     cfg = lm.model.config
     layers = range(cfg.num_hidden_layers)
@@ -85,8 +87,9 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert matched("fuse_silu_mul") == {("silu_mul", i): 1 for i in layers}
     assert matched("fuse_rope") == {("rope", i): 2 for i in layers}
     assert matched("fuse_attention") == {("attention (repeat_kv removed)", i): 1 for i in layers}
-    assert matched("fuse_parallel_linears") == {**{("qkv", i): 1 for i in layers},
-                                                **{("gate_up", i): 1 for i in layers}}
+    packed = " (packed in the checkpoint)" if name == "tiny-phi3" else ""
+    assert matched("fuse_parallel_linears") == {**{("qkv" + packed, i): 1 for i in layers},
+                                                **{("gate_up" + packed, i): 1 for i in layers}}
     assert matched("insert_paged_attention") == {("paged_attention", i): 1 for i in layers}
     assert matched("fuse_rope_into_attention") == {("rope into paged_attention", i): 1 for i in layers}
     assert matched("fuse_qk_norm_into_attention") == ({("q/k norm into paged_attention", i): 1 for i in layers}
@@ -94,7 +97,7 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert matched("fold_rope_tables") == {("rope table", None): 2}
 
     graph = result.graph
-    head_dim = cfg.head_dim
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert PagedLayout.from_graph(graph).head_dim == head_dim
     qkv = graph.params["model.layers.0.self_attn.qkv_proj.weight"].spec.shape
     assert qkv == [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size]
@@ -109,6 +112,10 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
         assert "model.layers.0.self_attn.q_proj.bias" not in result.captured.graph.params
     else:
         assert all("q_norm" not in n.kwargs for n in attention)
+    assert not any(n.op in ("aten.chunk.default", "aten.cat.default", "aten.silu.default") for n in graph.nodes)
+    if name == "tiny-phi3":  # the same graph as a fused Llama's
+        assert len(result.captured.graph.nodes) == 231 and len(graph.nodes) == 60
+        assert not any(graph.params[p].derived for p in graph.params if p.endswith(("qkv_proj.weight", "up_proj.weight")))
 
 
 def test_llama31_rope_tables_are_the_scaled_ones(built):
@@ -167,18 +174,51 @@ def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
         assert not any("q_norm" in t or "k_norm" in t for t in tensors if t.endswith(".smooth"))
 
 
-def test_qwen3_fp8_engine_builds_and_generates(tmp_path, capsys):
-    """`workbench build tiny-qwen3 --precision fp8`, then `LLM(engine).generate`, on the CPU."""
+@pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
+                                          ("int8_sq", "workbench.int8_linear", 1e-3),
+                                          ("int8_wo", "workbench.w8_linear", 1e-4)])
+def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
+    """Groups follow Phi-3's linears: the checkpoint's packed qkv_proj and gate_up_proj are one group each (one
+    weight, not a derived concatenation); every format rewrites them all and stays close."""
+    from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+
+    _, result = built("tiny-phi3")
+    program = result.program
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+    assert groups["layers.1.qkv"].weights == ("model.layers.1.self_attn.qkv_proj.weight",)
+    assert groups["layers.1.gate_up"].weights == ("model.layers.1.mlp.gate_up_proj.weight",)
+    assert [g.kind for g in groups.values()][:4] == ["qkv", "o", "gate_up", "down"]
+    torch.manual_seed(1)
+    stats = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, progress=False)
+    plan = PrecisionPlan.uniform(program.graph, fmt, kv_cache="fp8" if fmt == "fp8" else "bf16")
+    q = quantized_program(program, plan, stats)
+    ops = Counter(n.op for n in q.graph.nodes)
+    assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
+    ids = torch.randint(1, 512, (1, 33))
+    ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
+    kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    assert torch.isfinite(out).all() and 0 < kl < limit
+    if fmt == "int8_sq":
+        _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+        assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"
+        assert report["groups"]["layers.0.gate_up"]["smoothing"] == "folded into norm"
+
+
+@pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM")])
+def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
+    """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
 
     from workbench.cli import main
 
     out = tmp_path / "engine"
-    assert main(["build", "tiny-qwen3", "--precision", "fp8", "--out", str(out), "--samples", "4", "--seq-len", "32",
+    assert main(["build", name, "--precision", "fp8", "--out", str(out), "--samples", "4", "--seq-len", "32",
                  "--device", "cpu"]) == 0
     capsys.readouterr()
     engine = json.loads((out / "engine.json").read_text())
-    assert engine["model"]["architecture"] == "Qwen3ForCausalLM"
+    assert engine["model"]["architecture"] == arch
     outs = LLM(out, device="cpu", num_blocks=32).generate(
         [p.tolist() for p in prompts()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [8] * 5
@@ -189,7 +229,7 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.cli import main
     from workbench.errors import WorkbenchError
 
-    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM"
     config = tmp_path / "config.json"
     config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2
@@ -200,3 +240,71 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     moe = "Qwen3MoeForCausalLM"
     with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
         make_config({**PRESETS["tiny-qwen3"], "architectures": [moe]})
+
+
+def test_a_pattern_the_passes_do_not_know_runs_on_reference_ops_and_the_build_names_the_layers(tmp_path, capsys):
+    """tiny-llama with a GELU-gated MLP (gelu(gate) * up): fuse_silu_mul knows only SwiGLU, so both layers keep
+    the gelu and the mul as reference ops; every other fusion (paged attention included, which the runtime needs)
+    still matches. The graph matches transformers, greedy tokens are equal, and `workbench build` / `optimize`
+    say which layers stayed unfused."""
+    import json
+
+    from workbench.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-llama"], "hidden_act": "gelu"}))
+    lm = load_model(str(config))
+    assert lm.model.config.hidden_act == "gelu"
+    result = optimize(lm.source, device="cpu", check=True)
+    assert all(r.accepted for r in result.reports)
+    assert result.unfused() == ["fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)"]
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["aten.gelu.default"] == 2 and ops["workbench.silu_mul"] == 0 and ops["workbench.paged_attention"] == 2
+    with torch.no_grad():
+        def reference(ids):
+            return lm.model(ids, use_cache=False).logits
+
+        expected = [greedy(reference, p, 32) for p in prompts()]
+        assert [greedy(result.captured_program(), p, 32) for p in prompts()] == expected
+        outs = LLM(result.program, num_blocks=32).generate(
+            [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        assert [o.token_ids for o in outs] == expected
+        p = prompts(2)[1][None]
+        assert rel_err(logits_fn(result.program)(p), reference(p)) < 1e-4
+
+    out = tmp_path / "engine"
+    assert main(["build", str(config), "--precision", "bf16", "--out", str(out), "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert "passes: fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in log
+    assert log.count("stay unfused") == 1
+    outs = LLM(out, device="cpu", num_blocks=32).generate(
+        [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    ws = tmp_path / "ws"
+    assert main(["capture", str(config), str(ws)]) == 0 and main(["optimize", str(ws), "--device", "cpu"]) == 0
+    assert "fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in capsys.readouterr().out
+
+
+def test_unfused_lines_name_layer_ranges():
+    from workbench.graph.passes import Match, PassReport, unfused_lines
+
+    def report(name, layers, accepted=True):
+        return PassReport(name, "", [Match("x", i, [], []) for i in layers], 0, 0, 0, 0, None, accepted)
+
+    reports = [report("fuse_rope", [0, 1, 2, 3, 4, 5]), report("fuse_silu_mul", [1, 2, 4]),
+               report("fuse_attention", range(6), accepted=False), report("fuse_qk_norm_into_attention", [])]
+    assert unfused_lines(reports, 6) == [
+        "fuse_silu_mul matched 3 of 6 layers: layers 0, 3, 5 stay unfused (reference ops)",
+        "fuse_attention matched 0 of 6 layers: layers 0-5 stay unfused (reference ops)"]
+    assert unfused_lines([report("fuse_rope", [0, 2])], 3) == [
+        "fuse_rope matched 2 of 3 layers: layer 1 stays unfused (reference ops)"]
+
+
+def test_longrope_is_refused_in_one_line():
+    """LongRoPE (Phi-3-128k, Phi-3.5) is length-dependent in transformers (the long factors for a whole pass once
+    its largest position reaches original_max_position_embeddings): refused, naming it."""
+    from workbench.errors import WorkbenchError
+
+    rope = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    with pytest.raises(WorkbenchError, match="^Phi3ForCausalLM: LongRoPE .* not supported yet"):
+        make_config({**PRESETS["tiny-phi3"], "max_position_embeddings": 2048, "rope_scaling": rope})

@@ -67,6 +67,17 @@ def test_full_size_presets_have_published_parameter_counts(name, params):
         assert torch.equal(inv_freq[:8], plain[:8]) and torch.allclose(inv_freq[-1], plain[-1] / rope["factor"])
 
 
+def test_phi3_mini_has_the_published_shape_and_parameter_count():
+    """Phi-3-mini-4k: 3.82 B parameters, MHA (32 KV heads), q/k/v and gate/up packed in the checkpoint."""
+    model = load_model("phi-3-mini", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
+    layer = model.model.layers[0]
+    assert tuple(layer.self_attn.qkv_proj.weight.shape) == (3 * 3072, 3072)
+    assert tuple(layer.mlp.gate_up_proj.weight.shape) == (2 * 8192, 3072)
+    assert model.config.num_key_value_heads == model.config.num_attention_heads == 32
+    assert model.config.rope_parameters["rope_type"] == "default" and model.config.max_position_embeddings == 4096
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""
@@ -99,7 +110,7 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM$"):
+                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

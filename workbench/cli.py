@@ -83,7 +83,7 @@ def _cmd_optimize(args) -> None:
     import pandas as pd
 
     from .graph.passes import PASSES, default_pipeline, summary_table
-    from .pipeline import passes_stage
+    from .pipeline import passes_stage, unfused_notes
     from .workspace import Workspace
 
     names = args.passes.split(",") if args.passes else default_pipeline()
@@ -100,6 +100,8 @@ def _cmd_optimize(args) -> None:
         print(f"workbench: warning: {w.message}", file=sys.stderr)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary_table(reports).to_string(index=False))
+    for line in unfused_notes(ws):
+        print(line)
     print(f"wrote {ws.root / 'passes'} (graph.json with {len(graph.nodes)} nodes, report.json, record.json)")
 
 

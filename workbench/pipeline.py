@@ -11,6 +11,7 @@ source to run (``runnable``), the tests' programs and the bench scripts start fr
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,26 @@ class Optimized:
     def captured_program(self) -> Program:
         """The captured graph (no paged attention) bound to the source's weights, on the program's device."""
         return program_for(self.captured.graph, self.captured.constants, self.source, device=self.program.device)
+
+    def unfused(self) -> list[str]:
+        """One line per standard layer fusion that left decoder layers unfused (``passes.unfused_lines``)."""
+        from .graph.passes import unfused_lines
+
+        return unfused_lines(self.reports, _num_layers(self.graph))
+
+
+def _num_layers(graph: Graph) -> int:
+    layers = graph.meta.get("config", {}).get("num_hidden_layers")
+    return int(layers) if layers is not None else len({n.layer for n in graph.nodes if n.layer is not None})
+
+
+def unfused_notes(ws: Workspace) -> list[str]:
+    """The passes stage's ``unfused_lines``: which decoder layers each standard fusion left on reference ops."""
+    from .graph.passes import PassReport, unfused_lines
+
+    reports = [PassReport.from_json(r) for r in json.loads(ws.path("passes", "report.json").read_text())]
+    graph = Graph.loads(ws.path("passes", "graph.json").read_text())
+    return unfused_lines(reports, _num_layers(graph))
 
 
 def optimize(source: str | Path | ModelSource, *, dtype: str = "auto", device: str | torch.device = "auto",

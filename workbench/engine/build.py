@@ -138,6 +138,8 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     # 2. passes ---------------------------------------------------------------------------------------------
     stage("passes", _skip(ws.up_to_date("passes", matches=lambda p: p.get("kv_block_size") == options.kv_block_size)),
           lambda: pipeline.passes_stage(ws, force=options.force, device=device, kv_block_size=options.kv_block_size))
+    for line in pipeline.unfused_notes(ws):  # each build says so, also when the stage was up to date
+        log(f"passes: {line}")
 
     # 3. quantization -------------------------------------------------------------------------------------
     fmt = FORMAT_OF.get(options.precision)

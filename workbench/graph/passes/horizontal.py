@@ -5,6 +5,11 @@ and so do gate and up. Each group becomes one ``linear`` whose weight (and bias)
 is the concatenation of theirs along the output dim, a *derived* parameter that
 weight loading computes from the checkpoint (``Param.derived``); the old outputs
 become slices of the fused output, which the following views read unchanged.
+
+A checkpoint may store a group packed already (Phi-3's ``qkv_proj`` and ``gate_up_proj``): its linear is left as
+it is, and its outputs are put in the same form as a fused group's, so that the passes after this one meet one
+shape: ``chunk(y, n, -1)`` becomes n slices, and a slice ending past the last column ends at it. Such a group is
+reported as ``"<kind> (packed in the checkpoint)"``.
 """
 
 from __future__ import annotations
@@ -29,9 +34,57 @@ def _kind(name: str) -> str:
     return {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}.get(name.rsplit(".", 1)[-1], "linears")
 
 
+def _split_along_last(rw: Rewriter, n: Node, reader: Node) -> bool:
+    """Whether ``reader`` takes columns of ``n``'s [.., columns] output: a slice or chunk along the last dim."""
+    last = len(n.out.shape) - 1
+    if reader.op == "aten.slice.Tensor":
+        return reader.args[0] == Ref(n.name) and reader.args[1] in (-1, last) and len(reader.args) == 4 \
+            and all(isinstance(a, int) for a in reader.args[2:4])
+    if reader.op == "aten.chunk.default":
+        dim = reader.args[2] if len(reader.args) > 2 else 0
+        return dim in (-1, last) and all(u.op == "operator.getitem" for u in rw.users.get(reader.name, []))
+    return False
+
+
+def _packed(rw: Rewriter, n: Node) -> list[Match]:
+    """Slices in place of ``chunk`` and clamped slice ends on a linear packed in the checkpoint (see above)."""
+    g = rw.graph
+    w = n.args[1] if len(n.args) > 1 else None
+    if not (isinstance(w, Ref) and w.name in g.params and not g.params[w.name].derived and n.out is not None):
+        return []
+    kind = _kind(w.name.removesuffix(".weight"))
+    columns = n.out.shape[-1]
+    readers = rw.users.get(n.name, [])
+    if kind == "linears" or not isinstance(columns, int) or not readers \
+            or not all(_split_along_last(rw, n, r) for r in readers):
+        return []
+    replaced, created = [], [n.name]
+    for r in list(readers):
+        if r.op == "aten.slice.Tensor":
+            if r.args[3] > columns:
+                r.args = [*r.args[:3], columns]
+            created.append(r.name)
+            continue
+        parts = r.args[1]
+        size = -(-columns // parts)  # torch.chunk's size: the last part may be smaller
+        slices = []
+        for start in range(0, columns, size):
+            end = min(start + size, columns)
+            spec = TensorSpec(n.out.shape[:-1] + [end - start], n.out.dtype, contiguous=False)
+            slices.append(rw.insert_before(r, Node(rw.fresh(f"{n.name}_slice"), "aten.slice.Tensor",
+                                                   [Ref(n.name), -1, start, end], {}, [spec], r.module, r.layer)))
+        for item in list(rw.users.get(r.name, [])):
+            rw.replace_uses(item.name, Ref(slices[item.args[1]].name))
+            replaced.append(item.name)
+        replaced.append(r.name)
+        created += [s.name for s in slices]
+    return [Match(f"{kind} (packed in the checkpoint)", n.layer, replaced, created)]
+
+
 @register_pass("fuse_parallel_linears", "q/k/v and gate/up linears reading one input -> one GEMM, outputs sliced")
 def fuse_parallel_linears(rw: Rewriter) -> list[Match]:
     g = rw.graph
+    packed = [m for n in list(g.nodes) if n.op == "aten.linear.default" for m in _packed(rw, n)]
     groups: dict[str, list[Node]] = {}
     for n in g.nodes:
         if n.op != "aten.linear.default" or not isinstance(n.args[0], Ref):
@@ -75,4 +128,4 @@ def fuse_parallel_linears(rw: Rewriter) -> list[Match]:
             created.append(part.name)
             start += size
         matches.append(Match(_kind(base), first.layer, [m.name for m in members], created))
-    return matches
+    return sorted(packed + matches, key=lambda m: m.layer if m.layer is not None else -1)

@@ -77,6 +77,10 @@ class PassReport:
         d["matches"] = [m.__dict__ for m in self.matches]
         return d
 
+    @classmethod
+    def from_json(cls, d: Mapping) -> "PassReport":
+        return cls(**{**d, "matches": [Match(**m) for m in d["matches"]]})
+
 
 #: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
 DEFAULT_PIPELINE = (
@@ -93,6 +97,20 @@ DEFAULT_PIPELINE = (
     "insert_paged_attention",
     "fuse_rope_into_attention",
     "fuse_qk_norm_into_attention",
+)
+
+#: The fusions every decoder layer of a supported family gets, once or more per layer. A layer one of them did not
+#: match in still runs, on the reference ops of the pattern it left (``unfused_layers`` names them). Not here:
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms).
+LAYER_FUSIONS = (
+    "fuse_rms_norm",
+    "fuse_add_rms_norm",
+    "fuse_silu_mul",
+    "fuse_rope",
+    "fuse_attention",
+    "fuse_parallel_linears",
+    "insert_paged_attention",
+    "fuse_rope_into_attention",
 )
 
 PASSES: dict[str, GraphPass] = {}
@@ -282,6 +300,42 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     if on_pass is not None:
         on_pass(len(names), len(names), "")
     return current, reports
+
+
+def unfused_layers(reports: list[PassReport], num_layers: int) -> dict[str, list[int]]:
+    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of ``LAYER_FUSIONS`` that
+    ran; a rejected pass matched in none. Passes that matched in every layer are left out."""
+    missing = {}
+    for r in reports:
+        if r.name not in LAYER_FUSIONS:
+            continue
+        matched = {m.layer for m in r.matches} if r.accepted else set()
+        left = [i for i in range(num_layers) if i not in matched]
+        if left:
+            missing[r.name] = left
+    return missing
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def unfused_lines(reports: list[PassReport], num_layers: int) -> list[str]:
+    """One line per layer fusion that left layers unfused, e.g. ``fuse_silu_mul matched 0 of 2 layers: layers 0-1
+    stay unfused (reference ops)``; empty when every layer got every fusion."""
+    lines = []
+    for name, left in unfused_layers(reports, num_layers).items():
+        which = f"layer {left[0]} stays" if len(left) == 1 else f"layers {_ranges(left)} stay"
+        lines.append(f"{name} matched {num_layers - len(left)} of {num_layers} layers: {which} unfused "
+                     "(reference ops)")
+    return lines
 
 
 def summary_table(reports: list[PassReport]):
