@@ -25,3 +25,14 @@ def test_no_bar_when_disabled_or_nothing_to_do(capsys):
             bar.set_postfix_str("x")
         assert isinstance(bar, SilentBar)
     assert capsys.readouterr().err == ""
+
+
+def test_a_callable_gets_the_progress_instead_of_a_bar(capsys):
+    from workbench.progress import progress_bar
+
+    seen = []
+    with progress_bar(3, "rounds", "round", enabled=lambda done, total, desc: seen.append((done, total, desc))) as bar:
+        bar.update(1)
+        bar.update(2)
+    assert seen == [(0, 3, "rounds"), (1, 3, "rounds"), (3, 3, "rounds")]
+    assert capsys.readouterr().err == ""  # no tqdm bar drawn

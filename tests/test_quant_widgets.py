@@ -178,8 +178,11 @@ def test_precision_widget_runs_the_library(program, stats, report, tmp_path):
     w.evaluate_button.click()
     assert w.error is None and "ppl" in w.status.value and "KL" in w.status.value
     assert w.result == pytest.approx(evaluate_plan(program, w.plan, stats, ids, window=96, stride=64))
+    said = []  # the status line while the auto plan runs: each verification round as it starts
+    w.status.observe(lambda change: said.append(change["new"]), names="value")
     w.auto_button.click()
     assert w.error is None and w.plan.format_of("layers.0.qkv") == "int8_wo"
+    assert said[:2] == ["auto plan: running...", "auto plan: verifying plan 1 (at most 8)..."]
     # by the planted report the edit alone spends 5%: no other group fits in a 0.5% budget
     assert w.plan.quantized() == ["layers.0.qkv"] and w.plan.edited == ["layers.0.qkv"]
     assert "auto plan: 1 int8_wo, 8 bf16" in w.status.value

@@ -27,11 +27,28 @@ class SilentBar:
         pass
 
 
+class CallbackBar(SilentBar):
+    """What ``progress_bar`` yields when ``enabled`` is a callable: each update calls it with (done, total, desc),
+    so a widget can show the progress in its own status line (a tqdm bar from a button's callback has no cell
+    to draw in)."""
+
+    def __init__(self, total: int, desc: str, callback) -> None:
+        self.total, self.desc, self.callback, self.n = total, desc, callback, 0
+        callback(0, total, desc)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.callback(self.n, self.total, self.desc)
+
+
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, unit: str, *, enabled: bool = True) -> Iterator:
+def progress_bar(total: int, desc: str, unit: str, *, enabled=True) -> Iterator:
     """A tqdm bar of ``total`` ``unit``s named ``desc`` (notebook or terminal, as tqdm.auto picks), or a
-    ``SilentBar`` when ``enabled`` is false or there is nothing to do."""
-    if enabled and total:
+    ``SilentBar`` when ``enabled`` is false or there is nothing to do. ``enabled`` may also be a callable
+    ``(done, total, desc)``, called at the start and at every update instead of drawing a bar (``CallbackBar``)."""
+    if callable(enabled) and total:
+        bar = CallbackBar(total, desc, enabled)
+    elif enabled and total:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, unit=unit)

@@ -281,8 +281,13 @@ def precision_widget(program, stats, ids, plan: PrecisionPlan | None = None, rep
         return evaluate_plan(program, p, stats, ids, window=window, stride=stride, base_logits=reference[0])
 
     def auto(p: PrecisionPlan):
-        return auto_plan(report, program, stats, ids, budget_pct=budget_pct, base_plan=p, timings=timings,
-                         window=window, stride=stride, progress=False)
+        def rounds(done: int, total: int, _desc: str) -> None:  # each round verifies a whole plan: seconds each
+            widget.status.value = f"auto plan: verifying plan {done + 1} (at most {total})..." if done < total \
+                else "auto plan: done"
 
-    return PrecisionWidget(program.graph, plan, report=report, on_evaluate=evaluate,
-                           on_auto=auto if report is not None else None, save_path=save_path)
+        return auto_plan(report, program, stats, ids, budget_pct=budget_pct, base_plan=p, timings=timings,
+                         window=window, stride=stride, progress=rounds)
+
+    widget = PrecisionWidget(program.graph, plan, report=report, on_evaluate=evaluate,
+                             on_auto=auto if report is not None else None, save_path=save_path)
+    return widget
