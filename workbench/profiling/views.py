@@ -270,8 +270,10 @@ def roofline_figure(rows, ceilings):
                              line=dict(color="black")))
     title = f"Roofline: {len(shown)} rows under the measured ceilings"
     if len(left_out):
-        names = ", ".join(map(str, left_out[:4])) + (", ..." if len(left_out) > 4 else "")
-        title += f"<br><sup>left out ({len(left_out)}: no FLOPs, bytes or time, or not costed): {names}</sup>"
+        # two names a line: a long list ran off the figure at JupyterLab's default width
+        names = [str(n) for n in left_out[:4]] + (["..."] if len(left_out) > 4 else [])
+        lines = "<br>".join(", ".join(names[i:i + 2]) for i in range(0, len(names), 2))
+        title += f"<br><sup>left out ({len(left_out)}: no FLOPs, bytes or time, or not costed):<br>{lines}</sup>"
     fig.update_layout(title=title, xaxis_title="arithmetic intensity (FLOP/byte)", yaxis_title="achieved TFLOP/s",
                       legend_font_size=9)
     fig.update_xaxes(type="log")
