@@ -219,10 +219,11 @@ def _cmd_diff(args) -> None:
     if args.nodes and result.first is not None and isinstance(result.first.layer, int):
         import pandas as pd
 
-        with pd.option_context("display.width", 160, "display.max_columns", 10,
-                               "display.float_format", "{:.2e}".format):
+        from .debug.diff import FORMATTERS
+
+        with pd.option_context("display.width", 160, "display.max_columns", 10):
             print(result.nodes(result.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
-                  .to_string(index=False))
+                  .to_string(index=False, formatters=FORMATTERS))
 
 
 def _cmd_export(args) -> None:

@@ -67,6 +67,11 @@ QUANTIZED_TOLERANCE = 1e-1
 #: ``to(float32)`` of a float32 stream, which the norm and the residual add then share).
 PASS_THROUGH = ("aten.to.", "aten._to_copy.", "aten.clone.", "aten.contiguous.", "aten.alias.")
 
+#: Ops that only select or lay out values (a site made by these alone is a view of its inputs).
+VIEW_OPS = ("aten.slice.", "aten.view.", "aten.reshape.", "aten.transpose.", "aten.select.", "aten.unsqueeze.",
+            "aten.squeeze.", "aten.permute.", "aten.expand.", "aten.contiguous.", "aten.t.", "aten._unsafe_view.",
+            "aten.split", "aten.chunk.", "operator.getitem")
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _ENDS = ("embed",), ("norm", "logits")
 
@@ -414,18 +419,33 @@ class First:
     nodes: list[str] = field(default_factory=list)
 
     @property
+    def views_only(self) -> bool:
+        """Whether the nodes that made this site from its inputs only slice or reshape (a fused QKV's v part):
+        then the error was made upstream and lies mostly in this part of it."""
+        return bool(self.nodes) and all(n.split(" (", 1)[1].startswith(VIEW_OPS) for n in self.nodes)
+
+    @property
     def origin(self) -> str:
-        """"this op" when every input is within the tolerance (the error starts at this node), else "inherited"."""
-        return "inherited" if any(e > self.tol for e in self.inputs.values()) else "this op"
+        """"this op" when every input is within the tolerance (the error starts here), "inherited" when one is
+        not, "upstream" when this site is only a view of its inputs (``views_only``)."""
+        if any(e > self.tol for e in self.inputs.values()):
+            return "inherited"
+        return "upstream" if self.views_only else "this op"
 
     def line(self) -> str:
         where = f"layer {self.layer}" if isinstance(self.layer, int) else self.layer
         ins = ", ".join(f"{k} {e:.1e}" for k, e in self.inputs.items()) or "none compared"
         line = (f"first divergence: {where}, {self.site} at node {self.node} ({self.op}): rel err "
                 f"{self.rel_err:.2e} > {self.tol:.0e}; inputs: {ins} -> {self.origin}")
-        if self.origin == "this op" and len(self.nodes) > 1:
+        if self.origin == "upstream":
+            line += f" (a view of {', '.join(self.inputs) or 'its input'}: made there, concentrated in this part)"
+        elif self.origin == "this op" and len(self.nodes) > 1:
             line += f" (made by one of: {', '.join(self.nodes)})"
         return line
+
+
+#: How the tables print: errors in 3 digits, the cosine to 1e-6 (0.999 and 1.000 differ a lot here).
+FORMATTERS = {"rel_err": "{:.2e}".format, "max_abs": "{:.2e}".format, "cosine": "{:.6f}".format}
 
 
 @dataclass
@@ -459,8 +479,9 @@ class Divergence:
     def __str__(self) -> str:
         import pandas as pd
 
-        with pd.option_context("display.width", 160, "display.max_columns", 10, "display.float_format", "{:.2e}".format):
-            return f"{self.subject} against {self.reference}\n{self.layers.to_string(index=False)}\n{self.line()}"
+        with pd.option_context("display.width", 160, "display.max_columns", 10):
+            table = self.layers.to_string(index=False, formatters=FORMATTERS)
+        return f"{self.subject} against {self.reference}\n{table}\n{self.line()}"
 
 
 def compare(subject: Trace, reference: Trace, *, tol: float | None = None) -> Divergence:
