@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 #: tuner's example steps use it), the op registry and its kernels (the graph executor looks ops up in the
 #: registry, and autotuning is the registry's), the graph stages, evaluating a program (perplexity, greedy
 #: drivers: used by quant and the build's gate), precision,
-#: analysis, the stage drivers, engine directories, opening what runs, the runtime, the server, and the user
-#: interfaces over all of them.
+#: analysis, the stage drivers, engine directories, opening what runs, finding where it diverges (debug), the
+#: runtime, the server, and the user interfaces over all of them.
 LAYERS = (
     ("base", ("workbench.errors", "workbench.env", "workbench.device", "workbench.plugins", "workbench.progress",
               "workbench.display")),
@@ -35,6 +35,7 @@ LAYERS = (
     ("pipeline", ("workbench.pipeline",)),
     ("engine", ("workbench.engine",)),
     ("runnable", ("workbench.runnable",)),
+    ("debug", ("workbench.debug",)),
     ("runtime", ("workbench.runtime",)),
     ("serve", ("workbench.serve",)),
     ("ui", ("workbench.cli", "workbench.__main__", "workbench.graph.widgets", "workbench.quant.widgets",

@@ -9,6 +9,7 @@
     workbench info ws/                                stages, status, artifacts
     workbench generate ws/ "The capital of France is" greedy tokens from the latest up-to-date stage
     workbench eval ws/ --dataset evaluation           perplexity of the latest up-to-date stage (or --reference)
+    workbench diff ws/ --against hf                   where the latest stage first diverges from transformers
     workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
     workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
     workbench serve engine/ --port 8000               the OpenAI-compatible HTTP server (engine or workspace)
@@ -205,6 +206,28 @@ def _cmd_eval(args) -> None:
         print(f"{label:>16}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.windows} windows)")
 
 
+def _cmd_diff(args) -> None:
+    from .debug.diff import diff
+
+    ids = None
+    if args.ids is not None:
+        try:
+            ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise WorkbenchError(f"--ids takes comma-separated token ids, e.g. 1,2,3; got {args.ids!r}") from None
+    result = diff(args.workspace, stage=args.stage, against=args.against, ids=ids, prompt=args.prompt,
+                  device=args.device, tol=args.tol)
+    print(result)
+    if args.nodes and result.first is not None and isinstance(result.first.layer, int):
+        import pandas as pd
+
+        from .debug.diff import FORMATTERS
+
+        with pd.option_context("display.width", 160, "display.max_columns", 10):
+            print(result.nodes(result.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
+                  .to_string(index=False, formatters=FORMATTERS))
+
+
 def _cmd_export(args) -> None:
     import json
 
@@ -379,6 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a workspace's graph to evaluate (default: the latest up-to-date stage; tuned choices on a GPU "
                         "only)")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("diff", help="where a workspace's stage (or an engine) first diverges from transformers or "
+                                    "another stage, layer by layer")
+    s.add_argument("workspace", metavar="target", help="a workspace, an engine directory or a model source")
+    s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
+                   help="a workspace's graph to check (default: the latest up-to-date stage)")
+    s.add_argument("--against", default="hf", help="the reference: hf (the transformers model, the default), a stage "
+                   "of the same workspace (capture, passes, quant) or another engine directory or workspace")
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="text to run (default: a fixed sentence; random ids for random weights)")
+    given.add_argument("--ids", help="comma-separated token ids to run instead of a prompt, e.g. 1,2,3")
+    s.add_argument("--tol", type=float, help="relative error that counts as diverged (default: by precision: 1e-4 "
+                   "float32, 2e-2 bf16/fp16, 1e-1 quantized)")
+    s.add_argument("--nodes", action="store_true", help="also print every module of the first diverging layer")
+    _add_device_arg(s, "where both sides run")
+    s.set_defaults(fn=_cmd_diff)
 
     s = sub.add_parser("export", help="write the latest up-to-date stage's graph (tune, else quant, else passes), its "
                                       "weights, tuning and tokenizer as an engine directory; recorded as "

@@ -1,0 +1,108 @@
+"""``workbench diff``: where a graph first diverges from transformers or from another stage, found at the layer
+and node where a planted bug is, with the layers before it clean (tiny-llama, CPU, float32)."""
+
+import copy
+
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.debug.diff import compare, residual_stream, trace_model, trace_program, tolerance
+from workbench.graph.executor import Program
+from workbench.kernels.registry import register_op
+from workbench.models.intake import load_model, resolve_source
+from workbench.quant import PrecisionPlan, quantized_program
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IDS = list(range(3, 19))
+
+
+@pytest.fixture(scope="module")
+def hf_trace():
+    model = load_model(resolve_source("tiny-llama"), dtype=torch.float32).model.eval()
+    return trace_model(model, IDS)
+
+
+def planted(program, edit) -> Program:
+    """``program`` with ``edit(graph)`` applied to a copy of its graph, on the same weights."""
+    graph = copy.deepcopy(program.graph)
+    edit(graph)
+    return Program(graph, program.params)
+
+
+def test_the_residual_stream_is_found_in_captured_and_fused_graphs(program):
+    from workbench.pipeline import optimize
+
+    captured = optimize("tiny-llama", dtype="float32", device="cpu", passes=[]).graph
+    for graph in (captured, program.graph):  # aten.add.Tensor after a to(float32); add_rms_norm's output 1
+        stream = residual_stream(graph)
+        assert [layer for _, _, layer in stream] == [None, 0, 0, 1, 1]
+    assert [(n, i) for n, i, _ in residual_stream(program.graph)][-1] == ("add_rms_norm_9", 1)  # inside model.norm
+
+
+def test_a_correct_graph_does_not_diverge(program, hf_trace):
+    d = compare(trace_program(program, IDS), hf_trace)
+    assert d.first is None and d.tol == 1e-4 and "no divergence" in d.line()
+    layers = d.layers
+    assert list(layers.layer) == ["embed", 0, 1, "norm", "logits"]
+    assert (layers.rel_err < 1e-5).all() and (layers.cosine > 0.99999).all()
+    assert list(layers.columns) == ["layer", "node", "op", "rel_err", "cosine", "max_abs"]
+    # every module of a layer is lined up through its path: fused QKV slices are q/k/v_proj
+    assert {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"} <= set(d.nodes(1).key)
+
+
+def test_a_wrong_epsilon_in_layer_1_is_found_at_its_norm(program, hf_trace):
+    def edit(graph):  # layer 1's input_layernorm: the add_rms_norm that also makes layer 0's output
+        node = next(n for n in graph.nodes if n.module == "model.layers.1.input_layernorm" and "rms_norm" in n.op)
+        node.args[3] = 10.0
+
+    d = compare(trace_program(planted(program, edit), IDS), hf_trace)
+    layers = d.layers.set_index("layer")
+    assert layers.loc[0, "rel_err"] < 1e-6 and layers.loc[1, "rel_err"] > 1e-2
+    f = d.first
+    assert (f.layer, f.site, f.op, f.origin) == (1, "model.layers.1.input_layernorm", "workbench.add_rms_norm",
+                                                 "this op")
+    assert f.node == "add_rms_norm_3[0]" and f.inputs and max(f.inputs.values()) < 1e-6
+    assert "layer 1" in d.line() and "add_rms_norm_3" in d.line()
+
+
+def test_a_wrong_op_in_one_layer_is_found_in_that_layer(program, hf_trace):
+    @register_op("test.wrong_silu_mul", replace=True)
+    def wrong_silu_mul(gate, up):
+        return torch.nn.functional.silu(gate) * up * 1.5
+
+    def edit(graph):
+        node = next(n for n in graph.nodes if n.op == "workbench.silu_mul" and n.layer == 1)
+        node.op = "test.wrong_silu_mul"
+
+    d = compare(trace_program(planted(program, edit), IDS), hf_trace)
+    f = d.first
+    assert f.layer == 1 and f.site.startswith("model.layers.1.mlp") and f.origin == "this op"
+    # silu_mul is no module's last node: the site after it is named, and it among the nodes that made it
+    assert any("test.wrong_silu_mul" in n for n in f.nodes)
+    assert d.layers.set_index("layer").loc[0, "rel_err"] < 1e-6
+
+
+def test_fp8_in_one_group_shows_at_its_layer_not_before(program, stats):
+    plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.1.gate_up", "fp8")
+    q = quantized_program(program, plan, stats)
+    d = compare(trace_program(q, IDS, label="quant"), trace_program(program, IDS, label="passes"))
+    assert d.tol == tolerance(trace_program(q, IDS)) == 1e-1  # a quantized graph's
+    layers = d.layers.set_index("layer")
+    assert layers.loc["embed", "rel_err"] == 0 and layers.loc[0, "rel_err"] == 0
+    assert layers.loc[1, "rel_err"] > 1e-4
+    f = compare(trace_program(q, IDS), trace_program(program, IDS), tol=1e-4).first
+    assert f.layer == 1 and f.site.startswith("model.layers.1.mlp") and "fp8" in " ".join(f.nodes)
+
+
+def test_diff_command(capsys):
+    assert main(["diff", "tiny-llama", "--device", "cpu", "--ids", ",".join(map(str, IDS))]) == 0
+    out = capsys.readouterr().out
+    assert "against transformers (float32)" in out and "no divergence" in out.splitlines()[-1]
+    assert main(["diff", "tiny-llama", "--device", "cpu", "--ids", "1,x"]) == 2
+    assert main(["diff", "tiny-llama", "--device", "cpu", "--against", "capture"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["workbench: error: --ids takes comma-separated token ids, e.g. 1,2,3; got '1,x'",
+                   "workbench: error: --against capture names a stage of a workspace, and tiny-llama is not one; "
+                   "give the workspace, or --against hf or another engine directory"]
