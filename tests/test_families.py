@@ -140,6 +140,25 @@ def test_llama31_rope_tables_are_the_scaled_ones(built):
     assert rel_err(result.captured_program()(ids, far), ref) < 1e-5
 
 
+def _quantized_close_to(program, fmt, op, limit):
+    """``program`` with every group but lm_head in ``fmt`` (an FP8 KV cache with fp8): each of the 8 layer groups
+    runs ``op``, lm_head stays a plain linear, and the logits stay within KL ``limit`` of the unquantized ones."""
+    from workbench.quant import PrecisionPlan, calibrate, quantized_program
+
+    torch.manual_seed(1)
+    stats = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, progress=False)
+    plan = PrecisionPlan.uniform(program.graph, fmt, kv_cache="fp8" if fmt == "fp8" else "bf16")
+    q = quantized_program(program, plan, stats)
+    ops = Counter(n.op for n in q.graph.nodes)
+    assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
+    ids = torch.randint(1, 512, (1, 33))
+    ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
+    kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    assert torch.isfinite(out).all() and 0 < kl < limit
+    return q, plan, stats
+
+
 @pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
                                           ("int8_sq", "workbench.int8_linear", 1e-3),
                                           ("int8_wo", "workbench.w8_linear", 1e-4)])
@@ -147,26 +166,16 @@ def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
     """Groups follow Qwen3's linears (fused QKV, fused gate/up); every format rewrites them all and stays close.
     The q/k norms are inside the attention: an FP8 KV cache is calibrated on the keys normed and rotated, as the
     cache holds them; SmoothQuant folds into the input norm, never into them."""
-    from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+    from workbench.quant import linear_groups, quantize_graph
 
     _, result = built("tiny-qwen3")
     program = result.program
     groups = linear_groups(program.graph)
     assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
     assert groups["layers.1.qkv"].weights == ("model.layers.1.self_attn.qkv_proj.weight",)
-    torch.manual_seed(1)
-    stats = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, progress=False)
-    plan = PrecisionPlan.uniform(program.graph, fmt, kv_cache="fp8" if fmt == "fp8" else "bf16")
-    q = quantized_program(program, plan, stats)
-    ops = Counter(n.op for n in q.graph.nodes)
-    assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
+    q, plan, stats = _quantized_close_to(program, fmt, op, limit)
     assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight") for n in q.graph.nodes
                if n.op == "workbench.paged_attention")
-    ids = torch.randint(1, 512, (1, 33))
-    ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
-    kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
-                                    reduction="batchmean").item()
-    assert torch.isfinite(out).all() and 0 < kl < limit
     if fmt == "int8_sq":
         _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
         assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"
@@ -180,7 +189,7 @@ def test_qwen3_quantizes_in_every_format(built, fmt, op, limit):
 def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
     """Groups follow Phi-3's linears: the checkpoint's packed qkv_proj and gate_up_proj are one group each (one
     weight, not a derived concatenation); every format rewrites them all and stays close."""
-    from workbench.quant import PrecisionPlan, calibrate, linear_groups, quantize_graph, quantized_program
+    from workbench.quant import linear_groups, quantize_graph
 
     _, result = built("tiny-phi3")
     program = result.program
@@ -189,17 +198,7 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
     assert groups["layers.1.qkv"].weights == ("model.layers.1.self_attn.qkv_proj.weight",)
     assert groups["layers.1.gate_up"].weights == ("model.layers.1.mlp.gate_up_proj.weight",)
     assert [g.kind for g in groups.values()][:4] == ["qkv", "o", "gate_up", "down"]
-    torch.manual_seed(1)
-    stats = calibrate(program, torch.randint(1, 512, (600,)), samples=4, seq_len=48, progress=False)
-    plan = PrecisionPlan.uniform(program.graph, fmt, kv_cache="fp8" if fmt == "fp8" else "bf16")
-    q = quantized_program(program, plan, stats)
-    ops = Counter(n.op for n in q.graph.nodes)
-    assert ops[op] == 8 and ops["aten.linear.default"] == 1  # lm_head stays
-    ids = torch.randint(1, 512, (1, 33))
-    ref, out = logits_fn(program)(ids), logits_fn(q)(ids)
-    kl = torch.nn.functional.kl_div(out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True,
-                                    reduction="batchmean").item()
-    assert torch.isfinite(out).all() and 0 < kl < limit
+    _, plan, stats = _quantized_close_to(program, fmt, op, limit)
     if fmt == "int8_sq":
         _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
         assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"

@@ -99,19 +99,11 @@ DEFAULT_PIPELINE = (
     "fuse_qk_norm_into_attention",
 )
 
-#: The fusions every decoder layer of a supported family gets, once or more per layer. A layer one of them did not
-#: match in still runs, on the reference ops of the pattern it left (``unfused_layers`` names them). Not here:
-#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms).
-LAYER_FUSIONS = (
-    "fuse_rms_norm",
-    "fuse_add_rms_norm",
-    "fuse_silu_mul",
-    "fuse_rope",
-    "fuse_attention",
-    "fuse_parallel_linears",
-    "insert_paged_attention",
-    "fuse_rope_into_attention",
-)
+#: The fusions every decoder layer of a supported family gets, once or more per layer: the pipeline's fusions but
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms). A layer one of them did not match in still runs, on
+#: the reference ops of the pattern it left (``unfused_layers`` names them).
+LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
+                      if n.startswith(("fuse_", "insert_")) and n != "fuse_qk_norm_into_attention")
 
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
