@@ -372,11 +372,31 @@ def _move_slider(page, widget, directory: Path) -> None:
     assert len(_figures(output)) == 1, f"05: figures in the widget: {_figures(output)}"
 
 
+def _diff_pair(page, widget, directory: Path) -> None:
+    """06: "Pick a pair of stages, type a prompt ... and press Diff: the first-divergence line, the per-layer table
+    and the figure are redrawn under the button." Run All leaves it on quant vs transformers; quant vs passes on
+    six token ids names the passes stage in the line, the table and figure follow."""
+    status, output = widget.locator(".widget-html").last, widget.locator(".widget-output")
+    before = _text(status)
+    widget.locator(".widget-dropdown", has_text="compare").locator("select").select_option("quant vs passes")
+    widget.locator(".widget-text", has_text="prompt").locator("input").fill("5, 6, 7, 8, 9, 10")
+    widget.get_by_role("button", name="Diff").click()
+    after = _new_status(page, status, before, "06: the status line after Diff")
+    assert after.startswith(("no divergence: ", "first divergence: ")) and "(passes)" in after, \
+        f"06: after Diff on quant vs passes: {after!r} (before: {before!r})"
+    _wait_for(page, """el => Array.from(el.querySelectorAll('.js-plotly-plot'))
+                         .some(p => (p._fullData || []).some(t => t.name === 'quant vs passes'))""",
+              output.element_handle(), "06: the figure of quant vs passes under the button")
+    assert "rel_err" in _text(output.locator("table").first), "06: the per-layer table under the button"
+    assert len(_figures(output)) == 1, f"06: figures in the widget: {_figures(output)}"
+
+
 #: notebook -> (the title line of its widget, the interaction)
 INTERACTIONS = {"02_graph_passes.ipynb": ("Graph passes", _untick_and_run),
                 "03_autotune.ipynb": ("Optimization profile", _pick_view),
                 "04_quantize.ipynb": ("Precision plan", _edit_and_save),
-                "05_runtime.ipynb": ("KV-cache capacity", _move_slider)}
+                "05_runtime.ipynb": ("KV-cache capacity", _move_slider),
+                "06_debug.ipynb": ("First divergence", _diff_pair)}
 
 
 # ---- the test -------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ LAYERS = (
     ("runtime", ("workbench.runtime",)),
     ("serve", ("workbench.serve",)),
     ("ui", ("workbench.cli", "workbench.__main__", "workbench.graph.widgets", "workbench.quant.widgets",
-            "workbench.profiling.widgets", "workbench.runtime.widgets")),
+            "workbench.profiling.widgets", "workbench.runtime.widgets", "workbench.debug.widgets")),
 )
 ROOT = "workbench"  # the package itself is "base": it defines ``__version__`` and imports errors alone
 

@@ -1,0 +1,64 @@
+"""Plotly figures of divergences: where along the model the error between two sides grows.
+
+    divergence_figure(d)                                      # d's relative error per layer, log y
+    divergence_figure(a, b, labels=["passes vs hf", "quant vs passes"])   # one line per comparison
+
+Each line is one ``Divergence``'s layer rows (embed, 0, 1, ..., norm, logits) in depth order, on a shared
+categorical x axis; each comparison's tolerance is a dashed line of its colour. A log axis cannot draw 0 (an
+exact match, which a float32 graph against transformers often is), so errors below ``FLOOR`` are drawn at it and
+the hover says the value was 0. plotly is imported inside the function so the library imports without it.
+"""
+
+from __future__ import annotations
+
+from ..errors import WorkbenchError
+
+#: Relative errors are drawn at least this high (log axis); the hover shows the real value.
+FLOOR = 1e-10
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def depth_label(layer) -> str:
+    """A layer row's x label: "embed", "0", "1", ..., "norm", "logits"."""
+    return str(layer)
+
+
+def divergence_figure(*divergences, labels=None, title: str = "Relative error against depth"):
+    """One line per divergence: its layer rows' relative error against depth (layer on x, log y), with its
+    tolerance dashed. ``labels``: one per divergence (default: "subject vs reference")."""
+    import plotly.graph_objects as go
+
+    if not divergences:
+        raise WorkbenchError("divergence_figure needs at least one divergence")
+    labels = list(labels) if labels is not None else [f"{d.subject} vs {d.reference}" for d in divergences]
+    if len(labels) != len(divergences):
+        raise WorkbenchError(f"{len(divergences)} divergences but {len(labels)} labels")
+    order: list[str] = []  # the x categories in depth order, the deepest model's layers included
+    for d in divergences:
+        for layer in d.layers.layer:
+            if depth_label(layer) not in order:
+                order.append(depth_label(layer))
+    order.sort(key=lambda s: (-1, 0) if s == "embed" else (1, 0) if s == "norm" else (2, 0) if s == "logits"
+               else (0, int(s)))
+    fig = go.Figure()
+    for i, (d, label) in enumerate(zip(divergences, labels)):
+        colour, rows = _COLOURS[i % len(_COLOURS)], d.layers
+        y = [max(float(e), FLOOR) if e == e else None for e in rows.rel_err]  # NaN: a gap
+        hover = [f"{label}<br>layer {r.layer} ({r.node}, {r.op})<br>rel err "
+                 f"{'0 (drawn at %.0e)' % FLOOR if r.rel_err < FLOOR else f'{r.rel_err:.3e}'}"
+                 f"<br>cosine {r.cosine:.6f}" for r in rows.itertuples()]
+        fig.add_scatter(x=[depth_label(v) for v in rows.layer], y=y, mode="lines+markers", name=label,
+                        line=dict(color=colour), hovertext=hover, hoverinfo="text")
+        fig.add_scatter(x=[order[0], order[-1]], y=[d.tol, d.tol], mode="lines", showlegend=False,
+                        line=dict(color=colour, dash="dash", width=1), hoverinfo="text",
+                        hovertext=f"{label}: tolerance {d.tol:.0e}")
+        if d.first is not None:
+            fig.add_scatter(x=[depth_label(d.first.layer)], y=[max(d.first.rel_err, FLOOR)], mode="markers",
+                            marker=dict(symbol="x", size=12, color=colour), showlegend=False, hoverinfo="text",
+                            hovertext=d.first.line())
+    fig.update_layout(title=title, xaxis=dict(title="layer", type="category", categoryorder="array",
+                                              categoryarray=order),
+                      yaxis=dict(title="relative error ‖a − b‖ / ‖b‖", type="log", exponentformat="power"),
+                      height=380, legend=dict(orientation="h", y=-0.25), margin=dict(t=50))
+    return fig
