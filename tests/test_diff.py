@@ -106,3 +106,26 @@ def test_diff_command(capsys):
     assert err == ["workbench: error: --ids takes comma-separated token ids, e.g. 1,2,3; got '1,x'",
                    "workbench: error: --against capture names a stage of a workspace, and tiny-llama is not one; "
                    "give the workspace, or --against hf or another engine directory"]
+
+
+def test_engine_against_engine(tmp_path, capsys):
+    """Two engine directories, layer-aligned: an FP8 engine against the bf16 engine of the same model shows the
+    quantization's error from layer 0 on (the embedding equal), within the quantized tolerance; an engine against
+    itself is exact."""
+    for precision in ("bf16", "fp8"):
+        assert main(["build", "tiny-llama", "--precision", precision, "--out", str(tmp_path / precision),
+                     "--device", "cpu"]) == 0
+    capsys.readouterr()
+    ids = ",".join(map(str, IDS))
+    assert main(["diff", str(tmp_path / "fp8"), "--against", str(tmp_path / "bf16"), "--device", "cpu",
+                 "--ids", ids]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[3]) for line in out.splitlines()
+            if line.split() and line.split()[0] in ("embed", "0", "1", "logits")}
+    assert rows["embed"] == 0 and 1e-3 < rows["0"] < 1e-1 and 0 < rows["logits"] < 1e-1, out
+    assert "no divergence" in out.splitlines()[-1]
+    assert main(["diff", str(tmp_path / "bf16"), "--against", str(tmp_path / "bf16"), "--device", "cpu",
+                 "--ids", ids]) == 0
+    out = capsys.readouterr().out
+    assert all(float(line.split()[3]) == 0 for line in out.splitlines()
+               if line.split() and line.split()[0] in ("embed", "0", "1", "norm", "logits")), out
