@@ -191,7 +191,8 @@ def timeline_figure(df, *, lanes: str = "stream"):
                           "<br>%{x:.2f} µs from %{base:.1f} µs<extra></extra>"))
     where = df.attrs.get("env", {}).get("gpu", df.attrs.get("device", ""))
     fig.update_layout(barmode="overlay", title=f"Timeline ({len(df)} kernels{', ' + where if where else ''})",
-                      xaxis_title="µs from the first step", yaxis_title=lanes, legend_font_size=9)
+                      xaxis_title="µs from the first step", yaxis_title=lanes,
+                      legend=dict(orientation="h", yanchor="top", y=-0.25, font_size=9))  # below: no scroll box
     return fig
 
 

@@ -11,6 +11,9 @@ inside each: the GPU machine has none).
 
 from __future__ import annotations
 
+#: a legend of many entries laid out below the figure: at the side, JupyterLab showed it in a scroll box
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25, font_size=9)
+
 
 def _short(key: str) -> str:
     """'workbench.rope [[[1, 32, 2048, 128], ...' -> 'rope 1x32x2048x128'"""
@@ -35,7 +38,7 @@ def tactic_comparison_figure(table):
                              marker_line_width=[3 if c else 0 for c in rows["chosen"]],
                              marker_line_color="black"))
     fig.update_layout(barmode="group", title="Every candidate per op instance (chosen outlined)",
-                      yaxis_title="ms (median)", xaxis_tickangle=-30, legend_font_size=9)
+                      yaxis_title="ms (median)", xaxis_tickangle=-30, legend=LEGEND_BELOW)
     return fig
 
 
@@ -275,7 +278,7 @@ def roofline_figure(rows, ceilings):
         lines = "<br>".join(", ".join(names[i:i + 2]) for i in range(0, len(names), 2))
         title += f"<br><sup>left out ({len(left_out)}: no FLOPs, bytes or time, or not costed):<br>{lines}</sup>"
     fig.update_layout(title=title, xaxis_title="arithmetic intensity (FLOP/byte)", yaxis_title="achieved TFLOP/s",
-                      legend_font_size=9)
+                      legend=LEGEND_BELOW)
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
     return fig
