@@ -275,10 +275,9 @@ def _same(a, b) -> bool:
     return a is not None and b is not None and list(a.shape) == list(b.shape) and a.dtype == b.dtype
 
 
-def _upstream(graph: Graph, site_of: dict[str, str], start: str) -> tuple[list[str], list[str]]:
-    """Keys of the nearest sites upstream of node ``start``, and the nodes between them and ``start`` (no site
-    themselves; what made the site's value from theirs)."""
-    nodes = {n.name: n for n in graph.nodes}
+def _upstream(nodes: dict[str, Any], site_of: dict[str, str], start: str) -> tuple[list[str], list[str]]:
+    """Keys of the nearest sites upstream of node ``start`` (``nodes``: the graph's nodes by name), and the nodes
+    between them and ``start`` (no site themselves; what made the site's value from theirs)."""
     found, inner, todo, seen = [], [], list(nodes[start].refs()) if start in nodes else [], set()
     while todo:
         cur = todo.pop(0)
@@ -354,7 +353,7 @@ def trace_program(program, ids: Sequence[int], *, label: str = "workbench") -> T
         site_of[node_of[key]] = key
     upstream, between = {}, {}
     for key in sites:
-        upstream[key], inner = _upstream(graph, site_of, node_of[key])
+        upstream[key], inner = _upstream(by_name, site_of, node_of[key])
         ops = [(by_name[n].name, by_name[n].op) for n in sorted([*inner, node_of[key]], key=order.get)
                if by_name[n].op != "operator.getitem"]
         between[key] = [f"{n} ({op})" for n, op in ops]
