@@ -1,6 +1,7 @@
 """Rich displays into a widget's output area, from a cell or from a widget's callback.
 
     show_in(output, table, figure)   # output (an ipywidgets.Output) now shows the table, then the figure
+    styled(df, {"ms": "{:.2f}"})     # a DataFrame as a widget shows it: no index, columns formatted
 
 ``Output.append_display_data`` is not enough for a plotly figure: it asks IPython's display formatter, which lets
 an object with ``_ipython_display_`` (every plotly figure) display itself wherever the kernel's output goes at that
@@ -29,3 +30,13 @@ def _bundle(obj) -> dict:
 def show_in(output, *objects) -> None:
     """Set ``output``'s contents to ``objects``, each shown as a notebook cell would show it."""
     output.outputs = tuple(_bundle(obj) for obj in objects)
+
+
+def styled(table, formats: dict):
+    """``table`` (a DataFrame) as a widget shows it, the DataFrame itself keeping the numbers: no index, each
+    column of ``formats`` through its format string or function. The plain table where pandas' Styler cannot
+    load (it needs jinja2)."""
+    try:
+        return table.style.hide(axis="index").format(formats)
+    except ImportError:
+        return table

@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import re
 
-from ..display import show_in
+from ..display import show_in, styled
 from ..errors import WorkbenchError
 from .diff import FORMATTERS, diff
 from .plots import divergence_figure
@@ -42,14 +42,6 @@ def parse_prompt(text: str) -> dict:
     if _IDS.match(text):
         return {"ids": [int(t) for t in re.split(r"[,\s]+", text.strip())]}
     return {"prompt": text}
-
-
-def readable(layers):
-    """A ``Divergence.layers`` table as the widget shows it: no index, errors in 3 digits, cosines to 1e-6."""
-    try:
-        return layers.style.hide(axis="index").format(FORMATTERS)
-    except ImportError:  # pandas' Styler needs jinja2
-        return layers
 
 
 class DivergenceWidget:
@@ -92,7 +84,7 @@ class DivergenceWidget:
         d = self.divergence
         self.figure = divergence_figure(d, labels=[pair_label(self.pair.value)])
         self.status.value = html.escape(d.line())
-        show_in(self.output, readable(d.layers), self.figure)
+        show_in(self.output, styled(d.layers, FORMATTERS), self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import warnings
 
-from ..display import show_in
+from ..display import show_in, styled
 from ..errors import WorkbenchError
 from ..workspace import Workspace
 
@@ -96,12 +96,7 @@ class PassPipelineWidget:
 
 
 def _readable(table):
-    """The pass table as the widget shows it (``table`` itself keeps the numbers): no index, errors to two
-    significant digits, seconds to 0.01, bytes with separators, no "None" for passes that did not diverge."""
-    try:
-        return (table.style.hide(axis="index")
-                .format({"max_rel_err": lambda v: "" if v is None or v != v else f"{v:.1e}",
-                         "seconds": "{:.2f}", "bytes_saved": "{:,}"})
-                .format(lambda v: v or "", subset=["first_diverging"]))
-    except ImportError:  # pandas' Styler needs jinja2
-        return table
+    """The pass table as the widget shows it: errors to two significant digits, seconds to 0.01, bytes with
+    separators, no "None" for passes that did not diverge."""
+    return styled(table, {"max_rel_err": lambda v: "" if v is None or v != v else f"{v:.1e}", "seconds": "{:.2f}",
+                          "bytes_saved": "{:,}", "first_diverging": lambda v: v or ""})
