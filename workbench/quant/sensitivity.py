@@ -223,8 +223,9 @@ def plan_sweep(program, stats, ids: torch.Tensor, *, formats=QUANT_FORMATS, full
                seconds_per_variant: float | None = None) -> SweepPlan:
     """Which groups ``sensitivity`` should measure to finish within ``budget_s`` seconds (default: no limit on a
     GPU, ``CPU_SWEEP_BUDGET_S`` on a CPU), from the time a variant takes here (measured on the same probe: the
-    first group and the largest in the first format, the slower of the two counted for every variant). ``full=True`` takes every group whatever the time; ``full=False`` the
-    budget's subset even when everything would fit. A subset keeps every kind of group (q/k/v, o, gate/up, down,
+    first group and the largest in the first format, the slower of the two counted for every variant).
+    ``full=True`` takes every group whatever the time; ``full=False`` the budget's subset even when everything
+    would fit. A subset keeps every kind of group (q/k/v, o, gate/up, down,
     lm_head) and spreads its layers from the first to the last, so the sweep still shows where in depth
     quantization hurts. Print the plan to see the estimate before starting, then pass ``groups=plan.groups``.
     ``seconds_per_variant``, when known (a previous plan's), skips the timing run."""
