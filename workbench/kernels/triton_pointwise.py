@@ -111,20 +111,22 @@ def _head_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     Rows evenly strided (any contiguous tensor) are one level (heads = 1). A head-split view of a strided
     slice ([batch, tokens, heads, head_dim] over a fused QKV output: heads contiguous within a token, tokens
     a whole QKV row apart) is two levels, read in place; anything else is copied first."""
-    if t.stride(-1) == 1:
+    if t.stride(-1) == 1 and t.dim() >= 3 and not _evenly_strided_rows(t):
         try:
-            flat = t.view(-1, t.shape[-1])
-            return flat, flat.stride(0), 0, 1
+            split = t.view(-1, *t.shape[-2:])
+            return split, split.stride(0), split.stride(1), t.shape[-2]
         except RuntimeError:
             pass
-        if t.dim() >= 3:
-            try:
-                split = t.view(-1, *t.shape[-2:])
-                return split, split.stride(0), split.stride(1), t.shape[-2]
-            except RuntimeError:
-                pass
-    flat = t.contiguous().view(-1, t.shape[-1])
+    flat = _rows(t)
     return flat, flat.stride(0), 0, 1
+
+
+def _evenly_strided_rows(t: torch.Tensor) -> bool:
+    try:
+        t.view(-1, t.shape[-1])
+        return True
+    except RuntimeError:
+        return False
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
