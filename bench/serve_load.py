@@ -110,7 +110,9 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
-    if (args.engine / "engine.json").is_file():
+    from workbench.engine.format import is_engine_dir
+
+    if is_engine_dir(args.engine):
         print(f"{args.engine} already holds an engine: not building", flush=True)
         result["build_s"], result["build_stages"] = None, []
     else:
