@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -129,7 +130,7 @@ def spawn(fn, size: int, *args, timeout_s: float = 600.0) -> list:
                 continue
             if not ok:
                 raise WorkbenchError(f"tensor-parallel rank {rank} failed: {value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5 if len(out) == size else 0.1)
@@ -146,4 +147,5 @@ def _run_rank(fn, rank: int, size: int, init: str, args: tuple, results) -> None
     except BaseException as e:  # noqa: BLE001 - reported to the parent in one line
         results.put((rank, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         return
-    results.put((rank, True, value))
+    # plain pickle: tensors travel as bytes, not as shared memory that this process's exit would take away
+    results.put((rank, True, pickle.dumps(value)))
