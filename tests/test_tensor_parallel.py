@@ -141,3 +141,38 @@ def _fail_on_one(rank, size, init):
     if rank == 1:
         raise ValueError("rank 1 broke")
     return rank
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 40, 9, 21, 60, 14)]
+
+
+def test_llm_with_two_ranks_generates_what_one_does(programs):
+    """``LLM(program, tensor_parallel_size=2)``: in-flight batching of 6 requests of different lengths through a
+    small cache (chunked prefill, 8 tokens a step) gives the one-rank LLM's greedy tokens and log-probs."""
+    from workbench import LLM, SamplingParams
+
+    program = programs("tiny-llama")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    one = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4).generate(_prompts(), params)
+    with LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4, tensor_parallel_size=2) as llm:
+        assert Counter(m.what for m in llm.tp_report.matches)["o row-parallel + all_reduce"] == 2
+        two = llm.generate(_prompts(), params)
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        for a, b in zip(two, one):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        workers = llm.engine.executor.tensor_parallel
+    assert all(not p.is_alive() for p in workers.procs)  # closed with the block
+
+
+def test_a_dead_rank_stops_the_engine_with_its_name(programs):
+    from workbench import LLM, SamplingParams
+
+    with LLM(programs("tiny-llama"), num_blocks=32, tensor_parallel_size=2) as llm:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        workers = llm.engine.executor.tensor_parallel
+        workers.procs[0].kill()
+        workers.procs[0].join()
+        with pytest.raises(WorkbenchError, match=r"tensor parallelism: rank 1 died \(exit code -9\)"):
+            llm.generate([[4, 5, 6]], SamplingParams(max_tokens=2))

@@ -36,6 +36,7 @@ class TPGroup:
 
 
 _CURRENT: TPGroup | None = None
+_CREATED = False  # join made the process group
 
 
 def current() -> TPGroup | None:
@@ -48,33 +49,52 @@ def default_backend(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-@contextlib.contextmanager
-def tensor_parallel(rank: int, size: int, *, init_method: str | None = None, backend: str | None = None,
-                    device: str | torch.device = "cpu", timeout_s: float = 300.0) -> Iterator[TPGroup]:
-    """Join (creating the default process group when there is none) tensor-parallel group ``size`` as ``rank``
-    for the block; the group is torn down after it if this call created it."""
+def join(rank: int, size: int, *, init_method: str | None = None, backend: str | None = None,
+         device: str | torch.device = "cpu", timeout_s: float = 300.0) -> TPGroup:
+    """Make this process rank ``rank`` of tensor-parallel group ``size`` (creating the default process group
+    when there is none) until ``leave``; the collective ops talk to it."""
     import torch.distributed as dist
 
-    global _CURRENT
+    global _CURRENT, _CREATED
     if not 0 <= rank < size:
         raise WorkbenchError(f"tensor-parallel rank {rank} is outside 0..{size - 1}; give each of the {size} "
                              "processes its own rank")
-    created = False
+    if _CURRENT is not None:
+        raise WorkbenchError(f"this process is rank {_CURRENT.rank} of a tensor-parallel group already; one "
+                             "group per process (close the other LLM first)")
     backend = backend or default_backend(device)
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        created = True
+        _CREATED = True
     if size > 1 and dist.get_world_size() != size:
         raise WorkbenchError(f"the process group has {dist.get_world_size()} ranks, the tensor-parallel size is "
                              f"{size}; launch as many processes as the TP size (torchrun --nproc-per-node {size})")
-    before, _CURRENT = _CURRENT, TPGroup(rank, size, None, backend)
-    try:
-        yield _CURRENT
-    finally:
-        _CURRENT = before
-        if created:
+    _CURRENT = TPGroup(rank, size, None, backend)
+    return _CURRENT
+
+
+def leave() -> None:
+    """Leave the group ``join`` made this process part of (and tear down the process group it created)."""
+    import torch.distributed as dist
+
+    global _CURRENT, _CREATED
+    _CURRENT = None
+    if _CREATED:
+        _CREATED = False
+        if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def tensor_parallel(rank: int, size: int, *, init_method: str | None = None, backend: str | None = None,
+                    device: str | torch.device = "cpu", timeout_s: float = 300.0) -> Iterator[TPGroup]:
+    """``join`` for the block, then ``leave``."""
+    group = join(rank, size, init_method=init_method, backend=backend, device=device, timeout_s=timeout_s)
+    try:
+        yield group
+    finally:
+        leave()
 
 
 def from_environment() -> tuple[int, int] | None:
