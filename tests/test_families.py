@@ -21,6 +21,7 @@ from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
 FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
+LN_FAMILIES = ["tiny-gpt2"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -43,7 +44,7 @@ def prompts(n=5):
     return [torch.randint(0, 512, (length,), generator=g) for length in (3, 8, 13, 21, 30)[:n]]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + LN_FAMILIES)
 def test_greedy_tokens_equal_transformers(built, name):
     """5 prompts, 32 greedy tokens each: transformers (recomputing), the captured graph (recomputing) and the
     optimized graph through `LLM` (paged KV cache, the 5 prompts batched in one engine) give the same tokens;

