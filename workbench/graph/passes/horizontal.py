@@ -8,9 +8,9 @@ become slices of the fused output, which the following views read unchanged.
 
 A checkpoint may store a group packed already (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-2's ``c_attn``): its
 linear is left as it is, and its outputs are put in the same form as a fused group's, so that the passes after this
-one meet one shape: ``chunk(y, n, -1)`` and ``split(y, size, -1)`` become slices, and a slice ending past the last
-column ends at it. (NeoX's and Falcon's ``query_key_value`` interleave heads: their readers are views, left alone.) Such a group is
-reported as ``"<kind> (packed in the checkpoint)"``.
+one meet one shape: ``chunk(y, n, -1)`` and ``split(y, size, -1)`` become slices, and a slice ending past the
+last column ends at it. Such a group is reported as ``"<kind> (packed in the checkpoint)"``. (NeoX's and Falcon's
+``query_key_value`` interleave q, k and v by head: their readers are views, left as they are.)
 """
 
 from __future__ import annotations

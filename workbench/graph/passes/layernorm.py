@@ -1,7 +1,7 @@
 """Passes for the LayerNorm families: GPT-2, GPT-NeoX (Pythia) and Falcon.
 
-Each is placed in the default pipeline by the pass it follows (``register_pass(after=...)``), and is written as
-the chain it expects (after ``eliminate_noops``: no dropouts, no identity casts):
+Each runs in ``DEFAULT_PIPELINE`` (matching nothing in the Llama family's graphs) and is written as the chain it
+expects (after ``eliminate_noops``: no dropouts, no identity casts):
 
     linear_from_matmul   view(addmm(b, view(x, [-1, K]), W), [.., N]) -> linear(x, Wᵀ, b)   GPT-2's Conv1D, whose
                          weight W [K, N] is stored transposed (Wᵀ: a derived parameter, ``{W}.T``);
@@ -76,7 +76,7 @@ def _match_conv1d(rw: Rewriter, n: Node):
 
 
 @register_pass("linear_from_matmul", "GPT-2's Conv1D (addmm on a transposed weight) and Falcon's matmul(x, W.T) "
-                                     "-> aten.linear", after="collapse_layout_chains")
+                                     "-> aten.linear")
 def linear_from_matmul(rw: Rewriter) -> list[Match]:
     matches = []
     for n in list(rw.graph.nodes):
@@ -109,13 +109,12 @@ def _match_layer_norm(rw: Rewriter, n: Node):
     return [x, w, b, eps], []
 
 
-@register_pass("fuse_layer_norm", "LayerNorm over the last dim -> workbench.layer_norm", after="fuse_add_rms_norm")
+@register_pass("fuse_layer_norm", "LayerNorm over the last dim -> workbench.layer_norm")
 def fuse_layer_norm(rw: Rewriter) -> list[Match]:
     return _fuse_chains(rw, _match_layer_norm, "workbench.layer_norm", "layer_norm")
 
 
-@register_pass("fuse_add_layer_norm", "residual add feeding a LayerNorm -> workbench.add_layer_norm (sum kept)",
-               after="fuse_layer_norm")
+@register_pass("fuse_add_layer_norm", "residual add feeding a LayerNorm -> workbench.add_layer_norm (sum kept)")
 def fuse_add_layer_norm(rw: Rewriter) -> list[Match]:
     matches = []
     for n in list(rw.graph.nodes):
@@ -186,8 +185,7 @@ def _match_gelu(rw: Rewriter, n: Node):
     return [found[0], approximate], found[1]
 
 
-@register_pass("fuse_gelu", "GELU of a plain MLP (GPT-2's tanh formula, aten.gelu) read by linears -> workbench.gelu",
-               after="fuse_silu_mul")
+@register_pass("fuse_gelu", "GELU of a plain MLP (GPT-2's tanh formula, aten.gelu) read by linears -> workbench.gelu")
 def fuse_gelu(rw: Rewriter) -> list[Match]:
     return _fuse_chains(rw, _match_gelu, "workbench.gelu", "gelu")
 
@@ -216,7 +214,7 @@ def _match_partial_rope(rw: Rewriter, n: Node):
 
 
 @register_pass("fuse_partial_rope", "rotary over the first dims of each head, the rest passed through "
-                                    "-> workbench.partial_rope", after="fuse_rope")
+                                    "-> workbench.partial_rope")
 def fuse_partial_rope(rw: Rewriter) -> list[Match]:
     return _fuse_chains(rw, _match_partial_rope, "workbench.partial_rope", "partial_rope")
 

@@ -82,16 +82,22 @@ class PassReport:
         return cls(**{**d, "matches": [Match(**m) for m in d["matches"]]})
 
 
-#: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
+#: The standard pipeline, in order. Norms are fused before the residual adds that feed them. The LayerNorm families'
+#: passes (``layernorm.py``) sit by their RMSNorm / SwiGLU / RoPE counterparts and match nothing in Llama's graphs.
 DEFAULT_PIPELINE = (
     "eliminate_noops",
     "fold_rope_tables",
     "eliminate_duplicates",
     "collapse_layout_chains",
+    "linear_from_matmul",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
+    "fuse_layer_norm",
+    "fuse_add_layer_norm",
     "fuse_silu_mul",
+    "fuse_gelu",
     "fuse_rope",
+    "fuse_partial_rope",
     "fuse_attention",
     "fuse_parallel_linears",
     "insert_paged_attention",
@@ -99,11 +105,12 @@ DEFAULT_PIPELINE = (
     "fuse_qk_norm_into_attention",
 )
 
-#: The fusions every decoder layer of a supported family gets, once or more per layer: the pipeline's fusions but
-#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms). A layer one of them did not match in still runs, on
-#: the reference ops of the pattern it left (``unfused_layers`` names them).
-LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
-                      if n.startswith(("fuse_", "insert_")) and n != "fuse_qk_norm_into_attention")
+#: The fusions every decoder layer of a Llama-family model gets, once or more per layer: the pipeline's fusions but
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms) and the LayerNorm families' (``FAMILY_LAYER_FUSIONS``).
+#: A layer one of them did not match in still runs, on the reference ops of the pattern it left (``unfused_layers``
+#: names them).
+LAYER_FUSIONS = ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_silu_mul", "fuse_rope", "fuse_attention",
+                 "fuse_parallel_linears", "insert_paged_attention", "fuse_rope_into_attention")
 
 #: Architecture -> the fusions each of its decoder layers gets, for families whose layers differ from the Llama
 #: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. The module that
