@@ -119,6 +119,42 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
         assert not any(graph.params[p].derived for p in graph.params if p.endswith(("qkv_proj.weight", "up_proj.weight")))
 
 
+#: The LayerNorm families' matches per pass: (what, layer) -> count, for 2 layers; layer None is outside the layers
+#: (the final norm). GPT-2: each layer's two LayerNorms, both fed by a residual add (layer 0's first by the token +
+#: position embeddings' sum), its four Conv1D linears, the tanh GELU, c_attn's q/k/v split as a packed group.
+LN_MATCHES = {
+    "tiny-gpt2": {
+        "linear_from_matmul": {("linear", i): 4 for i in (0, 1)},
+        "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+        "fuse_add_layer_norm": {("add_layer_norm", 0): 2, ("add_layer_norm", 1): 2, ("add_layer_norm", None): 1},
+        "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+        "fuse_attention": {("attention", i): 1 for i in (0, 1)},
+        "fuse_parallel_linears": {("qkv (packed in the checkpoint)", i): 1 for i in (0, 1)},
+        "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    },
+}
+
+
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_pass_reports(built, name):
+    """Every pass's matches, layer by layer (each per-layer fusion exactly as often in every layer), every pass
+    accepted, no unfused layer reported; none of the Llama family's fusions match, and the ops the fusions replace
+    are gone from the optimized graph."""
+    _, result = built(name)
+    expected = LN_MATCHES[name]
+    assert all(r.accepted for r in result.reports)
+    fusions = {r.name: Counter((m.what, m.layer) for m in r.matches) for r in result.reports
+               if r.name.startswith(("fuse_", "insert_", "linear_"))}
+    assert {k: v for k, v in fusions.items() if v} == expected
+    assert result.unfused() == []
+    ops = Counter(n.op for n in result.graph.nodes)
+    for gone in ("aten.layer_norm.default", "aten.addmm.default", "aten.matmul.default", "aten.tanh.default",
+                 "aten.gelu.default", "aten.scaled_dot_product_attention.default", "aten.split.Tensor"):
+        assert ops[gone] == 0, gone
+    layers = result.graph.meta["config"]["num_hidden_layers"]
+    assert ops["workbench.paged_attention"] == layers and ops["aten.linear.default"] == 4 * layers + 1
+
+
 def test_llama31_rope_tables_are_the_scaled_ones(built):
     """The folded cos/sin tables are transformers' llama3-scaled ones at every position (bit for bit), not the
     unscaled ones; past original_max_position_embeddings (8192) the captured graph still matches transformers."""
@@ -206,7 +242,34 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
         assert report["groups"]["layers.0.gate_up"]["smoothing"] == "folded into norm"
 
 
-@pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM")])
+@pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
+                                          ("int8_sq", "workbench.int8_linear", 1e-3),
+                                          ("int8_wo", "workbench.w8_linear", 1e-4)])
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit):
+    """Groups follow the family's linears (GPT-2's c_attn / attn.c_proj / c_fc / mlp.c_proj, read through their
+    transposed weights: qkv, o, fc, down); every format rewrites them all and stays close. SmoothQuant folds into
+    a LayerNorm's weight and bias where one group reads the norm; an FP8 plan's static x scales make the norms and
+    the GELU write fp8."""
+    from workbench.quant import linear_groups, quantize_graph
+
+    _, result = built(name)
+    program = result.program
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "fc", "down")] + ["lm_head"]
+    q, plan, stats = _quantized_close_to(program, fmt, op, limit)
+    _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+    if fmt == "int8_sq":
+        assert [report["groups"][f"layers.0.{k}"]["smoothing"] for k in ("qkv", "o", "fc", "down")] == [
+            "folded into norm", "explicit multiply", "folded into norm", "explicit multiply"]
+        assert sum(t.endswith(("ln_1.weight.smooth", "ln_1.bias.smooth")) for t in tensors) == 4
+    if fmt == "fp8":
+        assert [report["groups"][f"layers.1.{k}"]["x_quantized_by"] for k in ("qkv", "o", "fc", "down")] == [
+            "workbench.add_layer_norm", "the linear", "workbench.add_layer_norm", "workbench.gelu"]
+
+
+@pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
+                                       ("tiny-gpt2", "GPT2LMHeadModel")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -229,7 +292,8 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.cli import main
     from workbench.errors import WorkbenchError
 
-    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM"
+    supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
+                 "GPT2LMHeadModel")
     config = tmp_path / "config.json"
     config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2

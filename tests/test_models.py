@@ -78,6 +78,18 @@ def test_phi3_mini_has_the_published_shape_and_parameter_count():
     assert model.config.rope_parameters["rope_type"] == "default" and model.config.max_position_embeddings == 4096
 
 
+def test_gpt2_xl_has_the_published_shape_and_parameter_count():
+    """GPT-2 XL: 1.56 B parameters, 48 layers of 25 heads of 64, Conv1D weights stored [in, out], tied embeddings,
+    learned positions over 1024 tokens."""
+    model = load_model("gpt2-xl", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 1_557_611_200
+    block = model.transformer.h[0]
+    assert tuple(block.attn.c_attn.weight.shape) == (1600, 3 * 1600)
+    assert tuple(block.mlp.c_fc.weight.shape) == (1600, 4 * 1600)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.max_position_embeddings == 1024 and model.config.activation_function == "gelu_new"
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""

@@ -6,7 +6,7 @@ The Triton tactics are in ``triton_ln.py``.
 
     workbench.layer_norm(x, w, b, eps)              layer_norm over the last dim (b may be None)
     workbench.add_layer_norm(x, r, w, b, eps)       (layer_norm(x + r), x + r)     residual add + norm
-    workbench.gelu(x, approximate)                  a plain (ungated) MLP's GELU: "none" (erf: NeoX, Falcon)
+    workbench.gelu(x, approximate)                  an ungated MLP's GELU: "none" (erf: NeoX, Falcon)
                                                     or "tanh" (GPT-2's 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))),
                                                     computed in that order)
     workbench.partial_rope(x, cos, sin)             rotary embedding of the first cos.shape[-1] dims of each head,
