@@ -155,6 +155,30 @@ def test_layernorm_families_pass_reports(built, name):
     assert ops["workbench.paged_attention"] == layers and ops["aten.linear.default"] == 4 * layers + 1
 
 
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name):
+    """A Hugging Face directory of the architecture (config.json, safetensors, a tokenizer file): GPT-2's written
+    as the Hub's checkpoints are, by the base model's names (``h.0.attn.c_attn.weight``, ``wte.weight``, no
+    lm_head: it is tied), the others by the causal LM's. Optimized and run from the directory, the logits are
+    transformers'."""
+    from safetensors.torch import save_file
+
+    lm, _ = built(name)
+    d = tmp_path / name
+    d.mkdir()
+    tensors = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    if name == "tiny-gpt2":
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    save_file({k: v for k, v in tensors.items() if not k.endswith("inv_freq")}, str(d / "model.safetensors"))
+    lm.model.config.to_json_file(str(d / "config.json"))
+    (d / "tokenizer.json").write_text("{}")
+    result = optimize(str(d), device="cpu")
+    assert result.source.kind == "hf" and result.unfused() == []
+    ids = prompts(2)[1][None]
+    with torch.no_grad():
+        assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-5
+
+
 def test_llama31_rope_tables_are_the_scaled_ones(built):
     """The folded cos/sin tables are transformers' llama3-scaled ones at every position (bit for bit), not the
     unscaled ones; past original_max_position_embeddings (8192) the captured graph still matches transformers."""

@@ -119,10 +119,11 @@ def test_missing_path():
 
 def test_unsupported_architecture(tmp_path, hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["BloomForCausalLM"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM$"):
+    with pytest.raises(WorkbenchError, match="unsupported architecture 'BloomForCausalLM'; supported: "
+                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
+                       "GPT2LMHeadModel$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))
