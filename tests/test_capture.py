@@ -10,7 +10,8 @@ from workbench.graph.ir import Graph
 from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, program_for
 
-TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gpt2"]
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gpt2",
+        "tiny-neox"]
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -72,7 +73,7 @@ def test_graph_structure(tiny):
     matmul = "aten.addmm.default" if cfg.model_type == "gpt2" else "aten.linear.default"
     for layer in range(cfg.num_hidden_layers):
         linears = [n for n in g.nodes if n.layer == layer and n.op == matmul]
-        packed = cfg.model_type in ("phi3", "gpt2")  # qkv_proj and gate_up_proj packed in the checkpoint
+        packed = cfg.model_type in ("phi3", "gpt2", "gpt_neox")  # q/k/v (and gate/up) packed in the checkpoint
         assert len(linears) == (4 if packed else 7)  # q, k, v, o, gate, up, down
     attn = [n for n in g.nodes if n.op == "aten.scaled_dot_product_attention.default"]
     assert len(attn) == cfg.num_hidden_layers

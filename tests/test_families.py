@@ -21,7 +21,7 @@ from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
 FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
-LN_FAMILIES = ["tiny-gpt2"]
+LN_FAMILIES = ["tiny-gpt2", "tiny-neox"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -132,6 +132,25 @@ LN_MATCHES = {
         "fuse_parallel_linears": {("qkv (packed in the checkpoint)", i): 1 for i in (0, 1)},
         "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
     },
+    # NeoX: a parallel residual, so layer 0's two norms read the embedding and layer 1's the sum of layer 0's
+    # attention, MLP and input (fused with the first norm, the second reading the sum); RoPE on the first quarter
+    # of each head, then the rest concatenated back: rope, then partial_rope, on q and k
+    "tiny-neox": {
+        "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+        "fuse_add_layer_norm": {("add_layer_norm", 1): 1, ("add_layer_norm", None): 1},
+        "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+        "fuse_rope": {("rope", i): 2 for i in (0, 1)},
+        "fuse_partial_rope": {("partial_rope", i): 2 for i in (0, 1)},
+        "fuse_attention": {("attention", i): 1 for i in (0, 1)},
+        "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    },
+}
+
+#: Which op writes each group's x in an fp8 plan with static scales (layer 1): a norm (the fused add's when the
+#: residual add feeds it), the GELU, or the linear itself (the attention's output)
+FP8_PRODUCERS = {
+    "tiny-gpt2": ["workbench.add_layer_norm", "the linear", "workbench.add_layer_norm", "workbench.gelu"],
+    "tiny-neox": ["workbench.add_layer_norm", "the linear", "workbench.layer_norm", "workbench.gelu"],
 }
 
 
@@ -272,7 +291,8 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
 @pytest.mark.parametrize("name", LN_FAMILIES)
 def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit):
     """Groups follow the family's linears (GPT-2's c_attn / attn.c_proj / c_fc / mlp.c_proj, read through their
-    transposed weights: qkv, o, fc, down); every format rewrites them all and stays close. SmoothQuant folds into
+    transposed weights; NeoX's query_key_value / dense / dense_h_to_4h / dense_4h_to_h: qkv, o, fc, down); every
+    format rewrites them all and stays close. SmoothQuant folds into
     a LayerNorm's weight and bias where one group reads the norm; an FP8 plan's static x scales make the norms and
     the GELU write fp8."""
     from workbench.quant import linear_groups, quantize_graph
@@ -286,14 +306,14 @@ def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit
     if fmt == "int8_sq":
         assert [report["groups"][f"layers.0.{k}"]["smoothing"] for k in ("qkv", "o", "fc", "down")] == [
             "folded into norm", "explicit multiply", "folded into norm", "explicit multiply"]
-        assert sum(t.endswith(("ln_1.weight.smooth", "ln_1.bias.smooth")) for t in tensors) == 4
+        assert sum(t.endswith(("weight.smooth", "bias.smooth")) for t in tensors) == 8  # 2 norms x 2 layers
     if fmt == "fp8":
-        assert [report["groups"][f"layers.1.{k}"]["x_quantized_by"] for k in ("qkv", "o", "fc", "down")] == [
-            "workbench.add_layer_norm", "the linear", "workbench.add_layer_norm", "workbench.gelu"]
+        assert [report["groups"][f"layers.1.{k}"]["x_quantized_by"] for k in ("qkv", "o", "fc", "down")] == \
+            FP8_PRODUCERS[name]
 
 
 @pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
-                                       ("tiny-gpt2", "GPT2LMHeadModel")])
+                                       ("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-neox", "GPTNeoXForCausalLM")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -317,7 +337,7 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.errors import WorkbenchError
 
     supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                 "GPT2LMHeadModel")
+                 "GPT2LMHeadModel, GPTNeoXForCausalLM")
     config = tmp_path / "config.json"
     config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2

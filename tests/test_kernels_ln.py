@@ -152,7 +152,7 @@ def test_tactics_and_configs_are_registered_for_the_autotuner():
     assert c.bytes == 2 * (8 * 64 * 2) + 2 * 64 * 2 and c.flops == 7 * 8 * 64
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt2"])
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-neox"])
 def test_triton_tactics_run_a_whole_optimized_graph(model):
     from workbench.evaluate import logits_fn
     from workbench.graph.executor import Program
@@ -163,5 +163,6 @@ def test_triton_tactics_run_a_whole_optimized_graph(model):
     triton_program = Program(graph, reference.params, tactics="triton")
     used = {n.op for n in graph.nodes} & set(tk.REGISTRY.names())
     assert {"workbench.add_layer_norm", "workbench.gelu"} <= used
+    assert ("workbench.partial_rope" in used) == (model == "tiny-neox")
     ids = torch.randint(0, 512, (1, 13))
     assert rel_err(logits_fn(triton_program)(ids), logits_fn(reference)(ids)) < 1e-5

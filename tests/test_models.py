@@ -90,6 +90,15 @@ def test_gpt2_xl_has_the_published_shape_and_parameter_count():
     assert model.config.max_position_embeddings == 1024 and model.config.activation_function == "gelu_new"
 
 
+def test_gpt_neox_6_9b_has_pythias_shape_and_parameter_count():
+    """Pythia-6.9B (GPT-NeoX): 6.86 B parameters, rotary over a quarter of each head (from ``rotary_pct``, as its
+    config.json names it), a parallel residual, q/k/v packed in query_key_value."""
+    model = load_model("gpt-neox-6.9b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 6_857_302_016
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25 and model.config.use_parallel_residual
+    assert tuple(model.gpt_neox.layers[0].attention.query_key_value.weight.shape) == (3 * 4096, 4096)
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""
@@ -123,7 +132,7 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'BloomForCausalLM'; supported: "
                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                       "GPT2LMHeadModel$"):
+                       "GPT2LMHeadModel, GPTNeoXForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -13,11 +13,12 @@ from workbench.pipeline import optimize
 from workbench.quant import PrecisionPlan, calibrate, quantized_program
 
 
-#: RoPE families, whose rotary moves into the paged attention; tiny-gpt2 has learned absolute positions instead
+#: RoPE families, whose rotary moves into the paged attention; tiny-gpt2 has learned absolute positions instead,
+#: and tiny-neox's partial rotary stays its own op before the attention
 ROPE = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
 
-@pytest.fixture(scope="module", params=[*ROPE, "tiny-gpt2"])
+@pytest.fixture(scope="module", params=[*ROPE, "tiny-gpt2", "tiny-neox"])
 def programs(request):
     result = optimize(request.param, device="cpu", check=True)
     reports = result.reports

