@@ -415,6 +415,33 @@ def test_a_pattern_the_passes_do_not_know_runs_on_reference_ops_and_the_build_na
     assert "fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in capsys.readouterr().out
 
 
+def test_a_layernorm_family_pattern_the_passes_do_not_know_runs_on_reference_ops(tmp_path, capsys):
+    """tiny-gpt2 with a ReLU MLP: fuse_gelu knows GELUs only, so both layers keep the relu (a reference op); every
+    other GPT-2 fusion matches. Greedy tokens through `LLM` equal transformers', and `workbench build` names the
+    layers (the GPT-2 list of layer fusions, not the Llama family's: no line for RMSNorm or RoPE)."""
+    import json
+
+    from workbench.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-gpt2"], "activation_function": "relu"}))
+    lm = load_model(str(config))
+    result = optimize(lm.source, device="cpu", check=True)
+    line = "fuse_gelu matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)"
+    assert all(r.accepted for r in result.reports) and result.unfused() == [line]
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["aten.relu.default"] == 2 and ops["workbench.gelu"] == 0 and ops["workbench.add_layer_norm"] == 5
+    with torch.no_grad():
+        expected = [greedy(lambda ids: lm.model(ids, use_cache=False).logits, p, 32) for p in prompts()]
+    outs = LLM(result.program, num_blocks=32).generate(
+        [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    assert main(["build", str(config), "--precision", "bf16", "--out", str(tmp_path / "engine"), "--device",
+                 "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert f"passes: {line}\n" in log and log.count("stay unfused") == 1
+
+
 def test_unfused_lines_name_layer_ranges():
     from workbench.graph.passes import Match, PassReport, unfused_lines
 
