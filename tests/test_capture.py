@@ -11,7 +11,7 @@ from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, program_for
 
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gpt2",
-        "tiny-neox", "tiny-falcon", "tiny-falcon-mqa"]
+        "tiny-neox", "tiny-falcon"]  # (tiny-falcon-mqa: test_paged and test_families)
 
 
 @pytest.fixture(scope="module", params=TINY)

@@ -192,7 +192,7 @@ def test_layernorm_families_pass_reports(built, name):
     assert ops["workbench.paged_attention"] == layers and ops["aten.linear.default"] == 4 * layers + 1
 
 
-@pytest.mark.parametrize("name", LN_FAMILIES)
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox", "tiny-falcon-mqa"])  # one per family
 def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name):
     """A Hugging Face directory of the architecture (config.json, safetensors, a tokenizer file): GPT-2's written
     as the Hub's checkpoints are, by the base model's names (``h.0.attn.c_attn.weight``, ``wte.weight``), the others

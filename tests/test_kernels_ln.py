@@ -1,7 +1,7 @@
 """Triton kernels of the LayerNorm families' fused ops (``kernels/triton_ln.py``), under TRITON_INTERPRET=1, against
 their references (``kernels/fused_ln.py``): random inputs, small and odd shapes, strided inputs as the passes make
-them, outputs poisoned with NaN; the FP8 variants against the reference then quantization; a whole tiny-gpt2 and
-tiny-neox graph on the tactics."""
+them, outputs poisoned with NaN; the FP8 variants against the reference then quantization; a whole tiny-neox graph
+on the tactics."""
 
 import pytest
 import torch
@@ -152,7 +152,7 @@ def test_tactics_and_configs_are_registered_for_the_autotuner():
     assert c.bytes == 2 * (8 * 64 * 2) + 2 * 64 * 2 and c.flops == 7 * 8 * 64
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-neox"])
+@pytest.mark.parametrize("model", ["tiny-neox"])  # layer_norm, add_layer_norm, gelu and partial_rope in one graph
 def test_triton_tactics_run_a_whole_optimized_graph(model):
     from workbench.evaluate import logits_fn
     from workbench.graph.executor import Program
@@ -162,7 +162,6 @@ def test_triton_tactics_run_a_whole_optimized_graph(model):
     graph = reference.graph
     triton_program = Program(graph, reference.params, tactics="triton")
     used = {n.op for n in graph.nodes} & set(tk.REGISTRY.names())
-    assert {"workbench.add_layer_norm", "workbench.gelu"} <= used
-    assert ("workbench.partial_rope" in used) == (model == "tiny-neox")
+    assert {"workbench.layer_norm", "workbench.add_layer_norm", "workbench.gelu", "workbench.partial_rope"} <= used
     ids = torch.randint(0, 512, (1, 13))
     assert rel_err(logits_fn(triton_program)(ids), logits_fn(reference)(ids)) < 1e-5

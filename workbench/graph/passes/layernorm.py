@@ -80,8 +80,6 @@ def _match_conv1d(rw: Rewriter, n: Node):
 def linear_from_matmul(rw: Rewriter) -> list[Match]:
     matches = []
     for n in list(rw.graph.nodes):
-        if n.name not in rw.by_name:
-            continue
         found = _match_conv1d(rw, n)
         if found is not None:
             args, swallowed = found
