@@ -217,6 +217,21 @@ def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name)
         assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-5
 
 
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_diff_layer_by_layer(built, name):
+    """`workbench diff`'s trace finds each decoder layer's output in the fused graph (the sum an add_layer_norm
+    returns, transformer.h.<i> or gpt_neox.layers.<i>) and the optimized graph diverges nowhere."""
+    from workbench.debug.diff import compare, trace_model, trace_program
+
+    lm, result = built(name)
+    ids = prompts(3)[2].tolist()
+    divergence = compare(trace_program(result.program, ids), trace_model(lm.model, ids))
+    assert divergence.first is None
+    rows = divergence.layers
+    assert list(rows["layer"]) == ["embed", 0, 1, "logits"] and (rows["rel_err"] < 1e-5).all()
+    assert all(node.startswith("add_layer_norm") for node in rows["node"][1:3])
+
+
 def test_llama31_rope_tables_are_the_scaled_ones(built):
     """The folded cos/sin tables are transformers' llama3-scaled ones at every position (bit for bit), not the
     unscaled ones; past original_max_position_embeddings (8192) the captured graph still matches transformers."""
