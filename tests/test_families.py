@@ -472,6 +472,47 @@ def test_unfused_lines_name_layer_ranges():
         "fuse_rope matched 2 of 3 layers: layer 1 stays unfused (reference ops)"]
 
 
+def test_unfused_lines_of_a_family_with_alternatives():
+    """A family's list names its own fusions (no line for RMSNorm or RoPE on GPT-2), and an entry with alternatives
+    (NeoX's rotary: partial, or whole-head moved into the attention) is met by either in a layer."""
+    from workbench.graph.passes import Match, PassReport, unfused_lines
+
+    def report(name, layers):
+        return PassReport(name, "", [Match("x", i, [], []) for i in layers], 0, 0, 0, 0, None, True)
+
+    neox = "GPTNeoXForCausalLM"
+    assert unfused_lines([report("fuse_partial_rope", [0]), report("fuse_rope_into_attention", [1])], 2, neox) == []
+    assert unfused_lines([report("fuse_partial_rope", [0]), report("fuse_rope_into_attention", [])], 2, neox) == [
+        "fuse_partial_rope or fuse_rope_into_attention matched 1 of 2 layers: layer 1 stays unfused (reference ops)"]
+    assert unfused_lines([report("fuse_rms_norm", []), report("fuse_rope", []), report("fuse_gelu", [0, 1])], 2,
+                         "GPT2LMHeadModel") == []
+
+
+def test_neox_with_a_whole_head_rotary_moves_it_into_the_attention(tmp_path):
+    """rotary_pct 1 (a NeoX checkpoint rotating whole heads): the pass-through is empty, so the rotary is a plain
+    RoPE, which moves into the paged attention as Llama's does; no layer is reported unfused."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-neox"], "rotary_pct": 1.0}))
+    lm = load_model(str(config))
+    result = optimize(lm.source, device="cpu", check=True)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    moved = next(r for r in result.reports if r.name == "fuse_rope_into_attention")
+    assert [m.layer for m in moved.matches] == [0, 1]
+    assert not any(n.op == "workbench.partial_rope" for n in result.graph.nodes)
+    ids = prompts(2)[1][None]
+    with torch.no_grad():
+        assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-5
+
+
+def test_falcon_alibi_is_refused_in_one_line():
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="^FalconForCausalLM: ALiBi .* not supported yet"):
+        make_config({**PRESETS["tiny-falcon-mqa"], "alibi": True})
+
+
 def test_longrope_is_refused_in_one_line():
     """LongRoPE (Phi-3-128k, Phi-3.5) is length-dependent in transformers (the long factors for a whole pass once
     its largest position reaches original_max_position_embeddings): refused, naming it."""

@@ -155,4 +155,11 @@ def make_config(fields: dict[str, Any]):
         # device loses the long factors' lifted tensor
         raise WorkbenchError(f"{arch}: LongRoPE (rope_scaling type {rope.get('rope_type', rope.get('type'))!r}) is "
                              "not supported yet; Phi-3 checkpoints without rope_scaling (the 4k ones) are")
+    if arch == "FalconForCausalLM" and fields.get("alibi"):
+        from ..errors import WorkbenchError
+
+        # ALiBi adds a per-head bias to the attention scores, which the paged attention does not compute: the
+        # graph would capture and run, but no cached runtime could serve it
+        raise WorkbenchError(f"{arch}: ALiBi (alibi=true, the Falcon-RW checkpoints) is not supported yet; Falcon's "
+                             "rotary checkpoints (alibi=false: 7B, 40B, 180B) are")
     return getattr(transformers, cls_name)(**fields)

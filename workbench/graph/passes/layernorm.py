@@ -222,8 +222,10 @@ FAMILY_LAYER_FUSIONS.update({
     "GPT2LMHeadModel": ("linear_from_matmul", "fuse_layer_norm", "fuse_add_layer_norm", "fuse_gelu",
                         "fuse_attention", "fuse_parallel_linears", "insert_paged_attention"),
     # parallel residual: layer 0's norms read the embedding, so the residual add + norm is in layers 1.. only
-    # (checked by the tests, not here); partial RoPE stays its own op before the attention
-    "GPTNeoXForCausalLM": ("fuse_layer_norm", "fuse_gelu", "fuse_rope", "fuse_partial_rope", "fuse_attention",
+    # (checked by the tests, not here); partial RoPE stays its own op before the attention, a rotary over the
+    # whole head (rotary_pct 1) moves into it
+    "GPTNeoXForCausalLM": ("fuse_layer_norm", "fuse_gelu", "fuse_rope",
+                           ("fuse_partial_rope", "fuse_rope_into_attention"), "fuse_attention",
                            "insert_paged_attention"),
     "FalconForCausalLM": ("linear_from_matmul", "fuse_layer_norm", "fuse_gelu", "fuse_rope", "fuse_attention",
                           "insert_paged_attention", "fuse_rope_into_attention"),

@@ -113,9 +113,11 @@ LAYER_FUSIONS = ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_silu_mul", "fuse_ro
                  "fuse_parallel_linears", "insert_paged_attention", "fuse_rope_into_attention")
 
 #: Architecture -> the fusions each of its decoder layers gets, for families whose layers differ from the Llama
-#: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. The module that
-#: registers a family's passes adds its entry (``passes/layernorm.py``).
-FAMILY_LAYER_FUSIONS: dict[str, tuple[str, ...]] = {}
+#: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. An entry that
+#: is a tuple of names is met by any one of them in a layer (NeoX's rotary: ``fuse_partial_rope`` over part of
+#: each head, or over all of it ``fuse_rope_into_attention``). The module that registers a family's passes adds its
+#: entry (``passes/layernorm.py``).
+FAMILY_LAYER_FUSIONS: dict[str, tuple[str | tuple[str, ...], ...]] = {}
 
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
@@ -311,15 +313,17 @@ def unfused_layers(reports: list[PassReport], num_layers: int, architecture: str
     """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of the architecture's layer
     fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran; a rejected pass matched in none. Passes that
     matched in every layer are left out."""
-    expected = FAMILY_LAYER_FUSIONS.get(architecture, LAYER_FUSIONS)
-    missing = {}
+    matched: dict[str, set] = {}
     for r in reports:
-        if r.name not in expected:
+        matched[r.name] = {m.layer for m in r.matches} if r.accepted else set()
+    missing = {}
+    for entry in FAMILY_LAYER_FUSIONS.get(architecture, LAYER_FUSIONS):
+        names = [n for n in ((entry,) if isinstance(entry, str) else entry) if n in matched]
+        if not names:  # none of them ran
             continue
-        matched = {m.layer for m in r.matches} if r.accepted else set()
-        left = [i for i in range(num_layers) if i not in matched]
+        left = [i for i in range(num_layers) if not any(i in matched[n] for n in names)]
         if left:
-            missing[r.name] = left
+            missing[" or ".join(names)] = left
     return missing
 
 
