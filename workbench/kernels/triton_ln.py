@@ -67,9 +67,11 @@ def _gelu_kernel(X, O, SCALE, stride_x, stride_o, n_cols, APPROX: tl.constexpr, 
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if APPROX == 1:  # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both ends (exp overflowing to inf gives 1)
+    if APPROX == 1:  # tanh(u) = sign(u)·(1 - e) / (1 + e) with e = exp(-2|u|) in (0, 1]: no overflow at either end
         u = (x + x * x * x * 0.044715) * 0.7978845608028654
-        y = (x * 0.5) * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        y = (x * 0.5) * (1.0 + tl.where(u < 0, -t, t))
     else:
         y = x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     if QUANT:
