@@ -152,16 +152,43 @@ def test_tactics_and_configs_are_registered_for_the_autotuner():
     assert c.bytes == 2 * (8 * 64 * 2) + 2 * 64 * 2 and c.flops == 7 * 8 * 64
 
 
-@pytest.mark.parametrize("model", ["tiny-neox"])  # layer_norm, add_layer_norm, gelu and partial_rope in one graph
-def test_triton_tactics_run_a_whole_optimized_graph(model):
-    from workbench.evaluate import logits_fn
-    from workbench.graph.executor import Program
+@pytest.fixture(scope="module")
+def neox_program():
+    """tiny-neox's optimized graph: layer_norm, add_layer_norm, gelu and partial_rope in one graph."""
     from workbench.pipeline import optimize
 
-    reference = optimize(model, device="cpu").program
+    return optimize("tiny-neox", device="cpu").program
+
+
+def test_triton_tactics_run_a_whole_optimized_graph(neox_program):
+    from workbench.evaluate import logits_fn
+    from workbench.graph.executor import Program
+
+    reference = neox_program
     graph = reference.graph
     triton_program = Program(graph, reference.params, tactics="triton")
     used = {n.op for n in graph.nodes} & set(tk.REGISTRY.names())
     assert {"workbench.layer_norm", "workbench.add_layer_norm", "workbench.gelu", "workbench.partial_rope"} <= used
     ids = torch.randint(0, 512, (1, 13))
     assert rel_err(logits_fn(triton_program)(ids), logits_fn(reference)(ids)) < 1e-5
+
+
+def test_autotune_offers_every_config_of_the_layernorm_kernels(tmp_path, neox_program):
+    """On tiny-neox's graph the autotuner times the reference and every config of each new op's tuning space
+    (planted timings: the interpreter's mean nothing) and chooses the fastest, the last config of each space."""
+    from conftest import prefill_then_decode
+    from test_autotune import PlantedTimer
+    from workbench.kernels.autotune import TimingCache, autotune
+
+    program = neox_program
+    cache = TimingCache.open(tmp_path / "timings.json")
+    choices = autotune(program, prefill_then_decode(program), cache, timer=PlantedTimer(), progress=False)
+    ops = {"workbench.layer_norm": "layer_norm", "workbench.add_layer_norm": "layer_norm", "workbench.gelu": "gelu",
+           "workbench.partial_rope": "partial_rope"}
+    nodes = {n.name: ops[n.op] for n in program.graph.nodes if n.op in ops}
+    assert set(nodes.values()) == set(ops.values())
+    for name, space in nodes.items():
+        assert choices[name] == ("triton", tk.CONFIGS[space][-1])
+    for entry in cache.entries.values():
+        if entry["op"] in ops:
+            assert [t["config"] for t in entry["timings"]] == [None, *tk.CONFIGS[ops[entry["op"]]]]
