@@ -1,11 +1,15 @@
 """Model families beyond Llama (issue 26), on the CPU in fp32 against transformers: Qwen3 (per-head RMSNorm on q
 and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE (``rope_type: llama3``) and Phi-3
-(q/k/v and gate/up packed in the checkpoint, split by slices and a chunk).
+(q/k/v and gate/up packed in the checkpoint, split by slices and a chunk); and the LayerNorm families
+(``LN_FAMILIES``): GPT-2 (Conv1D weights, learned positions, GELU-tanh MLP, packed c_attn), GPT-NeoX / Pythia
+(parallel residual, partial rotary) and Falcon (parallel attention + MLP; grouped KV, or Falcon-7B's multi-query
+layout with one norm).
 
 The families also run in the parametrized tests of test_capture (captured logits), test_passes (each fusion once
-per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel);
-here: greedy tokens through the product path, the pass reports' counts, the rotary tables, quantization, an engine
-built and run, and the one-line refusal of an architecture that is not supported."""
+per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel),
+the LayerNorm families in test_kernels_ln and test_kernel_shapes (their kernels) too; here: greedy tokens through
+the product path, the pass reports' counts, the rotary tables, quantization, an engine built and run, a Hugging
+Face directory, `workbench diff`, and the one-line refusals of what is not supported."""
 
 from collections import Counter
 
