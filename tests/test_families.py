@@ -5,9 +5,9 @@ and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE
 (parallel residual, partial rotary) and Falcon (parallel attention + MLP; grouped KV, or Falcon-7B's multi-query
 layout with one norm).
 
-The families also run in the parametrized tests of test_capture (captured logits), test_passes (each fusion once
-per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel),
-the LayerNorm families in test_kernels_ln and test_kernel_shapes (their kernels) too; here: greedy tokens through
+The Llama-layout families also run in the parametrized tests of test_capture (captured logits), test_passes (each
+fusion once per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm
+kernel); the LayerNorm families in test_capture, test_paged, test_kernels_ln and test_kernel_shapes; here: greedy tokens through
 the product path, the pass reports' counts, the rotary tables, quantization, an engine built and run, a Hugging
 Face directory, `workbench diff`, and the one-line refusals of what is not supported."""
 
