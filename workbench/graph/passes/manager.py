@@ -311,8 +311,9 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
 def unfused_layers(reports: list[PassReport], num_layers: int, architecture: str | None = None
                    ) -> dict[str, list[int]]:
     """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of the architecture's layer
-    fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran; a rejected pass matched in none. Passes that
-    matched in every layer are left out."""
+    fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran, in that list's order; a rejected pass
+    matched in none. Passes that matched in every layer are left out; alternatives are named "a or b" (those of
+    them that ran) and miss a layer only where none of them matched."""
     matched: dict[str, set] = {}
     for r in reports:
         matched[r.name] = {m.layer for m in r.matches} if r.accepted else set()
