@@ -196,6 +196,17 @@ def test_layernorm_families_pass_reports(built, name):
     assert ops["workbench.paged_attention"] == layers and ops["aten.linear.default"] == 4 * layers + 1
 
 
+def test_gpt2_bf16_pipeline_is_accepted_and_close():
+    """In bf16 (the GPU's dtype) every pass is accepted within its tolerance and the optimized logits stay within
+    bf16 rounding of the captured graph's: LayerNorm's fp32 statistics, GPT-2's GELU rounded step by step."""
+    result = optimize("tiny-gpt2", dtype="bfloat16", device="cpu", check=True)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    assert max(r.max_rel_err or 0 for r in result.reports) < 5e-3
+    ids = prompts(2)[1][None]
+    ref = result.captured_program()(ids)
+    assert ref.dtype == torch.bfloat16 and rel_err(logits_fn(result.program)(ids), ref) < 1e-2
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox", "tiny-falcon-mqa"])  # one per family
 def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name):
     """A Hugging Face directory of the architecture (config.json, safetensors, a tokenizer file): GPT-2's written
