@@ -82,16 +82,22 @@ class PassReport:
         return cls(**{**d, "matches": [Match(**m) for m in d["matches"]]})
 
 
-#: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
+#: The standard pipeline, in order. Norms are fused before the residual adds that feed them. The LayerNorm families'
+#: passes (``layernorm.py``) sit by their RMSNorm / SwiGLU / RoPE counterparts and match nothing in Llama's graphs.
 DEFAULT_PIPELINE = (
     "eliminate_noops",
     "fold_rope_tables",
     "eliminate_duplicates",
     "collapse_layout_chains",
+    "linear_from_matmul",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
+    "fuse_layer_norm",
+    "fuse_add_layer_norm",
     "fuse_silu_mul",
+    "fuse_gelu",
     "fuse_rope",
+    "fuse_partial_rope",
     "fuse_attention",
     "fuse_parallel_linears",
     "insert_paged_attention",
@@ -99,11 +105,19 @@ DEFAULT_PIPELINE = (
     "fuse_qk_norm_into_attention",
 )
 
-#: The fusions every decoder layer of a supported family gets, once or more per layer: the pipeline's fusions but
-#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms). A layer one of them did not match in still runs, on
-#: the reference ops of the pattern it left (``unfused_layers`` names them).
-LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
-                      if n.startswith(("fuse_", "insert_")) and n != "fuse_qk_norm_into_attention")
+#: The fusions every decoder layer of a Llama-family model gets, once or more per layer: the pipeline's fusions but
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms) and the LayerNorm families' (``FAMILY_LAYER_FUSIONS``).
+#: A layer one of them did not match in still runs, on the reference ops of the pattern it left (``unfused_layers``
+#: names them).
+LAYER_FUSIONS = ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_silu_mul", "fuse_rope", "fuse_attention",
+                 "fuse_parallel_linears", "insert_paged_attention", "fuse_rope_into_attention")
+
+#: Architecture -> the fusions each of its decoder layers gets, for families whose layers differ from the Llama
+#: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. An entry that
+#: is a tuple of names is met by any one of them in a layer (NeoX's rotary: ``fuse_partial_rope`` over part of
+#: each head, or over all of it ``fuse_rope_into_attention``). The module that registers a family's passes adds its
+#: entry (``passes/layernorm.py``).
+FAMILY_LAYER_FUSIONS: dict[str, tuple[str | tuple[str, ...], ...]] = {}
 
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
@@ -294,17 +308,23 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     return current, reports
 
 
-def unfused_layers(reports: list[PassReport], num_layers: int) -> dict[str, list[int]]:
-    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of ``LAYER_FUSIONS`` that
-    ran; a rejected pass matched in none. Passes that matched in every layer are left out."""
-    missing = {}
+def unfused_layers(reports: list[PassReport], num_layers: int, architecture: str | None = None
+                   ) -> dict[str, list[int]]:
+    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of the architecture's layer
+    fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran, in that list's order; a rejected pass
+    matched in none. Passes that matched in every layer are left out; alternatives are named "a or b" (those of
+    them that ran) and miss a layer only where none of them matched."""
+    matched: dict[str, set] = {}
     for r in reports:
-        if r.name not in LAYER_FUSIONS:
+        matched[r.name] = {m.layer for m in r.matches} if r.accepted else set()
+    missing = {}
+    for entry in FAMILY_LAYER_FUSIONS.get(architecture, LAYER_FUSIONS):
+        names = [n for n in ((entry,) if isinstance(entry, str) else entry) if n in matched]
+        if not names:  # none of them ran
             continue
-        matched = {m.layer for m in r.matches} if r.accepted else set()
-        left = [i for i in range(num_layers) if i not in matched]
+        left = [i for i in range(num_layers) if not any(i in matched[n] for n in names)]
         if left:
-            missing[r.name] = left
+            missing[" or ".join(names)] = left
     return missing
 
 
@@ -319,11 +339,11 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def unfused_lines(reports: list[PassReport], num_layers: int) -> list[str]:
+def unfused_lines(reports: list[PassReport], num_layers: int, architecture: str | None = None) -> list[str]:
     """One line per layer fusion that left layers unfused, e.g. ``fuse_silu_mul matched 0 of 2 layers: layers 0-1
     stay unfused (reference ops)``; empty when every layer got every fusion."""
     lines = []
-    for name, left in unfused_layers(reports, num_layers).items():
+    for name, left in unfused_layers(reports, num_layers, architecture).items():
         which = f"layer {left[0]} stays" if len(left) == 1 else f"layers {_ranges(left)} stay"
         lines.append(f"{name} matched {num_layers - len(left)} of {num_layers} layers: {which} unfused "
                      "(reference ops)")
