@@ -67,7 +67,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("size,cases", [
-    (2, [("tiny-llama", None), ("tiny-mistral", None), ("tiny-qwen2", None), ("tiny-qwen3", None),
+    (2, [("tiny-llama", None), ("tiny-mistral", None), ("tiny-qwen2", None), ("tiny-qwen3", None), ("tiny-gpt2", None),
          ("tiny-llama", "fp8"), ("tiny-llama", "int8_sq"), ("tiny-llama", "int8_wo")]),
     (4, [("tiny-llama", None), ("tiny-qwen2", None)]),  # 2 KV heads on 4 ranks: each KV head on two ranks
 ])
@@ -123,6 +123,13 @@ def test_rank_params_read_only_their_slices(programs):
 def test_a_size_that_cannot_shard_is_refused_in_one_line(programs, size, message):
     with pytest.raises(WorkbenchError, match=message) as e:
         shard_tensor_parallel(programs("tiny-llama").graph, size)
+    assert "\n" not in str(e.value)
+
+
+def test_heads_packed_per_head_are_refused_in_one_line(programs):
+    """GPT-NeoX packs q, k and v per head; the pass says it cannot shard that layout rather than split it wrong."""
+    with pytest.raises(WorkbenchError, match="cut from its projection per head") as e:
+        shard_tensor_parallel(programs("tiny-neox").graph, 2)
     assert "\n" not in str(e.value)
 
 

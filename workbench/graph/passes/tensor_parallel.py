@@ -9,7 +9,8 @@ Per decoder layer (found from its attention node and its MLP activation, so fuse
   they read. With fewer KV heads than ranks each KV head is **replicated** on the ``n / kv_heads`` ranks whose
   query heads use it (the KV cache of a rank holds its own heads only).
 * **o row-parallel**: its input columns are the rank's heads; an ``all_reduce`` sums the partial outputs.
-* **gate/up column-parallel, down row-parallel** + ``all_reduce``: rank r holds ``intermediate / n`` columns.
+* **gate/up (or GPT-2's fc) column-parallel, down row-parallel** + ``all_reduce``: rank r holds ``intermediate / n``
+  columns.
 * **lm_head column-parallel** over the vocabulary + ``all_gather`` of the logits (rows selected for sampling are
   gathered only); replicated, with a note, when ``n`` does not divide the vocabulary.
 * **Embeddings replicated**: a lookup reads one row per token, so splitting the table saves memory but costs an
@@ -41,7 +42,8 @@ from ..rewrite import Rewriter
 from .manager import Match, PassReport
 
 ATTENTION = {PAGED_OP, "workbench.attention"}
-ACTIVATIONS = {"workbench.silu_mul", "workbench.silu_mul_fp8"}
+ACTIVATIONS = {"workbench.silu_mul", "workbench.silu_mul_fp8"}  # gate, up
+GELU = {"workbench.gelu", "workbench.gelu_fp8"}  # one input: GPT-2's fc
 #: linear ops -> the argument index of their bias
 LINEARS = {"aten.linear.default": 2, "workbench.fp8_linear": 4, "workbench.int8_linear": 4,
            "workbench.w8_linear": 3}
@@ -49,7 +51,7 @@ LINEARS = {"aten.linear.default": 2, "workbench.fp8_linear": 4, "workbench.int8_
 THROUGH = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.transpose.int",
            "aten.contiguous.default", "aten.slice.Tensor", "aten.unsqueeze.default", "aten.permute.default",
            "aten.clone.default", "aten._to_copy.default", "aten.to.dtype", "aten.mul.Tensor", "workbench.rope",
-           "workbench.rms_norm"}
+           "workbench.partial_rope", "workbench.rms_norm"}
 
 
 def _last_dim(rw: Rewriter, n: Node) -> bool:
@@ -71,6 +73,11 @@ def _source(rw: Rewriter, v: Any, layer: int | None, what: str) -> tuple[Node, i
             if not isinstance(columns, int):
                 break
             return node, start or 0, columns if end is None else end
+        if node.op in ("operator.getitem", "aten.chunk.default", "aten.split_with_sizes.default",
+                       "aten.split.Tensor"):
+            raise WorkbenchError(f"tensor parallelism: layer {layer}'s {what} is cut from its projection per head "
+                                 "(heads packed together, as GPT-NeoX and Falcon store them); sharding that layout "
+                                 "is not supported yet: run this model with tensor_parallel_size 1")
         if node.op not in THROUGH:
             break
         if node.op == "aten.slice.Tensor" and _last_dim(rw, node):
@@ -185,6 +192,11 @@ class _Sharder:
         w = lin.args[1]
         K = self.g.params[w.name].spec.shape[1]
         lin.args[1] = self.shard_param(w, 1, ranks, lin)
+        local_k = sum(e - s for s, e in ranks[0])
+        for n in chain:  # a view to the full width on the way (GPT-2's [-1, hidden]) takes the rank's width
+            if n.op in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default") \
+                    and isinstance(n.args[1], list) and n.args[1] and n.args[1][-1] == K:
+                n.args = [n.args[0], [*n.args[1][:-1], local_k], *n.args[2:]]
         for n in chain:  # a SmoothQuant divisor on the way: shards with the input channels
             for ref in [a for a in n.args if isinstance(a, Ref) and a.name in self.g.params]:
                 spec = self.g.params[ref.name].spec
@@ -267,6 +279,16 @@ class _Sharder:
 
     def mlp(self, act: Node) -> None:
         n, layer = self.n, act.layer
+        if act.op in GELU:  # fc column-parallel, the down projection row-parallel
+            fc, s, e = _source(self.rw, act.args[0], layer, "MLP input")
+            if (e - s) % n:
+                raise WorkbenchError(f"tensor-parallel size {n} does not divide the intermediate size {e - s}; use "
+                                     f"a TP size that divides {e - s}")
+            self.column(fc, [[_split(s, e - s, n, r)] for r in range(n)])
+            self.matches.append(Match("fc column-parallel", layer, [], [fc.name]))
+            down, chain = _reader(self.rw, act.name, layer, "MLP activation")
+            self.row(down, chain, [[_split(0, e - s, n, r)] for r in range(n)], "down row-parallel + all_reduce")
+            return
         (gate, gs, ge), (up, us, ue) = (_source(self.rw, act.args[i], layer, what) for i, what in
                                         enumerate(("gate", "up")))
         inter = ge - gs
@@ -326,7 +348,7 @@ def shard_tensor_parallel(graph: Graph, size: int) -> tuple[Graph, PassReport]:
     if size > 1:
         for att in [n for n in g.nodes if n.op in ATTENTION]:
             s.attention(att)
-        for act in [n for n in g.nodes if n.op in ACTIVATIONS]:
+        for act in [n for n in g.nodes if n.op in ACTIVATIONS | GELU]:
             s.mlp(act)
         s.lm_head()
         layers = int(s.cfg.get("num_hidden_layers") or 0)
