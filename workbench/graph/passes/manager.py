@@ -247,16 +247,19 @@ def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInput
     rows = {"logits_indices": torch.arange(inputs.input_ids.numel() if is_paged(graph) else inputs.input_ids.shape[1])
             } if "logits_indices" in graph.inputs else {}
     if not is_paged(graph):
-        return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True, **rows)
-    # A paged graph sees the same tokens as one flat batch of three sequences (the second
-    # row packs two); its logits are put back in the rows' shape to compare.
-    ids = inputs.input_ids
-    half = ids.shape[1] // 2
-    seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
-    values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))), **rows)
-    out = graph.outputs[0]
-    values[out] = values[out].reshape(*ids.shape, -1)
-    return values
+        values = program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True, **rows)
+    else:
+        # A paged graph sees the same tokens as one flat batch of three sequences (the second
+        # row packs two); its logits are put back in the rows' shape to compare.
+        ids = inputs.input_ids
+        half = ids.shape[1] // 2
+        seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
+        values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))),
+                             **rows)
+        out = graph.outputs[0]
+        values[out] = values[out].reshape(*ids.shape, -1)
+    # the nodes' values only: derived weights (a fused gate/up, in float32 for a 16-bit graph) are freed now
+    return {k: v for k, v in values.items() if k not in graph.params}
 
 
 def _align(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor | None:
