@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 #: runtime, the server, and the user interfaces over all of them.
 LAYERS = (
     ("base", ("workbench.errors", "workbench.env", "workbench.device", "workbench.plugins", "workbench.progress",
-              "workbench.display")),
+              "workbench.display", "workbench.distributed")),
     ("measure", ("workbench.profiling.nvtx", "workbench.profiling.timing", "workbench.profiling.ceilings")),
     ("inputs", ("workbench.models", "workbench.workspace")),
     ("ir", ("workbench.graph.ir", "workbench.graph.paged")),

@@ -392,7 +392,7 @@ class LLM:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             fixed=opened.kind == "engine")
         self.limits = limits
-        from .tensor_parallel import check_size, sharded_engine
+        from .tensor_parallel import check_size
 
         options = dict(num_blocks=num_blocks, config=config, limits=limits, memory_fraction=memory_fraction,
                        prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
@@ -450,3 +450,17 @@ class LLM:
                     bar.update(done)
         return [self.engine.output(i) for i in ids]
 
+
+
+def sharded_engine(program, size: int, tokenizer=None, *, cuda_graphs: bool | None = None, **engine_options):
+    """(an ``LLMEngine`` of rank 0 of ``program`` sharded over ``size`` ranks, with ranks 1.. started as workers
+    (``runtime.tensor_parallel``); the sharding pass's report). ``engine_options`` are ``LLMEngine``'s; steps run
+    eagerly and synchronously."""
+    from .tensor_parallel import rank0_program, start_workers
+
+    if cuda_graphs:
+        raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
+    rank0, report = rank0_program(program, size)
+    engine = LLMEngine(rank0, tokenizer, cuda_graphs=False, async_scheduling=False, **engine_options)
+    start_workers(engine.executor, program, size)
+    return engine, report

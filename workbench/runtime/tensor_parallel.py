@@ -148,19 +148,17 @@ def check_size(size, device: torch.device) -> int:
     return size
 
 
-def sharded_engine(program, size: int, tokenizer=None, *, cuda_graphs: bool | None = None, **engine_options):
-    """(an ``LLMEngine`` of rank 0 of ``program`` sharded over ``size`` ranks, with ranks 1.. started as workers;
-    the sharding pass's report). ``engine_options`` are ``LLMEngine``'s; steps run eagerly and synchronously."""
+def rank0_program(program, size: int):
+    """(rank 0's shard of ``program`` over ``size`` ranks, the sharding pass's report)."""
     from ..graph.executor import DEFAULTS, Program
     from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
-    from .engine import LLMEngine
 
-    if cuda_graphs:
-        raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
     graph, report = shard_tensor_parallel(program.graph, size)
-    rank0 = Program(graph, rank_params(graph, program.params, 0), device=program.device,
-                    tactics=DEFAULTS if program.device.type == "cuda" else None)
-    engine = LLMEngine(rank0, tokenizer, cuda_graphs=False, async_scheduling=False, **engine_options)
-    ex = engine.executor
-    ex.tensor_parallel = TPWorkers(ex.program.graph, dict(program.params), size, ex.num_blocks, ex.device)
-    return engine, report
+    return Program(graph, rank_params(graph, program.params, 0), device=program.device,
+                   tactics=DEFAULTS if program.device.type == "cuda" else None), report
+
+
+def start_workers(executor, program, size: int) -> None:
+    """Ranks 1..size-1 of ``executor``'s sharded program (weights from the unsharded ``program``), fed by it."""
+    executor.tensor_parallel = TPWorkers(executor.program.graph, dict(program.params), size, executor.num_blocks,
+                                         executor.device)

@@ -210,8 +210,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
 
     from ..runnable import open_runnable
     from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
-    from ..runtime.engine import LLMEngine
-    from ..runtime.tensor_parallel import check_size, sharded_engine
+    from ..runtime.engine import LLMEngine, sharded_engine
+    from ..runtime.tensor_parallel import check_size
 
     served = open_runnable(path, device=device, tokenizer=tokenizer)
     if served.tokenizer is None:
