@@ -20,7 +20,7 @@ from workbench.models.presets import make_config
 from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
-FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
+FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 

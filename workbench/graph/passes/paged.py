@@ -52,8 +52,10 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
         cache = cache_input(n.layer)
         g.inputs[cache] = TensorSpec([2, "num_blocks", block_size, kv_heads, head_dim], k_spec.dtype)
         window = sliding_window(g.meta.get("config", {}), n.layer)
+        # the attention's soft cap (Gemma 2) goes with it, by name like the later passes' additions
+        kwargs = {"softcap": n.kwargs["softcap"]} if n.kwargs.get("softcap") is not None else {}
         fused = rw.insert_before(n, Node(rw.fresh("paged_attention"), "workbench.paged_attention",
-                                         [q, k, v, Ref(cache), *(Ref(m) for m in METADATA), scale, window], {},
+                                         [q, k, v, Ref(cache), *(Ref(m) for m in METADATA), scale, window], kwargs,
                                          [n.out], n.module, n.layer))
         rw.replace_uses(n.name, Ref(fused.name))
         matches.append(Match("paged_attention", n.layer, [n.name], [fused.name]))
