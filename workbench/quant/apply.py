@@ -15,8 +15,9 @@ Per group (see ``plan``):
              and the KV cache inputs become float8_e4m3fn
 
 **FP8 producers.** Where an fp8 group has static activation scales and its x is written by an RMSNorm,
-a residual add + RMSNorm or SwiGLU's silu_mul read by nobody else, that op is replaced by its FP8
-variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, see ``kernels/fused.py``),
+a residual add + RMSNorm, SwiGLU's silu_mul or GeGLU's gelu_mul read by nobody else, that op is replaced by its FP8
+variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, ``gelu_mul_fp8``, see
+``kernels/fused.py``),
 which writes x already quantized with the group's scale: the linears then read fp8 x and run the GEMM
 alone, as TensorRT-LLM's FP8 graphs do. The result is bit-identical to the unfused graph (the same
 rounding, then the same quantization); ``fuse_producers=False`` leaves them unfused. The report says,
@@ -137,7 +138,8 @@ def _smooth_input(b: _Builder, group, first: Node, s: torch.Tensor) -> tuple[Ref
 
 _FP8_PRODUCERS = {"workbench.rms_norm": ("workbench.rms_norm_fp8", 3),
                   "workbench.add_rms_norm": ("workbench.add_rms_norm_fp8", 4),
-                  "workbench.silu_mul": ("workbench.silu_mul_fp8", 2)}
+                  "workbench.silu_mul": ("workbench.silu_mul_fp8", 2),
+                  "workbench.gelu_mul": ("workbench.gelu_mul_fp8", 2)}
 
 
 def _fp8_spec(spec: TensorSpec | None) -> TensorSpec | None:
