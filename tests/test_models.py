@@ -78,6 +78,19 @@ def test_phi3_mini_has_the_published_shape_and_parameter_count():
     assert model.config.rope_parameters["rope_type"] == "default" and model.config.max_position_embeddings == 4096
 
 
+def test_gemma_2_9b_has_the_published_shape_and_parameter_count():
+    """Gemma-2-9B: 9.24 B parameters (tied embeddings), head_dim 256 apart from hidden / heads, 42 layers whose
+    sliding-window (4096) and global attention alternate, the soft caps, and sqrt(hidden) in the embedding."""
+    model = load_model("gemma-2-9b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 9_241_705_984
+    cfg = model.config
+    assert cfg.layer_types == ["sliding_attention", "full_attention"] * 21 and cfg.sliding_window == 4096
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (
+        256, 256, 50.0, 30.0)
+    assert float(model.model.embed_tokens.embed_scale) == float(torch.tensor(3584 ** 0.5))  # fp32, as transformers
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""
@@ -110,7 +123,7 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM$"):
+                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -13,7 +13,7 @@ from workbench.pipeline import optimize
 from workbench.quant import PrecisionPlan, calibrate, quantized_program
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2"])
 def programs(request):
     result = optimize(request.param, device="cpu", check=True)
     reports = result.reports
