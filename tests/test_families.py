@@ -199,6 +199,15 @@ def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
     assert paged_greedy(Program(graph, program.params, tactics=tactics), prompt, 24) == reference
 
 
+def test_gemma2_bf16_fusions_are_exact():
+    """In bf16 every Gemma 2 fusion gives the captured graph's logits bit for bit: the (1 + w) weights stay fp32 and
+    rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16 drifted 1.3e-2)."""
+    result = optimize("tiny-gemma2", dtype="bfloat16", device="cpu", check=True)
+    checked = [r for r in result.reports if r.matches]
+    assert all(r.accepted for r in result.reports) and {r.max_rel_err for r in checked} == {0.0}
+    assert {result.graph.params[n].spec.dtype for n in result.graph.params if n.endswith(".plus_one")} == {"float32"}
+
+
 @pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
                                           ("int8_sq", "workbench.int8_linear", 1e-3),
                                           ("int8_wo", "workbench.w8_linear", 1e-4)])

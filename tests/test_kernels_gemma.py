@@ -152,3 +152,26 @@ def test_attention_shared_memory_is_what_the_compiler_asked_for_and_prune_fits_i
                          H100_SMEM_BYTES)["num_stages"] == 2
     assert ta.fit_stages({"BLOCK_Q": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, 8, 256,
                          H100_SMEM_BYTES)["num_stages"] == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (5, 96), (3, 7, 130)])
+def test_rms_norm_with_gemmas_fp32_weight_over_bf16_rounds_once(shape):
+    """Gemma's derived 1 + w stays fp32: ``rms_norm`` then multiplies in fp32 and rounds once to x's dtype (bf16 out),
+    as Gemma's module does; the kernel does the same, with the residual add and as an FP8 producer too (to bf16's
+    tolerance: the interpreter's bf16 conversion truncates, so its bits cannot be compared here)."""
+    from test_kernels_pointwise import fp8_close
+    from workbench.kernels import triton_pointwise as tp
+
+    x, r = (torch.randn(shape) * 3).to(torch.bfloat16), torch.randn(shape).to(torch.bfloat16)
+    w = 1 + 0.5 * torch.randn(shape[-1])
+    gemma = ((x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)) * w).to(torch.bfloat16)
+    ref = fused.rms_norm(x, w, 1e-6)
+    assert ref.dtype == torch.bfloat16 and torch.equal(ref, gemma)
+    for config in tp.CONFIGS["rms_norm"][:3]:
+        out = tp.rms_norm(x, w, 1e-6, config=config)
+        assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+        normed, total = tp.add_rms_norm(x, r, w, 1e-6, config=config)
+        ref_normed, ref_total = fused.add_rms_norm(x, r, w, 1e-6)
+        assert rel_err(total, ref_total) < 1e-2 and rel_err(normed, ref_normed) < 1e-2
+    scale = torch.tensor(0.02)
+    fp8_close(tp.rms_norm_fp8(x, w, 1e-6, scale), fused.rms_norm_fp8(x, w, 1e-6, scale))

@@ -30,10 +30,9 @@ unfused op's, then ``gemm.quantize_fp8``):
     workbench.silu_mul_fp8(gate, up, scale)         quantize_fp8(silu_mul(gate, up), scale)
     workbench.gelu_mul_fp8(gate, up, scale)         quantize_fp8(gelu_mul(gate, up), scale)
 
-Gemma's RMSNorm scales by (1 + w): ``fuse_rms_norm`` folds the 1 into a derived weight (``1 + w`` computed in fp32
+Gemma's RMSNorm scales by (1 + w): ``fuse_rms_norm`` folds the 1 into a derived fp32 weight (``1 + w`` computed
 when weights are loaded), so Gemma's norms run as ``workbench.rms_norm`` and SmoothQuant folds into them as into
-Llama's. (Gemma rounds once, after the weight; ``rms_norm`` rounds the normed value, then after the weight: the
-same in fp32, one rounding apart in bf16.)
+Llama's. An fp32 weight over 16-bit x is Gemma's rounding (times the weight in fp32, rounded once), bit for bit.
 """
 
 from __future__ import annotations
@@ -53,9 +52,13 @@ def _norm_cost(call: C.OpCall) -> C.Cost:
 
 @register_op("workbench.rms_norm", cost=_norm_cost, graph_safe=True)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as Llama/Mistral/Qwen2 compute it: statistics in fp32, scale in the input dtype."""
+    """RMSNorm as Llama/Mistral/Qwen2 compute it: statistics in fp32, scale in the input dtype. An fp32 weight over
+    16-bit x (Gemma's derived 1 + w) multiplies in fp32 and rounds once, as Gemma computes it; the output is x's
+    dtype either way."""
     xf = x.to(torch.float32)
     variance = xf.pow(2).mean(-1, keepdim=True)
+    if weight.dtype == torch.float32 and x.dtype != torch.float32:
+        return (xf * torch.rsqrt(variance + eps) * weight).to(x.dtype)
     return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
 
 

@@ -5,7 +5,8 @@ graphs have no identity casts left), and is written as the chain it expects:
 
     rms_norm      mul(w, [to(] mul(a, rsqrt(add(mean(pow(a, 2), [-1], True), eps))) [)]),  a = [to(]x[)]
                   Gemma's: [to(] mul(mul(a, rsqrt(..)), add([to(]w[)], 1.0)) [)]: the 1 folded into a derived
-                  weight (1 + w, computed when weights are loaded), then the same op
+                  fp32 weight (1 + w, computed when weights are loaded), then the same op (which, given an fp32
+                  weight over 16-bit x, rounds once after it, as Gemma does)
     add_rms_norm  rms_norm(add(x, r)) where the sum is also the next residual
     silu_mul      mul(silu(gate), up);  gelu_mul: mul(gelu(gate, approximate="tanh"), up) (GeGLU)
     softcap       mul(tanh(div(x, c)), c)  (Gemma 2's final logits; its attention scores' go into the attention)
@@ -146,13 +147,15 @@ def _match_unit_offset_rms_norm(rw: Rewriter, n: Node):
     return [x, weight, add.args[1]], swallowed
 
 
-def _unit_offset_param(rw: Rewriter, weight: str, dtype: str) -> Ref:
-    """The derived weight 1 + w (computed in fp32 from the checkpoint's w, stored in ``dtype``)."""
+def _unit_offset_param(rw: Rewriter, weight: str) -> Ref:
+    """The derived weight 1 + w, computed and kept in fp32 whatever the graph's dtype: ``workbench.rms_norm`` with
+    an fp32 weight over 16-bit x rounds once after it, as Gemma does (1 + w rounded to bf16 would be up to half a
+    bf16 step off before the product's own rounding)."""
     g = rw.graph
     name = f"{weight}.plus_one"
     if name not in g.params:
         p = g.params[weight]
-        g.params[name] = Param(name, "parameter", TensorSpec(list(p.spec.shape), dtype), [],
+        g.params[name] = Param(name, "parameter", TensorSpec(list(p.spec.shape), "float32"), [],
                                {"op": "offset", "value": 1.0, "inputs": [[p.name, p.aliases]]})
     return Ref(name)
 
@@ -166,7 +169,7 @@ def fuse_rms_norm(rw: Rewriter) -> list[Match]:
         if found is None:
             continue
         (x, weight, eps), swallowed = found
-        w = _unit_offset_param(rw, weight, rw.spec(x).dtype)
+        w = _unit_offset_param(rw, weight)
         fused = _new(rw, n, "rms_norm", "workbench.rms_norm", [x, w, eps], [n.out], n)
         rw.replace_uses(n.name, Ref(fused.name))
         matches.append(Match(UNIT_OFFSET, n.layer, [m.name for m in swallowed if m is not None] + [n.name],
