@@ -402,6 +402,24 @@ def test_gemma2_with_an_exact_gelu_runs_its_mlp_on_reference_ops_and_says_so(tmp
         assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma2"])
+def test_gemma_hugging_face_directory_intake(tmp_path, name):
+    """A Hugging Face directory of the architecture (transformers' save_pretrained: safetensors with the tied
+    lm_head left out, config.json, a tokenizer file): captured and optimized from it, its weights read by name (the
+    (1 + w) weights derived from the checkpoint's), the logits equal to transformers' loading the same directory."""
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path / name
+    load_model(name).model.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text("{}")
+    result = optimize(str(directory), device="cpu", check=True)
+    assert result.source.kind == "hf" and all(r.accepted for r in result.reports)
+    ids = prompts()[4][None]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)(ids, use_cache=False).logits
+    assert rel_err(logits_fn(result.program)(ids), ref) < 1e-5
+
+
 def test_unfused_lines_name_layer_ranges():
     from workbench.graph.passes import Match, PassReport, unfused_lines
 
