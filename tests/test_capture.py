@@ -10,7 +10,8 @@ from workbench.graph.ir import Graph
 from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, program_for
 
-TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2"]
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2",
+        "tiny-gemma3"]
 
 
 @pytest.fixture(scope="module", params=TINY)

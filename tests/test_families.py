@@ -20,7 +20,7 @@ from workbench.models.presets import make_config
 from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
-FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2"]
+FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -72,13 +72,15 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     rotates q as it loads it, k before it writes the cache); Phi-3's packed qkv_proj and gate_up_proj are found as
     packed groups (their chunk made slices, as a fused group's outputs are), then everything matches as on Llama.
     Gemma 2: four (1 + w) norms a layer, GeGLU, the eager attention (soft-capped scores) fused like SDPA, the cap
-    carried into the paged attention."""
+    carried into the paged attention. Gemma 3: no caps, SDPA, two more (1 + w) norms a layer (q and k per head, moved
+    into the attention as Qwen3's), two RoPE bases (four tables)."""
     lm, result = built(name)
     cfg = lm.model.config
     layers = range(cfg.num_hidden_layers)
     qwen3 = name == "tiny-qwen3"
-    gemma2 = name == "tiny-gemma2"
-    gemma = gemma2
+    gemma2, gemma3 = name == "tiny-gemma2", name == "tiny-gemma3"
+    gemma = gemma2 or gemma3
+    qk_norm = qwen3 or gemma3
 
     def matched(pass_name):
         return Counter((m.what, m.layer) for r in result.reports if r.name == pass_name for m in r.matches)
@@ -86,7 +88,8 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert all(r.accepted for r in result.reports)
     # Gemma: four (1 + w) norms a layer (input, post-attention, pre- and post-MLP), the 1 folded into the weight
     norm = "rms_norm (1 + w folded into the weight)" if gemma else "rms_norm"
-    assert matched("fuse_rms_norm") == {**{(norm, i): 4 if qwen3 or gemma else 2 for i in layers}, (norm, None): 1}
+    per_layer = 6 if gemma3 else 4 if qwen3 or gemma else 2  # Gemma 3: its q/k norms too
+    assert matched("fuse_rms_norm") == {**{(norm, i): per_layer for i in layers}, (norm, None): 1}
     # each residual add feeding a norm; the add before layer i's input norm is layer i's, the last the final norm's
     # (Gemma's post-attention and post-MLP norms feed the adds: they stay rms_norm)
     assert matched("fuse_add_rms_norm") == {("add_rms_norm", 0): 1, ("add_rms_norm", 1): 2, ("add_rms_norm", None): 1}
@@ -102,8 +105,9 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert matched("insert_paged_attention") == {("paged_attention", i): 1 for i in layers}
     assert matched("fuse_rope_into_attention") == {("rope into paged_attention", i): 1 for i in layers}
     assert matched("fuse_qk_norm_into_attention") == ({("q/k norm into paged_attention", i): 1 for i in layers}
-                                                      if qwen3 else {})
-    assert matched("fold_rope_tables") == {("rope table", None): 2}
+                                                      if qk_norm else {})
+    # Gemma 3: a cos and a sin table per RoPE base (sliding layers' and global layers')
+    assert matched("fold_rope_tables") == {("rope table", None): 4 if gemma3 else 2}
 
     graph = result.graph
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -120,6 +124,10 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
             (f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight", 1e-6)
             for i in layers]
         assert "model.layers.0.self_attn.q_proj.bias" not in result.captured.graph.params
+    elif gemma3:  # the derived (1 + w) weights, fp32
+        assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name) for n in attention] == [
+            (f"model.layers.{i}.self_attn.q_norm.weight.plus_one", f"model.layers.{i}.self_attn.k_norm.weight.plus_one")
+            for i in layers]
     else:
         assert all("q_norm" not in n.kwargs for n in attention)
     assert not any(n.op in ("aten.chunk.default", "aten.cat.default", "aten.silu.default") for n in graph.nodes)
@@ -182,9 +190,9 @@ def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
     assert all(torch.equal(program.params[n], 1 + weights[n.removesuffix(".plus_one")]) for n in derived)
     attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
     assert [(n.args[8], n.args[9], n.kwargs["softcap"]) for n in attention] == [
-        (24 ** -0.5, 16, 0.25), (24 ** -0.5, None, 0.25)]  # scale, window, cap: layer 0 sliding, layer 1 global
+        (24 ** -0.5, 16, 0.05), (24 ** -0.5, None, 0.05)]  # scale, window, cap: layer 0 sliding, layer 1 global
     capped = next(n for n in graph.nodes if n.op == "workbench.softcap")
-    assert capped.name == graph.outputs[0] and capped.args[1] == 1.0 and lm_head(graph).op == "aten.linear.default"
+    assert capped.name == graph.outputs[0] and capped.args[1] == 0.5 and lm_head(graph).op == "aten.linear.default"
     scaled = [n for n in graph.nodes if n.op == "aten.mul.Tensor" and "embed_scale" in str(n.args)]
     assert len(scaled) == 1 and float(program.params["model.embed_tokens.embed_scale"]) == 8.0
     ids = prompts()[4][None]  # 30 tokens: past the window of 16
@@ -199,32 +207,85 @@ def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
     assert paged_greedy(Program(graph, program.params, tactics=tactics), prompt, 24) == reference
 
 
-def test_gemma2_bf16_fusions_are_exact():
-    """In bf16 every Gemma 2 fusion gives the captured graph's logits bit for bit: the (1 + w) weights stay fp32 and
-    rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16 drifted 1.3e-2)."""
-    result = optimize("tiny-gemma2", dtype="bfloat16", device="cpu", check=True)
-    checked = [r for r in result.reports if r.matches]
+def _table_of(graph, value):
+    """The folded table a cos/sin argument of the attention reads: walked back through views to its lookup."""
+    producers = {n.name: n for n in graph.nodes}
+    node = producers[value.name]
+    while node.op != "aten.embedding.default":
+        node = producers[node.args[0].name]
+    return node.args[0].name
+
+
+def test_gemma3_rope_base_per_layer_type_norms_and_windows(built, tmp_path):
+    """Gemma 3's RoPE base per layer type: the sliding layer's attention rotates by the local tables (base 10000),
+    the global layer's by the global ones (base 1e6, linear scaling x8), each bit for bit transformers' at every
+    position; windows 16 then none; the q/k norms' derived fp32 (1 + w) inside the attention, no soft cap; each
+    piece matters (changed in transformers, its logits move), and the Triton tactics of the paged attention (q/k
+    norms, per-layer tables, window) and GeGLU decode the reference graph's greedy tokens."""
+    from workbench.evaluate import paged_greedy
+    from workbench.graph.executor import Program
+
+    lm, result = built("tiny-gemma3")
+    program, cfg = result.program, lm.model.config
+    graph = program.graph
+    attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    assert [(n.args[8], n.args[9], n.kwargs.get("softcap")) for n in attention] == [(24 ** -0.5, 16, None),
+                                                                                  (24 ** -0.5, None, None)]
+    assert all(graph.params[n.kwargs[w].name].spec.dtype == "float32" for n in attention for w in ("q_norm", "k_norm"))
+    rotary = lm.model.model.rotary_emb
+    positions = torch.arange(cfg.max_position_embeddings)[None]
+    for node, layer_type in zip(attention, cfg.layer_types):
+        cos, sin = rotary(torch.zeros(1), positions, layer_type)
+        assert torch.equal(program.params[_table_of(graph, node.kwargs["cos"])], cos[0])
+        assert torch.equal(program.params[_table_of(graph, node.kwargs["sin"])], sin[0])
+    assert _table_of(graph, attention[0].kwargs["cos"]) != _table_of(graph, attention[1].kwargs["cos"])
+    ids = prompts()[4][None]
+    with torch.no_grad():
+        ref = lm.model(ids, use_cache=False).logits
+        for change in ({"rope_local_base_freq": 1e6}, {"rope_scaling": None}, {"sliding_window": 64}):
+            assert rel_err(_variant(tmp_path, "tiny-gemma3", **change)(ids, use_cache=False).logits, ref) > 1e-3, change
+    prompt = prompts()[2]
+    reference = paged_greedy(Program(graph, program.params), prompt, 24)
+    tactics = {op: "triton" for op in ("workbench.paged_attention", "workbench.gelu_mul")}
+    assert paged_greedy(Program(graph, program.params, tactics=tactics), prompt, 24) == reference
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+def test_gemma_bf16_fusions_are_exact(name):
+    """In bf16 every Gemma fusion gives the captured graph's logits bit for bit: the (1 + w) weights stay fp32 and
+    rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16 drifted 1.3e-2); Gemma
+    3's q/k norms move into the attention with that rounding. (Only the paged attention's own reference, a softmax
+    per sequence, is not bit-identical to the captured SDPA over the packed batch in bf16.)"""
+    result = optimize(name, dtype="bfloat16", device="cpu", check=True)
+    checked = [r for r in result.reports if r.matches and r.name != "insert_paged_attention"]
     assert all(r.accepted for r in result.reports) and {r.max_rel_err for r in checked} == {0.0}
+    assert all(r.matches for r in result.reports if r.name == "fuse_qk_norm_into_attention") == (name == "tiny-gemma3")
     assert {result.graph.params[n].spec.dtype for n in result.graph.params if n.endswith(".plus_one")} == {"float32"}
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
 @pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
                                           ("int8_sq", "workbench.int8_linear", 1e-3),
                                           ("int8_wo", "workbench.w8_linear", 1e-4)])
-def test_gemma2_quantizes_in_every_format(built, fmt, op, limit):
-    """Groups follow Gemma 2's linears (fused QKV, fused gate/up, o, down); every format rewrites them all and stays
+def test_gemma_quantizes_in_every_format(built, fmt, op, limit, name):
+    """Groups follow Gemma's linears (fused QKV, fused gate/up, o, down); every format rewrites them all and stays
     close. SmoothQuant folds into the derived (1 + w) weights of the input and pre-MLP norms (their only reader is
-    the group); with FP8, the GeGLU writes the down projection's x already quantized (gelu_mul_fp8)."""
+    the group), never into Gemma 3's q/k norms (inside the attention); with FP8, the GeGLU writes the down
+    projection's x already quantized (gelu_mul_fp8), and an FP8 KV cache is calibrated on the keys normed and
+    rotated as the cache holds them."""
     from workbench.quant import linear_groups, quantize_graph
 
-    _, result = built("tiny-gemma2")
+    _, result = built(name)
     program = result.program
     groups = linear_groups(program.graph)
     assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
     q, plan, stats = _quantized_close_to(program, fmt, op, limit)
     ops = Counter(n.op for n in q.graph.nodes)
-    assert ops["workbench.softcap"] == 1 and all(n.kwargs["softcap"] == 0.25 for n in q.graph.nodes
-                                                 if n.op == "workbench.paged_attention")
+    attention = [n for n in q.graph.nodes if n.op == "workbench.paged_attention"]
+    if name == "tiny-gemma2":
+        assert ops["workbench.softcap"] == 1 and all(n.kwargs["softcap"] == 0.05 for n in attention)
+    else:
+        assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight.plus_one") for n in attention)
     if fmt == "fp8":
         assert ops["workbench.gelu_mul_fp8"] == 2 and ops["workbench.gelu_mul"] == 0
     if fmt == "int8_sq":
@@ -233,6 +294,7 @@ def test_gemma2_quantizes_in_every_format(built, fmt, op, limit):
         assert report["groups"]["layers.0.gate_up"]["smoothing"] == "folded into norm"
         assert "model.layers.0.input_layernorm.weight.plus_one.smooth" in tensors
         assert "model.layers.0.pre_feedforward_layernorm.weight.plus_one.smooth" in tensors
+        assert not any("q_norm" in t or "k_norm" in t for t in tensors if t.endswith(".smooth"))
 
 
 def _quantized_close_to(program, fmt, op, limit):
@@ -301,7 +363,7 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
 
 
 @pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
-                                       ("tiny-gemma2", "Gemma2ForCausalLM")])
+                                       ("tiny-gemma2", "Gemma2ForCausalLM"), ("tiny-gemma3", "Gemma3ForCausalLM")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -325,13 +387,13 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.errors import WorkbenchError
 
     supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                 "Gemma2ForCausalLM")
+                 "Gemma2ForCausalLM, Gemma3ForCausalLM")
     config = tmp_path / "config.json"
-    config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
+    config.write_text('{"architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.rstrip().endswith(f"unsupported architecture 'Gemma3ForCausalLM'; supported: {supported}")
+    assert err.rstrip().endswith(f"unsupported architecture 'Gemma3nForCausalLM'; supported: {supported}")
     assert not (tmp_path / "ws").exists()
     moe = "Qwen3MoeForCausalLM"
     with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
@@ -402,7 +464,7 @@ def test_gemma2_with_an_exact_gelu_runs_its_mlp_on_reference_ops_and_says_so(tmp
         assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2"])
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
 def test_gemma_hugging_face_directory_intake(tmp_path, name):
     """A Hugging Face directory of the architecture (transformers' save_pretrained: safetensors with the tied
     lm_head left out, config.json, a tokenizer file): captured and optimized from it, its weights read by name (the

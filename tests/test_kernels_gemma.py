@@ -175,3 +175,39 @@ def test_rms_norm_with_gemmas_fp32_weight_over_bf16_rounds_once(shape):
         assert rel_err(total, ref_total) < 1e-2 and rel_err(normed, ref_normed) < 1e-2
     scale = torch.tensor(0.02)
     fp8_close(tp.rms_norm_fp8(x, w, 1e-6, scale), fused.rms_norm_fp8(x, w, 1e-6, scale))
+
+
+@pytest.mark.parametrize("new,context,kv_heads,group,head_dim,kv_dtype", [
+    ([5, 1, 3], [0, 9, 4], 2, 2, 32, torch.bfloat16), ([1, 1], [12, 3], 1, 4, 256, torch.bfloat16),
+    ([6, 1], [2, 7], 2, 2, 32, torch.float8_e4m3fn)], ids=["mixed-bf16", "decode-hd256", "mixed-fp8"])
+def test_gemma3_qk_norms_inside_the_attention_round_once_after_the_fp32_weight(new, context, kv_heads, group,
+                                                                              head_dim, kv_dtype):
+    """Gemma 3's q/k norms inside the paged attention: fp32 weights (the derived 1 + w) over bf16 q and k, normed,
+    times the weight in fp32, rounded once (``rms_norm``'s rounding for an fp32 weight), then rotated; against the
+    reference (rms_norm, RoPE, attention) and against the unfused Triton path (rms_norm and rope kernels, then the
+    kernel), at head dims 32 and 256, over a bf16 and an FP8 cache, with a sliding window."""
+    from test_kernels_attention import make_step, rope_tables, step_positions
+    from workbench.kernels import triton_attention as ta
+    from workbench.kernels import triton_pointwise as tp
+
+    q, k, v, cache, slots, tables, lens, qsl = make_step(new, context, kv_heads=kv_heads, group=group,
+                                                         head_dim=head_dim, page=4, dtype=torch.bfloat16, seed=9)
+    q, k = q * 3 + 1, k * 2 - 1
+    g = torch.Generator().manual_seed(3)
+    qw, kw = (1 + 0.3 * torch.randn(head_dim, generator=g) for _ in range(2))  # fp32
+    cos, sin = rope_tables(step_positions(lens, qsl), head_dim, torch.bfloat16)
+    scales = (0.05, 0.02) if kv_dtype == torch.float8_e4m3fn else (None, None)
+    cache = (cache.float() * 4).clamp(-448, 448).to(kv_dtype) if scales[0] else cache
+    inside = dict(cos=cos, sin=sin, q_norm=qw, k_norm=kw, norm_eps=1e-6)
+    scale, window = 24 ** -0.5, 6
+    ref = fused.paged_attention(q, k, v, cache.clone(), slots, tables, lens, qsl, scale, window, *scales, **inside)
+    qn, kn = tp.rope(tp.rms_norm(q, qw, 1e-6), cos, sin), tp.rope(tp.rms_norm(k, kw, 1e-6), cos, sin)
+    assert qn.dtype == torch.bfloat16
+    config = {"BLOCK_Q": 4, "BLOCK_N": 8, "num_warps": 1, "num_stages": 1, "SPLITS": 1}
+    tri_cache, unfused_cache = cache.clone(), cache.clone()
+    want = ta.paged_attention(qn, kn, v, unfused_cache, slots, tables, lens, qsl, scale, window, *scales,
+                              config=config)
+    out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, scale, window, *scales, config=config,
+                             **inside)
+    assert torch.equal(tri_cache.view(torch.uint8), unfused_cache.view(torch.uint8)) and torch.equal(out, want)
+    assert rel_err(out, ref) < (2e-2 if kv_dtype == torch.bfloat16 else 4e-2)

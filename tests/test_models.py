@@ -123,7 +123,8 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM$"):
+                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, "
+                       "Gemma3ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -52,10 +52,10 @@ alone cannot fill the GPU.
 ``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
 FP8 caches store value / scale, saturated and rounded to e4m3).
 
-Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3; the ``fuse_qk_norm_into_attention`` pass): the
-kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is normed
-with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each rounded as
-``workbench.rms_norm`` rounds. Two more launches per layer fewer, and q and k are read once.
+Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3 and Gemma 3; the ``fuse_qk_norm_into_attention``
+pass): the kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is
+normed with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each
+rounded as ``workbench.rms_norm`` rounds (Gemma 3's fp32 1 + w over 16-bit q and k: once, after the weight). Two more launches per layer fewer, and q and k are read once.
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
@@ -124,11 +124,12 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
                      scos_t, sko_h, sko_t, svo_h, svo_t, k_scale, v_scale, norm_eps, PAGE: tl.constexpr,
                      KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      QUANT: tl.constexpr, ROPE: tl.constexpr, HAS_K_OUT: tl.constexpr, HAS_V_OUT: tl.constexpr,
-                     NORM: tl.constexpr = False):
+                     NORM: tl.constexpr = False, NORM_ROUND: tl.constexpr = True):
     """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
     halves of the head dim; with NORM, each head of K first normed over the head dim by the weight KW (Qwen3's
     k_norm, rounded as ``workbench.rms_norm`` rounds it: fp32 statistics, the normed value rounded to K's dtype,
-    times the weight, rounded again); with ROPE, K then rotated (as ``workbench.rope`` does: fp32, one rounding to
+    times the weight, rounded again; without NORM_ROUND, an fp32 weight over 16-bit K, Gemma 3's, one rounding after
+    the weight); with ROPE, K then rotated (as ``workbench.rope`` does: fp32, one rounding to
     K's dtype). HAS_K_OUT / HAS_V_OUT also write K / V as the attention reads this step's own keys: K normed
     and rotated; over an FP8 cache, the values the cache holds (value / scale, rounded to e4m3) in fp16."""
     t = tl.program_id(0).to(tl.int64)
@@ -145,8 +146,14 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
         r = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1))[:, None] / (2 * HALF) + norm_eps)
         w1 = tl.load(KW + d, mask=d < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(KW + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-        k1 = ((x1 * r).to(K.dtype.element_ty).to(tl.float32) * w1).to(K.dtype.element_ty)
-        k2 = ((x2 * r).to(K.dtype.element_ty).to(tl.float32) * w2).to(K.dtype.element_ty)
+        if NORM_ROUND:
+            x1 = (x1 * r).to(K.dtype.element_ty).to(tl.float32)
+            x2 = (x2 * r).to(K.dtype.element_ty).to(tl.float32)
+        else:  # an fp32 weight over 16-bit K (Gemma 3's 1 + w): times the weight, then the one rounding
+            x1 = x1 * r
+            x2 = x2 * r
+        k1 = (x1 * w1).to(K.dtype.element_ty)
+        k2 = (x2 * w2).to(K.dtype.element_ty)
     if ROPE:
         c1 = tl.load(COS + t * scos_t + d, mask=d < HALF, other=0.0).to(tl.float32)
         c2 = tl.load(COS + t * scos_t + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
@@ -322,7 +329,8 @@ def _paged_attention_kernel(
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
         PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0,
-        ROWS: tl.constexpr = 0, NORM: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
+        ROWS: tl.constexpr = 0, NORM: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+        NORM_ROUND: tl.constexpr = True):
     # query rows per program (``query_rows``): BLOCK_Q · GROUP, or with ROWS a power of two above it whose last
     # ROWS - BLOCK_Q · GROUP rows are padding (a GROUP that is not a power of two: 3, 5, 7)
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP if ROWS == 0 else ROWS
@@ -385,17 +393,23 @@ def _paged_attention_kernel(
         q_row = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_row + d[None, :], mask=q_mask, other=0.0)
-        if NORM:  # Qwen3's per-head q_norm on the way in, rounded as workbench.rms_norm rounds it
+        if NORM:  # Qwen3's / Gemma 3's per-head q_norm on the way in, rounded as workbench.rms_norm rounds it
             qf = q.to(tl.float32)
             r = tl.math.rsqrt(tl.sum(qf * qf, axis=1)[:, None] / HEAD_DIM + norm_eps)
             w = tl.load(QW + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-            q = ((qf * r).to(Q.dtype.element_ty).to(tl.float32) * w).to(Q.dtype.element_ty)
+            qn = qf * r
+            if NORM_ROUND:
+                qn = qn.to(Q.dtype.element_ty).to(tl.float32)
+            q = (qn * w).to(Q.dtype.element_ty)
         if ROPE:  # rotary embedding on the way in, rounded to q's dtype as workbench.rope rounds it
             half: tl.constexpr = HEAD_DIM // 2
             partner = tl.load(q_row + ((d + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0).to(tl.float32)
             if NORM:  # the partner element normed as its own column is (the row's r, its own weight)
                 w_p = tl.load(QW + (d + half) % HEAD_DIM, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-                partner = ((partner * r).to(Q.dtype.element_ty).to(tl.float32) * w_p).to(Q.dtype.element_ty)
+                partner = partner * r
+                if NORM_ROUND:
+                    partner = partner.to(Q.dtype.element_ty).to(tl.float32)
+                partner = (partner * w_p).to(Q.dtype.element_ty)
                 partner = partner.to(tl.float32)
             cs_off = (q_begin + tok)[:, None].to(tl.int64) * scos_t + d[None, :]
             c = tl.load(COS + cs_off, mask=q_mask, other=0.0).to(tl.float32)
@@ -589,7 +603,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         float(norm_eps or 0.0), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=k_out is not None, HAS_V_OUT=v_out is not None,
-        NORM=k_norm is not None, num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+        NORM=k_norm is not None, NORM_ROUND=not _weight_first(k_norm, k),
+        num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+
+
+def _weight_first(norm: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a q/k norm multiplies by its weight before its one rounding: an fp32 weight over 16-bit values
+    (Gemma 3's derived 1 + w), as ``workbench.rms_norm`` does."""
+    return norm is not None and norm.dtype == torch.float32 and x.dtype != torch.float32
 
 
 def query_rows(block_q: int, group: int) -> tuple[int, int]:
@@ -696,6 +717,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
             PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m, NORM=norm, SOFTCAP=bool(softcap),
+            NORM_ROUND=not _weight_first(q_norm, q),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:
