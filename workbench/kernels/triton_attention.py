@@ -55,7 +55,12 @@ FP8 caches store value / scale, saturated and rounded to e4m3).
 Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3 and Gemma 3; the ``fuse_qk_norm_into_attention``
 pass): the kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is
 normed with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each
-rounded as ``workbench.rms_norm`` rounds (Gemma 3's fp32 1 + w over 16-bit q and k: once, after the weight). Two more launches per layer fewer, and q and k are read once.
+rounded as ``workbench.rms_norm`` rounds (Gemma 3's fp32 1 + w over 16-bit q and k: once, after the weight). Two
+more launches per layer fewer, and q and k are read once.
+
+Soft-capped scores (``softcap`` given, Gemma 2's ``attn_logit_softcapping``): each tile's scores become
+cap · tanh(s · scale / cap) before the masks (``_tanh``, from one exp2: Triton has no portable tanh), and the
+exponent's scale is then log2 e alone. Its shared memory is the uncapped kernel's.
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
