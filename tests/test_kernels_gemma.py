@@ -27,7 +27,8 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,cols", [(1, 64), (5, 96), (3, 130), (7, 1000)])
 def test_gelu_mul_on_slices_of_a_fused_output(rows, cols, dtype):
-    fused_out = (torch.randn(rows, 2 * cols) * 3).to(dtype)  # gate | up, as fuse_parallel_linears leaves them
+    g = torch.Generator().manual_seed(12)
+    fused_out = (torch.randn(rows, 2 * cols, generator=g) * 3).to(dtype)  # gate | up, as fuse_parallel_linears does
     gate, up = fused_out[:, :cols], fused_out[:, cols:]
     ref = fused.gelu_mul(gate, up)
     for config in tg.CONFIGS["gelu_mul"][:3]:
@@ -56,7 +57,8 @@ def test_gelu_mul_fp8_on_slices_of_a_fused_output(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,cap", [((2, 3, 512), 30.0), ((1, 1, 77), 1.0), ((5, 300), 0.25)])
 def test_softcap(shape, cap, dtype):
-    x = (torch.randn(shape) * 4 * cap).to(dtype)  # most values in tanh's bend, some saturated
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g) * 4 * cap).to(dtype)  # most values in tanh's bend, some saturated
     ref = fused.softcap(x, cap)
     for config in tg.CONFIGS["softcap"][:2]:
         out = tg.softcap(x, cap, config)
@@ -68,9 +70,12 @@ def test_softcap(shape, cap, dtype):
 ATTENTION_CASES = [([19], [0], 2, 1), ([1, 1, 1], [5, 16, 33], 2, 2), ([1, 9, 3], [30, 0, 17], 1, 4)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("new,context,kv_heads,group", ATTENTION_CASES)
-@pytest.mark.parametrize("head_dim,window", [(16, None), (16, 8), (48, 8), (256, 5)])
+@pytest.mark.parametrize("new,context,kv_heads,group,head_dim,window,dtype", [
+    (*ATTENTION_CASES[0], 16, None, torch.float32), (*ATTENTION_CASES[1], 16, 8, torch.bfloat16),
+    (*ATTENTION_CASES[2], 48, 8, torch.float32), (*ATTENTION_CASES[2], 16, 8, torch.bfloat16),
+    (*ATTENTION_CASES[0], 256, 5, torch.bfloat16), (*ATTENTION_CASES[2], 256, 5, torch.float32)],
+    ids=["prefill-16", "decode-16-window", "mixed-48-window", "mixed-16-window-bf16", "prefill-256-window",
+         "mixed-256-window"])
 def test_paged_attention_softcap_matches_reference(new, context, kv_heads, group, head_dim, window, dtype):
     """Soft-capped scores inside the Triton paged attention (Gemma 2's attn_logit_softcapping) against the
     reference, at head dims 16, 48 (not a power of two) and 256 (Gemma's), with and without a sliding window,
@@ -211,3 +216,24 @@ def test_gemma3_qk_norms_inside_the_attention_round_once_after_the_fp32_weight(n
                              **inside)
     assert torch.equal(tri_cache.view(torch.uint8), unfused_cache.view(torch.uint8)) and torch.equal(out, want)
     assert rel_err(out, ref) < (2e-2 if kv_dtype == torch.bfloat16 else 4e-2)
+
+
+def test_cost_models_count_the_gates_and_the_caps():
+    """GeGLU about 10 FLOPs an element (silu_mul's elementwise 1), its bytes the inputs and output; the soft cap 6
+    FLOPs a score on top of the attention's matmuls, and nothing without it."""
+    from workbench.graph.ir import TensorSpec
+    from workbench.kernels import OpCall
+    from workbench.kernels.registry import REGISTRY
+
+    sizes = {"tokens": 10}
+    x = TensorSpec([1, "tokens", 128], "bfloat16")
+    gelu = REGISTRY.get("workbench.gelu_mul").cost(OpCall([x, x], {}, [x], sizes))
+    assert (gelu.flops, gelu.bytes) == (10 * 1280, 3 * 1280 * 2)
+    q, kv = TensorSpec([1, 8, "tokens", 64], "bfloat16"), TensorSpec([1, 2, "tokens", 64], "bfloat16")
+    attention = REGISTRY.get("workbench.attention").cost
+    plain = attention(OpCall([q, kv, kv, None, 0.1], {}, [q], sizes))
+    capped = attention(OpCall([q, kv, kv, None, 0.1], {"softcap": 50.0}, [q], sizes))
+    assert capped.flops - plain.flops == 6 * 8 * 10 * 10 and capped.bytes == plain.bytes
+    logits = TensorSpec([1, "tokens", 512], "float32")
+    cap = REGISTRY.get("workbench.softcap").cost(OpCall([logits, 30.0], {}, [logits], sizes))
+    assert (cap.flops, cap.bytes) == (6 * 5120, 2 * 5120 * 4)
