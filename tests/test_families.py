@@ -93,6 +93,8 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     # each residual add feeding a norm; the add before layer i's input norm is layer i's, the last the final norm's
     # (Gemma's post-attention and post-MLP norms feed the adds: they stay rms_norm)
     assert matched("fuse_add_rms_norm") == {("add_rms_norm", 0): 1, ("add_rms_norm", 1): 2, ("add_rms_norm", None): 1}
+    # Gemma's norms after the attention and the MLP, with the residual add and the next norm: one op each
+    assert matched("fuse_norm_add_rms_norm") == ({("norm_add_rms_norm", i): 2 for i in layers} if gemma else {})
     assert matched("fuse_silu_mul") == {("gelu_mul" if gemma else "silu_mul", i): 1 for i in layers}
     # Gemma 2's soft caps: each layer's attention scores (then taken into the attention) and the final logits
     assert matched("fuse_softcap") == ({**{("softcap", i): 1 for i in layers}, ("softcap", None): 1} if gemma2
@@ -116,8 +118,8 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert qkv == [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size]
     attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
     assert [n.layer for n in attention] == list(layers)
-    # only the first layer's input norm is left unfused with an add (and Gemma's post-attention and post-MLP norms)
-    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1 + (2 * len(layers) if gemma else 0)
+    # only the first layer's input norm is left unfused with an add (Gemma's post-norms are in norm_add_rms_norm)
+    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1
     if qwen3:
         assert head_dim * cfg.num_attention_heads != cfg.hidden_size  # the preset's point
         assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name, n.kwargs["norm_eps"]) for n in attention] == [
@@ -270,8 +272,8 @@ def test_gemma_bf16_fusions_are_exact(name):
 def test_gemma_quantizes_in_every_format(built, fmt, op, limit, name):
     """Groups follow Gemma's linears (fused QKV, fused gate/up, o, down); every format rewrites them all and stays
     close. SmoothQuant folds into the derived (1 + w) weights of the input and pre-MLP norms (their only reader is
-    the group), never into Gemma 3's q/k norms (inside the attention); with FP8, the GeGLU writes the down
-    projection's x already quantized (gelu_mul_fp8), and an FP8 KV cache is calibrated on the keys normed and
+    the group), never into Gemma 3's q/k norms (inside the attention); with FP8, the GeGLU and the fused post-norm,
+    add and next norm write the linears' x already quantized (gelu_mul_fp8, norm_add_rms_norm_fp8), and an FP8 KV cache is calibrated on the keys normed and
     rotated as the cache holds them."""
     from workbench.quant import linear_groups, quantize_graph
 
@@ -286,8 +288,9 @@ def test_gemma_quantizes_in_every_format(built, fmt, op, limit, name):
         assert ops["workbench.softcap"] == 1 and all(n.kwargs["softcap"] == 0.05 for n in attention)
     else:
         assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight.plus_one") for n in attention)
-    if fmt == "fp8":
+    if fmt == "fp8":  # every linear's x written in FP8 by the op before it (o's by the attention: not yet)
         assert ops["workbench.gelu_mul_fp8"] == 2 and ops["workbench.gelu_mul"] == 0
+        assert ops["workbench.norm_add_rms_norm_fp8"] == 3 and ops["workbench.rms_norm_fp8"] == 1
     if fmt == "int8_sq":
         _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
         assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"

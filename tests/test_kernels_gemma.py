@@ -237,3 +237,31 @@ def test_cost_models_count_the_gates_and_the_caps():
     logits = TensorSpec([1, "tokens", 512], "float32")
     cap = REGISTRY.get("workbench.softcap").cost(OpCall([logits, 30.0], {}, [logits], sizes))
     assert (cap.flops, cap.bytes) == (6 * 5120, 2 * 5120 * 4)
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 96), (3, 7, 130)])
+def test_norm_add_rms_norm(shape, dtype, weight_dtype):
+    """Gemma's post-norm, residual add and next norm in one kernel, against the reference (the rms_norm then
+    add_rms_norm it replaces): fp32, Gemma's fp32 (1 + w) weights over bf16, and Llama-style bf16 weights; 1, 2 and
+    4 rows per program; and its FP8 producer."""
+    from test_kernels_pointwise import fp8_close
+
+    g = torch.Generator().manual_seed(13)
+    x, r = ((torch.randn(shape, generator=g) * 3).to(dtype) for _ in range(2))
+    w1, w2 = ((1 + 0.3 * torch.randn(shape[-1], generator=g)).to(weight_dtype) for _ in range(2))
+    ref_normed, ref_total = fused.norm_add_rms_norm(x, r, w1, w2, 1e-6)
+    unfused = fused.add_rms_norm(r, fused.rms_norm(x, w1, 1e-6), w2, 1e-6)
+    assert torch.equal(ref_normed, unfused[0]) and torch.equal(ref_total, unfused[1])
+    assert ref_normed.dtype == dtype
+    for config in tg.CONFIGS["norm_add_rms_norm"][:3]:
+        normed, total = tg.norm_add_rms_norm(x, r, w1, w2, 1e-6, config)
+        assert normed.dtype == ref_normed.dtype and total.dtype == ref_total.dtype
+        assert rel_err(total, ref_total) < TOL[dtype] and rel_err(normed, ref_normed) < TOL[dtype]
+    # the FP8 output against the reference's quantized norm of the kernel's own sum: under the interpreter (whose
+    # bf16 conversion truncates) a sum that cancels to a few ulps can differ from the reference's by one of them
+    scale = torch.tensor(0.01)
+    q, total = tg.norm_add_rms_norm_fp8(x, r, w1, w2, 1e-6, scale)
+    assert rel_err(total, ref_total) < TOL[dtype]
+    fp8_close(q, fused.rms_norm_fp8(total, w2, 1e-6, scale))

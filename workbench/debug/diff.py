@@ -56,6 +56,8 @@ RESIDUAL_ADDS: dict[str, int | None] = {
     "aten.add.Tensor": None,
     "workbench.add_rms_norm": 1,
     "workbench.add_rms_norm_fp8": 1,
+    "workbench.norm_add_rms_norm": 1,
+    "workbench.norm_add_rms_norm_fp8": 1,
 }
 
 #: Relative error a site may have before it counts as diverged, by the compute dtype (see the module docstring).

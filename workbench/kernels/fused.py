@@ -7,6 +7,8 @@ same ops by the kernel modules (``triton_pointwise``, ``triton_attention``, ``ge
 
     workbench.rms_norm(x, w, eps)                   w * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)
     workbench.add_rms_norm(x, r, w, eps)            (rms_norm(x + r), x + r)   residual add + norm
+    workbench.norm_add_rms_norm(x, r, w, w2, eps)   (rms_norm(s, w2), s), s = r + rms_norm(x, w): Gemma's norm after
+                                                    the attention / MLP, the residual add and the next norm
     workbench.silu_mul(gate, up)                    silu(gate) * up            SwiGLU
     workbench.gelu_mul(gate, up)                    gelu_tanh(gate) * up       GeGLU (Gemma)
     workbench.softcap(x, cap)                       cap * tanh(x / cap)        Gemma 2's final-logit soft-capping
@@ -29,6 +31,7 @@ unfused op's, then ``gemm.quantize_fp8``):
     workbench.add_rms_norm_fp8(x, r, w, eps, scale) (quantize_fp8(rms_norm(x + r), scale), x + r)
     workbench.silu_mul_fp8(gate, up, scale)         quantize_fp8(silu_mul(gate, up), scale)
     workbench.gelu_mul_fp8(gate, up, scale)         quantize_fp8(gelu_mul(gate, up), scale)
+    workbench.norm_add_rms_norm_fp8(x, r, w, w2, eps, scale)   its first output quantized likewise
 
 Gemma's RMSNorm scales by (1 + w): ``fuse_rms_norm`` folds the 1 into a derived fp32 weight (``1 + w`` computed
 when weights are loaded), so Gemma's norms run as ``workbench.rms_norm`` and SmoothQuant folds into them as into
@@ -69,6 +72,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(total, weight, eps), total
 
 
+@register_op("workbench.norm_add_rms_norm", cost=_norm_cost, graph_safe=True)
+def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, next_weight: torch.Tensor,
+                      eps: float):
+    """Gemma's post-norm, residual add and next pre-norm: the sum s = residual + rms_norm(x, weight) and
+    (rms_norm(s, next_weight), s); the sum is the next residual."""
+    total = residual + rms_norm(x, weight, eps)
+    return rms_norm(total, next_weight, eps), total
+
+
 @register_op("workbench.silu_mul", graph_safe=True)
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gating: silu(gate) * up."""
@@ -107,6 +119,14 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
                      scale: torch.Tensor):
     """Residual add then RMSNorm: (normed quantized to float8_e4m3fn with ``scale``, sum in x's dtype)."""
     normed, total = add_rms_norm(x, residual, weight, eps)
+    return quantize_fp8(normed, scale), total
+
+
+@register_op("workbench.norm_add_rms_norm_fp8", cost=_norm_cost, graph_safe=True)
+def norm_add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, next_weight: torch.Tensor,
+                          eps: float, scale: torch.Tensor):
+    """``norm_add_rms_norm`` with the next norm's output quantized to float8_e4m3fn with ``scale`` (the sum as is)."""
+    normed, total = norm_add_rms_norm(x, residual, weight, next_weight, eps)
     return quantize_fp8(normed, scale), total
 
 

@@ -44,6 +44,8 @@ from .plan import PrecisionPlan, linear_groups
 
 SMOOTH_MIN = 1e-5  # floor of SmoothQuant's factors and of the maxima they are made from
 _NORMS = ("workbench.rms_norm", "workbench.add_rms_norm")
+#: Norm ops returning (normed, residual sum), by the position of the weight their normed output is scaled by
+_SUM_NORMS = {"workbench.add_rms_norm": 2, "workbench.norm_add_rms_norm": 3}
 
 
 def _needs_stats(plan: PrecisionPlan) -> bool:
@@ -100,12 +102,12 @@ def _fold_target(b: _Builder, group, x: Ref) -> Ref | None:
     norm = node
     if node.op == "operator.getitem":  # add_rms_norm returns (normed, residual); index 0 is normed
         src = rw.producer(node.args[0])
-        if src is None or src.op != "workbench.add_rms_norm" or node.args[1] != 0:
+        if src is None or src.op not in _SUM_NORMS or node.args[1] != 0:
             return None
         norm = src
     elif node.op != "workbench.rms_norm":
         return None
-    weight = norm.args[2] if norm.op == "workbench.add_rms_norm" else norm.args[1]
+    weight = norm.args[_SUM_NORMS.get(norm.op, 1)]
     if not isinstance(weight, Ref) or weight.name not in rw.graph.params:
         return None
     readers = {u.name for u in rw.users.get(x.name, [])}
@@ -139,7 +141,8 @@ def _smooth_input(b: _Builder, group, first: Node, s: torch.Tensor) -> tuple[Ref
 _FP8_PRODUCERS = {"workbench.rms_norm": ("workbench.rms_norm_fp8", 3),
                   "workbench.add_rms_norm": ("workbench.add_rms_norm_fp8", 4),
                   "workbench.silu_mul": ("workbench.silu_mul_fp8", 2),
-                  "workbench.gelu_mul": ("workbench.gelu_mul_fp8", 2)}
+                  "workbench.gelu_mul": ("workbench.gelu_mul_fp8", 2),
+                  "workbench.norm_add_rms_norm": ("workbench.norm_add_rms_norm_fp8", 5)}
 
 
 def _fp8_spec(spec: TensorSpec | None) -> TensorSpec | None:
@@ -162,13 +165,13 @@ def _fuse_fp8_producer(b: _Builder, linears: list[Node], scale: Ref) -> str | No
     getitem = None
     if node.op == "operator.getitem":  # add_rms_norm's normed output (index 0)
         src = rw.producer(node.args[0])
-        if src is None or src.op != "workbench.add_rms_norm" or node.args[1] != 0:
+        if src is None or src.op not in _SUM_NORMS or node.args[1] != 0:
             return None
         getitem, node = node, src
     if node.op not in _FP8_PRODUCERS or node.kwargs:
         return None
     op, arity = _FP8_PRODUCERS[node.op]
-    if len(node.args) != arity or (node.op == "workbench.add_rms_norm") != (getitem is not None):
+    if len(node.args) != arity or (node.op in _SUM_NORMS) != (getitem is not None):
         return None
     outputs = [_fp8_spec(node.outputs[0]), *node.outputs[1:]]
     fused = Node(rw.fresh(node.name + "_fp8"), op, [*node.args, scale], {}, outputs, node.module, node.layer)

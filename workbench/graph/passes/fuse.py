@@ -8,6 +8,7 @@ graphs have no identity casts left), and is written as the chain it expects:
                   fp32 weight (1 + w, computed when weights are loaded), then the same op (which, given an fp32
                   weight over 16-bit x, rounds once after it, as Gemma does)
     add_rms_norm  rms_norm(add(x, r)) where the sum is also the next residual
+    norm_add_rms_norm  add_rms_norm(rms_norm(x), r): Gemma's post-norm, the residual add and the next norm
     silu_mul      mul(silu(gate), up);  gelu_mul: mul(gelu(gate, approximate="tanh"), up) (GeGLU)
     softcap       mul(tanh(div(x, c)), c)  (Gemma 2's final logits; its attention scores' go into the attention)
     rope          add(mul(x, cos), mul(cat([neg(slice(x, -1, h:)), slice(x, -1, :h)]), sin))
@@ -194,6 +195,32 @@ def fuse_add_rms_norm(rw: Rewriter) -> list[Match]:
         rw.replace_uses(n.name, Ref(normed.name))
         rw.replace_uses(add.name, Ref(total.name))
         matches.append(Match("add_rms_norm", n.layer, [add.name, n.name], [fused.name]))
+    return matches
+
+
+@register_pass("fuse_norm_add_rms_norm", "a norm's output added to the residual, feeding the next norm "
+                                         "(Gemma's post-attention / post-MLP norms) -> workbench.norm_add_rms_norm")
+def fuse_norm_add_rms_norm(rw: Rewriter) -> list[Match]:
+    """Gemma normalizes the attention's and the MLP's outputs before the residual add, which feeds the next norm:
+    rms_norm, then add_rms_norm become one op (one read of each input, the sum written once; a layer's launches
+    then are a Llama layer's). Matches where the norm's output is read by the add alone and both share eps; the
+    add_rms_norm node becomes the fused one, so its readers (the sum's and the normed value's) stay as they are."""
+    matches = []
+    for n in rw.graph.nodes:
+        if n.op != "workbench.add_rms_norm" or len(n.args) != 4:
+            continue
+        for i in (0, 1):
+            norm = rw.only_reader(n.args[i], n)
+            if not (_is_op(norm, "workbench.rms_norm") and len(norm.args) == 3 and norm.args[2] == n.args[3]
+                    and norm.out is not None and rw.spec(norm.args[0]) is not None
+                    and rw.spec(norm.args[0]).dtype == norm.out.dtype):
+                continue
+            n.op = "workbench.norm_add_rms_norm"
+            n.args = [norm.args[0], n.args[1 - i], norm.args[1], n.args[2], n.args[3]]
+            matches.append(Match("norm_add_rms_norm", norm.layer, [norm.name, n.name], [n.name]))
+            break
+    if matches:
+        rw.refresh()
     return matches
 
 

@@ -90,6 +90,7 @@ DEFAULT_PIPELINE = (
     "collapse_layout_chains",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
+    "fuse_norm_add_rms_norm",
     "fuse_silu_mul",
     "fuse_softcap",
     "fuse_rope",
@@ -101,12 +102,13 @@ DEFAULT_PIPELINE = (
 )
 
 #: The fusions every decoder layer of a supported family gets, once or more per layer: the pipeline's fusions but
-#: ``fuse_qk_norm_into_attention`` (only Qwen3 and Gemma 3 have the norms) and ``fuse_softcap`` (only Gemma 2 caps).
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 and Gemma 3 have the norms), ``fuse_norm_add_rms_norm`` (only Gemma
+#: normalizes the attention's and MLP's outputs) and ``fuse_softcap`` (only Gemma 2 caps).
 #: A layer one of them did not match in still runs, on the reference ops of the pattern it left (``unfused_layers``
 #: names them).
 LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
                       if n.startswith(("fuse_", "insert_")) and n not in ("fuse_qk_norm_into_attention",
-                                                                           "fuse_softcap"))
+                                                                           "fuse_norm_add_rms_norm", "fuse_softcap"))
 
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
