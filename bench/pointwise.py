@@ -2,7 +2,7 @@
 
     python bench/pointwise.py --tokens 16384
 
-For each fused op at Llama-3-8B sizes: every config of the kernel's tuning space
+For each fused op at Llama-3-8B sizes (and Gemma's at Gemma-2-9B's): every config of the kernel's tuning space
 (CUDA events, median of repeats), the torch eager reference, and a device copy
 measured in the same process (bytes read + written / time: the ceiling).
 The table's key columns: achieved GB/s as a share of the copy ceiling, and the
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.kernels import fused  # noqa: E402
 from workbench.kernels.gemm import quantize_fp8  # noqa: E402
+from workbench.kernels import triton_gemma as tg  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
@@ -71,6 +72,20 @@ def cases(tokens: int, device: str, dtype: torch.dtype):
     cos, sin = emb.cos(), emb.sin()
     yield ("rope", f"{batch}x{heads}x{t_per}x{head_dim} (transposed)", "rope",
            lambda c: tp.rope(q, cos, sin, config=c), lambda: fused.rope(q, cos, sin), nbytes(q, cos, sin, q))
+    # Gemma-2-9B's: GeGLU, the post-norm + residual add + next norm (fp32 1 + w weights), the final logits' cap
+    hidden, inter, vocab = 3584, 14336, 256000
+    x, r = randn(tokens, hidden), randn(tokens, hidden)
+    w1, w2 = (0.1 * randn(hidden)).float() + 1, (0.1 * randn(hidden)).float() + 1
+    yield ("norm_add_rms_norm", f"{tokens}x{hidden} (fp32 w)", "norm_add_rms_norm",
+           lambda c: tg.norm_add_rms_norm(x, r, w1, w2, 1e-6, config=c),
+           lambda: fused.norm_add_rms_norm(x, r, w1, w2, 1e-6), nbytes(x, r, w1, w2, x, x))
+    gate_up = randn(tokens, 2 * inter)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    yield ("gelu_mul", f"{tokens}x{inter} (slices)", "gelu_mul", lambda c: tg.gelu_mul(gate, up, config=c),
+           lambda: fused.gelu_mul(gate, up), nbytes(gate_up, gate))
+    logits = randn(max(tokens // 64, 1), vocab).float() * 20
+    yield ("softcap", f"{logits.shape[0]}x{vocab} (fp32)", "softcap", lambda c: tg.softcap(logits, 30.0, config=c),
+           lambda: fused.softcap(logits, 30.0), nbytes(logits, logits))
 
 
 def main() -> None:
@@ -100,7 +115,7 @@ def main() -> None:
                 exact = f"{differ.float().mean().item():.1e} off, <= {steps} step"
         eager_t = time_fn(eager, repeats=args.repeats, device=device, graph_calls=5)
         configs = [(c, time_fn(lambda c=c: kernel(c), repeats=args.repeats, device=device, graph_calls=5))
-                   for c in tp.CONFIGS[space]]
+                   for c in {**tp.CONFIGS, **tg.CONFIGS}[space]]
         best_cfg, best = min(configs, key=lambda ct: ct[1].median_ms)
         default = configs[0][1]
         gbps = moved / (best.median_ms * 1e-3) / 1e9

@@ -273,7 +273,8 @@ def test_gemma_quantizes_in_every_format(built, fmt, op, limit, name):
     """Groups follow Gemma's linears (fused QKV, fused gate/up, o, down); every format rewrites them all and stays
     close. SmoothQuant folds into the derived (1 + w) weights of the input and pre-MLP norms (their only reader is
     the group), never into Gemma 3's q/k norms (inside the attention); with FP8, the GeGLU and the fused post-norm,
-    add and next norm write the linears' x already quantized (gelu_mul_fp8, norm_add_rms_norm_fp8), and an FP8 KV cache is calibrated on the keys normed and
+    add and next norm write the linears' x already quantized (gelu_mul_fp8, norm_add_rms_norm_fp8), and an FP8 KV
+    cache is calibrated on the keys normed and
     rotated as the cache holds them."""
     from workbench.quant import linear_groups, quantize_graph
 
