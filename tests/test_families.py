@@ -85,7 +85,7 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     def matched(pass_name):
         return Counter((m.what, m.layer) for r in result.reports if r.name == pass_name for m in r.matches)
 
-    assert all(r.accepted for r in result.reports)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
     # Gemma: four (1 + w) norms a layer (input, post-attention, pre- and post-MLP), the 1 folded into the weight
     norm = "rms_norm (1 + w folded into the weight)" if gemma else "rms_norm"
     per_layer = 6 if gemma3 else 4 if qwen3 or gemma else 2  # Gemma 3: its q/k norms too
@@ -181,6 +181,7 @@ def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
     graph's greedy tokens."""
     from workbench.evaluate import paged_greedy
     from workbench.graph.executor import Program
+    from workbench.graph.passes import run_passes
     from workbench.graph.passes.rows import lm_head
 
     lm, result = built("tiny-gemma2")
@@ -195,6 +196,10 @@ def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
         (24 ** -0.5, 16, 0.05), (24 ** -0.5, None, 0.05)]  # scale, window, cap: layer 0 sliding, layer 1 global
     capped = next(n for n in graph.nodes if n.op == "workbench.softcap")
     assert capped.name == graph.outputs[0] and capped.args[1] == 0.5 and lm_head(graph).op == "aten.linear.default"
+    # the runtime's lm_head computes only the sampled rows: the cap after it is seen through
+    rows, (report,) = run_passes(graph, program.params, ["select_logits_rows"], check=True)
+    assert report.accepted and [m.what for m in report.matches] == ["logits_rows"]
+    assert "logits_indices" in rows.inputs and lm_head(rows).args[0].name.startswith(lm_head(graph).name)
     scaled = [n for n in graph.nodes if n.op == "aten.mul.Tensor" and "embed_scale" in str(n.args)]
     assert len(scaled) == 1 and float(program.params["model.embed_tokens.embed_scale"]) == 8.0
     ids = prompts()[4][None]  # 30 tokens: past the window of 16
