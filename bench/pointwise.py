@@ -1,8 +1,12 @@
 """Triton pointwise kernels vs the torch eager chains they replace and vs the copy-bandwidth ceiling.
 
+The LayerNorm families' kernels (``triton_ln``: layer_norm, add_layer_norm, gelu, partial_rope) are measured in the
+same table, at GPT-NeoX-6.9B's sizes, and Gemma's (``triton_gemma``: norm_add_rms_norm, gelu_mul, softcap) at
+Gemma-2-9B's.
+
     python bench/pointwise.py --tokens 16384
 
-For each fused op at Llama-3-8B sizes (and Gemma's at Gemma-2-9B's): every config of the kernel's tuning space
+For each fused op at Llama-3-8B's sizes: every config of the kernel's tuning space
 (CUDA events, median of repeats), the torch eager reference, and a device copy
 measured in the same process (bytes read + written / time: the ceiling).
 The table's key columns: achieved GB/s as a share of the copy ceiling, and the
@@ -26,6 +30,7 @@ from workbench.kernels import fused  # noqa: E402
 from workbench.kernels.gemm import quantize_fp8  # noqa: E402
 from workbench.kernels import triton_gemma as tg  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
+from workbench.kernels import fused_ln, triton_ln as tk  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
 
@@ -72,7 +77,45 @@ def cases(tokens: int, device: str, dtype: torch.dtype):
     cos, sin = emb.cos(), emb.sin()
     yield ("rope", f"{batch}x{heads}x{t_per}x{head_dim} (transposed)", "rope",
            lambda c: tp.rope(q, cos, sin, config=c), lambda: fused.rope(q, cos, sin), nbytes(q, cos, sin, q))
-    # Gemma-2-9B's: GeGLU, the post-norm + residual add + next norm (fp32 1 + w weights), the final logits' cap
+    yield from layernorm_cases(tokens, randn, scale, batch)
+    yield from gemma_cases(tokens, randn)
+
+
+def layernorm_cases(tokens: int, randn, scale, batch: int):
+    """The LayerNorm families' kernels (``triton_ln``) at GPT-NeoX-6.9B's sizes (hidden 4096, MLP 16384, 32 heads
+    of 128 with a rotary quarter), and GPT-2 XL's tanh GELU (MLP 6400)."""
+    hidden, inter, heads, head_dim = 4096, 16384, 32, 128
+    x, r = randn(tokens, hidden), randn(tokens, hidden)
+    w, b = 1 + 0.1 * randn(hidden), 0.1 * randn(hidden)
+    q8 = torch.empty(tokens, hidden, device=x.device, dtype=torch.float8_e4m3fn)
+    yield ("layer_norm", f"{tokens}x{hidden}", "layer_norm", lambda c: tk.layer_norm(x, w, b, 1e-5, config=c),
+           lambda: fused_ln.layer_norm(x, w, b, 1e-5), nbytes(x, w, b, x))
+    yield ("add_layer_norm", f"{tokens}x{hidden}", "layer_norm",
+           lambda c: tk.add_layer_norm(x, r, w, b, 1e-5, config=c), lambda: fused_ln.add_layer_norm(x, r, w, b, 1e-5),
+           nbytes(x, r, w, b, x, x))
+    yield ("layer_norm_fp8", f"{tokens}x{hidden}", "layer_norm",
+           lambda c: tk.layer_norm_fp8(x, w, b, 1e-5, scale, config=c),
+           lambda: fused_ln.layer_norm_fp8(x, w, b, 1e-5, scale), nbytes(x, w, b, q8),
+           lambda: quantize_fp8(tk.layer_norm(x, w, b, 1e-5), scale))
+    h = randn(tokens, inter)
+    yield ("gelu", f"{tokens}x{inter}", "gelu", lambda c: tk.gelu(h, "none", config=c),
+           lambda: fused_ln.gelu(h, "none"), nbytes(h, h))
+    h2 = randn(tokens, 6400)
+    yield ("gelu (tanh)", f"{tokens}x6400", "gelu", lambda c: tk.gelu(h2, "tanh", config=c),
+           lambda: fused_ln.gelu(h2, "tanh"), nbytes(h2, h2))
+    t_per = tokens // batch
+    qkv = randn(batch, t_per, heads, 3 * head_dim).transpose(1, 2)
+    q = qkv[..., :head_dim]  # NeoX's q: a chunk of the per-head interleaved qkv
+    emb = randn(batch, 1, t_per, head_dim // 8)
+    cos, sin = torch.cat([emb.cos()] * 2, -1), torch.cat([emb.sin()] * 2, -1)
+    yield ("partial_rope", f"{batch}x{heads}x{t_per}x{head_dim} rot {head_dim // 4}", "partial_rope",
+           lambda c: tk.partial_rope(q, cos, sin, config=c), lambda: fused_ln.partial_rope(q, cos, sin),
+           nbytes(q, cos, sin, q))
+
+
+def gemma_cases(tokens: int, randn):
+    """Gemma's kernels (``triton_gemma``) at Gemma-2-9B's sizes: GeGLU, the post-norm + residual add + next norm
+    (fp32 1 + w weights), the final logits' cap."""
     hidden, inter, vocab = 3584, 14336, 256000
     x, r = randn(tokens, hidden), randn(tokens, hidden)
     w1, w2 = (0.1 * randn(hidden)).float() + 1, (0.1 * randn(hidden)).float() + 1
@@ -115,7 +158,7 @@ def main() -> None:
                 exact = f"{differ.float().mean().item():.1e} off, <= {steps} step"
         eager_t = time_fn(eager, repeats=args.repeats, device=device, graph_calls=5)
         configs = [(c, time_fn(lambda c=c: kernel(c), repeats=args.repeats, device=device, graph_calls=5))
-                   for c in {**tp.CONFIGS, **tg.CONFIGS}[space]]
+                   for c in {**tp.CONFIGS, **tk.CONFIGS, **tg.CONFIGS}[space]]
         best_cfg, best = min(configs, key=lambda ct: ct[1].median_ms)
         default = configs[0][1]
         gbps = moved / (best.median_ms * 1e-3) / 1e9

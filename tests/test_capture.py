@@ -10,8 +10,8 @@ from workbench.graph.ir import Graph
 from workbench.models import load_model
 from workbench.pipeline import CaptureOptions, capture_source, program_for
 
-TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2",
-        "tiny-gemma3"]
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gpt2",
+        "tiny-neox", "tiny-falcon", "tiny-gemma2", "tiny-gemma3"]  # (tiny-falcon-mqa: test_paged and test_families)
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -69,9 +69,12 @@ def test_graph_structure(tiny):
     assert g.inputs["input_ids"].shape == ["batch", "tokens"]
     assert g.nodes[-1].out.shape == ["batch", "tokens", cfg.vocab_size]
     # every decoder layer owns its projections
+    # (GPT-2's are Conv1D: addmm on a weight stored [in, out], c_attn packing q, k and v; Falcon's matmul(x, W.T);
+    # neither has a gated MLP)
+    matmul = {"gpt2": "aten.addmm.default", "falcon": "aten.matmul.default"}.get(cfg.model_type, "aten.linear.default")
     for layer in range(cfg.num_hidden_layers):
-        linears = [n for n in g.nodes if n.layer == layer and n.op == "aten.linear.default"]
-        packed = cfg.model_type == "phi3"  # qkv_proj and gate_up_proj packed in the checkpoint
+        linears = [n for n in g.nodes if n.layer == layer and n.op == matmul]
+        packed = cfg.model_type in ("phi3", "gpt2", "gpt_neox", "falcon")  # q/k/v (gate/up) packed in the checkpoint
         assert len(linears) == (4 if packed else 7)  # q, k, v, o, gate, up, down
     # SDPA, or the eager attention's one softmax (Gemma 2, whose soft cap SDPA cannot express)
     attn = [n for n in g.nodes if n.op in ("aten.scaled_dot_product_attention.default", "aten.softmax.int")]

@@ -1,11 +1,15 @@
 """Model families beyond Llama (issue 26), on the CPU in fp32 against transformers: Qwen3 (per-head RMSNorm on q
 and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE (``rope_type: llama3``) and Phi-3
-(q/k/v and gate/up packed in the checkpoint, split by slices and a chunk).
+(q/k/v and gate/up packed in the checkpoint, split by slices and a chunk); and the LayerNorm families
+(``LN_FAMILIES``): GPT-2 (Conv1D weights, learned positions, GELU-tanh MLP, packed c_attn), GPT-NeoX / Pythia
+(parallel residual, partial rotary) and Falcon (parallel attention + MLP; grouped KV, or Falcon-7B's multi-query
+layout with one norm).
 
-The families also run in the parametrized tests of test_capture (captured logits), test_passes (each fusion once
-per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm kernel);
-here: greedy tokens through the product path, the pass reports' counts, the rotary tables, quantization, an engine
-built and run, and the one-line refusal of an architecture that is not supported."""
+The Llama-layout families also run in the parametrized tests of test_capture (captured logits), test_passes (each
+fusion once per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm
+kernel); the LayerNorm families in test_capture, test_paged, test_kernels_ln and test_kernel_shapes; here: greedy tokens through
+the product path, the pass reports' counts, the rotary tables, quantization, an engine built and run, a Hugging
+Face directory, `workbench diff`, and the one-line refusals of what is not supported."""
 
 from collections import Counter
 
@@ -21,6 +25,7 @@ from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
 FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
+LN_FAMILIES = ["tiny-gpt2", "tiny-neox", "tiny-falcon", "tiny-falcon-mqa"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
 
@@ -43,7 +48,7 @@ def prompts(n=5):
     return [torch.randint(0, 512, (length,), generator=g) for length in (3, 8, 13, 21, 30)[:n]]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + LN_FAMILIES)
 def test_greedy_tokens_equal_transformers(built, name):
     """5 prompts, 32 greedy tokens each: transformers (recomputing), the captured graph (recomputing) and the
     optimized graph through `LLM` (paged KV cache, the 5 prompts batched in one engine) give the same tokens;
@@ -138,6 +143,130 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     if name == "tiny-phi3":  # the same graph as a fused Llama's
         assert len(result.captured.graph.nodes) == 231 and len(graph.nodes) == 60
         assert not any(graph.params[p].derived for p in graph.params if p.endswith(("qkv_proj.weight", "up_proj.weight")))
+
+
+#: The LayerNorm families' matches per pass: (what, layer) -> count, for 2 layers; layer None is outside the layers
+#: (the final norm). GPT-2: each layer's two LayerNorms, both fed by a residual add (layer 0's first by the token +
+#: position embeddings' sum), its four Conv1D linears, the tanh GELU, c_attn's q/k/v split as a packed group.
+LN_MATCHES = {
+    "tiny-gpt2": {
+        "linear_from_matmul": {("linear", i): 4 for i in (0, 1)},
+        "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+        "fuse_add_layer_norm": {("add_layer_norm", 0): 2, ("add_layer_norm", 1): 2, ("add_layer_norm", None): 1},
+        "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+        "fuse_attention": {("attention", i): 1 for i in (0, 1)},
+        "fuse_parallel_linears": {("qkv (packed in the checkpoint)", i): 1 for i in (0, 1)},
+        "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    },
+    # NeoX: a parallel residual, so layer 0's two norms read the embedding and layer 1's the sum of layer 0's
+    # attention, MLP and input (fused with the first norm, the second reading the sum); RoPE on the first quarter
+    # of each head, then the rest concatenated back: rope, then partial_rope, on q and k
+    "tiny-neox": {
+        "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+        "fuse_add_layer_norm": {("add_layer_norm", 1): 1, ("add_layer_norm", None): 1},
+        "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+        "fuse_rope": {("rope", i): 2 for i in (0, 1)},
+        "fuse_partial_rope": {("partial_rope", i): 2 for i in (0, 1)},
+        "fuse_attention": {("attention", i): 1 for i in (0, 1)},
+        "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    },
+}
+# Falcon: attention and MLP in parallel (the residual add fuses with layer 1's first norm, as in NeoX), bias-free
+# linears as matmul(x, W.T), full RoPE moved into the paged attention, grouped KV heads (repeat_kv removed); with
+# new_decoder_architecture a norm per branch, else (Falcon-7B's layout, multi-query) one norm both read
+LN_MATCHES["tiny-falcon"] = {
+    "linear_from_matmul": {("linear", i): 4 for i in (0, 1)},
+    "fuse_layer_norm": {("layer_norm", 0): 2, ("layer_norm", 1): 2, ("layer_norm", None): 1},
+    "fuse_add_layer_norm": {("add_layer_norm", 1): 1, ("add_layer_norm", None): 1},
+    "fuse_gelu": {("gelu", i): 1 for i in (0, 1)},
+    "fuse_rope": {("rope", i): 2 for i in (0, 1)},
+    "fuse_attention": {("attention (repeat_kv removed)", i): 1 for i in (0, 1)},
+    "insert_paged_attention": {("paged_attention", i): 1 for i in (0, 1)},
+    "fuse_rope_into_attention": {("rope into paged_attention", i): 1 for i in (0, 1)},
+}
+LN_MATCHES["tiny-falcon-mqa"] = {**LN_MATCHES["tiny-falcon"], "fuse_layer_norm": {
+    ("layer_norm", 0): 1, ("layer_norm", 1): 1, ("layer_norm", None): 1}}
+
+#: Which op writes each group's x (qkv, o, fc, down of layer 1) in an fp8 plan with static scales: a norm (the
+#: fused add's when the residual add feeds it), the GELU, or the linear itself (the attention's output, and x that
+#: two groups read: Falcon-7B's one norm)
+FP8_PRODUCERS = {
+    "tiny-gpt2": ["workbench.add_layer_norm", "the linear", "workbench.add_layer_norm", "workbench.gelu"],
+    "tiny-neox": ["workbench.add_layer_norm", "the linear", "workbench.layer_norm", "workbench.gelu"],
+    "tiny-falcon": ["workbench.add_layer_norm", "the linear", "workbench.layer_norm", "workbench.gelu"],
+    "tiny-falcon-mqa": ["the linear", "the linear", "the linear", "workbench.gelu"],
+}
+
+
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_pass_reports(built, name):
+    """Every pass's matches, layer by layer (each per-layer fusion exactly as often in every layer), every pass
+    accepted, no unfused layer reported; none of the Llama family's fusions match, and the ops the fusions replace
+    are gone from the optimized graph."""
+    _, result = built(name)
+    expected = LN_MATCHES[name]
+    assert all(r.accepted for r in result.reports)
+    fusions = {r.name: Counter((m.what, m.layer) for m in r.matches) for r in result.reports
+               if r.name.startswith(("fuse_", "insert_", "linear_"))}
+    assert {k: v for k, v in fusions.items() if v} == expected
+    assert result.unfused() == []
+    ops = Counter(n.op for n in result.graph.nodes)
+    for gone in ("aten.layer_norm.default", "aten.addmm.default", "aten.matmul.default", "aten.tanh.default",
+                 "aten.gelu.default", "aten.scaled_dot_product_attention.default", "aten.split.Tensor"):
+        assert ops[gone] == 0, gone
+    layers = result.graph.meta["config"]["num_hidden_layers"]
+    assert ops["workbench.paged_attention"] == layers and ops["aten.linear.default"] == 4 * layers + 1
+
+
+def test_gpt2_bf16_pipeline_is_accepted_and_close():
+    """In bf16 (the GPU's dtype) every pass is accepted within its tolerance and the optimized logits stay within
+    bf16 rounding of the captured graph's: LayerNorm's fp32 statistics, GPT-2's GELU rounded step by step."""
+    result = optimize("tiny-gpt2", dtype="bfloat16", device="cpu", check=True)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    assert max(r.max_rel_err or 0 for r in result.reports) < 5e-3
+    ids = prompts(2)[1][None]
+    ref = result.captured_program()(ids)
+    assert ref.dtype == torch.bfloat16 and rel_err(logits_fn(result.program)(ids), ref) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-neox", "tiny-falcon-mqa"])  # one per family
+def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name):
+    """A Hugging Face directory of the architecture (config.json, safetensors, a tokenizer file): GPT-2's written
+    as the Hub's checkpoints are, by the base model's names (``h.0.attn.c_attn.weight``, ``wte.weight``), the others
+    by the causal LM's; a tied lm_head not stored. Optimized and run from the directory, the logits are
+    transformers'."""
+    from safetensors.torch import save_file
+
+    lm, _ = built(name)
+    d = tmp_path / name
+    d.mkdir()
+    tied = lm.model.config.tie_word_embeddings  # a tied lm_head is not stored (GPT-2's, Falcon's)
+    tensors = {k: v.contiguous() for k, v in lm.model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    if name == "tiny-gpt2":
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    save_file({k: v for k, v in tensors.items() if not k.endswith("inv_freq")}, str(d / "model.safetensors"))
+    lm.model.config.to_json_file(str(d / "config.json"))
+    (d / "tokenizer.json").write_text("{}")
+    result = optimize(str(d), device="cpu")
+    assert result.source.kind == "hf" and result.unfused() == []
+    ids = prompts(2)[1][None]
+    with torch.no_grad():
+        assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-5
+
+
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_diff_layer_by_layer(built, name):
+    """`workbench diff`'s trace finds each decoder layer's output in the fused graph (the sum an add_layer_norm
+    returns, transformer.h.<i> or gpt_neox.layers.<i>) and the optimized graph diverges nowhere."""
+    from workbench.debug.diff import compare, trace_model, trace_program
+
+    lm, result = built(name)
+    ids = prompts(3)[2].tolist()
+    divergence = compare(trace_program(result.program, ids), trace_model(lm.model, ids))
+    assert divergence.first is None
+    rows = divergence.layers
+    assert list(rows["layer"]) == ["embed", 0, 1, "logits"] and (rows["rel_err"] < 1e-5).all()
+    assert all(node.startswith("add_layer_norm") for node in rows["node"][1:3])
 
 
 def test_llama31_rope_tables_are_the_scaled_ones(built):
@@ -259,15 +388,22 @@ def test_gemma3_rope_base_per_layer_type_norms_and_windows(built, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-gemma3"])  # Gemma 3's norms are Gemma 2's and its q/k norms besides
 def test_gemma_bf16_fusions_are_exact(name):
-    """In bf16 every Gemma fusion gives the captured graph's logits bit for bit: the (1 + w) weights stay fp32 and
-    rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16 drifted 1.3e-2); Gemma
-    3's q/k norms move into the attention with that rounding. (Only the paged attention's own reference, a softmax
-    per sequence, is not bit-identical to the captured SDPA over the packed batch in bf16.)"""
+    """In bf16 the fusions before the paged attention give the captured graph's logits bit for bit: the (1 + w)
+    weights stay fp32 and rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16
+    drifted 1.3e-2), fused with the residual adds or not. (The paged attention's reference, a softmax per sequence,
+    is not bit-identical to SDPA over the packed batch in bf16.) The whole pipeline's checks (in float32) accept
+    every pass, the RoPE tables' fold too, exactly."""
+    from workbench.graph.passes import DEFAULT_PIPELINE
+
+    paged = ("insert_paged_attention", "fuse_rope_into_attention", "fuse_qk_norm_into_attention")
+    unpaged = optimize(name, dtype="bfloat16", device="cpu", passes=[n for n in DEFAULT_PIPELINE if n not in paged])
+    ids = prompts()[4][None]
+    out = logits_fn(unpaged.program)(ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, unpaged.captured_program()(ids))
+    assert {unpaged.graph.params[n].spec.dtype for n in unpaged.graph.params if n.endswith(".plus_one")} == {"float32"}
     result = optimize(name, dtype="bfloat16", device="cpu", check=True)
-    checked = [r for r in result.reports if r.matches and r.name != "insert_paged_attention"]
-    assert all(r.accepted for r in result.reports) and {r.max_rel_err for r in checked} == {0.0}
-    assert all(r.matches for r in result.reports if r.name == "fuse_qk_norm_into_attention") == (name == "tiny-gemma3")
-    assert {result.graph.params[n].spec.dtype for n in result.graph.params if n.endswith(".plus_one")} == {"float32"}
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    assert next(r for r in result.reports if r.name == "fold_rope_tables").max_rel_err == 0.0
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
@@ -371,8 +507,39 @@ def test_phi3_quantizes_in_every_format(built, fmt, op, limit):
         assert report["groups"]["layers.0.gate_up"]["smoothing"] == "folded into norm"
 
 
+@pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
+                                          ("int8_sq", "workbench.int8_linear", 1e-3),
+                                          ("int8_wo", "workbench.w8_linear", 1e-4)])
+@pytest.mark.parametrize("name", LN_FAMILIES)
+def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit):
+    """Groups follow the family's linears (GPT-2's c_attn / attn.c_proj / c_fc / mlp.c_proj, read through their
+    transposed weights; NeoX's and Falcon's query_key_value / dense / dense_h_to_4h / dense_4h_to_h: qkv, o, fc,
+    down); every format rewrites them all and stays close. SmoothQuant folds into
+    a LayerNorm's weight and bias where one group reads the norm; an FP8 plan's static x scales make the norms and
+    the GELU write fp8."""
+    from workbench.quant import linear_groups, quantize_graph
+
+    _, result = built(name)
+    program = result.program
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "fc", "down")] + ["lm_head"]
+    q, plan, stats = _quantized_close_to(program, fmt, op, limit)
+    _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+    if fmt == "int8_sq":  # a norm that two groups read (Falcon-7B's) cannot take either's factors
+        folded = "explicit multiply" if name == "tiny-falcon-mqa" else "folded into norm"
+        assert [report["groups"][f"layers.0.{k}"]["smoothing"] for k in ("qkv", "o", "fc", "down")] == [
+            folded, "explicit multiply", folded, "explicit multiply"]
+        smoothed = sum(t.endswith(("weight.smooth", "bias.smooth")) for t in tensors)
+        assert smoothed == (0 if name == "tiny-falcon-mqa" else 8)  # weight and bias of 2 norms in 2 layers
+    if fmt == "fp8":
+        assert [report["groups"][f"layers.1.{k}"]["x_quantized_by"] for k in ("qkv", "o", "fc", "down")] == \
+            FP8_PRODUCERS[name]
+
+
 @pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
-                                       ("tiny-gemma2", "Gemma2ForCausalLM"), ("tiny-gemma3", "Gemma3ForCausalLM")])
+                                       ("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-neox", "GPTNeoXForCausalLM"),
+                                       ("tiny-falcon", "FalconForCausalLM"), ("tiny-gemma2", "Gemma2ForCausalLM"),
+                                       ("tiny-gemma3", "Gemma3ForCausalLM")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -396,7 +563,7 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.errors import WorkbenchError
 
     supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                 "Gemma2ForCausalLM, Gemma3ForCausalLM")
+                 "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM")
     config = tmp_path / "config.json"
     config.write_text('{"architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2
@@ -491,6 +658,33 @@ def test_gemma_hugging_face_directory_intake(tmp_path, name):
     assert rel_err(logits_fn(result.program)(ids), ref) < 1e-5
 
 
+def test_a_layernorm_family_pattern_the_passes_do_not_know_runs_on_reference_ops(tmp_path, capsys):
+    """tiny-gpt2 with a ReLU MLP: fuse_gelu knows GELUs only, so both layers keep the relu (a reference op); every
+    other GPT-2 fusion matches. Greedy tokens through `LLM` equal transformers', and `workbench build` names the
+    layers (the GPT-2 list of layer fusions, not the Llama family's: no line for RMSNorm or RoPE)."""
+    import json
+
+    from workbench.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-gpt2"], "activation_function": "relu"}))
+    lm = load_model(str(config))
+    result = optimize(lm.source, device="cpu", check=True)
+    line = "fuse_gelu matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)"
+    assert all(r.accepted for r in result.reports) and result.unfused() == [line]
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["aten.relu.default"] == 2 and ops["workbench.gelu"] == 0 and ops["workbench.add_layer_norm"] == 5
+    with torch.no_grad():
+        expected = [greedy(lambda ids: lm.model(ids, use_cache=False).logits, p, 32) for p in prompts()]
+    outs = LLM(result.program, num_blocks=32).generate(
+        [p.tolist() for p in prompts()], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    assert main(["build", str(config), "--precision", "bf16", "--out", str(tmp_path / "engine"), "--device",
+                 "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert f"passes: {line}\n" in log and log.count("stay unfused") == 1
+
+
 def test_unfused_lines_name_layer_ranges():
     from workbench.graph.passes import Match, PassReport, unfused_lines
 
@@ -504,6 +698,47 @@ def test_unfused_lines_name_layer_ranges():
         "fuse_attention matched 0 of 6 layers: layers 0-5 stay unfused (reference ops)"]
     assert unfused_lines([report("fuse_rope", [0, 2])], 3) == [
         "fuse_rope matched 2 of 3 layers: layer 1 stays unfused (reference ops)"]
+
+
+def test_unfused_lines_of_a_family_with_alternatives():
+    """A family's list names its own fusions (no line for RMSNorm or RoPE on GPT-2), and an entry with alternatives
+    (NeoX's rotary: partial, or whole-head moved into the attention) is met by either in a layer."""
+    from workbench.graph.passes import Match, PassReport, unfused_lines
+
+    def report(name, layers):
+        return PassReport(name, "", [Match("x", i, [], []) for i in layers], 0, 0, 0, 0, None, True)
+
+    neox = "GPTNeoXForCausalLM"
+    assert unfused_lines([report("fuse_partial_rope", [0]), report("fuse_rope_into_attention", [1])], 2, neox) == []
+    assert unfused_lines([report("fuse_partial_rope", [0]), report("fuse_rope_into_attention", [])], 2, neox) == [
+        "fuse_partial_rope or fuse_rope_into_attention matched 1 of 2 layers: layer 1 stays unfused (reference ops)"]
+    assert unfused_lines([report("fuse_rms_norm", []), report("fuse_rope", []), report("fuse_gelu", [0, 1])], 2,
+                         "GPT2LMHeadModel") == []
+
+
+def test_neox_with_a_whole_head_rotary_moves_it_into_the_attention(tmp_path):
+    """rotary_pct 1 (a NeoX checkpoint rotating whole heads): the pass-through is empty, so the rotary is a plain
+    RoPE, which moves into the paged attention as Llama's does; no layer is reported unfused."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-neox"], "rotary_pct": 1.0}))
+    lm = load_model(str(config))
+    result = optimize(lm.source, device="cpu", check=True)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    moved = next(r for r in result.reports if r.name == "fuse_rope_into_attention")
+    assert [m.layer for m in moved.matches] == [0, 1]
+    assert not any(n.op == "workbench.partial_rope" for n in result.graph.nodes)
+    ids = prompts(2)[1][None]
+    with torch.no_grad():
+        assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-5
+
+
+def test_falcon_alibi_is_refused_in_one_line():
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="^FalconForCausalLM: ALiBi .* not supported yet"):
+        make_config({**PRESETS["tiny-falcon-mqa"], "alibi": True})
 
 
 def test_longrope_is_refused_in_one_line():

@@ -12,6 +12,9 @@ reference ops on random inputs (never zeros), outputs poisoned with NaN.
     Gemma-2B         8 / 1 x 256                   MQA 8   2048     16384          256000
     Gemma-7B         16 / 16 x 256                 MHA     3072     24576          256000
     MHA              16 / 16 x 64                  1
+    GPT-2 XL         25 / 25 x 64                  MHA     1600     6400 (GELU)    50257 (tied)
+    Pythia-6.9B      32 / 32 x 128 (rotary 32)     MHA     4096     16384 (GELU)   50432
+    Falcon-7B        71 / 1 x 64                   MQA 71  4544     18176 (GELU)   65024 (tied)
 
 Few tokens per case (the interpreter costs ~0.5 ms per program instance): each family runs the attention paths
 that matter at its shape rather than their cross product, and every path (prefill, decode and chunked prompts in
@@ -91,6 +94,9 @@ ATTENTION = [
     ("gemma7b-bf16", 16, 16, 256, torch.bfloat16, False, ["default", "split"], None),
     ("gemma7b-fp8", 16, 16, 256, FP8, True, ["default"], None),
     ("mha64", 16, 16, 64, torch.bfloat16, True, ["default", "two_launches"], None),
+    ("gpt2xl-bf16", 25, 25, 64, torch.bfloat16, False, ["default"], None),
+    ("falcon7b-bf16", 71, 1, 64, torch.bfloat16, True, ["default", "split"], None),
+    ("falcon7b-fp8", 71, 1, 64, FP8, True, ["small"], None),
 ]
 
 
@@ -238,6 +244,47 @@ def test_rope_at_family_head_shapes(heads, head_dim):
     cos, sin = rope_tables(torch.tensor([0, 5, 1000]), head_dim, torch.bfloat16)
     for config in (tp.CONFIGS["rope"][0], tp.CONFIGS["rope"][1]):  # all heads in one program, or blocks of 8
         assert rel_err(tp.rope(x, cos, sin, config), fused.rope(x, cos, sin)) < 1e-2
+
+
+@pytest.mark.parametrize("hidden", [1600, 4544])
+def test_layer_norms_at_family_hidden_sizes(hidden):
+    """GPT-2 XL's and Falcon-7B's LayerNorms (4544: a block of 8192 columns, 3648 of them masked)."""
+    from workbench.kernels import fused_ln, triton_ln as tk
+
+    x, r = torch.randn(3, hidden, dtype=torch.bfloat16) * 3, torch.randn(3, hidden, dtype=torch.bfloat16)
+    w, b = (1 + 0.1 * torch.randn(hidden)).to(torch.bfloat16), (0.1 * torch.randn(hidden)).to(torch.bfloat16)
+    scale = torch.tensor(4.0 / 448)
+    for config in (tk.CONFIGS["layer_norm"][0], tk.CONFIGS["layer_norm"][2]):  # 1 and 4 rows per program (of 3)
+        assert rel_err(tk.layer_norm(x, w, b, 1e-5, config=config), fused_ln.layer_norm(x, w, b, 1e-5)) < 1e-2
+        y, s = tk.add_layer_norm(x, r, w, b, 1e-5, config=config)
+        ry, rs = fused_ln.add_layer_norm(x, r, w, b, 1e-5)
+        assert rel_err(s, rs) < 1e-2 and rel_err(y, ry) < 1e-2
+        fp8_close(tk.layer_norm_fp8(x, w, b, 1e-5, scale, config=config), fused_ln.layer_norm_fp8(x, w, b, 1e-5, scale))
+
+
+@pytest.mark.parametrize("intermediate,mode", [(6400, "tanh"), (16384, "none"), (18176, "none")])
+def test_gelu_at_family_intermediate_sizes(intermediate, mode):
+    from workbench.kernels import fused_ln, triton_ln as tk
+
+    h = torch.randn(2, intermediate, dtype=torch.bfloat16) * 3
+    assert rel_err(tk.gelu(h, mode), fused_ln.gelu(h, mode)) < 1e-2
+    # FP8 from fp32 x: in bf16 the reference rounds tanh(u) before 1 + tanh(u) cancels, so in the negative tail
+    # its small values (which a small scale magnifies) stand apart from the kernel's one rounding
+    h32, scale = h.float(), torch.tensor(4.0 / 448)
+    fp8_close(tk.gelu_fp8(h32, mode, scale), fused_ln.gelu_fp8(h32, mode, scale))
+
+
+@pytest.mark.parametrize("heads,head_dim,rotary", [(32, 128, 32), (8, 64, 16), (16, 80, 20)])
+def test_partial_rope_at_family_head_shapes(heads, head_dim, rotary):
+    """Pythia-6.9B, Pythia-70M, and an odd half-width (10): q as NeoX's chunk of the per-head interleaved qkv."""
+    from workbench.kernels import fused_ln, triton_ln as tk
+
+    tokens = 3
+    qkv = torch.randn(1, tokens, heads, 3 * head_dim, dtype=torch.bfloat16).transpose(1, 2)
+    q = qkv.chunk(3, -1)[0]
+    cos, sin = rope_tables(torch.tensor([0, 5, 1000]), rotary, torch.bfloat16)
+    for config in (tk.CONFIGS["partial_rope"][0], tk.CONFIGS["partial_rope"][1]):
+        assert rel_err(tk.partial_rope(q, cos, sin, config), fused_ln.partial_rope(q, cos, sin)) < 1e-2
 
 
 # --- gemm ------------------------------------------------------------------------------------------------------

@@ -78,6 +78,38 @@ def test_phi3_mini_has_the_published_shape_and_parameter_count():
     assert model.config.rope_parameters["rope_type"] == "default" and model.config.max_position_embeddings == 4096
 
 
+def test_gpt2_xl_has_the_published_shape_and_parameter_count():
+    """GPT-2 XL: 1.56 B parameters, 48 layers of 25 heads of 64, Conv1D weights stored [in, out], tied embeddings,
+    learned positions over 1024 tokens."""
+    model = load_model("gpt2-xl", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 1_557_611_200
+    block = model.transformer.h[0]
+    assert tuple(block.attn.c_attn.weight.shape) == (1600, 3 * 1600)
+    assert tuple(block.mlp.c_fc.weight.shape) == (1600, 4 * 1600)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.max_position_embeddings == 1024 and model.config.activation_function == "gelu_new"
+
+
+def test_gpt_neox_6_9b_has_pythias_shape_and_parameter_count():
+    """Pythia-6.9B (GPT-NeoX): 6.86 B parameters, rotary over a quarter of each head (from ``rotary_pct``, as its
+    config.json names it), a parallel residual, q/k/v packed in query_key_value."""
+    model = load_model("gpt-neox-6.9b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 6_857_302_016
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25 and model.config.use_parallel_residual
+    assert tuple(model.gpt_neox.layers[0].attention.query_key_value.weight.shape) == (3 * 4096, 4096)
+
+
+def test_falcon_7b_has_the_published_shape_and_parameter_count():
+    """Falcon-7B: 6.92 B parameters, 71 query heads sharing one KV head, attention and MLP in parallel from one
+    LayerNorm, bias-free linears, tied embeddings."""
+    model = load_model("falcon-7b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 6_921_720_704
+    layer = model.transformer.h[0]
+    assert tuple(layer.self_attention.query_key_value.weight.shape) == ((71 + 2) * 64, 4544)
+    assert layer.self_attention.query_key_value.bias is None and not hasattr(layer, "ln_mlp")
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+
+
 def test_gemma_2_9b_has_the_published_shape_and_parameter_count():
     """Gemma-2-9B: 9.24 B parameters (tied embeddings), head_dim 256 apart from hidden / heads, 42 layers whose
     sliding-window (4096) and global attention alternate, the soft caps, and sqrt(hidden) in the embedding."""
@@ -134,10 +166,11 @@ def test_missing_path():
 
 def test_unsupported_architecture(tmp_path, hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["BloomForCausalLM"]
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WorkbenchError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-                       "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, "
+    with pytest.raises(WorkbenchError, match="unsupported architecture 'BloomForCausalLM'; supported: "
+                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
+                       "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM, Gemma2ForCausalLM, "
                        "Gemma3ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"

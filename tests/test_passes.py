@@ -123,6 +123,27 @@ def test_a_drifting_pass_is_rejected_and_names_the_node():
     del PASSES["test_break_norm"]
 
 
+def test_a_bf16_graph_is_checked_in_float32():
+    """The checks of a bf16 graph run it in float32 (``manager.promoted``): the default pipeline drifts by float32
+    rounding only, and a pass that doubles one norm's epsilon (1e-5 -> 2e-5) is rejected: its drift is under
+    the 2e-2 that a bf16 check must allow for the graph's own roundings, so such a bug used to pass."""
+    @register_pass("test_nudge_norm", "doubles the first RMSNorm's epsilon", replace=True)
+    def nudge_norm(rw):
+        n = next(n for n in rw.graph.nodes if n.op == "workbench.rms_norm")
+        n.args = [*n.args[:2], 2e-5]
+        return [Match("nudged", n.layer, [n.name], [n.name])]
+
+    try:
+        _lm, _captured, _graph, reports = optimize("tiny-llama", dtype="bfloat16")
+        assert all(r.accepted for r in reports)
+        assert max(r.max_rel_err or 0 for r in reports) < 1e-4
+        *_, reports = optimize("tiny-llama", dtype="bfloat16", names=["eliminate_noops", "fuse_rms_norm",
+                                                                       "test_nudge_norm"])
+        assert not reports[-1].accepted and 1e-4 < reports[-1].max_rel_err < 2e-2
+    finally:
+        del PASSES["test_nudge_norm"]
+
+
 @register_op("testplugin.swiglu_down")
 def swiglu_down(gate, up, weight):
     """A user's fused MLP tail: down_proj(silu(gate) * up)."""

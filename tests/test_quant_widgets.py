@@ -101,6 +101,23 @@ def test_an_edit_to_the_shown_format_is_recorded_and_kept_by_auto(program):
     assert "kv_cache takes" in w.error
 
 
+def test_a_person_keeps_a_shown_format_with_the_keep_button(program):
+    """A person cannot record an edit by choosing the value a dropdown already shows; "Keep as shown" does it: the
+    group picked beside the button keeps its shown format through an auto plan that changes everything else."""
+    def all_fp8(plan):
+        return PrecisionPlan.uniform(program.graph, "fp8"), {"ppl": 1.0, "ppl_delta_pct": 0.1, "kl": 0.0}
+
+    w = widget(program, on_auto=all_fp8)
+    w.keep_group.value = "layers.1.down"
+    w.keep_button.click()
+    assert w.plan.edited == ["layers.1.down"] and "layers.1.down → bf16" in w.status.value
+    w.auto_button.click()
+    assert w.plan.format_of("layers.1.down") == "bf16" and w.plan.format_of("layers.1.o") == "fp8"
+    w.keep_group.value = "kv_cache"
+    w.keep_button.click()
+    assert w.plan.edited == ["layers.1.down", "kv_cache"]
+
+
 def test_auto_without_a_report_says_it_cannot(program):
     w = widget(program)
     w.auto_button.click()

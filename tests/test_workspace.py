@@ -199,8 +199,8 @@ def test_a_failed_run_keeps_what_was_there_and_what_it_wrote(tmp_path):
 
 
 def _unsupported_config(tmp_path):
-    path = tmp_path / "gpt2.json"
-    path.write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    path = tmp_path / "bloom.json"
+    path.write_text('{"architectures": ["BloomForCausalLM"], "model_type": "bloom"}')
     return str(path)
 
 
@@ -214,7 +214,7 @@ def test_refused_capture_and_build_leave_no_workspace(tmp_path, capsys, monkeypa
         assert main(["build", model, "--precision", "fp8", "--out", str(tmp_path / "e2"), "--workspace",
                      str(tmp_path / "deep" / "ws")]) == 2
     err = capsys.readouterr().err
-    assert "no file, directory, preset or model" in err and "unsupported architecture 'GPT2LMHeadModel'" in err
+    assert "no file, directory, preset or model" in err and "unsupported architecture 'BloomForCausalLM'" in err
     # a capture refused inside its stage, after its folders were made, removes them too
     import workbench.pipeline
 
@@ -225,7 +225,7 @@ def test_refused_capture_and_build_leave_no_workspace(tmp_path, capsys, monkeypa
     assert main(["capture", "tiny-llama", str(tmp_path / "ws")]) == 2
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(tmp_path / "engine")]) == 2
     assert "torch.export refused this model" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom.json"]
 
 
 def test_a_refused_capture_keeps_an_existing_workspace(tmp_path, capsys):

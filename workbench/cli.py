@@ -40,15 +40,17 @@ def _cmd_fetch(args) -> None:
 
 
 def _cmd_models(args) -> None:
-    from .models.presets import NAMED_MODELS, PRESETS
+    from .models.presets import NAMED_MODELS, PRESETS, make_config
 
     print("presets (random weights):")
     for name, p in PRESETS.items():
+        c = make_config(p)  # the config's own names (GPT-2's n_layer, ...) read through the standard ones
         extra = f" head_dim={p['head_dim']}" if "head_dim" in p else ""
         if p.get("rope_scaling"):
             extra += f" rope={p['rope_scaling']['rope_type']} x{p['rope_scaling']['factor']:g}"
-        print(f"  {name:<14} {p['architectures'][0]:<20} layers={p['num_hidden_layers']} "
-              f"hidden={p['hidden_size']} heads={p['num_attention_heads']}/{p['num_key_value_heads']}{extra}")
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        print(f"  {name:<14} {p['architectures'][0]:<20} layers={c.num_hidden_layers} "
+              f"hidden={c.hidden_size} heads={c.num_attention_heads}/{kv_heads}{extra}")
     print("real models (`workbench fetch NAME`):")
     for name, info in NAMED_MODELS.items():
         print(f"  {name:<14} {info['description']}")

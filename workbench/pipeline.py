@@ -101,7 +101,7 @@ class Optimized:
         """One line per standard layer fusion that left decoder layers unfused (``passes.unfused_lines``)."""
         from .graph.passes import unfused_lines
 
-        return unfused_lines(self.reports, _num_layers(self.graph))
+        return unfused_lines(self.reports, _num_layers(self.graph), self.graph.meta.get("architecture"))
 
 
 def _num_layers(graph: Graph) -> int:
@@ -115,7 +115,7 @@ def unfused_notes(ws: Workspace) -> list[str]:
 
     reports = [PassReport.from_json(r) for r in json.loads(ws.path("passes", "report.json").read_text())]
     graph = Graph.loads(ws.path("passes", "graph.json").read_text())
-    return unfused_lines(reports, _num_layers(graph))
+    return unfused_lines(reports, _num_layers(graph), graph.meta.get("architecture"))
 
 
 def optimize(source: str | Path | ModelSource, *, dtype: str = "auto", device: str | torch.device = "auto",

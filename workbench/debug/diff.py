@@ -58,6 +58,8 @@ RESIDUAL_ADDS: dict[str, int | None] = {
     "workbench.add_rms_norm_fp8": 1,
     "workbench.norm_add_rms_norm": 1,
     "workbench.norm_add_rms_norm_fp8": 1,
+    "workbench.add_layer_norm": 1,
+    "workbench.add_layer_norm_fp8": 1,
 }
 
 #: Relative error a site may have before it counts as diverged, by the compute dtype (see the module docstring).
@@ -74,7 +76,7 @@ VIEW_OPS = ("aten.slice.", "aten.view.", "aten.reshape.", "aten.transpose.", "at
             "aten.squeeze.", "aten.permute.", "aten.expand.", "aten.contiguous.", "aten.t.", "aten._unsafe_view.",
             "aten.split", "aten.chunk.", "operator.getitem")
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # model.layers.3, or transformer.h.3 (GPT-2, Falcon)
 _ENDS = ("embed",), ("norm", "logits")
 
 
@@ -126,10 +128,10 @@ class Trace:
 # ---- transformers ----------------------------------------------------------------------------------------------
 def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+        if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
             return name, mod
-    raise WorkbenchError(f"{type(model).__name__} has no ModuleList named 'layers'; diff knows decoder models "
-                         "whose layers are model.layers.<i>")
+    raise WorkbenchError(f"{type(model).__name__} has no ModuleList named 'layers' or 'h'; diff knows decoder "
+                         "models whose layers are model.layers.<i> (or transformer.h.<i>)")
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:

@@ -37,7 +37,13 @@ from .ir import Graph, Node, Param, Ref, TensorSpec, dtype_name
 MAX_BATCH = 1024
 MAX_TOKENS = 1 << 17
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+#: a decoder layer's module path: ``model.layers.3``, or ``transformer.h.3`` (GPT-2, Falcon)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
+
+
+#: config fields later stages read by these names, filled in from the config's attributes where its JSON has
+#: other names for them (transformers' ``attribute_map``)
+_STANDARD_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
 
 @dataclass
@@ -93,6 +99,9 @@ def capture(model: torch.nn.Module, *, max_batch: int = MAX_BATCH, max_tokens: i
         "torch": torch.__version__,
     })
     graph.meta["config"].pop("torch_dtype", None)
+    for key in _STANDARD_CONFIG_KEYS:  # GPT-2 names them n_layer, n_positions, ...: later stages read these names
+        if key not in graph.meta["config"] and getattr(config, key, None) is not None:
+            graph.meta["config"][key] = getattr(config, key)
     return Captured(graph, constants)
 
 

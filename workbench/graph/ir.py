@@ -121,6 +121,8 @@ class Param:
     spec: TensorSpec
     aliases: list[str] = field(default_factory=list)
     derived: dict[str, Any] | None = None
+    #: tensor parallelism: the pieces of a stored tensor each rank holds (``passes.tensor_parallel``)
+    shard: dict[str, Any] | None = None
 
 
 @dataclass
@@ -208,7 +210,8 @@ class Graph:
             "dims": self.dims,
             "inputs": {k: dataclasses.asdict(v) for k, v in self.inputs.items()},
             "params": {k: {"kind": p.kind, "aliases": p.aliases, **dataclasses.asdict(p.spec),
-                           **({"derived": p.derived} if p.derived else {})} for k, p in self.params.items()},
+                           **({"derived": p.derived} if p.derived else {}),
+                           **({"shard": p.shard} if p.shard else {})} for k, p in self.params.items()},
             "nodes": [{"name": n.name, "op": n.op, "args": encode_value(n.args),
                        "kwargs": encode_value(n.kwargs),
                        "outputs": [dataclasses.asdict(o) if o else None for o in n.outputs],
@@ -227,7 +230,8 @@ class Graph:
         for k, p in data["params"].items():
             p = dict(p)
             kind, aliases, derived = p.pop("kind"), p.pop("aliases"), p.pop("derived", None)
-            params[k] = Param(k, kind, TensorSpec(**p), aliases, derived)
+            shard = p.pop("shard", None)
+            params[k] = Param(k, kind, TensorSpec(**p), aliases, derived, shard)
         nodes = [Node(n["name"], n["op"], decode_value(n["args"]), decode_value(n["kwargs"]),
                       [TensorSpec(**o) if o else None for o in n["outputs"]], n["module"], n["layer"])
                  for n in data["nodes"]]

@@ -20,6 +20,8 @@ from ..graph.ir import TensorSpec
 class Cost:
     flops: int = 0
     bytes: int = 0
+    #: bytes each rank sends to the others (collectives; 0 for every op of one device)
+    link_bytes: int = 0
 
 
 @dataclass

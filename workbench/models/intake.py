@@ -161,7 +161,10 @@ def load_weights(source: ModelSource, wanted: Mapping[str, Iterable[str]], *, dt
         index.update({k: handle for k in handle.keys()})
     out: dict[str, torch.Tensor] = {}
     for name, alts in wanted.items():
-        key = next((k for k in (name, *alts) if k in index), None)
+        names = (name, *alts)
+        # a checkpoint saved from the base model names its tensors without the causal LM's prefix (GPT-2's on the
+        # Hub: h.0.attn.c_attn.weight for transformer.h.0.attn.c_attn.weight, wte.weight for the tied lm_head)
+        key = next((k for k in (*names, *(n.split(".", 1)[1] for n in names if "." in n)) if k in index), None)
         if key is None:
             raise WorkbenchError(f"weight {name!r} is not in {source.path}; the checkpoint does not match the graph")
         out[name] = index[key].get_tensor(key).to(device=device, dtype=dtype)

@@ -19,6 +19,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
     "Phi3ForCausalLM": "Phi3Config",
+    "GPT2LMHeadModel": "GPT2Config",
+    "GPTNeoXForCausalLM": "GPTNeoXConfig",
+    "FalconForCausalLM": "FalconConfig",
     "Gemma2ForCausalLM": "Gemma2Config",
     "Gemma3ForCausalLM": "Gemma3TextConfig",
 }
@@ -51,6 +54,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-phi3": dict(_TINY, architectures=["Phi3ForCausalLM"], rope_theta=10000.0, tie_word_embeddings=False,
                       rms_norm_eps=1e-5, original_max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
                       eos_token_id=2),
+    # GPT-2: LayerNorm with bias, learned positions, GELU (tanh) MLP, MHA, Conv1D weights stored [in, out], q/k/v
+    # packed in c_attn, tied embeddings; GPT2Config's own names (n_embd, n_layer, ...)
+    "tiny-gpt2": dict(architectures=["GPT2LMHeadModel"], vocab_size=512, n_embd=64, n_layer=2, n_head=4,
+                      n_positions=512, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # GPT-NeoX / Pythia: parallel residual (attention and MLP each norm the same input), rotary over the first
+    # quarter of each head (rotary_pct, as Pythia's config.json names it), q/k/v interleaved by head in
+    # query_key_value, biases everywhere, untied embeddings
+    "tiny-neox": dict(architectures=["GPTNeoXForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
+                      rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    # Falcon: attention and MLP in parallel; new_decoder_architecture: grouped KV (4 heads, 2 KV heads) with q/k/v
+    # interleaved by KV group in query_key_value, one LayerNorm for each branch; bias-free linears, tied embeddings
+    "tiny-falcon": dict(architectures=["FalconForCausalLM"], vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
+                        bias=False, alibi=False, max_position_embeddings=512, rope_theta=10000.0,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # Falcon-7B's layout at tiny size: multi-query (one KV head), one LayerNorm that attention and MLP both read
+    "tiny-falcon-mqa": dict(architectures=["FalconForCausalLM"], vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, multi_query=True, new_decoder_architecture=False,
+                            parallel_attn=True, bias=False, alibi=False, max_position_embeddings=512,
+                            rope_theta=10000.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0,
+                            eos_token_id=0),
     # Gemma 2: (1 + w) RMSNorms, four per layer (after attention and MLP too), GeGLU (tanh GELU), embeddings times
     # sqrt(hidden), sliding-window layers alternating with global ones (layer 0 sliding), query_pre_attn_scalar (24)
     # apart from head_dim (32), which is apart from hidden / heads (16). The soft caps are at the tiny model's scale
@@ -99,6 +126,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_key_value_heads=32, max_position_embeddings=4096,
                        original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000),
+    # GPT-2 XL's published shape (1.56B parameters)
+    "gpt2-xl": dict(architectures=["GPT2LMHeadModel"], vocab_size=50257, n_embd=1600, n_layer=48, n_head=25,
+                    n_positions=1024, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                    tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256),
+    # Pythia-6.9B's published shape (GPT-NeoX)
+    "gpt-neox-6.9b": dict(architectures=["GPTNeoXForCausalLM"], vocab_size=50432, hidden_size=4096,
+                          intermediate_size=16384, num_hidden_layers=32, num_attention_heads=32,
+                          max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
+                          use_parallel_residual=True, hidden_act="gelu", layer_norm_eps=1e-5,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    # Falcon-7B's published shape: 71 heads of 64, multi-query, parallel attention and MLP from one LayerNorm
+    "falcon-7b": dict(architectures=["FalconForCausalLM"], vocab_size=65024, hidden_size=4544, num_hidden_layers=32,
+                      num_attention_heads=71, multi_query=True, new_decoder_architecture=False, parallel_attn=True,
+                      bias=False, alibi=False, max_position_embeddings=2048, rope_theta=10000.0,
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=11, eos_token_id=11),
     # Gemma-2-9B's published shape: 42 layers alternating 4096-token sliding windows with global attention
     "gemma-2-9b": dict(architectures=["Gemma2ForCausalLM"], vocab_size=256000, hidden_size=3584,
                        intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
@@ -148,4 +190,11 @@ def make_config(fields: dict[str, Any]):
         # device loses the long factors' lifted tensor
         raise WorkbenchError(f"{arch}: LongRoPE (rope_scaling type {rope.get('rope_type', rope.get('type'))!r}) is "
                              "not supported yet; Phi-3 checkpoints without rope_scaling (the 4k ones) are")
+    if arch == "FalconForCausalLM" and fields.get("alibi"):
+        from ..errors import WorkbenchError
+
+        # ALiBi adds a per-head bias to the attention scores, which the paged attention does not compute: the
+        # graph would capture and run, but no cached runtime could serve it
+        raise WorkbenchError(f"{arch}: ALiBi (alibi=true, the Falcon-RW checkpoints) is not supported yet; Falcon's "
+                             "rotary checkpoints (alibi=false: 7B, 40B, 180B) are")
     return getattr(transformers, cls_name)(**fields)

@@ -32,7 +32,11 @@ from ..errors import WorkbenchError
 
 
 def _is_norm_weight(name: str) -> bool:
-    return name.endswith("norm.weight")
+    """A norm's scale (N(1, 0.1), not N(0, std)): ``…norm.weight``, or GPT-2's and Falcon's ``ln_1`` / ``ln_f`` /
+    ``ln_attn`` (a LayerNorm scaled near 0 would make the whole model's logits near 0)."""
+    module, _, leaf = name.rpartition(".")
+    last = module.rpartition(".")[2]
+    return leaf == "weight" and ("norm" in last or last.startswith("ln_"))
 
 
 def norm_center(config) -> float:

@@ -9,15 +9,17 @@ Per group (see ``plan``):
     int8_wo  aten.linear -> workbench.w8_linear(x, W_q int8, W scale, bias)
     int8_sq  x' = x / s and W' = W · s (SmoothQuant), then workbench.int8_linear(x', W'_q, ...):
              1/s is folded into the weight of the RMSNorm that produces x when only this group reads
-             that norm's output (the q/k/v and gate/up inputs); elsewhere (o, down) an explicit
-             multiply by 1/s is inserted before the GEMM
+             that norm's output (the q/k/v and gate/up inputs), into a LayerNorm's weight and bias alike;
+             elsewhere (o, down, and a norm two groups read: Falcon-7B's) an explicit multiply by 1/s is
+             inserted before the GEMM
     kv fp8   every paged attention node gets its layer's scales as keyword arguments (k_scale=, v_scale=)
              and the KV cache inputs become float8_e4m3fn
 
 **FP8 producers.** Where an fp8 group has static activation scales and its x is written by an RMSNorm,
 a residual add + RMSNorm, SwiGLU's silu_mul or GeGLU's gelu_mul read by nobody else, that op is replaced by its FP8
-variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, ``gelu_mul_fp8``, see
-``kernels/fused.py``),
+variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, ``gelu_mul_fp8``, see ``kernels/fused.py``;
+Gemma's ``norm_add_rms_norm`` and the LayerNorm families' ``layer_norm``, ``add_layer_norm`` and ``gelu`` likewise,
+``kernels/fused_ln.py``),
 which writes x already quantized with the group's scale: the linears then read fp8 x and run the GEMM
 alone, as TensorRT-LLM's FP8 graphs do. The result is bit-identical to the unfused graph (the same
 rounding, then the same quantization); ``fuse_producers=False`` leaves them unfused. The report says,
@@ -44,8 +46,6 @@ from .plan import PrecisionPlan, linear_groups
 
 SMOOTH_MIN = 1e-5  # floor of SmoothQuant's factors and of the maxima they are made from
 _NORMS = ("workbench.rms_norm", "workbench.add_rms_norm")
-#: Norm ops returning (normed, residual sum), by the position of the weight their normed output is scaled by
-_SUM_NORMS = {"workbench.add_rms_norm": 2, "workbench.norm_add_rms_norm": 3}
 
 
 def _needs_stats(plan: PrecisionPlan) -> bool:
@@ -93,8 +93,15 @@ def _weight_q(w: torch.Tensor, fmt: str, per_channel: bool) -> tuple[torch.Tenso
     return quant_fn(w, s), s.reshape(1)
 
 
-def _fold_target(b: _Builder, group, x: Ref) -> Ref | None:
-    """The RMSNorm weight to divide by s, if x is a norm's normed output read only by this group's nodes."""
+#: norm op -> (the argument index of its weight, of its bias or None); the fused-add variants return (normed, sum)
+_NORM_AFFINE = {"workbench.rms_norm": (1, None), "workbench.add_rms_norm": (2, None),
+                "workbench.norm_add_rms_norm": (3, None),  # Gemma's: the next norm's weight scales the normed output
+                "workbench.layer_norm": (1, 2), "workbench.add_layer_norm": (2, 3)}
+
+
+def _fold_target(b: _Builder, group, x: Ref) -> list[Ref] | None:
+    """The norm's weight (and a LayerNorm's bias) to divide by s, if x is a norm's normed output read only by this
+    group's nodes: norm(x)·w/s + b/s = (norm(x)·w + b)/s."""
     rw = b.rw
     node = rw.producer(x)
     if node is None:
@@ -102,31 +109,34 @@ def _fold_target(b: _Builder, group, x: Ref) -> Ref | None:
     norm = node
     if node.op == "operator.getitem":  # add_rms_norm returns (normed, residual); index 0 is normed
         src = rw.producer(node.args[0])
-        if src is None or src.op not in _SUM_NORMS or node.args[1] != 0:
+        if src is None or src.op not in _ADD_NORMS or node.args[1] != 0:
             return None
         norm = src
-    elif node.op != "workbench.rms_norm":
+    elif node.op not in ("workbench.rms_norm", "workbench.layer_norm"):
         return None
-    weight = norm.args[_SUM_NORMS.get(norm.op, 1)]
-    if not isinstance(weight, Ref) or weight.name not in rw.graph.params:
+    w_at, b_at = _NORM_AFFINE[norm.op]
+    targets = [norm.args[i] for i in (w_at, b_at) if i is not None and norm.args[i] is not None]
+    if not all(isinstance(t, Ref) and t.name in rw.graph.params for t in targets) or not targets \
+            or targets[0] != norm.args[w_at]:
         return None
     readers = {u.name for u in rw.users.get(x.name, [])}
     if not readers <= set(group.nodes) or x.name in rw.graph.outputs:
         return None
-    if {u.name for u in rw.users.get(weight.name, [])} != {norm.name}:
+    if any({u.name for u in rw.users.get(t.name, [])} != {norm.name} for t in targets):
         return None
-    return weight
+    return targets
 
 
 def _smooth_input(b: _Builder, group, first: Node, s: torch.Tensor) -> tuple[Ref, bool]:
-    """x / s: folded into the producing norm's weight when possible, else an inserted multiply."""
+    """x / s: folded into the producing norm's weight (and bias) when possible, else an inserted multiply."""
     x = first.args[0]
-    target = _fold_target(b, group, x)
-    if target is not None:
-        w = b.value(target)
-        norm = next(u for u in b.rw.users[target.name])
-        new = b.param(f"{target.name}.smooth", (w.float() / s.to(w.device)).to(w.dtype))
-        norm.args = [new if (isinstance(a, Ref) and a.name == target.name) else a for a in norm.args]
+    targets = _fold_target(b, group, x)
+    if targets is not None:
+        norm = next(u for u in b.rw.users[targets[0].name])
+        for target in targets:
+            w = b.value(target)
+            new = b.param(f"{target.name}.smooth", (w.float() / s.to(w.device)).to(w.dtype))
+            norm.args = [new if (isinstance(a, Ref) and a.name == target.name) else a for a in norm.args]
         b.rw.refresh()
         return x, True
     spec = b.rw.spec(x)
@@ -142,7 +152,11 @@ _FP8_PRODUCERS = {"workbench.rms_norm": ("workbench.rms_norm_fp8", 3),
                   "workbench.add_rms_norm": ("workbench.add_rms_norm_fp8", 4),
                   "workbench.silu_mul": ("workbench.silu_mul_fp8", 2),
                   "workbench.gelu_mul": ("workbench.gelu_mul_fp8", 2),
-                  "workbench.norm_add_rms_norm": ("workbench.norm_add_rms_norm_fp8", 5)}
+                  "workbench.norm_add_rms_norm": ("workbench.norm_add_rms_norm_fp8", 5),
+                  "workbench.layer_norm": ("workbench.layer_norm_fp8", 4),
+                  "workbench.add_layer_norm": ("workbench.add_layer_norm_fp8", 5),
+                  "workbench.gelu": ("workbench.gelu_fp8", 2)}
+_ADD_NORMS = ("workbench.add_rms_norm", "workbench.norm_add_rms_norm", "workbench.add_layer_norm")
 
 
 def _fp8_spec(spec: TensorSpec | None) -> TensorSpec | None:
@@ -163,15 +177,15 @@ def _fuse_fp8_producer(b: _Builder, linears: list[Node], scale: Ref) -> str | No
     if node is None:
         return None
     getitem = None
-    if node.op == "operator.getitem":  # add_rms_norm's normed output (index 0)
+    if node.op == "operator.getitem":  # add_rms_norm's (add_layer_norm's) normed output (index 0)
         src = rw.producer(node.args[0])
-        if src is None or src.op not in _SUM_NORMS or node.args[1] != 0:
+        if src is None or src.op not in _ADD_NORMS or node.args[1] != 0:
             return None
         getitem, node = node, src
     if node.op not in _FP8_PRODUCERS or node.kwargs:
         return None
     op, arity = _FP8_PRODUCERS[node.op]
-    if len(node.args) != arity or (node.op in _SUM_NORMS) != (getitem is not None):
+    if len(node.args) != arity or (node.op in _ADD_NORMS) != (getitem is not None):
         return None
     outputs = [_fp8_spec(node.outputs[0]), *node.outputs[1:]]
     fused = Node(rw.fresh(node.name + "_fp8"), op, [*node.args, scale], {}, outputs, node.module, node.layer)

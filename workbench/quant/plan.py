@@ -7,10 +7,13 @@ one GEMM after horizontal fusion, so they must share a format.
     layers.{i}.o        o_proj
     layers.{i}.gate_up  gate_proj, up_proj (or the fused gate_up_proj)
     layers.{i}.down     down_proj
+    layers.{i}.fc       the up projection of a plain (ungated) MLP: GPT-2's c_fc, NeoX's and Falcon's dense_h_to_4h
     lm_head             the output projection (its tied embedding stays high precision either way)
 
 Groups are found from the graph: each ``aten.linear`` node's weight parameter names its module
-(``model.layers.3.mlp.down_proj.weight``), so any Llama-family graph, fused or not, is covered.
+(``model.layers.3.mlp.down_proj.weight``), so any Llama-family graph, fused or not, is covered; the LayerNorm
+families' module names map to the same kinds (``_FAMILY_KINDS``: GPT-2's ``transformer.h.3.attn.c_attn`` is
+``layers.3.qkv``).
 
 A **PrecisionPlan** is plain, versioned JSON a user can edit by hand or in the widget::
 
@@ -64,6 +67,13 @@ _CHOICES = {"weights": ("channel", "tensor"), "activations": ("static", "dynamic
 _KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
           "gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up", "down_proj": "down",
           "lm_head": "lm_head"}
+#: the LayerNorm families' linears, by (parent module, module): packed q/k/v, the attention's output, the MLP's up
+#: projection ("fc": no gate) and its down projection (GPT-2's Conv1D names, NeoX's and Falcon's)
+_FAMILY_KINDS = {("attn", "c_attn"): "qkv", ("attn", "c_proj"): "o", ("mlp", "c_fc"): "fc",
+                 ("mlp", "c_proj"): "down",
+                 ("attention", "query_key_value"): "qkv", ("attention", "dense"): "o",
+                 ("self_attention", "query_key_value"): "qkv", ("self_attention", "dense"): "o",
+                 ("mlp", "dense_h_to_4h"): "fc", ("mlp", "dense_4h_to_h"): "down"}
 _SIBLING_NAMES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
 _EMBEDDINGS = ("embed", "wte", "tok_embeddings")
 
@@ -80,10 +90,10 @@ class LinearGroup:
 
 
 def _group_of(weight: str) -> tuple[str, int | None, str]:
-    module = weight.removesuffix(".weight")
-    short = module.rsplit(".", 1)[-1]
-    kind = _KINDS.get(short, short)
-    m = re.search(r"layers\.(\d+)\.", module)
+    module = weight.removesuffix(".T").removesuffix(".weight")  # .T: a weight stored transposed (GPT-2's Conv1D)
+    parent, short = ([""] + module.rsplit(".", 2)[-2:])[-2:]
+    kind = _FAMILY_KINDS.get((parent, short)) or _KINDS.get(short, short)
+    m = re.search(r"(?:layers|h)\.(\d+)\.", module)
     if m:
         return f"layers.{m.group(1)}.{kind}", int(m.group(1)), kind
     return (kind if kind == "lm_head" else module), None, kind

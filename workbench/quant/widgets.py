@@ -2,6 +2,7 @@
 
     w = precision_widget(program, stats, eval_ids, report=report, save_path="plan.json")
     w                       # a grid: one row per layer, one dropdown per group kind; lm_head; KV cache
+    w.keep("layers.3.down") # what "Keep as shown" does: the shown format becomes an edit
     w.auto()                # what "Auto plan" does: auto_plan from the current plan, your edits kept
     w.evaluate()            # what "Evaluate" does: perplexity and KL of the current plan
     w.save()                # what "Save" does: the plan's JSON, written atomically
@@ -12,7 +13,8 @@ up to ``thresholds[0]`` % more perplexity when that group alone is quantized, am
 ``thresholds[1]`` %, red beyond; grey where the report has no number (no report, or a format it did
 not measure).
 
-Edits are the user's: a dropdown changed by hand marks its group in ``plan.edited``. The auto plan is
+Edits are the user's: a dropdown changed by hand, or a group kept as shown ("Keep as shown": choosing the
+value a dropdown already shows fires no change), marks its group in ``plan.edited``. The auto plan is
 asked for with the current plan as its base (``auto_plan`` leaves edited groups alone), and whatever
 it returns, edited groups get the user's format back, and the status says which ones it had changed.
 
@@ -107,13 +109,20 @@ class PrecisionWidget:
         self.auto_button = W.Button(description="Auto plan", button_style="primary", icon="magic")
         self.evaluate_button = W.Button(description="Evaluate", icon="check")
         self.save_button = W.Button(description="Save", icon="save")
+        # choosing the format a dropdown already shows fires no change, so a person keeps a shown format here
+        self.keep_group = W.Dropdown(options=list(self.dropdowns), description="keep", layout=W.Layout(width="260px"),
+                                     style={"description_width": "40px"})
+        self.keep_button = W.Button(description="Keep as shown", icon="thumb-tack",
+                                    tooltip="mark the group's shown format as your edit: the auto plan keeps it")
+        self.keep_button.on_click(lambda _b: self.keep())
         self.auto_button.on_click(lambda _b: self.auto())
         self.evaluate_button.on_click(lambda _b: self.evaluate())
         self.save_button.on_click(lambda _b: self.save())
         self.status = W.HTML()
         self.widget = W.VBox([W.HTML(_CSS), W.HTML(f"<b>Precision plan</b> (colour: {metric} when that group alone "
                                                    f"takes the format shown) {legend}"),
-                              grid, *others, kv, W.HBox([self.auto_button, self.evaluate_button, self.save_button]),
+                              grid, *others, kv, W.HBox([self.keep_group, self.keep_button]),
+                              W.HBox([self.auto_button, self.evaluate_button, self.save_button]),
                               self.status])
 
     # ---- colours ------------------------------------------------------------------------------------------
@@ -171,6 +180,15 @@ class PrecisionWidget:
             dd.value = fmt  # the observer records the edit
             return
         self._changed(group, {"new": fmt})
+
+    def keep(self, group: str | None = None) -> None:
+        """What "Keep as shown" does: ``group`` (default: the one picked beside the button) keeps the format its
+        dropdown shows, marked edited, so the auto plan leaves it alone."""
+        group = group or self.keep_group.value
+        if group not in self.dropdowns:
+            self._fail(f"no group {group!r}; the groups are {', '.join(self.dropdowns)}")
+            return
+        self.edit(group, self.dropdowns[group].value)
 
     def set_plan(self, plan: PrecisionPlan) -> None:
         """Show ``plan`` (validated against the graph) as the current plan; no group is marked edited by this."""

@@ -375,7 +375,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                 cuda_graphs: bool | None = None, plugins=()) -> None:
+                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int = 1) -> None:
         import sys
 
         from ..plugins import load_plugins
@@ -390,9 +390,20 @@ class LLM:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             fixed=opened.kind == "engine")
         self.limits = limits
-        self.engine = LLMEngine(opened.program, opened.tokenizer, num_blocks=num_blocks, config=config, limits=limits,
+        program, self.tp_report, tp = opened.program, None, _tp_size(tensor_parallel_size, opened.program.device)
+        if tp > 1:  # rank 0 here, ranks 1.. in worker processes (runtime.tensor_parallel); steps run eagerly
+            if cuda_graphs:
+                raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
+            cuda_graphs = False
+            program = _rank0_program(opened.program, tp, self)
+        self.engine = LLMEngine(program, opened.tokenizer, num_blocks=num_blocks, config=config, limits=limits,
                                 memory_fraction=memory_fraction, prefix_caching=prefix_caching,
-                                cuda_graphs=cuda_graphs)
+                                cuda_graphs=cuda_graphs, **({"async_scheduling": False} if tp > 1 else {}))
+        if tp > 1:
+            from .tensor_parallel import TPWorkers
+
+            ex = self.engine.executor
+            ex.tensor_parallel = TPWorkers(ex.program.graph, dict(opened.program.params), tp, ex.num_blocks, ex.device)
         # the executor's program repeats the lines open_runnable's GPU program noted: each once
         self.notes = opened.notes + [n for n in self.engine.executor.notes if n not in opened.notes]
         if self.engine.executor.device.type == "cuda":  # what vLLM logs at start-up: the cache and what it holds
@@ -403,6 +414,24 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (if any); the engine takes no more steps after."""
+        workers = getattr(getattr(getattr(self, "engine", None), "executor", None), "tensor_parallel", None)
+        if workers is not None:
+            workers.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                  progress: bool = False) -> list[RequestOutput]:
@@ -421,3 +450,23 @@ class LLM:
                 if done:
                     bar.update(done)
         return [self.engine.output(i) for i in ids]
+
+
+def _tp_size(size, device: torch.device) -> int:
+    """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
+        raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+    return size
+
+
+def _rank0_program(full, size: int, llm: "LLM"):
+    """Rank 0's shard of ``full`` (``shard_tensor_parallel``; its report kept as ``llm.tp_report``)."""
+    from ..graph.executor import DEFAULTS, Program
+    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+
+    graph, llm.tp_report = shard_tensor_parallel(full.graph, size)
+    return Program(graph, rank_params(graph, full.params, 0), device=full.device,
+                   tactics=DEFAULTS if full.device.type == "cuda" else None)

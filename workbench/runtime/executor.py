@@ -148,6 +148,8 @@ class Executor:
         self.replays = 0
         self.last_graph: tuple[int, int] | None = None  # the (tokens, sequences) graph the last step ran in
         self._unsafe: dict[int, list[str]] = {}  # token count -> nodes that may not be captured at it
+        #: ``runtime.tensor_parallel.TPWorkers`` when this is rank 0 of a sharded program (its steps run eagerly)
+        self.tensor_parallel = None
         # a program prepared for GPU steps knows which of its nodes a graph may not capture: steps running
         # one of those run eagerly (on the CPU, emulated graphs check the same when given such a program)
         self.checks_safety = self.graphs_enabled and self.program.graph_safe
@@ -226,7 +228,11 @@ class Executor:
         if key is not None:
             return self._replay(out, key, feed)
         inputs, last = self.inputs(out, feed)
-        with batch_invariant():  # CPU references: a request's rows do not depend on the others in the step
+        tp = self.tensor_parallel
+        if tp is not None:  # the other ranks run the same step on their own caches
+            tp.broadcast({k: v for k, v in inputs.items() if k not in self.cache})
+        # CPU references: a request's rows do not depend on the others in the step
+        with batch_invariant(), (tp.step() if tp is not None else contextlib.nullcontext()):
             (logits,) = self.program.run(**inputs)
         return logits[0] if self.rows_only else logits[0].index_select(0, last)
 

@@ -5,8 +5,11 @@ with a place (``register_pass(name, after=...)``) in it. ``register_pass`` adds 
 """
 
 from . import eliminate, fold, fuse, horizontal, paged, rows, tensors  # noqa: F401  (register the built-in passes)
-from .manager import (DEFAULT_PIPELINE, LAYER_FUSIONS, PASSES, PLACES, GraphPass, Match, PassReport,
-                      default_pipeline, register_pass, run_passes, summary_table, unfused_layers, unfused_lines)
+from . import layernorm  # noqa: F401  (the LayerNorm families' passes)
+from .manager import (DEFAULT_PIPELINE, FAMILY_LAYER_FUSIONS, LAYER_FUSIONS, PASSES, PLACES, GraphPass, Match,
+                      PassReport, default_pipeline, register_pass, run_passes, summary_table, unfused_layers,
+                      unfused_lines)
 
-__all__ = ["DEFAULT_PIPELINE", "GraphPass", "LAYER_FUSIONS", "Match", "PASSES", "PLACES", "PassReport",
-           "default_pipeline", "register_pass", "run_passes", "summary_table", "unfused_layers", "unfused_lines"]
+__all__ = ["DEFAULT_PIPELINE", "FAMILY_LAYER_FUSIONS", "GraphPass", "LAYER_FUSIONS", "Match", "PASSES", "PLACES",
+           "PassReport", "default_pipeline", "register_pass", "run_passes", "summary_table", "unfused_layers",
+           "unfused_lines"]

@@ -6,10 +6,11 @@ is the concatenation of theirs along the output dim, a *derived* parameter that
 weight loading computes from the checkpoint (``Param.derived``); the old outputs
 become slices of the fused output, which the following views read unchanged.
 
-A checkpoint may store a group packed already (Phi-3's ``qkv_proj`` and ``gate_up_proj``): its linear is left as
-it is, and its outputs are put in the same form as a fused group's, so that the passes after this one meet one
-shape: ``chunk(y, n, -1)`` becomes n slices, and a slice ending past the last column ends at it. Such a group is
-reported as ``"<kind> (packed in the checkpoint)"``.
+A checkpoint may store a group packed already (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-2's ``c_attn``): its
+linear is left as it is, and its outputs are put in the same form as a fused group's, so that the passes after this
+one meet one shape: ``chunk(y, n, -1)`` and ``split(y, size, -1)`` become slices, and a slice ending past the
+last column ends at it. Such a group is reported as ``"<kind> (packed in the checkpoint)"``. (NeoX's and Falcon's
+``query_key_value`` interleave q, k and v by head: their readers are views, left as they are.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def _fused_name(weight_names: list[str]) -> str:
     return f"{prefix}.{joined}_proj"
 
 
-def _kind(name: str) -> str:
-    return {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}.get(name.rsplit(".", 1)[-1], "linears")
+#: the module names of linears packed in the checkpoint -> the group they hold
+_PACKED = {"qkv_proj": "qkv", "gate_up_proj": "gate_up", "c_attn": "qkv", "query_key_value": "qkv"}
+
+
+def _kind(weight: str) -> str:
+    """The packed group a weight holds (``…c_attn.weight``, or its transpose ``….weight.T``), else "linears"."""
+    module = weight.removesuffix(".T").removesuffix(".weight")
+    return _PACKED.get(module.rsplit(".", 1)[-1], "linears")
 
 
 def _split_along_last(rw: Rewriter, n: Node, reader: Node) -> bool:
@@ -40,9 +47,10 @@ def _split_along_last(rw: Rewriter, n: Node, reader: Node) -> bool:
     if reader.op == "aten.slice.Tensor":
         return reader.args[0] == Ref(n.name) and reader.args[1] in (-1, last) and len(reader.args) == 4 \
             and all(isinstance(a, int) for a in reader.args[2:4])
-    if reader.op == "aten.chunk.default":
+    if reader.op in ("aten.chunk.default", "aten.split.Tensor"):
         dim = reader.args[2] if len(reader.args) > 2 else 0
-        return dim in (-1, last) and all(u.op == "operator.getitem" for u in rw.users.get(reader.name, []))
+        return dim in (-1, last) and isinstance(reader.args[1], int) \
+            and all(u.op == "operator.getitem" for u in rw.users.get(reader.name, []))
     return False
 
 
@@ -50,9 +58,11 @@ def _packed(rw: Rewriter, n: Node) -> list[Match]:
     """Slices in place of ``chunk`` and clamped slice ends on a linear packed in the checkpoint (see above)."""
     g = rw.graph
     w = n.args[1] if len(n.args) > 1 else None
-    if not (isinstance(w, Ref) and w.name in g.params and not g.params[w.name].derived and n.out is not None):
+    # the checkpoint's tensor, or its transpose (GPT-2's Conv1D weight, see linear_from_matmul): the same packing
+    if not (isinstance(w, Ref) and w.name in g.params and n.out is not None
+            and (g.params[w.name].derived or {"op": "transpose"})["op"] == "transpose"):
         return []
-    kind = _kind(w.name.removesuffix(".weight"))
+    kind = _kind(w.name)
     columns = n.out.shape[-1]
     readers = rw.users.get(n.name, [])
     if kind == "linears" or not isinstance(columns, int) or not readers \
@@ -65,8 +75,8 @@ def _packed(rw: Rewriter, n: Node) -> list[Match]:
                 r.args = [*r.args[:3], columns]
             created.append(r.name)
             continue
-        parts = r.args[1]
-        size = -(-columns // parts)  # torch.chunk's size: the last part may be smaller
+        # torch.chunk's size (the last part may be smaller), or split's
+        size = -(-columns // r.args[1]) if r.op == "aten.chunk.default" else r.args[1]
         slices = []
         for start in range(0, columns, size):
             end = min(start + size, columns)
@@ -90,7 +100,9 @@ def fuse_parallel_linears(rw: Rewriter) -> list[Match]:
         if n.op != "aten.linear.default" or not isinstance(n.args[0], Ref):
             continue
         w = n.args[1]
-        if isinstance(w, Ref) and w.name in g.params and not g.params[w.name].derived:
+        # a weight packed in the checkpoint is a group already (Falcon-7B's query_key_value reads the norm its MLP
+        # reads: one precision group each, not one GEMM)
+        if isinstance(w, Ref) and w.name in g.params and not g.params[w.name].derived and _kind(w.name) == "linears":
             groups.setdefault(n.args[0].name, []).append(n)
     matches = []
     for members in groups.values():

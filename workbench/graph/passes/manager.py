@@ -32,6 +32,9 @@ from ..views import node_table
 
 #: Relative error of the logits a pass may introduce, by the graph's dtype.
 TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
+#: ... of a bf16/fp16 graph, checked in float32 (``promoted``): headroom over float32's for GPU GEMMs whose
+#: blocking differs with the fused shape, through every layer
+PROMOTED_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -82,18 +85,24 @@ class PassReport:
         return cls(**{**d, "matches": [Match(**m) for m in d["matches"]]})
 
 
-#: The standard pipeline, in order. Norms are fused before the residual adds that feed them.
+#: The standard pipeline, in order. Norms are fused before the residual adds that feed them. The LayerNorm families'
+#: passes (``layernorm.py``) sit by their RMSNorm / SwiGLU / RoPE counterparts and match nothing in Llama's graphs.
 DEFAULT_PIPELINE = (
     "eliminate_noops",
     "fold_rope_tables",
     "eliminate_duplicates",
     "collapse_layout_chains",
+    "linear_from_matmul",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
     "fuse_norm_add_rms_norm",
+    "fuse_layer_norm",
+    "fuse_add_layer_norm",
     "fuse_silu_mul",
+    "fuse_gelu",
     "fuse_softcap",
     "fuse_rope",
+    "fuse_partial_rope",
     "fuse_attention",
     "fuse_parallel_linears",
     "insert_paged_attention",
@@ -101,14 +110,21 @@ DEFAULT_PIPELINE = (
     "fuse_qk_norm_into_attention",
 )
 
-#: The fusions every decoder layer of a supported family gets, once or more per layer: the pipeline's fusions but
+#: The fusions every decoder layer of a Llama-family model gets, once or more per layer: the pipeline's fusions but
 #: ``fuse_qk_norm_into_attention`` (only Qwen3 and Gemma 3 have the norms), ``fuse_norm_add_rms_norm`` (only Gemma
-#: normalizes the attention's and MLP's outputs) and ``fuse_softcap`` (only Gemma 2 caps).
+#: normalizes the attention's and MLP's outputs), ``fuse_softcap`` (only Gemma 2 caps) and the LayerNorm families'
+#: (``FAMILY_LAYER_FUSIONS``).
 #: A layer one of them did not match in still runs, on the reference ops of the pattern it left (``unfused_layers``
 #: names them).
-LAYER_FUSIONS = tuple(n for n in DEFAULT_PIPELINE
-                      if n.startswith(("fuse_", "insert_")) and n not in ("fuse_qk_norm_into_attention",
-                                                                           "fuse_norm_add_rms_norm", "fuse_softcap"))
+LAYER_FUSIONS = ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_silu_mul", "fuse_rope", "fuse_attention",
+                 "fuse_parallel_linears", "insert_paged_attention", "fuse_rope_into_attention")
+
+#: Architecture -> the fusions each of its decoder layers gets, for families whose layers differ from the Llama
+#: family's (``LAYER_FUSIONS``): LayerNorm instead of RMSNorm, no RoPE (GPT-2), a parallel residual. An entry that
+#: is a tuple of names is met by any one of them in a layer (NeoX's rotary: ``fuse_partial_rope`` over part of
+#: each head, or over all of it ``fuse_rope_into_attention``). The module that registers a family's passes adds its
+#: entry (``passes/layernorm.py``).
+FAMILY_LAYER_FUSIONS: dict[str, tuple[str | tuple[str, ...], ...]] = {}
 
 PASSES: dict[str, GraphPass] = {}
 #: Where a registered pass joins the default pipeline: name -> ("before" | "after", the pass it is placed by).
@@ -188,6 +204,48 @@ class CheckInputs:
         return cls(ids, pos)
 
 
+_LOW = {"bfloat16", "float16"}
+
+
+def promoted(graph: Graph) -> Graph:
+    """A copy of a bf16/fp16 graph computing in float32 (every 16-bit float spec, dtype argument and the KV cache's
+    dtype): what the numeric checks run. A pass is exact algebra, so in float32 its drift is rounding of order 1e-6
+    and a wrong rewrite stands out; in bf16 the reordered roundings of a rewritten GEMM grow through the layers (a
+    16-layer model drifted 1.7e-2 from fuse_parallel_linears alone, so the 32-layer Llama-3-8B's fusion was
+    rejected on the GPU) and would hide a bug of the same size."""
+    g = copy.deepcopy(graph)
+
+    def spec(t):
+        return t if t is None or t.dtype not in _LOW else type(t)(t.shape, "float32", t.contiguous)
+
+    def value(v):
+        if isinstance(v, torch.dtype):
+            return torch.float32 if v in (torch.bfloat16, torch.float16) else v
+        if isinstance(v, list):
+            return [value(x) for x in v]
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        return v
+
+    g.inputs = {k: spec(t) for k, t in g.inputs.items()}
+    for p in g.params.values():
+        p.spec = spec(p.spec)
+        if p.derived and p.derived.get("op") == "tabulate":  # a folded table: its subgraph computes in float32 too
+            p.derived = {**p.derived, "graph": promoted(Graph.from_json(p.derived["graph"])).to_json()}
+    for n in g.nodes:
+        n.outputs = [spec(t) for t in n.outputs]
+        n.args, n.kwargs = value(n.args), value(n.kwargs)
+    if g.meta.get("dtype") in _LOW:
+        g.meta = {**g.meta, "dtype": "float32"}
+    if g.meta.get("paged", {}).get("dtype") in _LOW:
+        g.meta["paged"] = {**g.meta["paged"], "dtype": "float32"}
+    return g
+
+
+def _promoted_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in params.items()}
+
+
 def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInputs,
             device: torch.device) -> dict[str, torch.Tensor]:
     program = Program(graph, resolve_params(graph, params), device=device)
@@ -195,16 +253,19 @@ def _values(graph: Graph, params: Mapping[str, torch.Tensor], inputs: CheckInput
     rows = {"logits_indices": torch.arange(inputs.input_ids.numel() if is_paged(graph) else inputs.input_ids.shape[1])
             } if "logits_indices" in graph.inputs else {}
     if not is_paged(graph):
-        return program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True, **rows)
-    # A paged graph sees the same tokens as one flat batch of three sequences (the second
-    # row packs two); its logits are put back in the rows' shape to compare.
-    ids = inputs.input_ids
-    half = ids.shape[1] // 2
-    seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
-    values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))), **rows)
-    out = graph.outputs[0]
-    values[out] = values[out].reshape(*ids.shape, -1)
-    return values
+        values = program.run(input_ids=inputs.input_ids, position_ids=inputs.position_ids, keep_all=True, **rows)
+    else:
+        # A paged graph sees the same tokens as one flat batch of three sequences (the second
+        # row packs two); its logits are put back in the rows' shape to compare.
+        ids = inputs.input_ids
+        half = ids.shape[1] // 2
+        seqs = [ids[0].tolist(), ids[1, :half].tolist(), ids[1, half:].tolist()]
+        values = program.run(keep_all=True, **cache_for(graph, device=device).step_inputs(list(enumerate(seqs))),
+                             **rows)
+        out = graph.outputs[0]
+        values[out] = values[out].reshape(*ids.shape, -1)
+    # the nodes' values only: derived weights (a fused gate/up, in float32 for a 16-bit graph) are freed now
+    return {k: v for k, v in values.items() if k not in graph.params}
 
 
 def _align(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor | None:
@@ -257,12 +318,17 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     if unknown:
         raise WorkbenchError(f"unknown pass(es) {', '.join(unknown)}; registered: {', '.join(PASSES)}")
     _check_registered(graph)
-    tol = TOLERANCE.get(graph.meta.get("dtype", "float32"), 2e-2)
+    # checks run in float32 (``promoted``): a 16-bit graph's own roundings would drown a pass's error
+    low = graph.meta.get("dtype", "float32") in _LOW
+    tol = PROMOTED_TOLERANCE if low else TOLERANCE.get(graph.meta.get("dtype", "float32"), 2e-2)
+    check_as = promoted if low else (lambda g: g)
     inputs = CheckInputs.make(graph.meta.get("config", {}).get("vocab_size", 2))
-    if check and device.type != "cpu":  # once, not per check: fused weights are then derived on the device too
-        params = {k: v.to(device) for k, v in params.items()}
+    if check:  # once, not per check: fused weights are then derived on the device too
+        params = _promoted_params(params) if low else params
+        if device.type != "cpu":
+            params = {k: v.to(device) for k, v in params.items()}
     current = graph
-    reference = _values(current, params, inputs, device) if check else None
+    reference = _values(check_as(current), params, inputs, device) if check else None
     reports = []
     for i, name in enumerate(names):
         if on_pass is not None:
@@ -278,7 +344,7 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
         report = PassReport(name, gp.description, matches, len(current.nodes), len(candidate.nodes),
                             _total_bytes(current, tokens), _total_bytes(candidate, tokens), None, True)
         if check and matches:
-            after = _values(candidate, params, inputs, device)
+            after = _values(check_as(candidate), params, inputs, device)
             out = candidate.outputs[0]
             report.max_rel_err = _rel(after[out], reference[current.outputs[0]])
             if not report.max_rel_err <= tol:
@@ -299,17 +365,23 @@ def run_passes(graph: Graph, params: Mapping[str, torch.Tensor], names: list[str
     return current, reports
 
 
-def unfused_layers(reports: list[PassReport], num_layers: int) -> dict[str, list[int]]:
-    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of ``LAYER_FUSIONS`` that
-    ran; a rejected pass matched in none. Passes that matched in every layer are left out."""
-    missing = {}
+def unfused_layers(reports: list[PassReport], num_layers: int, architecture: str | None = None
+                   ) -> dict[str, list[int]]:
+    """Pass name -> the decoder layers (of ``num_layers``) it did not match in, for each of the architecture's layer
+    fusions (``FAMILY_LAYER_FUSIONS``, else ``LAYER_FUSIONS``) that ran, in that list's order; a rejected pass
+    matched in none. Passes that matched in every layer are left out; alternatives are named "a or b" (those of
+    them that ran) and miss a layer only where none of them matched."""
+    matched: dict[str, set] = {}
     for r in reports:
-        if r.name not in LAYER_FUSIONS:
+        matched[r.name] = {m.layer for m in r.matches} if r.accepted else set()
+    missing = {}
+    for entry in FAMILY_LAYER_FUSIONS.get(architecture, LAYER_FUSIONS):
+        names = [n for n in ((entry,) if isinstance(entry, str) else entry) if n in matched]
+        if not names:  # none of them ran
             continue
-        matched = {m.layer for m in r.matches} if r.accepted else set()
-        left = [i for i in range(num_layers) if i not in matched]
+        left = [i for i in range(num_layers) if not any(i in matched[n] for n in names)]
         if left:
-            missing[r.name] = left
+            missing[" or ".join(names)] = left
     return missing
 
 
@@ -324,11 +396,11 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def unfused_lines(reports: list[PassReport], num_layers: int) -> list[str]:
+def unfused_lines(reports: list[PassReport], num_layers: int, architecture: str | None = None) -> list[str]:
     """One line per layer fusion that left layers unfused, e.g. ``fuse_silu_mul matched 0 of 2 layers: layers 0-1
     stay unfused (reference ops)``; empty when every layer got every fusion."""
     lines = []
-    for name, left in unfused_layers(reports, num_layers).items():
+    for name, left in unfused_layers(reports, num_layers, architecture).items():
         which = f"layer {left[0]} stays" if len(left) == 1 else f"layers {_ranges(left)} stay"
         lines.append(f"{name} matched {num_layers - len(left)} of {num_layers} layers: {which} unfused "
                      "(reference ops)")
