@@ -3,7 +3,9 @@ and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE
 (q/k/v and gate/up packed in the checkpoint, split by slices and a chunk); and the LayerNorm families
 (``LN_FAMILIES``): GPT-2 (Conv1D weights, learned positions, GELU-tanh MLP, packed c_attn), GPT-NeoX / Pythia
 (parallel residual, partial rotary) and Falcon (parallel attention + MLP; grouped KV, or Falcon-7B's multi-query
-layout with one norm).
+layout with one norm); and Gemma 2 and 3 (in ``FAMILIES``: (1 + w) norms before and after attention and MLP, GeGLU,
+soft caps, alternating sliding windows, query_pre_attn_scalar; Gemma 3's q/k norms and RoPE base per layer type),
+whose kernels are in test_kernels_gemma.
 
 The Llama-layout families also run in the parametrized tests of test_capture (captured logits), test_passes (each
 fusion once per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm
