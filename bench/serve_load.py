@@ -130,7 +130,12 @@ def main() -> None:
             raise SystemExit(f"build failed ({build.returncode})")
         result["build_s"] = time.perf_counter() - t0
         result["build_stages"] = re.findall(r"\[(\d)/5\] (\w+): (.*)", "".join(lines))
-    vocab = json.loads((args.engine / "engine.json").read_text()).get("config", {}).get("vocab_size") or 49152
+    engine_json = json.loads((args.engine / "engine.json").read_text())
+    vocab = engine_json.get("config", {}).get("vocab_size") or 49152
+    # what the engine holds, not --precision (an engine reused was built with its own)
+    plan = engine_json.get("precision") or {}
+    formats = sorted({g if isinstance(g, str) else str(g.get("format")) for g in (plan.get("groups") or {}).values()})
+    result["precision"] = f"linears {'/'.join(formats)}, KV cache {plan.get('kv_cache')}" if formats else "bf16"
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (args.requests, args.len), generator=g).tolist()
     blocks = ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
@@ -181,7 +186,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     built = f"build {result['build_s']:.0f} s" if result["build_s"] else "engine reused"
-    print(f"\n{result['gpu']}: {args.model or args.engine}, {args.precision}; {built}; server up in "
+    print(f"\n{result['gpu']}: {args.model or args.engine}, {result['precision']}; {built}; server up in "
           f"{result['serve_start_s']:.0f} s")
     for stage in result["build_stages"]:
         print(f"  build [{stage[0]}/5] {stage[1]}: {stage[2]}")

@@ -5,6 +5,7 @@ Each case is optimized (and quantized) once here; the ranks get the sharded grap
 their slices (``rank_params``), and run a prefill step of three sequences plus 32 greedy tokens through the paged
 KV cache. Their logits must equal the unsharded graph's (relative error < 1e-5) and their tokens its tokens."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -183,3 +184,44 @@ def test_a_dead_rank_stops_the_engine_with_its_name(programs):
         workers.procs[0].join()
         with pytest.raises(WorkbenchError, match=r"tensor parallelism: rank 1 died \(exit code -9\)"):
             llm.generate([[4, 5, 6]], SamplingParams(max_tokens=2))
+
+
+def test_workbench_serve_with_two_ranks_answers_and_stops_on_sigterm():
+    """``workbench serve tiny-llama --tp 2``: an OpenAI completion (token ids in, token ids out: random weights
+    have no tokenizer), streamed and not, equals the one-rank LLM's greedy tokens; SIGTERM exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    from test_serve import wait_until_up
+    from workbench import LLM, SamplingParams
+
+    expected = LLM("tiny-llama", num_blocks=32).generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0,
+                                                                                      ignore_eos=True))[0].token_ids
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "tiny-llama", "--tp", "2", "--port", str(port),
+                             "--log-level", "warning", "--num-blocks", "32"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(proc, url)
+        body = {"model": "tiny-llama", "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == expected
+        streamed = []
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    streamed += [t for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
+        assert streamed == expected
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

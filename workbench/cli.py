@@ -268,7 +268,7 @@ def _cmd_serve(args) -> None:
           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, allowed_hosts=_csv(args.allowed_hosts),
-          allowed_origins=_csv(args.allowed_origins))
+          allowed_origins=_csv(args.allowed_origins), tensor_parallel_size=args.tp)
 
 
 API_KEY_ENV = "WORKBENCH_API_KEY"
@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="a model directory or name whose tokenizer to use (e.g. for random weights)")
     s.add_argument("--max-pending", type=int, default=256,
                    help="most unfinished requests; more are answered 429 (default 256)")
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: shard the engine over N ranks (GPUs; processes on the CPU), default 1")
     s.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: what --memory-fraction of the GPU's free "
                    "memory holds; a fixed 256 MiB on the CPU)")
     s.add_argument("--memory-fraction", type=float, help="share of the GPU's free memory, once the weights are "

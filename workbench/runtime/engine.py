@@ -368,6 +368,8 @@ class LLM:
     planner, as ``workbench serve`` sizes it), or a fixed budget on the CPU. ``plugins``: modules or ``.py``
     files registering ops and passes, loaded first, with those of ``WORKBENCH_PLUGINS`` and the installed
     ``workbench.plugins`` entry points (``workbench.plugins``); an engine loads the plugins it was built with.
+    ``tensor_parallel_size`` N > 1 shards the program over N ranks, ranks 1.. in worker processes
+    (``runtime.tensor_parallel``); ``close()`` (or ``with LLM(...) as llm``) stops them.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
@@ -390,20 +392,17 @@ class LLM:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             fixed=opened.kind == "engine")
         self.limits = limits
-        program, self.tp_report, tp = opened.program, None, _tp_size(tensor_parallel_size, opened.program.device)
-        if tp > 1:  # rank 0 here, ranks 1.. in worker processes (runtime.tensor_parallel); steps run eagerly
-            if cuda_graphs:
-                raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
-            cuda_graphs = False
-            program = _rank0_program(opened.program, tp, self)
-        self.engine = LLMEngine(program, opened.tokenizer, num_blocks=num_blocks, config=config, limits=limits,
-                                memory_fraction=memory_fraction, prefix_caching=prefix_caching,
-                                cuda_graphs=cuda_graphs, **({"async_scheduling": False} if tp > 1 else {}))
-        if tp > 1:
-            from .tensor_parallel import TPWorkers
+        from .tensor_parallel import check_size, sharded_engine
 
-            ex = self.engine.executor
-            ex.tensor_parallel = TPWorkers(ex.program.graph, dict(opened.program.params), tp, ex.num_blocks, ex.device)
+        options = dict(num_blocks=num_blocks, config=config, limits=limits, memory_fraction=memory_fraction,
+                       prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
+        #: the sharding pass's report when ``tensor_parallel_size`` > 1 (ranks 1.. run in worker processes)
+        self.tp_report = None
+        if check_size(tensor_parallel_size, opened.program.device) > 1:
+            self.engine, self.tp_report = sharded_engine(opened.program, tensor_parallel_size, opened.tokenizer,
+                                                         **options)
+        else:
+            self.engine = LLMEngine(opened.program, opened.tokenizer, **options)
         # the executor's program repeats the lines open_runnable's GPU program noted: each once
         self.notes = opened.notes + [n for n in self.engine.executor.notes if n not in opened.notes]
         if self.engine.executor.device.type == "cuda":  # what vLLM logs at start-up: the cache and what it holds
@@ -451,22 +450,3 @@ class LLM:
                     bar.update(done)
         return [self.engine.output(i) for i in ids]
 
-
-def _tp_size(size, device: torch.device) -> int:
-    """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
-    if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
-        raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
-                             f"{torch.cuda.device_count()}")
-    return size
-
-
-def _rank0_program(full, size: int, llm: "LLM"):
-    """Rank 0's shard of ``full`` (``shard_tensor_parallel``; its report kept as ``llm.tp_report``)."""
-    from ..graph.executor import DEFAULTS, Program
-    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
-
-    graph, llm.tp_report = shard_tensor_parallel(full.graph, size)
-    return Program(graph, rank_params(graph, full.params, 0), device=full.device,
-                   tactics=DEFAULTS if full.device.type == "cuda" else None)

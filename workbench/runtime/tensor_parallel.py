@@ -136,3 +136,31 @@ def _worker(rank: int, size: int, init: str, graph_text: str, params: dict, num_
     finally:
         with contextlib.suppress(Exception):
             leave()
+
+
+def check_size(size, device: torch.device) -> int:
+    """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
+        raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+    return size
+
+
+def sharded_engine(program, size: int, tokenizer=None, *, cuda_graphs: bool | None = None, **engine_options):
+    """(an ``LLMEngine`` of rank 0 of ``program`` sharded over ``size`` ranks, with ranks 1.. started as workers;
+    the sharding pass's report). ``engine_options`` are ``LLMEngine``'s; steps run eagerly and synchronously."""
+    from ..graph.executor import DEFAULTS, Program
+    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+    from .engine import LLMEngine
+
+    if cuda_graphs:
+        raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
+    graph, report = shard_tensor_parallel(program.graph, size)
+    rank0 = Program(graph, rank_params(graph, program.params, 0), device=program.device,
+                    tactics=DEFAULTS if program.device.type == "cuda" else None)
+    engine = LLMEngine(rank0, tokenizer, cuda_graphs=False, async_scheduling=False, **engine_options)
+    ex = engine.executor
+    ex.tensor_parallel = TPWorkers(ex.program.graph, dict(program.params), size, ex.num_blocks, ex.device)
+    return engine, report

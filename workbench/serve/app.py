@@ -199,17 +199,19 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           num_blocks: int | None = None, memory_fraction: float | None = None, max_num_seqs: int | None = None,
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
-          allowed_hosts: list[str] = (), allowed_origins: list[str] = ()) -> None:
+          allowed_hosts: list[str] = (), allowed_origins: list[str] = (), tensor_parallel_size: int = 1) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``), start the
     engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``). The runtime's limits are the
     engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
     of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts`` (beyond
-    ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``."""
+    ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``.
+    ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks (``runtime.tensor_parallel``)."""
     import uvicorn
 
     from ..runnable import open_runnable
     from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
     from ..runtime.engine import LLMEngine
+    from ..runtime.tensor_parallel import check_size, sharded_engine
 
     served = open_runnable(path, device=device, tokenizer=tokenizer)
     if served.tokenizer is None:
@@ -217,8 +219,13 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
               "give --tokenizer MODEL for text", file=sys.stderr)
     limits = served.limits.narrowed(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, fixed=served.kind == "engine")
-    engine = LLMEngine(served.program, served.tokenizer, num_blocks=num_blocks, limits=limits,
-                       memory_fraction=memory_fraction or DEFAULT_MEMORY_FRACTION)
+    options = dict(num_blocks=num_blocks, limits=limits, memory_fraction=memory_fraction or DEFAULT_MEMORY_FRACTION)
+    if check_size(tensor_parallel_size, served.device) > 1:
+        engine, report = sharded_engine(served.program, tensor_parallel_size, served.tokenizer, **options)
+        print(f"workbench serve: tensor parallelism over {tensor_parallel_size} ranks ({len(report.matches)} "
+              "sharded sites; steps run eagerly)", file=sys.stderr, flush=True)
+    else:
+        engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
         print(f"workbench serve: {line}", file=sys.stderr, flush=True)
     print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}); max_model_len "
@@ -252,6 +259,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         aengine.shutdown(0)  # a no-op after the lifespan's shutdown; stops the thread if startup failed
+        if engine.executor.tensor_parallel is not None:  # the other ranks, once the engine thread has stopped
+            engine.executor.tensor_parallel.close()
 
 
 __all__ = ["ApiError", "create_app", "serve"]
