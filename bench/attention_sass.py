@@ -39,7 +39,7 @@ from workbench.kernels import triton_attention as ta  # noqa: E402
 #: 128); the JIT specializes such values, so the offline compile must say so or its loads are not vectorized
 DIVISIBLE = {"sq_h", "sq_t", "sk_h", "sk_t", "sv_h", "sv_t", "so_h", "so_t", "sc_blk", "sc_off", "sc_h", "sp_s",
              "sp_h", "sp_t", "scos_t"}
-FLOATS = {"s_scale", "v_scale"}
+FLOATS = {"s_scale", "v_scale", "cap", "cap_scale"}
 
 
 def pointer_types(kv: str, step: str) -> dict[str, str]:
@@ -51,7 +51,7 @@ def pointer_types(kv: str, step: str) -> dict[str, str]:
 
 
 def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int = 4, head_dim: int = 128,
-                   page: int = 16):
+                   page: int = 16, softcap: bool = False):
     """(compiled kernel, constexprs) of ``_paged_attention_kernel`` at ``config`` for sm_90."""
     fn = ta._paged_attention_kernel
     names = fn.arg_names
@@ -63,7 +63,7 @@ def compile_config(config: dict, *, kv: str, step: str, rope: bool, group: int =
                   BLOCK_Q=block_q, BLOCK_N=config["BLOCK_N"],
                   PAGE=page, HAS_WINDOW=False, DOT_FP32=False, SPLITS=config.get("SPLITS", 1),
                   NEW_FROM_INPUT=not fp8 or not decode, DOT_F16=fp8, ROPE=rope, PAIRS=pairs, PAIRS_ASM=pairs,
-                  SEQ_MODE=0, ROWS=rows)
+                  SEQ_MODE=0, ROWS=rows, NORM=False, SOFTCAP=softcap)
     ptrs = pointer_types(kv, step)
     signature = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in FLOATS else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in ptrs or n in DIVISIBLE}

@@ -8,7 +8,7 @@ kernel variant (a head-dim-256 attention kernel takes seconds), which the worker
 CPUs; each worker's rows are printed in order.
 
 The families (``FAMILIES``): head dims 64, 80, 96, 128, 256; query / KV heads 9/3, 14/2, 12/2, 28/4, 40/8, 24/8,
-32/8, 8/1 (groups 3, 7, 6, 7, 5, 3, 4, 8) and MHA at 32/32 and 16/16; hidden 576 to 5120, intermediate 1536 to
+32/8, 8/1, 16/8 (groups 3, 7, 6, 7, 5, 3, 4, 8, 2) and MHA at 32/32 and 16/16; hidden 576 to 5120, intermediate 1536 to
 24576, vocabularies 32k to 256k. Sections:
 
 attention  ``workbench.paged_attention``'s Triton tactic on a mixed step (decodes beside a prompt and a chunked
@@ -18,7 +18,8 @@ attention  ``workbench.paged_attention``'s Triton tactic on a mixed step (decode
            decodes in a launch of their own (``DECODE``), an FP8 cache byte by byte and its step's own keys read
            back from it, a decode config, and a prefill at a prompt config
 pointwise  rms_norm, add_rms_norm, their fp8 variants, silu_mul (slices of a fused gate/up output), its fp8
-           variant, rope (q and k heads) at each family's hidden, intermediate and head sizes, 7 and 512 rows
+           variant, rope (q and k heads) at each family's hidden, intermediate and head sizes, 7 and 512 rows; for
+           Gemma 2 and 3 also gelu_mul and norm_add_rms_norm (fp32 1 + w weights) and its fp8 variant
 gemm       each family's qkv (with a bias), o, gate/up and down linears (and the lm_head, bf16) at M = 1, 5, 33,
            512: the bf16 tile (the untuned default config), the GEMV at M = 1, split-K at M = 5; fp8, int8 and
            weight-only int8 (Triton) at M = 1, 5, 33 likewise; torch._scaled_mm at 5 and 512
@@ -58,6 +59,7 @@ from workbench.graph.paged import new_kv_cache  # noqa: E402
 from workbench.kernels import fused  # noqa: E402
 from workbench.kernels import gemm as G  # noqa: E402
 from workbench.kernels import triton_attention as ta  # noqa: E402
+from workbench.kernels import triton_gemma as tg  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.kernels.triton_sampling import greedy_logprobs  # noqa: E402
 
@@ -91,6 +93,8 @@ FAMILIES = [
     Family("Phi-3-mini", 32, 32, 96, 3072, 8192, 32064),
     Family("Gemma-2B", 8, 1, 256, 2048, 16384, 256000),
     Family("Gemma-7B", 16, 16, 256, 3072, 24576, 256000),
+    Family("Gemma-2-9B", 16, 8, 256, 3584, 14336, 256000),
+    Family("Gemma-3-12B", 16, 8, 256, 3840, 15360, 262208),
 ]
 VOCABS = [32000, 32001, 32064, 49152, 151936, 256000]
 
@@ -295,6 +299,16 @@ def run_pointwise(table: Table, fam: Family, device) -> None:
                     lambda: (tp.silu_mul(gate, up), fused.silu_mul(gate, up)), 1e-2)
         table.check("pointwise", fam.name, "silu_mul_fp8", i, "default",
                     lambda: fp8_pair(tp.silu_mul_fp8(gate, up, scale), fused.silu_mul_fp8(gate, up, scale)), 1e-2)
+        if fam.name.startswith(("Gemma-2-", "Gemma-3-")):  # GeGLU; the post-norm + add + norm, fp32 1 + w weights
+            w1, w2 = 1 + 0.1 * randn(fam.hidden).float(), 1 + 0.1 * randn(fam.hidden).float()
+            table.check("pointwise", fam.name, "gelu_mul", i, "default",
+                        lambda: (tg.gelu_mul(gate, up), fused.gelu_mul(gate, up)), 1e-2)
+            table.check("pointwise", fam.name, "norm_add_rms_norm", h + " fp32 w", "default",
+                        lambda: list(zip(tg.norm_add_rms_norm(x, r, w1, w2, 1e-6),
+                                         fused.norm_add_rms_norm(x, r, w1, w2, 1e-6))), 1e-2)
+            table.check("pointwise", fam.name, "norm_add_rms_norm_fp8", h + " fp32 w", "default",
+                        lambda: fp8_pair(tg.norm_add_rms_norm_fp8(x, r, w1, w2, 1e-6, scale)[0],
+                                         fused.norm_add_rms_norm_fp8(x, r, w1, w2, 1e-6, scale)[0]), 1e-2)
         qkv = randn(1, rows, (fam.heads + 2 * fam.kv_heads) * fam.head_dim)
         q = qkv[..., :fam.heads * fam.head_dim].view(1, rows, fam.heads, fam.head_dim).transpose(1, 2)
         k = qkv[..., fam.heads * fam.head_dim:(fam.heads + fam.kv_heads) * fam.head_dim].view(

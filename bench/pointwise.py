@@ -1,7 +1,8 @@
 """Triton pointwise kernels vs the torch eager chains they replace and vs the copy-bandwidth ceiling.
 
 The LayerNorm families' kernels (``triton_ln``: layer_norm, add_layer_norm, gelu, partial_rope) are measured in the
-same table, at GPT-NeoX-6.9B's sizes.
+same table, at GPT-NeoX-6.9B's sizes, and Gemma's (``triton_gemma``: norm_add_rms_norm, gelu_mul, softcap) at
+Gemma-2-9B's.
 
     python bench/pointwise.py --tokens 16384
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.kernels import fused  # noqa: E402
 from workbench.kernels.gemm import quantize_fp8  # noqa: E402
+from workbench.kernels import triton_gemma as tg  # noqa: E402
 from workbench.kernels import triton_pointwise as tp  # noqa: E402
 from workbench.kernels import fused_ln, triton_ln as tk  # noqa: E402
 from workbench.profiling import time_fn  # noqa: E402
@@ -76,6 +78,7 @@ def cases(tokens: int, device: str, dtype: torch.dtype):
     yield ("rope", f"{batch}x{heads}x{t_per}x{head_dim} (transposed)", "rope",
            lambda c: tp.rope(q, cos, sin, config=c), lambda: fused.rope(q, cos, sin), nbytes(q, cos, sin, q))
     yield from layernorm_cases(tokens, randn, scale, batch)
+    yield from gemma_cases(tokens, randn)
 
 
 def layernorm_cases(tokens: int, randn, scale, batch: int):
@@ -110,6 +113,24 @@ def layernorm_cases(tokens: int, randn, scale, batch: int):
            nbytes(q, cos, sin, q))
 
 
+def gemma_cases(tokens: int, randn):
+    """Gemma's kernels (``triton_gemma``) at Gemma-2-9B's sizes: GeGLU, the post-norm + residual add + next norm
+    (fp32 1 + w weights), the final logits' cap."""
+    hidden, inter, vocab = 3584, 14336, 256000
+    x, r = randn(tokens, hidden), randn(tokens, hidden)
+    w1, w2 = (0.1 * randn(hidden)).float() + 1, (0.1 * randn(hidden)).float() + 1
+    yield ("norm_add_rms_norm", f"{tokens}x{hidden} (fp32 w)", "norm_add_rms_norm",
+           lambda c: tg.norm_add_rms_norm(x, r, w1, w2, 1e-6, config=c),
+           lambda: fused.norm_add_rms_norm(x, r, w1, w2, 1e-6), nbytes(x, r, w1, w2, x, x))
+    gate_up = randn(tokens, 2 * inter)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    yield ("gelu_mul", f"{tokens}x{inter} (slices)", "gelu_mul", lambda c: tg.gelu_mul(gate, up, config=c),
+           lambda: fused.gelu_mul(gate, up), nbytes(gate_up, gate))
+    logits = randn(max(tokens // 64, 1), vocab).float() * 20
+    yield ("softcap", f"{logits.shape[0]}x{vocab} (fp32)", "softcap", lambda c: tg.softcap(logits, 30.0, config=c),
+           lambda: fused.softcap(logits, 30.0), nbytes(logits, logits))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -137,7 +158,7 @@ def main() -> None:
                 exact = f"{differ.float().mean().item():.1e} off, <= {steps} step"
         eager_t = time_fn(eager, repeats=args.repeats, device=device, graph_calls=5)
         configs = [(c, time_fn(lambda c=c: kernel(c), repeats=args.repeats, device=device, graph_calls=5))
-                   for c in {**tp.CONFIGS, **tk.CONFIGS}[space]]
+                   for c in {**tp.CONFIGS, **tk.CONFIGS, **tg.CONFIGS}[space]]
         best_cfg, best = min(configs, key=lambda ct: ct[1].median_ms)
         default = configs[0][1]
         gbps = moved / (best.median_ms * 1e-3) / 1e9

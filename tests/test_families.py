@@ -3,7 +3,9 @@ and k, a head_dim apart from hidden / heads, no biases), Llama 3.1's scaled RoPE
 (q/k/v and gate/up packed in the checkpoint, split by slices and a chunk); and the LayerNorm families
 (``LN_FAMILIES``): GPT-2 (Conv1D weights, learned positions, GELU-tanh MLP, packed c_attn), GPT-NeoX / Pythia
 (parallel residual, partial rotary) and Falcon (parallel attention + MLP; grouped KV, or Falcon-7B's multi-query
-layout with one norm).
+layout with one norm); and Gemma 2 and 3 (in ``FAMILIES``: (1 + w) norms before and after attention and MLP, GeGLU,
+soft caps, alternating sliding windows, query_pre_attn_scalar; Gemma 3's q/k norms and RoPE base per layer type),
+whose kernels are in test_kernels_gemma.
 
 The Llama-layout families also run in the parametrized tests of test_capture (captured logits), test_passes (each
 fusion once per layer, optimized logits), test_paged (cached decoding) and test_kernels_pointwise (the per-head norm
@@ -24,7 +26,7 @@ from workbench.models.presets import make_config
 from workbench.pipeline import optimize
 from workbench import LLM, SamplingParams
 
-FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3"]
+FAMILIES = ["tiny-qwen3", "tiny-llama31", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"]
 LN_FAMILIES = ["tiny-gpt2", "tiny-neox", "tiny-falcon", "tiny-falcon-mqa"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only wait for each other
 
@@ -75,21 +77,35 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     """The reports' matches, layer by layer: Qwen3's per-head q and k norms are two more RMSNorms per layer, fused
     over [batch, tokens, heads, head_dim], then moved into the paged attention with the RoPE (its kernel norms and
     rotates q as it loads it, k before it writes the cache); Phi-3's packed qkv_proj and gate_up_proj are found as
-    packed groups (their chunk made slices, as a fused group's outputs are), then everything matches as on Llama."""
+    packed groups (their chunk made slices, as a fused group's outputs are), then everything matches as on Llama.
+    Gemma 2: four (1 + w) norms a layer, GeGLU, the eager attention (soft-capped scores) fused like SDPA, the cap
+    carried into the paged attention. Gemma 3: no caps, SDPA, two more (1 + w) norms a layer (q and k per head, moved
+    into the attention as Qwen3's), two RoPE bases (four tables)."""
     lm, result = built(name)
     cfg = lm.model.config
     layers = range(cfg.num_hidden_layers)
     qwen3 = name == "tiny-qwen3"
+    gemma2, gemma3 = name == "tiny-gemma2", name == "tiny-gemma3"
+    gemma = gemma2 or gemma3
+    qk_norm = qwen3 or gemma3
 
     def matched(pass_name):
         return Counter((m.what, m.layer) for r in result.reports if r.name == pass_name for m in r.matches)
 
-    assert all(r.accepted for r in result.reports)
-    assert matched("fuse_rms_norm") == {**{("rms_norm", i): 4 if qwen3 else 2 for i in layers},
-                                        ("rms_norm", None): 1}
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    # Gemma: four (1 + w) norms a layer (input, post-attention, pre- and post-MLP), the 1 folded into the weight
+    norm = "rms_norm (1 + w folded into the weight)" if gemma else "rms_norm"
+    per_layer = 6 if gemma3 else 4 if qwen3 or gemma else 2  # Gemma 3: its q/k norms too
+    assert matched("fuse_rms_norm") == {**{(norm, i): per_layer for i in layers}, (norm, None): 1}
     # each residual add feeding a norm; the add before layer i's input norm is layer i's, the last the final norm's
+    # (Gemma's post-attention and post-MLP norms feed the adds: they stay rms_norm)
     assert matched("fuse_add_rms_norm") == {("add_rms_norm", 0): 1, ("add_rms_norm", 1): 2, ("add_rms_norm", None): 1}
-    assert matched("fuse_silu_mul") == {("silu_mul", i): 1 for i in layers}
+    # Gemma's norms after the attention and the MLP, with the residual add and the next norm: one op each
+    assert matched("fuse_norm_add_rms_norm") == ({("norm_add_rms_norm", i): 2 for i in layers} if gemma else {})
+    assert matched("fuse_silu_mul") == {("gelu_mul" if gemma else "silu_mul", i): 1 for i in layers}
+    # Gemma 2's soft caps: each layer's attention scores (then taken into the attention) and the final logits
+    assert matched("fuse_softcap") == ({**{("softcap", i): 1 for i in layers}, ("softcap", None): 1} if gemma2
+                                       else {})
     assert matched("fuse_rope") == {("rope", i): 2 for i in layers}
     assert matched("fuse_attention") == {("attention (repeat_kv removed)", i): 1 for i in layers}
     packed = " (packed in the checkpoint)" if name == "tiny-phi3" else ""
@@ -98,8 +114,9 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert matched("insert_paged_attention") == {("paged_attention", i): 1 for i in layers}
     assert matched("fuse_rope_into_attention") == {("rope into paged_attention", i): 1 for i in layers}
     assert matched("fuse_qk_norm_into_attention") == ({("q/k norm into paged_attention", i): 1 for i in layers}
-                                                      if qwen3 else {})
-    assert matched("fold_rope_tables") == {("rope table", None): 2}
+                                                      if qk_norm else {})
+    # Gemma 3: a cos and a sin table per RoPE base (sliding layers' and global layers')
+    assert matched("fold_rope_tables") == {("rope table", None): 4 if gemma3 else 2}
 
     graph = result.graph
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -108,16 +125,23 @@ def test_pass_reports_match_each_fusion_once_per_layer(built, name):
     assert qkv == [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size]
     attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
     assert [n.layer for n in attention] == list(layers)
-    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1  # only the first layer's input norm is left
+    # only the first layer's input norm is left unfused with an add (Gemma's post-norms are in norm_add_rms_norm)
+    assert sum(n.op == "workbench.rms_norm" for n in graph.nodes) == 1
     if qwen3:
         assert head_dim * cfg.num_attention_heads != cfg.hidden_size  # the preset's point
         assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name, n.kwargs["norm_eps"]) for n in attention] == [
             (f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight", 1e-6)
             for i in layers]
         assert "model.layers.0.self_attn.q_proj.bias" not in result.captured.graph.params
+    elif gemma3:  # the derived (1 + w) weights, fp32
+        assert [(n.kwargs["q_norm"].name, n.kwargs["k_norm"].name) for n in attention] == [
+            (f"model.layers.{i}.self_attn.q_norm.weight.plus_one", f"model.layers.{i}.self_attn.k_norm.weight.plus_one")
+            for i in layers]
     else:
         assert all("q_norm" not in n.kwargs for n in attention)
     assert not any(n.op in ("aten.chunk.default", "aten.cat.default", "aten.silu.default") for n in graph.nodes)
+    assert [n.kwargs.get("softcap") for n in attention] == [cfg.attn_logit_softcapping if gemma2 else None] * len(
+        layers)
     if name == "tiny-phi3":  # the same graph as a fused Llama's
         assert len(result.captured.graph.nodes) == 231 and len(graph.nodes) == 60
         assert not any(graph.params[p].derived for p in graph.params if p.endswith(("qkv_proj.weight", "up_proj.weight")))
@@ -269,6 +293,157 @@ def test_llama31_rope_tables_are_the_scaled_ones(built):
     assert rel_err(result.captured_program()(ids, far), ref) < 1e-5
 
 
+def _variant(tmp_path, name, **changes):
+    """The transformers model of preset ``name`` with ``changes`` to its config (the same weights: they are
+    generated by parameter name)."""
+    import json
+
+    config = tmp_path / f"{name}-variant.json"
+    config.write_text(json.dumps({**PRESETS[name], **changes}))
+    return load_model(str(config)).model
+
+
+def test_gemma2_norms_caps_windows_and_scale(built, tmp_path):
+    """Where the optimized graph keeps Gemma 2's pieces: the (1 + w) norm weights derived once (1 + the
+    checkpoint's w, in fp32: ``offset``), windows alternating per layer (16, then global), the attention's soft cap
+    and query_pre_attn_scalar's scale on the paged attention, the final cap as one op after the lm_head, the
+    embeddings times sqrt(hidden). Each of them matters (switched off in transformers, its logits move), and the
+    Triton tactics of the new ops (paged attention with cap and window, GeGLU, softcap) decode the reference
+    graph's greedy tokens."""
+    from workbench.evaluate import paged_greedy
+    from workbench.graph.executor import Program
+    from workbench.graph.passes import run_passes
+    from workbench.graph.passes.rows import lm_head
+
+    lm, result = built("tiny-gemma2")
+    program, cfg = result.program, lm.model.config
+    graph = program.graph
+    weights = dict(lm.model.named_parameters())
+    derived = [n for n, p in graph.params.items() if p.derived and p.derived["op"] == "offset"]
+    assert len(derived) == 4 * cfg.num_hidden_layers + 1 and all(n.endswith("norm.weight.plus_one") for n in derived)
+    assert all(torch.equal(program.params[n], 1 + weights[n.removesuffix(".plus_one")]) for n in derived)
+    attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    assert [(n.args[8], n.args[9], n.kwargs["softcap"]) for n in attention] == [
+        (24 ** -0.5, 16, 0.05), (24 ** -0.5, None, 0.05)]  # scale, window, cap: layer 0 sliding, layer 1 global
+    capped = next(n for n in graph.nodes if n.op == "workbench.softcap")
+    assert capped.name == graph.outputs[0] and capped.args[1] == 0.5 and lm_head(graph).op == "aten.linear.default"
+    # the runtime's lm_head computes only the sampled rows: the cap after it is seen through
+    rows, (report,) = run_passes(graph, program.params, ["select_logits_rows"], check=True)
+    assert report.accepted and [m.what for m in report.matches] == ["logits_rows"]
+    assert "logits_indices" in rows.inputs and lm_head(rows).args[0].name.startswith(lm_head(graph).name)
+    scaled = [n for n in graph.nodes if n.op == "aten.mul.Tensor" and "embed_scale" in str(n.args)]
+    assert len(scaled) == 1 and float(program.params["model.embed_tokens.embed_scale"]) == 8.0
+    ids = prompts()[4][None]  # 30 tokens: past the window of 16
+    with torch.no_grad():
+        ref = lm.model(ids, use_cache=False).logits
+        for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 64},
+                       {"query_pre_attn_scalar": 32}):
+            assert rel_err(_variant(tmp_path, "tiny-gemma2", **change)(ids, use_cache=False).logits, ref) > 1e-3, change
+    prompt = prompts()[2]
+    reference = paged_greedy(Program(graph, program.params), prompt, 24)
+    tactics = {op: "triton" for op in ("workbench.paged_attention", "workbench.gelu_mul", "workbench.softcap")}
+    assert paged_greedy(Program(graph, program.params, tactics=tactics), prompt, 24) == reference
+
+
+def _table_of(graph, value):
+    """The folded table a cos/sin argument of the attention reads: walked back through views to its lookup."""
+    producers = {n.name: n for n in graph.nodes}
+    node = producers[value.name]
+    while node.op != "aten.embedding.default":
+        node = producers[node.args[0].name]
+    return node.args[0].name
+
+
+def test_gemma3_rope_base_per_layer_type_norms_and_windows(built, tmp_path):
+    """Gemma 3's RoPE base per layer type: the sliding layer's attention rotates by the local tables (base 10000),
+    the global layer's by the global ones (base 1e6, linear scaling x8), each bit for bit transformers' at every
+    position; windows 16 then none; the q/k norms' derived fp32 (1 + w) inside the attention, no soft cap; each
+    piece matters (changed in transformers, its logits move), and the Triton tactics of the paged attention (q/k
+    norms, per-layer tables, window) and GeGLU decode the reference graph's greedy tokens."""
+    from workbench.evaluate import paged_greedy
+    from workbench.graph.executor import Program
+
+    lm, result = built("tiny-gemma3")
+    program, cfg = result.program, lm.model.config
+    graph = program.graph
+    attention = [n for n in graph.nodes if n.op == "workbench.paged_attention"]
+    assert [(n.args[8], n.args[9], n.kwargs.get("softcap")) for n in attention] == [(24 ** -0.5, 16, None),
+                                                                                  (24 ** -0.5, None, None)]
+    assert all(graph.params[n.kwargs[w].name].spec.dtype == "float32" for n in attention for w in ("q_norm", "k_norm"))
+    rotary = lm.model.model.rotary_emb
+    positions = torch.arange(cfg.max_position_embeddings)[None]
+    for node, layer_type in zip(attention, cfg.layer_types):
+        cos, sin = rotary(torch.zeros(1), positions, layer_type)
+        assert torch.equal(program.params[_table_of(graph, node.kwargs["cos"])], cos[0])
+        assert torch.equal(program.params[_table_of(graph, node.kwargs["sin"])], sin[0])
+    assert _table_of(graph, attention[0].kwargs["cos"]) != _table_of(graph, attention[1].kwargs["cos"])
+    ids = prompts()[4][None]
+    with torch.no_grad():
+        ref = lm.model(ids, use_cache=False).logits
+        for change in ({"rope_local_base_freq": 1e6}, {"rope_scaling": None}, {"sliding_window": 64}):
+            assert rel_err(_variant(tmp_path, "tiny-gemma3", **change)(ids, use_cache=False).logits, ref) > 1e-3, change
+    prompt = prompts()[2]
+    reference = paged_greedy(Program(graph, program.params), prompt, 24)
+    tactics = {op: "triton" for op in ("workbench.paged_attention", "workbench.gelu_mul")}
+    assert paged_greedy(Program(graph, program.params, tactics=tactics), prompt, 24) == reference
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3"])  # Gemma 3's norms are Gemma 2's and its q/k norms besides
+def test_gemma_bf16_fusions_are_exact(name):
+    """In bf16 the fusions before the paged attention give the captured graph's logits bit for bit: the (1 + w)
+    weights stay fp32 and rms_norm multiplies by them before its one rounding, as Gemma does (1 + w rounded to bf16
+    drifted 1.3e-2), fused with the residual adds or not. (The paged attention's reference, a softmax per sequence,
+    is not bit-identical to SDPA over the packed batch in bf16.) The whole pipeline's checks (in float32) accept
+    every pass, the RoPE tables' fold too, exactly."""
+    from workbench.graph.passes import DEFAULT_PIPELINE
+
+    paged = ("insert_paged_attention", "fuse_rope_into_attention", "fuse_qk_norm_into_attention")
+    unpaged = optimize(name, dtype="bfloat16", device="cpu", passes=[n for n in DEFAULT_PIPELINE if n not in paged])
+    ids = prompts()[4][None]
+    out = logits_fn(unpaged.program)(ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, unpaged.captured_program()(ids))
+    assert {unpaged.graph.params[n].spec.dtype for n in unpaged.graph.params if n.endswith(".plus_one")} == {"float32"}
+    result = optimize(name, dtype="bfloat16", device="cpu", check=True)
+    assert all(r.accepted for r in result.reports) and result.unfused() == []
+    assert next(r for r in result.reports if r.name == "fold_rope_tables").max_rel_err == 0.0
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("fmt,op,limit", [("fp8", "workbench.fp8_linear", 1e-3),
+                                          ("int8_sq", "workbench.int8_linear", 1e-3),
+                                          ("int8_wo", "workbench.w8_linear", 1e-4)])
+def test_gemma_quantizes_in_every_format(built, fmt, op, limit, name):
+    """Groups follow Gemma's linears (fused QKV, fused gate/up, o, down); every format rewrites them all and stays
+    close. SmoothQuant folds into the derived (1 + w) weights of the input and pre-MLP norms (their only reader is
+    the group), never into Gemma 3's q/k norms (inside the attention); with FP8, the GeGLU and the fused post-norm,
+    add and next norm write the linears' x already quantized (gelu_mul_fp8, norm_add_rms_norm_fp8), and an FP8 KV
+    cache is calibrated on the keys normed and
+    rotated as the cache holds them."""
+    from workbench.quant import linear_groups, quantize_graph
+
+    _, result = built(name)
+    program = result.program
+    groups = linear_groups(program.graph)
+    assert list(groups) == [f"layers.{i}.{k}" for i in (0, 1) for k in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+    q, plan, stats = _quantized_close_to(program, fmt, op, limit)
+    ops = Counter(n.op for n in q.graph.nodes)
+    attention = [n for n in q.graph.nodes if n.op == "workbench.paged_attention"]
+    if name == "tiny-gemma2":
+        assert ops["workbench.softcap"] == 1 and all(n.kwargs["softcap"] == 0.05 for n in attention)
+    else:
+        assert all(n.kwargs["k_norm"].name.endswith("k_norm.weight.plus_one") for n in attention)
+    if fmt == "fp8":  # every linear's x written in FP8 by the op before it (o's by the attention: not yet)
+        assert ops["workbench.gelu_mul_fp8"] == 2 and ops["workbench.gelu_mul"] == 0
+        assert ops["workbench.norm_add_rms_norm_fp8"] == 3 and ops["workbench.rms_norm_fp8"] == 1
+    if fmt == "int8_sq":
+        _, tensors, report = quantize_graph(program.graph, dict(program.params), plan, stats)
+        assert report["groups"]["layers.0.qkv"]["smoothing"] == "folded into norm"
+        assert report["groups"]["layers.0.gate_up"]["smoothing"] == "folded into norm"
+        assert "model.layers.0.input_layernorm.weight.plus_one.smooth" in tensors
+        assert "model.layers.0.pre_feedforward_layernorm.weight.plus_one.smooth" in tensors
+        assert not any("q_norm" in t or "k_norm" in t for t in tensors if t.endswith(".smooth"))
+
+
 def _quantized_close_to(program, fmt, op, limit):
     """``program`` with every group but lm_head in ``fmt`` (an FP8 KV cache with fp8): each of the 8 layer groups
     runs ``op``, lm_head stays a plain linear, and the logits stay within KL ``limit`` of the unquantized ones."""
@@ -365,7 +540,8 @@ def test_layernorm_families_quantize_in_every_format(built, name, fmt, op, limit
 
 @pytest.mark.parametrize("name,arch", [("tiny-qwen3", "Qwen3ForCausalLM"), ("tiny-phi3", "Phi3ForCausalLM"),
                                        ("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-neox", "GPTNeoXForCausalLM"),
-                                       ("tiny-falcon", "FalconForCausalLM")])
+                                       ("tiny-falcon", "FalconForCausalLM"), ("tiny-gemma2", "Gemma2ForCausalLM"),
+                                       ("tiny-gemma3", "Gemma3ForCausalLM")])
 def test_fp8_engine_builds_and_generates(tmp_path, capsys, name, arch):
     """`workbench build <preset> --precision fp8`, then `LLM(engine).generate`, on the CPU."""
     import json
@@ -389,13 +565,13 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     from workbench.errors import WorkbenchError
 
     supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                 "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM")
+                 "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM")
     config = tmp_path / "config.json"
-    config.write_text('{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}')
+    config.write_text('{"architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text"}')
     assert main(["capture", str(config), str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.rstrip().endswith(f"unsupported architecture 'Gemma3ForCausalLM'; supported: {supported}")
+    assert err.rstrip().endswith(f"unsupported architecture 'Gemma3nForCausalLM'; supported: {supported}")
     assert not (tmp_path / "ws").exists()
     moe = "Qwen3MoeForCausalLM"
     with pytest.raises(WorkbenchError, match=f"^unsupported architecture '{moe}'; supported: {supported}$"):
@@ -443,6 +619,45 @@ def test_a_pattern_the_passes_do_not_know_runs_on_reference_ops_and_the_build_na
     ws = tmp_path / "ws"
     assert main(["capture", str(config), str(ws)]) == 0 and main(["optimize", str(ws), "--device", "cpu"]) == 0
     assert "fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)\n" in capsys.readouterr().out
+
+
+def test_gemma2_with_an_exact_gelu_runs_its_mlp_on_reference_ops_and_says_so(tmp_path):
+    """Gemma 2 with the exact (erf) GELU and no attention cap: GeGLU is fused only with the tanh GELU, so both
+    layers keep gelu and mul as reference ops, named in the unfused lines; the uncapped eager attention still
+    fuses (an SDPA reference), and the optimized graph matches transformers."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**PRESETS["tiny-gemma2"], "hidden_activation": "gelu",
+                                  "attn_logit_softcapping": None}))
+    lm = load_model(str(config))
+    result = optimize(lm.source, device="cpu", check=True)
+    assert all(r.accepted for r in result.reports)
+    assert result.unfused() == ["fuse_silu_mul matched 0 of 2 layers: layers 0-1 stay unfused (reference ops)"]
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["aten.gelu.default"] == 2 and ops["workbench.gelu_mul"] == 0 and ops["workbench.paged_attention"] == 2
+    assert all("softcap" not in n.kwargs for n in result.graph.nodes if n.op == "workbench.paged_attention")
+    ids = prompts()[4][None]
+    with torch.no_grad():
+        assert rel_err(logits_fn(result.program)(ids), lm.model(ids, use_cache=False).logits) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3"])  # Gemma 2's directory reads the same way (one kept for time)
+def test_gemma_hugging_face_directory_intake(tmp_path, name):
+    """A Hugging Face directory of the architecture (transformers' save_pretrained: safetensors with the tied
+    lm_head left out, config.json, a tokenizer file): captured and optimized from it, its weights read by name (the
+    (1 + w) weights derived from the checkpoint's), the logits equal to transformers' loading the same directory."""
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path / name
+    load_model(name).model.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text("{}")
+    result = optimize(str(directory), device="cpu", check=True)
+    assert result.source.kind == "hf" and all(r.accepted for r in result.reports)
+    ids = prompts()[4][None]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)(ids, use_cache=False).logits
+    assert rel_err(logits_fn(result.program)(ids), ref) < 1e-5
 
 
 def test_a_layernorm_family_pattern_the_passes_do_not_know_runs_on_reference_ops(tmp_path, capsys):

@@ -110,6 +110,33 @@ def test_falcon_7b_has_the_published_shape_and_parameter_count():
     assert model.lm_head.weight is model.transformer.word_embeddings.weight
 
 
+def test_gemma_2_9b_has_the_published_shape_and_parameter_count():
+    """Gemma-2-9B: 9.24 B parameters (tied embeddings), head_dim 256 apart from hidden / heads, 42 layers whose
+    sliding-window (4096) and global attention alternate, the soft caps, and sqrt(hidden) in the embedding."""
+    model = load_model("gemma-2-9b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 9_241_705_984
+    cfg = model.config
+    assert cfg.layer_types == ["sliding_attention", "full_attention"] * 21 and cfg.sliding_window == 4096
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (
+        256, 256, 50.0, 30.0)
+    assert float(model.model.embed_tokens.embed_scale) == float(torch.tensor(3584 ** 0.5))  # fp32, as transformers
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_gemma_3_12b_has_the_published_shape_and_parameter_count():
+    """Gemma-3-12B's text decoder: 11.77 B parameters (the published checkpoint adds a vision encoder), five
+    1024-token sliding layers to one global, RoPE base 10000 on the sliding layers and 1e6 scaled x8 on the global
+    ones, q/k norms, no soft caps."""
+    model = load_model("gemma-3-12b", dtype=torch.bfloat16, materialize=False).model
+    assert sum(p.numel() for p in model.parameters()) == 11_766_034_176
+    cfg = model.config
+    assert cfg.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 8 and cfg.sliding_window == 1024
+    assert cfg.rope_parameters == {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None
+    assert tuple(model.model.layers[0].self_attn.q_norm.weight.shape) == (256,)
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """A real Hugging Face directory of tiny-llama (weights, config) plus a tokenizer file."""
@@ -143,7 +170,8 @@ def test_unsupported_architecture(tmp_path, hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WorkbenchError, match="unsupported architecture 'BloomForCausalLM'; supported: "
                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
-                       "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM$"):
+                       "GPT2LMHeadModel, GPTNeoXForCausalLM, FalconForCausalLM, Gemma2ForCausalLM, "
+                       "Gemma3ForCausalLM$"):
         resolve_source(hf_dir)
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"architectures": ["BertModel"]}))

@@ -15,7 +15,7 @@ from workbench.quant import PrecisionPlan, calibrate, quantized_program
 
 #: RoPE families, whose rotary moves into the paged attention (Falcon-7B's layout: one KV head for 4 query heads);
 #: tiny-gpt2 has learned absolute positions instead, and tiny-neox's partial rotary stays its own op before it
-ROPE = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-falcon-mqa"]
+ROPE = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-falcon-mqa", "tiny-gemma2"]
 
 
 @pytest.fixture(scope="module", params=[*ROPE, "tiny-gpt2", "tiny-neox"])

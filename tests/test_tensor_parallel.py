@@ -69,7 +69,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("size,cases", [
     (2, [("tiny-llama", None), ("tiny-mistral", None), ("tiny-qwen2", None), ("tiny-qwen3", None), ("tiny-gpt2", None),
-         ("tiny-llama", "fp8"), ("tiny-llama", "int8_sq"), ("tiny-llama", "int8_wo")]),
+         ("tiny-gemma2", None), ("tiny-gemma3", None), ("tiny-llama", "fp8"), ("tiny-llama", "int8_sq"),
+         ("tiny-llama", "int8_wo")]),
     (4, [("tiny-llama", None), ("tiny-qwen2", None)]),  # 2 KV heads on 4 ranks: each KV head on two ranks
 ])
 def test_sharded_ranks_equal_one_device(programs, size, cases):

@@ -56,6 +56,8 @@ RESIDUAL_ADDS: dict[str, int | None] = {
     "aten.add.Tensor": None,
     "workbench.add_rms_norm": 1,
     "workbench.add_rms_norm_fp8": 1,
+    "workbench.norm_add_rms_norm": 1,
+    "workbench.norm_add_rms_norm_fp8": 1,
     "workbench.add_layer_norm": 1,
     "workbench.add_layer_norm_fp8": 1,
 }

@@ -286,6 +286,7 @@ def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, 
         cat        concatenation of inputs along ``dim`` (fused QKV / gate-up weights)
         transpose  input with ``dims`` swapped, stored contiguous (a weight transpose folded)
         tabulate   ``graph`` (an IR subgraph of position_ids) evaluated at positions 0..rows-1
+        offset     input + ``value``, in fp32 (Gemma's norm weight 1 + w)
     """
     out = {}
     for name, p in graph.params.items():
@@ -300,6 +301,8 @@ def resolve_params(graph: Graph, base: Mapping[str, torch.Tensor]) -> dict[str, 
             out[name] = torch.cat(inputs, dim=d["dim"])
         elif d["op"] == "transpose":
             out[name] = inputs[0].transpose(*d["dims"]).contiguous()
+        elif d["op"] == "offset":
+            out[name] = inputs[0].float() + d["value"]
         elif d["op"] == "tabulate":
             sub = Graph.from_json(d["graph"])
             rows = d["rows"]

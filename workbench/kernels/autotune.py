@@ -555,6 +555,7 @@ def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | Non
 
 def tactic_ops() -> set[str]:
     """Ops that have at least one tactic besides their reference."""
-    from . import gemm, triton_attention, triton_ln, triton_pointwise  # noqa: F401  (register the Triton tactics)
+    # registers the Triton tactics
+    from . import gemm, triton_attention, triton_gemma, triton_ln, triton_pointwise  # noqa: F401
 
     return {name for name in REGISTRY.names() if REGISTRY.get(name).tactics}

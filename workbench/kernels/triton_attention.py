@@ -52,10 +52,15 @@ alone cannot fill the GPU.
 ``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
 FP8 caches store value / scale, saturated and rounded to e4m3).
 
-Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3; the ``fuse_qk_norm_into_attention`` pass): the
-kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is normed
-with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each rounded as
-``workbench.rms_norm`` rounds. Two more launches per layer fewer, and q and k are read once.
+Per-head q/k RMSNorm inside (``q_norm``/``k_norm`` given, Qwen3 and Gemma 3; the ``fuse_qk_norm_into_attention``
+pass): the kernel norms each q row over the head dim as it loads it (before RoPE; the rotation's partner element is
+normed with the same row statistic), and ``write_kv`` norms each head of K before rotating and storing it, each
+rounded as ``workbench.rms_norm`` rounds (Gemma 3's fp32 1 + w over 16-bit q and k: once, after the weight). Two
+more launches per layer fewer, and q and k are read once.
+
+Soft-capped scores (``softcap`` given, Gemma 2's ``attn_logit_softcapping``): each tile's scores become
+cap · tanh(s · scale / cap) before the masks (``_tanh``, from one exp2: Triton has no portable tanh), and the
+exponent's scale is then log2 e alone. Its shared memory is the uncapped kernel's.
 
 RoPE inside (``cos``/``sin`` given, the ``fuse_rope_into_attention`` pass): q and k arrive before their
 rotary embedding. The attention kernel rotates q as it loads it; ``write_kv`` rotates k before storing
@@ -92,6 +97,7 @@ import triton
 import triton.language as tl
 
 from ..errors import WorkbenchError
+from .gemm import _smem_limit
 from .registry import REGISTRY
 
 LOG2E = 1.4426950408889634
@@ -123,11 +129,12 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
                      scos_t, sko_h, sko_t, svo_h, svo_t, k_scale, v_scale, norm_eps, PAGE: tl.constexpr,
                      KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      QUANT: tl.constexpr, ROPE: tl.constexpr, HAS_K_OUT: tl.constexpr, HAS_V_OUT: tl.constexpr,
-                     NORM: tl.constexpr = False):
+                     NORM: tl.constexpr = False, NORM_ROUND: tl.constexpr = True):
     """One program per new token: its K and V (all KV heads) into the cache slot ``SLOTS[token]``, in two
     halves of the head dim; with NORM, each head of K first normed over the head dim by the weight KW (Qwen3's
     k_norm, rounded as ``workbench.rms_norm`` rounds it: fp32 statistics, the normed value rounded to K's dtype,
-    times the weight, rounded again); with ROPE, K then rotated (as ``workbench.rope`` does: fp32, one rounding to
+    times the weight, rounded again; without NORM_ROUND, an fp32 weight over 16-bit K, Gemma 3's, one rounding after
+    the weight); with ROPE, K then rotated (as ``workbench.rope`` does: fp32, one rounding to
     K's dtype). HAS_K_OUT / HAS_V_OUT also write K / V as the attention reads this step's own keys: K normed
     and rotated; over an FP8 cache, the values the cache holds (value / scale, rounded to e4m3) in fp16."""
     t = tl.program_id(0).to(tl.int64)
@@ -144,8 +151,14 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
         r = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1))[:, None] / (2 * HALF) + norm_eps)
         w1 = tl.load(KW + d, mask=d < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(KW + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-        k1 = ((x1 * r).to(K.dtype.element_ty).to(tl.float32) * w1).to(K.dtype.element_ty)
-        k2 = ((x2 * r).to(K.dtype.element_ty).to(tl.float32) * w2).to(K.dtype.element_ty)
+        if NORM_ROUND:
+            x1 = (x1 * r).to(K.dtype.element_ty).to(tl.float32)
+            x2 = (x2 * r).to(K.dtype.element_ty).to(tl.float32)
+        else:  # an fp32 weight over 16-bit K (Gemma 3's 1 + w): times the weight, then the one rounding
+            x1 = x1 * r
+            x2 = x2 * r
+        k1 = (x1 * w1).to(K.dtype.element_ty)
+        k2 = (x2 * w2).to(K.dtype.element_ty)
     if ROPE:
         c1 = tl.load(COS + t * scos_t + d, mask=d < HALF, other=0.0).to(tl.float32)
         c2 = tl.load(COS + t * scos_t + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
@@ -173,11 +186,23 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
 
 
 @triton.jit
-def _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32 from exp2(-2|x| log2 e) (Triton has no portable tanh): no overflow at any |x|."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED: tl.constexpr, cap, cap_scale, SOFTCAP: tl.constexpr):
     """The online softmax over one tile's scores, in base 2 (``s_scale`` includes log2 e): scores are
     scaled inside the exponent's FMA, never stored scaled. Unmasked tiles (every key visible to every
     row) skip the masking and the guard for rows that see nothing yet. Returns the tile's
-    probabilities, the factor the accumulated output is rescaled by, the new row maxima and sums."""
+    probabilities, the factor the accumulated output is rescaled by, the new row maxima and sums.
+    With SOFTCAP (Gemma 2) each score s becomes cap * tanh(s · cap_scale), cap_scale = scale / cap, before the
+    mask, and ``s_scale`` is log2 e alone."""
+    if SOFTCAP:
+        s = cap * _tanh(s * cap_scale)
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * s_scale)
@@ -191,13 +216,14 @@ def _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+def _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, MASKED: tl.constexpr, DOT_FP32: tl.constexpr, cap, cap_scale,
+            SOFTCAP: tl.constexpr):
     """One K/V tile: scores, ``_softmax_tile``, and the output accumulated."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED)
+    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED, cap, cap_scale, SOFTCAP)
     acc = acc * alpha[:, None]
     if DOT_FP32:  # the product accumulates into acc inside the MMA, no separate add
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
@@ -230,13 +256,13 @@ def _e4m3_pairs(x, ASM: tl.constexpr):
 
 @triton.jit
 def _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k16, v16, s_scale, allowed, MASKED: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, cap, cap_scale, SOFTCAP: tl.constexpr):
     """``_attend`` over an FP8 cache read as int16 pairs: the head dim split into its even and odd
     elements, so that every dot operand is 16-bit (8-bit operands that must be transposed, V's, are
     gathered a byte at a time)."""
     k_e, k_o = _e4m3_pairs(k16, ASM)
     s = tl.dot(q_o, tl.trans(k_o), tl.dot(q_e, tl.trans(k_e)))
-    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED)
+    p, alpha, m_new, l_i = _softmax_tile(s, m_i, l_i, s_scale, allowed, MASKED, cap, cap_scale, SOFTCAP)
     p = p.to(tl.float16)
     v_e, v_o = _e4m3_pairs(v16, ASM)
     acc_e = tl.dot(p, v_e, acc_e * alpha[:, None])
@@ -303,12 +329,13 @@ def _paged_attention_kernel(
         Q, K, V, KC, VC, O, BT, SEQ_LENS, QSL, O_PART, LSE, COS, SIN, BLOCK_SEQ, QW,
         sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_h, so_t, sc_blk, sc_off, sc_h, sbt, sp_s, sp_h, sp_t, sl_s, sl_h,
         scos_t,
-        num_seqs, s_scale, v_scale, window, norm_eps,
+        num_seqs, s_scale, v_scale, window, norm_eps, cap, cap_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
         SPLITS: tl.constexpr, NEW_FROM_INPUT: tl.constexpr, DOT_F16: tl.constexpr, ROPE: tl.constexpr,
         PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False, SEQ_MODE: tl.constexpr = 0,
-        ROWS: tl.constexpr = 0, NORM: tl.constexpr = False):
+        ROWS: tl.constexpr = 0, NORM: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+        NORM_ROUND: tl.constexpr = True):
     # query rows per program (``query_rows``): BLOCK_Q · GROUP, or with ROWS a power of two above it whose last
     # ROWS - BLOCK_Q · GROUP rows are padding (a GROUP that is not a power of two: 3, 5, 7)
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP if ROWS == 0 else ROWS
@@ -371,17 +398,23 @@ def _paged_attention_kernel(
         q_row = Q + head[:, None] * sq_h + (q_begin + tok)[:, None].to(tl.int64) * sq_t
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_row + d[None, :], mask=q_mask, other=0.0)
-        if NORM:  # Qwen3's per-head q_norm on the way in, rounded as workbench.rms_norm rounds it
+        if NORM:  # Qwen3's / Gemma 3's per-head q_norm on the way in, rounded as workbench.rms_norm rounds it
             qf = q.to(tl.float32)
             r = tl.math.rsqrt(tl.sum(qf * qf, axis=1)[:, None] / HEAD_DIM + norm_eps)
             w = tl.load(QW + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-            q = ((qf * r).to(Q.dtype.element_ty).to(tl.float32) * w).to(Q.dtype.element_ty)
+            qn = qf * r
+            if NORM_ROUND:
+                qn = qn.to(Q.dtype.element_ty).to(tl.float32)
+            q = (qn * w).to(Q.dtype.element_ty)
         if ROPE:  # rotary embedding on the way in, rounded to q's dtype as workbench.rope rounds it
             half: tl.constexpr = HEAD_DIM // 2
             partner = tl.load(q_row + ((d + half) % HEAD_DIM)[None, :], mask=q_mask, other=0.0).to(tl.float32)
             if NORM:  # the partner element normed as its own column is (the row's r, its own weight)
                 w_p = tl.load(QW + (d + half) % HEAD_DIM, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-                partner = ((partner * r).to(Q.dtype.element_ty).to(tl.float32) * w_p).to(Q.dtype.element_ty)
+                partner = partner * r
+                if NORM_ROUND:
+                    partner = partner.to(Q.dtype.element_ty).to(tl.float32)
+                partner = (partner * w_p).to(Q.dtype.element_ty)
                 partner = partner.to(tl.float32)
             cs_off = (q_begin + tok)[:, None].to(tl.int64) * scos_t + d[None, :]
             c = tl.load(COS + cs_off, mask=q_mask, other=0.0).to(tl.float32)
@@ -433,9 +466,10 @@ def _paged_attention_kernel(
                                 sc_h // PER, HEAD_DIM // PER, BLOCK_D // PER, PAGE, BLOCK_N, False)
             if PAIRS:
                 acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k, v, s_scale, row_ok,
-                                                       False, PAIRS_ASM)
+                                                       False, PAIRS_ASM, cap, cap_scale, SOFTCAP)
             else:
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok, False, DOT_FP32)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok, False, DOT_FP32, cap,
+                                        cap_scale, SOFTCAP)
         for n0 in range(whole_end, n_end, BLOCK_N):
             kv = n0 + tl.arange(0, BLOCK_N)
             allowed = (kv[None, :] <= pos[:, None]) & (kv < cached_end)[None, :] & row_ok[:, None]
@@ -445,9 +479,10 @@ def _paged_attention_kernel(
                                 sc_h // PER, HEAD_DIM // PER, BLOCK_D // PER, PAGE, BLOCK_N, True)
             if PAIRS:
                 acc_e, acc_o, m_i, l_i = _attend_pairs(acc_e, acc_o, m_i, l_i, q_e, q_o, k, v, s_scale, allowed,
-                                                       True, PAIRS_ASM)
+                                                       True, PAIRS_ASM, cap, cap_scale, SOFTCAP)
             else:
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32, cap,
+                                        cap_scale, SOFTCAP)
         if PAIRS:
             acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_D])
         if NEW_FROM_INPUT and split == SPLITS - 1:
@@ -466,7 +501,8 @@ def _paged_attention_kernel(
                 else:
                     k = tl.load(kv_base + j[:, None] * sk_t + d[None, :], mask=d_ok[None, :], other=0.0)
                     v = tl.load(vv_base + j[:, None] * sv_t + d[None, :], mask=d_ok[None, :], other=0.0)
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, row_ok[:, None], False, DOT_FP32, cap,
+                                        cap_scale, SOFTCAP)
             for j0 in range(full_end, last - context, BLOCK_N):
                 j = j0 + tl.arange(0, BLOCK_N)
                 j_ok = j < n_q
@@ -476,7 +512,8 @@ def _paged_attention_kernel(
                 allowed = (kp[None, :] <= pos[:, None]) & j_ok[None, :] & row_ok[:, None]
                 if HAS_WINDOW:
                     allowed = allowed & (kp[None, :] > pos[:, None] - window)
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, s_scale, allowed, True, DOT_FP32, cap,
+                                        cap_scale, SOFTCAP)
         out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         t_glob = (q_begin + tok).to(tl.int64)
         if SPLITS == 1:
@@ -571,7 +608,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         float(norm_eps or 0.0), PAGE=page, KV_HEADS=kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         QUANT=kv_cache.dtype in FP8_DTYPES, ROPE=rope, HAS_K_OUT=k_out is not None, HAS_V_OUT=v_out is not None,
-        NORM=k_norm is not None, num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+        NORM=k_norm is not None, NORM_ROUND=not _weight_first(k_norm, k),
+        num_warps=4 if kv_heads * head_dim >= 1024 else 1)
+
+
+def _weight_first(norm: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a q/k norm multiplies by its weight before its one rounding: an fp32 weight over 16-bit values
+    (Gemma 3's derived 1 + w), as ``workbench.rms_norm`` does."""
+    return norm is not None and norm.dtype == torch.float32 and x.dtype != torch.float32
 
 
 def query_rows(block_q: int, group: int) -> tuple[int, int]:
@@ -601,7 +645,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     k_scale: float | None = None, v_scale: float | None = None,
                     config: dict | None = None, *, cos: torch.Tensor | None = None,
                     sin: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, norm_eps: float | None = None) -> torch.Tensor:
+                    k_norm: torch.Tensor | None = None, norm_eps: float | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Same contract as the reference ``workbench.paged_attention`` (see ``kernels/fused.py``)."""
     config = config or CONFIGS[0]
     _, num_blocks, page, kv_heads, head_dim = kv_cache.shape
@@ -646,6 +691,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if not rope:
         cos = sin = q  # unused
     scale = head_dim ** -0.5 if scale is None else scale
+    # soft-capped scores (Gemma 2): cap * tanh(raw · scale · k_scale / cap), then only log2 e in the exponent
+    s_scale = LOG2E if softcap else scale * k_scale * LOG2E
+    cap, cap_scale = (float(softcap), scale * k_scale / softcap) if softcap else (1.0, 1.0)
 
     def launch(cfg: dict, seq_mode: int) -> None:
         block_m, block_q = query_rows(cfg["BLOCK_Q"], group)
@@ -668,12 +716,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             q_norm if norm else q, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
             out.stride(1), out.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            cos.stride(0) if rope else 0, seqs, scale * k_scale * LOG2E, v_scale, window or 0, float(norm_eps or 0.0),
+            cos.stride(0) if rope else 0, seqs, s_scale, v_scale, window or 0, float(norm_eps or 0.0), cap, cap_scale,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
             BLOCK_N=cfg["BLOCK_N"], PAGE=page, HAS_WINDOW=window is not None,
             DOT_FP32=(interpret or q.dtype == torch.float32) and not dot_f16, SPLITS=splits,
             NEW_FROM_INPUT=new_from_input, DOT_F16=dot_f16, ROPE=rope, PAIRS=pairs,
-            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m, NORM=norm,
+            PAIRS_ASM=pairs and not interpret, SEQ_MODE=seq_mode, ROWS=block_m, NORM=norm, SOFTCAP=bool(softcap),
+            NORM_ROUND=not _weight_first(q_norm, q),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
         if splits > 1:
@@ -682,6 +731,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                 out.stride(1), out.stride(2), SPLITS=splits, HEAD_DIM=head_dim,
                 BLOCK_D=triton.next_power_of_2(head_dim))
 
+    if q.is_cuda:  # a config tuned or written for another head dim or GPU: its pipeline cut to fit this one
+        limit = _smem_limit(q.device)
+        config = dict(fit_stages(config, group, head_dim, limit) or {**config, "num_stages": 1})
+        if config.get("DECODE"):
+            config["DECODE"] = fit_stages(config["DECODE"], group, head_dim, limit) or {**config["DECODE"],
+                                                                                        "num_stages": 1}
     decode = config.get("DECODE")
     if decode and tokens > seqs:  # a mixed step: single-token sequences at the decode config, the rest at this one
         if decode.get("SPLITS", 1) != 1:
@@ -704,6 +759,44 @@ MAX_QUERY_TILE = 32768
 DECODE_CONFIG = {"BLOCK_Q": 4, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 80}
 
 
+def shared_memory(config: dict, group: int, head_dim: int) -> int:
+    """Bytes of shared memory the attention kernel asks for at ``config``, GQA ``group`` and ``head_dim``, with
+    16-bit operands (an FP8 cache's prompt steps read this step's keys from fp16 copies, pipelined like a bf16
+    cache's; its decode steps ask for less). Per tile: K and V of BLOCK_N × BLOCK_D each, Q of BLOCK_M × BLOCK_D,
+    P of BLOCK_M × BLOCK_N. Programs of 64 query rows or more keep ``num_stages`` K/V tiles in flight and Q; fewer
+    rows keep one K/V tile fewer (a single K tile at one stage), Q and P. The formula gives exactly what Triton 3.9
+    compiled for sm_90 asked for at 16 configs (head dims 128 and 256, 16 to 256 rows, 1 to 3 stages, 4 and 8
+    warps; BENCHMARKS.md, 2026-12-07, "shared memory of the attention kernel at head dim 256")."""
+    rows, _ = query_rows(config["BLOCK_Q"], group)
+    block_d = triton.next_power_of_2(head_dim)
+    tile = config["BLOCK_N"] * block_d * 2  # one of K or V
+    q, p = rows * block_d * 2, rows * config["BLOCK_N"] * 2
+    stages = config["num_stages"]
+    if rows >= 64:
+        return 2 * stages * tile + q
+    return max(2 * (stages - 1), 1) * tile + q + p
+
+
+def fit_stages(config: dict, group: int, head_dim: int, limit: int) -> dict | None:
+    """``config`` with its pipeline cut to as many stages as fit ``limit`` bytes of shared memory (itself when it
+    fits); None when even one stage does not. Head dim 256 (Gemma) is where 3 stages stop fitting an H100."""
+    stages = config["num_stages"]
+    while stages > 1 and shared_memory({**config, "num_stages": stages}, group, head_dim) > limit:
+        stages -= 1
+    fitted = config if stages == config["num_stages"] else {**config, "num_stages": stages}
+    return fitted if shared_memory(fitted, group, head_dim) <= limit else None
+
+
+def _fit_all(configs: list[dict], group: int, head_dim: int, limit: int) -> list[dict]:
+    """Each config fitted to ``limit`` (``fit_stages``), those that cannot fit dropped, duplicates once."""
+    out = []
+    for c in configs:
+        fitted = fit_stages(c, group, head_dim, limit)
+        if fitted is not None and fitted not in out:
+            out.append(fitted)
+    return out
+
+
 def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     """Configs for a step's shape. Steps of at most 4 new tokens per sequence on average (decode) get every
     config but the prompt register caps: split-KV (where the query blocks alone are few) and the decode caps
@@ -721,6 +814,10 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     its decodes in a launch of their own at ``DECODE_CONFIG``: at a prompt config (BLOCK_Q 32-64) a
     decode program multiplies 128-256 query rows of which GROUP are real.
 
+    Every config's pipeline is cut to the stages that fit the device's shared memory (``fit_stages``; an H100's
+    232,448 B per block off the GPU too): at head dim 256, 3 stages of 64-key tiles do not fit beside 64 or more
+    query rows, nor of 128-key tiles at any size.
+
     Configs whose query tile (``query_rows`` × BLOCK_D) exceeds ``MAX_QUERY_TILE`` elements are dropped (all of
     them never: the smallest stays): at GROUP 8 and head dim 256 (Gemma-2B), BLOCK_Q 64 compiles for sm_90, slowly,
     to a kernel asking for more shared memory than a block gets (227 KB), and BLOCK_Q 32 to one that spills; at
@@ -732,6 +829,10 @@ def prune(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     tiles = {id(c): query_rows(c["BLOCK_Q"], group)[0] * block_d for c in configs}
     configs = ([c for c in configs if tiles[id(c)] <= MAX_QUERY_TILE]
                or [min(configs, key=lambda c: tiles[id(c)])])
+    # pipelines sized to the device's shared memory (head dim 256: fewer stages); never empty
+    fitted = _fit_all(configs, group, kv_cache.shape[-1], _smem_limit(q.device))
+    configs = fitted or [{**min(configs, key=lambda c: tiles[id(c)]), "num_stages": 1}]
+    tiles = {id(c): query_rows(c["BLOCK_Q"], group)[0] * block_d for c in configs}
     if q.shape[2] <= 4 * seq_lens.shape[0]:
         return [c for c in configs if "maxnreg" not in c or c["BLOCK_Q"] < 16]
     unsplit = [c for c in configs if c.get("SPLITS", 1) == 1]

@@ -1,7 +1,8 @@
 """Triton kernels for the memory-bound fused ops, registered as their ``triton`` tactic.
 
     workbench.rms_norm      ROWS rows per program: load, fp32 sum of squares, scale, store; rows may be the
-                            heads of a head-split strided slice (Qwen3's per-head q/k norm), read in place
+                            heads of a head-split strided slice (Qwen3's per-head q/k norm), read in place; an
+                            fp32 weight over 16-bit x (Gemma's 1 + w) multiplies before the one rounding
     workbench.add_rms_norm  the same with the residual add fused: writes the sum and the norm
     workbench.silu_mul      gate and up may be strided slices of one fused GEMM output
     workbench.rms_norm_fp8, add_rms_norm_fp8, silu_mul_fp8
@@ -32,7 +33,7 @@ from .registry import REGISTRY
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_xh, heads, stride_r, stride_y, stride_s, n_rows, n_cols,
                      eps, HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, ROUND_NORMED: tl.constexpr = True):
     # ROWS rows per program: more bytes in flight per program, the weight loaded once for them all.
     # x's row r is (r // heads, r % heads) of a [rows / heads, heads, n_cols] view with strides
     # (stride_x, stride_xh, 1): per-head norms (Qwen3's q/k norm) read a head-split slice of the fused
@@ -48,7 +49,9 @@ def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_xh, heads, stride_r,
         tl.store(S + rows * stride_s + cols, s, mask=mask)
         x = s.to(tl.float32)
     variance = tl.sum(x * x, axis=1)[:, None] / n_cols
-    normed = (x * tl.math.rsqrt(variance + eps)).to(X.dtype.element_ty).to(tl.float32)
+    normed = x * tl.math.rsqrt(variance + eps)
+    if ROUND_NORMED:  # Llama's order; an fp32 weight over 16-bit x (Gemma's 1 + w) rounds once, after the weight
+        normed = normed.to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = normed * w
     if QUANT:  # FP8 out: the unfused norm's value (rounded to its dtype) / scale, saturated to ±448; the
@@ -159,7 +162,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2, stride_x, stride_xh, heads = _head_rows(x)
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols
-    out_dtype = torch.result_type(weight, x)
+    # an fp32 weight over 16-bit x (Gemma's derived 1 + w): times the weight in fp32, one rounding to x's dtype
+    weight_first = weight.dtype == torch.float32 and x.dtype != torch.float32
+    out_dtype = x.dtype if weight_first else torch.result_type(weight, x)
     y = torch.empty(x.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=x.device)
     y2 = y.view(-1, n_cols)
     if residual is not None:
@@ -173,7 +178,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), stride_x, stride_xh, heads,
         r2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
         QUANT=scale is not None, ROUND=_round_dtype(out_dtype), ROWS=rows, BLOCK=triton.next_power_of_2(n_cols),
-        num_warps=config["num_warps"])
+        ROUND_NORMED=not weight_first, num_warps=config["num_warps"])
     return (y, s) if residual is not None else y
 
 

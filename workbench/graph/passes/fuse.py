@@ -4,10 +4,17 @@ Each pattern is matched structurally on the IR, after ``eliminate_noops`` (so fp
 graphs have no identity casts left), and is written as the chain it expects:
 
     rms_norm      mul(w, [to(] mul(a, rsqrt(add(mean(pow(a, 2), [-1], True), eps))) [)]),  a = [to(]x[)]
+                  Gemma's: [to(] mul(mul(a, rsqrt(..)), add([to(]w[)], 1.0)) [)]: the 1 folded into a derived
+                  fp32 weight (1 + w, computed when weights are loaded), then the same op (which, given an fp32
+                  weight over 16-bit x, rounds once after it, as Gemma does)
     add_rms_norm  rms_norm(add(x, r)) where the sum is also the next residual
-    silu_mul      mul(silu(gate), up)
+    norm_add_rms_norm  add_rms_norm(rms_norm(x), r): Gemma's post-norm, the residual add and the next norm
+    silu_mul      mul(silu(gate), up);  gelu_mul: mul(gelu(gate, approximate="tanh"), up) (GeGLU)
+    softcap       mul(tanh(div(x, c)), c)  (Gemma 2's final logits; its attention scores' go into the attention)
     rope          add(mul(x, cos), mul(cat([neg(slice(x, -1, h:)), slice(x, -1, :h)]), sin))
-    attention     sdpa(q, repeat_kv(k), repeat_kv(v), mask)  with  repeat_kv = reshape(expand(unsqueeze(·, 2)))
+    attention     sdpa(q, repeat_kv(k), repeat_kv(v), mask)  with  repeat_kv = reshape(expand(unsqueeze(·, 2))),
+                  or the eager form (Gemma 2): matmul([to(]softmax([add(] [softcap(] mul(matmul(q,
+                  transpose(repeat_kv(k))), scale) [)] [, mask)], -1)[)], repeat_kv(v))
 
 Intermediates a pattern swallows must have no other readers; otherwise it does not match.
 """
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..ir import Node, Ref, TensorSpec
+from ..ir import Node, Param, Ref, TensorSpec
 from ..rewrite import Rewriter
 from .manager import Match, register_pass
 
@@ -84,9 +91,91 @@ def _fuse_chains(rw: Rewriter, match, op: str, what: str) -> list[Match]:
     return matches
 
 
-@register_pass("fuse_rms_norm", "RMSNorm chains (pow/mean/add/rsqrt/mul/cast/mul) -> workbench.rms_norm")
+#: What a Gemma norm's match is reported as: the (1 + w) is in the derived weight, not computed per token.
+UNIT_OFFSET = "rms_norm (1 + w folded into the weight)"
+
+
+def _unit_offset_weight(rw: Rewriter, v, reader: Node):
+    """The 1-D weight w if ``v`` is add([to(]w[)], 1.0) read only by ``reader`` (Gemma's 1 + w)."""
+    add = rw.only_reader(v, reader)
+    if not (_is_op(add, "aten.add.Tensor") and len(add.args) == 2 and add.args[1] == 1.0):
+        return None
+    w = add.args[0]
+    cast = rw.only_reader(w, add)
+    if _is_op(cast, "aten.to.dtype"):
+        w = cast.args[0]
+    g = rw.graph
+    if not (isinstance(w, Ref) and w.name in g.params and len(g.params[w.name].spec.shape) == 1):
+        return None
+    return w.name, [add, cast if _is_op(cast, "aten.to.dtype") else None]
+
+
+def _match_unit_offset_rms_norm(rw: Rewriter, n: Node):
+    """(x, w name, eps) and the swallowed nodes if ``n`` ends a Gemma RMSNorm: normed * (1 + w), then cast back
+    to x's dtype where x is not fp32."""
+    end = n
+    core = n
+    if n.op in ("aten.type_as.default", "aten.to.dtype"):
+        core = rw.only_reader(n.args[0], n)
+    if not _is_op(core, "aten.mul.Tensor") or len(core.args) != 2:
+        return None
+    for i in (0, 1):
+        found = _unit_offset_weight(rw, core.args[i], core)
+        scaled = rw.only_reader(core.args[1 - i], core)
+        if found is not None and _is_op(scaled, "aten.mul.Tensor"):
+            break
+    else:
+        return None
+    weight, offset_nodes = found
+    a, r = scaled.args
+    rsqrt = rw.only_reader(r, scaled)
+    if not _is_op(rsqrt, "aten.rsqrt.default"):
+        return None
+    add = rw.only_reader(rsqrt.args[0], rsqrt)
+    if not (_is_op(add, "aten.add.Tensor") and isinstance(add.args[1], float)):
+        return None
+    mean = rw.only_reader(add.args[0], add)
+    if not (_is_op(mean, "aten.mean.dim") and list(mean.args[1]) == [-1] and mean.args[2] is True):
+        return None
+    pow_ = rw.only_reader(mean.args[0], mean)
+    if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
+        return None
+    x = _unwrap_cast(rw, a)
+    x_spec = rw.spec(x)
+    if x_spec is None or end.out is None or end.out.dtype != x_spec.dtype:
+        return None
+    swallowed = [*offset_nodes, scaled, rsqrt, add, mean, pow_] + ([core] if core is not end else [])
+    return [x, weight, add.args[1]], swallowed
+
+
+def _unit_offset_param(rw: Rewriter, weight: str) -> Ref:
+    """The derived weight 1 + w, computed and kept in fp32 whatever the graph's dtype: ``workbench.rms_norm`` with
+    an fp32 weight over 16-bit x rounds once after it, as Gemma does (1 + w rounded to bf16 would be up to half a
+    bf16 step off before the product's own rounding)."""
+    g = rw.graph
+    name = f"{weight}.plus_one"
+    if name not in g.params:
+        p = g.params[weight]
+        g.params[name] = Param(name, "parameter", TensorSpec(list(p.spec.shape), "float32"), [],
+                               {"op": "offset", "value": 1.0, "inputs": [[p.name, p.aliases]]})
+    return Ref(name)
+
+
+@register_pass("fuse_rms_norm", "RMSNorm chains (pow/mean/add/rsqrt/mul/cast/mul) -> workbench.rms_norm; Gemma's "
+                                "(1 + w) with the 1 folded into a derived weight")
 def fuse_rms_norm(rw: Rewriter) -> list[Match]:
-    return _fuse_chains(rw, _match_rms_norm, "workbench.rms_norm", "rms_norm")
+    matches = _fuse_chains(rw, _match_rms_norm, "workbench.rms_norm", "rms_norm")
+    for n in list(rw.graph.nodes):
+        found = _match_unit_offset_rms_norm(rw, n)
+        if found is None:
+            continue
+        (x, weight, eps), swallowed = found
+        w = _unit_offset_param(rw, weight)
+        fused = _new(rw, n, "rms_norm", "workbench.rms_norm", [x, w, eps], [n.out], n)
+        rw.replace_uses(n.name, Ref(fused.name))
+        matches.append(Match(UNIT_OFFSET, n.layer, [m.name for m in swallowed if m is not None] + [n.name],
+                             [fused.name, w.name]))
+    return matches
 
 
 @register_pass("fuse_add_rms_norm", "residual add feeding an RMSNorm -> workbench.add_rms_norm (sum kept)")
@@ -109,6 +198,32 @@ def fuse_add_rms_norm(rw: Rewriter) -> list[Match]:
     return matches
 
 
+@register_pass("fuse_norm_add_rms_norm", "a norm's output added to the residual, feeding the next norm "
+                                         "(Gemma's post-attention / post-MLP norms) -> workbench.norm_add_rms_norm")
+def fuse_norm_add_rms_norm(rw: Rewriter) -> list[Match]:
+    """Gemma normalizes the attention's and the MLP's outputs before the residual add, which feeds the next norm:
+    rms_norm, then add_rms_norm become one op (one read of each input, the sum written once; a layer's launches
+    then are a Llama layer's). Matches where the norm's output is read by the add alone and both share eps; the
+    add_rms_norm node becomes the fused one, so its readers (the sum's and the normed value's) stay as they are."""
+    matches = []
+    for n in rw.graph.nodes:
+        if n.op != "workbench.add_rms_norm" or len(n.args) != 4:
+            continue
+        for i in (0, 1):
+            norm = rw.only_reader(n.args[i], n)
+            if not (_is_op(norm, "workbench.rms_norm") and len(norm.args) == 3 and norm.args[2] == n.args[3]
+                    and norm.out is not None and rw.spec(norm.args[0]) is not None
+                    and rw.spec(norm.args[0]).dtype == norm.out.dtype):
+                continue
+            n.op = "workbench.norm_add_rms_norm"
+            n.args = [norm.args[0], n.args[1 - i], norm.args[1], n.args[2], n.args[3]]
+            matches.append(Match("norm_add_rms_norm", norm.layer, [norm.name, n.name], [n.name]))
+            break
+    if matches:
+        rw.refresh()
+    return matches
+
+
 def _match_silu_mul(rw: Rewriter, n: Node):
     if n.op != "aten.mul.Tensor" or len(n.args) != 2:
         return None
@@ -119,9 +234,42 @@ def _match_silu_mul(rw: Rewriter, n: Node):
     return None
 
 
-@register_pass("fuse_silu_mul", "SwiGLU gating mul(silu(gate), up) -> workbench.silu_mul")
+def _match_gelu_mul(rw: Rewriter, n: Node):
+    """GeGLU with the tanh GELU (Gemma's gelu_pytorch_tanh); the exact (erf) GELU is another function."""
+    if n.op != "aten.mul.Tensor" or len(n.args) != 2:
+        return None
+    for i in (0, 1):
+        gelu = rw.only_reader(n.args[i], n)
+        if _is_op(gelu, "aten.gelu.default") and gelu.kwargs.get("approximate") == "tanh" and len(gelu.args) == 1:
+            return [gelu.args[0], n.args[1 - i]], [gelu]
+    return None
+
+
+@register_pass("fuse_silu_mul", "gated MLP activations: SwiGLU mul(silu(gate), up) -> workbench.silu_mul, GeGLU "
+                                "mul(gelu_tanh(gate), up) -> workbench.gelu_mul")
 def fuse_silu_mul(rw: Rewriter) -> list[Match]:
-    return _fuse_chains(rw, _match_silu_mul, "workbench.silu_mul", "silu_mul")
+    # one pass for both gates: a layer has one of them, and the report counts the gate fused in each layer
+    return (_fuse_chains(rw, _match_silu_mul, "workbench.silu_mul", "silu_mul")
+            + _fuse_chains(rw, _match_gelu_mul, "workbench.gelu_mul", "gelu_mul"))
+
+
+def _match_softcap(rw: Rewriter, n: Node):
+    if n.op != "aten.mul.Tensor" or len(n.args) != 2 or not isinstance(n.args[1], float):
+        return None
+    tanh = rw.only_reader(n.args[0], n)
+    if not _is_op(tanh, "aten.tanh.default"):
+        return None
+    div = rw.only_reader(tanh.args[0], tanh)
+    if not (_is_op(div, "aten.div.Tensor") and div.args[1] == n.args[1]):
+        return None
+    return [div.args[0], n.args[1]], [div, tanh]
+
+
+@register_pass("fuse_softcap", "soft-capping mul(tanh(div(x, c)), c) -> workbench.softcap (Gemma 2)")
+def fuse_softcap(rw: Rewriter) -> list[Match]:
+    """Gemma 2's final-logit cap becomes one op (``select_logits_rows`` sees through it to the lm_head); the
+    attention scores' cap becomes one too, which ``fuse_attention`` then takes into the attention."""
+    return _fuse_chains(rw, _match_softcap, "workbench.softcap", "softcap")
 
 
 def _match_rope(rw: Rewriter, n: Node):
@@ -169,10 +317,69 @@ def _unrepeat(rw: Rewriter, v: Any, reader: Node):
     return unsq.args[0], [reshape, expand, unsq]
 
 
-@register_pass("fuse_attention", "SDPA with repeat_kv on k and v -> workbench.attention reading shared KV heads")
+def _match_eager_attention(rw: Rewriter, n: Node):
+    """(q, k, v, mask, scale, softcap) and the swallowed nodes if ``n`` ends transformers' eager attention:
+    matmul(softmax(scores [+ mask], -1, fp32) [cast], v) with scores = [softcap(] matmul(q, kᵀ) * scale [)]
+    (the form Gemma 2 runs, having no SDPA path). None where an intermediate has another reader."""
+    if n.op != "aten.matmul.default" or len(n.args) != 2:
+        return None
+    probs, v = n.args
+    swallowed = []
+    node = rw.only_reader(probs, n)
+    if _is_op(node, "aten.to.dtype"):
+        swallowed.append(node)
+        node = rw.only_reader(node.args[0], node)
+    if not (_is_op(node, "aten.softmax.int") and node.args[1] in (-1, 3)):
+        return None
+    swallowed.append(node)
+    scores = node.args[0]
+    mask = None
+    node = rw.only_reader(scores, node)
+    if _is_op(node, "aten.add.Tensor") and len(node.args) == 2 and isinstance(node.args[1], Ref):
+        swallowed.append(node)
+        scores, mask = node.args
+        node = rw.only_reader(scores, node)
+    softcap = None
+    if _is_op(node, "workbench.softcap"):
+        swallowed.append(node)
+        softcap = node.args[1]
+        node = rw.only_reader(node.args[0], node)
+    if not (_is_op(node, "aten.mul.Tensor") and isinstance(node.args[1], float)):
+        return None
+    swallowed.append(node)
+    scale = node.args[1]
+    mm = rw.only_reader(node.args[0], node)
+    if not (_is_op(mm, "aten.matmul.default") and len(mm.args) == 2):
+        return None
+    swallowed.append(mm)
+    q, kt = mm.args
+    t = rw.only_reader(kt, mm)
+    if not (_is_op(t, "aten.transpose.int") and sorted(d % 4 for d in t.args[1:3]) == [2, 3]):
+        return None
+    swallowed.append(t)
+    return [q, t.args[0], v, mask, scale], softcap, swallowed
+
+
+@register_pass("fuse_attention", "SDPA (or eager attention) with repeat_kv on k and v -> workbench.attention reading "
+                                 "shared KV heads")
 def fuse_attention(rw: Rewriter) -> list[Match]:
     matches = []
     for n in list(rw.graph.nodes):
+        eager = _match_eager_attention(rw, n)
+        if eager is not None:
+            (q, k, v, mask, scale), softcap, swallowed = eager
+            for name, val in (("k", k), ("v", v)):
+                found = _unrepeat(rw, val, swallowed[-1] if name == "k" else n)
+                if found is not None:
+                    swallowed += found[1]
+                    k, v = (found[0], v) if name == "k" else (k, found[0])
+            kwargs = {"softcap": softcap} if softcap is not None else {}
+            fused = _new(rw, n, "attention", "workbench.attention", [q, k, v, mask, scale], [n.out], n, kwargs)
+            rw.replace_uses(n.name, Ref(fused.name))
+            repeat = any(m.op == "aten.unsqueeze.default" for m in swallowed)
+            matches.append(Match("attention (repeat_kv removed)" if repeat else "attention", n.layer,
+                                 [m.name for m in swallowed] + [n.name], [fused.name]))
+            continue
         if n.op != "aten.scaled_dot_product_attention.default":
             continue
         extra = {k: v for k, v in n.kwargs.items() if k != "scale"}

@@ -95,10 +95,12 @@ DEFAULT_PIPELINE = (
     "linear_from_matmul",
     "fuse_rms_norm",
     "fuse_add_rms_norm",
+    "fuse_norm_add_rms_norm",
     "fuse_layer_norm",
     "fuse_add_layer_norm",
     "fuse_silu_mul",
     "fuse_gelu",
+    "fuse_softcap",
     "fuse_rope",
     "fuse_partial_rope",
     "fuse_attention",
@@ -109,7 +111,9 @@ DEFAULT_PIPELINE = (
 )
 
 #: The fusions every decoder layer of a Llama-family model gets, once or more per layer: the pipeline's fusions but
-#: ``fuse_qk_norm_into_attention`` (only Qwen3 has the norms) and the LayerNorm families' (``FAMILY_LAYER_FUSIONS``).
+#: ``fuse_qk_norm_into_attention`` (only Qwen3 and Gemma 3 have the norms), ``fuse_norm_add_rms_norm`` (only Gemma
+#: normalizes the attention's and MLP's outputs), ``fuse_softcap`` (only Gemma 2 caps) and the LayerNorm families'
+#: (``FAMILY_LAYER_FUSIONS``).
 #: A layer one of them did not match in still runs, on the reference ops of the pattern it left (``unfused_layers``
 #: names them).
 LAYER_FUSIONS = ("fuse_rms_norm", "fuse_add_rms_norm", "fuse_silu_mul", "fuse_rope", "fuse_attention",
@@ -226,6 +230,8 @@ def promoted(graph: Graph) -> Graph:
     g.inputs = {k: spec(t) for k, t in g.inputs.items()}
     for p in g.params.values():
         p.spec = spec(p.spec)
+        if p.derived and p.derived.get("op") == "tabulate":  # a folded table: its subgraph computes in float32 too
+            p.derived = {**p.derived, "graph": promoted(Graph.from_json(p.derived["graph"])).to_json()}
     for n in g.nodes:
         n.outputs = [spec(t) for t in n.outputs]
         n.args, n.kwargs = value(n.args), value(n.kwargs)

@@ -52,8 +52,10 @@ def insert_paged_attention(rw: Rewriter) -> list[Match]:
         cache = cache_input(n.layer)
         g.inputs[cache] = TensorSpec([2, "num_blocks", block_size, kv_heads, head_dim], k_spec.dtype)
         window = sliding_window(g.meta.get("config", {}), n.layer)
+        # the attention's soft cap (Gemma 2) goes with it, by name like the later passes' additions
+        kwargs = {"softcap": n.kwargs["softcap"]} if n.kwargs.get("softcap") is not None else {}
         fused = rw.insert_before(n, Node(rw.fresh("paged_attention"), "workbench.paged_attention",
-                                         [q, k, v, Ref(cache), *(Ref(m) for m in METADATA), scale, window], {},
+                                         [q, k, v, Ref(cache), *(Ref(m) for m in METADATA), scale, window], kwargs,
                                          [n.out], n.module, n.layer))
         rw.replace_uses(n.name, Ref(fused.name))
         matches.append(Match("paged_attention", n.layer, [n.name], [fused.name]))
@@ -121,7 +123,8 @@ def fuse_rope_into_attention(rw: Rewriter) -> list[Match]:
 
 def _head_norm(rw: Rewriter, v, reader):
     """(transpose or None, rms_norm) if ``v`` is [transpose(]rms_norm(x)[)] read only by ``reader``, its weight one
-    head_dim vector and its output in x's dtype (so the attention can round as the op does)."""
+    head_dim vector in x's dtype or fp32 (Gemma 3's derived 1 + w) and its output in x's dtype (so the attention can
+    round as the op does)."""
     t = rw.only_reader(v, reader)
     if t is not None and t.op == "aten.transpose.int":
         norm = rw.only_reader(t.args[0], t)
@@ -132,14 +135,14 @@ def _head_norm(rw: Rewriter, v, reader):
     x, w = rw.spec(norm.args[0]), rw.spec(norm.args[1])
     if x is None or w is None or norm.out is None or len(w.shape) != 1 or w.shape[0] != x.shape[-1]:
         return None
-    if not (x.dtype == w.dtype == norm.out.dtype):
+    if not (x.dtype == norm.out.dtype and w.dtype in (x.dtype, "float32")):
         return None
     return t, norm
 
 
 @register_pass("fuse_qk_norm_into_attention",
                "rms_norm(q), rms_norm(k) per head -> workbench.paged_attention(..., q_norm=, k_norm=): Qwen3's "
-               "q/k norms inside the attention")
+               "and Gemma 3's q/k norms inside the attention")
 def fuse_qk_norm_into_attention(rw: Rewriter) -> list[Match]:
     """Qwen3's per-head RMSNorms of q and k move into the paged attention that reads them (after their RoPE moved
     there): its kernel norms q as it loads it, and the cache write norms k before rotating and storing it; two

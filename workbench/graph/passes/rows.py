@@ -20,8 +20,9 @@ from .manager import Match, register_pass
 #: The graph input that names the rows to compute, and its dimension.
 LOGITS_INDICES = "logits_indices"
 ROWS_DIM = "logits_rows"
-#: Ops between the head and the graph's logits output that keep its rows as they are (casts).
-ROW_PRESERVING = frozenset({"aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout"})
+#: Ops between the head and the graph's logits output that keep its rows as they are (casts, and Gemma 2's final
+#: soft cap, which is elementwise).
+ROW_PRESERVING = frozenset({"aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "workbench.softcap"})
 
 
 def _head_chain(graph) -> list[Node]:

@@ -42,7 +42,8 @@ from ..rewrite import Rewriter
 from .manager import Match, PassReport
 
 ATTENTION = {PAGED_OP, "workbench.attention"}
-ACTIVATIONS = {"workbench.silu_mul", "workbench.silu_mul_fp8"}  # gate, up
+#: gated activations (gate, up): SwiGLU, and Gemma's GeGLU
+ACTIVATIONS = {"workbench.silu_mul", "workbench.silu_mul_fp8", "workbench.gelu_mul", "workbench.gelu_mul_fp8"}
 GELU = {"workbench.gelu", "workbench.gelu_fp8"}  # one input: GPT-2's fc
 #: linear ops -> the argument index of their bias
 LINEARS = {"aten.linear.default": 2, "workbench.fp8_linear": 4, "workbench.int8_linear": 4,
