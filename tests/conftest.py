@@ -23,6 +23,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+#: kernels against their references: relative error by dtype
+KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every tensor the launchers allocate starts as NaN: an element a kernel misses fails the test."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def kernel_close(out, ref, dtype):
+    """A kernel's output against its reference: same dtype and shape, finite, within ``KERNEL_TOL``."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref) < KERNEL_TOL[dtype]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):

@@ -5,23 +5,14 @@ GEMM's slices, outputs poisoned with NaN. The soft cap inside the paged attentio
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import KERNEL_TOL, rel_err
 from workbench.kernels import fused
 from workbench.kernels import triton_gemma as tg
 from workbench.kernels.gemm import quantize_fp8
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = KERNEL_TOL
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: NaN-filled outputs
 
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

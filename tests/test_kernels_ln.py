@@ -6,29 +6,15 @@ on the tactics."""
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import KERNEL_TOL, kernel_close, rel_err
 from workbench.kernels import fused_ln as ref
 from workbench.kernels import triton_ln as tk
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = KERNEL_TOL
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: NaN-filled outputs
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every tensor the launchers allocate starts as NaN: an element a kernel misses fails the test."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def close(out, expected, dtype):
-    assert out.dtype == expected.dtype and out.shape == expected.shape
-    assert torch.isfinite(out.float()).all()
-    assert rel_err(out, expected) < TOL[dtype]
+close = kernel_close
 
 
 def fp8_close(q, expected):

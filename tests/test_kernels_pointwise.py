@@ -7,29 +7,16 @@ Random inputs (never zeros), several shapes, strided inputs as the passes produc
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import KERNEL_TOL, kernel_close, rel_err
 from workbench.kernels import fused
 from workbench.kernels import triton_pointwise as tp
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = KERNEL_TOL
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # conftest: NaN-filled outputs
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every tensor the launchers allocate starts as NaN: an element a kernel misses fails the test."""
-    real = torch.empty
 
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def close(out, ref, dtype):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert torch.isfinite(out.float()).all()
-    assert rel_err(out, ref) < TOL[dtype]
+close = kernel_close
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
