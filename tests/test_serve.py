@@ -731,7 +731,7 @@ def test_a_failing_engine_step_ends_every_request_with_an_error_instead_of_hangi
     engine = make_engine(smol_program, tokenizer)
     submitted = threading.Event()
 
-    def broken_step():
+    def broken_step(**kwargs):
         submitted.wait(10)  # fail once all three are in
         raise RuntimeError("device lost")
 
@@ -846,3 +846,59 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_engine_process_streams_what_an_in_process_engine_gives_and_its_death_is_named(exported):
+    """``workbench serve`` steps its engine in a child process (``AsyncLLMEngine.spawn``). Over the same engine
+    directory its streamed outputs equal ``LLM.generate``'s (text, token ids, log-probs, top log-probs), a
+    stream left early frees its request, the gauges come back, and a killed engine process ends the stream in
+    flight with a message naming it, refuses what comes after, and shuts down at once."""
+    import functools
+
+    from workbench.serve.app import open_served_engine
+
+    _, engine_dir = exported
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=2)
+    want = LLM(engine_dir, device="cpu", tokenizer="smollm2-135m", num_blocks=64).generate(PROMPTS[:4], params)
+    factory = functools.partial(open_served_engine, engine_dir, device="cpu", tokenizer="smollm2-135m",
+                                num_blocks=64, memory_fraction=None, max_num_seqs=None, max_num_batched_tokens=None,
+                                max_model_len=None, tensor_parallel_size=1)
+    aengine = AsyncLLMEngine.spawn(factory, max_pending=8)
+    assert aengine.extra["max_model_len"] == 2048 and "im_start" in aengine.extra["chat_template"]
+
+    async def last(stream):
+        seen = []
+        async for out in stream:
+            seen.append(out)
+        return seen
+
+    async def run():
+        got = await asyncio.gather(*(last(aengine.submit(p, params)) for p in PROMPTS[:4]))
+        long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        async for out in aengine.submit(PROMPTS[0], long):  # left after its first token: aborted, freed
+            break
+        for _ in range(200):
+            if aengine.stats()["pending"] == 0 and aengine.stats()["kv_usage_percent"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        stats = aengine.stats()
+        stream = aengine.submit(PROMPTS[1], long)
+        it = stream.__aiter__()
+        await it.__anext__()
+        os.kill(aengine.process.pid, signal.SIGKILL)
+        with pytest.raises(EngineClosedError, match="engine process exited unexpectedly"):
+            while True:
+                await it.__anext__()
+        with pytest.raises(EngineClosedError, match="stopped after an error"):
+            aengine.submit("more", params)
+        return got, stats
+
+    got, stats = asyncio.run(run())
+    for seen, w in zip(got, want):
+        out = seen[-1]
+        assert (out.token_ids, out.text, out.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        assert out.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert [sorted(t) for t in out.top_logprobs] == [sorted(t) for t in w.top_logprobs]
+        assert [len(o.token_ids) for o in seen] == sorted({len(o.token_ids) for o in seen})  # cumulative, growing
+    assert stats["pending"] == stats["running"] == 0 and stats["kv_usage_percent"] == 0
+    assert not aengine.is_running and aengine.shutdown(1) == {"in_flight": 0, "aborted": 0}

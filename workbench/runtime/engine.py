@@ -60,6 +60,48 @@ class RequestOutput:
     error: BaseException | None = None  # finish_reason "error": what failed this request alone
 
 
+@dataclass
+class RequestDelta:
+    """What a request gained since its previous delta (``LLMEngine.step(deltas=True)``): the new token ids and
+    their log-probs, and its text as ``text[:text_keep] + text_tail`` of the previous text (a stop string can
+    take back characters already sent). A server streams deltas instead of cumulative ``RequestOutput``s, whose
+    copies grow with every token; ``apply_delta`` rebuilds the cumulative output on the receiving side."""
+    request_id: str
+    token_ids: list[int]
+    text_keep: int
+    text_tail: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None  # with the first token and when finished; None between
+    error: BaseException | None = None
+
+
+def apply_delta(out: RequestOutput, delta: RequestDelta) -> RequestOutput:
+    """``out`` (a request's output so far, changed in place) advanced by ``delta``; returns ``out``."""
+    out.token_ids += delta.token_ids
+    out.logprobs += delta.logprobs
+    out.top_logprobs += delta.top_logprobs
+    out.text = out.text[:delta.text_keep] + delta.text_tail
+    out.finished, out.finish_reason, out.error = delta.finished, delta.finish_reason, delta.error
+    if delta.metrics is not None:
+        out.metrics = delta.metrics
+    return out
+
+
+def check_token_ids(vocab: int | None, ids: list[int], stop_token_ids=()) -> None:
+    """Refuse prompt or stop token ids outside a vocabulary of ``vocab`` tokens (``LLMEngine.check_token_ids``)."""
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise WorkbenchError(f"token id {bad!r} is not in the vocabulary (0 to {vocab - 1})" if vocab else
+                             f"token id {bad!r} is not a non-negative integer")
+    bad = next((t for t in stop_token_ids if vocab is not None and t >= vocab), None)
+    if bad is not None:
+        raise WorkbenchError(f"stop_token_ids: {bad} is not in the vocabulary (0 to {vocab - 1})")
+
+
 @dataclass(eq=False)
 class _State:
     """What the engine keeps per request beyond the scheduler's record."""
@@ -76,6 +118,7 @@ class _State:
     finish_reason: str | None = None
     prompt_ids: list[int] = field(default_factory=list)  # copied once: every output of the request shares it
     error: BaseException | None = None
+    sent: tuple[int, int, int] = (0, 0, 0)  # token ids, text characters and top log-probs its deltas carried
 
 
 @dataclass(eq=False)
@@ -179,15 +222,7 @@ class LLMEngine:
     def check_token_ids(self, ids: list[int], stop_token_ids=()) -> None:
         """Refuse prompt or stop token ids outside the vocabulary: they would fail the shared step, not only
         their own request. Pure (no engine state changes): the server calls it before queueing a request."""
-        vocab = self.vocab_size
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
-                    or (vocab is not None and t >= vocab)), None)
-        if bad is not None:
-            raise WorkbenchError(f"token id {bad!r} is not in the vocabulary (0 to {vocab - 1})" if vocab else
-                                 f"token id {bad!r} is not a non-negative integer")
-        bad = next((t for t in stop_token_ids if vocab is not None and t >= vocab), None)
-        if bad is not None:
-            raise WorkbenchError(f"stop_token_ids: {bad} is not in the vocabulary (0 to {vocab - 1})")
+        check_token_ids(self.vocab_size, ids, stop_token_ids)
 
     def abort(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
@@ -202,23 +237,24 @@ class LLMEngine:
         return self.scheduler.has_unfinished or self._pending is not None
 
     # ---- one step -------------------------------------------------------------------------------------
-    def step(self, *, finished_only: bool = False) -> list[RequestOutput]:
+    def step(self, *, finished_only: bool = False, deltas: bool = False) -> list[RequestOutput] | list[RequestDelta]:
         """Schedule and launch a step; return the outputs of the requests whose new token the host has
         just seen (this step's, or with asynchronous scheduling the previous step's); with
         ``finished_only``, of those that finished only. Each output copies its request's token ids and
         log-probs so far, which at hundreds of running requests with long outputs is milliseconds of host
-        time a step: a caller that only waits for requests to finish (``LLM.generate``) skips it."""
+        time a step: a caller that only waits for requests to finish (``LLM.generate``) skips it, and a
+        streaming caller takes ``deltas`` (``RequestDelta``: what each request gained since its last delta)."""
         t0 = time.perf_counter()
         waiting_before = len(self.scheduler.waiting)
         out = self.scheduler.schedule()
         launched = self._launch(out) if not out.empty else None
         if self.async_scheduling:  # read the previous step back while this one runs
-            outputs = self._resolve(self._pending, finished_only) if self._pending is not None else []
+            outputs = self._resolve(self._pending, finished_only, deltas) if self._pending is not None else []
             self._advance(out, launched)
             self._pending = launched
         else:
             self._advance(out, launched)
-            outputs = self._resolve(launched, finished_only) if launched is not None else []
+            outputs = self._resolve(launched, finished_only, deltas) if launched is not None else []
         now = time.perf_counter()
         self.num_steps += 1
         self.steps.append({"step": self.num_steps - 1, "time": t0, "step_ms": (now - t0) * 1e3,
@@ -271,7 +307,8 @@ class LLMEngine:
             if req.status is Status.RUNNING and len(req.output_token_ids) >= req.max_tokens:
                 self.scheduler.finish(req.request_id, Status.FINISHED_LENGTH)
 
-    def _resolve(self, launched: _Launched, finished_only: bool = False) -> list[RequestOutput]:
+    def _resolve(self, launched: _Launched, finished_only: bool = False,
+                 deltas: bool = False) -> list[RequestOutput] | list[RequestDelta]:
         """Read a step's tokens back: fill the placeholders, detokenize, check stops, build the outputs."""
         result = launched.sample.result()
         now = time.perf_counter()
@@ -300,7 +337,7 @@ class LLMEngine:
                 else:  # left the scheduler at max_tokens already; a stop on that last token says "stop"
                     req.status = status
             if stop or not finished_only:
-                outputs.append(self._output(st))
+                outputs.append(self._delta(st) if deltas else self._output(st))
         return outputs
 
     def _take_token(self, req: Request, st: _State, result: SampleOutput, i: int,
@@ -328,6 +365,28 @@ class LLMEngine:
         ids = ids[:-1] if ids and ids[-1] == PLACEHOLDER else list(ids)  # a token not read back yet
         return RequestOutput(req.request_id, st.prompt, st.prompt_ids, ids, st.text, finished, st.finish_reason,
                              list(st.logprobs), list(st.top_logprobs), metrics, st.error)
+
+    def _delta(self, st: _State) -> RequestDelta:
+        req = st.request
+        n_ids, n_text, n_top = st.sent
+        ids = req.output_token_ids
+        end = len(ids) - 1 if ids and ids[-1] == PLACEHOLDER else len(ids)  # a token not read back yet
+        keep = min(n_text, len(st.text))
+        finished = st.finish_reason is not None
+        metrics = None
+        if finished or (n_ids == 0 and end > 0):
+            metrics = {"arrival": req.arrival, "first_token_time": st.first_token_time,
+                       "finished_time": st.finished_time, "num_cached_tokens": req.num_cached_tokens,
+                       "num_preemptions": req.num_preemptions}
+        st.sent = (end, len(st.text), len(st.top_logprobs))
+        return RequestDelta(req.request_id, ids[n_ids:end], keep, st.text[keep:], finished, st.finish_reason,
+                            st.logprobs[n_ids:end], st.top_logprobs[n_top:], metrics, st.error)
+
+    def delta(self, request_id: str) -> RequestDelta:
+        """What a request gained since its previous delta (see ``RequestDelta``)."""
+        if request_id not in self.states:
+            raise WorkbenchError(f"no request {request_id!r} in this engine (never added, or released)")
+        return self._delta(self.states[request_id])
 
     def output(self, request_id: str) -> RequestOutput:
         """The current state of any request this engine has seen (and not released)."""

@@ -200,14 +200,56 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
           allowed_hosts: list[str] = (), allowed_origins: list[str] = (), tensor_parallel_size: int = 1) -> None:
-    """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``), start the
-    engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``). The runtime's limits are the
-    engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
+    """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``) in the engine
+    process (``AsyncLLMEngine.spawn``) and run uvicorn here until SIGTERM/SIGINT (``workbench serve``). The
+    runtime's limits are the engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
     of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts`` (beyond
     ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``.
     ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks (``runtime.tensor_parallel``)."""
+    import functools
+
     import uvicorn
 
+    access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
+    if api_key is None and not LOOPBACK_NAMES <= (default_allowed_hosts(host) or set()):
+        print(f"workbench serve: listening on {host} without an API key: anyone who reaches it can generate; "
+              "give --api-key (or WORKBENCH_API_KEY)", file=sys.stderr, flush=True)
+    factory = functools.partial(
+        open_served_engine, path, device=device, tokenizer=tokenizer, num_blocks=num_blocks,
+        memory_fraction=memory_fraction, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size)
+    aengine = AsyncLLMEngine.spawn(factory, max_pending=max_pending)  # the engine in its own process
+    served = aengine.extra
+    app = create_app(aengine, model_name=model_name or served["name"], chat_template=served["chat_template"],
+                     max_model_len=served["max_model_len"], shutdown_timeout=shutdown_timeout, access=access)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # stop accepting, then let the engine finish or abort what is in flight, so that every response
+            # ends properly (an aborted stream with finish_reason "abort" and [DONE]) before uvicorn's own wait
+            for server in self.servers:
+                server.close()
+            await asyncio.to_thread(aengine.shutdown, shutdown_timeout)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, int(shutdown_timeout)))
+    # uvicorn raises SIGTERM/SIGINT again after its graceful shutdown, for the handler that was there before
+    # it: a no-op one, so a completed shutdown exits with status 0
+    previous = {sig: signal.signal(sig, lambda sig, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        aengine.shutdown(0)  # a no-op after the lifespan's shutdown; stops the engine if startup failed
+
+
+def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, num_blocks: int | None,
+                       memory_fraction: float | None, max_num_seqs: int | None, max_num_batched_tokens: int | None,
+                       max_model_len: int | None, tensor_parallel_size: int):
+    """``serve``'s engine, built in the engine process: ``(LLMEngine, what the server needs of it)``. Prints what
+    vLLM logs at start-up (the cache, what it holds, the limits)."""
     from ..runnable import open_runnable
     from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
     from ..runtime.engine import LLMEngine, sharded_engine
@@ -231,36 +273,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}); max_model_len "
           f"{limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens "
           f"{limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
-    access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
-    if api_key is None and not LOOPBACK_NAMES <= (default_allowed_hosts(host) or set()):
-        print(f"workbench serve: listening on {host} without an API key: anyone who reaches it can generate; "
-              "give --api-key (or WORKBENCH_API_KEY)", file=sys.stderr, flush=True)
-    aengine = AsyncLLMEngine(engine, max_pending=max_pending, max_model_len=limits.max_model_len)
-    app = create_app(aengine, model_name=model_name or served.name, chat_template=served.chat_template,
-                     shutdown_timeout=shutdown_timeout, access=access)
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            # stop accepting, then let the engine finish or abort what is in flight, so that every response
-            # ends properly (an aborted stream with finish_reason "abort" and [DONE]) before uvicorn's own wait
-            for server in self.servers:
-                server.close()
-            await asyncio.to_thread(aengine.shutdown, shutdown_timeout)
-            await super().shutdown(sockets)
-
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=max(1, int(shutdown_timeout)))
-    # uvicorn raises SIGTERM/SIGINT again after its graceful shutdown, for the handler that was there before
-    # it: a no-op one, so a completed shutdown exits with status 0
-    previous = {sig: signal.signal(sig, lambda sig, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        Server(config).run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        aengine.shutdown(0)  # a no-op after the lifespan's shutdown; stops the thread if startup failed
-        if engine.executor.tensor_parallel is not None:  # the other ranks, once the engine thread has stopped
-            engine.executor.tensor_parallel.close()
+    return engine, {"name": served.name, "chat_template": served.chat_template,
+                    "max_model_len": limits.max_model_len}
 
 
 __all__ = ["ApiError", "create_app", "serve"]
