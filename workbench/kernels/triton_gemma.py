@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import REGISTRY
-from .triton_pointwise import _round_dtype, _rows, _scale_arg
+from .triton_pointwise import _round_dtype, _rows, _scale_arg, gated, register_triton
 
 #: sqrt(2 / pi), GELU's tanh approximation's factor
 _GELU_K = 0.7978845608028654
@@ -105,18 +104,7 @@ CONFIGS = {
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
-    config = config or CONFIGS["gelu_mul"][0]
-    g2, u2 = _rows(gate), _rows(up)
-    n_rows, n_cols = g2.shape
-    out_dtype = torch.result_type(gate, up)
-    out = torch.empty(gate.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=gate.device)
-    o2 = out.view(-1, n_cols)
-    block = min(config["BLOCK"], triton.next_power_of_2(n_cols))
-    _gelu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        g2, u2, o2, o2 if scale is None else _scale_arg(scale, gate.device), g2.stride(0), u2.stride(0),
-        o2.stride(0), n_cols, QUANT=scale is not None, ROUND=_round_dtype(out_dtype), BLOCK=block,
-        num_warps=config["num_warps"])
-    return out
+    return gated(_gelu_mul_kernel, gate, up, config or CONFIGS["gelu_mul"][0], scale)
 
 
 def gelu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:
@@ -169,16 +157,11 @@ def softcap(x: torch.Tensor, cap: float, config: dict | None = None) -> torch.Te
 
 def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
-    for op, fn, space in (("workbench.gelu_mul", gelu_mul, "gelu_mul"),
-                          ("workbench.gelu_mul_fp8", gelu_mul_fp8, "gelu_mul"),
-                          ("workbench.softcap", softcap, "softcap"),
-                          ("workbench.norm_add_rms_norm", norm_add_rms_norm, "norm_add_rms_norm"),
-                          ("workbench.norm_add_rms_norm_fp8", norm_add_rms_norm_fp8, "norm_add_rms_norm")):
-        fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
-        fn.graph_safe = True  # launches only: grids from shapes, no host reads
-        opdef = REGISTRY.get(op)
-        opdef.tactics["triton"] = fn
-        opdef.gpu_defaults = ("triton",)
+    register_triton((("workbench.gelu_mul", gelu_mul, "gelu_mul"),
+                     ("workbench.gelu_mul_fp8", gelu_mul_fp8, "gelu_mul"),
+                     ("workbench.softcap", softcap, "softcap"),
+                     ("workbench.norm_add_rms_norm", norm_add_rms_norm, "norm_add_rms_norm"),
+                     ("workbench.norm_add_rms_norm_fp8", norm_add_rms_norm_fp8, "norm_add_rms_norm")), CONFIGS)
 
 
 register()

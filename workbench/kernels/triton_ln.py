@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import REGISTRY
-from .triton_pointwise import _round_dtype, _rows, _scale_arg
+from .triton_pointwise import _round_dtype, _rows, _scale_arg, register_triton
 
 #: ``gelu``'s modes as the kernel's constexpr
 _APPROX = {"none": 0, "tanh": 1}
@@ -211,17 +210,12 @@ def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
     partial_rope.supports = _supports_partial_rope
     gelu.supports = gelu_fp8.supports = _supports_gelu
-    for op, fn, space in (("workbench.layer_norm", layer_norm, "layer_norm"),
-                          ("workbench.add_layer_norm", add_layer_norm, "layer_norm"),
-                          ("workbench.layer_norm_fp8", layer_norm_fp8, "layer_norm"),
-                          ("workbench.add_layer_norm_fp8", add_layer_norm_fp8, "layer_norm"),
-                          ("workbench.gelu", gelu, "gelu"), ("workbench.gelu_fp8", gelu_fp8, "gelu"),
-                          ("workbench.partial_rope", partial_rope, "partial_rope")):
-        fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
-        fn.graph_safe = True  # launches only: grids from shapes, no host reads
-        opdef = REGISTRY.get(op)
-        opdef.tactics["triton"] = fn
-        opdef.gpu_defaults = ("triton",)
+    register_triton((("workbench.layer_norm", layer_norm, "layer_norm"),
+                     ("workbench.add_layer_norm", add_layer_norm, "layer_norm"),
+                     ("workbench.layer_norm_fp8", layer_norm_fp8, "layer_norm"),
+                     ("workbench.add_layer_norm_fp8", add_layer_norm_fp8, "layer_norm"),
+                     ("workbench.gelu", gelu, "gelu"), ("workbench.gelu_fp8", gelu_fp8, "gelu"),
+                     ("workbench.partial_rope", partial_rope, "partial_rope")), CONFIGS)
 
 
 register()

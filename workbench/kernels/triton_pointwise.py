@@ -196,19 +196,24 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return rms_norm(x, weight, eps, residual=residual, config=config, scale=scale)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
-    config = config or CONFIGS["silu_mul"][0]
+def gated(kernel, gate: torch.Tensor, up: torch.Tensor, config: dict, scale=None) -> torch.Tensor:
+    """Launch a gated activation ``kernel`` (``act(gate) * up``, one program per row and column block; with
+    ``scale``, FP8 out): the launcher SwiGLU's and GeGLU's kernels share."""
     g2, u2 = _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
     out_dtype = torch.result_type(gate, up)
     out = torch.empty(gate.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=gate.device)
     o2 = out.view(-1, n_cols)
     block = min(config["BLOCK"], triton.next_power_of_2(n_cols))
-    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
+    kernel[(n_rows, triton.cdiv(n_cols, block))](
         g2, u2, o2, o2 if scale is None else _scale_arg(scale, gate.device), g2.stride(0), u2.stride(0),
         o2.stride(0), n_cols, QUANT=scale is not None, ROUND=_round_dtype(out_dtype), BLOCK=block,
         num_warps=config["num_warps"])
     return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
+    return gated(_silu_mul_kernel, gate, up, config or CONFIGS["silu_mul"][0], scale)
 
 
 def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:
@@ -236,19 +241,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
     return out
 
 
-def register() -> None:
-    """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
-    for op, fn, space in (("workbench.rms_norm", rms_norm, "rms_norm"),
-                          ("workbench.add_rms_norm", add_rms_norm, "rms_norm"),
-                          ("workbench.rms_norm_fp8", rms_norm_fp8, "rms_norm"),
-                          ("workbench.add_rms_norm_fp8", add_rms_norm_fp8, "rms_norm"),
-                          ("workbench.silu_mul", silu_mul, "silu_mul"),
-                          ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")):
-        fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
+def register_triton(kernels, configs: dict[str, list[dict]]) -> None:
+    """Make each ``(op, fn, space)``'s ``fn`` the ``triton`` tactic of ``op`` and its GPU default, tuned over
+    ``configs[space]`` (idempotent)."""
+    for op, fn, space in kernels:
+        fn.configs = configs[space]  # the autotuner's search space for this tactic
         fn.graph_safe = True  # launches only: grids from shapes, no host reads
         opdef = REGISTRY.get(op)
         opdef.tactics["triton"] = fn
         opdef.gpu_defaults = ("triton",)
+
+
+def register() -> None:
+    """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
+    register_triton((("workbench.rms_norm", rms_norm, "rms_norm"),
+                     ("workbench.add_rms_norm", add_rms_norm, "rms_norm"),
+                     ("workbench.rms_norm_fp8", rms_norm_fp8, "rms_norm"),
+                     ("workbench.add_rms_norm_fp8", add_rms_norm_fp8, "rms_norm"),
+                     ("workbench.silu_mul", silu_mul, "silu_mul"),
+                     ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")), CONFIGS)
 
 
 register()
