@@ -59,6 +59,16 @@ def _match_rms_norm(rw: Rewriter, n: Node):
         scaled = rw.only_reader(cast_back.args[0], cast_back)
     else:
         cast_back, scaled = None, cast_back
+    core = _rms_core(rw, scaled)
+    if core is None:
+        return None
+    a, eps, nodes = core
+    return [_unwrap_cast(rw, a), w, eps], [cast_back, scaled, *nodes]
+
+
+def _rms_core(rw: Rewriter, scaled: Node | None) -> tuple[Any, float, list[Node]] | None:
+    """``a * rsqrt(mean(a ** 2, -1, keepdim) + eps)`` read back from its ``scaled`` product: (a, eps, the
+    product's nodes from the rsqrt down), or None."""
     if not _is_op(scaled, "aten.mul.Tensor"):
         return None
     a, r = scaled.args
@@ -74,7 +84,7 @@ def _match_rms_norm(rw: Rewriter, n: Node):
     pow_ = rw.only_reader(mean.args[0], mean)
     if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
         return None
-    return [_unwrap_cast(rw, a), w, add.args[1]], [cast_back, scaled, rsqrt, add, mean, pow_]
+    return a, add.args[1], [rsqrt, add, mean, pow_]
 
 
 def _fuse_chains(rw: Rewriter, match, op: str, what: str) -> list[Match]:
@@ -127,25 +137,16 @@ def _match_unit_offset_rms_norm(rw: Rewriter, n: Node):
     else:
         return None
     weight, offset_nodes = found
-    a, r = scaled.args
-    rsqrt = rw.only_reader(r, scaled)
-    if not _is_op(rsqrt, "aten.rsqrt.default"):
+    rms = _rms_core(rw, scaled)
+    if rms is None:
         return None
-    add = rw.only_reader(rsqrt.args[0], rsqrt)
-    if not (_is_op(add, "aten.add.Tensor") and isinstance(add.args[1], float)):
-        return None
-    mean = rw.only_reader(add.args[0], add)
-    if not (_is_op(mean, "aten.mean.dim") and list(mean.args[1]) == [-1] and mean.args[2] is True):
-        return None
-    pow_ = rw.only_reader(mean.args[0], mean)
-    if not (_is_op(pow_, "aten.pow.Tensor_Scalar") and pow_.args[0] == a and pow_.args[1] == 2):
-        return None
+    a, eps, nodes = rms
     x = _unwrap_cast(rw, a)
     x_spec = rw.spec(x)
     if x_spec is None or end.out is None or end.out.dtype != x_spec.dtype:
         return None
-    swallowed = [*offset_nodes, scaled, rsqrt, add, mean, pow_] + ([core] if core is not end else [])
-    return [x, weight, add.args[1]], swallowed
+    swallowed = [*offset_nodes, scaled, *nodes] + ([core] if core is not end else [])
+    return [x, weight, eps], swallowed
 
 
 def _unit_offset_param(rw: Rewriter, weight: str) -> Ref:
