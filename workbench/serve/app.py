@@ -199,31 +199,35 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           num_blocks: int | None = None, memory_fraction: float | None = None, max_num_seqs: int | None = None,
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
-          allowed_hosts: list[str] = (), allowed_origins: list[str] = (), tensor_parallel_size: int = 1) -> None:
+          allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
+          tensor_parallel_size: int | None = None) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``), start the
     engine thread and run uvicorn until SIGTERM/SIGINT (``workbench serve``). The runtime's limits are the
     engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
     of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts`` (beyond
     ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``.
-    ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks (``runtime.tensor_parallel``)."""
+    ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks (``runtime.tensor_parallel``; None: an
+    engine's own size, else 1). Under ``torchrun --nproc-per-node N`` rank 0 serves and ranks 1.. run its steps."""
     import uvicorn
 
     from ..runnable import open_runnable
     from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
     from ..runtime.engine import LLMEngine, sharded_engine
-    from ..runtime.tensor_parallel import check_size
+    from ..runtime.tensor_parallel import launched_size, run_torchrun_worker
 
-    served = open_runnable(path, device=device, tokenizer=tokenizer)
+    if run_torchrun_worker(device):  # torchrun's ranks 1..: rank 0's steps until it stops them; no HTTP here
+        return
+    served = open_runnable(path, device=device, tokenizer=tokenizer,
+                           tensor_parallel_size=launched_size(tensor_parallel_size, device))
     if served.tokenizer is None:
         print(f"workbench serve: {path} has no tokenizer: prompts must be token ids and outputs have no text; "
               "give --tokenizer MODEL for text", file=sys.stderr)
     limits = served.limits.narrowed(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, fixed=served.kind == "engine")
     options = dict(num_blocks=num_blocks, limits=limits, memory_fraction=memory_fraction or DEFAULT_MEMORY_FRACTION)
-    if check_size(tensor_parallel_size, served.device) > 1:
-        engine, report = sharded_engine(served.program, tensor_parallel_size, served.tokenizer, **options)
-        print(f"workbench serve: tensor parallelism over {tensor_parallel_size} ranks ({len(report.matches)} "
-              "sharded sites; steps run eagerly)", file=sys.stderr, flush=True)
+    if served.sharding is not None:
+        engine = sharded_engine(served, **options)
+        print(f"workbench serve: {served.sharding.summary()}", file=sys.stderr, flush=True)
     else:
         engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
