@@ -3,10 +3,23 @@
 
 Each case is optimized (and quantized) once here; the ranks get the sharded graph and the unsharded weights, take
 their slices (``rank_params``), and run a prefill step of three sequences plus 32 greedy tokens through the paged
-KV cache. Their logits must equal the unsharded graph's (relative error < 1e-5) and their tokens its tokens."""
+KV cache. Their logits must equal the unsharded graph's (relative error < 1e-5) and their tokens its tokens.
+
+The product path: an engine built for two ranks (``workbench build --tp 2``, once per module) runs at that size by
+default with each rank reading only its slices of the engine's file, re-shards for another size its graph allows
+and refuses one it does not; ``workbench serve`` spawns its second rank, and under ``torchrun`` (torch's
+``torch.distributed.run`` module, in a subprocess) the second process becomes rank 0's worker for ``serve`` and for
+an ``LLM`` script alike."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,42 +202,332 @@ def test_a_dead_rank_stops_the_engine_with_its_name(programs):
             llm.generate([[4, 5, 6]], SamplingParams(max_tokens=2))
 
 
-def test_workbench_serve_with_two_ranks_answers_and_stops_on_sigterm():
-    """``workbench serve tiny-llama --tp 2``: an OpenAI completion (token ids in, token ids out: random weights
-    have no tokenizer), streamed and not, equals the one-rank LLM's greedy tokens; SIGTERM exits 0."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
+# ---- engines for several ranks ----------------------------------------------------------------------------------
 
-    import httpx
-    from test_serve import wait_until_up
+REPO = Path(__file__).resolve().parents[1]
+GREEDY = dict(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tp_engine(tmp_path_factory):
+    """tiny-llama in float32 built for two ranks: ``workbench build ... --tp 2``."""
+    from workbench.cli import main
+
+    out = tmp_path_factory.mktemp("tp") / "engine"
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--dtype", "float32", "--tp", "2", "--out",
+                 str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_tokens(tp_engine):
+    """The engine re-sharded for one rank (silently: it was not tuned): its greedy tokens for ``_prompts()``."""
+    import warnings
+
     from workbench import LLM, SamplingParams
 
-    expected = LLM("tiny-llama", num_blocks=32).generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0,
-                                                                                      ignore_eos=True))[0].token_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm = LLM(tp_engine, num_blocks=48, tensor_parallel_size=1)
+    assert llm.engine.executor.tensor_parallel is None and llm.runnable.sharding is None
+    return [o.token_ids for o in llm.generate(_prompts(), SamplingParams(**GREEDY))]
+
+
+def test_build_records_the_size_and_refuses_one_the_graph_cannot_take(tp_engine, capsys):
+    from workbench.cli import main
+    from workbench.engine import load_engine
+
+    manifest = json.loads((tp_engine / "manifest.json").read_text())
+    assert manifest["tensor_parallel_size"] == 2
+    e = load_engine(tp_engine)  # at the size it was built for: rank 0's shard
+    assert e.tensor_parallel_size == e.built_tensor_parallel_size == 2 and e.rank == 0
+    assert e.program.graph.meta["tensor_parallel"] == {"size": 2}
+    capsys.readouterr()
+    # the same workspace (capture and passes up to date): refused before calibration, the engine left as it was
+    assert main(["build", "tiny-llama", "--precision", "bf16", "--dtype", "float32", "--tp", "3", "--out",
+                 str(tp_engine)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("workbench: error: build --tp 3: tensor-parallel size 3 does not divide the 4 query heads; use a "
+                   "TP size that divides 4\n"), err
+    assert json.loads((tp_engine / "manifest.json").read_text()) == manifest
+
+
+class _CountingOpen:
+    """``safetensors.safe_open`` that counts the tensor bytes handed out (``get_tensor``, ``get_slice(..)[..]``)."""
+
+    def __init__(self, real, counts):
+        self.real, self.counts = real, counts
+
+    def __call__(self, *args, **kwargs):
+        counts, handle = self.counts, self.real(*args, **kwargs)
+
+        class Slice:
+            def __init__(self, view):
+                self.view = view
+
+            def __getitem__(self, index):
+                t = self.view[index]
+                counts.append(t.numel() * t.element_size())
+                return t
+
+            def __getattr__(self, name):
+                return getattr(self.view, name)
+
+        class Handle:
+            def __enter__(self):
+                self.f = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, name):
+                t = self.f.get_tensor(name)
+                counts.append(t.numel() * t.element_size())
+                return t
+
+            def get_slice(self, name):
+                return Slice(self.f.get_slice(name))
+
+            def keys(self):
+                return self.f.keys()
+
+        return Handle()
+
+
+def test_each_rank_reads_only_its_slices_of_the_engine(tp_engine, monkeypatch):
+    """``load_engine(engine, rank=r)`` (what every rank runs) gives ``rank_params``' slices of the whole weights,
+    and reads, counted at safetensors, half of every sharded tensor plus the replicated ones whole: never the
+    whole model, rank 0 no more than rank 1."""
+    import safetensors
+
+    from workbench.engine import load_engine
+
+    whole = load_engine(tp_engine, tensor_parallel_size=1)
+    assert whole.weights_read.bytes == whole.weights_read.file_bytes  # one rank reads every tensor once
+    counts = []
+    monkeypatch.setattr(safetensors, "safe_open", _CountingOpen(safetensors.safe_open, counts))
+    sharded_total, read = None, []
+    for rank in (0, 1):
+        counts.clear()
+        e = load_engine(tp_engine, rank=rank)
+        graph = e.program.graph
+        expected = rank_params(graph, whole.program.params, rank)
+        assert sorted(e.program.params) == sorted(expected)
+        for name, t in e.program.params.items():
+            assert torch.equal(t, expected[name]), (rank, name)
+        sources = {p.shard["source"] for p in graph.params.values() if p.shard is not None}
+        sharded_total = sum(whole.program.params[s].nbytes for s in sources)
+        r = e.weights_read
+        assert sum(counts) == r.bytes  # what the loader says it read is what safetensors handed out
+        assert r.sharded_bytes * 2 == sharded_total  # 1/2 of every sharded tensor (no KV head replicated at TP-2)
+        replicated = sum(t.nbytes for n, t in e.program.params.items() if graph.params[n].shard is None)
+        assert r.bytes == r.sharded_bytes + replicated < r.file_bytes
+        read.append(r)
+    assert read[0] == read[1]
+
+
+def test_an_engine_runs_at_its_size_re_shards_or_refuses(tp_engine, one_rank_tokens):
+    """``LLM(engine)`` runs at the engine's two ranks, each reading its own slices, with the tokens of the engine
+    re-sharded for one rank; a size its graph cannot take is refused in one line naming both sizes and the fix."""
+    from workbench import LLM, SamplingParams
+
+    with LLM(tp_engine, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4) as llm:
+        workers = llm.engine.executor.tensor_parallel
+        assert workers.size == 2 and llm.tp_report is not None
+        assert workers.weights_read[1] == workers.weights_read[0] == llm.runnable.sharding.weights_read
+        assert [o.token_ids for o in llm.generate(_prompts(), SamplingParams(**GREEDY))] == one_rank_tokens
+    with pytest.raises(WorkbenchError) as e:
+        LLM(tp_engine, tensor_parallel_size=3)
+    assert str(e.value) == (f"engine {tp_engine} was built for tensor-parallel size 2 and cannot be re-sharded for 3 "
+                            "(tensor-parallel size 3 does not divide the 4 query heads; use a TP size that divides "
+                            "4): run it with --tp 2 (tensor_parallel_size=2), or rebuild it for 3 ranks with "
+                            "`workbench build ... --tp 3`")
+
+
+def test_tuning_for_a_size_keys_its_timings_and_the_engine_carries_it(tp_engine, tmp_path, monkeypatch):
+    """``tune --tp 2`` tunes one rank's graph (its linears at per-rank widths) under keys that carry the size; the
+    engine exported from it records 2 and runs its choices at 2 only: at another size they were tuned for other
+    shapes, so it warns and runs the default kernels."""
+    import shutil
+
+    from test_autotune import TINY_PROFILE
+
+    from workbench.engine import export_engine, load_engine
+    from workbench.engine import load as load_module
+    from workbench.kernels.autotune import LinearShape, TimingCache, key_tensor_parallel_size
+    from workbench.kernels.profiles import OptimizationProfile
+    from workbench.pipeline import tune_stage
+    from workbench.workspace import Workspace
+
+    ws = Workspace(shutil.copytree(tp_engine.with_name("engine.workspace"), tmp_path / "ws"))
+    tune_stage(ws, OptimizationProfile(**TINY_PROFILE), device="cpu", progress=False, tensor_parallel_size=2,
+               timer=lambda call, op, tactic, config: 1.0 if tactic == "reference" else 0.5)
+    cache = TimingCache.view(ws.path("tune", "timings.json"))
+    assert cache.entries and {key_tensor_parallel_size(k) for k in cache.entries} == {2}
+    widths = {(s.n, s.k) for s in map(LinearShape.of_key, cache.entries) if s is not None}
+    # per rank: o 64x32, q/k/v and down 64x64, gate/up 128x64, lm_head 256x64 (whole: 64x64, 128x64, 64x128, ...)
+    assert widths == {(64, 32), (64, 64), (128, 64), (256, 64)}
+    with pytest.raises(WorkbenchError, match="tuned the per-rank graph of tensor-parallel size 2, not 1: export it "
+                                             "with --tp 2"):
+        export_engine(ws, tmp_path / "one", tensor_parallel_size=1)
+    out = export_engine(ws, tmp_path / "engine")
+    assert json.loads((out / "manifest.json").read_text())["tensor_parallel_size"] == 2
+    monkeypatch.setattr(load_module, "tuning_mismatch", lambda tuned_for, device: None)  # as if on its GPU
+    e = load_engine(out)
+    assert e.tuning == "engine" and e.program.tuned is not None and e.tensor_parallel_size == 2
+    with pytest.warns(UserWarning, match="built and tuned for tensor-parallel size 2 and runs re-sharded for 1: .* "
+                                         "default kernels; rebuild it with `workbench build ... --tp 1`"):
+        e = load_engine(out, tensor_parallel_size=1)
+    assert e.choices is None and e.program.tuned is None
+
+
+def test_the_control_group_waits_as_long_as_a_server_idles():
+    """Step inputs travel on the control group, which has no practical timeout: a rank waits longer than the
+    process group's own timeout (1 s here; 2 minutes when serving) for rank 0's next step and still runs it."""
+    from workbench.distributed import free_port
+
+    assert spawn(_idle_then_step, 2, free_port()) == [6.0, 6.0]
+
+
+def _idle_then_step(rank, size, init, sync_port):
+    import datetime
+
+    import torch.distributed as dist
+
+    from workbench.distributed import broadcast_object, join, leave
+
+    # both ranks meet first (a store with a long timeout), so the group's 1 s covers its own start-up only
+    store = dist.TCPStore("127.0.0.1", sync_port, size, rank == 0, timeout=datetime.timedelta(seconds=60))
+    store.add("arrived", 1)
+    while store.add("arrived", 0) < size:
+        time.sleep(0.01)
+    join(rank, size, init_method=init, timeout_s=1)
+    try:
+        if rank == 0:
+            time.sleep(1.5)
+        x = torch.full((2,), float(broadcast_object(3 if rank == 0 else None)))
+        return float(collective_sum(x)[0])
+    finally:
+        leave()
+
+
+def collective_sum(x):
+    from workbench.kernels.collectives import all_reduce
+
+    return all_reduce(x)
+
+
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "tiny-llama", "--tp", "2", "--port", str(port),
-                             "--log-level", "warning", "--num-blocks", "32"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return s.getsockname()[1]
+
+
+def _env():
+    """The subprocesses import this checkout (whatever the current directory) and use one thread each."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def _completion(url, expected):
+    """A greedy completion (token ids in and out: random weights have no tokenizer), streamed and not."""
+    import httpx
+
+    body = {"model": "engine", "prompt": _prompts()[0], "max_tokens": GREEDY["max_tokens"], "temperature": 0,
+            "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == expected, r.text
+    streamed = []
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                streamed += [t for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
+    assert streamed == expected
+
+
+def _wait_up(proc, url, log: Path, seconds=120):
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_workbench_serve_of_a_two_rank_engine_answers_and_stops_on_sigterm(tp_engine, one_rank_tokens, tmp_path):
+    """``workbench serve ENGINE`` (built for two ranks: no --tp needed) spawns rank 1, which reads its own slices;
+    an OpenAI completion, streamed and not, has the one-rank tokens, and SIGTERM exits 0."""
+    port, log = _free_port(), tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(tp_engine), "--port", str(port),
+                                 "--log-level", "warning", "--num-blocks", "32", "--model-name", "engine"],
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(proc, url)
-        body = {"model": "tiny-llama", "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == expected
-        streamed = []
-        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
-            for line in s.iter_lines():
-                if line.startswith("data: {"):
-                    streamed += [t for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
-        assert streamed == expected
+        _wait_up(proc, url, log)
+        _completion(url, one_rank_tokens[0])
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-2000:]
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+    assert "tensor parallelism over 2 ranks (ranks 1.. spawned" in log.read_text()
+    assert "each rank reads its own slices of the engine's weights" in log.read_text()
+
+
+def _torchrun(*argv):
+    """torchrun of 2 processes on this machine (a free rendezvous port: ``--standalone``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv]
+
+
+def test_torchrun_serve_rank_0_serves_rank_1_works(tp_engine, one_rank_tokens, tmp_path):
+    """``torchrun --nproc-per-node 2 -m workbench serve ENGINE``: rank 0 serves the one-rank tokens, rank 1 runs
+    its steps; SIGTERM to torchrun (which passes it to both) ends the server gracefully, rank 1 when rank 0 tells
+    it. torchrun itself then exits 1 with its own SignalException: that is torchrun's, whatever its workers do."""
+    port, log = _free_port(), tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(_torchrun("-m", "workbench", "serve", str(tp_engine), "--port", str(port),
+                                          "--log-level", "warning", "--num-blocks", "32", "--model-name", "engine"),
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(proc, url, log)
+        _completion(url, one_rank_tokens[0])
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    text = log.read_text()
+    assert "tensor parallelism over 2 ranks (torchrun's processes" in text, text[-3000:]
+    assert "workbench: tensor-parallel rank 1: stopped with rank 0" in text, text[-3000:]  # after rank 0's close
+    assert code in (0, 1) and text.count("Traceback") == text.count("SignalException: Process"), text[-3000:]
+
+
+def test_an_llm_script_under_torchrun(tp_engine, one_rank_tokens, tmp_path):
+    """The same script on both ranks: rank 0's ``LLM`` generates, rank 1's runs rank 0's steps and ends its process
+    when rank 0's closes; torchrun exits 0."""
+    script = tmp_path / "generate.py"
+    script.write_text("import sys\n"
+                      "from workbench import LLM, SamplingParams\n"
+                      "with LLM(sys.argv[1], num_blocks=32) as llm:\n"
+                      f"    out = llm.generate({_prompts()[:2]!r}, SamplingParams(**{GREEDY!r}))\n"
+                      "    print('tokens', [o.token_ids for o in out], flush=True)\n"
+                      "print('rank 0 after its LLM', flush=True)\n")
+    done = subprocess.run(_torchrun(str(script), str(tp_engine)), env=_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"tokens {one_rank_tokens[:2]}" in done.stdout
+    assert done.stdout.count("rank 0 after its LLM") == 1  # rank 1 ended in LLM(...)
+    assert "tensor-parallel rank 1: stopped with rank 0" in done.stderr

@@ -13,6 +13,8 @@
     workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
     workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
     workbench serve engine/ --port 8000               the OpenAI-compatible HTTP server (engine or workspace)
+    workbench build MODEL --precision fp8 --tp 2 --out engine/   an engine for 2 GPUs (tensor parallelism)
+    torchrun --nproc-per-node 2 -m workbench serve engine/       its ranks launched by torchrun (or: serve --tp 2)
 
 The workspace is the first positional argument of every command that reads one, and the second of
 ``capture`` (after the model); the stage folder a verb writes is named in its help. ``capture`` still
@@ -120,7 +122,7 @@ def _cmd_tune(args) -> None:
                                   max_context=max(args.max_context, args.context), edges=edges)
     ws = Workspace(args.workspace, create=False)
     tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force, top_k=args.top_k,
-                       graph=args.graph)
+                       graph=args.graph, tensor_parallel_size=args.tp)
     print(f"tuned the {ws.record('tune')['params']['graph']} graph")
     for edge, chosen in zip(tuned.edges, tuned.choices):
         counts = collections.Counter(t for t, _ in chosen.values())
@@ -237,11 +239,14 @@ def _cmd_export(args) -> None:
 
     limits = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens}
-    out = export_engine(args.workspace, args.out, stage=args.stage, limits=limits, force=args.force)
+    out = export_engine(args.workspace, args.out, stage=args.stage, limits=limits, force=args.force,
+                        tensor_parallel_size=args.tp)
     manifest = json.loads((out / "manifest.json").read_text())
     lim, tuned = json.loads((out / "engine.json").read_text())["limits"], manifest.get("tuned_for")
     size = sum(e["bytes"] for e in manifest["files"].values())
-    print(f"wrote engine {out} from the {manifest['workspace']['stage']} stage ({size / 1e6:.1f} MB): "
+    ranks = manifest.get("tensor_parallel_size", 1)
+    print(f"wrote engine {out} from the {manifest['workspace']['stage']} stage ({size / 1e6:.1f} MB"
+          f"{f', for {ranks} ranks' if ranks > 1 else ''}): "
           f"{'tuned on ' + tuned['gpu'] if tuned else 'not tuned (default kernels)'}; max_model_len "
           f"{lim['max_model_len']}, max_num_seqs {lim['max_num_seqs']}, max_num_batched_tokens "
           f"{lim['max_num_batched_tokens']}, KV blocks of {lim['block_size']} tokens in {lim['kv_cache_dtype']}")
@@ -255,7 +260,8 @@ def _cmd_build(args) -> None:
                            max_num_batched_tokens=args.max_num_batched_tokens, samples=args.samples,
                            seq_len=args.seq_len, calib_data=args.calib_data, eval_data=args.eval_data,
                            max_ppl_increase=args.max_ppl_increase, device=args.device,
-                           kv_block_size=args.kv_block_size, kv_cache=args.kv_cache, force=args.force)
+                           kv_block_size=args.kv_block_size, kv_cache=args.kv_cache, force=args.force,
+                           tensor_parallel_size=args.tp)
     build_engine(args.model, args.out, options, workspace=args.workspace, log=lambda line: print(line, flush=True))
 
 
@@ -350,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: every config that fits")
     s.add_argument("--reset-cache", action="store_true", help="discard the workspace's timing cache and time afresh")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tune the graph one rank of N runs (tensor parallelism; an engine exported from it runs on "
+                        "N GPUs), default 1")
     s.add_argument("--graph", default="auto", choices=["auto", "passes", "quant"],
                    help="which graph to tune (default: the quantized one when `workbench quantize` ran, else the "
                         "optimized one)")
@@ -429,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default="latest", choices=["latest", "passes", "quant", "tune"],
                    help="which stage's graph to export (default: the latest up-to-date of tune, quant, passes)")
     _add_limit_args(s)
+    s.add_argument("--tp", type=int, metavar="N", help="the ranks (GPUs) the engine is for, recorded in its manifest "
+                   "(default: the tune stage's size when exporting it, else 1)")
     s.add_argument("--force", action="store_true", help="overwrite the workspace's export record if edited by hand")
     s.set_defaults(fn=_cmd_export)
 
@@ -459,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unquantized one that is exported (default 5)")
     _add_device_arg(s, "calibration, accuracy gate and tuning device")
     _add_limit_args(s)
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: build the engine for N ranks (GPUs): the graph must shard over N, tuning "
+                        "times one rank's graph, and the engine records N (what serve and LLM run it at), default 1")
     s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand, and "
                    "export even over the accuracy gate's limit")
     s.set_defaults(fn=_cmd_build)
@@ -473,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="a model directory or name whose tokenizer to use (e.g. for random weights)")
     s.add_argument("--max-pending", type=int, default=256,
                    help="most unfinished requests; more are answered 429 (default 256)")
-    s.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism: shard the engine over N ranks (GPUs; processes on the CPU), default 1")
+    s.add_argument("--tp", type=int, metavar="N",
+                   help="tensor parallelism: shard the engine over N ranks (GPUs; processes on the CPU); default: the "
+                        "size an engine was built for (torchrun's process count under torchrun), else 1")
     s.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: what --memory-fraction of the GPU's free "
                    "memory holds; a fixed 256 MiB on the CPU)")
     s.add_argument("--memory-fraction", type=float, help="share of the GPU's free memory, once the weights are "

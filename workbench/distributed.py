@@ -8,7 +8,13 @@ process that runs one rank of a sharded graph joins a group first:
 
 ``current()`` is what the collective ops read: ``None`` outside any group (a collective of one rank is the
 identity, so an unsharded graph and a graph sharded for one rank run anywhere). ``torchrun`` sets ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``from_environment`` joins the group they describe.
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``from_environment`` reads them, and
+``join(rank, size)`` without an ``init_method`` joins the group they describe.
+
+Two groups over the same ranks: the graph's collectives run on the default one (NCCL on GPUs), and rank 0's
+messages to the other ranks (each step's inputs, a rank's set-up, the order to stop: ``broadcast_object``,
+``send_object``, ``gather_objects``) on a gloo ``control`` group without a practical timeout, since a server may
+wait days for its next request; gloo notices a rank that went away at once, so nothing hangs on a dead one.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ class TPGroup:
     size: int
     group: Any = None  # a torch.distributed ProcessGroup (None: the default group)
     backend: str = "gloo"
+    control: Any = None  # the gloo group of rank 0's messages (None: one rank, no messages)
+
+
+#: how long a rank waits for rank 0's next message on the control group: no practical limit (an idle server)
+CONTROL_TIMEOUT = datetime.timedelta(days=3650)
 
 
 _CURRENT: TPGroup | None = None
@@ -70,7 +81,8 @@ def join(rank: int, size: int, *, init_method: str | None = None, backend: str |
     if size > 1 and dist.get_world_size() != size:
         raise WorkbenchError(f"the process group has {dist.get_world_size()} ranks, the tensor-parallel size is "
                              f"{size}; launch as many processes as the TP size (torchrun --nproc-per-node {size})")
-    _CURRENT = TPGroup(rank, size, None, backend)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if size > 1 else None
+    _CURRENT = TPGroup(rank, size, None, backend, control)
     return _CURRENT
 
 
@@ -79,11 +91,13 @@ def leave() -> None:
     import torch.distributed as dist
 
     global _CURRENT, _CREATED
-    _CURRENT = None
+    control, _CURRENT = _CURRENT.control if _CURRENT is not None else None, None
     if _CREATED:
         _CREATED = False
         if dist.is_initialized():
             dist.destroy_process_group()
+    elif control is not None and dist.is_initialized():  # the group is someone else's: only the control group goes
+        dist.destroy_process_group(control)
 
 
 @contextlib.contextmanager
@@ -106,6 +120,59 @@ def from_environment() -> tuple[int, int] | None:
     except ValueError:
         raise WorkbenchError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} are not "
                              "integers; launch with torchrun, which sets them") from None
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; the GPU it runs on), 0 when not set."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise WorkbenchError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not an integer; launch with torchrun, "
+                             "which sets it") from None
+
+
+# ---- rank 0's messages on the control group --------------------------------------------------------------------
+
+def _control():
+    group = current()
+    if group is None or group.control is None:
+        raise WorkbenchError("no tensor-parallel group of several ranks to message: join one first")
+    return group.control
+
+
+def broadcast_object(obj: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank (the others pass nothing): pickled, for small host-side messages."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control())
+    return box[0]
+
+
+def send_object(obj: Any, dst: int) -> None:
+    """Send ``obj`` to rank ``dst`` alone (``recv_object`` there)."""
+    import torch.distributed as dist
+
+    dist.send_object_list([obj], dst=dst, group=_control())
+
+
+def recv_object(src: int = 0) -> Any:
+    """What rank ``src`` sent this rank (``send_object``)."""
+    import torch.distributed as dist
+
+    box = [None]
+    dist.recv_object_list(box, src=src, group=_control())
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    group = current()
+    out = [None] * group.size if group is not None and group.rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=_control())
+    return out
 
 
 def free_port() -> int:

@@ -417,7 +417,8 @@ def _lm_head_weight(graph) -> str:
 
 
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", timer=None, reset: bool = False,
-               force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto"):
+               force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto",
+               tensor_parallel_size: int = 1):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
 
     ``graph``: the stage whose graph is tuned: "quant" (the quantized graph), "passes", or "auto": the
@@ -428,7 +429,11 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     resumes from it, a second run times nothing new, and a cache measured on another GPU or
     library version is refused (``reset`` starts it afresh). ``tune/choices.json`` holds the
     choices per bucket that ``load_program(ws, stage="tune")`` runs with. ``top_k``: time only the
-    configs a tactic's cost model ranks best (see ``autotune``)."""
+    configs a tactic's cost model ranks best (see ``autotune``).
+
+    ``tensor_parallel_size`` N > 1 tunes the graph one rank of N runs (``graph.passes.tensor_parallel``: rank 0's
+    shard, its collectives the identity in this one process): the choices name that graph's nodes, the timing
+    cache's keys carry N (``autotune.instance_key``), and an engine exported from it records N."""
     from .kernels.autotune import TimingCache, autotune_profile
 
     device = resolve_device(device)
@@ -440,8 +445,15 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     if graph not in ("passes", "quant"):
         raise WorkbenchError(f"tune: graph must be 'auto', 'passes' or 'quant', got {graph!r}")
     program = load_program(ws, stage=graph, device=device)
-    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph},
-                upstream=(graph,), force=force) as run:
+    if tensor_parallel_size != 1:
+        from .engine.export import check_tensor_parallel_size
+        from .runtime.tensor_parallel import rank0_program
+
+        check_tensor_parallel_size(program.graph, tensor_parallel_size, "tune")
+        program, _ = rank0_program(program, tensor_parallel_size)
+    params = {"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph,
+              "tensor_parallel_size": tensor_parallel_size}
+    with ws.run("tune", params=params, upstream=(graph,), force=force) as run:
         cache = TimingCache.open(run.directory / "timings.json", reset=reset)
         tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k)
         cache.save()
@@ -463,6 +475,11 @@ def load_program(ws: Workspace, *, stage: str = "capture", device: str | torch.d
             raise WorkbenchError(f"{ws.root} has no tune stage; run `workbench tune {ws.root}` on the GPU first")
         choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
         stage = ws.record("tune")["params"].get("graph", "passes")  # the graph that was tuned
+        tp = ws.record("tune")["params"].get("tensor_parallel_size") or 1
+        if tp != 1:
+            raise WorkbenchError(f"the tune stage of {ws.root} tuned the graph of one rank of {tp} (tensor "
+                                 f"parallelism); export it (`workbench export {ws.root} --out ENGINE`) and run the "
+                                 f"engine with --tp {tp}, or run another stage of the workspace")
     graph, constants = load_graph(ws, stage)
     if stage == "quant":  # quantized weights and scales come from the stage, the rest from the source
         from safetensors.torch import load_file
@@ -491,6 +508,9 @@ def latest_stage(ws, *, device: str | torch.device | None = None, paged: bool = 
             continue
         if stage == "tune" and device is not None and device.type != "cuda":
             continue  # tuned choices are Triton kernels and cuBLAS paths: a GPU's
+        if stage == "tune" and device is not None and (ws.record("tune") or {}).get("params", {}).get(
+                "tensor_parallel_size", 1) != 1:
+            continue  # choices for one rank of a sharded graph: an engine's (export it), not this program's
         if status == "ok":
             if passed:
                 warnings.warn(f"{ws.root}: running the {stage} stage, since " + "; ".join(passed), stacklevel=3)

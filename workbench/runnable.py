@@ -8,6 +8,10 @@ what they run here; a workspace's "latest" graph is ``pipeline.latest_stage``'s.
                                           # config.json): captured and optimized in memory, nothing written
     r.program, r.tokenizer, r.chat_template, r.limits, r.name, r.kind, r.stage
 
+``tensor_parallel_size`` N > 1 opens rank 0's shard (``r.sharding`` says how the other ranks get theirs: the
+runtime's ``tensor_parallel``): of an engine, only its slices of the weights are read; of anything else, the whole
+model is loaded and cut. ``None`` runs an engine at the size it was built for (its manifest), anything else whole.
+
 ``device="auto"`` (the default) is the GPU when there is one (``workbench.device``). A model source runs in
 bf16 on a GPU and fp32 on the CPU (``dtype``), untuned: on a GPU its steps run each op's graph-safe default
 kernels (``Program.for_gpu_steps``). Quantizing and tuning are stages: ``workbench build`` makes an engine
@@ -40,6 +44,8 @@ class Runnable:
     engine: Any | None = None      # the loaded engine.load.Engine (manifest, profile, precision) for an engine
     source: Any | None = None      # the models.intake.ModelSource, where known
     notes: list[str] = field(default_factory=list)
+    #: rank 0's ``runtime.tensor_parallel.Sharding`` when ``program`` is its shard of several ranks, else None
+    sharding: Any | None = None
 
     @property
     def device(self) -> torch.device:
@@ -48,15 +54,23 @@ class Runnable:
 
 def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "latest", tokenizer=None,
                   paged: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                  progress: bool = True) -> Runnable:
+                  progress: bool = True, tensor_parallel_size: int | None = 1) -> Runnable:
     """Open ``target`` to run on ``device`` (see the module docstring). ``stage`` picks a workspace's graph
     ("latest": ``pipeline.latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
     model's own; ``paged=False`` also admits a workspace's captured graph (perplexity, not the runtime);
-    ``dtype`` and ``kv_block_size`` apply to a model source."""
+    ``dtype`` and ``kv_block_size`` apply to a model source; ``tensor_parallel_size``: rank 0's shard of that
+    many ranks (None: an engine's own size, else 1)."""
     if isinstance(target, Runnable):  # opened already (a bench running several engines over one load)
         return target
     device = resolve_device(device)
-    runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress)
+    size = tensor_parallel_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress, tensor_parallel_size)
+    if runnable.sharding is None and (tensor_parallel_size or 1) > 1:  # the whole model is here: rank 0 cuts
+        from .runtime.tensor_parallel import shard_in_memory                # every rank's slices
+
+        runnable.program, runnable.sharding = shard_in_memory(runnable.program, tensor_parallel_size)
     if runnable.device.type == "cuda" and not runnable.program.graph_safe:
         # the implementations GPU steps run: tuned choices where they apply and are graph-safe, each op's GPU
         # default kernel elsewhere (never the reference paged attention, which reads the host)
@@ -65,7 +79,7 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
     return runnable
 
 
-def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress) -> Runnable:
+def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress, tensor_parallel_size) -> Runnable:
     from .engine.format import EngineLimits, is_engine_dir
     from .graph.executor import Program
 
@@ -79,15 +93,20 @@ def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progres
         if stage != "latest":
             raise WorkbenchError(f"{target} is an engine directory, which holds one graph: leave stage at 'latest' "
                                  f"(got {stage!r}), or give the workspace to run another stage")
-        engine = load_engine(target, device=device, progress=progress)
+        engine = load_engine(target, device=device, progress=progress, tensor_parallel_size=tensor_parallel_size)
         tok = tok or engine.tokenizer
         template = (engine.chat_template if tokenizer is None else None) or template_of(tok)
         from .models.intake import ModelSource
 
         source = ModelSource.from_json(engine.info["model"]["source"]) if engine.info.get("model", {}).get(
             "source") else None
+        sharding = None
+        if engine.tensor_parallel_size > 1:
+            from .runtime.tensor_parallel import Sharding
+
+            sharding = Sharding.of_engine(engine)
         return Runnable(engine.program, tok, template, Path(target).resolve().name, "engine", "engine",
-                        engine.limits, engine, source)
+                        engine.limits, engine, source, sharding=sharding)
     if _is_workspace(target):
         return _open_workspace(Path(target), device, stage, tok, tokenizer is None, paged)
     if stage != "latest":

@@ -1,6 +1,7 @@
 """`workbench build`: every stage from a model to an engine directory, with defaults, resuming from its workspace.
 
     build_engine("smollm2-135m", "engine/", BuildOptions(precision="fp8"))   # workspace: engine.workspace/
+    build_engine("smollm2-135m", "engine/", BuildOptions(precision="fp8", tensor_parallel_size=2))  # for 2 ranks
 
     [1/5] capture: running ...            capture the graph (CaptureOptions: dtype, seed)
     [2/5] passes: up to date, skipped     the default passes (fusions, paged attention)
@@ -9,6 +10,12 @@
     accuracy: perplexity 18.66 -> 19.23 (+3.03%) on 2047 tokens of datasets/evaluation.txt (...); limit +5%
     [4/5] tune: ...                       on a GPU only: the engine's profile (from its limits)
     [5/5] export: ...                     the engine directory (its manifest.json holds the accuracy block)
+
+``tensor_parallel_size`` N (``--tp N``): the optimized graph must shard over N ranks (checked right after the
+passes, before calibration; a size that does not divide the heads or the intermediate size is refused in one
+line), the tune stage tunes the graph one rank of N runs (its timing cache's keys carry N), and the engine's
+manifest records N, the size ``LLM`` and ``workbench serve`` run it at by default. The engine stays one directory
+of unsharded weights: each rank reads its own slices when it loads.
 
 A stage whose workspace artifacts are up to date (``Workspace.status`` is "ok") and were made with the
 same settings is not run again, so a build that was interrupted (or re-run with the same arguments)
@@ -59,6 +66,7 @@ class BuildOptions:
     kv_block_size: int | None = None # tokens per KV-cache block; None: the paged pass's default (16)
     kv_cache: str = "bf16"           # the KV cache's format: "bf16" (the model's dtype) or "fp8" (a quantized build)
     force: bool = False              # re-run stages edited by hand; export even over the accuracy gate's limit
+    tensor_parallel_size: int = 1    # the ranks the engine is built (and tuned) for
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -73,6 +81,9 @@ class BuildOptions:
         if not self.max_ppl_increase >= 0:
             raise WorkbenchError(f"build: --max-ppl-increase is a perplexity increase in %, >= 0; got "
                                  f"{self.max_ppl_increase}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise WorkbenchError(f"build: --tp is the number of ranks, a whole number >= 1; got {tp!r}")
         if self.tune and not self._device().startswith("cuda"):
             raise WorkbenchError("build: tuning times kernels on a CUDA GPU, and there is none here; build without "
                                  "tuning, then re-run the build on the GPU machine")
@@ -140,6 +151,12 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
           lambda: pipeline.passes_stage(ws, force=options.force, device=device, kv_block_size=options.kv_block_size))
     for line in pipeline.unfused_notes(ws):  # each build says so, also when the stage was up to date
         log(f"passes: {line}")
+    tp = options.tensor_parallel_size
+    if tp > 1:  # before calibration: a size the graph cannot take fails now, in one line
+        from .export import check_tensor_parallel_size
+
+        check_tensor_parallel_size(Graph.loads(ws.path("passes", "graph.json").read_text()), tp, "build")
+        log(f"tensor parallelism: the graph shards over {tp} ranks; tuning and the engine are for one rank of {tp}")
 
     # 3. quantization -------------------------------------------------------------------------------------
     fmt = FORMAT_OF.get(options.precision)
@@ -171,24 +188,28 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     profile = build_profile(options, max_len)
     if do_tune:
         skip_tune = _skip(ws.up_to_date("tune", matches=lambda p: p.get("profile") == profile.to_json()
-                                        and p.get("graph") == graph_stage))
+                                        and p.get("graph") == graph_stage
+                                        and (p.get("tensor_parallel_size") or 1) == tp))
     else:
         skip_tune = "skipped (no GPU here: the engine runs default kernels until tuned; re-run this build on the GPU)"
     stage("tune", skip_tune, lambda: pipeline.tune_stage(ws, profile, device=device, graph=graph_stage,
-                                                         force=options.force))
+                                                         force=options.force, tensor_parallel_size=tp))
 
     # 5. export ---------------------------------------------------------------------------------------------
-    tuned = ws.up_to_date("tune", matches=lambda p: p.get("graph") == graph_stage)
+    tuned = ws.up_to_date("tune", matches=lambda p: p.get("graph") == graph_stage
+                          and (p.get("tensor_parallel_size") or 1) == tp)
     export_from = "tune" if tuned else graph_stage
     tuned_profile = OptimizationProfile.from_json(ws.record("tune")["params"]["profile"]) if tuned else None
     graph = Graph.loads(ws.path(graph_stage, "graph.json").read_text())
     limits = EngineLimits.for_graph(graph, tuned_profile, options.limits)
     skip_export = _skip(ws.up_to_date("export", {"out": str(out.resolve()), "stage": export_from,
-                                                 "limits": limits.to_json()},
+                                                 "limits": limits.to_json(), "tensor_parallel_size": tp},
                                        matches=lambda _: _engine_matches(ws, out, read_engine, accuracy)))
     stage("export", skip_export, lambda: export_engine(ws, out, stage=export_from, limits=limits,
-                                                       force=options.force, accuracy=accuracy))
-    log(f"engine {out}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
+                                                       force=options.force, accuracy=accuracy,
+                                                       tensor_parallel_size=tp))
+    ranks = f" for {tp} ranks (tensor parallelism)" if tp > 1 else ""
+    log(f"engine {out}{ranks}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
         f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}")
     # what a GPU runs instead of a kernel that cannot take this model's shapes, one line per reason
     from ..graph.executor import gpu_fallback_notes

@@ -2,12 +2,18 @@
 
     export_engine("ws/", "engine/")                                   # the latest up-to-date stage: tune, quant, passes
     export_engine(ws, "engine/", stage="quant", limits={"max_model_len": 4096})
+    export_engine(ws, "engine/", tensor_parallel_size=2)              # an engine for 2 ranks (the tune stage's size)
 
 The engine needs neither the workspace nor the original checkpoint: weights are written as the graph
 runs them (fused QKV and gate/up, RoPE tables, quantized weights and scales), so a parameter that a pass
 derived is stored, not re-derived. The directory is built under a hidden temporary name beside ``out``
 (every file fsynced, the manifest last) and renamed into place: an interrupted export leaves no engine
 that loads, and a previous engine at ``out`` is replaced only once the new one is complete.
+
+An engine for N ranks (``tensor_parallel_size``: the tune stage's size when it is exported, else 1) stores the same
+unsharded graph and weights: each rank shards the graph and reads its own slices when it loads
+(``engine.load``). The manifest records the size (``tensor_parallel_size``), and the export checks that the graph
+shards for it.
 
 The workspace records the export as its ``export`` stage (with a copy of the manifest), so a stale
 engine shows in ``workbench info`` when an upstream stage is re-run.
@@ -43,14 +49,16 @@ EXPORTABLE = ("tune", "quant", "passes")
 
 def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "latest",
                   limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False,
-                  accuracy: Mapping[str, Any] | None = None) -> Path:
+                  accuracy: Mapping[str, Any] | None = None, tensor_parallel_size: int | None = None) -> Path:
     """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
 
     ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``pipeline.latest_stage``), or one of
     those by name; it must be up to date (``workbench info`` says "ok"). ``limits``: overrides of the runtime limits (max_model_len,
     max_num_seqs, max_num_batched_tokens), defaults from the model's context and the tuned profile.
     ``force``: re-record the export even if ``ws/export`` was edited by hand. ``accuracy``: the build's accuracy
-    gate result (perplexity before and after quantization), recorded in the manifest under "accuracy"."""
+    gate result (perplexity before and after quantization), recorded in the manifest under "accuracy".
+    ``tensor_parallel_size``: the ranks the engine is for (default: the tune stage's size when exporting it, else
+    1); it must be the tune stage's when exporting that (its choices are for that size's per-rank graph)."""
     from ..graph.paged import is_paged
     from ..kernels.autotune import TimingCache, TunedChoices
     from ..kernels.profiles import OptimizationProfile
@@ -71,9 +79,10 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
                              f"(`workbench {command} {ws.root}`) or export another stage with --stage")
     _check_out(out, ws)
 
-    graph_stage, choices, profile, tuned_for, timings = stage, None, None, None, None
+    graph_stage, choices, profile, tuned_for, timings, tuned_tp = stage, None, None, None, None, None
     if stage == "tune":
         rec = ws.record("tune")
+        tuned_tp = int(rec["params"].get("tensor_parallel_size") or 1)
         graph_stage = rec["params"].get("graph", "passes")
         choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
         profile = OptimizationProfile.from_json(rec["params"]["profile"])
@@ -84,6 +93,12 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
     if not is_paged(graph):
         raise WorkbenchError(f"the {graph_stage} graph of {ws.root} has no paged attention, which the runtime needs: "
                              f"re-run `workbench optimize {ws.root}` with the default passes (insert_paged_attention)")
+    given = tensor_parallel_size
+    tp = check_tensor_parallel_size(graph, (tuned_tp or 1) if given is None else given, "export")
+    if tuned_tp is not None and tp != tuned_tp:
+        raise WorkbenchError(f"the tune stage of {ws.root} tuned the per-rank graph of tensor-parallel size "
+                             f"{tuned_tp}, not {tp}: export it with --tp {tuned_tp}, or re-tune it (`workbench tune "
+                             f"{ws.root} --tp {tp}`)")
     limits = limits if isinstance(limits, EngineLimits) else EngineLimits.for_graph(graph, profile, limits)
     if profile is None:  # not tuned: the profile the limits describe, for re-tuning on a GPU later
         profile = OptimizationProfile(max_tokens=limits.max_num_batched_tokens, max_seqs=limits.max_num_seqs,
@@ -110,7 +125,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "graph": engine_graph.to_json(),
     }
-    params = {"out": str(out.resolve()), "stage": stage, "limits": limits.to_json()}
+    params = {"out": str(out.resolve()), "stage": stage, "limits": limits.to_json(), "tensor_parallel_size": tp}
     with ws.run("export", params=params, upstream=(stage,), force=force) as run:
         env = environment()
         manifest_extra = {
@@ -119,6 +134,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
             "requires": {"workbench": env["versions"]["workbench"], "torch": MIN_TORCH},
             "exported_on": env["host"],
             "tuned_for": tuned_for,
+            "tensor_parallel_size": tp,
             "plugins": loaded_plugins(),
             "workspace": {"root": str(ws.root.resolve()), "stage": stage, "graph": graph_stage},
             **({"accuracy": dict(accuracy)} if accuracy is not None else {}),
@@ -126,6 +142,20 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         manifest = _write_engine(out, info, tensors, tokenizer, timings, manifest_extra)
         run.write_json("manifest.json", manifest)
     return out
+
+
+def check_tensor_parallel_size(graph, size, what: str) -> int:
+    """``size`` checked: a whole number >= 1 for which ``graph`` shards (the pass's one-line reason otherwise)."""
+    from ..graph.passes.tensor_parallel import shard_tensor_parallel
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"{what} --tp: the tensor-parallel size must be a whole number >= 1, got {size!r}")
+    if size > 1:
+        try:
+            shard_tensor_parallel(graph, size)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"{what} --tp {size}: {e}") from None
+    return size
 
 
 def _check_out(out: Path, ws: Workspace) -> None:

@@ -3,11 +3,13 @@
     engine/
       engine.json           format version, IR (params already fused and quantized), model config,
                             optimization profiles, precision plan, runtime limits, kernel choices
-      weights.safetensors   every graph parameter by name, as the graph runs it
+      weights.safetensors   every graph parameter by name, as the graph runs it (unsharded: each rank of a
+                            tensor-parallel run reads its own slices, ``engine.weights``)
       timings.json          the tune stage's timing cache (every timing), when the engine was tuned
       tokenizer/            tokenizer files and chat template (save_pretrained), when the model has them
       manifest.json         written last: sha256 of every file above, library versions, what loading
-                            requires, the GPU (and torch, triton, CUDA) the kernels were tuned on
+                            requires, the GPU (and torch, triton, CUDA) the kernels were tuned on, and the
+                            tensor-parallel size it was built and tuned for (``tensor_parallel_size``; absent: 1)
 
 ``FORMAT_VERSION`` changes whenever a reader of the previous version would misread a new engine.
 """

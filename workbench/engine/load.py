@@ -3,6 +3,7 @@
     engine = load_engine("engine/")                      # the GPU when there is one ("auto"), else the CPU
     engine = load_engine("engine/", device="cuda")       # the tuned kernels, on the GPU they were tuned on
     engine = load_engine("engine/", device="cuda", retune=True)   # re-tune for this GPU (timings cached)
+    engine = load_engine("engine/", tensor_parallel_size=2, rank=1)  # rank 1's shard: its slices of the weights
     engine.program, engine.tokenizer, engine.chat_template, engine.config, engine.limits, engine.manifest
 
 Loading reads only the engine directory: no workspace, no checkpoint, no ``transformers`` model code (the
@@ -15,6 +16,13 @@ and fails with a ``WorkbenchError`` that says what is wrong and how to fix it:
      passes or fields added since), torch at least ``MIN_TORCH``, and every op of the graph resolves in
      this torch and registry (an op this torch lacks names the torch that exported it);
   4. every file the manifest lists is there with the same sha256 (a missing or altered file is named).
+
+Weights are read straight from the safetensors file (``engine.weights``), parameter by parameter. An engine
+records the tensor-parallel size it was built and tuned for (the manifest's ``tensor_parallel_size``; 1 when
+absent); its graph and weights are stored unsharded, and a load at size N > 1 runs the sharding pass
+(``graph.passes.tensor_parallel``) and reads only rank ``rank``'s slices. Another size than the engine's re-shards
+when the graph allows it (its kernel choices were tuned for the other size's per-rank shapes, so they do not
+apply) and is refused in one line naming both sizes when it does not.
 
 Kernel choices from the tune stage apply only where they were measured: on a CUDA device whose GPU name
 and SM count, CUDA, torch and triton versions equal the manifest's ``tuned_for`` (what the timing cache is
@@ -37,6 +45,7 @@ import torch
 from ..env import environment, environment_key, sha256_file
 from ..errors import WorkbenchError
 from .format import ENGINE_JSON, FORMAT_VERSION, MANIFEST, TIMINGS, WEIGHTS, EngineLimits, older
+from .weights import read_weights
 
 
 @dataclass
@@ -55,6 +64,27 @@ class Engine:
     choices: Any | None = None
     #: where the choices come from: "engine" (tuned for this GPU), "retuned" (here), or None
     tuning: str | None = None
+    #: the tensor-parallel size ``program`` is a shard of (1: the whole graph), and which rank's
+    tensor_parallel_size: int = 1
+    rank: int = 0
+    #: the sharding pass's report when ``tensor_parallel_size`` > 1
+    tp_report: Any | None = None
+    #: what reading the weights took from the file (``engine.weights.WeightsRead``)
+    weights_read: Any | None = None
+
+    @property
+    def built_tensor_parallel_size(self) -> int:
+        """The tensor-parallel size the engine was built (and tuned) for."""
+        return built_size(self.manifest)
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """Parameter name -> the stored name it shares (tied weights are stored once)."""
+        return dict(self.info["weights"].get("tied") or {})
 
     @property
     def profile(self):
@@ -99,10 +129,10 @@ def read_engine(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], bytes
 
 
 def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune: bool = False,
-                progress: bool = True) -> Engine:
-    """Verify and load the engine at ``path`` onto ``device`` (see the module docstring)."""
-    from safetensors.torch import load_file
-
+                progress: bool = True, tensor_parallel_size: int | None = None, rank: int = 0) -> Engine:
+    """Verify and load the engine at ``path`` onto ``device`` (see the module docstring): the whole graph, or with
+    ``tensor_parallel_size`` N > 1 rank ``rank``'s shard of it and only its slices of the weights (None: the size
+    the engine was built for)."""
     from ..graph.executor import Program
     from ..graph.ir import Graph
     from ..graph.paged import PagedLayout, is_paged, scales_by_name
@@ -125,21 +155,24 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     if layout is None or (layout.block_size, layout.dtype) != (limits.block_size, limits.kv_cache_dtype):
         raise WorkbenchError(f"{path / ENGINE_JSON}: limits (block size {limits.block_size}, KV cache "
                              f"{limits.kv_cache_dtype}) do not match the graph's paged cache; re-export the engine")
-    try:
-        params = load_file(str(path / WEIGHTS), device=str(device))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own types; the hashes matched, so: version
-        raise WorkbenchError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {e}); check that safetensors and "
-                             "torch are at least the versions in its manifest") from None
+    built = built_size(manifest)
+    size = built if tensor_parallel_size is None else tensor_parallel_size
     with _malformed(path, ENGINE_JSON, manifest):
-        for name, stored in (info["weights"].get("tied") or {}).items():
-            params[name] = params[stored]
-    missing = [n for n in graph.params if n not in params]
-    if missing:
-        raise WorkbenchError(f"{path / WEIGHTS} lacks {len(missing)} graph parameters (e.g. {missing[0]!r}); "
-                             "re-export the engine")
+        graph, tp_report = shard_engine_graph(path, graph, built, size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+        raise WorkbenchError(f"rank {rank!r} is outside 0..{size - 1} (tensor-parallel size {size})")
+    with _malformed(path, ENGINE_JSON, manifest):
+        tied = dict(info["weights"].get("tied") or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+            raise ValueError("weights.tied must map names to names")
+    params, weights_read = read_weights(path / WEIGHTS, graph, rank=rank, tied=tied, device=device)
 
     choices, tuning = None, None
-    if info.get("choices"):
+    if info.get("choices") and size != built:
+        warnings.warn(f"engine {path} was built and tuned for tensor-parallel size {built} and runs re-sharded for "
+                      f"{size}: its kernel choices were tuned for other per-rank shapes, so it runs the default "
+                      f"kernels; rebuild it with `workbench build ... --tp {size}` to tune it for that", stacklevel=2)
+    elif info.get("choices"):
         reason = tuning_mismatch(manifest.get("tuned_for") or {}, device)
         if reason is None:
             with _malformed(path, ENGINE_JSON, manifest):
@@ -158,7 +191,32 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     tokenizer = load_tokenizer(path, info, manifest)
     info = {k: v for k, v in info.items() if k != "graph"}
     return Engine(path, program, tokenizer, getattr(tokenizer, "chat_template", None), dict(info.get("config", {})),
-                  limits, manifest, info, choices, tuning)
+                  limits, manifest, info, choices, tuning, size, rank, tp_report, weights_read)
+
+
+def built_size(manifest: dict) -> int:
+    """The tensor-parallel size an engine was built and tuned for (its manifest's; 1 for engines before it)."""
+    return int(manifest.get("tensor_parallel_size") or 1)
+
+
+def shard_engine_graph(path: Path, graph, built: int, size):
+    """(``graph`` sharded for ``size`` ranks, the pass's report; the graph itself and None for one rank). An
+    engine built for ``built`` ranks that cannot be sharded for ``size`` is refused in one line naming both."""
+    from ..graph.passes.tensor_parallel import shard_tensor_parallel
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"the tensor-parallel size must be a whole number >= 1, got {size!r}")
+    if size == 1:
+        return graph, None
+    try:
+        return shard_tensor_parallel(graph, size)
+    except WorkbenchError as e:
+        if size == built:
+            raise WorkbenchError(f"engine {path} (built for tensor-parallel size {built}) does not shard: {e}") \
+                from None
+        raise WorkbenchError(f"engine {path} was built for tensor-parallel size {built} and cannot be re-sharded for "
+                             f"{size} ({e}): run it with --tp {built} (tensor_parallel_size={built}), or rebuild it "
+                             f"for {size} ranks with `workbench build ... --tp {size}`") from None
 
 
 def load_tokenizer(path: Path, info: dict, manifest: dict):
@@ -300,7 +358,7 @@ def _check_format(path: Path, name: str, data: Any, manifest: dict) -> None:
 
 #: The manifest's fields that loading reads, and the JSON types `workbench export` writes them as
 _MANIFEST_FIELDS = {"files": dict, "requires": dict, "versions": dict, "plugins": list, "tuned_for": (dict, type(None)),
-                    "workspace": (dict, type(None))}
+                    "workspace": (dict, type(None)), "tensor_parallel_size": int}
 
 
 def _check_manifest_fields(path: Path, manifest: dict) -> None:
@@ -311,6 +369,10 @@ def _check_manifest_fields(path: Path, manifest: dict) -> None:
             raise WorkbenchError(f"{path / MANIFEST}: {key!r} is {str(value)[:60]!r}, not what `workbench export` "
                                  f"writes; re-export the engine (`workbench export {_workspace(manifest)} --out "
                                  f"{path}`)")
+    tp = manifest.get("tensor_parallel_size", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise WorkbenchError(f"{path / MANIFEST}: 'tensor_parallel_size' is {str(tp)[:60]!r}, not a whole number >= 1; "
+                             f"re-export the engine (`workbench export {_workspace(manifest)} --out {path}`)")
     if not all(isinstance(v, (str, type(None))) for v in (manifest.get("requires") or {}).values()) \
             or not all(isinstance(v, str) for v in manifest.get("plugins") or ()):
         raise WorkbenchError(f"{path / MANIFEST}: 'requires' must map libraries to versions and 'plugins' list "

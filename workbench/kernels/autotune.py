@@ -30,7 +30,8 @@ torch and triton versions) and the copy and GEMM ceilings measured there (for ro
 Opening it elsewhere raises a clear error instead of reusing timings that do not apply;
 ``TimingCache.open(path, reset=True)`` starts afresh, ``TimingCache.view(path)`` only looks.
 
-Keys are ``instance_key`` strings; only this module writes or reads them (``read_key``): callers ask the cache
+Keys are ``instance_key`` strings (one rank's graph of a tensor-parallel engine: with its size, so per-rank timings
+never stand in for one-GPU ones); only this module writes or reads them (``read_key``): callers ask the cache
 (``best``, ``table``, ``linear_times``: the best time of a linear op at each shape) instead of parsing keys.
 """
 
@@ -69,16 +70,28 @@ def _describe(v: Any) -> Any:
     return v if isinstance(v, (int, float, bool, str, type(None))) else repr(v)
 
 
-def instance_key(op: str, args: tuple, kwargs: Mapping[str, Any]) -> str:
-    """Op and its arguments' shapes, dtypes and scalar values: equal keys run identical work."""
-    return json.dumps([op, _describe(list(args)), {k: _describe(v) for k, v in sorted(kwargs.items())}])
+def instance_key(op: str, args: tuple, kwargs: Mapping[str, Any], tensor_parallel_size: int = 1) -> str:
+    """Op and its arguments' shapes, dtypes and scalar values: equal keys run identical work. An instance of one
+    rank's graph of ``tensor_parallel_size`` N > 1 carries N: a per-rank timing is measured on a GPU whose
+    neighbours run the other ranks (and the collectives' kernels share its SMs), so it is kept apart from a
+    one-GPU timing of the same shapes, and one cache holds the tunings of several sizes side by side."""
+    key = [op, _describe(list(args)), {k: _describe(v) for k, v in sorted(kwargs.items())}]
+    if tensor_parallel_size != 1:
+        key.append({"tensor_parallel_size": tensor_parallel_size})
+    return json.dumps(key)
 
 
 def read_key(key: str) -> tuple[str, list, dict[str, Any]]:
     """An ``instance_key`` read back: (op, its arguments, its keyword arguments) as described there (a tensor
     as [shape, dtype name], lists as lists, other values as themselves or their repr)."""
-    op, args, kwargs = json.loads(key)
+    op, args, kwargs = json.loads(key)[:3]
     return op, args, kwargs
+
+
+def key_tensor_parallel_size(key: str) -> int:
+    """The tensor-parallel size an ``instance_key`` was made for (1: a whole graph's)."""
+    rest = json.loads(key)[3:]
+    return int(rest[0].get("tensor_parallel_size", 1)) if rest and isinstance(rest[0], dict) else 1
 
 
 #: linear ops whose fourth argument is a static activation scale (None: scaled per token when run)
@@ -366,8 +379,10 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     seen: dict[str, tuple[str, tuple, dict]] = {}  # key -> (op, args, kwargs) of its first instance
     node_keys: dict[str, set[str]] = {}
 
+    tensor_parallel_size = program.graph.meta.get("tensor_parallel", {}).get("size", 1)
+
     def record(name, op, args, kwargs):
-        key = instance_key(op, args, kwargs)
+        key = instance_key(op, args, kwargs, tensor_parallel_size)
         node_keys.setdefault(name, set()).add(key)
         seen.setdefault(key, (op, args, kwargs))
 

@@ -428,7 +428,11 @@ class LLM:
     files registering ops and passes, loaded first, with those of ``WORKBENCH_PLUGINS`` and the installed
     ``workbench.plugins`` entry points (``workbench.plugins``); an engine loads the plugins it was built with.
     ``tensor_parallel_size`` N > 1 shards the program over N ranks, ranks 1.. in worker processes
-    (``runtime.tensor_parallel``); ``close()`` (or ``with LLM(...) as llm``) stops them.
+    (``runtime.tensor_parallel``); ``close()`` (or ``with LLM(...) as llm``) stops them. An engine directory runs at
+    the size it was built for unless told otherwise (another size re-shards it, or is refused in one line), and
+    each rank reads only its own slices of the engine's weights. Under ``torchrun --nproc-per-node N`` the size is
+    N and the ranks are torchrun's: rank 0's ``LLM`` is the one that generates; on ranks 1.. ``LLM(...)`` runs rank
+    0's steps until rank 0's closes, then ends the process (``SystemExit(0)``), so one script serves every rank.
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
@@ -436,30 +440,31 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int = 1) -> None:
+                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int | None = None) -> None:
         import sys
 
         from ..plugins import load_plugins
         from ..runnable import open_runnable
+        from .tensor_parallel import launched_size, run_torchrun_worker
 
         load_plugins(plugins)
+        if run_torchrun_worker(device):  # torchrun's ranks 1..: rank 0's steps, until its LLM closes
+            raise SystemExit(0)
         self.runnable = opened = open_runnable(model, device=device, stage=stage, tokenizer=tokenizer, dtype=dtype,
-                                               kv_block_size=kv_block_size)
+                                               kv_block_size=kv_block_size,
+                                               tensor_parallel_size=launched_size(tensor_parallel_size, device))
         #: the Engine (limits, manifest, chat template) when ``model`` is an engine directory
         self.loaded_engine = opened.engine
         limits = opened.limits and opened.limits.narrowed(
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             fixed=opened.kind == "engine")
         self.limits = limits
-        from .tensor_parallel import check_size
-
         options = dict(num_blocks=num_blocks, config=config, limits=limits, memory_fraction=memory_fraction,
                        prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
-        #: the sharding pass's report when ``tensor_parallel_size`` > 1 (ranks 1.. run in worker processes)
-        self.tp_report = None
-        if check_size(tensor_parallel_size, opened.program.device) > 1:
-            self.engine, self.tp_report = sharded_engine(opened.program, tensor_parallel_size, opened.tokenizer,
-                                                         **options)
+        #: the sharding pass's report when the program runs on several ranks (ranks 1.. in worker processes)
+        self.tp_report = opened.sharding.report if opened.sharding is not None else None
+        if opened.sharding is not None:
+            self.engine = sharded_engine(opened, **options)
         else:
             self.engine = LLMEngine(opened.program, opened.tokenizer, **options)
         # the executor's program repeats the lines open_runnable's GPU program noted: each once
@@ -511,15 +516,15 @@ class LLM:
 
 
 
-def sharded_engine(program, size: int, tokenizer=None, *, cuda_graphs: bool | None = None, **engine_options):
-    """(an ``LLMEngine`` of rank 0 of ``program`` sharded over ``size`` ranks, with ranks 1.. started as workers
-    (``runtime.tensor_parallel``); the sharding pass's report). ``engine_options`` are ``LLMEngine``'s; steps run
-    eagerly and synchronously."""
-    from .tensor_parallel import rank0_program, start_workers
+def sharded_engine(runnable, *, cuda_graphs: bool | None = None, **engine_options) -> LLMEngine:
+    """An ``LLMEngine`` of rank 0 of ``runnable`` (``open_runnable(..., tensor_parallel_size=N)``: rank 0's shard),
+    with ranks 1.. started as its workers (``runtime.tensor_parallel``: torchrun's ranks, or spawned).
+    ``engine_options`` are ``LLMEngine``'s; steps run eagerly and synchronously."""
+    from .tensor_parallel import start_workers
 
     if cuda_graphs:
         raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
-    rank0, report = rank0_program(program, size)
-    engine = LLMEngine(rank0, tokenizer, cuda_graphs=False, async_scheduling=False, **engine_options)
-    start_workers(engine.executor, program, size)
-    return engine, report
+    engine = LLMEngine(runnable.program, runnable.tokenizer, cuda_graphs=False, async_scheduling=False,
+                       **engine_options)
+    start_workers(engine.executor, runnable.sharding)
+    return engine

@@ -1,65 +1,229 @@
 """The runtime over several ranks: one scheduler (rank 0), the same step on every rank.
 
-``LLM(model, tensor_parallel_size=N)`` shards its program (``graph.passes.tensor_parallel``), runs rank 0 in its
-own process, and starts ranks 1..N-1 as worker processes (``TPWorkers``). Each step, rank 0 broadcasts the step's
-inputs (token ids, positions, slot mapping, block tables, sequence lengths, the sampled rows: a few KB) and every
-rank runs its shard of the graph against its own KV cache (its KV heads only); the graph's all-reduces and the
-logits' all-gather run inside. Rank 0 samples; the scheduler, abort, preemption and prefix caching are the one-rank
-runtime's, unchanged.
+``LLM(model, tensor_parallel_size=N)`` and ``workbench serve MODEL --tp N`` run rank 0 in their own process and
+start ranks 1..N-1 as worker processes (``TPWorkers``); under ``torchrun --nproc-per-node N`` the ranks exist
+already: rank 0 serves (or runs the script) and ranks 1.. become its workers (``run_torchrun_worker``) instead of
+being spawned. Each step, rank 0 broadcasts the step's inputs (token ids, positions, slot mapping, block tables,
+sequence lengths, the sampled rows: a few KB) and every rank runs its shard of the graph against its own KV cache
+(its KV heads only); the graph's all-reduces and the logits' all-gather run inside. Rank 0 samples; the
+scheduler, abort, preemption and prefix caching are the one-rank runtime's, unchanged.
 
-This first runtime runs its steps eagerly: CUDA graphs across ranks (NCCL captures collectives) are not captured
-yet, so on GPUs it is a correctness path, not a speed one. Rank 0 loads the whole model and hands each worker its
-slices (``rank_params``) through shared memory; a worker that dies ends the engine with a message naming it.
+Where the weights come from (``Sharding``): from an engine directory each rank reads only its own slices from
+the engine's safetensors file (``engine.weights``), rank 0 included, and nothing else crosses between processes
+but the sharded graph and a file name; from a workspace, a model source or a ``Program`` (weights in memory) rank
+0 holds the whole model and hands each worker its slices (``rank_params``).
+
+Start-up: rank 0 sends each worker a ``RankSpec`` (as process arguments when it spawns them, over the group's
+control channel under torchrun), every worker builds its program and KV cache and reports ready or why not, and
+rank 0 raises that one line if any failed. A worker ignores SIGINT and SIGTERM: it lives and stops with rank 0
+(``close`` tells it to), so a server's graceful shutdown can still finish its requests on every rank; one whose
+rank 0 went away stops with a line saying so. A worker that dies ends the engine with a message naming it.
+
+This runtime runs its steps eagerly: CUDA graphs across ranks (NCCL captures collectives) are not captured yet,
+so on GPUs it is a correctness path, not a speed one.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import signal
+import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
-from ..distributed import free_port, join, leave
+from ..distributed import (broadcast_object, free_port, from_environment, gather_objects, join, leave, local_rank,
+                           recv_object, send_object)
 from ..errors import WorkbenchError
 from ..graph.ir import Graph
 
-#: seconds a rank waits for the others to join before giving up
+#: seconds a spawned rank and rank 0 wait for each other to join
 JOIN_TIMEOUT_S = 120.0
+#: seconds torchrun's ranks 1.. wait for rank 0 to join: it loads its shard (or captures a model) first
+TORCHRUN_JOIN_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class Sharding:
+    """A program sharded over ``size`` ranks (rank 0's program is the runnable's) and where each rank's weights
+    come from: ``weights_file`` (an engine's: each rank reads its own slices) or ``params`` (the unsharded
+    weights in memory, which rank 0 cuts for every rank)."""
+
+    size: int
+    graph: Graph  # the sharded graph
+    report: Any  # the sharding pass's PassReport
+    weights_file: str | None = None
+    tied: dict[str, str] = field(default_factory=dict)
+    params: Mapping[str, torch.Tensor] | None = None
+    weights_read: Any | None = None  # what rank 0 read from the engine file (engine.weights.WeightsRead)
+
+    @classmethod
+    def of_engine(cls, engine) -> "Sharding":
+        """The sharding of a loaded engine's rank-0 shard (``load_engine(..., tensor_parallel_size=N)``), whose
+        ranks this machine must have GPUs for (unless torchrun's ranks span machines)."""
+        if torchrun_launch() is None:
+            check_size(engine.tensor_parallel_size, engine.program.device,
+                       f"; give --tp (tensor_parallel_size) to run engine {engine.path} re-sharded for fewer")
+        return cls(engine.tensor_parallel_size, engine.program.graph, engine.tp_report, str(engine.weights_file),
+                   engine.tied, None, engine.weights_read)
+
+    def spec(self, rank: int, program, num_blocks: int) -> "RankSpec":
+        """What rank ``rank`` needs to build its shard of ``program``, rank 0's as its executor runs it (the
+        sampled-rows variant of the sharded graph, its tuned choices): every rank runs the same graph."""
+        from ..graph.passes.tensor_parallel import rank_params
+        from ..plugins import loaded
+
+        params = None
+        if self.weights_file is None:
+            params = {k: v.detach().cpu() for k, v in rank_params(program.graph, self.params, rank).items()}
+        choices = program.tuned.to_json() if program.tuned is not None else None
+        return RankSpec(rank, self.size, program.graph.dumps(), num_blocks, program.device.type, loaded(), choices,
+                        self.weights_file, dict(self.tied), params)
+
+    def summary(self) -> str:
+        """One line for a log: the size, how the ranks run, the sites sharded and where the weights come from."""
+        how = "torchrun's processes" if torchrun_launch() is not None else "ranks 1.. spawned"
+        where = (f"each rank reads its own slices of the engine's weights (rank 0: {self.weights_read.summary()})"
+                 if self.weights_read is not None else "rank 0 holds the whole model and hands each rank its slices")
+        return (f"tensor parallelism over {self.size} ranks ({how}; {len(self.report.matches)} sharded sites; steps "
+                f"run eagerly); {where}")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What rank 0 sends rank ``rank`` to run its shard: small unless the weights come from memory."""
+
+    rank: int
+    size: int
+    graph: str  # the sharded graph (``Graph.dumps``)
+    num_blocks: int  # KV-cache blocks, as rank 0's
+    device_type: str
+    plugins: list[str]  # plugin specs rank 0 loaded (ops the graph may use)
+    choices: dict | None
+    weights_file: str | None  # an engine's safetensors file: this rank reads its slices from it
+    tied: dict[str, str]
+    params: dict[str, torch.Tensor] | None  # else this rank's tensors (on the CPU)
+
+
+# ---- sizes ------------------------------------------------------------------------------------------------------
+
+def torchrun_launch() -> tuple[int, int] | None:
+    """(rank, size) when torchrun launched this process as one of several, else None."""
+    env = from_environment()
+    return env if env is not None and env[1] > 1 else None
+
+
+def launched_size(size: int | None, device) -> int | None:
+    """The tensor-parallel size to run at: under torchrun its number of processes (``size``, if given, must be it),
+    else ``size`` (None: an engine's own size, else 1), checked: a whole number >= 1, on GPUs no more than there
+    are."""
+    from ..device import resolve_device
+
+    launch = torchrun_launch()
+    if launch is not None:
+        if size is not None and size != launch[1]:
+            raise WorkbenchError(f"torchrun launched {launch[1]} processes, and the tensor-parallel size is {size}; "
+                                 f"leave --tp out (or give --tp {launch[1]}), or launch --nproc-per-node {size}")
+        return launch[1]
+    if size is None:
+        return None
+    return check_size(size, resolve_device(device))
+
+
+def check_size(size, device: torch.device, fix: str = "") -> int:
+    """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are (``fix``: what to
+    say beyond that)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
+        raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}{fix}")
+    return size
+
+
+# ---- rank 0 -----------------------------------------------------------------------------------------------------
+
+def rank0_program(program, size: int):
+    """(rank 0's shard of ``program`` over ``size`` ranks, the sharding pass's report): the weights in memory."""
+    from ..graph.executor import Program
+    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+
+    graph, report = shard_tensor_parallel(program.graph, size)
+    return Program(graph, rank_params(graph, program.params, 0), device=program.device), report
+
+
+def shard_in_memory(program, size: int) -> tuple[Any, Sharding]:
+    """(rank 0's program, the ``Sharding``) of a program whose whole weights are in memory."""
+    rank0, report = rank0_program(program, size)
+    return rank0, Sharding(size, rank0.graph, report, params=dict(program.params))
+
+
+def start_workers(executor, sharding: Sharding) -> None:
+    """Ranks 1..size-1 of ``executor``'s sharded program (torchrun's, or spawned), fed by it."""
+    executor.tensor_parallel = TPWorkers(sharding, executor.program, executor.num_blocks,
+                                         torchrun=torchrun_launch() is not None)
 
 
 class TPWorkers:
-    """Ranks 1..size-1 of a sharded program, each in its own process, fed each step by rank 0 (this process)."""
+    """Ranks 1..size-1 of a sharded program, fed each step by rank 0 (this process): worker processes it spawns,
+    or with ``torchrun`` the processes torchrun started (``run_torchrun_worker``)."""
 
-    def __init__(self, graph: Graph, params: dict[str, torch.Tensor], size: int, num_blocks: int,
-                 device: torch.device) -> None:
-        from ..graph.passes.tensor_parallel import rank_params
+    def __init__(self, sharding: Sharding, program, num_blocks: int, *, torchrun: bool = False) -> None:
+        """``program``: rank 0's, as its executor runs it; ``num_blocks``: its KV cache's blocks."""
         import torch.multiprocessing as mp
 
-        self.size = size
-        ctx = mp.get_context("spawn")
-        self.errors = ctx.Queue()
-        init = f"tcp://127.0.0.1:{free_port()}"
-        text = graph.dumps()
-        self.procs = []
-        for rank in range(1, size):
-            mine = {k: v.detach().cpu() for k, v in rank_params(graph, params, rank).items()}
-            p = ctx.Process(target=_worker, args=(rank, size, init, text, mine, num_blocks, device.type, self.errors),
-                            daemon=True, name=f"workbench-tp-rank{rank}")
-            p.start()
-            self.procs.append(p)
-        try:
-            self.group = join(0, size, init_method=init, device=device, timeout_s=JOIN_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - the worker's own reason is the useful one
+        device = program.device
+        self.size, self.torchrun, self.procs, self.errors = sharding.size, torchrun, [], None
+        self.closed = True
+        if torchrun:
+            self.group = join(0, self.size, device=device, timeout_s=TORCHRUN_JOIN_TIMEOUT_S)
+            self.closed = False
+            try:
+                for rank in range(1, self.size):
+                    send_object(sharding.spec(rank, program, num_blocks), rank)
+            except Exception as e:  # noqa: BLE001
+                self.close(force=True)
+                raise WorkbenchError(f"tensor parallelism: cannot reach torchrun's ranks ({_line(e)})") from None
+        else:
+            ctx = mp.get_context("spawn")
+            self.errors = ctx.Queue()
+            init = f"tcp://127.0.0.1:{free_port()}"
+            for rank in range(1, self.size):
+                p = ctx.Process(target=_spawned_worker, args=(sharding.spec(rank, program, num_blocks), init,
+                                                              self.errors), daemon=True,
+                                name=f"workbench-tp-rank{rank}")
+                p.start()
+                self.procs.append(p)
+            try:
+                self.group = join(0, self.size, init_method=init, device=device, timeout_s=JOIN_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - the worker's own reason is the useful one
+                self.close(force=True)
+                raise WorkbenchError(f"the tensor-parallel ranks did not start: {self.failure() or e}") from None
+            self.closed = False
+        try:  # every rank says whether it built its shard; then all go on, or all stop
+            ready = gather_objects(None)
+            failed = [(rank, status["error"]) for rank, status in enumerate(ready) if status and status.get("error")]
+            broadcast_object(not failed)
+        except Exception as e:  # noqa: BLE001
             self.close(force=True)
-            raise WorkbenchError(f"the tensor-parallel ranks did not start: {self.failure() or e}") from None
-        self.closed = False
+            raise WorkbenchError(f"the tensor-parallel ranks did not start: {self.failure() or _line(e)}") from None
+        if failed:
+            self._end(wait_s=10)  # the ranks stop by themselves
+            raise WorkbenchError(f"tensor-parallel rank {failed[0][0]} failed to start: {failed[0][1]}")
+        #: per rank, what it read from the engine's weights (``WeightsRead``; None: handed over by rank 0)
+        self.weights_read = [sharding.weights_read] + [status.get("weights_read") for status in ready[1:]]
+        atexit.register(self.close)  # a script that never closes its LLM still stops the ranks (torchrun's too)
 
     def failure(self) -> str | None:
-        """The first worker's error or death, in one line; None while all are alive."""
-        with contextlib.suppress(Exception):
-            rank, message = self.errors.get_nowait()
-            return f"rank {rank} failed: {message}"
+        """The first spawned worker's error or death, in one line; None while all are alive (or under torchrun,
+        whose ranks torchrun watches)."""
+        if self.errors is not None:
+            with contextlib.suppress(Exception):
+                rank, message = self.errors.get_nowait()
+                return f"rank {rank} failed: {message}"
         for rank, p in enumerate(self.procs, 1):
             if p.exitcode not in (None, 0):
                 return f"rank {rank} died (exit code {p.exitcode})"
@@ -67,16 +231,15 @@ class TPWorkers:
 
     def broadcast(self, inputs: dict[str, Any] | None) -> None:
         """Send one step's inputs (None: stop) from rank 0 to every rank."""
-        import torch.distributed as dist
-
         dead = self.failure()
         if dead:
             raise WorkbenchError(f"tensor parallelism: {dead}; the engine stopped (restart it)")
         payload = None if inputs is None else {k: v.cpu() for k, v in inputs.items()}
         try:
-            dist.broadcast_object_list([payload], src=0)
+            broadcast_object(payload)
         except Exception as e:  # noqa: BLE001
-            raise WorkbenchError(f"tensor parallelism: {self.failure() or e}; the engine stopped (restart it)") from None
+            raise WorkbenchError(f"tensor parallelism: {self.failure() or _line(e)}; the engine stopped (restart "
+                                 "it)") from None
 
     @contextlib.contextmanager
     def step(self):
@@ -84,20 +247,26 @@ class TPWorkers:
         try:
             yield
         except RuntimeError as e:
-            raise WorkbenchError(f"tensor parallelism: {self.failure() or str(e).splitlines()[0]}; the engine "
-                                 "stopped (restart it)") from None
+            raise WorkbenchError(f"tensor parallelism: {self.failure() or _line(e)}; the engine stopped (restart "
+                                 "it)") from None
 
     def close(self, *, force: bool = False) -> None:
-        """Stop the workers and leave the group (idempotent)."""
-        if getattr(self, "closed", True) and not force:
+        """Stop the workers and leave the group (idempotent); ``force``: without telling them (they failed)."""
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        if self.closed and not force:
             return
-        self.closed = True
-        if not force and self.failure() is None:
+        if not self.closed and not force and self.failure() is None:  # the stop order
             with contextlib.suppress(Exception):
-                self.broadcast(None)
-        deadline = time.monotonic() + 10
+                broadcast_object(None)
+        self._end(wait_s=0.1 if force else 10)
+
+    def _end(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for spawned workers to exit (then kill them) and leave the group."""
+        self.closed = True
+        deadline = time.monotonic() + wait_s
         for p in self.procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()) if not force else 0.1)
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -105,60 +274,118 @@ class TPWorkers:
             leave()
 
 
-def _worker(rank: int, size: int, init: str, graph_text: str, params: dict, num_blocks: int, device_type: str,
-            errors) -> None:
-    """One rank: join, build the program and its KV cache, then run each step rank 0 broadcasts until None."""
-    import torch.distributed as dist
+# ---- ranks 1.. ---------------------------------------------------------------------------------------------------
 
-    from ..graph.executor import DEFAULTS, Program
-    from ..graph.paged import PagedLayout
-    from ..kernels.gemm import batch_invariant
+def run_torchrun_worker(device="auto") -> bool:
+    """Under ``torchrun --nproc-per-node N`` (N > 1), ranks 1.. run rank 0's steps here, from its ``RankSpec`` to its
+    order to stop, and return True; elsewhere (rank 0, or no torchrun) return False at once. ``workbench serve``
+    and ``LLM`` call it first, so that one command line serves from N processes. A failure ends the process with a
+    one-line message (exit status 1)."""
+    from ..device import resolve_device
 
-    torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    launch = torchrun_launch()
+    if launch is None or launch[0] == 0:
+        return False
+    rank, size = launch
+    device = resolve_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
     try:
-        device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
+        join(rank, size, device=device, timeout_s=TORCHRUN_JOIN_TIMEOUT_S)
+        try:
+            spec = recv_object(0)
+        except Exception as e:  # noqa: BLE001 - rank 0 failed before it started the engine
+            raise WorkbenchError(f"rank 0 went away before the engine started ({_line(e)})") from None
+        _ignore_stop_signals()  # from here on rank 0 says when to stop (until then torchrun's SIGTERM ends it)
+        _run_rank(spec, device)
+    except Exception as e:  # noqa: BLE001 - one line, then exit 1: torchrun reports the failed rank
+        print(f"workbench: tensor-parallel rank {rank}: {_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        with contextlib.suppress(Exception):
+            leave()
+    print(f"workbench: tensor-parallel rank {rank}: stopped with rank 0", file=sys.stderr, flush=True)
+    return True
+
+
+def _spawned_worker(spec: RankSpec, init: str, errors) -> None:
+    """A rank that rank 0 spawned: join, then run its steps (``_run_rank``); failures go to rank 0 in one line."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // spec.size))
+    _ignore_stop_signals()
+    try:
+        device = torch.device("cuda", spec.rank) if spec.device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        graph = Graph.loads(graph_text)
-        join(rank, size, init_method=init, device=device, timeout_s=JOIN_TIMEOUT_S)
-        program = Program(graph, params, device=device, tactics=DEFAULTS if device.type == "cuda" else None)
-        cache = PagedLayout.from_graph(graph).new_caches(num_blocks + 1, device)
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is None:
-                break
-            with torch.no_grad(), batch_invariant():
-                program.run(**{k: v.to(device) for k, v in box[0].items()}, **cache)
+        join(spec.rank, spec.size, init_method=init, device=device, timeout_s=JOIN_TIMEOUT_S)
+        _run_rank(spec, device)
     except BaseException as e:  # noqa: BLE001 - to rank 0 in one line
-        errors.put((rank, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        errors.put((spec.rank, f"{type(e).__name__}: {_line(e)}"))
         raise SystemExit(1)
     finally:
         with contextlib.suppress(Exception):
             leave()
 
 
-def check_size(size, device: torch.device) -> int:
-    """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
-    if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
-        raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
-                             f"{torch.cuda.device_count()}")
-    return size
+def _run_rank(spec: RankSpec, device: torch.device) -> None:
+    """Build this rank's program and KV cache, report ready (or why not) to rank 0, then run each step it
+    broadcasts until it sends None."""
+    from ..kernels.gemm import batch_invariant
+
+    try:
+        program, cache, read = _build_rank(spec, device)
+        error = None
+    except Exception as e:  # noqa: BLE001 - rank 0 raises it, naming this rank
+        error = e
+    gather_objects({"error": f"{type(error).__name__}: {_line(error)}"} if error else {"weights_read": read})
+    go = broadcast_object()  # False: some rank failed to start, all stop
+    if error is not None:
+        raise error
+    if not go:
+        return
+    while True:
+        inputs = broadcast_object()
+        if inputs is None:
+            return
+        with torch.no_grad(), batch_invariant():
+            program.run(**{k: v.to(device) for k, v in inputs.items()}, **cache)
 
 
-def rank0_program(program, size: int):
-    """(rank 0's shard of ``program`` over ``size`` ranks, the sharding pass's report)."""
-    from ..graph.executor import DEFAULTS, Program
-    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+def _build_rank(spec: RankSpec, device: torch.device):
+    """(this rank's program, its KV cache, what it read from the engine's weights or None)."""
+    from ..engine.weights import read_weights
+    from ..graph.executor import Program
+    from ..graph.paged import PagedLayout
+    from ..kernels.autotune import TunedChoices
+    from ..plugins import load_plugin
 
-    graph, report = shard_tensor_parallel(program.graph, size)
-    return Program(graph, rank_params(graph, program.params, 0), device=program.device,
-                   tactics=DEFAULTS if program.device.type == "cuda" else None), report
+    if spec.device_type != device.type:
+        raise WorkbenchError(f"rank 0 runs on {spec.device_type}, this rank on {device.type}; give every rank the same "
+                             "--device")
+    for plugin in spec.plugins:
+        load_plugin(plugin)
+    graph = Graph.loads(spec.graph)
+    read = None
+    if spec.weights_file is not None:
+        params, read = read_weights(spec.weights_file, graph, rank=spec.rank, tied=spec.tied, device=device)
+    else:
+        params = spec.params
+    choices = TunedChoices.from_json(spec.choices) if spec.choices else None
+    program = Program(graph, params, device=device, choices=choices)
+    if device.type == "cuda":
+        program = program.for_gpu_steps()  # as rank 0's (``runnable.open_runnable``)
+    cache = PagedLayout.from_graph(graph).new_caches(spec.num_blocks + 1, device)
+    return program, cache, read
 
 
-def start_workers(executor, program, size: int) -> None:
-    """Ranks 1..size-1 of ``executor``'s sharded program (weights from the unsharded ``program``), fed by it."""
-    executor.tensor_parallel = TPWorkers(executor.program.graph, dict(program.params), size, executor.num_blocks,
-                                         executor.device)
+def _ignore_stop_signals() -> None:
+    """A worker stops when rank 0 says so: Ctrl-C in a terminal and torchrun's SIGTERM reach every process, and a
+    worker that died at once would fail the requests rank 0 is still finishing."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -199,15 +199,22 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           num_blocks: int | None = None, memory_fraction: float | None = None, max_num_seqs: int | None = None,
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
-          allowed_hosts: list[str] = (), allowed_origins: list[str] = (), tensor_parallel_size: int = 1) -> None:
+          allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
+          tensor_parallel_size: int | None = None) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``) in the engine
     process (``AsyncLLMEngine.spawn``) and run uvicorn here until SIGTERM/SIGINT (``workbench serve``). The
-    runtime's limits are the engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or what ``memory_fraction``
-    of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts`` (beyond
-    ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS): ``serve/access.py``.
-    ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks (``runtime.tensor_parallel``)."""
+    runtime's limits are the engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or
+    what ``memory_fraction`` of the GPU's free memory holds (the capacity planner). ``api_key``, ``allowed_hosts``
+    (beyond ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS):
+    ``serve/access.py``. ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks
+    (``runtime.tensor_parallel``; None: an engine's own size, else 1). Under ``torchrun --nproc-per-node N`` rank
+    0 serves (its engine process is rank 0 of the group) and ranks 1.. run its steps."""
     import functools
 
+    from ..runtime.tensor_parallel import run_torchrun_worker
+
+    if run_torchrun_worker(device):  # torchrun's ranks 1..: rank 0's steps until it stops them; no HTTP here
+        return
     import uvicorn
 
     access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
@@ -247,25 +254,25 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
 
 def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, num_blocks: int | None,
                        memory_fraction: float | None, max_num_seqs: int | None, max_num_batched_tokens: int | None,
-                       max_model_len: int | None, tensor_parallel_size: int):
+                       max_model_len: int | None, tensor_parallel_size: int | None):
     """``serve``'s engine, built in the engine process: ``(LLMEngine, what the server needs of it)``. Prints what
     vLLM logs at start-up (the cache, what it holds, the limits)."""
     from ..runnable import open_runnable
     from ..runtime.capacity import DEFAULT_MEMORY_FRACTION
     from ..runtime.engine import LLMEngine, sharded_engine
-    from ..runtime.tensor_parallel import check_size
+    from ..runtime.tensor_parallel import launched_size
 
-    served = open_runnable(path, device=device, tokenizer=tokenizer)
+    served = open_runnable(path, device=device, tokenizer=tokenizer,
+                           tensor_parallel_size=launched_size(tensor_parallel_size, device))
     if served.tokenizer is None:
         print(f"workbench serve: {path} has no tokenizer: prompts must be token ids and outputs have no text; "
               "give --tokenizer MODEL for text", file=sys.stderr)
     limits = served.limits.narrowed(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, fixed=served.kind == "engine")
     options = dict(num_blocks=num_blocks, limits=limits, memory_fraction=memory_fraction or DEFAULT_MEMORY_FRACTION)
-    if check_size(tensor_parallel_size, served.device) > 1:
-        engine, report = sharded_engine(served.program, tensor_parallel_size, served.tokenizer, **options)
-        print(f"workbench serve: tensor parallelism over {tensor_parallel_size} ranks ({len(report.matches)} "
-              "sharded sites; steps run eagerly)", file=sys.stderr, flush=True)
+    if served.sharding is not None:
+        engine = sharded_engine(served, **options)
+        print(f"workbench serve: {served.sharding.summary()}", file=sys.stderr, flush=True)
     else:
         engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
