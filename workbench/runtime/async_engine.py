@@ -562,13 +562,16 @@ class AsyncLLMEngine:
 
 def _engine_process_main(factory, commands, outputs, timeline_steps: int) -> None:
     """The engine process: build the engine, say "ready" (with what the caller's side needs), then run the
-    core until told to stop. Ctrl-C is the parent's to handle (it sends the aborts and the stop); a parent that
-    dies closes the pipe, which ends this process too."""
+    core until told to stop. Ctrl-C and SIGTERM are the parent's to handle (it sends the aborts and the stop); a
+    parent that dies closes the pipe, which ends this process too."""
     import signal
 
     import torch
 
+    # Ctrl-C, and SIGTERM sent to the whole process group (torchrun, systemd), are the parent's to handle: it
+    # drains what is in flight and then sends the stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     # one core left to the server's process: torch's CPU kernels wait for every thread of their pool, so a pool
     # as wide as the machine stalls whenever the HTTP loop runs (on 2 cores, a CPU engine's steps took 4x longer)
