@@ -39,8 +39,8 @@ class Histogram:
 
 
 class EngineMetrics:
-    """What the server exports: written by the engine thread (and ``submit`` for rejections), read by the
-    server's renderer; one lock guards both."""
+    """What the server exports: written by the thread that delivers the engine's outputs (and ``submit`` for
+    rejections), read by the server's renderer; one lock guards both."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -2,8 +2,8 @@
 
     prometheus_text(aengine.metrics, aengine.stats())     # counters, histograms, gauges
 
-The numbers are the runtime's (``runtime.metrics.EngineMetrics``, written by the engine thread, and the
-gauges of ``AsyncLLMEngine.stats``); this module only names and formats them, under the record's lock.
+The numbers are the runtime's (``runtime.metrics.EngineMetrics``, written by the thread that delivers the
+engine's outputs, and the gauges of ``AsyncLLMEngine.stats``); this module only names and formats them, under the record's lock.
 """
 
 from __future__ import annotations
