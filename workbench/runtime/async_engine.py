@@ -230,6 +230,8 @@ class _Core:
 
 #: ``finish_reason`` of the delta that answers a request the engine refused to add (its error is the reason)
 REFUSED = "refused"
+#: messages from the engine process read at most before delivering them (steps' deltas merged per stream)
+READ_BATCH = 64
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
@@ -483,17 +485,28 @@ class AsyncLLMEngine:
             self._fail_all(None)
 
     def _read_process(self) -> None:
+        """Deliver what the engine process sends. Everything that arrived is read before delivering (up to
+        ``READ_BATCH`` messages), so a server that falls behind its engine hands each stream one snapshot of
+        several tokens instead of falling further behind (the engine never waits for it: see its sender)."""
         error: BaseException | None = None
         try:
-            while True:
-                kind, payload = self._outputs_r.recv()
-                if kind == "step":
-                    self._deliver(*payload)
-                elif kind == "error":  # the engine process logged it and exits
-                    error = WorkbenchError(payload)
-                    break
-                else:  # "stopped"
-                    break
+            done = False
+            while not done:
+                messages = [self._outputs_r.recv()]
+                while len(messages) < READ_BATCH and self._outputs_r.poll():
+                    messages.append(self._outputs_r.recv())
+                deltas, gauges = [], None
+                for kind, payload in messages:
+                    if kind == "step":
+                        deltas += payload[0]
+                        gauges = payload[1]
+                    else:
+                        done = True
+                        if kind == "error":  # the engine process logged it and exits
+                            error = WorkbenchError(payload)
+                        break  # "stopped", or the error: nothing follows
+                if gauges is not None:
+                    self._deliver(deltas, gauges)
         except (EOFError, OSError):
             self.process.join(5)
             error = WorkbenchError(f"the engine process exited unexpectedly (exit code {self.process.exitcode})")
@@ -515,18 +528,22 @@ class AsyncLLMEngine:
                                          else "the engine shut down before this request finished"))
 
     def _deliver(self, deltas: list[RequestDelta], gauges: dict[str, float]) -> None:
-        """Advance each delta's stream, record the latency metrics, and hand the snapshots to their loops."""
+        """Advance each delta's stream, record the latency metrics, and hand each stream advanced one snapshot
+        (several deltas of one stream make one snapshot), one wake-up per event loop."""
         now = time.perf_counter()
         with self._cond:
             self._gauges = gauges
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        items: dict[str, RequestOutput | BaseException] = {}  # request id -> what its consumer gets, in order
+        touched: dict[str, RequestStream] = {}
         for delta in deltas:
-            stream = self._streams.get(delta.request_id)
+            rid = delta.request_id
+            stream = self._streams.get(rid)
             if stream is None:
                 continue
+            touched[rid] = stream
             if delta.finish_reason == REFUSED:  # the engine refused it: the request fails alone
                 self._forget(stream)
-                batches.setdefault(stream._loop, []).append((stream._queue, delta.error))
+                items[rid] = delta.error
                 continue
             out = apply_delta(stream.out, delta)
             new = len(out.token_ids) - stream.num_tokens_seen
@@ -539,10 +556,14 @@ class AsyncLLMEngine:
                         for _ in range(new):
                             self.metrics.itl.observe((now - stream.last_token_time) / new)
                 stream.num_tokens_seen, stream.last_token_time = len(out.token_ids), now
-            item = self._finish(stream, out) if out.finished else _snapshot(out)
+            if out.finished:
+                items[rid] = self._finish(stream, out)
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, stream in touched.items():
+            item = items[rid] if rid in items else _snapshot(stream.out)
             batches.setdefault(stream._loop, []).append((stream._queue, item))
-        for loop, items in batches.items():
-            _hand_over(loop, items)
+        for loop, batch in batches.items():
+            _hand_over(loop, batch)
 
     def _finish(self, stream: RequestStream, out: RequestOutput) -> RequestOutput | BaseException:
         with self.metrics.lock:
@@ -565,6 +586,8 @@ def _engine_process_main(factory, commands, outputs, timeline_steps: int) -> Non
     core until told to stop. Ctrl-C and SIGTERM are the parent's to handle (it sends the aborts and the stop); a
     parent that dies closes the pipe, which ends this process too."""
     import signal
+
+    import queue
 
     import torch
 
@@ -592,28 +615,42 @@ def _engine_process_main(factory, commands, outputs, timeline_steps: int) -> Non
             taken.append(commands.recv())
         return taken
 
+    # the engine never waits for the server: a sender thread writes to the pipe (pickling there too), so a
+    # server that reads slowly gets several steps at once (merged per stream) instead of stalling the steps
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send_all() -> None:
+        while (message := outbox.get()) is not None:
+            try:
+                outputs.send(message)
+            except OSError:  # the parent is gone; the core notices on its next read of the commands
+                return
+
+    sender = threading.Thread(target=send_all, name="workbench-engine-sender", daemon=True)
+    sender.start()
+
     def emit(deltas: list[RequestDelta], gauges: dict[str, float]) -> None:
         for delta in deltas:  # what failed a request crosses the pipe as a message, not as its own class
             if delta.error is not None and not isinstance(delta.error, WorkbenchError):
                 delta.error = WorkbenchError(f"{type(delta.error).__name__}: {delta.error}")
-        outputs.send(("step", (deltas, gauges)))
+        outbox.put(("step", (deltas, gauges)))
 
+    last = ("stopped", None)
     try:
         core.run(take, emit)
     except EOFError:  # the parent is gone
-        return
+        last = None
     except BaseException as e:  # noqa: BLE001 - a broken engine: the parent fails every request with it
         log.exception("the engine stopped after an error; requests are refused from now on")
-        try:
-            outputs.send(("error", f"{type(e).__name__}: {e}"))
-        except OSError:
-            pass
-        return
+        last = ("error", f"{type(e).__name__}: {e}")
     finally:
         close = getattr(getattr(engine.executor, "tensor_parallel", None), "close", None)
         if close is not None:
             close()
-    outputs.send(("stopped", None))
+    if last is not None:
+        outbox.put(last)
+    outbox.put(None)
+    sender.join(30)
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
