@@ -141,3 +141,20 @@ def test_an_fp8_kv_cache_is_a_build_setting(tmp_path, capsys):
     assert load_engine(out).limits.kv_cache_dtype == "bfloat16"
     assert main(["build", "tiny-llama", "--precision", "bf16", "--out", str(out), "--kv-cache", "fp8"]) == 2
     assert "an FP8 KV cache is set by the quantization stage" in capsys.readouterr().err
+
+
+def test_a_build_of_a_preset_with_scaled_rope_resumes_where_it_stopped(tmp_path, capsys):
+    """Re-running `workbench build` on a preset whose config has a rope_scaling dict (Llama 3.1/3.2) resumes: the
+    second run skips every stage. It used to refuse its own workspace ("holds a capture of 'llama-3.2-1b', not
+    'llama-3.2-1b'"): transformers wrote rope_theta into the preset's nested dict, so the recorded source differed,
+    and the build compared a seed of None with the capture's 0."""
+    from workbench.models import PRESETS
+
+    before = json.dumps(PRESETS["tiny-llama31"], sort_keys=True)
+    args = ["build", "tiny-llama31", "--precision", "bf16", "--out", str(tmp_path / "engine"), "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "[1/5] capture: up to date, skipped" in log and "[2/5] passes: up to date, skipped" in log, log
+    assert json.dumps(PRESETS["tiny-llama31"], sort_keys=True) == before  # the preset itself is left alone

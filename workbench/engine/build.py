@@ -135,7 +135,7 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
         log(f"[{i}/{total}] {name}: done in {time.perf_counter() - t0:.1f} s")
 
     # 1. capture ------------------------------------------------------------------------------------------
-    source = resolve_source(model, seed=options.seed)
+    source = resolve_source(model, seed=0 if options.seed is None else options.seed)  # capture's default seed
     _check_texts(options, source, quantized)  # a bad --calib-data or --eval-data fails before any stage runs
     want = _jsonable({"source": source.to_json(), "dtype": options.dtype, "seed": options.seed})
     rec = ws.record("capture")

@@ -10,6 +10,8 @@ weight values do not matter.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 #: architecture name in config.json -> transformers config class name
@@ -197,4 +199,6 @@ def make_config(fields: dict[str, Any]):
         # graph would capture and run, but no cached runtime could serve it
         raise WorkbenchError(f"{arch}: ALiBi (alibi=true, the Falcon-RW checkpoints) is not supported yet; Falcon's "
                              "rotary checkpoints (alibi=false: 7B, 40B, 180B) are")
-    return getattr(transformers, cls_name)(**fields)
+    # a deep copy: transformers writes into the nested dicts it is given (rope_scaling gains a rope_theta), which
+    # would change the preset itself and every record of the source that holds it
+    return getattr(transformers, cls_name)(**copy.deepcopy(fields))
