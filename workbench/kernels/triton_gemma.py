@@ -167,6 +167,12 @@ def softcap(x: torch.Tensor, cap: float, config: dict | None = None) -> torch.Te
     return out
 
 
+def _row_local(config: dict | None) -> str | None:
+    """``fn.invariant`` of these kernels: each program computes whole rows (or elements) alone, so a row's result
+    depends on its config and not on the rows beside it; the launcher's default config is one fixed config."""
+    return None
+
+
 def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
     for op, fn, space in (("workbench.gelu_mul", gelu_mul, "gelu_mul"),
@@ -176,6 +182,9 @@ def register() -> None:
                           ("workbench.norm_add_rms_norm_fp8", norm_add_rms_norm_fp8, "norm_add_rms_norm")):
         fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
         fn.graph_safe = True  # launches only: grids from shapes, no host reads
+        # each row (or element) is one program's alone: any config held is batch-invariant (kernels/invariant.py)
+        fn.invariant = _row_local
+        fn.invariant_default = CONFIGS[space][0]
         opdef = REGISTRY.get(op)
         opdef.tactics["triton"] = fn
         opdef.gpu_defaults = ("triton",)

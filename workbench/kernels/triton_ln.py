@@ -207,6 +207,12 @@ def _supports_gelu(args: tuple, kwargs: dict) -> str | None:
     return None if mode in _APPROX else f"gelu mode {mode!r} is not one of {', '.join(_APPROX)}"
 
 
+def _row_local(config: dict | None) -> str | None:
+    """``fn.invariant`` of these kernels: each program computes whole rows (or elements) alone, so a row's result
+    depends on its config and not on the rows beside it; the launcher's default config is one fixed config."""
+    return None
+
+
 def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
     partial_rope.supports = _supports_partial_rope
@@ -219,6 +225,9 @@ def register() -> None:
                           ("workbench.partial_rope", partial_rope, "partial_rope")):
         fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
         fn.graph_safe = True  # launches only: grids from shapes, no host reads
+        # each row (or element) is one program's alone: any config held is batch-invariant (kernels/invariant.py)
+        fn.invariant = _row_local
+        fn.invariant_default = CONFIGS[space][0]
         opdef = REGISTRY.get(op)
         opdef.tactics["triton"] = fn
         opdef.gpu_defaults = ("triton",)

@@ -236,6 +236,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
     return out
 
 
+def _row_local(config: dict | None) -> str | None:
+    """``fn.invariant`` of these kernels: each program computes whole rows (or elements) alone, so a row's result
+    depends on its config and not on the rows beside it; the launcher's default config is one fixed config."""
+    return None
+
+
 def register() -> None:
     """Add these kernels as the ``triton`` tactic of their ops (idempotent)."""
     for op, fn, space in (("workbench.rms_norm", rms_norm, "rms_norm"),
@@ -246,6 +252,9 @@ def register() -> None:
                           ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")):
         fn.configs = CONFIGS[space]  # the autotuner's search space for this tactic
         fn.graph_safe = True  # launches only: grids from shapes, no host reads
+        # each row (or element) is one program's alone: any config held is batch-invariant (kernels/invariant.py)
+        fn.invariant = _row_local
+        fn.invariant_default = CONFIGS[space][0]
         opdef = REGISTRY.get(op)
         opdef.tactics["triton"] = fn
         opdef.gpu_defaults = ("triton",)
