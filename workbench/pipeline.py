@@ -417,7 +417,8 @@ def _lm_head_weight(graph) -> str:
 
 
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", timer=None, reset: bool = False,
-               force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto"):
+               force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto",
+               batch_invariant: bool = False):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
 
     ``graph``: the stage whose graph is tuned: "quant" (the quantized graph), "passes", or "auto": the
@@ -428,7 +429,9 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     resumes from it, a second run times nothing new, and a cache measured on another GPU or
     library version is refused (``reset`` starts it afresh). ``tune/choices.json`` holds the
     choices per bucket that ``load_program(ws, stage="tune")`` runs with. ``top_k``: time only the
-    configs a tactic's cost model ranks best (see ``autotune``)."""
+    configs a tactic's cost model ranks best (see ``autotune``). ``batch_invariant``: tune for the batch-invariant
+    mode (one invariant choice per node for every bucket: ``autotune_profile``); ``tune/invariance.json`` then holds
+    what that costs against the per-bucket choices (``invariant.cost_lines`` reads it)."""
     from .kernels.autotune import TimingCache, autotune_profile
 
     device = resolve_device(device)
@@ -440,13 +443,17 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     if graph not in ("passes", "quant"):
         raise WorkbenchError(f"tune: graph must be 'auto', 'passes' or 'quant', got {graph!r}")
     program = load_program(ws, stage=graph, device=device)
-    with ws.run("tune", params={"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph},
-                upstream=(graph,), force=force) as run:
+    params = {"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph,
+              **({"batch_invariant": True} if batch_invariant else {})}
+    with ws.run("tune", params=params, upstream=(graph,), force=force) as run:
         cache = TimingCache.open(run.directory / "timings.json", reset=reset)
-        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k)
+        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k,
+                                 batch_invariant=batch_invariant)
         cache.save()
         run.adopt("timings.json")
         run.write_json("choices.json", tuned.to_json())
+        if batch_invariant:
+            run.write_json("invariance.json", {"costs": [r.to_json() for r in tuned.costs]})
     return tuned
 
 

@@ -429,6 +429,12 @@ class LLM:
     ``workbench.plugins`` entry points (``workbench.plugins``); an engine loads the plugins it was built with.
     ``tensor_parallel_size`` N > 1 shards the program over N ranks, ranks 1.. in worker processes
     (``runtime.tensor_parallel``); ``close()`` (or ``with LLM(...) as llm``) stops them.
+
+    ``batch_invariant=True`` runs the batch-invariant mode, as vLLM's: every step, whatever its size, runs each op
+    with one tactic and one config that gives a row the same result whatever rows share the step (Triton tiles, no
+    GEMV, split-K or cuBLAS; attention reading every key from the cache, unsplit), so a prompt's tokens and logits
+    are the same alone and in any batch. None (the default) takes the engine's setting (``workbench build
+    --batch-invariant``). ``notes`` says which ops lost which tuned choice (``kernels/invariant.py``).
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
@@ -436,7 +442,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int = 1) -> None:
+                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int = 1,
+                 batch_invariant: bool | None = None) -> None:
         import sys
 
         from ..plugins import load_plugins
@@ -444,7 +451,9 @@ class LLM:
 
         load_plugins(plugins)
         self.runnable = opened = open_runnable(model, device=device, stage=stage, tokenizer=tokenizer, dtype=dtype,
-                                               kv_block_size=kv_block_size)
+                                               kv_block_size=kv_block_size, batch_invariant=batch_invariant)
+        #: whether the batch-invariant mode runs (asked for, or the engine's setting)
+        self.batch_invariant = opened.batch_invariant
         #: the Engine (limits, manifest, chat template) when ``model`` is an engine directory
         self.loaded_engine = opened.engine
         limits = opened.limits and opened.limits.narrowed(
@@ -519,6 +528,9 @@ def sharded_engine(program, size: int, tokenizer=None, *, cuda_graphs: bool | No
 
     if cuda_graphs:
         raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
+    if program.batch_invariant:
+        raise WorkbenchError("the batch-invariant mode runs on one device (a tensor-parallel all-reduce picks its "
+                             "algorithm by message size): leave tensor parallelism at 1 or the mode off")
     rank0, report = rank0_program(program, size)
     engine = LLMEngine(rank0, tokenizer, cuda_graphs=False, async_scheduling=False, **engine_options)
     start_workers(engine.executor, program, size)
