@@ -305,12 +305,20 @@ def odd_group_config(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "odd-group"])
-def test_llm_in_the_mode_gives_a_prompt_the_same_tokens_and_logits_alone_and_in_a_batch(model, odd_group_config):
+def test_llm_in_the_mode_gives_a_prompt_the_same_tokens_and_logits_alone_and_in_a_batch(model, odd_group_config,
+                                                                                        monkeypatch):
     llm = LLM(odd_group_config if model == "odd-group" else model, device="cpu", dtype="bfloat16",
               batch_invariant=True, **OPTIONS)
     assert llm.batch_invariant and llm.engine.executor.program.graph.meta["dtype"] == "bfloat16"
     assert_invariant_kernels_ran(llm)
+    # what ran, not only what was planned: every GEMM launch at the one held tile, the attention's cache writes
+    launched, writes = [], []
+    gemm, write_kv = G._gemm, ta.write_kv
+    monkeypatch.setattr(G, "_gemm", lambda a, b, out, config, **kw: launched.append(config) or gemm(a, b, out, config,
+                                                                                                    **kw))
+    monkeypatch.setattr(ta, "write_kv", lambda *a, **kw: writes.append(1) or write_kv(*a, **kw))
     assert alone_and_batched(llm) == [(True, True), (True, True)]
+    assert launched and all(c == G.CONFIGS["16bit"][5] for c in launched) and writes
 
 
 def test_llm_in_the_mode_with_fp8_linears_and_an_fp8_kv_cache(tiny_program, tiny_stats):
