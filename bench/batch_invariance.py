@@ -1,8 +1,24 @@
-"""Which GPU kernels give a row the same result whatever other rows share the call (issue 25: batch invariance).
+"""Which GPU kernels give a row the same result whatever other rows share the call (issue 25: batch invariance), and
+what the batch-invariant mode does to a whole engine.
 
-    python3 bench/batch_invariance.py                # the table; logs nothing else
+    python3 bench/batch_invariance.py                # the kernel table; logs nothing else
     python3 bench/batch_invariance.py --rows 1,2,8,64,256 --shapes smollm2
     TRITON_INTERPRET=1 python3 bench/batch_invariance.py --rows 1,2,5 --shapes tiny     # on the CPU
+    python3 bench/batch_invariance.py --engine /tmp/e8b --prompts 8 --requests 512 --len 1000x1000
+    python3 bench/batch_invariance.py --engine /tmp/smol --invariant-engine /tmp/smol-bi   # + an engine tuned in the mode
+    TRITON_INTERPRET=1 python3 bench/batch_invariance.py --engine tiny-llama --prompts 3 --requests 4 --len 8x4 \
+        --max-tokens 4                               # the engine table on the CPU (a smoke run: no speed in it)
+
+``--engine TARGET`` (an engine directory, a workspace or a model source) measures the engine through ``LLM``,
+opened once, with the batch-invariant mode off and on in the same process (``LLM(runnable, batch_invariant=...)``;
+one engine at a time, the first freed before the next is made; "on" then runs each node's largest-bucket choice
+where it is invariant, else the op's invariant default), and ``--invariant-engine DIR`` adds the same model built
+with ``workbench build ... --batch-invariant`` (tuned in the mode) as a third row: ``--prompts`` prompts of random
+token ids of
+different lengths, greedy, ``--max-tokens`` tokens each, decoded alone and all together in one batch (how many keep
+every token, how many every log-prob bitwise, and the first token where any diverged), then ``--requests`` requests
+of ``--len`` (input x output tokens, EOS ignored) submitted at once for the output tokens/s. The table's key column
+is the mode's throughput over the mode off's. The mode's notes (which ops lost which tuned choice) follow it.
 
 A request's logits depend on the rows that share its step only if some kernel's result for one row changes with
 the number of rows (M) it is called with. For each linear path the runtime can run (cuBLAS through torch's
@@ -84,11 +100,98 @@ def compare(fn, K: int, rows: list[int], device) -> tuple[str, float]:
     return (",".join(map(str, differ)) or "none"), worst
 
 
+def engine_rows(args) -> None:
+    """``--engine``: the engine with the batch-invariant mode off and on, through ``LLM`` in this process."""
+    import gc
+    import time
+
+    from workbench import LLM
+    from workbench.runnable import open_runnable
+    from workbench.runtime.sampling import SamplingParams
+
+    opened = open_runnable(args.engine, batch_invariant=False)
+    runs = [("off", opened, False), ("on", opened, True)]
+    if args.invariant_engine:
+        runs.append(("on, tuned in the mode", open_runnable(args.invariant_engine, batch_invariant=True), True))
+    vocab = int(opened.program.graph.meta.get("config", {}).get("vocab_size", 1000))
+    g = torch.Generator().manual_seed(0)
+    lengths = [args.prompt_len + 7 * i for i in range(args.prompts)]  # different lengths: mixed, chunked steps
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    n_in, n_out = (int(x) for x in args.len.split("x"))
+    load = [torch.randint(1, vocab, (n_in,), generator=g).tolist() for _ in range(args.requests)]
+    llm_args = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("memory_fraction", args.memory_fraction),
+                                  ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    rows, notes = [], []
+    for label, target, mode in runs:
+        llm = LLM(target, batch_invariant=mode, **llm_args)
+        batch = llm.generate(prompts, greedy)
+        alone = [llm.generate([p], greedy)[0] for p in prompts]
+        same_tokens = sum(a.token_ids == b.token_ids for a, b in zip(alone, batch))
+        same_logprobs = sum(a.logprobs == b.logprobs for a, b in zip(alone, batch))  # floats, compared exactly
+        diverged = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+                    for a, b in zip(alone, batch)]
+        first = min((d for d in diverged if d is not None), default=None)
+        llm.generate(load[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm
+        if opened.device.type == "cuda":
+            torch.cuda.synchronize()
+        steps_before = llm.engine.num_steps
+        t0 = time.perf_counter()
+        outs = llm.generate(load, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True))
+        if opened.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.token_ids) for o in outs)
+        rows.append({"mode": label, "tok_s": tokens / seconds, "seconds": seconds,
+                     "steps": llm.engine.num_steps - steps_before, "same_tokens": same_tokens,
+                     "same_logprobs": same_logprobs, "first": first})
+        if mode:  # the last row's: the invariant engine's when given
+            from workbench.kernels.invariant import choice_lines
+
+            program = llm.engine.executor.program
+            configs, names = program.configs(), program.implementations()
+            notes = [n for n in llm.notes if "batch-invariant" in n] + choice_lines(
+                program.graph, {n: (names[n], c) for n, c in configs.items() if names[n] != "reference"})
+        del llm, batch, alone, outs
+        gc.collect()
+        if opened.device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if opened.device.type == "cuda" else "CPU"
+    print(f"\n{name}, torch {torch.__version__}; {opened.kind} {opened.name} ({opened.stage}); {args.prompts} prompts "
+          f"of {lengths[0]}-{lengths[-1]} tokens greedy for {args.max_tokens} tokens alone vs in one batch; "
+          f"{args.requests} requests of {args.len} for throughput; LLM({', '.join(f'{k}={v}' for k, v in llm_args.items())})\n")
+    print("| batch-invariant mode | output tok/s | on / off | alone = batch: tokens | alone = batch: log-probs "
+          "| first diverging token | steps | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = rows[0]["tok_s"]
+    for r in rows:
+        print(f"| {r['mode']} | {r['tok_s']:,.0f} | **{r['tok_s'] / base:.3f}x** | {r['same_tokens']}/{args.prompts} | "
+              f"{r['same_logprobs']}/{args.prompts} | {'-' if r['first'] is None else r['first']} | {r['steps']} | "
+              f"{r['seconds']:.1f} |")
+    for line in notes:
+        print(f"- {line}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2,3,8,16,33,64,256,512")
     ap.add_argument("--shapes", default="smollm2,llama8b")
+    ap.add_argument("--engine", help="measure this engine (directory, workspace or model source) through LLM with "
+                                     "the batch-invariant mode off and on, instead of the kernel table")
+    ap.add_argument("--invariant-engine", help="--engine: also this engine, the same model built with `workbench "
+                                               "build ... --batch-invariant`, as a third row")
+    ap.add_argument("--prompts", type=int, default=8, help="--engine: prompts decoded alone and in one batch")
+    ap.add_argument("--prompt-len", type=int, default=24, help="--engine: the shortest prompt (each next +7 tokens)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="--engine: greedy tokens per prompt")
+    ap.add_argument("--requests", type=int, default=256, help="--engine: requests of the throughput run")
+    ap.add_argument("--len", default="128x128", help="--engine: the throughput run's input x output tokens")
+    ap.add_argument("--max-num-seqs", type=int, help="--engine: LLM's max_num_seqs (default: the engine's)")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="--engine: LLM's (default: the engine's)")
+    ap.add_argument("--memory-fraction", type=float, help="--engine: LLM's memory_fraction (default: LLM's)")
     args = ap.parse_args()
+    if args.engine:
+        engine_rows(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = [int(r) for r in args.rows.split(",")]
     table = []

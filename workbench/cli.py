@@ -122,11 +122,17 @@ def _cmd_tune(args) -> None:
                                   max_context=max(args.max_context, args.context), edges=edges)
     ws = Workspace(args.workspace, create=False)
     tuned = tune_stage(ws, profile, device=args.device, reset=args.reset_cache, force=args.force, top_k=args.top_k,
-                       graph=args.graph, tensor_parallel_size=args.tp)
-    print(f"tuned the {ws.record('tune')['params']['graph']} graph")
+                       graph=args.graph, tensor_parallel_size=args.tp, batch_invariant=args.batch_invariant)
+    print(f"tuned the {ws.record('tune')['params']['graph']} graph"
+          + (" for the batch-invariant mode (one choice per node for every bucket)" if tuned.batch_invariant else ""))
     for edge, chosen in zip(tuned.edges, tuned.choices):
         counts = collections.Counter(t for t, _ in chosen.values())
         print(f"bucket <= {edge:>5} tokens: " + ", ".join(f"{n} nodes {t}" for t, n in counts.most_common()))
+    if tuned.batch_invariant:
+        from .kernels.invariant import cost_lines
+
+        for line in cost_lines(tuned.costs):
+            print(line)
     print(f"wrote {ws.root / 'tune'} (timings.json: every timing; choices.json: per bucket; record.json)")
 
 
@@ -240,7 +246,7 @@ def _cmd_export(args) -> None:
     limits = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens}
     out = export_engine(args.workspace, args.out, stage=args.stage, limits=limits, force=args.force,
-                        tensor_parallel_size=args.tp)
+                        tensor_parallel_size=args.tp, batch_invariant=args.batch_invariant)
     manifest = json.loads((out / "manifest.json").read_text())
     lim, tuned = json.loads((out / "engine.json").read_text())["limits"], manifest.get("tuned_for")
     size = sum(e["bytes"] for e in manifest["files"].values())
@@ -261,7 +267,7 @@ def _cmd_build(args) -> None:
                            seq_len=args.seq_len, calib_data=args.calib_data, eval_data=args.eval_data,
                            max_ppl_increase=args.max_ppl_increase, device=args.device,
                            kv_block_size=args.kv_block_size, kv_cache=args.kv_cache, force=args.force,
-                           tensor_parallel_size=args.tp)
+                           tensor_parallel_size=args.tp, batch_invariant=args.batch_invariant)
     build_engine(args.model, args.out, options, workspace=args.workspace, log=lambda line: print(line, flush=True))
 
 
@@ -274,7 +280,8 @@ def _cmd_serve(args) -> None:
           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, allowed_hosts=_csv(args.allowed_hosts),
-          allowed_origins=_csv(args.allowed_origins), tensor_parallel_size=args.tp)
+          allowed_origins=_csv(args.allowed_origins), tensor_parallel_size=args.tp,
+          batch_invariant=args.batch_invariant)
 
 
 API_KEY_ENV = "WORKBENCH_API_KEY"
@@ -362,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graph", default="auto", choices=["auto", "passes", "quant"],
                    help="which graph to tune (default: the quantized one when `workbench quantize` ran, else the "
                         "optimized one)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="tune for the batch-invariant mode: one invariant tactic and config per node for every bucket")
     s.set_defaults(fn=_cmd_tune)
 
     s = sub.add_parser("quantize", help="calibrate the optimized graph (passes) and apply a precision plan (FP8/INT8) "
@@ -441,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, metavar="N", help="the ranks (GPUs) the engine is for, recorded in its manifest "
                    "(default: the tune stage's size when exporting it, else 1)")
     s.add_argument("--force", action="store_true", help="overwrite the workspace's export record if edited by hand")
+    s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the batch-invariant mode in the manifest, the default of LLM(engine) and serve "
+                        "(default: as the tune stage ran; off when untuned)")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("build", help="capture, optimize, quantize, tune (on a GPU) and export an engine in one go, "
@@ -475,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "times one rank's graph, and the engine records N (what serve and LLM run it at), default 1")
     s.add_argument("--force", action="store_true", help="re-run stages whose artifacts were edited by hand, and "
                    "export even over the accuracy gate's limit")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="the batch-invariant mode: tune one invariant tactic and config per op for every step (a "
+                        "request's output then does not depend on the others in its step), print what it costs, and "
+                        "record it in the manifest so that LLM(engine) and serve run it by default")
     s.set_defaults(fn=_cmd_build)
 
     s = sub.add_parser("serve", help="serve an engine directory (or a workspace, or a model) over an OpenAI-compatible "
@@ -506,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
                    help="browser origins allowed to read responses (CORS; comma-separated, repeatable; '*' for any); "
                         "by default none")
+    s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the batch-invariant mode: a request's output does not depend on the requests sharing its "
+                        "steps (default: the engine's setting, from `workbench build --batch-invariant`)")
     s.set_defaults(fn=_cmd_serve)
     for s in sub.choices.values():
         s.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",

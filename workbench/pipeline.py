@@ -418,7 +418,7 @@ def _lm_head_weight(graph) -> str:
 
 def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", timer=None, reset: bool = False,
                force: bool = False, progress: bool = True, top_k: int | None = None, graph: str = "auto",
-               tensor_parallel_size: int = 1):
+               tensor_parallel_size: int = 1, batch_invariant: bool = False):
     """`workbench tune`: autotune the optimized graph for every bucket of ``profile`` into ``ws/tune``.
 
     ``graph``: the stage whose graph is tuned: "quant" (the quantized graph), "passes", or "auto": the
@@ -429,7 +429,9 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     resumes from it, a second run times nothing new, and a cache measured on another GPU or
     library version is refused (``reset`` starts it afresh). ``tune/choices.json`` holds the
     choices per bucket that ``load_program(ws, stage="tune")`` runs with. ``top_k``: time only the
-    configs a tactic's cost model ranks best (see ``autotune``).
+    configs a tactic's cost model ranks best (see ``autotune``). ``batch_invariant``: tune for the batch-invariant
+    mode (one invariant choice per node for every bucket: ``autotune_profile``); ``tune/invariance.json`` then holds
+    what that costs against the per-bucket choices (``invariant.cost_lines`` reads it).
 
     ``tensor_parallel_size`` N > 1 tunes the graph one rank of N runs (``graph.passes.tensor_parallel``: rank 0's
     shard, its collectives the identity in this one process): the choices name that graph's nodes, the timing
@@ -452,13 +454,16 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
         check_tensor_parallel_size(program.graph, tensor_parallel_size, "tune")
         program, _ = rank0_program(program, tensor_parallel_size)
     params = {"profile": profile.to_json(), "device": str(device), "top_k": top_k, "graph": graph,
-              "tensor_parallel_size": tensor_parallel_size}
+              "tensor_parallel_size": tensor_parallel_size, **({"batch_invariant": True} if batch_invariant else {})}
     with ws.run("tune", params=params, upstream=(graph,), force=force) as run:
         cache = TimingCache.open(run.directory / "timings.json", reset=reset)
-        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k)
+        tuned = autotune_profile(program, profile, cache, timer=timer, progress=progress, top_k=top_k,
+                                 batch_invariant=batch_invariant)
         cache.save()
         run.adopt("timings.json")
         run.write_json("choices.json", tuned.to_json())
+        if batch_invariant:
+            run.write_json("invariance.json", {"costs": [r.to_json() for r in tuned.costs]})
     return tuned
 
 

@@ -16,11 +16,15 @@ model is loaded and cut. ``None`` runs an engine at the size it was built for (i
 bf16 on a GPU and fp32 on the CPU (``dtype``), untuned: on a GPU its steps run each op's graph-safe default
 kernels (``Program.for_gpu_steps``). Quantizing and tuning are stages: ``workbench build`` makes an engine
 with them.
+
+``batch_invariant=True`` opens it in the batch-invariant mode (``kernels/invariant.py``: one invariant tactic and
+config per op for every step); None (the default) takes an engine's own setting (``workbench build
+--batch-invariant`` records it in the manifest), off for anything else, or an opened ``Runnable``'s as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ class Runnable:
     notes: list[str] = field(default_factory=list)
     #: rank 0's ``runtime.tensor_parallel.Sharding`` when ``program`` is its shard of several ranks, else None
     sharding: Any | None = None
+    batch_invariant: bool = False  # the program runs in the batch-invariant mode (``program.batch_invariant``)
 
     @property
     def device(self) -> torch.device:
@@ -54,14 +59,22 @@ class Runnable:
 
 def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "latest", tokenizer=None,
                   paged: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                  progress: bool = True, tensor_parallel_size: int | None = 1) -> Runnable:
+                  progress: bool = True, tensor_parallel_size: int | None = 1,
+                  batch_invariant: bool | None = None) -> Runnable:
     """Open ``target`` to run on ``device`` (see the module docstring). ``stage`` picks a workspace's graph
     ("latest": ``pipeline.latest_stage``); ``tokenizer`` (a tokenizer object, or a model directory or name) replaces the
     model's own; ``paged=False`` also admits a workspace's captured graph (perplexity, not the runtime);
     ``dtype`` and ``kv_block_size`` apply to a model source; ``tensor_parallel_size``: rank 0's shard of that
-    many ranks (None: an engine's own size, else 1)."""
+    many ranks (None: an engine's own size, else 1); ``batch_invariant``: see the module docstring."""
+    if batch_invariant is not None and not isinstance(batch_invariant, bool):
+        raise WorkbenchError(f"batch_invariant must be True, False or None (the engine's own setting), not "
+                             f"{batch_invariant!r}")
     if isinstance(target, Runnable):  # opened already (a bench running several engines over one load)
-        return target
+        if batch_invariant is None or batch_invariant == target.batch_invariant:
+            return target
+        program = target.program.with_batch_invariance(batch_invariant)
+        return replace(target, program=program, batch_invariant=batch_invariant,
+                       notes=target.notes + [n for n in program.notes if n not in target.notes])
     device = resolve_device(device)
     size = tensor_parallel_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -71,12 +84,28 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
         from .runtime.tensor_parallel import shard_in_memory                # every rank's slices
 
         runnable.program, runnable.sharding = shard_in_memory(runnable.program, tensor_parallel_size)
+    if batch_invariant is None:
+        batch_invariant = engine_batch_invariant(runnable.engine) if runnable.engine is not None else False
+    if batch_invariant:  # before for_gpu_steps: its notes are then about what runs
+        runnable.program = runnable.program.with_batch_invariance()
+        runnable.batch_invariant = True
+        if runnable.device.type != "cuda":
+            runnable.notes += runnable.program.notes
     if runnable.device.type == "cuda" and not runnable.program.graph_safe:
         # the implementations GPU steps run: tuned choices where they apply and are graph-safe, each op's GPU
         # default kernel elsewhere (never the reference paged attention, which reads the host)
         runnable.program = runnable.program.for_gpu_steps()
         runnable.notes += runnable.program.notes
     return runnable
+
+
+def engine_batch_invariant(engine) -> bool:
+    """Whether a loaded engine was built in the batch-invariant mode (its manifest's ``batch_invariant``)."""
+    flag = engine.manifest.get("batch_invariant", False)
+    if not isinstance(flag, bool):
+        raise WorkbenchError(f"{engine.path / 'manifest.json'}: 'batch_invariant' is {str(flag)[:60]!r}, not true or "
+                             "false; re-export the engine (`workbench build ... --batch-invariant`)")
+    return flag
 
 
 def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress, tensor_parallel_size) -> Runnable:

@@ -10,6 +10,12 @@
     accuracy: perplexity 18.66 -> 19.23 (+3.03%) on 2047 tokens of datasets/evaluation.txt (...); limit +5%
     [4/5] tune: ...                       on a GPU only: the engine's profile (from its limits)
     [5/5] export: ...                     the engine directory (its manifest.json holds the accuracy block)
+    batch-invariant cost: ...             with ``batch_invariant``: what one invariant choice per op costs
+
+With ``batch_invariant`` (``--batch-invariant``) the tune stage tunes for the batch-invariant mode
+(``kernels/invariant.py``: one invariant tactic and config per node for every bucket), the build prints what that
+costs per op against the per-bucket choices (or, untuned, which defaults the mode runs), and the manifest records
+``"batch_invariant": true``, which ``LLM(engine)`` and ``workbench serve`` then run by default.
 
 ``tensor_parallel_size`` N (``--tp N``): the optimized graph must shard over N ranks (checked right after the
 passes, before calibration; a size that does not divide the heads or the intermediate size is refused in one
@@ -67,6 +73,7 @@ class BuildOptions:
     kv_cache: str = "bf16"           # the KV cache's format: "bf16" (the model's dtype) or "fp8" (a quantized build)
     force: bool = False              # re-run stages edited by hand; export even over the accuracy gate's limit
     tensor_parallel_size: int = 1    # the ranks the engine is built (and tuned) for
+    batch_invariant: bool = False    # the batch-invariant mode: tuned in it, recorded in the manifest (LLM/serve's default)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -84,6 +91,8 @@ class BuildOptions:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise WorkbenchError(f"build: --tp is the number of ranks, a whole number >= 1; got {tp!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise WorkbenchError(f"build: batch_invariant is True or False, not {self.batch_invariant!r}")
         if self.tune and not self._device().startswith("cuda"):
             raise WorkbenchError("build: tuning times kernels on a CUDA GPU, and there is none here; build without "
                                  "tuning, then re-run the build on the GPU machine")
@@ -186,31 +195,38 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     config = Graph.loads(ws.path("capture", "graph.json").read_text()).meta.get("config", {})
     max_len = options.max_model_len or int(config.get("max_position_embeddings") or 8192)
     profile = build_profile(options, max_len)
+    invariant = options.batch_invariant
     if do_tune:
         skip_tune = _skip(ws.up_to_date("tune", matches=lambda p: p.get("profile") == profile.to_json()
                                         and p.get("graph") == graph_stage
-                                        and (p.get("tensor_parallel_size") or 1) == tp))
+                                        and (p.get("tensor_parallel_size") or 1) == tp
+                                        and bool(p.get("batch_invariant")) == invariant))
     else:
         skip_tune = "skipped (no GPU here: the engine runs default kernels until tuned; re-run this build on the GPU)"
     stage("tune", skip_tune, lambda: pipeline.tune_stage(ws, profile, device=device, graph=graph_stage,
-                                                         force=options.force, tensor_parallel_size=tp))
+                                                         force=options.force, tensor_parallel_size=tp,
+                                                         batch_invariant=invariant))
 
     # 5. export ---------------------------------------------------------------------------------------------
+    # a tune stage of the other mode or size is not exported (its choices would not be what the manifest says)
     tuned = ws.up_to_date("tune", matches=lambda p: p.get("graph") == graph_stage
-                          and (p.get("tensor_parallel_size") or 1) == tp)
+                          and (p.get("tensor_parallel_size") or 1) == tp
+                          and bool(p.get("batch_invariant")) == invariant)
     export_from = "tune" if tuned else graph_stage
     tuned_profile = OptimizationProfile.from_json(ws.record("tune")["params"]["profile"]) if tuned else None
     graph = Graph.loads(ws.path(graph_stage, "graph.json").read_text())
     limits = EngineLimits.for_graph(graph, tuned_profile, options.limits)
-    skip_export = _skip(ws.up_to_date("export", {"out": str(out.resolve()), "stage": export_from,
-                                                 "limits": limits.to_json(), "tensor_parallel_size": tp},
+    from .export import export_params
+
+    skip_export = _skip(ws.up_to_date("export", export_params(out, export_from, limits, invariant, tp),
                                        matches=lambda _: _engine_matches(ws, out, read_engine, accuracy)))
     stage("export", skip_export, lambda: export_engine(ws, out, stage=export_from, limits=limits,
                                                        force=options.force, accuracy=accuracy,
-                                                       tensor_parallel_size=tp))
+                                                       tensor_parallel_size=tp, batch_invariant=invariant))
     ranks = f" for {tp} ranks (tensor parallelism)" if tp > 1 else ""
     log(f"engine {out}{ranks}: {options.precision}, {'tuned' if tuned else 'not tuned'}, max_model_len "
-        f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}")
+        f"{limits.max_model_len}, KV blocks of {limits.block_size} tokens in {limits.kv_cache_dtype}"
+        f"{', batch-invariant' if invariant else ''}")
     # what a GPU runs instead of a kernel that cannot take this model's shapes, one line per reason
     from ..graph.executor import gpu_fallback_notes
     from ..kernels.autotune import TunedChoices
@@ -218,7 +234,28 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
     choices = TunedChoices.from_json(ws.read_json("tune", "choices.json")) if tuned else None
     for line in gpu_fallback_notes(graph, choices):
         log(f"GPU kernels: {line}")
+    if invariant:
+        for line in invariance_notes(ws, graph, choices):
+            log(line)
     return out
+
+
+def invariance_notes(ws: Workspace, graph, choices) -> list[str]:
+    """What the batch-invariant mode runs on a GPU and what it costs, for the build log: the tune stage's cost per
+    op against the per-bucket choices (``invariant.cost_lines``) when it tuned in the mode; and the selection's
+    notes (``invariant.select``: ops that lost a tuned choice, or run no invariant kernel)."""
+    from ..graph.executor import meta_arguments
+    from ..kernels.autotune import tactic_ops
+    from ..kernels.invariant import choice_lines, cost_lines, select
+
+    tactic_ops()
+    lines = []
+    if choices is not None and choices.batch_invariant and ws.path("tune", "invariance.json").is_file():
+        lines += cost_lines(ws.read_json("tune", "invariance.json")["costs"])
+    selection = select(graph, meta_arguments(graph), choices)
+    if choices is None:  # untuned: the defaults, one line per op
+        lines += choice_lines(graph, selection.choices, prefix="batch-invariant (untuned)")
+    return lines + selection.notes
 
 
 def build_profile(options: BuildOptions, max_model_len: int):

@@ -47,9 +47,17 @@ from .format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST, MIN_TORCH, TIMINGS, 
 EXPORTABLE = ("tune", "quant", "passes")
 
 
+def export_params(out: Path, stage: str, limits: EngineLimits, batch_invariant: bool,
+                  tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """The export stage's record params: what makes an engine at ``out`` stale when it changes."""
+    return {"out": str(Path(out).resolve()), "stage": stage, "limits": limits.to_json(),
+            "tensor_parallel_size": tensor_parallel_size, **({"batch_invariant": True} if batch_invariant else {})}
+
+
 def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "latest",
                   limits: EngineLimits | Mapping[str, Any] | None = None, force: bool = False,
-                  accuracy: Mapping[str, Any] | None = None, tensor_parallel_size: int | None = None) -> Path:
+                  accuracy: Mapping[str, Any] | None = None, tensor_parallel_size: int | None = None,
+                  batch_invariant: bool | None = None) -> Path:
     """Write the engine directory of ``ws``'s ``stage`` to ``out``; returns ``out``.
 
     ``stage``: "latest" (the newest up-to-date of tune, quant and passes: ``pipeline.latest_stage``), or one of
@@ -58,7 +66,9 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
     ``force``: re-record the export even if ``ws/export`` was edited by hand. ``accuracy``: the build's accuracy
     gate result (perplexity before and after quantization), recorded in the manifest under "accuracy".
     ``tensor_parallel_size``: the ranks the engine is for (default: the tune stage's size when exporting it, else
-    1); it must be the tune stage's when exporting that (its choices are for that size's per-rank graph)."""
+    1); it must be the tune stage's when exporting that (its choices are for that size's per-rank graph).
+    ``batch_invariant``: recorded in the manifest, so that ``LLM(engine)`` and ``workbench serve`` run the
+    batch-invariant mode by default; None: as the tune stage ran (in the mode or not), off when untuned."""
     from ..graph.paged import is_paged
     from ..kernels.autotune import TimingCache, TunedChoices
     from ..kernels.profiles import OptimizationProfile
@@ -85,6 +95,8 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         tuned_tp = int(rec["params"].get("tensor_parallel_size") or 1)
         graph_stage = rec["params"].get("graph", "passes")
         choices = TunedChoices.from_json(ws.read_json("tune", "choices.json"))
+        if batch_invariant is None:
+            batch_invariant = choices.batch_invariant
         profile = OptimizationProfile.from_json(rec["params"]["profile"])
         timings = ws.path("tune", "timings.json")
         tuned_for = TimingCache.view(timings).env
@@ -125,7 +137,10 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "graph": engine_graph.to_json(),
     }
-    params = {"out": str(out.resolve()), "stage": stage, "limits": limits.to_json(), "tensor_parallel_size": tp}
+    if batch_invariant is not None and not isinstance(batch_invariant, bool):
+        raise WorkbenchError(f"export: batch_invariant is True, False or None, not {batch_invariant!r}")
+    batch_invariant = bool(batch_invariant)
+    params = export_params(out, stage, limits, batch_invariant, tp)
     with ws.run("export", params=params, upstream=(stage,), force=force) as run:
         env = environment()
         manifest_extra = {
@@ -137,6 +152,7 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
             "tensor_parallel_size": tp,
             "plugins": loaded_plugins(),
             "workspace": {"root": str(ws.root.resolve()), "stage": stage, "graph": graph_stage},
+            "batch_invariant": batch_invariant,  # LLM(engine) and `workbench serve` run the mode by default
             **({"accuracy": dict(accuracy)} if accuracy is not None else {}),
         }
         manifest = _write_engine(out, info, tensors, tokenizer, timings, manifest_extra)

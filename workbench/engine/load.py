@@ -339,7 +339,8 @@ def _retune(path: Path, program, info: dict, manifest: dict, raw: bytes, progres
     except WorkbenchError:  # measured before a driver or library upgrade: start afresh
         cache = TimingCache.open(cache_path, reset=True)
     profile = OptimizationProfile.from_json(info["profiles"][0])
-    tuned = autotune_profile(program, profile, cache, progress=progress)
+    tuned = autotune_profile(program, profile, cache, progress=progress,
+                             batch_invariant=manifest.get("batch_invariant") is True)  # as the engine was built
     cache.save()
     return tuned
 

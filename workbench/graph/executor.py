@@ -35,7 +35,7 @@ class Program:
                  device: str | torch.device = "cpu", registry: OpRegistry = REGISTRY,
                  tactics: str | Mapping[str, str] | None = None,
                  choices: Mapping[str, tuple[str, dict | None]] | TunedChoices | None = None,
-                 graph_safe: bool = False) -> None:
+                 graph_safe: bool = False, batch_invariant: bool = False) -> None:
         """``tactics`` picks implementations: None runs every op's reference; ``DEFAULTS`` ("defaults") runs
         each op's GPU default (the first of its ``gpu_defaults`` that is graph-safe and supports the node's
         shapes, else the reference); another name (``"triton"``) runs that tactic wherever an op has it; a
@@ -45,19 +45,36 @@ class Program:
 
         ``graph_safe``: a node whose implementation so chosen may not be captured in a CUDA graph runs its
         op's GPU default instead (when that is graph-safe); ``notes`` says which and why, one line each, and
-        ``unsafe_nodes(tokens)`` lists what is left unsafe (a step of those runs eagerly)."""
+        ``unsafe_nodes(tokens)`` lists what is left unsafe (a step of those runs eagerly).
+
+        ``batch_invariant``: every step, whatever its size, runs each node with one tactic and config, each
+        batch-invariant (``kernels/invariant.py``: the tuned choices where they allow it, else each op's
+        invariant default; what was lost is in ``notes``), so a request's results do not depend on the requests
+        beside it. Where Triton cannot run (the CPU without ``TRITON_INTERPRET``) the references run, which the
+        runtime's steps make row-invariant (``gemm.batch_invariant``)."""
         self.graph = graph
         self.device = torch.device(device)
         self.params = _check_params(graph, params, self.device)
-        self.tuned = choices if isinstance(choices, TunedChoices) else None
         self._choices = choices  # as given (one mapping for every step, or TunedChoices): for_gpu_steps keeps them
+        self.batch_invariant = bool(batch_invariant)
         self.graph_safe = graph_safe
         self.notes: list[str] = []
+        if self.batch_invariant and _triton_runs(self.device):
+            from ..kernels.autotune import tactic_ops
+            from ..kernels.invariant import select
+
+            tactic_ops()  # registers the Triton tactics
+            selection = select(graph, meta_arguments(graph), choices, registry=registry)
+            choices = selection.choices  # one mapping for every step
+            self._note(selection.notes)
+        elif self.batch_invariant:
+            choices = None
+            self._note(["batch-invariant: Triton does not run on the CPU: the references run, which the runtime's "
+                        "steps keep row-invariant (fixed blocks of rows in every matmul)"])
+        self.tuned = choices if isinstance(choices, TunedChoices) else None
         per_bucket = self.tuned.choices if self.tuned else [dict(choices or {})]
         if tactics is not None or graph_safe or any(t != REFERENCE for c in per_bucket for t, _ in c.values()):
-            import os
-
-            if self.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            if not _triton_runs(self.device):
                 raise WorkbenchError(f"Triton tactics run on a CUDA device, not {self.device.type}; run without "
                                      "tactics on the CPU (or set TRITON_INTERPRET=1 to test kernels there, slowly)")
             from ..kernels.autotune import tactic_ops
@@ -67,19 +84,36 @@ class Program:
         self._registry = registry
         self._meta = None  # node -> meta arguments for tactics' ``supports`` (``meta_arguments``, built on first use)
         self._names: list[dict[str, str]] = []  # per plan: node -> the implementation it runs
+        self._configs: list[dict[str, dict | None]] = []  # per plan: node -> the config it runs with
         self._unsafe: list[list[str]] = []  # per plan: nodes whose implementation is not graph-safe
         self._plans = [self._plan(registry, c) for c in per_bucket]
         self._steps = self._plans[0]
 
+    @property
+    def choices_given(self) -> Mapping[str, tuple[str, dict | None]] | TunedChoices | None:
+        """The choices this program was made with, as given (before the graph-safety rule and the batch-invariant
+        selection): what a program derived from this one (``for_gpu_steps``, the runtime's rows-only copy) starts
+        from."""
+        return self._choices
+
     def with_choices(self, choices) -> "Program":
         """The same graph and weights, running the autotuner's choices (per node, or ``TunedChoices``)."""
-        return Program(self.graph, self.params, device=self.device, choices=choices)
+        return Program(self.graph, self.params, device=self.device, choices=choices,
+                       batch_invariant=self.batch_invariant)
+
+    def with_batch_invariance(self, enabled: bool = True) -> "Program":
+        """The same program (graph, weights, tactics, the choices it was given) with the batch-invariant mode on or
+        off (see ``__init__``); itself when it is so already."""
+        if bool(enabled) == self.batch_invariant:
+            return self
+        return Program(self.graph, self.params, device=self.device, registry=self._registry, tactics=self.tactics,
+                       choices=self._choices, graph_safe=self.graph_safe, batch_invariant=enabled)
 
     def for_gpu_steps(self) -> "Program":
         """The program a GPU runtime runs: its tuned choices where they are graph-safe, each op's GPU default
         everywhere else (an untuned graph, a node the tuning left out, a choice a CUDA graph cannot capture)."""
         return Program(self.graph, self.params, device=self.device, registry=self._registry, tactics=DEFAULTS,
-                       choices=self._choices, graph_safe=True)
+                       choices=self._choices, graph_safe=True, batch_invariant=self.batch_invariant)
 
     def unsafe_nodes(self, tokens: int | None = None) -> list[str]:
         """Nodes whose implementation may not be captured in a CUDA graph, in the plan a step of ``tokens``
@@ -93,6 +127,12 @@ class Program:
         ``tokens`` tokens (the first plan when untuned or None)."""
         i = self.tuned.bucket(tokens) if self.tuned is not None and tokens is not None else 0
         return dict(self._names[i])
+
+    def configs(self, tokens: int | None = None) -> dict[str, dict | None]:
+        """node -> the config its implementation runs with (None: the launcher's own default, or the reference) in
+        the plan of a step of ``tokens`` tokens (as ``implementations``)."""
+        i = self.tuned.bucket(tokens) if self.tuned is not None and tokens is not None else 0
+        return dict(self._configs[i])
 
     def _choose(self, opdef, node, choices: Mapping) -> tuple[str, dict | None] | None:
         """(implementation name, config) for ``node`` before the graph-safety rule; None: the op's GPU default
@@ -117,7 +157,7 @@ class Program:
                                  f"{', '.join(opdef.tactics) or 'none'}")
         return name, None
 
-    def _impl(self, registry: OpRegistry, node, choices: Mapping) -> tuple[str, Callable]:
+    def _impl(self, registry: OpRegistry, node, choices: Mapping) -> tuple[str, Callable, dict | None]:
         opdef = registry.get(node.op)
         chosen = self._choose(opdef, node, choices)
         if chosen is None or (self.graph_safe and not opdef.is_graph_safe(chosen[0])):
@@ -126,7 +166,8 @@ class Program:
         else:
             name, config = chosen
         fn = opdef.reference if name == REFERENCE else opdef.tactics[name]
-        return name, (functools.partial(fn, config=config) if config and name != REFERENCE else fn)
+        config = config if config and name != REFERENCE else None
+        return name, (functools.partial(fn, config=config) if config else fn), config
 
     def _note(self, notes: list[str]) -> None:
         for line in notes:
@@ -150,11 +191,12 @@ class Program:
             if name not in keep:
                 frees[i].append(name)
         chosen = [self._impl(registry, n, choices) for n in self.graph.nodes]
-        self._names.append({n.name: name for n, (name, _) in zip(self.graph.nodes, chosen)})
-        self._unsafe.append([n.name for n, (name, _) in zip(self.graph.nodes, chosen)
+        self._names.append({n.name: name for n, (name, _, _) in zip(self.graph.nodes, chosen)})
+        self._configs.append({n.name: config for n, (_, _, config) in zip(self.graph.nodes, chosen)})
+        self._unsafe.append([n.name for n, (name, _, _) in zip(self.graph.nodes, chosen)
                              if not registry.get(n.op).is_graph_safe(name)])
         return [(n.name, fn, _bind_device(n.args, self.device), _bind_device(n.kwargs, self.device), frees[i])
-                for i, (n, (_, fn)) in enumerate(zip(self.graph.nodes, chosen))]
+                for i, (n, (_, fn, _)) in enumerate(zip(self.graph.nodes, chosen))]
 
     @torch.no_grad()
     def run(self, *, keep_all: bool = False, _observe: tuple | None = None,
@@ -211,6 +253,13 @@ class Program:
         return out[0] if flat else out
 
     __call__ = logits
+
+
+def _triton_runs(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device``: a CUDA device, or anywhere under ``TRITON_INTERPRET`` (tests)."""
+    import os
+
+    return device.type == "cuda" or bool(os.environ.get("TRITON_INTERPRET"))
 
 
 def meta_arguments(graph: Graph) -> Callable[[Node], tuple[tuple, dict]]:

@@ -221,12 +221,14 @@ class TimingCache:
         return pd.DataFrame(rows, columns=["op", "key", "tactic", "config", "ms", "chosen"])
 
 
-def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
-                top_k: int | None = None) -> list[tuple[str, dict | None, Callable]]:
+def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any], top_k: int | None = None,
+                batch_invariant: bool = False) -> list[tuple[str, dict | None, Callable]]:
     """The reference, then every tactic with every config of its tuning space (``fn.configs``) that
     its ``fn.prune(configs, args, kwargs)`` keeps for these arguments (configs that cannot fit or
     cannot pay off at this shape are never timed). With ``top_k``, a tactic with a cost model
-    (``fn.rank(configs, args, kwargs)``, best first) has only its ``top_k`` best-ranked configs timed."""
+    (``fn.rank(configs, args, kwargs)``, best first) has only its ``top_k`` best-ranked configs timed.
+    ``batch_invariant``: also the invariant configs the batch-invariant mode may choose from at every bucket
+    (``invariant.invariant_candidates``: e.g. tiles taller than M, attention reading every key from the cache)."""
     opdef = REGISTRY.get(op)
     out = [(REFERENCE, None, opdef.reference)]
     for name, fn in opdef.tactics.items():
@@ -239,6 +241,12 @@ def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any],
         if top_k and hasattr(fn, "rank"):
             configs = fn.rank(configs, args, kwargs)[:top_k]
         out += [(name, cfg, fn) for cfg in configs]
+    if batch_invariant:
+        from .invariant import invariant_candidates
+
+        seen = {(n, json.dumps(c, sort_keys=True)) for n, c, _ in out}
+        out += [c for c in invariant_candidates(opdef, args, kwargs) if (c[0], json.dumps(c[1], sort_keys=True))
+                not in seen]
     return out
 
 
@@ -365,6 +373,14 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
     changed since its timing (``tactic_version``); then all of its candidates are timed afresh, in one process,
     as for a new instance.
     """
+    return _choose(program, _time_steps(program, steps, cache, timer=timer, progress=progress, top_k=top_k), cache)
+
+
+def _time_steps(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: TimingCache, *,
+                timer: Timer | None = None, progress: bool = True, top_k: int | None = None,
+                batch_invariant: bool = False) -> dict[str, set[str]]:
+    """``autotune``'s timing: every candidate of every instance ``steps`` show, into ``cache``; returns node ->
+    the keys of its instances. ``batch_invariant``: with the candidates of the batch-invariant mode."""
     def default_timer(call, op, tactic, config):
         # kernel time from CUDA-graph replays (launch overhead left out; what graph-replayed steps see),
         # over calls cycling through the argument copies
@@ -390,7 +406,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
         program.run(_observe=(tunable, record), **step)
     for key, (op, args, kwargs) in seen.items():  # a cached instance that lacks a candidate offered now is
         entry = cache.entries.get(key)           # timed afresh: a cache must not hide a new kernel for good
-        if entry is not None and not _covers(entry, _candidates(op, args, kwargs, top_k)):
+        if entry is not None and not _covers(entry, _candidates(op, args, kwargs, top_k, batch_invariant)):
             del cache.entries[key]
     todo = [k for k in seen if k not in cache.entries]
     timed = {}  # work key -> a cached key timed for that work, on the tactics' current code
@@ -408,7 +424,7 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
                 continue
             timings, calls = [], {}  # id(timing) -> its call, for the near-ties' re-measurements
             variants = rotations(args, kwargs, l2_bytes)
-            for tactic, config, fn in _candidates(op, args, kwargs, top_k):
+            for tactic, config, fn in _candidates(op, args, kwargs, top_k, batch_invariant):
                 call = _Call(fn, config, variants)
                 version = _version(tactic, fn)
                 try:
@@ -427,6 +443,11 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
             bar.update(1)
     if todo:
         cache.save()
+    return node_keys
+
+
+def _choose(program, node_keys: Mapping[str, set[str]], cache: TimingCache) -> dict[str, tuple[str, dict | None]]:
+    """``autotune``'s choice: node -> its fastest graph-safe candidate over its instances' timings."""
     choices = {}
     for name, keys in node_keys.items():
         # a node seen at several shapes gets the candidate with the least total time over them,
@@ -503,9 +524,13 @@ def rotations(args: tuple, kwargs: Mapping[str, Any], l2_bytes: int | None, *, b
 @dataclass
 class TunedChoices:
     """The autotuner's choices per shape bucket of an optimization profile: a step of ``t`` tokens
-    runs ``choices[i]`` (node -> (tactic, config)) of the first bucket with ``edges[i] >= t``."""
+    runs ``choices[i]`` (node -> (tactic, config)) of the first bucket with ``edges[i] >= t``.
+    ``batch_invariant``: tuned in the batch-invariant mode (every bucket the same invariant choices);
+    ``costs``: that tuning's ``invariant.CostRow``s (not saved with the choices: the tune stage writes them apart)."""
     edges: list[int]
     choices: list[dict[str, tuple[str, dict | None]]]
+    batch_invariant: bool = False
+    costs: list = field(default_factory=list, compare=False, repr=False)
 
     def bucket(self, tokens: int) -> int:
         for i, edge in enumerate(self.edges):
@@ -518,11 +543,13 @@ class TunedChoices:
         return self.choices[self.bucket(tokens)]
 
     def to_json(self) -> dict:
-        return {"edges": self.edges, "choices": [{n: list(tc) for n, tc in c.items()} for c in self.choices]}
+        return {"edges": self.edges, "choices": [{n: list(tc) for n, tc in c.items()} for c in self.choices],
+                **({"batch_invariant": True} if self.batch_invariant else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "TunedChoices":
-        return cls(list(data["edges"]), [{n: (t, cfg) for n, (t, cfg) in c.items()} for c in data["choices"]])
+        return cls(list(data["edges"]), [{n: (t, cfg) for n, (t, cfg) in c.items()} for c in data["choices"]],
+                   bool(data.get("batch_invariant", False)))
 
     def table(self):
         """One row per bucket and tuned node: edge, node, tactic, config (a DataFrame)."""
@@ -560,12 +587,25 @@ def step_inputs(program, step, *, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def autotune_profile(program, profile, cache: TimingCache, *, timer: Timer | None = None,
-                     progress: bool = True, top_k: int | None = None) -> TunedChoices:
+                     progress: bool = True, top_k: int | None = None, batch_invariant: bool = False) -> TunedChoices:
     """Tune ``program`` for every bucket of ``profile`` (an ``OptimizationProfile``), each on its
-    representative step; one bucket's inputs (and KV cache) at a time."""
-    chosen = [autotune(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress,
-                       top_k=top_k) for edge in profile.edges]
-    return TunedChoices(list(profile.edges), chosen)
+    representative step; one bucket's inputs (and KV cache) at a time.
+
+    ``batch_invariant``: tune for the batch-invariant mode (``kernels/invariant.py``). Each bucket times its usual
+    candidates and the mode's (``_candidates``); each node then gets one invariant candidate for every bucket
+    (``invariant.choose_across_buckets``: the least mean slowdown against each bucket's fastest invariant one), and
+    ``costs`` compares it with the per-bucket choices."""
+    if not batch_invariant:
+        chosen = [autotune(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress,
+                           top_k=top_k) for edge in profile.edges]
+        return TunedChoices(list(profile.edges), chosen)
+    from .invariant import choose_across_buckets
+
+    keys = [_time_steps(program, [step_inputs(program, profile.step(edge))], cache, timer=timer, progress=progress,
+                        top_k=top_k, batch_invariant=True) for edge in profile.edges]
+    free = [_choose(program, k, cache) for k in keys]
+    chosen, costs = choose_across_buckets(program.graph, keys, cache.entries, free, profile.edges)
+    return TunedChoices(list(profile.edges), [dict(chosen) for _ in profile.edges], True, costs)
 
 
 def tactic_ops() -> set[str]:

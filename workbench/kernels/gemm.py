@@ -338,6 +338,39 @@ def _ranker(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
     return sorted(configs, key=lambda c: predicted_cost(c, M, N, K, sms))
 
 
+def _tile_invariant(config: dict | None) -> str | None:
+    """``fn.invariant`` of the Triton GEMM tactics (``kernels/invariant.py``): a tile config held for every M gives a
+    row the same result whatever rows share the call (every row's K loop is the same, in BLOCK_K steps; measured
+    bitwise on the GPU, BENCHMARKS.md, 2026-12-07, fourth entry); the GEMV, split-K and the launcher's per-M default
+    do not hold that."""
+    if config is None:
+        return "no config held: the launcher picks its tile by M"
+    if config.get("GEMV"):
+        return "the M = 1 GEMV sums a row in another order than the tile that takes over at M = 2"
+    if config.get("SPLIT_K", 1) != 1:
+        return "split-K adds its partial sums in a second kernel, and the tuner sizes the split per token bucket"
+    return None
+
+
+def _cublas_invariant(config: dict | None) -> str | None:
+    """``fn.invariant`` of the cuBLAS tactics: never (cuBLAS chooses its kernel by the shape, M included)."""
+    return "cuBLAS chooses its kernel by the number of rows"
+
+
+def _invariant_pruner(quantizes_x: bool):
+    """``fn.invariant_configs(configs, args, kwargs)``: the tile configs the tuner times in the batch-invariant mode,
+    whatever M (tiles taller than M included: one config runs every bucket): those that are not GEMV or split-K
+    and whose pipeline fits the device's shared memory."""
+
+    def configs_for(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
+        x, weight = args[0], args[1]
+        a_bytes, b_bytes = 1 if quantizes_x else x.element_size(), weight.element_size()
+        return [c for c in configs if _tile_invariant(c) is None
+                and smem_bytes(c, a_bytes, b_bytes) <= _smem_limit(x.device)]
+
+    return configs_for
+
+
 def _smem_limit(device: torch.device) -> int:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -599,6 +632,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], N)
 
 
+def _linear_supports(args: tuple, kwargs: dict) -> str | None:
+    """``linear.supports``: x and a 2-D weight of one float dtype (meta tensors do); anything else runs elsewhere."""
+    x = args[0] if args else kwargs.get("input")
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if x is None or weight is None:
+        return None  # shapes unknown here: the call checks them
+    if weight.dim() != 2 or x.dtype != weight.dtype or x.dtype not in _FLOATS:
+        return (f"the triton linear takes x and a 2-D weight of one dtype (bfloat16, float16 or float32), not "
+                f"{x.dtype} and {weight.dtype} {list(weight.shape)}")
+    return None
+
+
+linear.supports = _linear_supports
+
+
 # --- workbench.fp8_linear -------------------------------------------------------------------------------------
 
 @register_op("workbench.fp8_linear", cost=C.matmul, graph_safe=True)
@@ -807,6 +855,12 @@ def register() -> None:
         if quantizes_x is not None:  # Triton tiles: configs that cannot fit or far exceed M are skipped
             fn.prune = _pruner(quantizes_x)
             fn.rank = _ranker
+            # the batch-invariant mode (kernels/invariant.py): one tile for every M; 64 x 128 rows fits every M
+            fn.invariant = _tile_invariant
+            fn.invariant_configs = _invariant_pruner(quantizes_x)
+            fn.invariant_default = CONFIGS["8bit" if quantizes_x else "16bit"][5]
+        else:
+            fn.invariant = _cublas_invariant
         fn.graph_safe = True  # every tactic here: grids and scales from shapes, no host reads
         REGISTRY.get(op).tactics[name] = fn
     # untuned GPU steps: cuBLAS (the reference) for bf16 linears; the quantized ops' fastest general tactics

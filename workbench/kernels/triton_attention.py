@@ -34,7 +34,8 @@ FP8 cache otherwise gathers every key through the block table with a mask. (The 
 per token; rounding in the attention loop instead would repeat the work in every program that reads the
 key, which is how the kernel once did it: BENCHMARKS.md, 2026-12-01, "prompt attention over an FP8
 cache".) Decode steps (one token per sequence) read their one new key back from the cache, in the last
-cached tile (``"NEW_FROM_CACHE": True`` in a config forces that for any step).
+cached tile (``"NEW_FROM_CACHE": True`` in a config makes every step, over any cache, read all its
+keys from the cache: see "Batch invariance" below).
 
 A mixed step (prompt chunks beside decodes) can run in two launches: a config with a ``"DECODE"``
 sub-config sends the sequences of one new token to a launch of their own at that config (grid:
@@ -48,6 +49,19 @@ Split-KV (``SPLITS`` > 1, flash-decoding): the cached range is cut into SPLITS s
 program each; every slice writes a partial output and its log-sum-exp, and a second small
 kernel combines them. For long contexts at small batch, where (query blocks × KV heads)
 alone cannot fill the GPU.
+
+**Batch invariance** (``invariant``; the batch-invariant mode, ``kernels/invariant.py``): with one config held, a
+row's output depends on its own sequence alone (each program takes one sequence's query block; its rows are
+independent in every dot), except for three things a config decides. ``SPLITS`` > 1 cuts the keys at a point
+that depends on the query block's last position, which moves with how the scheduler chunked the prompt; a
+``"DECODE"`` sub-config runs a decode at another config when a prompt chunk shares its step; and this step's own
+keys, read from the inputs, are tiled from the chunk's first token, so a prompt cut into chunks (by a token
+budget shared with other requests, or after a prefix-cache hit) sums its keys in other groups than the same
+prompt in one piece, and an FP8 cache's decode reads its key another way beside prompt tokens. With
+``"NEW_FROM_CACHE": True``, SPLITS 1 and no DECODE, every key comes through the block table in tiles aligned
+to absolute positions (0, BLOCK_N, ...), whatever the step: a row at position p sums the same tiles in the
+same order alone, in any batch, in any chunk, in a prefill or a decode (tiles past p, and keys masked in
+them, add exact zeros). The cost: prompt steps gather their own keys through the block table.
 
 ``write_kv`` scatters the new tokens' K/V into their slots first (one program per token;
 FP8 caches store value / scale, saturated and rounded to e4m3).
@@ -655,9 +669,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     # this step's own keys are read contiguous, not gathered through the block table: from k/v as given, or
     # as the cache write leaves them in side buffers (rotated; over an FP8 cache, in steps with prompt tokens,
     # rounded as the cache holds them, in fp16); decode steps over an FP8 cache read them back from the cache
-    new_e4m3 = (kv_cache.dtype in FP8_DTYPES and q.shape[2] > seq_lens.shape[0]
-                and not config.get("NEW_FROM_CACHE", False))
-    new_from_input = kv_cache.dtype == k.dtype or new_e4m3
+    from_cache = config.get("NEW_FROM_CACHE", False)  # every key through the block table (batch-invariant mode)
+    new_e4m3 = kv_cache.dtype in FP8_DTYPES and q.shape[2] > seq_lens.shape[0] and not from_cache
+    new_from_input = (kv_cache.dtype == k.dtype or new_e4m3) and not from_cache
     rope = cos is not None
     norm = q_norm is not None  # q normed inside the attention kernel, k by the cache write (before RoPE)
     if norm and k_norm is None:
@@ -855,8 +869,38 @@ def supports(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def invariant(config: dict | None) -> str | None:
+    """``paged_attention.invariant`` (``kernels/invariant.py``): why ``config`` held for every step would still give a
+    row another result beside other rows or chunks (see the module docstring's "Batch invariance"), or None."""
+    if config is None:
+        return "no config held"
+    if config.get("SPLITS", 1) != 1:
+        return "split-KV cuts the keys where the query block's last position puts the cut, which moves with chunking"
+    if config.get("DECODE"):
+        return "a DECODE sub-config runs decodes at another config when a prompt chunk shares their step"
+    if not config.get("NEW_FROM_CACHE"):
+        return "this step's own keys are tiled from the chunk's first token, so chunking changes the sums"
+    return None
+
+
+def invariant_configs(configs: list[dict], args: tuple, kwargs: dict) -> list[dict]:
+    """``paged_attention.invariant_configs``: what the tuner times in the batch-invariant mode: each unsplit config
+    without a DECODE sub-config, pipelined to fit the device (``fit_stages``), its query tile within
+    ``MAX_QUERY_TILE``, reading every key from the cache; the same list at every step, so one of them can run every
+    bucket."""
+    q, kv_cache = args[0], args[3]
+    group, block_d = q.shape[1] // kv_cache.shape[3], triton.next_power_of_2(kv_cache.shape[-1])
+    plain = [c for c in configs if c.get("SPLITS", 1) == 1 and not c.get("DECODE")
+             and query_rows(c["BLOCK_Q"], group)[0] * block_d <= MAX_QUERY_TILE]
+    fitted = _fit_all(plain, group, kv_cache.shape[-1], _smem_limit(q.device))
+    return [{**c, "NEW_FROM_CACHE": True} for c in fitted]
+
+
 paged_attention.configs = CONFIGS  # the autotuner's search space
 paged_attention.prune = prune
+paged_attention.invariant = invariant
+paged_attention.invariant_configs = invariant_configs
+paged_attention.invariant_default = {**CONFIGS[0], "NEW_FROM_CACHE": True}  # any step, every key from the cache
 paged_attention.supports = supports
 # grids depend on the step's shapes alone (each program finds its sequence on the device): graph-safe
 paged_attention.graph_safe = True

@@ -241,12 +241,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: dict | N
     return out
 
 
+def _row_local(config: dict | None) -> str | None:
+    """``fn.invariant`` of these kernels: each program computes whole rows (or elements) alone, so a row's result
+    depends on its config and not on the rows beside it; the launcher's default config is one fixed config."""
+    return None
+
+
 def register_triton(kernels, configs: dict[str, list[dict]]) -> None:
     """Make each ``(op, fn, space)``'s ``fn`` the ``triton`` tactic of ``op`` and its GPU default, tuned over
-    ``configs[space]`` (idempotent)."""
+    ``configs[space]``; their programs compute rows alone, so each is batch-invariant at any config held
+    (``kernels/invariant.py``). Idempotent."""
     for op, fn, space in kernels:
         fn.configs = configs[space]  # the autotuner's search space for this tactic
         fn.graph_safe = True  # launches only: grids from shapes, no host reads
+        # each row (or element) is one program's alone: any config held is batch-invariant (kernels/invariant.py)
+        fn.invariant = _row_local
+        fn.invariant_default = configs[space][0]
         opdef = REGISTRY.get(op)
         opdef.tactics["triton"] = fn
         opdef.gpu_defaults = ("triton",)

@@ -433,6 +433,12 @@ class LLM:
     each rank reads only its own slices of the engine's weights. Under ``torchrun --nproc-per-node N`` the size is
     N and the ranks are torchrun's: rank 0's ``LLM`` is the one that generates; on ranks 1.. ``LLM(...)`` runs rank
     0's steps until rank 0's closes, then ends the process (``SystemExit(0)``), so one script serves every rank.
+
+    ``batch_invariant=True`` runs the batch-invariant mode, as vLLM's: every step, whatever its size, runs each op
+    with one tactic and one config that gives a row the same result whatever rows share the step (Triton tiles, no
+    GEMV, split-K or cuBLAS; attention reading every key from the cache, unsplit), so a prompt's tokens and logits
+    are the same alone and in any batch. None (the default) takes the engine's setting (``workbench build
+    --batch-invariant``). ``notes`` says which ops lost which tuned choice (``kernels/invariant.py``).
     """
 
     def __init__(self, model, *, tokenizer=None, device: str = "auto", stage: str = "latest",
@@ -440,7 +446,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, config: SchedulerConfig | None = None,
                  prefix_caching: bool = True, dtype: str = "auto", kv_block_size: int | None = None,
-                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int | None = None) -> None:
+                 cuda_graphs: bool | None = None, plugins=(), tensor_parallel_size: int | None = None,
+                 batch_invariant: bool | None = None) -> None:
         import sys
 
         from ..plugins import load_plugins
@@ -452,7 +459,10 @@ class LLM:
             raise SystemExit(0)
         self.runnable = opened = open_runnable(model, device=device, stage=stage, tokenizer=tokenizer, dtype=dtype,
                                                kv_block_size=kv_block_size,
-                                               tensor_parallel_size=launched_size(tensor_parallel_size, device))
+                                               tensor_parallel_size=launched_size(tensor_parallel_size, device),
+                                               batch_invariant=batch_invariant)
+        #: whether the batch-invariant mode runs (asked for, or the engine's setting)
+        self.batch_invariant = opened.batch_invariant
         #: the Engine (limits, manifest, chat template) when ``model`` is an engine directory
         self.loaded_engine = opened.engine
         limits = opened.limits and opened.limits.narrowed(
@@ -524,6 +534,9 @@ def sharded_engine(runnable, *, cuda_graphs: bool | None = None, **engine_option
 
     if cuda_graphs:
         raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
+    if runnable.program.batch_invariant:
+        raise WorkbenchError("the batch-invariant mode runs on one device (a tensor-parallel all-reduce picks its "
+                             "algorithm by message size): leave tensor parallelism at 1 or the mode off")
     engine = LLMEngine(runnable.program, runnable.tokenizer, cuda_graphs=False, async_scheduling=False,
                        **engine_options)
     start_workers(engine.executor, runnable.sharding)

@@ -72,7 +72,8 @@ def sampled_rows_program(program):
     pass, checked numerically where the program runs on the CPU (on a GPU the check would hold every value of
     two forward passes in device memory before the KV cache is sized; the suite checks the pass on the CPU).
     The pass's report is the new program's ``rows_report``. The lm_head's tuned choice is dropped: it was
-    tuned for a bucket's token count, not a few rows, so its default tactic runs instead."""
+    tuned for a bucket's token count, not a few rows, so its default tactic runs instead; in the batch-invariant
+    mode it keeps the one config it runs for every row count (the head node keeps its name)."""
     from ..graph.executor import Program
     from ..graph.passes import run_passes
     from ..kernels.autotune import TunedChoices
@@ -86,12 +87,15 @@ def sampled_rows_program(program):
     if not report.matches:
         return program  # no [batch, tokens, hidden] -> logits head this knows: every row's logits
     head = report.matches[0].replaced[0]  # the lm_head node the pass narrowed
-    choices = None
-    if program.tuned is not None:
-        choices = TunedChoices(list(program.tuned.edges),
-                               [{k: v for k, v in c.items() if k != head} for c in program.tuned.choices])
+    given = program.choices_given  # in the batch-invariant mode its selection is made again from these
+    if isinstance(given, TunedChoices) and not program.batch_invariant:
+        choices = TunedChoices(list(given.edges), [{k: v for k, v in c.items() if k != head} for c in given.choices])
+    elif given is not None and not isinstance(given, TunedChoices) and not program.batch_invariant:
+        choices = {k: v for k, v in given.items() if k != head}  # one mapping for every step
+    else:
+        choices = given
     rows = Program(graph, program.params, device=program.device, tactics=program.tactics, choices=choices,
-                   graph_safe=program.graph_safe)
+                   graph_safe=program.graph_safe, batch_invariant=program.batch_invariant)
     rows.rows_report = report
     return rows
 

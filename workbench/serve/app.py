@@ -200,7 +200,7 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
           allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
-          tensor_parallel_size: int | None = None) -> None:
+          tensor_parallel_size: int | None = None, batch_invariant: bool | None = None) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``) in the engine
     process (``AsyncLLMEngine.spawn``) and run uvicorn here until SIGTERM/SIGINT (``workbench serve``). The
     runtime's limits are the engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or
@@ -208,7 +208,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     (beyond ``access.default_allowed_hosts(host)``; "*" for any) and ``allowed_origins`` (CORS):
     ``serve/access.py``. ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks
     (``runtime.tensor_parallel``; None: an engine's own size, else 1). Under ``torchrun --nproc-per-node N`` rank
-    0 serves (its engine process is rank 0 of the group) and ranks 1.. run its steps."""
+    0 serves (its engine process is rank 0 of the group) and ranks 1.. run its steps. ``batch_invariant``: the
+    batch-invariant mode (``LLM``'s; None: the engine's setting)."""
     import functools
 
     from ..runtime.tensor_parallel import run_torchrun_worker
@@ -224,7 +225,7 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     factory = functools.partial(
         open_served_engine, path, device=device, tokenizer=tokenizer, num_blocks=num_blocks,
         memory_fraction=memory_fraction, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size)
+        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, batch_invariant=batch_invariant)
     aengine = AsyncLLMEngine.spawn(factory, max_pending=max_pending)  # the engine in its own process
     served = aengine.extra
     app = create_app(aengine, model_name=model_name or served["name"], chat_template=served["chat_template"],
@@ -254,7 +255,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
 
 def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, num_blocks: int | None,
                        memory_fraction: float | None, max_num_seqs: int | None, max_num_batched_tokens: int | None,
-                       max_model_len: int | None, tensor_parallel_size: int | None):
+                       max_model_len: int | None, tensor_parallel_size: int | None,
+                       batch_invariant: bool | None = None):
     """``serve``'s engine, built in the engine process: ``(LLMEngine, what the server needs of it)``. Prints what
     vLLM logs at start-up (the cache, what it holds, the limits)."""
     from ..runnable import open_runnable
@@ -263,7 +265,8 @@ def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, 
     from ..runtime.tensor_parallel import launched_size
 
     served = open_runnable(path, device=device, tokenizer=tokenizer,
-                           tensor_parallel_size=launched_size(tensor_parallel_size, device))
+                           tensor_parallel_size=launched_size(tensor_parallel_size, device),
+                           batch_invariant=batch_invariant)
     if served.tokenizer is None:
         print(f"workbench serve: {path} has no tokenizer: prompts must be token ids and outputs have no text; "
               "give --tokenizer MODEL for text", file=sys.stderr)
@@ -277,7 +280,8 @@ def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, 
         engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
         print(f"workbench serve: {line}", file=sys.stderr, flush=True)
-    print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}); max_model_len "
+    print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}"
+          f"{', batch-invariant' if served.batch_invariant else ''}); max_model_len "
           f"{limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens "
           f"{limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
     return engine, {"name": served.name, "chat_template": served.chat_template,
