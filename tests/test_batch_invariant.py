@@ -368,11 +368,10 @@ def test_build_records_the_mode_and_llm_and_serve_run_it_by_default(tmp_path, ca
 
 def test_bad_settings_are_one_line_errors(tiny_program):
     from workbench.engine import BuildOptions
-    from workbench.runtime.engine import sharded_engine
 
     with pytest.raises(WorkbenchError, match="batch_invariant must be True, False or None"):
         LLM(tiny_program, batch_invariant="yes", **OPTIONS)
     with pytest.raises(WorkbenchError, match="batch_invariant is True or False"):
         BuildOptions(batch_invariant=1)
     with pytest.raises(WorkbenchError, match="runs on one device"):
-        sharded_engine(tiny_program.with_batch_invariance(), 2, num_blocks=8)
+        LLM(tiny_program, batch_invariant=True, tensor_parallel_size=2, **OPTIONS)
