@@ -874,6 +874,14 @@ def test_the_engine_process_streams_what_an_in_process_engine_gives_and_its_deat
 
     async def run():
         got = await asyncio.gather(*(last(aengine.submit(p, params)) for p in PROMPTS[:4]))
+        # a consumer that does not read (its loop busy): the engine and the delivering thread go on without it,
+        # and it then gets one snapshot with every token
+        slow = aengine.submit(PROMPTS[4], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+        for _ in range(600):
+            if sum(aengine.metrics.finished.values()) == 5:
+                break
+            time.sleep(0.05)  # blocks this loop, as a busy server's would be
+        slow_seen = await last(slow)
         long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
         async for out in aengine.submit(PROMPTS[0], long):  # left after its first token: aborted, freed
             break
@@ -891,9 +899,10 @@ def test_the_engine_process_streams_what_an_in_process_engine_gives_and_its_deat
                 await it.__anext__()
         with pytest.raises(EngineClosedError, match="stopped after an error"):
             aengine.submit("more", params)
-        return got, stats
+        return got, stats, slow_seen
 
-    got, stats = asyncio.run(run())
+    got, stats, slow_seen = asyncio.run(run())
+    assert [len(o.token_ids) for o in slow_seen] == [48] and slow_seen[0].finished
     for seen, w in zip(got, want):
         out = seen[-1]
         assert (out.token_ids, out.text, out.finish_reason) == (w.token_ids, w.text, w.finish_reason)

@@ -13,10 +13,12 @@
 ``_Core`` takes commands between steps and hands over each step's ``RequestDelta``s (what each request gained).
 ``AsyncLLMEngine(engine)`` runs the core on a thread of this process; ``AsyncLLMEngine.spawn(factory)`` builds
 the engine in a child process and runs the core on its main thread, as vLLM's engine core runs apart from its API
-server. ``workbench serve`` spawns: in one process the engine's host work and the HTTP loop's (thousands of
-server-sent events a second) take turns on one GIL (with the engine on a thread, a 200-stream load on an H200
-got 0.54x the offline throughput: BENCHMARKS.md), and torch's CPU kernels called from a second thread ran a
-small model's steps 3.6x slower than from a main thread.
+server. ``workbench serve`` spawns: in one process the engine's host work and the HTTP loop's (an event per token
+per stream) take turns on one GIL, and torch's CPU kernels called from a second thread ran a small model's steps
+3.6x slower than from a main thread. In the child, a sender thread writes to the pipe, so the engine never waits
+for the server; the server reads every step that arrived before delivering, so one that falls behind sends each
+stream fewer, larger chunks instead of slowing the engine (on an H100 a 1B model served 0.20x of offline on a
+thread and 0.25x in a process whose steps waited for the pipe: BENCHMARKS.md).
 
     event loop (HTTP)                     the core (engine thread, or the engine process)
     submit() ── ("add", ...) ──┐          while running:
