@@ -461,8 +461,9 @@ class LLM:
         self.limits = limits
         options = dict(num_blocks=num_blocks, config=config, limits=limits, memory_fraction=memory_fraction,
                        prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
-        #: the sharding pass's report when the program runs on several ranks (ranks 1.. in worker processes)
-        self.tp_report = opened.sharding.report if opened.sharding is not None else None
+        #: when the program runs on several ranks (ranks 1.. in worker processes): the reports of the sharding pass
+        #: and the passes after it (``graph.passes.tensor_parallel.shard_and_fuse``); empty on one rank
+        self.tp_reports = opened.sharding.reports if opened.sharding is not None else []
         if opened.sharding is not None:
             self.engine = sharded_engine(opened, **options)
         else:

@@ -2,6 +2,7 @@
 
     graph, report = shard_tensor_parallel(graph, 2)      # one graph for every rank; params say which slice
     params = rank_params(graph, full_params, rank=1)     # rank 1's slices of the unsharded weights
+    graph, reports = shard_and_fuse(graph, 2)            # what the runtime runs: sharded, then sharded_pipeline()
 
 Per decoder layer (found from its attention node and its MLP activation, so fused and packed projections alike):
 
@@ -26,6 +27,10 @@ stored tensor along ``d`` that a rank concatenates. Weights stay one file set: a
 (``rank_params``; ``engine.load`` reads them straight from safetensors). ``graph.meta["tensor_parallel"]``
 records the size. Every value's shape is re-derived for one rank. A TP size that does not divide the query heads,
 the intermediate size or (replication) the KV heads is refused in one line naming the dimension.
+
+``shard_and_fuse`` is what the runtime, an engine's loading and the tune stage run: this pass, then the passes
+registered for sharded graphs (``register_pass(..., sharded=True)``, ``sharded_pipeline()``: the all-reduce fused
+with the residual add and norm after it, ``passes/collective.py``), each with its own report.
 """
 
 from __future__ import annotations
@@ -368,6 +373,24 @@ def shard_tensor_parallel(graph: Graph, size: int) -> tuple[Graph, PassReport]:
                         s.matches, before, len(g.nodes), 0, 0, None, True, seconds=round(time.perf_counter() - start, 3),
                         notes=s.notes)
     return g, report
+
+
+def shard_and_fuse(graph: Graph, size: int) -> tuple[Graph, list[PassReport]]:
+    """``shard_tensor_parallel``, then ``sharded_pipeline()`` on the sharded graph: (the graph every rank runs, the
+    reports, the sharding pass's first). One rank (``size`` 1) gets the sharding pass only (it has no collectives
+    to fuse). The fusions are not checked numerically here: in one process a collective is the identity, so a
+    check would run the whole graph and prove nothing about the sum (tests/test_tensor_parallel.py checks them
+    over gloo ranks)."""
+    from .manager import run_passes, sharded_pipeline
+
+    sharded, report = shard_tensor_parallel(graph, size)
+    names = sharded_pipeline()
+    if size == 1 or not names:
+        return sharded, [report]
+    fused, reports = run_passes(sharded, {}, names, check=False)
+    # the optimize stage's passes, then these (``run_passes`` records the ones it ran only)
+    fused.meta = {**fused.meta, "passes": [*sharded.meta.get("passes", []), *fused.meta["passes"]]}
+    return fused, [report, *reports]
 
 
 # ---- shapes ---------------------------------------------------------------------------------------------------
