@@ -254,12 +254,15 @@ def _prompts():
 
 def test_llm_with_two_ranks_generates_what_one_does(programs):
     """``LLM(program, tensor_parallel_size=2)``: in-flight batching of 6 requests of different lengths through a
-    small cache (chunked prefill, 8 tokens a step) gives the one-rank LLM's greedy tokens and log-probs."""
+    small cache (chunked prefill, 8 tokens a step) gives the one-rank LLM's greedy tokens and log-probs; its steps
+    run the graph fused across the all-reduces, and its timeline records the size."""
     from workbench import LLM, SamplingParams
+    from workbench.runtime.plots import timeline_figure
 
     program = programs("tiny-llama")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-    one = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4).generate(_prompts(), params)
+    llm1 = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4)
+    one = llm1.generate(_prompts(), params)
     with LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4, tensor_parallel_size=2) as llm:
         sharded, fused = llm.tp_reports
         assert Counter(m.what for m in sharded.matches)["o row-parallel + all_reduce"] == 2
@@ -269,6 +272,11 @@ def test_llm_with_two_ranks_generates_what_one_does(programs):
         for a, b in zip(two, one):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
         workers = llm.engine.executor.tensor_parallel
+        steps = llm.engine.timeline()  # each step's record carries the size it ran at, and so does its figure
+        assert set(steps["tensor_parallel_size"]) == {2} and llm.engine.tensor_parallel_size == 2
+        assert timeline_figure(steps).layout.title.text.endswith(", tensor-parallel size 2")
+    assert set(llm1.engine.timeline()["tensor_parallel_size"]) == {1}
+    assert "tensor-parallel" not in timeline_figure(llm1.engine.timeline()).layout.title.text
     assert all(not p.is_alive() for p in workers.procs)  # closed with the block
 
 

@@ -43,6 +43,7 @@ import torch
 from ...errors import WorkbenchError
 from ..ir import Graph, Node, Param, Ref, TensorSpec, dtype_from_name
 from ..paged import OP as PAGED_OP
+from ..paged import kv_heads_per_rank
 from ..rewrite import Rewriter
 from .manager import Match, PassReport
 
@@ -247,10 +248,7 @@ class _Sharder:
         if heads % n:
             raise WorkbenchError(f"tensor-parallel size {n} does not divide the {heads} query heads; use a TP size "
                                  f"that divides {heads}")
-        if kv_heads % n and n % kv_heads:
-            raise WorkbenchError(f"tensor-parallel size {n} neither divides the {kv_heads} KV heads nor is a "
-                                 f"multiple of them (to replicate each on {n} / {kv_heads} ranks); use a TP size "
-                                 f"that divides {kv_heads} or that {kv_heads} divides")
+        local_kv = kv_heads_per_rank(kv_heads, n)  # refuses a size that neither divides nor replicates them
         sources = [_source(self.rw, att.args[i], layer, what) for i, what in enumerate(("q", "k", "v"))]
         head_dim = (sources[0][2] - sources[0][1]) // heads
         if head_dim * heads != sources[0][2] - sources[0][1] or any(
@@ -278,7 +276,6 @@ class _Sharder:
         if att.op == PAGED_OP:
             cache = att.args[3]
             spec = self.g.inputs[cache.name]
-            local_kv = kv_heads // n if kv_heads % n == 0 else 1
             self.g.inputs[cache.name] = TensorSpec([*spec.shape[:3], local_kv, *spec.shape[4:]], spec.dtype,
                                                    spec.contiguous)
             self.local_kv_heads = local_kv
