@@ -126,7 +126,7 @@ def test_the_all_reduce_fuses_with_the_add_and_norm_after_it(programs):
     unfused. On 2 gloo ranks the fused graph's logits equal the unfused sharded graph's (relative error < 1e-6:
     the same arithmetic, so in fact equal) and its 32 greedy tokens too; the FP8 plan's fused norm and Gemma's
     post-norm (the reduced value normed before the add) fuse alike."""
-    work, fp32 = [], []
+    work = []
     for name, fmt, norm in FUSED_CASES:
         program = programs(name, fmt)
         layers = program.graph.meta["config"]["num_hidden_layers"]
@@ -143,10 +143,8 @@ def test_the_all_reduce_fuses_with_the_add_and_norm_after_it(programs):
         ops = Counter(n.op for n in fused.nodes)
         assert ops["workbench.all_reduce"] == 0 and ops[f"workbench.all_reduce_{norm}"] == whats[f"all_reduce + {norm}"]
         assert report.bytes_after < report.bytes_before  # the reduced x is no longer written and read back
-        params = dict(program.params)
-        work += [(unfused, params, fmt is None and name == "tiny-llama"),
-                 (fused, params, fmt is None and name == "tiny-llama")]
-        fp32.append(fmt)
+        params, greedy = dict(program.params), fmt is None and name == "tiny-llama"
+        work += [(unfused, params, greedy), (fused, params, greedy)]
     for rank, results in enumerate(spawn(_rank, 2, work)):
         for (name, fmt, _), (logits, tokens), (fused_logits, fused_tokens) in zip(FUSED_CASES, results[::2],
                                                                                   results[1::2]):
@@ -171,6 +169,30 @@ def test_fusion_across_the_all_reduce_leaves_other_graphs_alone(programs):
     with pytest.raises(WorkbenchError, match="a sharded pass runs after the sharding pass") as e:
         register_pass("my_sharded_fusion", after="fuse_silu_mul", sharded=True)
     assert "\n" not in str(e.value)
+
+
+def test_the_fused_ops_triton_tactic_is_the_all_reduce_then_the_norms_kernel(monkeypatch):
+    """On a GPU the fused ops run the unfused pair's kernels (until a kernel fuses the reduction): the all-reduce
+    of x alone (here a stand-in that doubles it, as two equal ranks would), then the norm's Triton kernel
+    (interpreted), bit for bit; each is graph-safe and its op's GPU default."""
+    from workbench.kernels import collectives, triton_gemma, triton_pointwise
+    from workbench.kernels.autotune import tactic_ops
+    from workbench.kernels.registry import REGISTRY
+
+    tactic_ops()
+    monkeypatch.setattr(collectives, "all_reduce", lambda x: 2 * x)
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+    w, w2, scale = 1 + 0.1 * torch.randn(32, generator=g), 1 + 0.1 * torch.randn(32, generator=g), torch.tensor(0.01)
+    for op, kernel, rest in (("add_rms_norm", triton_pointwise.add_rms_norm, (w, 1e-5)),
+                             ("add_rms_norm_fp8", triton_pointwise.add_rms_norm_fp8, (w, 1e-5, scale)),
+                             ("norm_add_rms_norm", triton_gemma.norm_add_rms_norm, (w, w2, 1e-6)),
+                             ("norm_add_rms_norm_fp8", triton_gemma.norm_add_rms_norm_fp8, (w, w2, 1e-6, scale))):
+        opdef = REGISTRY.get(f"workbench.all_reduce_{op}")
+        tactic = opdef.tactics["triton"]
+        for got, want in zip(tactic(x, r, *rest), kernel(2 * x, r, *rest)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), op
+        assert opdef.gpu_defaults == ("triton",) and opdef.is_graph_safe("triton") and opdef.is_graph_safe("reference")
 
 
 def test_the_fused_op_costs_the_all_reduce_link_and_the_norm_traffic(monkeypatch):

@@ -11,10 +11,12 @@ residual add and the RMSNorm that read it; each returns what the norm it replace
     workbench.all_reduce_norm_add_rms_norm(x, r, w, w2, eps)     norm_add_rms_norm(all_reduce(x), ...) (Gemma)
     workbench.all_reduce_norm_add_rms_norm_fp8(x, r, w, w2, eps, scale)
 
-These are references only: the all-reduce, then the norm's reference, so a fused graph's values are the unfused
-one's bit for bit. The fast path is a GPU kernel for later: one kernel that reduces over NVLink (or NCCL's
-all-reduce into a buffer the norm reads in place) and writes the normed value and the sum once, never the reduced
-x on its own; what it saves is that write, the norm's read of it and a launch per site.
+Their references are the all-reduce, then the norm's reference, so a fused graph's values are the unfused one's
+bit for bit. Their ``triton`` tactic (``reduce_first``, registered with the norms' kernels) is the all-reduce, then
+the norm's Triton kernel: what the unfused pair runs on a GPU, so the fusion costs nothing there before it gains.
+The fast path is a GPU kernel for later: one kernel that reduces over NVLink (or NCCL's all-reduce into a buffer
+the norm reads in place) and writes the normed value and the sum once, never the reduced x on its own; what it
+saves is that write, the norm's read of it and a launch per site.
 
 References run ``torch.distributed`` on the group of ``workbench.distributed.current()``; outside a group (one
 rank) they return x itself. They are CUDA-graph safe on NCCL, which captures collectives in a graph; gloo runs on
@@ -74,6 +76,16 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group.size)]
     dist.all_gather(parts, x, group=group.group)
     return torch.cat(parts, dim=dim)
+
+
+def reduce_first(norm):
+    """A tactic of a fused op from ``norm``, a tactic of the norm op it fused: ``norm`` of ``x`` summed over the
+    ranks, its other arguments and ``config`` as they are (``triton_pointwise`` and ``triton_gemma`` register it)."""
+    def tactic(x: torch.Tensor, *args, config: dict | None = None, **kwargs):
+        return norm(all_reduce(x), *args, config=config, **kwargs)
+
+    tactic.__name__ = tactic.__qualname__ = f"all_reduce_{norm.__name__}"
+    return tactic
 
 
 # ---- fused across the all-reduce -------------------------------------------------------------------------------
