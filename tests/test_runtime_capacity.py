@@ -228,7 +228,9 @@ def test_kv_heads_per_rank_by_hand():
                          (lambda: tp2.planned(tensor_parallel_size=4), "this is one rank's layout of tensor-parallel "
                           "size 2; plan size 4 from the unsharded graph's layout"),
                          (lambda: bf16.planned(tensor_parallel_size=0), "tensor_parallel_size must be a positive "
-                          "integer, got 0")):
+                          "integer, got 0"),
+                         (lambda: bf16.planned(tensor_parallel_size=True), "tensor_parallel_size must be a positive "
+                          "integer, got True")):
         with pytest.raises(WorkbenchError, match=message) as e:
             bad()
         assert "\n" not in str(e.value)
@@ -243,3 +245,5 @@ def test_plan_graph_refuses_another_size_of_a_sharded_graph(optimized):
                                              "graph") as e:
         plan_graph(sharded, memory_bytes=H100, prompt_len=1, output_len=1, tensor_parallel_size=4)
     assert "\n" not in str(e.value)
+    with pytest.raises(WorkbenchError, match="tensor_parallel_size must be a positive integer, got 2.0"):
+        plan_graph(optimized.graph, memory_bytes=H100, prompt_len=1, output_len=1, tensor_parallel_size=2.0)

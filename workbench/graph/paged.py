@@ -167,9 +167,10 @@ class PagedLayout:
         dtype = self.dtype if dtype is None else dtype
         same = dtype_name(dtype_from_name(str(dtype))) == self.dtype
         size, kv_heads = self.tensor_parallel_size, self.kv_heads
-        if tensor_parallel_size is not None and tensor_parallel_size != size:
+        if tensor_parallel_size is not None:
             _positive_int(tensor_parallel_size, "KV layout: tensor_parallel_size", "pass the number of ranks the "
                           "model is sharded over (1: one device)")
+        if tensor_parallel_size is not None and tensor_parallel_size != size:
             if size != 1:
                 raise WorkbenchError(f"KV layout: this is one rank's layout of tensor-parallel size {size}; plan "
                                      f"size {tensor_parallel_size} from the unsharded graph's layout")

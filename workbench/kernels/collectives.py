@@ -78,6 +78,8 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+# ---- fused across the all-reduce -------------------------------------------------------------------------------
+
 def reduce_first(norm):
     """A tactic of a fused op from ``norm``, a tactic of the norm op it fused: ``norm`` of ``x`` summed over the
     ranks, its other arguments and ``config`` as they are (``triton_pointwise`` and ``triton_gemma`` register it)."""
@@ -87,8 +89,6 @@ def reduce_first(norm):
     tactic.__name__ = tactic.__qualname__ = f"all_reduce_{norm.__name__}"
     return tactic
 
-
-# ---- fused across the all-reduce -------------------------------------------------------------------------------
 
 def _reduce_norm_cost(call: C.OpCall) -> C.Cost:
     """The all-reduce's link bytes for x (the first argument) and its adds, plus the norm's ``_norm_cost``."""
@@ -100,8 +100,8 @@ def _reduce_norm_cost(call: C.OpCall) -> C.Cost:
 
 @register_op("workbench.all_reduce_add_rms_norm", cost=_reduce_norm_cost, graph_safe=True)
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``x`` summed over the ranks, added to ``residual``, then RMSNorm: (normed, sum), as ``add_rms_norm``.
-    Reference only (a fused GPU kernel is for later)."""
+    """``x`` summed over the ranks, added to ``residual``, then RMSNorm: (normed, sum), as ``add_rms_norm``. The
+    reference: the all-reduce, then ``add_rms_norm``'s (a kernel fusing both is for later: the module docstring)."""
     return add_rms_norm(all_reduce(x), residual, weight, eps)
 
 

@@ -168,6 +168,9 @@ def plan_graph(graph, *, memory_bytes: int, fraction: float = 0.9, prompt_len: i
     from ..graph.paged import PagedLayout
 
     size = int(graph.meta.get("tensor_parallel", {}).get("size", 1))
+    if tensor_parallel_size is not None:
+        _positive_int(tensor_parallel_size, "tensor_parallel_size", "pass the number of GPUs the model is sharded "
+                      "over (1: one)")
     if tensor_parallel_size is not None and tensor_parallel_size != size:
         from ..graph.passes.tensor_parallel import shard_tensor_parallel
 
