@@ -8,7 +8,8 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.graph.ir import Graph
 from workbench.graph.paged import PagedLayout, cache_for
-from workbench.runtime.capacity import GIB, CapacityPlan, concurrency_table, device_memory, plan_capacity
+from workbench.runtime.capacity import (GIB, CapacityPlan, concurrency_table, device_memory, plan_capacity, plan_graph,
+                                        rank_weights_bytes, runtime_plan)
 
 #: Llama-3-8B: 32 layers, 8 KV heads (GQA), head_dim 128. Built by hand: capturing the 8B
 #: graph without weights takes ~20 s on a CPU, beyond this file's budget.
@@ -18,12 +19,16 @@ WEIGHTS_8B = 16 * 10**9
 
 
 @pytest.fixture(scope="module")
-def graphs():
-    """tiny-llama's graph as captured (no paged attention) and after every pass."""
+def optimized():
     from workbench.pipeline import optimize
 
-    result = optimize("tiny-llama", device="cpu")
-    return result.captured.graph, result.graph
+    return optimize("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def graphs(optimized):
+    """tiny-llama's graph as captured (no paged attention) and after every pass."""
+    return optimized.captured.graph, optimized.graph
 
 
 def test_tiny_llama_layout_matches_its_graph_and_the_allocated_cache(graphs):
@@ -171,3 +176,74 @@ def test_concurrency_table_rows():
     ]
     assert table["max_concurrency"].tolist() == [102, 24, 233, 54]
     assert table["kv_gib"].tolist() == [half * 2 / 1024, half * 2 / 1024, full * 2 / 1024, full * 2 / 1024]
+
+
+# ---- tensor parallelism: one GPU's numbers ----------------------------------------------------------------------
+
+def test_a_sharded_graph_plans_one_gpu_its_kv_heads_and_weights(optimized):
+    """A rank of tiny-llama (2 KV heads) caches half the KV bytes per token at TP-2 (one KV head each) and at TP-4
+    too (each KV head replicated on two ranks, counted whole on each), holds its slices of the weights plus the
+    replicated tensors, and its plan and the runtime's name the size; an unsharded graph planned for 2 ranks is
+    the TP-2 graph's plan."""
+    from workbench.graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+
+    graph, params = optimized.graph, optimized.program.params
+    whole = PagedLayout.from_graph(graph)
+    assert (whole.kv_heads, whole.tensor_parallel_size) == (2, 1)
+    args = dict(memory_bytes=64 * 2**20, prompt_len=100, output_len=100)
+    one = plan_graph(graph, **args)
+    assert one.weights_bytes == rank_weights_bytes(graph) == sum(t.nbytes for t in params.values())
+    assert one.summary().startswith("KV cache: ")
+    for size, kv_heads in ((2, 1), (4, 1)):
+        sharded, _ = shard_tensor_parallel(graph, size)
+        layout = PagedLayout.from_graph(sharded)
+        assert (layout.kv_heads, layout.tensor_parallel_size) == (kv_heads, size)
+        assert layout.bytes_per_token * 2 == whole.bytes_per_token  # 1 of 2 KV heads; at TP-4 replicated, whole
+        assert layout == whole.planned(tensor_parallel_size=size)  # by hand, the same per-rank layout
+        plan = plan_graph(sharded, **args)
+        rank0 = rank_params(sharded, params, 0)
+        assert plan.weights_bytes == rank_weights_bytes(sharded) == sum(t.nbytes for t in rank0.values())
+        assert plan.weights_bytes < one.weights_bytes and plan.num_blocks > one.num_blocks
+        assert plan == plan_graph(graph, **args, tensor_parallel_size=size)
+        assert plan.summary().startswith(f"KV cache per GPU of tensor-parallel size {size} (1 KV head each): "
+                                         f"{plan.num_blocks} blocks of 16 tokens")
+    cpu = runtime_plan(layout, "cpu", max_model_len=64, max_num_seqs=2)
+    assert cpu.summary() == ("KV cache per GPU of tensor-parallel size 4 (1 KV head each): 8 blocks of 16 tokens "
+                             "(128 tokens, 0.00 GiB, fp32); 32+32-token requests: 2 at once")
+
+
+def test_kv_heads_per_rank_by_hand():
+    """Llama-3-8B's 8 KV heads over 2 GPUs: 4 each, half the bytes per token; one KV head (MQA) over 2 GPUs: the
+    same bytes per token on each (replicated); a size that neither divides nor replicates them, one line."""
+    bf16 = PagedLayout(**LLAMA3_8B, dtype="bfloat16")
+    tp2 = bf16.planned(tensor_parallel_size=2)
+    assert (tp2.kv_heads, tp2.bytes_per_token) == (4, 131072 // 2)
+    plan = plan_capacity(tp2, memory_bytes=H100, weights_bytes=8 * 10**9, prompt_len=1000, output_len=1000)
+    assert plan.summary() == ("KV cache per GPU of tensor-parallel size 2 (4 KV heads each): 66098 blocks of 16 "
+                              "tokens (1057568 tokens, 64.55 GiB, bf16); 1000+1000-token requests: 528 at once")
+    mqa = PagedLayout(**{**LLAMA3_8B, "kv_heads": 1}, dtype="bfloat16")
+    assert mqa.planned(tensor_parallel_size=2).bytes_per_token == mqa.bytes_per_token
+    for bad, message in ((lambda: bf16.planned(tensor_parallel_size=3), "tensor-parallel size 3 neither divides "
+                          "the 8 KV heads nor is a multiple of them"),
+                         (lambda: tp2.planned(tensor_parallel_size=4), "this is one rank's layout of tensor-parallel "
+                          "size 2; plan size 4 from the unsharded graph's layout"),
+                         (lambda: bf16.planned(tensor_parallel_size=0), "tensor_parallel_size must be a positive "
+                          "integer, got 0"),
+                         (lambda: bf16.planned(tensor_parallel_size=True), "tensor_parallel_size must be a positive "
+                          "integer, got True")):
+        with pytest.raises(WorkbenchError, match=message) as e:
+            bad()
+        assert "\n" not in str(e.value)
+    assert tp2.planned(tensor_parallel_size=2) == tp2
+
+
+def test_plan_graph_refuses_another_size_of_a_sharded_graph(optimized):
+    from workbench.graph.passes.tensor_parallel import shard_tensor_parallel
+
+    sharded, _ = shard_tensor_parallel(optimized.graph, 2)
+    with pytest.raises(WorkbenchError, match="sharded for tensor-parallel size 2; plan size 4 from the unsharded "
+                                             "graph") as e:
+        plan_graph(sharded, memory_bytes=H100, prompt_len=1, output_len=1, tensor_parallel_size=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(WorkbenchError, match="tensor_parallel_size must be a positive integer, got 2.0"):
+        plan_graph(optimized.graph, memory_bytes=H100, prompt_len=1, output_len=1, tensor_parallel_size=2.0)

@@ -29,7 +29,7 @@ from workbench.errors import WorkbenchError
 from workbench.evaluate import paged_greedy
 from workbench.graph.executor import Program
 from workbench.graph.paged import cache_for
-from workbench.graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+from workbench.graph.passes.tensor_parallel import rank_params, shard_and_fuse, shard_tensor_parallel
 from workbench.models import load_model
 from workbench.pipeline import optimize
 
@@ -113,6 +113,108 @@ def test_sharded_ranks_equal_one_device(programs, size, cases):
                 assert _rel(logits, fp32) < 1.5 * _rel(ref_logits, fp32) + 1e-4, (name, fmt, rank)
 
 
+# ---- fusion across the all-reduce ------------------------------------------------------------------------------
+
+FUSED_CASES = [("tiny-llama", None, "add_rms_norm"), ("tiny-llama", "fp8", "add_rms_norm_fp8"),
+               ("tiny-gemma2", None, "norm_add_rms_norm")]
+
+
+def test_the_all_reduce_fuses_with_the_add_and_norm_after_it(programs):
+    """``shard_and_fuse`` (what the runtime runs): every all-reduce of a row-parallel linear becomes one op with
+    the residual add and RMSNorm reading it, exactly twice per layer (after o into the post-attention norm, after
+    down into the next layer's input norm, the last layer's into the final norm): 2 x layers matches, none left
+    unfused. On 2 gloo ranks the fused graph's logits equal the unfused sharded graph's (relative error < 1e-6:
+    the same arithmetic, so in fact equal) and its 32 greedy tokens too; the FP8 plan's fused norm and Gemma's
+    post-norm (the reduced value normed before the add) fuse alike."""
+    work = []
+    for name, fmt, norm in FUSED_CASES:
+        program = programs(name, fmt)
+        layers = program.graph.meta["config"]["num_hidden_layers"]
+        unfused, _ = shard_tensor_parallel(program.graph, 2)
+        fused, (sharded, report) = shard_and_fuse(program.graph, 2)
+        assert sharded.name == "shard_tensor_parallel" and report.name == "fuse_all_reduce_add_rms_norm"
+        assert report.accepted and report.nodes_after == report.nodes_before - 2 * layers
+        whats = Counter(m.what for m in report.matches)
+        if fmt == "fp8":  # the final norm feeds the lm_head, which is not FP8: its norm is the plain one
+            assert whats == {f"all_reduce + {norm}": 2 * layers - 1, "all_reduce + add_rms_norm": 1}, whats
+        else:
+            assert whats == {f"all_reduce + {norm}": 2 * layers}, (name, whats)
+        assert Counter(m.layer for m in report.matches) == {i: 2 for i in range(layers)}  # each layer's o and down
+        ops = Counter(n.op for n in fused.nodes)
+        assert ops["workbench.all_reduce"] == 0 and ops[f"workbench.all_reduce_{norm}"] == whats[f"all_reduce + {norm}"]
+        assert report.bytes_after < report.bytes_before  # the reduced x is no longer written and read back
+        params, greedy = dict(program.params), fmt is None and name == "tiny-llama"
+        work += [(unfused, params, greedy), (fused, params, greedy)]
+    for rank, results in enumerate(spawn(_rank, 2, work)):
+        for (name, fmt, _), (logits, tokens), (fused_logits, fused_tokens) in zip(FUSED_CASES, results[::2],
+                                                                                  results[1::2]):
+            assert _rel(fused_logits, logits) < 1e-6, (name, fmt, rank)
+            assert fused_tokens == tokens, (name, fmt, rank)
+
+
+def test_fusion_across_the_all_reduce_leaves_other_graphs_alone(programs):
+    """No all-reduce, nothing fused: an unsharded graph (the pass run as any pass, checked numerically) and one
+    rank's graph; GPT-2's row-parallel bias sits between its all-reduce and its LayerNorm. A sharded pass placed
+    in the default pipeline, or named in a workspace's passes, is refused in one line."""
+    from workbench.graph.passes import register_pass, run_passes, sharded_pipeline
+
+    program = programs("tiny-llama")
+    same, (report,) = run_passes(program.graph, program.params, ["fuse_all_reduce_add_rms_norm"])
+    assert report.matches == [] and report.accepted and same.nodes == program.graph.nodes
+    one, reports = shard_and_fuse(program.graph, 1)
+    assert [r.name for r in reports] == ["shard_tensor_parallel"] and one.nodes == program.graph.nodes
+    _, (_, gpt2) = shard_and_fuse(programs("tiny-gpt2").graph, 2)
+    assert gpt2.matches == []
+    assert sharded_pipeline() == ["fuse_all_reduce_add_rms_norm"]
+    with pytest.raises(WorkbenchError, match="a sharded pass runs after the sharding pass") as e:
+        register_pass("my_sharded_fusion", after="fuse_silu_mul", sharded=True)
+    assert "\n" not in str(e.value)
+
+
+def test_the_fused_ops_triton_tactic_is_the_all_reduce_then_the_norms_kernel(monkeypatch):
+    """On a GPU the fused ops run the unfused pair's kernels (until a kernel fuses the reduction): the all-reduce
+    of x alone (here a stand-in that doubles it, as two equal ranks would), then the norm's Triton kernel
+    (interpreted), bit for bit; each is graph-safe and its op's GPU default."""
+    from workbench.kernels import collectives, triton_gemma, triton_pointwise
+    from workbench.kernels.autotune import tactic_ops
+    from workbench.kernels.registry import REGISTRY
+
+    tactic_ops()
+    monkeypatch.setattr(collectives, "all_reduce", lambda x: 2 * x)
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+    w, w2, scale = 1 + 0.1 * torch.randn(32, generator=g), 1 + 0.1 * torch.randn(32, generator=g), torch.tensor(0.01)
+    for op, kernel, rest in (("add_rms_norm", triton_pointwise.add_rms_norm, (w, 1e-5)),
+                             ("add_rms_norm_fp8", triton_pointwise.add_rms_norm_fp8, (w, 1e-5, scale)),
+                             ("norm_add_rms_norm", triton_gemma.norm_add_rms_norm, (w, w2, 1e-6)),
+                             ("norm_add_rms_norm_fp8", triton_gemma.norm_add_rms_norm_fp8, (w, w2, 1e-6, scale))):
+        opdef = REGISTRY.get(f"workbench.all_reduce_{op}")
+        tactic = opdef.tactics["triton"]
+        for got, want in zip(tactic(x, r, *rest), kernel(2 * x, r, *rest)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), op
+        assert opdef.gpu_defaults == ("triton",) and opdef.is_graph_safe("triton") and opdef.is_graph_safe("reference")
+
+
+def test_the_fused_op_costs_the_all_reduce_link_and_the_norm_traffic(monkeypatch):
+    """Over 2 ranks: the all-reduce's link bytes (2·(n−1)/n of x) plus the add + norm's memory traffic alone: the
+    unfused pair's bytes less the all-reduce's own write and the norm's read of it."""
+    from workbench.distributed import TPGroup
+    from workbench.graph.ir import TensorSpec
+    from workbench.kernels import OpCall, collectives
+    from workbench.kernels.registry import REGISTRY
+
+    monkeypatch.setattr(collectives, "current", lambda: TPGroup(0, 2))
+    x = TensorSpec([1, "tokens", 64], "float32")  # 8 tokens: 2048 bytes
+    w = TensorSpec([64], "float32")
+    sizes = {"tokens": 8}
+    reduce = REGISTRY.get("workbench.all_reduce").cost(OpCall([x], {}, [x], sizes))
+    norm = REGISTRY.get("workbench.add_rms_norm").cost(OpCall([x, x, w, 1e-5], {}, [x, x], sizes))
+    fused = REGISTRY.get("workbench.all_reduce_add_rms_norm").cost(OpCall([x, x, w, 1e-5], {}, [x, x], sizes))
+    assert (reduce.bytes, reduce.link_bytes, norm.bytes) == (4096, 2048, 8448)
+    assert (fused.link_bytes, fused.bytes) == (2048, 8448) and fused.flops == reduce.flops + norm.flops
+    assert REGISTRY.get("workbench.all_reduce_add_rms_norm").graph_safe  # as all_reduce: NCCL captures it
+
+
 def test_rank_params_read_only_their_slices(programs):
     """A rank's fused q/k/v weight is its query heads' rows and its KV heads' rows of the stored tensor; the
     row-parallel o weight its heads' columns; a tied lm_head a sharded twin of the embedding table."""
@@ -174,19 +276,29 @@ def _prompts():
 
 def test_llm_with_two_ranks_generates_what_one_does(programs):
     """``LLM(program, tensor_parallel_size=2)``: in-flight batching of 6 requests of different lengths through a
-    small cache (chunked prefill, 8 tokens a step) gives the one-rank LLM's greedy tokens and log-probs."""
+    small cache (chunked prefill, 8 tokens a step) gives the one-rank LLM's greedy tokens and log-probs; its steps
+    run the graph fused across the all-reduces, and its timeline records the size."""
     from workbench import LLM, SamplingParams
+    from workbench.runtime.plots import timeline_figure
 
     program = programs("tiny-llama")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-    one = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4).generate(_prompts(), params)
+    llm1 = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4)
+    one = llm1.generate(_prompts(), params)
     with LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4, tensor_parallel_size=2) as llm:
-        assert Counter(m.what for m in llm.tp_report.matches)["o row-parallel + all_reduce"] == 2
+        sharded, fused = llm.tp_reports
+        assert Counter(m.what for m in sharded.matches)["o row-parallel + all_reduce"] == 2
+        assert len(fused.matches) == 4  # every all-reduce ran fused with its add and norm
         two = llm.generate(_prompts(), params)
         assert [o.token_ids for o in two] == [o.token_ids for o in one]
         for a, b in zip(two, one):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
         workers = llm.engine.executor.tensor_parallel
+        steps = llm.engine.timeline()  # each step's record carries the size it ran at, and so does its figure
+        assert set(steps["tensor_parallel_size"]) == {2} and llm.engine.tensor_parallel_size == 2
+        assert timeline_figure(steps).layout.title.text.endswith(", tensor-parallel size 2")
+    assert set(llm1.engine.timeline()["tensor_parallel_size"]) == {1}
+    assert "tensor-parallel" not in timeline_figure(llm1.engine.timeline()).layout.title.text
     assert all(not p.is_alive() for p in workers.procs)  # closed with the block
 
 
@@ -334,7 +446,8 @@ def test_an_engine_runs_at_its_size_re_shards_or_refuses(tp_engine, one_rank_tok
 
     with LLM(tp_engine, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4) as llm:
         workers = llm.engine.executor.tensor_parallel
-        assert workers.size == 2 and llm.tp_report is not None
+        assert workers.size == 2 and [r.name for r in llm.tp_reports] == ["shard_tensor_parallel",
+                                                                          "fuse_all_reduce_add_rms_norm"]
         assert workers.weights_read[1] == workers.weights_read[0] == llm.runnable.sharding.weights_read
         assert [o.token_ids for o in llm.generate(_prompts(), SamplingParams(**GREEDY))] == one_rank_tokens
     with pytest.raises(WorkbenchError) as e:

@@ -191,6 +191,10 @@ def passes_stage(ws: Workspace, names: list[str] | None = None, *, force: bool =
     if runtime:
         raise WorkbenchError(f"pass {runtime[0]!r} is applied by the runtime to the graph it runs, not to a "
                              "workspace's graph; leave it out of --passes")
+    sharded = [n for n in names if n in PASSES and PASSES[n].sharded]
+    if sharded:
+        raise WorkbenchError(f"pass {sharded[0]!r} rewrites a tensor-parallel graph after its sharding (--tp), not a "
+                             "workspace's graph; leave it out of --passes")
     device = resolve_device(device)
     source = workspace_source(ws)
     graph, constants = load_graph(ws, "capture")
@@ -434,7 +438,7 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
     what that costs against the per-bucket choices (``invariant.cost_lines`` reads it).
 
     ``tensor_parallel_size`` N > 1 tunes the graph one rank of N runs (``graph.passes.tensor_parallel``: rank 0's
-    shard, its collectives the identity in this one process): the choices name that graph's nodes, the timing
+    shard, fused across its all-reduces as the runtime runs it, its collectives the identity in this one process): the choices name that graph's nodes, the timing
     cache's keys carry N (``autotune.instance_key``), and an engine exported from it records N."""
     from .kernels.autotune import TimingCache, autotune_profile
 

@@ -60,6 +60,11 @@ RESIDUAL_ADDS: dict[str, int | None] = {
     "workbench.norm_add_rms_norm_fp8": 1,
     "workbench.add_layer_norm": 1,
     "workbench.add_layer_norm_fp8": 1,
+    # a tensor-parallel graph's all-reduce fused with the add and norm (``graph.passes.collective``)
+    "workbench.all_reduce_add_rms_norm": 1,
+    "workbench.all_reduce_add_rms_norm_fp8": 1,
+    "workbench.all_reduce_norm_add_rms_norm": 1,
+    "workbench.all_reduce_norm_add_rms_norm_fp8": 1,
 }
 
 #: Relative error a site may have before it counts as diverged, by the compute dtype (see the module docstring).

@@ -67,8 +67,8 @@ class Engine:
     #: the tensor-parallel size ``program`` is a shard of (1: the whole graph), and which rank's
     tensor_parallel_size: int = 1
     rank: int = 0
-    #: the sharding pass's report when ``tensor_parallel_size`` > 1
-    tp_report: Any | None = None
+    #: when ``tensor_parallel_size`` > 1, the reports of the sharding pass and the passes after it (``shard_and_fuse``)
+    tp_reports: list | None = None
     #: what reading the weights took from the file (``engine.weights.WeightsRead``)
     weights_read: Any | None = None
 
@@ -158,7 +158,7 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     built = built_size(manifest)
     size = built if tensor_parallel_size is None else tensor_parallel_size
     with _malformed(path, ENGINE_JSON, manifest):
-        graph, tp_report = shard_engine_graph(path, graph, built, size)
+        graph, tp_reports = shard_engine_graph(path, graph, built, size)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
         raise WorkbenchError(f"rank {rank!r} is outside 0..{size - 1} (tensor-parallel size {size})")
     with _malformed(path, ENGINE_JSON, manifest):
@@ -191,7 +191,7 @@ def load_engine(path: str | Path, *, device: str | torch.device = "auto", retune
     tokenizer = load_tokenizer(path, info, manifest)
     info = {k: v for k, v in info.items() if k != "graph"}
     return Engine(path, program, tokenizer, getattr(tokenizer, "chat_template", None), dict(info.get("config", {})),
-                  limits, manifest, info, choices, tuning, size, rank, tp_report, weights_read)
+                  limits, manifest, info, choices, tuning, size, rank, tp_reports, weights_read)
 
 
 def built_size(manifest: dict) -> int:
@@ -200,16 +200,17 @@ def built_size(manifest: dict) -> int:
 
 
 def shard_engine_graph(path: Path, graph, built: int, size):
-    """(``graph`` sharded for ``size`` ranks, the pass's report; the graph itself and None for one rank). An
-    engine built for ``built`` ranks that cannot be sharded for ``size`` is refused in one line naming both."""
-    from ..graph.passes.tensor_parallel import shard_tensor_parallel
+    """(``graph`` sharded for ``size`` ranks, the reports of ``shard_and_fuse``; the graph itself and None for one
+    rank). An engine built for ``built`` ranks that cannot be sharded for ``size`` is refused in one line naming
+    both."""
+    from ..graph.passes.tensor_parallel import shard_and_fuse
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise WorkbenchError(f"the tensor-parallel size must be a whole number >= 1, got {size!r}")
     if size == 1:
         return graph, None
     try:
-        return shard_tensor_parallel(graph, size)
+        return shard_and_fuse(graph, size)
     except WorkbenchError as e:
         if size == built:
             raise WorkbenchError(f"engine {path} (built for tensor-parallel size {built}) does not shard: {e}") \

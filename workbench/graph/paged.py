@@ -60,6 +60,17 @@ RERUN_PASSES = ("re-run the passes with fuse_attention and insert_paged_attentio
                 "or tick both in the passes widget and run it again)")
 
 
+def kv_heads_per_rank(kv_heads: int, size: int) -> int:
+    """The KV heads each of ``size`` tensor-parallel ranks caches: ``kv_heads / size`` when ``size`` divides them,
+    else (``kv_heads`` divides ``size``) one, each KV head replicated whole on ``size / kv_heads`` ranks (the ranks
+    whose query heads read it). Any other size is refused in one line."""
+    if kv_heads % size and size % kv_heads:
+        raise WorkbenchError(f"tensor-parallel size {size} neither divides the {kv_heads} KV heads nor is a multiple "
+                             f"of them (to replicate each on {size} / {kv_heads} ranks); use a TP size that divides "
+                             f"{kv_heads} or that {kv_heads} divides")
+    return kv_heads // size if kv_heads % size == 0 else 1
+
+
 def is_paged(graph) -> bool:
     """Whether ``graph`` attends over a paged KV cache (``insert_paged_attention`` ran on it)."""
     return bool(graph.meta.get("paged"))
@@ -74,6 +85,10 @@ class PagedLayout:
 
     ``from_graph`` reads a graph's; built by hand it plans a cache for a model's numbers
     (``PagedLayout(block_size=16, layers=range(32), kv_heads=8, head_dim=128, dtype="bfloat16")``).
+
+    ``tensor_parallel_size``: the layout is one rank's of a graph sharded over that many ranks, ``kv_heads`` that
+    rank's (a replicated KV head counts whole on each rank that holds it); ``from_graph`` reads it from a sharded
+    graph, and ``planned(tensor_parallel_size=N)`` plans one rank's cache from a whole model's layout.
     """
     block_size: int
     layers: tuple[int, ...]
@@ -81,6 +96,7 @@ class PagedLayout:
     head_dim: int
     dtype: str
     scales: tuple[tuple[float, float], ...] | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int) or not isinstance(self.layers, Iterable):
@@ -94,6 +110,8 @@ class PagedLayout:
             _positive_int(getattr(self, name), f"KV layout: {name}", "read the layout from a paged graph "
                           "(PagedLayout.from_graph) or give the model's numbers")
         _positive_int(self.block_size, "KV layout: block_size", "pass the tokens per KV block, e.g. block_size=16")
+        _positive_int(self.tensor_parallel_size, "KV layout: tensor_parallel_size", "pass the number of ranks the "
+                      "model is sharded over (1: one device)")
         # normalizes "torch.bfloat16" to "bfloat16" and refuses unknown names
         object.__setattr__(self, "dtype", dtype_name(dtype_from_name(str(self.dtype))))
         if self.scales is not None:
@@ -126,10 +144,12 @@ class PagedLayout:
                                  "stage (`workbench quantize`) on the optimized graph")
         return cls(block_size=meta["block_size"], layers=layers, kv_heads=meta["kv_heads"],
                    head_dim=meta["head_dim"], dtype=meta["dtype"],
-                   scales=tuple(scales[i] for i in layers) if scales else None)
+                   scales=tuple(scales[i] for i in layers) if scales else None,
+                   tensor_parallel_size=int(graph.meta.get("tensor_parallel", {}).get("size", 1)))
 
     def to_meta(self) -> dict:
-        """The layout as the graph keeps it (``graph.meta["paged"]``); the scales stay on the attention nodes."""
+        """The layout as the graph keeps it (``graph.meta["paged"]``); the scales stay on the attention nodes, the
+        tensor-parallel size in ``graph.meta["tensor_parallel"]``."""
         return {"block_size": self.block_size, "layers": list(self.layers), "kv_heads": self.kv_heads,
                 "head_dim": self.head_dim, "dtype": self.dtype}
 
@@ -138,13 +158,25 @@ class PagedLayout:
         the caller keeps the graph's cache inputs and attention nodes' scales in step with it."""
         graph.meta["paged"] = self.to_meta()
 
-    def planned(self, *, dtype: str | None = None, block_size: int | None = None) -> "PagedLayout":
-        """This layout with another cache ``dtype`` or ``block_size``: to plan a cache the graph does not have
-        yet (an FP8 cache before quantizing, larger blocks). A new dtype drops the scales."""
+    def planned(self, *, dtype: str | None = None, block_size: int | None = None,
+                tensor_parallel_size: int | None = None) -> "PagedLayout":
+        """This layout with another cache ``dtype`` or ``block_size``, or one rank's of ``tensor_parallel_size``:
+        to plan a cache the graph does not have yet (an FP8 cache before quantizing, larger blocks, the model on
+        several GPUs: ``kv_heads_per_rank``). A new dtype drops the scales. Only a whole model's layout (size 1)
+        is planned for another size."""
         dtype = self.dtype if dtype is None else dtype
         same = dtype_name(dtype_from_name(str(dtype))) == self.dtype
+        size, kv_heads = self.tensor_parallel_size, self.kv_heads
+        if tensor_parallel_size is not None:
+            _positive_int(tensor_parallel_size, "KV layout: tensor_parallel_size", "pass the number of ranks the "
+                          "model is sharded over (1: one device)")
+        if tensor_parallel_size is not None and tensor_parallel_size != size:
+            if size != 1:
+                raise WorkbenchError(f"KV layout: this is one rank's layout of tensor-parallel size {size}; plan "
+                                     f"size {tensor_parallel_size} from the unsharded graph's layout")
+            size, kv_heads = tensor_parallel_size, kv_heads_per_rank(kv_heads, tensor_parallel_size)
         return replace(self, dtype=dtype, block_size=self.block_size if block_size is None else block_size,
-                       scales=self.scales if same else None)
+                       scales=self.scales if same else None, kv_heads=kv_heads, tensor_parallel_size=size)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     @property

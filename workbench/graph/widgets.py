@@ -28,7 +28,8 @@ class PassPipelineWidget:
         self.ws = ws
         self.layer = layer
         pipeline = default_pipeline()
-        names = [*pipeline, *(n for n, p in PASSES.items() if n not in pipeline and not p.runtime_only)]
+        names = [*pipeline, *(n for n, p in PASSES.items()
+                              if n not in pipeline and not p.runtime_only and not p.sharded)]
         self.checkboxes = {n: W.Checkbox(value=n in pipeline, description=n, indent=False,
                                          tooltip=PASSES[n].description) for n in names}
         self.run_button = W.Button(description="Run passes", button_style="primary", icon="play")

@@ -8,6 +8,9 @@
     workbench.norm_add_rms_norm, norm_add_rms_norm_fp8
                              Gemma's post-norm, residual add and next norm in one pass over a row: x's norm, the
                              sum written, the sum's norm written (or quantized), each rounded as the unfused ops
+    workbench.all_reduce_norm_add_rms_norm, all_reduce_norm_add_rms_norm_fp8
+                             a tensor-parallel graph's all-reduce, then norm_add_rms_norm's kernel
+                             (``collectives.reduce_first``)
 
 Arithmetic is fp32; ``tanh`` is computed from one exp2 of -2|x| (``_tanh``), the same on the GPU and under the
 CPU interpreter (Triton has no portable tanh). Each kernel reads its inputs once and writes once: the floor is
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .collectives import reduce_first
 from .triton_pointwise import _round_dtype, _rows, _scale_arg, gated, register_triton
 
 #: sqrt(2 / pi), GELU's tanh approximation's factor
@@ -161,7 +165,11 @@ def register() -> None:
                      ("workbench.gelu_mul_fp8", gelu_mul_fp8, "gelu_mul"),
                      ("workbench.softcap", softcap, "softcap"),
                      ("workbench.norm_add_rms_norm", norm_add_rms_norm, "norm_add_rms_norm"),
-                     ("workbench.norm_add_rms_norm_fp8", norm_add_rms_norm_fp8, "norm_add_rms_norm")), CONFIGS)
+                     ("workbench.norm_add_rms_norm_fp8", norm_add_rms_norm_fp8, "norm_add_rms_norm"),
+                     # a tensor-parallel graph's all-reduce fused with the norm: the all-reduce, then this kernel
+                     ("workbench.all_reduce_norm_add_rms_norm", reduce_first(norm_add_rms_norm), "norm_add_rms_norm"),
+                     ("workbench.all_reduce_norm_add_rms_norm_fp8", reduce_first(norm_add_rms_norm_fp8),
+                      "norm_add_rms_norm")), CONFIGS)
 
 
 register()

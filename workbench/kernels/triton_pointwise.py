@@ -10,6 +10,9 @@
                             it, divided by the static scale, saturated to ±448 (see ``fused.py``)
     workbench.rope          x of any strides ([batch, heads, tokens, head_dim]); a program takes a token's heads,
                             loading its cos/sin once
+    workbench.all_reduce_add_rms_norm, all_reduce_add_rms_norm_fp8
+                            a tensor-parallel graph's all-reduce fused with the norm: the all-reduce (NCCL),
+                            then add_rms_norm's kernel (``collectives.reduce_first``; no fused kernel yet)
 
 Each reads its inputs once and writes its outputs once: the floor is bytes / copy
 bandwidth (``bench/pointwise.py`` measures against it). Arithmetic is in fp32 and
@@ -27,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .collectives import reduce_first
 from .registry import REGISTRY
 
 
@@ -269,7 +273,10 @@ def register() -> None:
                      ("workbench.rms_norm_fp8", rms_norm_fp8, "rms_norm"),
                      ("workbench.add_rms_norm_fp8", add_rms_norm_fp8, "rms_norm"),
                      ("workbench.silu_mul", silu_mul, "silu_mul"),
-                     ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope")), CONFIGS)
+                     ("workbench.silu_mul_fp8", silu_mul_fp8, "silu_mul"), ("workbench.rope", rope, "rope"),
+                     # a tensor-parallel graph's all-reduce fused with the norm: the all-reduce, then this kernel
+                     ("workbench.all_reduce_add_rms_norm", reduce_first(add_rms_norm), "rms_norm"),
+                     ("workbench.all_reduce_add_rms_norm_fp8", reduce_first(add_rms_norm_fp8), "rms_norm")), CONFIGS)
 
 
 register()

@@ -32,6 +32,18 @@ the free and total bytes:
     # KV cache: 58469 blocks of 16 tokens (935504 tokens, 57.10 GiB, fp8 e4m3); 1000+1000-token requests: 467 at once
     concurrency_table(layout, memory_bytes=80 * 2**30, weights_bytes=16 * 10**9,
                       fractions=[0.8, 0.9], lengths=[(1000, 1000), (8000, 500)])   # a DataFrame to plot
+
+Tensor parallelism: every number is one GPU's. A graph sharded over N ranks (or ``layout.planned(
+tensor_parallel_size=N)``) caches each rank's KV heads only (``kv_heads_per_rank``: ``kv_heads / N``, or one
+replicated head, counted whole, when there are fewer KV heads than ranks), and ``plan_graph`` takes a rank's
+weights (``rank_weights_bytes``: its slices, plus the replicated norms and embeddings whole); the summary says so:
+
+    plan_graph(graph, memory_bytes=80 * 2**30, prompt_len=1000, output_len=1000, tensor_parallel_size=2)
+    llama3_8b = PagedLayout(block_size=16, layers=range(32), kv_heads=8, head_dim=128, dtype="bfloat16")
+    plan_capacity(llama3_8b.planned(tensor_parallel_size=2), memory_bytes=80 * 2**30, weights_bytes=8 * 10**9,
+                  prompt_len=1000, output_len=1000).summary()
+    # KV cache per GPU of tensor-parallel size 2 (4 KV heads each): 66098 blocks of 16 tokens (1057568 tokens,
+    # 64.55 GiB, bf16); 1000+1000-token requests: 528 at once
 """
 
 from __future__ import annotations
@@ -82,9 +94,14 @@ class CapacityPlan:
         return self.num_blocks * self.layout.bytes_per_block
 
     def summary(self) -> str:
-        """One line, like vLLM's startup log."""
-        dtype = _SHORT.get(self.layout.dtype, self.layout.dtype)
-        line = (f"KV cache: {self.num_blocks} blocks of {self.layout.block_size} tokens "
+        """One line, like vLLM's startup log; with tensor parallelism, one GPU's (the size and its KV heads named)."""
+        layout = self.layout
+        dtype = _SHORT.get(layout.dtype, layout.dtype)
+        where = "KV cache"
+        if layout.tensor_parallel_size > 1:
+            heads = f"{layout.kv_heads} KV head{'s' if layout.kv_heads != 1 else ''}"
+            where = f"KV cache per GPU of tensor-parallel size {layout.tensor_parallel_size} ({heads} each)"
+        line = (f"{where}: {self.num_blocks} blocks of {self.layout.block_size} tokens "
                 f"({self.tokens} tokens, {self.kv_bytes / GIB:.2f} GiB, {dtype}); "
                 f"{self.prompt_len}+{self.output_len}-token requests: {self.max_concurrency} at once")
         if self.max_concurrency == 0:
@@ -127,6 +144,44 @@ def plan_capacity(layout: PagedLayout, *, memory_bytes: int, fraction: float = 0
     return CapacityPlan(layout, memory_bytes, fraction, weights_bytes, activation_bytes, prompt_len, output_len,
                         kv_budget_bytes=budget, num_blocks=num_blocks, tokens=num_blocks * layout.block_size,
                         blocks_per_request=blocks_per_request, max_concurrency=num_blocks // blocks_per_request)
+
+
+def rank_weights_bytes(graph) -> int:
+    """The bytes of one rank's weights: every param of ``graph`` at its shape and dtype; a sharded graph's
+    (``passes.tensor_parallel``) are one rank's slices, and its replicated tensors (norms, embeddings) count
+    whole. Derived params (a fused QKV weight, a folded RoPE table) count as the tensors they are at run time."""
+    total = 0
+    for p in graph.params.values():
+        if any(not isinstance(d, int) for d in p.spec.shape):
+            raise WorkbenchError(f"parameter {p.name} has a symbolic shape {p.spec.shape}; pass weights_bytes")
+        total += p.spec.nbytes({})
+    return total
+
+
+def plan_graph(graph, *, memory_bytes: int, fraction: float = 0.9, prompt_len: int, output_len: int,
+               weights_bytes: int | None = None, activation_bytes: int = 0, tensor_parallel_size: int | None = None,
+               dtype: str | None = None, block_size: int | None = None) -> CapacityPlan:
+    """``plan_capacity`` of one GPU running ``graph`` (paged): its KV layout (``dtype`` / ``block_size`` planned
+    as ``PagedLayout.planned``) and, unless ``weights_bytes`` is given, its weights (``rank_weights_bytes``).
+    ``tensor_parallel_size`` N > 1 plans one rank of an unsharded graph sharded over N (``shard_tensor_parallel``:
+    its KV heads and slices); a sharded graph is planned at its own size."""
+    from ..graph.paged import PagedLayout
+
+    size = int(graph.meta.get("tensor_parallel", {}).get("size", 1))
+    if tensor_parallel_size is not None:
+        _positive_int(tensor_parallel_size, "tensor_parallel_size", "pass the number of GPUs the model is sharded "
+                      "over (1: one)")
+    if tensor_parallel_size is not None and tensor_parallel_size != size:
+        from ..graph.passes.tensor_parallel import shard_tensor_parallel
+
+        if size != 1:
+            raise WorkbenchError(f"this graph is sharded for tensor-parallel size {size}; plan size "
+                                 f"{tensor_parallel_size} from the unsharded graph")
+        graph, _ = shard_tensor_parallel(graph, tensor_parallel_size)
+    layout = PagedLayout.from_graph(graph).planned(dtype=dtype, block_size=block_size)
+    return plan_capacity(layout, memory_bytes=memory_bytes, fraction=fraction, prompt_len=prompt_len,
+                         output_len=output_len, activation_bytes=activation_bytes,
+                         weights_bytes=rank_weights_bytes(graph) if weights_bytes is None else weights_bytes)
 
 
 #: The share of a GPU's free memory, after the weights are loaded, that ``LLM`` and ``workbench serve`` give the

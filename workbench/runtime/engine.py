@@ -151,6 +151,8 @@ class LLMEngine:
         #: the longest request (prompt + max_tokens) accepted; None: the cache's size alone limits it
         self.max_model_len = max_model_len
         self.vocab_size = program.graph.meta.get("config", {}).get("vocab_size")
+        #: the ranks the program is a shard of (1: one device); each step record carries it
+        self.tensor_parallel_size = int(program.graph.meta.get("tensor_parallel", {}).get("size", 1))
         config = config or SchedulerConfig()
         #: the capacity planner's plan when it sized the KV cache (None when ``num_blocks`` was given)
         self.capacity_plan = None
@@ -263,7 +265,8 @@ class LLMEngine:
                            "waiting": len(self.scheduler.waiting), "waiting_before": waiting_before,
                            "kv_usage": self.scheduler.bm.usage, "preempted": len(out.preempted),
                            "admitted": len(out.admitted), "finished": sum(o.finished for o in outputs),
-                           "graph_tokens": self.executor.last_graph[0] if launched and self.executor.last_graph else 0})
+                           "graph_tokens": self.executor.last_graph[0] if launched and self.executor.last_graph else 0,
+                           "tensor_parallel_size": self.tensor_parallel_size})
         return outputs
 
     def _launch(self, out) -> _Launched:
@@ -406,7 +409,8 @@ class LLMEngine:
     # ---- the timeline -----------------------------------------------------------------------------------
     def timeline(self):
         """One row per step: tokens (prefill, decode), requests (scheduled, running, waiting), KV usage,
-        preemptions, admissions, finishes and the step's wall time."""
+        preemptions, admissions, finishes, the step's wall time and the tensor-parallel size it ran at (each
+        rank ran the step over its shard; the KV usage is each rank's, the same on all)."""
         import pandas as pd
 
         return pd.DataFrame(self.steps)
@@ -471,8 +475,9 @@ class LLM:
         self.limits = limits
         options = dict(num_blocks=num_blocks, config=config, limits=limits, memory_fraction=memory_fraction,
                        prefix_caching=prefix_caching, cuda_graphs=cuda_graphs)
-        #: the sharding pass's report when the program runs on several ranks (ranks 1.. in worker processes)
-        self.tp_report = opened.sharding.report if opened.sharding is not None else None
+        #: when the program runs on several ranks (ranks 1.. in worker processes): the reports of the sharding pass
+        #: and the passes after it (``graph.passes.tensor_parallel.shard_and_fuse``); empty on one rank
+        self.tp_reports = opened.sharding.reports if opened.sharding is not None else []
         if opened.sharding is not None:
             self.engine = sharded_engine(opened, **options)
         else:

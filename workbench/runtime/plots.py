@@ -40,6 +40,11 @@ def _ints(series) -> list[int]:
     return [int(v) for v in series]
 
 
+def _tp_size(df) -> int:
+    """The tensor-parallel size the timeline's steps ran at (1 for timelines written before it was recorded)."""
+    return int(df["tensor_parallel_size"].max()) if "tensor_parallel_size" in df.columns else 1
+
+
 def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
     """Two panels sharing the step axis: stacked prefill/decode tokens per step above; KV-cache usage (%),
     running and waiting requests and preemptions below.
@@ -95,12 +100,14 @@ def timeline_figure(timeline, *, max_num_batched_tokens: int | None = None):
                                  hovertemplate=f"step %{{x}}: %{{y}} {label}<extra></extra>"),
                       row=2, col=1, secondary_y=True)
 
+    tp = _tp_size(df)
     # the legend sits in one row above the panels: on the right it would cover the requests axis
     fig.update_layout(barmode="stack", bargap=0.1, hovermode="closest", height=600,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
                       title=f"Engine timeline: {len(steps)} steps, {sum(prefill)} prefill + {sum(decode)} decode "
                             f"tokens, {sum(preempted)} preemptions, peak KV use {max(kv_pct):.0f}%"
-                            + (f", {eager} steps eager" if "graph_tokens" in df.columns else ""))
+                            + (f", {eager} steps eager" if "graph_tokens" in df.columns else "")
+                            + (f", tensor-parallel size {tp}" if tp > 1 else ""))
     fig.update_yaxes(title_text="tokens run", row=1, col=1)
     fig.update_yaxes(title_text="KV used (%)", range=[0, 105], row=2, col=1, secondary_y=False)
     # whole requests and steps: no 0.5 ticks when the counts are small

@@ -54,7 +54,7 @@ class Sharding:
 
     size: int
     graph: Graph  # the sharded graph
-    report: Any  # the sharding pass's PassReport
+    reports: list  # the PassReports of the sharding pass and the passes after it (``shard_and_fuse``)
     weights_file: str | None = None
     tied: dict[str, str] = field(default_factory=dict)
     params: Mapping[str, torch.Tensor] | None = None
@@ -67,7 +67,7 @@ class Sharding:
         if torchrun_launch() is None:
             check_size(engine.tensor_parallel_size, engine.program.device,
                        f"; give --tp (tensor_parallel_size) to run engine {engine.path} re-sharded for fewer")
-        return cls(engine.tensor_parallel_size, engine.program.graph, engine.tp_report, str(engine.weights_file),
+        return cls(engine.tensor_parallel_size, engine.program.graph, engine.tp_reports, str(engine.weights_file),
                    engine.tied, None, engine.weights_read)
 
     def spec(self, rank: int, program, num_blocks: int) -> "RankSpec":
@@ -84,12 +84,15 @@ class Sharding:
                         self.weights_file, dict(self.tied), params)
 
     def summary(self) -> str:
-        """One line for a log: the size, how the ranks run, the sites sharded and where the weights come from."""
+        """One line for a log: the size, how the ranks run, the sites sharded and fused, and where the weights
+        come from."""
         how = "torchrun's processes" if torchrun_launch() is not None else "ranks 1.. spawned"
         where = (f"each rank reads its own slices of the engine's weights (rank 0: {self.weights_read.summary()})"
                  if self.weights_read is not None else "rank 0 holds the whole model and hands each rank its slices")
-        return (f"tensor parallelism over {self.size} ranks ({how}; {len(self.report.matches)} sharded sites; steps "
-                f"run eagerly); {where}")
+        sharded, *after = self.reports
+        fused = "".join(f", {len(r.matches)} by {r.name}" for r in after if r.accepted and r.matches)
+        return (f"tensor parallelism over {self.size} ranks ({how}; {len(sharded.matches)} sharded sites{fused}; "
+                f"steps run eagerly); {where}")
 
 
 @dataclass(frozen=True)
@@ -147,18 +150,19 @@ def check_size(size, device: torch.device, fix: str = "") -> int:
 # ---- rank 0 -----------------------------------------------------------------------------------------------------
 
 def rank0_program(program, size: int):
-    """(rank 0's shard of ``program`` over ``size`` ranks, the sharding pass's report): the weights in memory."""
+    """(rank 0's shard of ``program`` over ``size`` ranks, the reports of ``shard_and_fuse``): the weights in
+    memory."""
     from ..graph.executor import Program
-    from ..graph.passes.tensor_parallel import rank_params, shard_tensor_parallel
+    from ..graph.passes.tensor_parallel import rank_params, shard_and_fuse
 
-    graph, report = shard_tensor_parallel(program.graph, size)
-    return Program(graph, rank_params(graph, program.params, 0), device=program.device), report
+    graph, reports = shard_and_fuse(program.graph, size)
+    return Program(graph, rank_params(graph, program.params, 0), device=program.device), reports
 
 
 def shard_in_memory(program, size: int) -> tuple[Any, Sharding]:
     """(rank 0's program, the ``Sharding``) of a program whose whole weights are in memory."""
-    rank0, report = rank0_program(program, size)
-    return rank0, Sharding(size, rank0.graph, report, params=dict(program.params))
+    rank0, reports = rank0_program(program, size)
+    return rank0, Sharding(size, rank0.graph, reports, params=dict(program.params))
 
 
 def start_workers(executor, sharding: Sharding) -> None:

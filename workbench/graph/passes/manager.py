@@ -54,6 +54,9 @@ class GraphPass:
     description: str
     #: applied by the runtime to the graph it runs, never part of a workspace's pipeline
     runtime_only: bool = False
+    #: applied to a tensor-parallel graph after the sharding pass (``sharded_pipeline``), never part of a
+    #: workspace's pipeline: it rewrites what sharding inserts (the collectives)
+    sharded: bool = False
 
 
 @dataclass
@@ -132,17 +135,22 @@ PLACES: dict[str, tuple[str, str]] = {}
 
 
 def register_pass(name: str, description: str = "", *, before: str | None = None, after: str | None = None,
-                  replace: bool = False, runtime_only: bool = False):
+                  replace: bool = False, runtime_only: bool = False, sharded: bool = False):
     """Decorator registering ``fn(Rewriter) -> list[Match]`` as pass ``name`` (the plugin mechanism).
 
     ``before`` / ``after`` name the pass it runs next to in the default pipeline (``default_pipeline()``):
     a pattern must be placed where the graph still has its shape (before ``fuse_attention`` for one on the
     attention's parts, say), and appending it at the end would let an earlier fusion change the pattern so
     that it silently matches nothing. A pass registered without a place runs only where it is named.
-    ``runtime_only``: the runtime applies it to the graph it runs; a workspace's passes stage refuses it."""
+    ``runtime_only``: the runtime applies it to the graph it runs; a workspace's passes stage refuses it.
+    ``sharded``: it runs on tensor-parallel graphs, after ``shard_tensor_parallel``, in registration order
+    (``sharded_pipeline()``); a workspace's passes stage refuses it too."""
     if before is not None and after is not None:
         raise WorkbenchError(f"pass {name!r}: give before= or after=, not both")
     anchor = before or after
+    if sharded and (anchor is not None or runtime_only):
+        raise WorkbenchError(f"pass {name!r}: a sharded pass runs after the sharding pass, in registration order; "
+                             "give it no before=, after= or runtime_only=")
     if anchor is not None and anchor not in PASSES:
         raise WorkbenchError(f"pass {name!r} is placed by {anchor!r}, which is not a registered pass; "
                              f"registered: {', '.join(PASSES)}")
@@ -150,7 +158,8 @@ def register_pass(name: str, description: str = "", *, before: str | None = None
     def wrap(fn):
         if name in PASSES and not replace:
             raise WorkbenchError(f"pass {name!r} is already registered; pass replace=True to override it")
-        PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0], runtime_only)
+        PASSES[name] = GraphPass(name, fn, description or (fn.__doc__ or "").strip().splitlines()[0], runtime_only,
+                                 sharded)
         PLACES.pop(name, None)
         if anchor is not None:
             PLACES[name] = ("before" if before is not None else "after", anchor)
@@ -173,6 +182,12 @@ def default_pipeline() -> list[str]:
             at = names.index(anchor)
             names.insert(at if where == "before" else at + 1, n)
     return names
+
+
+def sharded_pipeline() -> list[str]:
+    """The passes a tensor-parallel graph gets after the sharding pass (``register_pass(..., sharded=True)``),
+    in registration order: ``graph.passes.tensor_parallel.shard_and_fuse`` runs them."""
+    return [name for name, p in PASSES.items() if p.sharded]
 
 
 def _check_registered(graph: Graph) -> None:

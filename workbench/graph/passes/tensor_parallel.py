@@ -2,6 +2,7 @@
 
     graph, report = shard_tensor_parallel(graph, 2)      # one graph for every rank; params say which slice
     params = rank_params(graph, full_params, rank=1)     # rank 1's slices of the unsharded weights
+    graph, reports = shard_and_fuse(graph, 2)            # what the runtime runs: sharded, then sharded_pipeline()
 
 Per decoder layer (found from its attention node and its MLP activation, so fused and packed projections alike):
 
@@ -26,6 +27,10 @@ stored tensor along ``d`` that a rank concatenates. Weights stay one file set: a
 (``rank_params``; ``engine.load`` reads them straight from safetensors). ``graph.meta["tensor_parallel"]``
 records the size. Every value's shape is re-derived for one rank. A TP size that does not divide the query heads,
 the intermediate size or (replication) the KV heads is refused in one line naming the dimension.
+
+``shard_and_fuse`` is what the runtime, an engine's loading and the tune stage run: this pass, then the passes
+registered for sharded graphs (``register_pass(..., sharded=True)``, ``sharded_pipeline()``: the all-reduce fused
+with the residual add and norm after it, ``passes/collective.py``), each with its own report.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 from ...errors import WorkbenchError
 from ..ir import Graph, Node, Param, Ref, TensorSpec, dtype_from_name
 from ..paged import OP as PAGED_OP
+from ..paged import kv_heads_per_rank
 from ..rewrite import Rewriter
 from .manager import Match, PassReport
 
@@ -242,10 +248,7 @@ class _Sharder:
         if heads % n:
             raise WorkbenchError(f"tensor-parallel size {n} does not divide the {heads} query heads; use a TP size "
                                  f"that divides {heads}")
-        if kv_heads % n and n % kv_heads:
-            raise WorkbenchError(f"tensor-parallel size {n} neither divides the {kv_heads} KV heads nor is a "
-                                 f"multiple of them (to replicate each on {n} / {kv_heads} ranks); use a TP size "
-                                 f"that divides {kv_heads} or that {kv_heads} divides")
+        local_kv = kv_heads_per_rank(kv_heads, n)  # refuses a size that neither divides nor replicates them
         sources = [_source(self.rw, att.args[i], layer, what) for i, what in enumerate(("q", "k", "v"))]
         head_dim = (sources[0][2] - sources[0][1]) // heads
         if head_dim * heads != sources[0][2] - sources[0][1] or any(
@@ -273,7 +276,6 @@ class _Sharder:
         if att.op == PAGED_OP:
             cache = att.args[3]
             spec = self.g.inputs[cache.name]
-            local_kv = kv_heads // n if kv_heads % n == 0 else 1
             self.g.inputs[cache.name] = TensorSpec([*spec.shape[:3], local_kv, *spec.shape[4:]], spec.dtype,
                                                    spec.contiguous)
             self.local_kv_heads = local_kv
@@ -368,6 +370,24 @@ def shard_tensor_parallel(graph: Graph, size: int) -> tuple[Graph, PassReport]:
                         s.matches, before, len(g.nodes), 0, 0, None, True, seconds=round(time.perf_counter() - start, 3),
                         notes=s.notes)
     return g, report
+
+
+def shard_and_fuse(graph: Graph, size: int) -> tuple[Graph, list[PassReport]]:
+    """``shard_tensor_parallel``, then ``sharded_pipeline()`` on the sharded graph: (the graph every rank runs, the
+    reports, the sharding pass's first). One rank (``size`` 1) gets the sharding pass only (it has no collectives
+    to fuse). The fusions are not checked numerically here: in one process a collective is the identity, so a
+    check would run the whole graph and prove nothing about the sum (tests/test_tensor_parallel.py checks them
+    over gloo ranks)."""
+    from .manager import run_passes, sharded_pipeline
+
+    sharded, report = shard_tensor_parallel(graph, size)
+    names = sharded_pipeline()
+    if size == 1 or not names:
+        return sharded, [report]
+    fused, reports = run_passes(sharded, {}, names, check=False)
+    # the optimize stage's passes, then these (``run_passes`` records the ones it ran only)
+    fused.meta = {**fused.meta, "passes": [*sharded.meta.get("passes", []), *fused.meta["passes"]]}
+    return fused, [report, *reports]
 
 
 # ---- shapes ---------------------------------------------------------------------------------------------------
