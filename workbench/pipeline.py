@@ -452,8 +452,7 @@ def tune_stage(ws: Workspace, profile, *, device: str | torch.device = "auto", t
         raise WorkbenchError(f"tune: graph must be 'auto', 'passes' or 'quant', got {graph!r}")
     program = load_program(ws, stage=graph, device=device)
     if tensor_parallel_size != 1:
-        from .engine.export import check_tensor_parallel_size
-        from .runtime.tensor_parallel import rank0_program
+        from .graph.sharding import check_tensor_parallel_size, rank0_program
 
         check_tensor_parallel_size(program.graph, tensor_parallel_size, "tune")
         program, _ = rank0_program(program, tensor_parallel_size)

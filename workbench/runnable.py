@@ -48,7 +48,7 @@ class Runnable:
     engine: Any | None = None      # the loaded engine.load.Engine (manifest, profile, precision) for an engine
     source: Any | None = None      # the models.intake.ModelSource, where known
     notes: list[str] = field(default_factory=list)
-    #: rank 0's ``runtime.tensor_parallel.Sharding`` when ``program`` is its shard of several ranks, else None
+    #: rank 0's ``graph.sharding.Sharding`` when ``program`` is its shard of several ranks, else None
     sharding: Any | None = None
     batch_invariant: bool = False  # the program runs in the batch-invariant mode (``program.batch_invariant``)
 
@@ -81,7 +81,7 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
         raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
     runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress, tensor_parallel_size)
     if runnable.sharding is None and (tensor_parallel_size or 1) > 1:  # the whole model is here: rank 0 cuts
-        from .runtime.tensor_parallel import shard_in_memory                # every rank's slices
+        from .graph.sharding import shard_in_memory                        # every rank's slices
 
         runnable.program, runnable.sharding = shard_in_memory(runnable.program, tensor_parallel_size)
     if batch_invariant is None:
@@ -131,7 +131,7 @@ def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progres
             "source") else None
         sharding = None
         if engine.tensor_parallel_size > 1:
-            from .runtime.tensor_parallel import Sharding
+            from .graph.sharding import Sharding
 
             sharding = Sharding.of_engine(engine)
         return Runnable(engine.program, tok, template, Path(target).resolve().name, "engine", "engine",

@@ -162,7 +162,7 @@ def build_engine(model: str, out: str | Path, options: BuildOptions = BuildOptio
         log(f"passes: {line}")
     tp = options.tensor_parallel_size
     if tp > 1:  # before calibration: a size the graph cannot take fails now, in one line
-        from .export import check_tensor_parallel_size
+        from ..graph.sharding import check_tensor_parallel_size
 
         check_tensor_parallel_size(Graph.loads(ws.path("passes", "graph.json").read_text()), tp, "build")
         log(f"tensor parallelism: the graph shards over {tp} ranks; tuning and the engine are for one rank of {tp}")

@@ -37,6 +37,7 @@ except ImportError:  # not POSIX: leftovers are told apart by process id alone
 import torch
 
 from ..errors import WorkbenchError
+from ..graph.sharding import check_tensor_parallel_size
 from ..env import atomic_write, environment, sha256_file
 from ..plugins import loaded as loaded_plugins
 from ..workspace import Workspace
@@ -158,20 +159,6 @@ def export_engine(ws: Workspace | str | Path, out: str | Path, *, stage: str = "
         manifest = _write_engine(out, info, tensors, tokenizer, timings, manifest_extra)
         run.write_json("manifest.json", manifest)
     return out
-
-
-def check_tensor_parallel_size(graph, size, what: str) -> int:
-    """``size`` checked: a whole number >= 1 for which ``graph`` shards (the pass's one-line reason otherwise)."""
-    from ..graph.passes.tensor_parallel import shard_tensor_parallel
-
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"{what} --tp: the tensor-parallel size must be a whole number >= 1, got {size!r}")
-    if size > 1:
-        try:
-            shard_tensor_parallel(graph, size)
-        except WorkbenchError as e:
-            raise WorkbenchError(f"{what} --tp {size}: {e}") from None
-    return size
 
 
 def _check_out(out: Path, ws: Workspace) -> None:
