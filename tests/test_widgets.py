@@ -156,9 +156,14 @@ def test_tuning_widget_tunes_the_profile_it_shows(ws):
     from workbench.profiling.widgets import TuningWidget
 
     passes_stage(ws)
+    ran = []  # the candidates run so far (kept alive: a re-measured candidate is the same call object)
 
     def timer(call, op, tactic, config):
-        call()
+        # every candidate runs once; the near-ties' re-measurements (all Triton configs tie at 0.5) need not
+        # run it again, which would only triple the interpreter's time
+        if not any(c is call for c in ran):
+            ran.append(call)
+            call()
         return 1.0 if tactic == "reference" else 0.5
 
     w = TuningWidget(ws, device="cpu", timer=timer)
