@@ -99,6 +99,17 @@ def stats(tiny_stats):
     return tiny_stats
 
 
+@pytest.fixture(scope="session")
+def llama_3_8b_meta():
+    """Llama-3-8B in bf16 on the meta device (no weights) and its captured graph: about 8 s of torch.export, shared
+    by test_capture (the capture) and test_passes (the passes over it). Tests must not change the graph."""
+    from workbench.graph.capture import capture
+    from workbench.models import load_model
+
+    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
+    return lm, capture(lm.model)
+
+
 def prefill_then_decode(program):
     """Graph inputs of two steps on a fresh paged cache: a prefill of two prompts (12 and 9 tokens), then a
     decode step of both."""

@@ -102,10 +102,9 @@ def test_bf16_capture_runs_in_bf16():
     assert rel_err(out, ref) < 1e-2
 
 
-def test_llama_3_8b_captures_on_meta_without_weights():
-    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
+def test_llama_3_8b_captures_on_meta_without_weights(llama_3_8b_meta):
+    lm, captured = llama_3_8b_meta
     assert all(p.is_meta for p in lm.model.parameters())
-    captured = capture(lm.model)
     g = captured.graph
     assert len([n for n in g.nodes if n.op == "aten.linear.default"]) == 32 * 7 + 1
     assert g.meta["dtype"] == "bfloat16"
