@@ -354,6 +354,6 @@ def test_tune_stage_tunes_the_quantized_graph(tmp_path):
     assert {"workbench.fp8_linear", "workbench.rms_norm_fp8", "workbench.add_rms_norm_fp8",
             "workbench.silu_mul_fp8"} <= ops
     prompt = torch.tensor([5, 9, 11, 2, 30])
-    assert paged_greedy(fast, prompt, 6) == paged_greedy(plain, prompt, 6)
+    assert paged_greedy(fast, prompt, 3) == paged_greedy(plain, prompt, 3)  # the prefill bucket, then decode's
     quant_stage(ws, options=QuantOptions(fmt="int8_wo", samples=4, seq_len=32), progress=False)
     assert ws.status("tune") == "stale"
