@@ -110,6 +110,41 @@ def llama_3_8b_meta():
     return lm, capture(lm.model)
 
 
+@pytest.fixture(scope="session")
+def _tiny_llama_workspaces(tmp_path_factory):
+    """Two workspaces of tiny-llama made once per session: "captured" (the capture stage) and "optimized" (capture
+    and passes). Tests get copies (``captured_ws``, ``optimized_ws``), never these."""
+    from workbench.pipeline import capture_stage, passes_stage
+    from workbench.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("tiny-llama-workspaces")
+    capture_stage(Workspace(root / "captured"), "tiny-llama")
+    shutil.copytree(root / "captured", root / "optimized")
+    passes_stage(Workspace(root / "optimized"), device="cpu")
+    return root
+
+
+def copy_workspace(source: Path, to: Path):
+    """A copy of workspace directory ``source`` at ``to``, opened (records name no absolute paths of their own)."""
+    from workbench.workspace import Workspace
+
+    shutil.copytree(source, to)
+    return Workspace(to)
+
+
+@pytest.fixture
+def captured_ws(_tiny_llama_workspaces, tmp_path):
+    """A workspace at ``tmp_path/ws`` with tiny-llama captured: a copy of one captured once per session (each
+    capture is a second or more of torch.export; a dozen tests start from this one)."""
+    return copy_workspace(_tiny_llama_workspaces / "captured", tmp_path / "ws")
+
+
+@pytest.fixture
+def optimized_ws(_tiny_llama_workspaces, tmp_path):
+    """A workspace at ``tmp_path/ws`` with tiny-llama captured and its passes run (every pass), copied likewise."""
+    return copy_workspace(_tiny_llama_workspaces / "optimized", tmp_path / "ws")
+
+
 def prefill_then_decode(program):
     """Graph inputs of two steps on a fresh paged cache: a prefill of two prompts (12 and 9 tokens), then a
     decode step of both."""

@@ -389,17 +389,14 @@ def test_each_bucket_runs_its_own_choices(program, monkeypatch, tmp_path):
         tuned.run(**cache_for(program.graph, num_blocks=8).step_inputs([(0, list(range(25)))]))
 
 
-def test_tune_stage_persists_resumes_and_runs(tmp_path):
+def test_tune_stage_persists_resumes_and_runs(optimized_ws):
     """`workbench tune` as a stage: the timing cache and the per-bucket choices are artifacts; an
     interrupted tune resumes from the cache; the tuned program decodes like the optimized one."""
     from workbench.kernels.autotune import TunedChoices
     from workbench.kernels.profiles import OptimizationProfile
-    from workbench.pipeline import capture_stage, load_program, passes_stage, tune_stage
-    from workbench.workspace import Workspace
+    from workbench.pipeline import load_program, passes_stage, tune_stage
 
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws)
+    ws = optimized_ws
     profile = OptimizationProfile(**TINY_PROFILE)
     with pytest.raises(KeyboardInterrupt):
         tune_stage(ws, profile, device="cpu", timer=PlantedTimer(stop_after=20), progress=False)

@@ -265,13 +265,10 @@ def test_plans_that_need_statistics_say_so(program):
 
 # --- the workspace stage --------------------------------------------------------------------------------------
 
-def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(tmp_path):
-    from workbench.pipeline import QuantOptions, capture_stage, load_program, passes_stage, quant_stage
-    from workbench.workspace import Workspace
+def test_quant_stage_writes_artifacts_reuses_statistics_and_reloads(optimized_ws):
+    from workbench.pipeline import QuantOptions, load_program, quant_stage
 
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws)
+    ws = optimized_ws
     plan, stats, report = quant_stage(ws, options=QuantOptions(fmt="fp8", kv_cache="fp8", samples=4, seq_len=32),
                                       progress=False)
     for name in ("stats.safetensors", "stats.json", "plan.json", "graph.json", "weights.safetensors", "report.json"):
@@ -334,18 +331,15 @@ def test_quantize_command_chooses_an_auto_plan_within_its_budget(tmp_path, capsy
                                                                          report["groups"].values())
 
 
-def test_tune_stage_tunes_the_quantized_graph(tmp_path):
+def test_tune_stage_tunes_the_quantized_graph(optimized_ws):
     """After `workbench quantize`, tuning takes the quantized graph (its fp8 linears and fp8 producers get
     tactics), and the tuned program decodes like the quantized one; re-quantizing makes the tune stale."""
     from test_autotune import TINY_PROFILE, PlantedTimer
     from workbench.kernels.profiles import OptimizationProfile
-    from workbench.pipeline import QuantOptions, capture_stage, load_program, passes_stage, quant_stage, tune_stage
+    from workbench.pipeline import QuantOptions, load_program, quant_stage, tune_stage
     from workbench.evaluate import paged_greedy
-    from workbench.workspace import Workspace
 
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws)
+    ws = optimized_ws
     quant_stage(ws, options=QuantOptions(fmt="fp8", samples=4, seq_len=32), progress=False)
     tuned = tune_stage(ws, OptimizationProfile(**TINY_PROFILE), device="cpu", timer=PlantedTimer(), progress=False)
     assert ws.record("tune")["params"]["graph"] == "quant"
