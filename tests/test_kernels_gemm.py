@@ -205,14 +205,12 @@ def test_linear_rejects_what_it_cannot_do():
         G.linear(randn(2, 32), randn(16, 31))
 
 
-def test_linear_tactic_runs_a_whole_graph():
+def test_linear_tactic_runs_a_whole_graph(tiny_program):
     from workbench.graph.executor import Program
-    from workbench.pipeline import optimize
     from workbench.evaluate import logits_fn
 
     assert REGISTRY.get("aten.linear.default").tactics["triton"] is G.linear
-    program = optimize("tiny-llama", device="cpu").program
-    graph, params = program.graph, program.params
+    graph, params = tiny_program.graph, tiny_program.params
     ids = torch.randint(0, 512, (1, 9))
     reference = logits_fn(Program(graph, params))(ids)
     ours = logits_fn(Program(graph, params, tactics={"aten.linear.default": "triton"}))(ids)
