@@ -79,6 +79,23 @@ def tiny_program():
 
 
 @pytest.fixture(scope="session")
+def checked_optimize():
+    """name -> ``pipeline.optimize(name, device="cpu", check=True)`` of a tiny preset (float32, every pass, each
+    checked), made once per session: test_families, test_kernels_attention, test_paged and test_passes start from
+    the same ones (a second or two each). Tests must not change what they get."""
+    from workbench.pipeline import optimize
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = optimize(name, device="cpu", check=True)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def program(tiny_program):
     """``tiny_program`` under the name most test modules use (a module may define its own ``program``)."""
     return tiny_program

@@ -62,12 +62,11 @@ def test_matches_reference(new, context, kv_heads, group, window, dtype):
 # tiny-mistral: a sliding window of 16, which 9 prompt tokens and 12 decoded cross (and the first 16-token block);
 # tiny-qwen3: q/k norms and RoPE inside
 @pytest.mark.parametrize("model", ["tiny-mistral", "tiny-qwen3"])
-def test_tactic_runs_a_whole_paged_graph(model):
+def test_tactic_runs_a_whole_paged_graph(model, checked_optimize):
     from workbench.graph.executor import Program
-    from workbench.pipeline import optimize
     from workbench.evaluate import paged_greedy
 
-    program = optimize(model, device="cpu").program
+    program = checked_optimize(model).program
     graph, params = program.graph, program.params
     prompt = torch.randint(0, 512, (9,))
     reference = paged_greedy(Program(graph, params), prompt, 12)

@@ -26,8 +26,10 @@ def optimize(name, dtype="float32", names=None):
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
-def optimized(request):
-    return optimize(request.param)
+def optimized(request, checked_optimize):
+    """``optimize(name)``, its ``pipeline.optimize`` result the session's (conftest ``checked_optimize``)."""
+    result = checked_optimize(request.param)
+    return load_model(request.param, dtype=torch.float32), result.captured, result.graph, result.reports
 
 
 def per_layer(graph, op):
