@@ -81,8 +81,8 @@ def tiny_program():
 @pytest.fixture(scope="session")
 def checked_optimize():
     """name -> ``pipeline.optimize(name, device="cpu", check=True)`` of a tiny preset (float32, every pass, each
-    checked), made once per session: test_families, test_kernels_attention, test_paged and test_passes start from
-    the same ones (a second or two each). Tests must not change what they get."""
+    checked), made once per session: test_capture (its ``captured``), test_families, test_kernels_attention,
+    test_paged and test_passes start from the same ones (a second or two each). Tests must not change them."""
     from workbench.pipeline import optimize
 
     made = {}

@@ -15,9 +15,9 @@ TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31"
 
 
 @pytest.fixture(scope="module", params=TINY)
-def tiny(request):
+def tiny(request, checked_optimize):
     lm = load_model(request.param)
-    captured = capture_source(lm.source)
+    captured = checked_optimize(request.param).captured  # capture_source(lm.source), made once per session
     # through JSON, as every later stage will read it
     graph = Graph.loads(captured.graph.dumps())
     return lm, program_for(graph, captured.constants, lm.source)
