@@ -83,10 +83,10 @@ def test_graph_structure(tiny):
     assert weights <= set(dict(lm.model.named_parameters(remove_duplicate=False)))
 
 
-def test_qwen2_biases_and_tied_llama_embeddings():
-    qwen = capture_source(load_model("tiny-qwen2", materialize=False).source).graph
+def test_qwen2_biases_and_tied_llama_embeddings(checked_optimize):
+    qwen = checked_optimize("tiny-qwen2").captured.graph
     assert "model.layers.0.self_attn.q_proj.bias" in qwen.params
-    llama = capture_source(load_model("tiny-llama", materialize=False).source).graph
+    llama = checked_optimize("tiny-llama").captured.graph
     assert "model.embed_tokens.weight" in llama.params["lm_head.weight"].aliases
 
 
@@ -119,8 +119,8 @@ def test_llama_3_8b_captures_on_meta_without_weights(llama_3_8b_meta):
     assert 14.5e9 < s["per_token"][512]["flops_per_token"] < 16.5e9  # ~2 FLOPs per parameter
 
 
-def test_graph_json_round_trip_is_exact():
-    g = capture_source(load_model("tiny-mistral", materialize=False).source).graph
+def test_graph_json_round_trip_is_exact(checked_optimize):
+    g = checked_optimize("tiny-mistral").captured.graph
     again = Graph.loads(g.dumps())
     assert again.to_json() == g.to_json()
 
