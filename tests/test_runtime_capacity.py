@@ -18,11 +18,9 @@ WEIGHTS_8B = 16 * 10**9
 
 
 @pytest.fixture(scope="module")
-def graphs():
+def graphs(checked_optimize):
     """tiny-llama's graph as captured (no paged attention) and after every pass."""
-    from workbench.pipeline import optimize
-
-    result = optimize("tiny-llama", device="cpu")
+    result = checked_optimize("tiny-llama")
     return result.captured.graph, result.graph
 
 
