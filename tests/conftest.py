@@ -73,16 +73,11 @@ def optimized_program(model: str = "tiny-llama", dtype: torch.dtype = torch.floa
 
 
 @pytest.fixture(scope="session")
-def tiny_program():
-    """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
-    return optimized_program()
-
-
-@pytest.fixture(scope="session")
 def checked_optimize():
     """name -> ``pipeline.optimize(name, device="cpu", check=True)`` of a tiny preset (float32, every pass, each
-    checked), made once per session: test_capture (its ``captured``), test_families, test_kernels_attention,
-    test_paged and test_passes start from the same ones (a second or two each). Tests must not change them."""
+    checked), made once per session: ``tiny_program``, test_capture (its ``captured``), test_families,
+    test_kernels_attention, test_paged and test_passes start from the same ones (a second or two each). Tests must
+    not change them."""
     from workbench.pipeline import optimize
 
     made = {}
@@ -93,6 +88,12 @@ def checked_optimize():
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_program(checked_optimize):
+    """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
+    return checked_optimize("tiny-llama").program
 
 
 @pytest.fixture(scope="session")
