@@ -306,13 +306,11 @@ def test_quantize_command(tmp_path, capsys):
     assert "takes no option 'alpha'" in capsys.readouterr().err
 
 
-def test_quantize_command_chooses_an_auto_plan_within_its_budget(tmp_path, capsys):
+def test_quantize_command_chooses_an_auto_plan_within_its_budget(optimized_ws, capsys):
     from workbench.cli import main
     from workbench.quant.sensitivity import SensitivityReport
 
-    ws = tmp_path / "ws"
-    assert main(["capture", "tiny-llama", str(ws)]) == 0
-    assert main(["optimize", str(ws)]) == 0
+    ws = optimized_ws.root  # captured and optimized (the commands' own run: test_quantize_command)
     common = ["--samples", "4", "--seq-len", "32", "--probe-tokens", "300"]
     assert main(["quantize", str(ws), "--format", "bf16", "--auto", "1", *common]) == 2
     assert "give a quantized --format" in capsys.readouterr().err
