@@ -73,9 +73,27 @@ def optimized_program(model: str = "tiny-llama", dtype: torch.dtype = torch.floa
 
 
 @pytest.fixture(scope="session")
-def tiny_program():
+def checked_optimize():
+    """name -> ``pipeline.optimize(name, device="cpu", check=True)`` of a tiny preset (float32, every pass, each
+    checked), made once per session: ``tiny_program``, test_capture (its ``captured``), test_families,
+    test_kernels_attention, test_paged and test_passes start from the same ones (a second or two each). Tests must
+    not change them."""
+    from workbench.pipeline import optimize
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = optimize(name, device="cpu", check=True)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_program(checked_optimize):
     """tiny-llama's optimized graph (every pass, paged attention) bound to its weights, on the CPU."""
-    return optimized_program()
+    return checked_optimize("tiny-llama").program
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +115,52 @@ def tiny_stats(tiny_program):
 def stats(tiny_stats):
     """``tiny_stats`` under the name the quantization tests use."""
     return tiny_stats
+
+
+@pytest.fixture(scope="session")
+def llama_3_8b_meta():
+    """Llama-3-8B in bf16 on the meta device (no weights) and its captured graph: about 8 s of torch.export, shared
+    by test_capture (the capture) and test_passes (the passes over it). Tests must not change the graph."""
+    from workbench.graph.capture import capture
+    from workbench.models import load_model
+
+    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
+    return lm, capture(lm.model)
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_workspaces(tmp_path_factory):
+    """Two workspaces of tiny-llama made once per session: "captured" (the capture stage) and "optimized" (capture
+    and passes). Tests get copies (``captured_ws``, ``optimized_ws``), never these."""
+    from workbench.pipeline import capture_stage, passes_stage
+    from workbench.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("tiny-llama-workspaces")
+    capture_stage(Workspace(root / "captured"), "tiny-llama")
+    shutil.copytree(root / "captured", root / "optimized")
+    passes_stage(Workspace(root / "optimized"), device="cpu")
+    return root
+
+
+def copy_workspace(source: Path, to: Path):
+    """A copy of workspace directory ``source`` at ``to``, opened: copy2 keeps the mtimes, so every stage stays ok."""
+    from workbench.workspace import Workspace
+
+    shutil.copytree(source, to)
+    return Workspace(to)
+
+
+@pytest.fixture
+def captured_ws(_tiny_llama_workspaces, tmp_path):
+    """A workspace at ``tmp_path/ws`` with tiny-llama captured: a copy of one captured once per session (each
+    capture is a second or more of torch.export; a dozen tests start from this one)."""
+    return copy_workspace(_tiny_llama_workspaces / "captured", tmp_path / "ws")
+
+
+@pytest.fixture
+def optimized_ws(_tiny_llama_workspaces, tmp_path):
+    """A workspace at ``tmp_path/ws`` with tiny-llama captured and its passes run (every pass), copied likewise."""
+    return copy_workspace(_tiny_llama_workspaces / "optimized", tmp_path / "ws")
 
 
 def prefill_then_decode(program):

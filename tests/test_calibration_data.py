@@ -185,12 +185,10 @@ def calib_data_tokens(tokenizer, path) -> int:
     return calibration_ids(tokenizer, path).numel()
 
 
-def test_random_weights_calibrate_on_random_ids_and_refuse_text(tmp_path):
-    from workbench.pipeline import QuantOptions, capture_stage, passes_stage, quant_stage
+def test_random_weights_calibrate_on_random_ids_and_refuse_text(optimized_ws, tmp_path):
+    from workbench.pipeline import QuantOptions, quant_stage
 
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws)
+    ws = optimized_ws
     lines = []
     quant_stage(ws, options=QuantOptions(fmt="int8_wo", samples=3, seq_len=16), log=lines.append, progress=False,
                 device="cpu")

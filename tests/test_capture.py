@@ -15,9 +15,9 @@ TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama31"
 
 
 @pytest.fixture(scope="module", params=TINY)
-def tiny(request):
+def tiny(request, checked_optimize):
     lm = load_model(request.param)
-    captured = capture_source(lm.source)
+    captured = checked_optimize(request.param).captured  # capture_source(lm.source), made once per session
     # through JSON, as every later stage will read it
     graph = Graph.loads(captured.graph.dumps())
     return lm, program_for(graph, captured.constants, lm.source)
@@ -83,10 +83,10 @@ def test_graph_structure(tiny):
     assert weights <= set(dict(lm.model.named_parameters(remove_duplicate=False)))
 
 
-def test_qwen2_biases_and_tied_llama_embeddings():
-    qwen = capture_source(load_model("tiny-qwen2", materialize=False).source).graph
+def test_qwen2_biases_and_tied_llama_embeddings(checked_optimize):
+    qwen = checked_optimize("tiny-qwen2").captured.graph
     assert "model.layers.0.self_attn.q_proj.bias" in qwen.params
-    llama = capture_source(load_model("tiny-llama", materialize=False).source).graph
+    llama = checked_optimize("tiny-llama").captured.graph
     assert "model.embed_tokens.weight" in llama.params["lm_head.weight"].aliases
 
 
@@ -102,10 +102,9 @@ def test_bf16_capture_runs_in_bf16():
     assert rel_err(out, ref) < 1e-2
 
 
-def test_llama_3_8b_captures_on_meta_without_weights():
-    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
+def test_llama_3_8b_captures_on_meta_without_weights(llama_3_8b_meta):
+    lm, captured = llama_3_8b_meta
     assert all(p.is_meta for p in lm.model.parameters())
-    captured = capture(lm.model)
     g = captured.graph
     assert len([n for n in g.nodes if n.op == "aten.linear.default"]) == 32 * 7 + 1
     assert g.meta["dtype"] == "bfloat16"
@@ -120,8 +119,8 @@ def test_llama_3_8b_captures_on_meta_without_weights():
     assert 14.5e9 < s["per_token"][512]["flops_per_token"] < 16.5e9  # ~2 FLOPs per parameter
 
 
-def test_graph_json_round_trip_is_exact():
-    g = capture_source(load_model("tiny-mistral", materialize=False).source).graph
+def test_graph_json_round_trip_is_exact(checked_optimize):
+    g = checked_optimize("tiny-mistral").captured.graph
     again = Graph.loads(g.dumps())
     assert again.to_json() == g.to_json()
 

@@ -5,11 +5,11 @@ prompt chosen."""
 
 import pytest
 
+from conftest import copy_workspace
 from workbench.debug.diff import diff
 from workbench.debug.plots import FLOOR, divergence_figure
 from workbench.debug.widgets import DivergenceWidget, parse_prompt
-from workbench.pipeline import QuantOptions, capture_stage, passes_stage, quant_stage
-from workbench.workspace import Workspace
+from workbench.pipeline import QuantOptions, quant_stage
 
 pytest.importorskip("plotly")
 pytest.importorskip("ipywidgets")
@@ -19,10 +19,8 @@ PLOTLY = "application/vnd.plotly.v1+json"
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("debug") / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws, device="cpu")
+def ws(_tiny_llama_workspaces, tmp_path_factory):
+    ws = copy_workspace(_tiny_llama_workspaces / "optimized", tmp_path_factory.mktemp("debug") / "ws")
     quant_stage(ws, options=QuantOptions(fmt="fp8", samples=8, seq_len=64), device="cpu", progress=False)
     return ws
 

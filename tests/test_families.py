@@ -32,14 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threa
 
 
 @pytest.fixture(scope="module")
-def built():
-    """name -> (transformers model, ``optimize`` result with every pass checked), each built once."""
+def built(checked_optimize):
+    """name -> (transformers model, ``optimize`` result with every pass checked: conftest's, one per session)."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            lm = load_model(name)
-            cache[name] = lm, optimize(lm.source, device="cpu", check=True)
+            cache[name] = load_model(name), checked_optimize(name)
         return cache[name]
 
     return get

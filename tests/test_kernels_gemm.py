@@ -29,6 +29,13 @@ TINY_SPLIT = G._cfg(16, 32, 32, 2, 4, 2, split=3)  # several tiles each way, K s
 TINY_GEMV = G._gemv(32, 32, 4)  # the M = 1 kernel: N and K both end in partial blocks at these shapes
 
 
+def configs_at(tiles: list[dict], m: int) -> list[dict]:
+    """The configs a case runs at ``m`` rows: ``tiles``, the split-K tile, and the GEMV up to 5 rows. The GEMV
+    runs one program per row (grid axis 1) on that row's offsets alone, so 5 rows check them; at 33 rows it
+    would run the same program 33 times over (about 0.4 s a call under the interpreter)."""
+    return [*tiles, TINY_SPLIT, *([TINY_GEMV] if m <= 5 else [])]
+
+
 def _works(fn) -> bool:
     try:
         fn()
@@ -176,7 +183,7 @@ def test_linear_matches_aten(m, k, n, dtype):
     x = randn(1, m, k, dtype=dtype)
     w = randn(n, k, dtype=dtype, scale=0.2)
     b = randn(n, dtype=dtype)
-    for config in [*TESTED_16BIT, TINY_SPLIT, TINY_GEMV]:
+    for config in configs_at(TESTED_16BIT, m):
         for bias in (None, b):
             close(G.linear(x, w, bias, config=config), torch.nn.functional.linear(x, w, bias), TOL[dtype])
 
@@ -198,14 +205,12 @@ def test_linear_rejects_what_it_cannot_do():
         G.linear(randn(2, 32), randn(16, 31))
 
 
-def test_linear_tactic_runs_a_whole_graph():
+def test_linear_tactic_runs_a_whole_graph(tiny_program):
     from workbench.graph.executor import Program
-    from workbench.pipeline import optimize
     from workbench.evaluate import logits_fn
 
     assert REGISTRY.get("aten.linear.default").tactics["triton"] is G.linear
-    program = optimize("tiny-llama", device="cpu").program
-    graph, params = program.graph, program.params
+    graph, params = tiny_program.graph, tiny_program.params
     ids = torch.randint(0, 512, (1, 9))
     reference = logits_fn(Program(graph, params))(ids)
     ours = logits_fn(Program(graph, params, tactics={"aten.linear.default": "triton"}))(ids)
@@ -227,7 +232,7 @@ def test_fp8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
     _, wq, ws = quantized_weight(n, k, "fp8", per_channel)
     sx = G.fp8_scale(x) * 1.3 if static else None  # a static scale from calibration: not this batch's amax
     bias = randn(n, dtype=torch.bfloat16) if with_bias else None
-    for config in [*TESTED_8BIT, TINY_SPLIT, TINY_GEMV]:
+    for config in configs_at(TESTED_8BIT, m):
         for out_dtype in (torch.float32, torch.bfloat16):
             close(G.fp8_linear_triton(x, wq, ws, sx, bias, out_dtype, config=config),
                   G.fp8_linear(x, wq, ws, sx, bias, out_dtype), TOL[out_dtype])
@@ -318,7 +323,7 @@ def test_int8_triton_matches_reference(m, k, n, per_channel, static, with_bias):
         x = randn(m, k, dtype=dtype, scale=2.0)
         sx = G.int8_scale(x) * 1.3 if static else None
         bias = randn(n, dtype=dtype) if with_bias else None
-        for config in [*TESTED_8BIT, TINY_SPLIT, TINY_GEMV]:
+        for config in configs_at(TESTED_8BIT, m):
             close(G.int8_linear_triton(x, wq, ws, sx, bias, config=config), G.int8_linear(x, wq, ws, sx, bias),
                   TOL[dtype])
 
@@ -350,7 +355,7 @@ def test_w8_triton_matches_reference(m, k, n, dtype):
     x = randn(m, k, dtype=dtype)
     _, wq, ws = quantized_weight(n, k, "int8", True)
     b = randn(n, dtype=dtype)
-    for config in [*TESTED_16BIT, TINY_SPLIT, TINY_GEMV]:
+    for config in configs_at(TESTED_16BIT, m):
         for bias in (None, b):
             close(G.w8_linear_triton(x, wq, ws, bias, config=config), G.w8_linear(x, wq, ws, bias), TOL[dtype])
 

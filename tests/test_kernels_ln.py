@@ -139,11 +139,9 @@ def test_tactics_and_configs_are_registered_for_the_autotuner():
 
 
 @pytest.fixture(scope="module")
-def neox_program():
+def neox_program(checked_optimize):
     """tiny-neox's optimized graph: layer_norm, add_layer_norm, gelu and partial_rope in one graph."""
-    from workbench.pipeline import optimize
-
-    return optimize("tiny-neox", device="cpu").program
+    return checked_optimize("tiny-neox").program
 
 
 def test_triton_tactics_run_a_whole_optimized_graph(neox_program):

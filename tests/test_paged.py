@@ -19,8 +19,8 @@ ROPE = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-falcon-m
 
 
 @pytest.fixture(scope="module", params=[*ROPE, "tiny-gpt2", "tiny-neox"])
-def programs(request):
-    result = optimize(request.param, device="cpu", check=True)
+def programs(request, checked_optimize):
+    result = checked_optimize(request.param)
     reports = result.reports
     names = ["insert_paged_attention", "fuse_rope_into_attention", "fuse_qk_norm_into_attention"]
     assert [r.name for r in reports[-3:]] == names

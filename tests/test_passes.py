@@ -14,7 +14,7 @@ from workbench.graph.passes import DEFAULT_PIPELINE, PASSES, Match, register_pas
 from workbench.kernels import register_op
 from workbench.models import load_model
 from workbench import pipeline
-from workbench.pipeline import CaptureOptions, capture_source, program_for
+from workbench.pipeline import capture_source, program_for
 
 
 def optimize(name, dtype="float32", names=None):
@@ -26,8 +26,10 @@ def optimize(name, dtype="float32", names=None):
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"])
-def optimized(request):
-    return optimize(request.param)
+def optimized(request, checked_optimize):
+    """``optimize(name)``, its ``pipeline.optimize`` result the session's (conftest ``checked_optimize``)."""
+    result = checked_optimize(request.param)
+    return load_model(request.param, dtype=torch.float32), result.captured, result.graph, result.reports
 
 
 def per_layer(graph, op):
@@ -215,9 +217,9 @@ def test_unregistered_op_is_named():
         run_passes(captured.graph, {}, ["no_such_pass"])
 
 
-def test_llama_3_8b_fuses_on_meta_without_weights():
-    lm = load_model("llama-3-8b", dtype=torch.bfloat16, materialize=False)
-    captured = capture_source(lm.source, CaptureOptions(dtype="bfloat16"))
+def test_llama_3_8b_fuses_on_meta_without_weights(llama_3_8b_meta):
+    _, captured = llama_3_8b_meta
+    assert captured.graph.meta["dtype"] == "bfloat16"
     graph, reports = run_passes(captured.graph, {}, check=False)
     assert per_layer(graph, "workbench.paged_attention") == {i: 1 for i in range(32)}
     assert graph.inputs["kv_cache_0"].shape == [2, "num_blocks", 16, 8, 128]

@@ -19,10 +19,8 @@ WEIGHTS_8B = 16 * 10**9
 
 
 @pytest.fixture(scope="module")
-def optimized():
-    from workbench.pipeline import optimize
-
-    return optimize("tiny-llama", device="cpu")
+def optimized(checked_optimize):
+    return checked_optimize("tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -244,15 +244,12 @@ def test_logits_only_at_the_rows_that_sample(program):
     torch.testing.assert_close(rows, full[0, last], rtol=1e-5, atol=1e-5)
 
 
-def test_llm_generates_from_a_workspace(tmp_path):
-    from workbench.pipeline import capture_stage, load_program, passes_stage
-    from workbench.workspace import Workspace
+def test_llm_generates_from_a_workspace(optimized_ws):
+    from workbench.pipeline import load_program
 
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    passes_stage(ws)
+    ws = optimized_ws
     ps = prompts(3, seed=3)
-    llm = LLM(tmp_path / "ws", num_blocks=32)
+    llm = LLM(ws.root, num_blocks=32)
     outs = llm.generate(ps, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     plain = load_program(ws, stage="passes")
     assert [o.token_ids for o in outs] == [paged_greedy(plain, torch.tensor(p), 5) for p in ps]

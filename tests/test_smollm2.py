@@ -4,6 +4,9 @@ Needs the model prepared by the README's install command (`workbench fetch smoll
 it is not fetched here, so a missing install step fails these tests instead of hiding.
 """
 
+import contextlib
+import io
+
 import pytest
 import torch
 
@@ -12,7 +15,7 @@ from workbench.cli import main
 from workbench.evaluate import dataset_text, greedy, hf_logits, logits_fn, perplexity, program_greedy as cached_greedy
 from workbench.graph.capture import capture
 from workbench.models import load_model, resolve_source
-from workbench.pipeline import capture_source, load_program, program_for
+from workbench.pipeline import load_graph, load_program, program_for
 from workbench.workspace import Workspace
 
 PROMPTS = [
@@ -25,19 +28,36 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smol():
+def captured_ws(tmp_path_factory):
+    """`workbench capture smollm2-135m ws/`, run once (9 s of torch.export on 2 cores): the workspace and what the
+    command printed. Its graph is the one every test here runs (``smol``); test_cli_capture_info_generate goes on
+    with the workspace."""
+    ws_dir = tmp_path_factory.mktemp("smol") / "ws"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["capture", "smollm2-135m", str(ws_dir)]) == 0
+    return ws_dir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smol(captured_ws):
     source = resolve_source("smollm2-135m", fetch=False)
     lm = load_model(source)
-    captured = capture_source(source)
-    return lm, program_for(captured.graph, captured.constants, source), captured.graph
+    graph, constants = load_graph(Workspace(captured_ws[0]), "capture")
+    return lm, program_for(graph, constants, source), graph
 
 
 @pytest.fixture(scope="module")
 def smol_optimized(smol):
-    from workbench.pipeline import optimize
+    """Every pass, each checked, over the graph ``smol`` captured: what ``pipeline.optimize(source, check=True)``
+    does after its capture, without capturing SmolLM2 once more (9 s of torch.export on 2 cores)."""
+    from workbench.graph.executor import Program, resolve_params
+    from workbench.graph.passes import run_passes
 
-    result = optimize(smol[0].source, device="cpu", check=True)
-    return result.program, result.reports
+    _, captured_program, graph = smol
+    params = captured_program.params  # the captured graph's tensors by name: the base derived weights come from
+    optimized, reports = run_passes(graph, params, check=True, device="cpu")
+    return Program(optimized, resolve_params(optimized, params)), reports
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +109,8 @@ def test_perplexity_agrees_with_transformers(smol):
     assert 5 < ref.perplexity < 60  # a working language model on plain English
 
 
-def test_cli_capture_info_generate(tmp_path, capsys):
-    ws_dir = tmp_path / "ws"
-    assert main(["capture", "smollm2-135m", str(ws_dir)]) == 0
-    out = capsys.readouterr().out
+def test_cli_capture_info_generate(captured_ws, capsys):
+    ws_dir, out = captured_ws  # `workbench capture smollm2-135m ws/` and its output
     assert "LlamaForCausalLM (float32)" in out and "30 decoder layers" in out and "134.5 M" in out
     assert "GFLOP/token" in out and "aten.linear.default" in out
     ws = Workspace(ws_dir)

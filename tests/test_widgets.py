@@ -7,17 +7,13 @@ import pytest
 from workbench.errors import WorkbenchError
 from workbench.graph.passes import DEFAULT_PIPELINE, PASSES
 from workbench.graph.plots import pass_layer_figure, pass_waterfall_figure
-from workbench.pipeline import capture_stage
-from workbench.workspace import Workspace
 
 pytest.importorskip("ipywidgets")
 
 
 @pytest.fixture
-def ws(tmp_path):
-    ws = Workspace(tmp_path / "ws")
-    capture_stage(ws, "tiny-llama")
-    return ws
+def ws(captured_ws):
+    return captured_ws
 
 
 def test_pass_widget_runs_the_ticked_passes(ws):
@@ -149,16 +145,20 @@ def test_tuning_widget_dropdown_names_the_figure_shown(ws):
     assert w.view.value == "tactic comparison"
 
 
-def test_tuning_widget_tunes_the_profile_it_shows(ws):
+def test_tuning_widget_tunes_the_profile_it_shows(optimized_ws):
     """On a device (here the CPU under the Triton interpreter, timings planted) the button writes the
     tune stage for exactly the profile in the fields; a bad bucket list is an error in place."""
-    from workbench.pipeline import passes_stage
     from workbench.profiling.widgets import TuningWidget
 
-    passes_stage(ws)
+    ws = optimized_ws
+    ran = []  # the candidates run so far (kept alive: a re-measured candidate is the same call object)
 
     def timer(call, op, tactic, config):
-        call()
+        # every candidate runs once; the near-ties' re-measurements (all Triton configs tie at 0.5) need not
+        # run it again, which would only triple the interpreter's time
+        if not any(c is call for c in ran):
+            ran.append(call)
+            call()
         return 1.0 if tactic == "reference" else 0.5
 
     w = TuningWidget(ws, device="cpu", timer=timer)

@@ -131,7 +131,6 @@ class Observer:
         t = t.detach()
         if t.numel() == 0:
             return
-        _check_finite(t)
         dim = -1 if self.axis is None else self.axis
         if t.dim() == 0 or not -t.dim() <= dim < t.dim():
             raise WorkbenchError(f"update(): the batch has shape {list(t.shape)}, which has no dim {dim} to hold "
@@ -145,10 +144,13 @@ class Observer:
             batch_amax = mag.amax()
         else:
             batch_amax = mag.movedim(self.axis, 0).reshape(channels, -1).amax(dim=1)
+        largest = float(batch_amax.max())
+        if not math.isfinite(largest):  # NaN and Inf reach the amax (max propagates NaN), so the element-wise
+            _check_finite(t)            # check, 7x an amax on the CPU, runs only on a bad batch (it raises)
         if self._amax is not None:
             batch_amax = batch_amax.to(self._amax.device)
         self._amax = batch_amax if self._amax is None else torch.maximum(self._amax, batch_amax)
-        self._observe(mag, float(batch_amax.max()))
+        self._observe(mag, largest)
         self.channels = channels
         self.samples += 1
         self.rows += t.numel() // t.shape[-1]
