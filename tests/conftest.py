@@ -46,6 +46,13 @@ def kernel_close(out, ref, dtype):
     assert rel_err(out, ref) < KERNEL_TOL[dtype]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``: the suite's files split over two worker processes) each worker runs torch on
+    one intra-op thread: two workers with two threads each on two cores wait for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
