@@ -82,9 +82,11 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("size,cases", [
     (2, [("tiny-llama", None), ("tiny-mistral", None), ("tiny-qwen2", None), ("tiny-qwen3", None), ("tiny-gpt2", None),
-         ("tiny-gemma2", None), ("tiny-gemma3", None), ("tiny-llama", "fp8"), ("tiny-llama", "int8_sq"),
-         ("tiny-llama", "int8_wo")]),
-    (4, [("tiny-llama", None)]),  # 2 KV heads on 4 ranks: each KV head on two ranks
+         ("tiny-gemma2", None), ("tiny-gemma3", None), ("tiny-neox", None), ("tiny-falcon", None),
+         ("tiny-falcon-mqa", None), ("tiny-llama", "fp8"), ("tiny-llama", "int8_sq"), ("tiny-llama", "int8_wo")]),
+    # KV heads replicated: tiny-llama's and tiny-falcon's 2 (a Falcon group's queries split between two ranks),
+    # tiny-falcon-mqa's one
+    (4, [("tiny-llama", None), ("tiny-falcon", None), ("tiny-falcon-mqa", None)]),
 ])
 def test_sharded_ranks_equal_one_device(programs, size, cases):
     """TP-2 (every tiny family, and FP8 / INT8 SmoothQuant / weight-only INT8 plans) and TP-4 (KV heads
@@ -245,11 +247,31 @@ def test_a_size_that_cannot_shard_is_refused_in_one_line(programs, size, message
     assert "\n" not in str(e.value)
 
 
-def test_heads_packed_per_head_are_refused_in_one_line(programs):
-    """GPT-NeoX packs q, k and v per head; the pass says it cannot shard that layout rather than split it wrong."""
-    with pytest.raises(WorkbenchError, match="cut from its projection per head") as e:
-        shard_tensor_parallel(programs("tiny-neox").graph, 2)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("name,size,kind", [("tiny-neox", 2, "per head (GPT-NeoX)"),
+                                            ("tiny-falcon", 4, "per KV group (Falcon) (KV heads replicated)"),
+                                            ("tiny-falcon-mqa", 2,
+                                             "queries then k then v (Falcon multi-query) (KV heads replicated)")])
+def test_packed_q_k_v_give_each_rank_its_heads_columns(programs, name, size, kind):
+    """A projection packing q, k and v by heads: each rank's weight rows are its heads' (the ranks' logits are
+    checked above); the view after it takes the rank's head count."""
+    program = programs(name)
+    graph, report = shard_tensor_parallel(program.graph, size)
+    cfg = program.graph.meta["config"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    packed = [m for m in report.matches if m.what == f"q/k/v column-parallel, packed {kind}"]
+    assert len(packed) == cfg["num_hidden_layers"]
+    (lin,) = packed[0].created
+    weight = graph.params[graph.node(lin).args[1].name]
+    d = program.graph.node(lin).out.shape[-1] // (heads + 2 * kv)
+    local_kv = max(kv // size, 1)
+    assert weight.spec.shape[0] == (heads // size + 2 * local_kv) * d
+    full = program.params[weight.shard["source"]]
+    rows = [torch.cat([full[s:e] for s, e in weight.shard["ranks"][r]]) for r in range(size)]
+    assert all(torch.equal(rank_params(graph, program.params, r)[weight.name], rows[r]) for r in range(size))
+    if kv >= size:  # no head replicated: the ranks' pieces tile the projection's rows once
+        pieces = sorted(p for r in weight.shard["ranks"] for p in r)
+        assert pieces[0][0] == 0 and pieces[-1][1] == full.shape[0]
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
 
 
 def test_a_sharded_graph_is_not_sharded_again(programs):

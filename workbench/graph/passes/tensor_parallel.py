@@ -8,7 +8,9 @@ Per decoder layer (found from its attention node and its MLP activation, so fuse
 
 * **q/k/v column-parallel**, split by heads: rank r computes query heads ``r·H/n .. (r+1)·H/n`` and the KV heads
   they read. With fewer KV heads than ranks each KV head is **replicated** on the ``n / kv_heads`` ranks whose
-  query heads use it (the KV cache of a rank holds its own heads only).
+  query heads use it (the KV cache of a rank holds its own heads only). A projection that packs q, k and v by
+  heads (GPT-NeoX per head, Falcon per KV group or queries-then-k-then-v) gives each rank its heads' columns,
+  and the view and splits after it take the rank's head counts (``packed_qkv``).
 * **o row-parallel**: its input columns are the rank's heads; an ``all_reduce`` sums the partial outputs.
 * **gate/up (or GPT-2's fc) column-parallel, down row-parallel** + ``all_reduce``: rank r holds ``intermediate / n``
   columns.
@@ -61,6 +63,12 @@ THROUGH = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.defau
            "workbench.partial_rope", "workbench.rms_norm"}
 
 
+#: ops that cut q, k and v (or heads) out of a projection whose output holds them packed per head or per group
+HEAD_SPLITS = {"operator.getitem", "aten.chunk.default", "aten.split_with_sizes.default", "aten.split.Tensor",
+               "aten.select.int", "aten.flatten.using_ints"}
+VIEWS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+
+
 def _last_dim(rw: Rewriter, n: Node) -> bool:
     spec = rw.spec(n.args[0])
     return spec is not None and n.args[1] in (-1, len(spec.shape) - 1)
@@ -82,9 +90,9 @@ def _source(rw: Rewriter, v: Any, layer: int | None, what: str) -> tuple[Node, i
             return node, start or 0, columns if end is None else end
         if node.op in ("operator.getitem", "aten.chunk.default", "aten.split_with_sizes.default",
                        "aten.split.Tensor"):
-            raise WorkbenchError(f"tensor parallelism: layer {layer}'s {what} is cut from its projection per head "
-                                 "(heads packed together, as GPT-NeoX and Falcon store them); sharding that layout "
-                                 "is not supported yet: run this model with tensor_parallel_size 1")
+            raise WorkbenchError(f"tensor parallelism: layer {layer}'s {what} is cut from its projection in a "
+                                 "packed layout the pass does not know (it knows GPT-NeoX's per head and Falcon's "
+                                 "per KV group and multi-query ones); run this model with tensor_parallel_size 1")
         if node.op not in THROUGH:
             break
         if node.op == "aten.slice.Tensor" and _last_dim(rw, node):
@@ -94,6 +102,24 @@ def _source(rw: Rewriter, v: Any, layer: int | None, what: str) -> tuple[Node, i
         node = rw.producer(node.args[0])
     raise WorkbenchError(f"tensor parallelism: cannot find the projection behind layer {layer}'s {what}; shard the "
                          "optimized graph (after the default passes: `workbench optimize`)")
+
+
+def _packed(rw: Rewriter, q: Any) -> tuple[Node, Node] | None:
+    """(the projection, the view right after it that lays its output out by heads) when attention's query is cut
+    from a packed q/k/v projection (a head split on the way back, as GPT-NeoX and Falcon do), else None."""
+    node, split = rw.producer(q), False
+    for _ in range(16):
+        if node is None:
+            return None
+        src = rw.producer(node.args[0]) if node.args and isinstance(node.args[0], Ref) else None
+        if node.op in VIEWS and src is not None and src.op in LINEARS:
+            return (src, node) if split else None
+        if node.op in HEAD_SPLITS:
+            split = True
+        elif node.op not in THROUGH:
+            return None
+        node = src
+    return None
 
 
 def _reader(rw: Rewriter, v: str, layer: int | None, what: str) -> tuple[Node, list[Node]]:
@@ -118,6 +144,15 @@ def _reader(rw: Rewriter, v: str, layer: int | None, what: str) -> tuple[Node, l
 def _split(start: int, size: int, parts: int, rank: int) -> list[int]:
     step = size // parts
     return [start + rank * step, start + (rank + 1) * step]
+
+
+def _kv_rows(start: int, kv_heads: int, head_dim: int, parts: int, rank: int) -> list[int]:
+    """Rank ``rank``'s columns of ``kv_heads`` K (or V) heads from ``start``: its share, or (fewer heads than
+    ranks) the one head it replicates."""
+    if kv_heads % parts == 0:
+        return _split(start, kv_heads * head_dim, parts, rank)
+    h = rank // (parts // kv_heads)
+    return [start + h * head_dim, start + (h + 1) * head_dim]
 
 
 class _Sharder:
@@ -249,28 +284,9 @@ class _Sharder:
             raise WorkbenchError(f"tensor-parallel size {n} does not divide the {heads} query heads; use a TP size "
                                  f"that divides {heads}")
         local_kv = kv_heads_per_rank(kv_heads, n)  # refuses a size that neither divides nor replicates them
-        sources = [_source(self.rw, att.args[i], layer, what) for i, what in enumerate(("q", "k", "v"))]
-        head_dim = (sources[0][2] - sources[0][1]) // heads
-        if head_dim * heads != sources[0][2] - sources[0][1] or any(
-                e - s != kv_heads * head_dim for _, s, e in sources[1:]):
-            raise WorkbenchError(f"tensor parallelism: layer {layer}'s q/k/v widths do not match {heads} query and "
-                                 f"{kv_heads} KV heads")
-
-        def kv_piece(start: int, rank: int) -> list[int]:
-            if kv_heads % n == 0:
-                return _split(start, kv_heads * head_dim, n, rank)
-            h = rank // (n // kv_heads)
-            return [start + h * head_dim, start + (h + 1) * head_dim]
-
-        by_linear: dict[str, tuple[Node, list[list[list[int]]]]] = {}
-        for (lin, s, _e), role in zip(sources, ("q", "k", "v")):
-            entry = by_linear.setdefault(lin.name, (lin, [[] for _ in range(n)]))
-            for r in range(n):
-                entry[1][r].append(_split(s, heads * head_dim, n, r) if role == "q" else kv_piece(s, r))
-        for lin, ranks in by_linear.values():
-            self.column(lin, ranks)
-        self.matches.append(Match("q/k/v column-parallel" + (" (KV heads replicated)" if kv_heads < n else ""),
-                                  layer, [], [lin.name for lin, _ in by_linear.values()]))
+        packed = _packed(self.rw, att.args[0])
+        head_dim = (self.packed_qkv(att, *packed, heads, kv_heads, local_kv) if packed is not None
+                    else self.separate_qkv(att, heads, kv_heads))
         o, chain = _reader(self.rw, att.name, layer, "attention output")
         self.row(o, chain, [[_split(0, heads * head_dim, n, r)] for r in range(n)], "o row-parallel + all_reduce")
         if att.op == PAGED_OP:
@@ -279,6 +295,95 @@ class _Sharder:
             self.g.inputs[cache.name] = TensorSpec([*spec.shape[:3], local_kv, *spec.shape[4:]], spec.dtype,
                                                    spec.contiguous)
             self.local_kv_heads = local_kv
+
+    def separate_qkv(self, att: Node, heads: int, kv_heads: int) -> int:
+        """q, k and v each a run of columns of one projection or their own (Llama, Qwen, Gemma, GPT-2...); returns
+        the head dim."""
+        n, layer = self.n, att.layer
+        sources = [_source(self.rw, att.args[i], layer, what) for i, what in enumerate(("q", "k", "v"))]
+        head_dim = (sources[0][2] - sources[0][1]) // heads
+        if head_dim * heads != sources[0][2] - sources[0][1] or any(
+                e - s != kv_heads * head_dim for _, s, e in sources[1:]):
+            raise WorkbenchError(f"tensor parallelism: layer {layer}'s q/k/v widths do not match {heads} query and "
+                                 f"{kv_heads} KV heads")
+
+        by_linear: dict[str, tuple[Node, list[list[list[int]]]]] = {}
+        for (lin, s, _e), role in zip(sources, ("q", "k", "v")):
+            entry = by_linear.setdefault(lin.name, (lin, [[] for _ in range(n)]))
+            for r in range(n):
+                entry[1][r].append(_split(s, heads * head_dim, n, r) if role == "q" else _kv_rows(s, kv_heads, head_dim, n, r))
+        for lin, ranks in by_linear.values():
+            self.column(lin, ranks)
+        self.matches.append(Match("q/k/v column-parallel" + (" (KV heads replicated)" if kv_heads < n else ""),
+                                  layer, [], [lin.name for lin, _ in by_linear.values()]))
+        return head_dim
+
+    def packed_qkv(self, att: Node, lin: Node, view: Node, heads: int, kv_heads: int, local_kv: int) -> int:
+        """q, k and v packed in one projection by heads, the view after it laying them out (its head counts and the
+        splits after it become the rank's):
+
+        * GPT-NeoX, ``[.., heads, 3·d]``: each head's q, k, v together; rank r's heads are one run of columns.
+        * Falcon's new architecture, ``[.., kv_heads, group + 2, d]``: per KV head its group of query heads, then
+          its k and v; rank r holds whole groups, or (fewer KV heads than ranks) part of one group's queries and
+          that group's k and v.
+        * Falcon multi-query, ``[.., heads + 2·kv_heads, d]`` split ``[heads, kv, kv]``: the queries, then k, then
+          v; rank r's queries and its KV heads (replicated when fewer than ranks).
+
+        Returns the head dim."""
+        n, layer = self.n, att.layer
+        width = lin.out.shape[-1] if lin.out is not None else None
+        shape = view.args[1] if len(view.args) > 1 and isinstance(view.args[1], list) else None
+        if not isinstance(width, int) or shape is None or width % (heads + 2 * kv_heads):
+            raise WorkbenchError(f"tensor parallelism: layer {layer}'s packed q/k/v projection {lin.name} is not "
+                                 f"{heads} query and {kv_heads} KV heads wide; run it with tensor_parallel_size 1")
+        d = width // (heads + 2 * kv_heads)
+        local_h = heads // n
+        users = self.rw.users.get(view.name, [])
+        tail = shape[-3:]
+        if len(shape) >= 2 and shape[-1] == 3 * d and shape[-2] in (heads, -1) and kv_heads == heads:
+            kind = "per head (GPT-NeoX)"
+            ranks = [[[r * local_h * 3 * d, (r + 1) * local_h * 3 * d]] for r in range(n)]
+            if shape[-2] == heads:
+                view.args[1] = [*shape[:-2], local_h, shape[-1]]
+        elif len(shape) >= 3 and tail[2] == d and tail[0] in (kv_heads, -1) and \
+                tail[1] in (heads // kv_heads + 2, -1) and tail[:2] != [-1, -1]:
+            kind = "per KV group (Falcon)"
+            group = heads // kv_heads
+            if kv_heads % n == 0:
+                local_g = group
+                ranks = [[_split(0, width, n, r)] for r in range(n)]
+            else:  # rank r: part of KV head r // m's queries, and that KV head's k and v
+                m = n // kv_heads
+                local_g = group // m
+                ranks = []
+                for r in range(n):
+                    base, j = (r // m) * (group + 2) * d, r % m
+                    ranks.append([[base + j * local_g * d, base + (j + 1) * local_g * d],
+                                  [base + group * d, base + (group + 2) * d]])
+            view.args[1] = [*shape[:-3], -1 if tail[0] == -1 else local_kv, -1 if tail[1] == -1 else local_g + 2, d]
+            for u in users:  # the query slice [0:group] and the selects of k (group) and v (group + 1)
+                if u.op == "aten.slice.Tensor" and len(u.args) >= 4 and u.args[3] == group:
+                    u.args = [*u.args[:3], local_g, *u.args[4:]]
+                elif u.op == "aten.select.int" and len(u.args) >= 3 and u.args[2] in (group, group + 1):
+                    u.args = [*u.args[:2], u.args[2] - group + local_g, *u.args[3:]]
+        elif len(shape) >= 2 and shape[-1] == d and shape[-2] in (heads + 2 * kv_heads, -1) and len(users) == 1 \
+                and users[0].op == "aten.split_with_sizes.default" and list(users[0].args[1]) == [heads, kv_heads,
+                                                                                                    kv_heads]:
+            kind = "queries then k then v (Falcon multi-query)"
+            ranks = [[_split(0, heads * d, n, r), _kv_rows(heads * d, kv_heads, d, n, r),
+                      _kv_rows((heads + kv_heads) * d, kv_heads, d, n, r)] for r in range(n)]
+            if shape[-2] != -1:
+                view.args[1] = [*shape[:-2], local_h + 2 * local_kv, d]
+            split = users[0]
+            split.args = [split.args[0], [local_h, local_kv, local_kv], *split.args[2:]]
+        else:
+            raise WorkbenchError(f"tensor parallelism: layer {layer}'s q/k/v are cut from {lin.name} in a packed "
+                                 f"layout the pass does not know (view {view.name} to {shape}); run this model "
+                                 "with tensor_parallel_size 1")
+        self.column(lin, ranks)
+        self.matches.append(Match(f"q/k/v column-parallel, packed {kind}" +
+                                  (" (KV heads replicated)" if kv_heads < n else ""), layer, [], [lin.name]))
+        return d
 
     def mlp(self, act: Node) -> None:
         n, layer = self.n, act.layer
