@@ -602,24 +602,32 @@ def _stop(proc):
         proc.wait()
 
 
-def test_workbench_serve_of_a_two_rank_engine_answers_and_stops_on_sigterm(tp_engine, one_rank_tokens, tmp_path):
-    """``workbench serve ENGINE`` (built for two ranks: no --tp needed) spawns rank 1, which reads its own slices;
-    an OpenAI completion, streamed and not, has the one-rank tokens, and SIGTERM exits 0."""
-    port, log = _free_port(), tmp_path / "serve.log"
+def _serve_then_sigterm(argv, tokens, log: Path) -> tuple[int, str]:
+    """Start ``argv`` (a ``workbench serve`` of the TP engine on a free port), check one OpenAI completion has
+    ``tokens``, send SIGTERM: (its exit code, its log)."""
+    port = _free_port()
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(tp_engine), "--port", str(port),
-                                 "--log-level", "warning", "--num-blocks", "32", "--model-name", "engine"],
-                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*argv, "--port", str(port), "--log-level", "warning", "--num-blocks", "32",
+                                 "--model-name", "engine"], env=_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_up(proc, url, log)
-        _completion(url, one_rank_tokens[0])
+        _completion(url, tokens)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        code = proc.wait(timeout=60)
     finally:
         _stop(proc)
-    assert "tensor parallelism over 2 ranks (ranks 1.. spawned" in log.read_text()
-    assert "each rank reads its own slices of the engine's weights" in log.read_text()
+    return code, log.read_text()
+
+
+def test_workbench_serve_of_a_two_rank_engine_answers_and_stops_on_sigterm(tp_engine, one_rank_tokens, tmp_path):
+    """``workbench serve ENGINE`` (built for two ranks: no --tp needed) spawns rank 1, which reads its own slices;
+    an OpenAI completion, streamed and not, has the one-rank tokens, and SIGTERM exits 0."""
+    code, text = _serve_then_sigterm([sys.executable, "-m", "workbench", "serve", str(tp_engine)],
+                                     one_rank_tokens[0], tmp_path / "serve.log")
+    assert code == 0, text[-3000:]
+    assert "tensor parallelism over 2 ranks (ranks 1.. spawned" in text
+    assert "each rank reads its own slices of the engine's weights" in text
 
 
 def _torchrun(*argv):
@@ -631,20 +639,8 @@ def test_torchrun_serve_rank_0_serves_rank_1_works(tp_engine, one_rank_tokens, t
     """``torchrun --nproc-per-node 2 -m workbench serve ENGINE``: rank 0 serves the one-rank tokens, rank 1 runs
     its steps; SIGTERM to torchrun (which passes it to both) ends the server gracefully, rank 1 when rank 0 tells
     it. torchrun itself then exits 1 with its own SignalException: that is torchrun's, whatever its workers do."""
-    port, log = _free_port(), tmp_path / "torchrun.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(_torchrun("-m", "workbench", "serve", str(tp_engine), "--port", str(port),
-                                          "--log-level", "warning", "--num-blocks", "32", "--model-name", "engine"),
-                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_up(proc, url, log)
-        _completion(url, one_rank_tokens[0])
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        _stop(proc)
-    text = log.read_text()
+    code, text = _serve_then_sigterm(_torchrun("-m", "workbench", "serve", str(tp_engine)), one_rank_tokens[0],
+                                     tmp_path / "torchrun.log")
     assert "tensor parallelism over 2 ranks (torchrun's processes" in text, text[-3000:]
     assert "workbench: tensor-parallel rank 1: stopped with rank 0" in text, text[-3000:]  # after rank 0's close
     assert code in (0, 1) and text.count("Traceback") == text.count("SignalException: Process"), text[-3000:]

@@ -113,6 +113,7 @@ import triton.language as tl
 from ..errors import WorkbenchError
 from .gemm import _smem_limit
 from .registry import REGISTRY
+from .triton_pointwise import _tanh
 
 LOG2E = 1.4426950408889634
 #: KV-cache dtypes stored scaled (value / scale per layer) and read back times the scale
@@ -197,14 +198,6 @@ def _write_kv_kernel(K, V, C, SLOTS, COS, SIN, K_OUT, V_OUT, KW, sk_h, sk_t, sv_
     tl.store(dst + HALF, k2.to(C.dtype.element_ty), mask=mask)
     tl.store(dst + sc_kv, v1.to(C.dtype.element_ty), mask=mask)
     tl.store(dst + sc_kv + HALF, v2.to(C.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2(-2|x| log2 e) (Triton has no portable tanh): no overflow at any |x|."""
-    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

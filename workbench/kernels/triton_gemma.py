@@ -26,36 +26,7 @@ import triton
 import triton.language as tl
 
 from .collectives import reduce_first
-from .triton_pointwise import _round_dtype, _rows, _scale_arg, gated, register_triton
-
-#: sqrt(2 / pi), GELU's tanh approximation's factor
-_GELU_K = 0.7978845608028654
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2(-2|x| log2 e): no overflow at any |x|; near 0 its absolute error is a few fp32
-    ulps of 1 (a relative error there, which the callers' sums never see)."""
-    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _gelu_mul_kernel(G, U, O, SCALE, stride_g, stride_u, stride_o, n_cols, QUANT: tl.constexpr,
-                     ROUND: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    gelu = (0.5 * g * (1.0 + _tanh(inner))).to(ROUND).to(tl.float32)  # the reference rounds gelu(g)
-    y = gelu * u
-    if QUANT:
-        y = tl.clamp(tl.math.div_rn(y.to(ROUND).to(tl.float32), tl.load(SCALE)), -448.0, 448.0)
-    tl.store(O + row * stride_o + cols, y.to(O.dtype.element_ty), mask=mask)
-
+from .triton_pointwise import _round_dtype, _rows, _scale_arg, _tanh, gated, register_triton
 
 @triton.jit
 def _softcap_kernel(X, O, stride_x, stride_o, n_cols, cap, BLOCK: tl.constexpr):
@@ -108,7 +79,7 @@ CONFIGS = {
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
-    return gated(_gelu_mul_kernel, gate, up, config or CONFIGS["gelu_mul"][0], scale)
+    return gated(gate, up, config or CONFIGS["gelu_mul"][0], scale, gelu=True)
 
 
 def gelu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:

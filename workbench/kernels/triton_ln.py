@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pointwise import _round_dtype, _rows, _scale_arg, register_triton
+from .triton_pointwise import _rope_kernel, _round_dtype, _rows, _scale_arg, register_triton
 
 #: ``gelu``'s modes as the kernel's constexpr
 _APPROX = {"none": 0, "tanh": 1}
@@ -76,37 +76,6 @@ def _gelu_kernel(X, O, SCALE, stride_x, stride_o, n_cols, APPROX: tl.constexpr, 
     if QUANT:
         y = tl.clamp(tl.math.div_rn(y.to(ROUND).to(tl.float32), tl.load(SCALE)), -448.0, 448.0)
     tl.store(O + row * stride_o + cols, y.to(O.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _partial_rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, so_h, so_t,
-                         HALF: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
-                         HEADS: tl.constexpr):
-    # one program per (batch, token, block of HEADS heads): dims [0, 2·HALF) rotated, [2·HALF, 2·HALF + PASS) copied
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid % tokens
-    b = pid // tokens
-    h = (tl.program_id(1) * HEADS + tl.arange(0, HEADS)).to(tl.int64)[:, None]
-    d = tl.arange(0, BLOCK)[None, :]
-    dmask = d < HALF
-    mask = (h < heads) & dmask
-    c_row = C + b * sc_b + t * sc_t
-    s_row = S + b * sc_b + t * sc_t
-    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    x_row = X + b * sx_b + h * sx_h + t * sx_t
-    o_row = O + b * so_b + h * so_h + t * so_t
-    x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o_row + d, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
-    tl.store(o_row + HALF + d, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
-    if PASS > 0:
-        e = tl.arange(0, PASS_BLOCK)[None, :]
-        pmask = (h < heads) & (e < PASS)
-        rest = tl.load(x_row + 2 * HALF + e, mask=pmask, other=0.0)
-        tl.store(o_row + 2 * HALF + e, rest.to(O.dtype.element_ty), mask=pmask)
 
 
 #: The tuning space per kernel: plain data (rows or heads per program, block sizes, warps).
@@ -184,7 +153,7 @@ def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: 
     out = torch.empty((b, h, t, d), dtype=torch.result_type(x, cos), device=x.device)
     half = rot // 2
     heads = min(config["HEADS"], triton.next_power_of_2(h))
-    _partial_rope_kernel[(b * t, triton.cdiv(h, heads))](
+    _rope_kernel[(b * t, triton.cdiv(h, heads))](
         x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(2),
         out.stride(0), out.stride(1), out.stride(2), HALF=half, PASS=d - rot, BLOCK=triton.next_power_of_2(half),
         PASS_BLOCK=triton.next_power_of_2(max(d - rot, 1)), HEADS=heads, num_warps=config["num_warps"])

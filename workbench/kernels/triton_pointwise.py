@@ -65,15 +65,28 @@ def _rms_norm_kernel(X, R, W, Y, S, SCALE, stride_x, stride_xh, heads, stride_r,
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, O, SCALE, stride_g, stride_u, stride_o, n_cols, QUANT: tl.constexpr,
-                     ROUND: tl.constexpr, BLOCK: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32 from exp2(-2|x| log2 e): no overflow at any |x|; near 0 its absolute error is a few fp32
+    ulps of 1 (a relative error there, which the callers' sums never see)."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _gated_kernel(G, U, O, SCALE, stride_g, stride_u, stride_o, n_cols, QUANT: tl.constexpr,
+                  ROUND: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    # act(gate) * up, one program per row and column block: SwiGLU's silu, or (GELU) GeGLU's tanh GELU
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(ROUND).to(tl.float32)  # the reference rounds silu(g)
-    y = silu * u
+    if GELU:
+        act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))  # sqrt(2 / pi)
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    y = act.to(ROUND).to(tl.float32) * u  # the reference rounds act(g)
     if QUANT:
         y = tl.clamp(tl.math.div_rn(y.to(ROUND).to(tl.float32), tl.load(SCALE)), -448.0, 448.0)
     tl.store(O + row * stride_o + cols, y.to(O.dtype.element_ty), mask=mask)
@@ -81,8 +94,10 @@ def _silu_mul_kernel(G, U, O, SCALE, stride_g, stride_u, stride_o, n_cols, QUANT
 
 @triton.jit
 def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, so_h, so_t,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr):
-    # one program per (batch, token, block of HEADS heads): cos/sin loaded once for all of them
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, PASS: tl.constexpr = 0,
+                 PASS_BLOCK: tl.constexpr = 1):
+    # one program per (batch, token, block of HEADS heads), cos/sin loaded once for all of them: dims [0, 2·HALF)
+    # rotated, [2·HALF, 2·HALF + PASS) copied (partial RoPE: GPT-NeoX's rotary_pct; PASS 0 compiles it out)
     pid = tl.program_id(0).to(tl.int64)
     t = pid % tokens
     b = pid // tokens
@@ -97,11 +112,16 @@ def _rope_kernel(X, C, S, O, heads, tokens, sx_b, sx_h, sx_t, sc_b, sc_t, so_b, 
     s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
     x_row = X + b * sx_b + h * sx_h + t * sx_t
+    o_row = O + b * so_b + h * so_h + t * so_t
     x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    o_row = O + b * so_b + h * so_h + t * so_t
     tl.store(o_row + d, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF + d, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
+    if PASS > 0:
+        e = tl.arange(0, PASS_BLOCK)[None, :]
+        pmask = (h < heads) & (e < PASS)
+        rest = tl.load(x_row + 2 * HALF + e, mask=pmask, other=0.0)
+        tl.store(o_row + 2 * HALF + e, rest.to(O.dtype.element_ty), mask=pmask)
 
 
 #: The tuning space per kernel: plain data (block sizes where free, warps).
@@ -200,24 +220,23 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return rms_norm(x, weight, eps, residual=residual, config=config, scale=scale)
 
 
-def gated(kernel, gate: torch.Tensor, up: torch.Tensor, config: dict, scale=None) -> torch.Tensor:
-    """Launch a gated activation ``kernel`` (``act(gate) * up``, one program per row and column block; with
-    ``scale``, FP8 out): the launcher SwiGLU's and GeGLU's kernels share."""
+def gated(gate: torch.Tensor, up: torch.Tensor, config: dict, scale=None, *, gelu: bool = False) -> torch.Tensor:
+    """``act(gate) * up`` (with ``scale``, FP8 out): SwiGLU's silu, or GeGLU's tanh GELU (``gelu``)."""
     g2, u2 = _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
     out_dtype = torch.result_type(gate, up)
     out = torch.empty(gate.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=gate.device)
     o2 = out.view(-1, n_cols)
     block = min(config["BLOCK"], triton.next_power_of_2(n_cols))
-    kernel[(n_rows, triton.cdiv(n_cols, block))](
+    _gated_kernel[(n_rows, triton.cdiv(n_cols, block))](
         g2, u2, o2, o2 if scale is None else _scale_arg(scale, gate.device), g2.stride(0), u2.stride(0),
         o2.stride(0), n_cols, QUANT=scale is not None, ROUND=_round_dtype(out_dtype), BLOCK=block,
-        num_warps=config["num_warps"])
+        GELU=gelu, num_warps=config["num_warps"])
     return out
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None, scale=None) -> torch.Tensor:
-    return gated(_silu_mul_kernel, gate, up, config or CONFIGS["silu_mul"][0], scale)
+    return gated(gate, up, config or CONFIGS["silu_mul"][0], scale)
 
 
 def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:

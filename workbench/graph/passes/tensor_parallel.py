@@ -252,23 +252,20 @@ class _Sharder:
                 lin.args[bias_at] = None
             else:
                 lin.kwargs["bias"] = None
-        users = list(self.rw.users.get(lin.name, []))
         reduce = Node(self.rw.fresh(f"all_reduce_{lin.layer}"), "workbench.all_reduce", [Ref(lin.name)], {},
                       [copy.deepcopy(lin.out)], lin.module, lin.layer)
         created = [reduce]
         if isinstance(bias, Ref):
             created.append(Node(self.rw.fresh(f"{reduce.name}_bias"), "aten.add.Tensor", [Ref(reduce.name), bias],
                                 {}, [copy.deepcopy(lin.out)], lin.module, lin.layer))
-        self._insert_after(lin, created, users)
+        self._insert_after(lin, created)
         self.matches.append(Match(what, lin.layer, [lin.name], [lin.name, *(c.name for c in created)]))
         return created[-1]
 
-    def _insert_after(self, node: Node, new: list[Node], users: list[Node]) -> None:
-        """Put ``new`` right after ``node``; ``users`` (and the outputs) read the last of them instead."""
-        for u in users:
-            u.args = _subst(u.args, node.name, Ref(new[-1].name))
-            u.kwargs = _subst(u.kwargs, node.name, Ref(new[-1].name))
-        self.g.outputs = [new[-1].name if o == node.name else o for o in self.g.outputs]
+    def _insert_after(self, node: Node, new: list[Node]) -> None:
+        """Put ``new`` (not yet in the graph) right after ``node``; its readers (and the outputs) read the last of
+        them instead."""
+        self.rw.replace_uses(node.name, Ref(new[-1].name))
         at = self.g.nodes.index(node) + 1
         self.g.nodes[at:at] = new
         self.rw.refresh()
@@ -422,22 +419,11 @@ class _Sharder:
             self.notes.append(f"lm_head replicated: tensor-parallel size {self.n} does not divide the vocabulary "
                               f"({vocab})")
             return
-        users = list(self.rw.users.get(out.name, []))
         self.column(out, [[_split(0, vocab, self.n, r)] for r in range(self.n)])
         gather = Node(self.rw.fresh("all_gather_logits"), "workbench.all_gather", [Ref(out.name), -1], {},
                       [copy.deepcopy(out.out)], out.module, out.layer)
-        self._insert_after(out, [gather], users)
+        self._insert_after(out, [gather])
         self.matches.append(Match("lm_head column-parallel + all_gather", None, [out.name], [out.name, gather.name]))
-
-
-def _subst(v: Any, old: str, new: Ref) -> Any:
-    if isinstance(v, Ref):
-        return new if v.name == old else v
-    if isinstance(v, list):
-        return [_subst(x, old, new) for x in v]
-    if isinstance(v, dict):
-        return {k: _subst(x, old, new) for k, x in v.items()}
-    return v
 
 
 def shard_tensor_parallel(graph: Graph, size: int) -> tuple[Graph, PassReport]:
