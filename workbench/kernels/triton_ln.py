@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pointwise import _rope_kernel, _round_dtype, _rows, _scale_arg, register_triton
+from .triton_pointwise import _residual_rows, _rope_kernel, _round_dtype, _rows, _scale_arg, register_triton
 
 #: ``gelu``'s modes as the kernel's constexpr
 _APPROX = {"none": 0, "tanh": 1}
@@ -94,12 +94,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     n_rows = x.numel() // n_cols
     y = torch.empty(x.shape, dtype=x.dtype if scale is None else torch.float8_e4m3fn, device=x.device)
     y2 = y.view(-1, n_cols)
-    if residual is not None:
-        r2 = _rows(residual)
-        s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
-        s2 = s.view(-1, n_cols)
-    else:  # unused (HAS_RESIDUAL is off): any tensor of n_rows rows
-        r2 = s2 = y2
+    r2, s, s2 = _residual_rows(x, residual, y2)
     rows = config["ROWS"]
     _layer_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, y2 if weight is None else weight, y2 if bias is None else bias, y2, s2,

@@ -132,6 +132,15 @@ CONFIGS = {
 }
 
 
+def _residual_rows(x: torch.Tensor, residual: torch.Tensor | None, y2: torch.Tensor):
+    """A norm kernel's residual arguments: (the residual's rows, the sum's tensor, its rows), or without a
+    residual ``y2`` for both rows (unused: HAS_RESIDUAL off) and no sum."""
+    if residual is None:
+        return y2, None, y2
+    s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+    return _rows(residual), s, s.view(-1, x.shape[-1])
+
+
 def _head_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """``t`` as rows of its last dim for ``_rms_norm_kernel``: (tensor, row stride, head stride, heads).
 
@@ -191,12 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out_dtype = x.dtype if weight_first else torch.result_type(weight, x)
     y = torch.empty(x.shape, dtype=out_dtype if scale is None else torch.float8_e4m3fn, device=x.device)
     y2 = y.view(-1, n_cols)
-    if residual is not None:
-        r2 = _rows(residual)
-        s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
-        s2 = s.view(-1, n_cols)
-    else:  # unused (HAS_RESIDUAL is off): any tensor of n_rows rows
-        r2 = s2 = y2
+    r2, s, s2 = _residual_rows(x, residual, y2)
     rows = config["ROWS"]
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, weight, y2, s2, y2 if scale is None else _scale_arg(scale, x.device), stride_x, stride_xh, heads,
