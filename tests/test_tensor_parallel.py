@@ -133,8 +133,9 @@ def test_the_all_reduce_fuses_with_the_add_and_norm_after_it(programs):
         program = programs(name, fmt)
         layers = program.graph.meta["config"]["num_hidden_layers"]
         unfused, _ = shard_tensor_parallel(program.graph, 2)
-        fused, (sharded, report) = shard_and_fuse(program.graph, 2)
+        fused, (sharded, report, merged) = shard_and_fuse(program.graph, 2)
         assert sharded.name == "shard_tensor_parallel" and report.name == "fuse_all_reduce_add_rms_norm"
+        assert merged.name == "merge_parallel_all_reduces" and merged.matches == []  # a sequential residual
         assert report.accepted and report.nodes_after == report.nodes_before - 2 * layers
         whats = Counter(m.what for m in report.matches)
         if fmt == "fp8":  # the final norm feeds the lm_head, which is not FP8: its norm is the plain one
@@ -154,6 +155,29 @@ def test_the_all_reduce_fuses_with_the_add_and_norm_after_it(programs):
             assert fused_tokens == tokens, (name, fmt, rank)
 
 
+@pytest.mark.parametrize("size", [2])
+def test_a_parallel_residual_reduces_once_per_layer(programs, size):
+    """GPT-NeoX and Falcon add attention's and the MLP's row-parallel outputs: ``shard_and_fuse`` sums each rank's
+    two partial outputs and all-reduces once per layer (the biases added after it, once); on 2 gloo ranks the
+    logits equal the two-all-reduce graph's (< 1e-5: the fp32 additions in another order) and 32 greedy tokens
+    too."""
+    names, work = ("tiny-neox", "tiny-falcon", "tiny-falcon-mqa"), []
+    for name in names:
+        program = programs(name)
+        layers = program.graph.meta["config"]["num_hidden_layers"]
+        unmerged, _ = shard_tensor_parallel(program.graph, size)
+        merged, (_, _, report) = shard_and_fuse(program.graph, size)
+        assert report.name == "merge_parallel_all_reduces" and report.accepted
+        assert Counter(m.layer for m in report.matches) == {i: 1 for i in range(layers)}, name
+        assert Counter(n.op for n in unmerged.nodes)["workbench.all_reduce"] == 2 * layers
+        assert Counter(n.op for n in merged.nodes)["workbench.all_reduce"] == layers
+        work += [(unmerged, dict(program.params), True), (merged, dict(program.params), True)]
+    for rank, results in enumerate(spawn(_rank, size, work)):
+        for name, (logits, tokens), (merged_logits, merged_tokens) in zip(names, results[::2], results[1::2]):
+            assert _rel(merged_logits, logits) < 1e-5, (name, rank)
+            assert merged_tokens == tokens, (name, rank)
+
+
 def test_fusion_across_the_all_reduce_leaves_other_graphs_alone(programs):
     """No all-reduce, nothing fused: an unsharded graph (the pass run as any pass, checked numerically) and one
     rank's graph; GPT-2's row-parallel bias sits between its all-reduce and its LayerNorm. A sharded pass placed
@@ -165,9 +189,9 @@ def test_fusion_across_the_all_reduce_leaves_other_graphs_alone(programs):
     assert report.matches == [] and report.accepted and same.nodes == program.graph.nodes
     one, reports = shard_and_fuse(program.graph, 1)
     assert [r.name for r in reports] == ["shard_tensor_parallel"] and one.nodes == program.graph.nodes
-    _, (_, gpt2) = shard_and_fuse(programs("tiny-gpt2").graph, 2)
-    assert gpt2.matches == []
-    assert sharded_pipeline() == ["fuse_all_reduce_add_rms_norm"]
+    _, (_, gpt2, gpt2_merged) = shard_and_fuse(programs("tiny-gpt2").graph, 2)
+    assert gpt2.matches == [] and gpt2_merged.matches == []
+    assert sharded_pipeline() == ["fuse_all_reduce_add_rms_norm", "merge_parallel_all_reduces"]
     with pytest.raises(WorkbenchError, match="a sharded pass runs after the sharding pass") as e:
         register_pass("my_sharded_fusion", after="fuse_silu_mul", sharded=True)
     assert "\n" not in str(e.value)
@@ -308,7 +332,7 @@ def test_llm_with_two_ranks_generates_what_one_does(programs):
     llm1 = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4)
     one = llm1.generate(_prompts(), params)
     with LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4, tensor_parallel_size=2) as llm:
-        sharded, fused = llm.tp_reports
+        sharded, fused, _merged = llm.tp_reports
         assert Counter(m.what for m in sharded.matches)["o row-parallel + all_reduce"] == 2
         assert len(fused.matches) == 4  # every all-reduce ran fused with its add and norm
         two = llm.generate(_prompts(), params)
@@ -468,8 +492,8 @@ def test_an_engine_runs_at_its_size_re_shards_or_refuses(tp_engine, one_rank_tok
 
     with LLM(tp_engine, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4) as llm:
         workers = llm.engine.executor.tensor_parallel
-        assert workers.size == 2 and [r.name for r in llm.tp_reports] == ["shard_tensor_parallel",
-                                                                          "fuse_all_reduce_add_rms_norm"]
+        assert workers.size == 2 and [r.name for r in llm.tp_reports] == [
+            "shard_tensor_parallel", "fuse_all_reduce_add_rms_norm", "merge_parallel_all_reduces"]
         assert workers.weights_read[1] == workers.weights_read[0] == llm.runnable.sharding.weights_read
         assert [o.token_ids for o in llm.generate(_prompts(), SamplingParams(**GREEDY))] == one_rank_tokens
     with pytest.raises(WorkbenchError) as e:

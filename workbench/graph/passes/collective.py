@@ -1,5 +1,6 @@
 """Fusion across the collective: the all-reduce after a row-parallel linear, with the residual add and the RMSNorm
-that read its sum, become one op (``kernels/collectives.py``).
+that read its sum, become one op (``kernels/collectives.py``); and a parallel residual's two all-reduces become one
+(``merge_parallel_all_reduces``, at the end of this file).
 
 A sharded graph (``tensor_parallel.shard_tensor_parallel``) sums each row-parallel linear's partial output over the
 ranks, and the sum goes straight into the residual add and the next norm, which the default pipeline fused already:
@@ -73,4 +74,60 @@ def fuse_all_reduce_add_rms_norm(rw: Rewriter) -> list[Match]:
         rw.replace_uses(n.name, Ref(fused.name))
         matches.append(Match(f"all_reduce + {n.op.split('.')[-1]}", reduce.layer, [reduce.name, n.name],
                              [fused.name]))
+    return matches
+
+
+# ---- one all-reduce for a parallel residual -----------------------------------------------------------------------
+
+ADDS = ("aten.add.Tensor", "aten.add_.Tensor")
+
+
+def _reduced_branch(rw: Rewriter, v, reader: Node) -> tuple[Node, list[Node], object] | None:
+    """(the all-reduce, its nodes up to ``reader``, the bias added after it or None) when ``v`` is an all-reduce
+    of a row-parallel linear's partial output, or that plus its bias (added after the all-reduce: once, not per
+    rank), read by ``reader`` only."""
+    n = rw.only_reader(v, reader)
+    if n is None:
+        return None
+    bias, nodes = None, [n]
+    if n.op == "aten.add.Tensor" and len(n.args) == 2 and not n.kwargs and isinstance(n.args[1], Ref) \
+            and n.args[1].name in rw.graph.params:
+        bias = n.args[1]
+        n = rw.only_reader(n.args[0], n)
+        if n is None:
+            return None
+        nodes.insert(0, n)
+    if n.op != ALL_REDUCE or len(n.args) != 1 or n.kwargs:
+        return None
+    return n, nodes, bias
+
+
+@register_pass("merge_parallel_all_reduces", "a parallel residual's two all-reduces (attention's o and the MLP's "
+                                             "down, summed) -> one all-reduce of the partial sum", sharded=True)
+def merge_parallel_all_reduces(rw: Rewriter) -> list[Match]:
+    """GPT-NeoX, Falcon (and GPT-J, Phi-2) add the attention's and the MLP's outputs, both row-parallel: each rank
+    sums its two partial outputs and one all-reduce sums the ranks' (Megatron's and TensorRT-LLM's parallel
+    attention): half the collectives of such a layer, half its link bytes. The row-parallel biases are added
+    after it, once, as before; the sum is the same up to the order of its fp32 additions."""
+    matches = []
+    for n in list(rw.graph.nodes):
+        if n.op not in ADDS or len(n.args) != 2 or n.kwargs or not all(isinstance(a, Ref) for a in n.args):
+            continue
+        branches = [_reduced_branch(rw, a, n) for a in n.args]
+        if None in branches:
+            continue
+        (ra, nodes_a, bias_a), (rb, nodes_b, bias_b) = branches
+        spec = list(n.outputs)
+        partial = rw.insert_before(n, Node(rw.fresh(f"partial_sum_{n.layer}"), "aten.add.Tensor",
+                                           [ra.args[0], rb.args[0]], {}, spec, n.module, n.layer))
+        reduce = last = rw.insert_before(n, Node(rw.fresh(f"all_reduce_{n.layer}"), ALL_REDUCE, [Ref(partial.name)],
+                                                 {}, spec, n.module, n.layer))
+        created = [partial.name, last.name]
+        for bias in (b for b in (bias_a, bias_b) if b is not None):
+            last = rw.insert_before(n, Node(rw.fresh(f"{reduce.name}_bias"), "aten.add.Tensor", [Ref(last.name), bias],
+                                            {}, spec, n.module, n.layer))
+            created.append(last.name)
+        rw.replace_uses(n.name, Ref(last.name))
+        matches.append(Match("o + down partial sums, one all_reduce", n.layer,
+                             [x.name for x in (*nodes_a, *nodes_b, n)], created))
     return matches
