@@ -12,7 +12,7 @@ Rows, in depth order, and which nodes each one times (by the node's module path)
     embed      the embedding (a module named ``*embed*``, ``wte`` or ``wpe``)
     0, 1, ...  decoder layer i (``...layers.<i>...``): its norms, attention, MLP and residual adds
     norm       what runs after the last layer before the lm_head: the final norm
-    logits     the lm_head and what follows it
+    logits     the lm_head (the first linear after the last layer, or a module named lm_head) and what follows
     other      the rest, outside every layer: RoPE tables, sizes (timed, so totals add up; no error, no precision)
 
 Precision (``a_precision``, ``b_precision``): the format of each linear of the row, from its node's op
@@ -55,6 +55,7 @@ from .diff import compare, layer_of, prompt_ids, run_inputs, trace_model, trace_
 LINEAR_FORMATS = {"workbench.fp8_linear": "fp8", "workbench.int8_linear": "int8_sq", "workbench.w8_linear": "int8_wo"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _EMBED = re.compile(r"(?:^|\.)(?:\w*embed\w*|wte|wpe)(?:\.|$)")  # not rotary_emb
+_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)$")
 LATENCY_SOURCES = ("auto", "tuning", "profile")
 REFERENCES = ("auto", "hf", "b")
 COLUMNS = ["layer", "a_precision", "b_precision", "a_us", "b_us", "speedup", "a_rel_err", "b_rel_err", "err_cost"]
@@ -67,7 +68,8 @@ def row_of_nodes(graph) -> dict[str, int | str]:
     order = list(graph.nodes)
     in_layers = [i for i, n in enumerate(order) if layer_of(n.module) is not None]
     last = in_layers[-1] if in_layers else -1
-    head = next((i for i, n in enumerate(order) if i > last and n.op in LINEARS), len(order))
+    head = next((i for i, n in enumerate(order) if i > last and (n.op in LINEARS or _HEAD.search(n.module or ""))),
+                len(order))
     rows: dict[str, int | str] = {}
     for i, n in enumerate(order):
         layer = layer_of(n.module)
@@ -250,6 +252,9 @@ def compare_engines(a, b, *, ids: Sequence[int] | None = None, prompt: str | Non
         raise WorkbenchError(f"reference hf needs both sides to come from one model source, and {a} and {b} do not "
                              "(or do not record theirs); compare with reference b")
     traces = [trace_program(s.program, ids, label=label) for s, label in zip(sides, labels)]
+    if traces[0].num_layers != traces[1].num_layers:
+        raise WorkbenchError(f"{a} has {traces[0].num_layers} layers and {b} {traces[1].num_layers}: their layers "
+                             "cannot be lined up")
     if reference == "b" or not same_source:
         divergences = (compare(traces[0], traces[1]),)
         ref_label = f"B ({labels[1]})"
