@@ -220,12 +220,13 @@ def _depth(row) -> tuple[int, int]:
 
 def compare_engines(a, b, *, ids: Sequence[int] | None = None, prompt: str | None = None,
                     device: str | torch.device = "auto", reference: str = "auto", latency: str = "auto",
-                    repeats: int = 5) -> EngineComparison:
+                    repeats: int = 5, stages: tuple[str, str] = ("latest", "latest")) -> EngineComparison:
     """``a`` against ``b`` (engine directories, workspaces or model sources) layer by layer on one prompt
     (``ids``, else ``prompt``, else ``diff``'s default): see the module docstring. ``reference``: "auto", "hf"
     (the transformers model in float32; both must come from one model source) or "b"; ``latency``: "auto"
     (the tuning caches when both are tuned in one environment, else a profile), "tuning" or "profile";
-    ``repeats``: profiled runs per side."""
+    ``repeats``: profiled runs per side; ``stages``: the graph of each side that is a workspace (two stages of one
+    workspace: ``stages=("quant", "passes")``)."""
     import pandas as pd
 
     from ..device import resolve_device
@@ -238,7 +239,7 @@ def compare_engines(a, b, *, ids: Sequence[int] | None = None, prompt: str | Non
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise WorkbenchError(f"repeats must be a positive integer, not {repeats!r}")
     device = resolve_device(device)
-    sides = [open_runnable(t, device=device, paged=False, progress=False) for t in (a, b)]
+    sides = [open_runnable(t, device=device, stage=stage, paged=False, progress=False) for t, stage in zip((a, b), stages)]
     labels = [str(t) if s.kind != "workspace" else f"{t} ({s.stage})" for t, s in zip((a, b), sides)]
     ids = prompt_ids(sides[0], ids, prompt)
     vocab = [s.program.graph.meta.get("config", {}).get("vocab_size") for s in sides]
