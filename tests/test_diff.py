@@ -2,7 +2,6 @@
 and node where a planted bug is, with the layers before it clean (tiny-llama, CPU, float32)."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,11 +171,11 @@ def test_precision_names_each_linear_group_when_they_differ(program, stats):
     assert rows == {0: "fp32", 1: "qkv fp32, o fp32, gate_up fp8, down fp32", "logits": "fp32"}
 
 
-def test_tuned_latency_is_each_nodes_chosen_timing(program):
+def test_tuned_latency_is_each_nodes_chosen_timing(program, tmp_path):
     """Per-layer latency from a timing cache: every tuned node's chosen candidate's timing, summed by layer (planted
     timings: a reference 1 µs, any other tactic 2 µs; paged attention's graph-safe Triton kernel is chosen)."""
     inputs = run_inputs(program, IDS)
-    cache = TimingCache(Path("unused.json"), {})
+    cache = TimingCache(tmp_path / "timings.json", {})  # autotune saves it as it goes
     choices = autotune(program, [inputs], cache, progress=False,
                        timer=lambda call, op, tactic, config: 0.001 if tactic == "reference" else 0.002)
     us = tuned_us(program, choices, cache, run_inputs(program, IDS))
