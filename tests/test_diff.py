@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from workbench.cli import main
-from workbench.debug.diff import compare, residual_stream, trace_model, trace_program, tolerance
+from workbench.debug.diff import compare, residual_stream, run_inputs, trace_model, trace_program, tolerance
+from workbench.debug.engines import compare_engines, precision, tuned_us
 from workbench.graph.executor import Program
+from workbench.kernels.autotune import TimingCache, autotune
 from workbench.kernels.registry import register_op
 from workbench.models.intake import load_model, resolve_source
 from workbench.quant import PrecisionPlan, quantized_program
@@ -106,24 +108,97 @@ def test_diff_command(capsys):
                    "give the workspace, or --against hf or another engine directory"]
 
 
-def test_engine_against_engine(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """``workbench build tiny-llama`` in bf16 and in fp8, on the CPU (untuned): precision -> engine directory."""
+    out = tmp_path_factory.mktemp("engines")
+    for fmt in ("bf16", "fp8"):
+        assert main(["build", "tiny-llama", "--precision", fmt, "--out", str(out / fmt),
+                     "--device", "cpu"]) == 0
+    return {p: str(out / p) for p in ("bf16", "fp8")}
+
+
+def test_engine_against_engine(engines, capsys):
     """Two engine directories, layer-aligned: an FP8 engine against the bf16 engine of the same model shows the
     quantization's error from layer 0 on (the embedding equal), within the quantized tolerance; an engine against
     itself is exact."""
-    for precision in ("bf16", "fp8"):
-        assert main(["build", "tiny-llama", "--precision", precision, "--out", str(tmp_path / precision),
-                     "--device", "cpu"]) == 0
     capsys.readouterr()
     ids = ",".join(map(str, IDS))
-    assert main(["diff", str(tmp_path / "fp8"), "--against", str(tmp_path / "bf16"), "--device", "cpu",
-                 "--ids", ids]) == 0
+    assert main(["diff", engines["fp8"], "--against", engines["bf16"], "--device", "cpu", "--ids", ids]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[3]) for line in out.splitlines()
             if line.split() and line.split()[0] in ("embed", "0", "1", "logits")}
     assert rows["embed"] == 0 and 1e-3 < rows["0"] < 1e-1 and 0 < rows["logits"] < 1e-1, out
     assert "no divergence" in out.splitlines()[-1]
-    assert main(["diff", str(tmp_path / "bf16"), "--against", str(tmp_path / "bf16"), "--device", "cpu",
-                 "--ids", ids]) == 0
+    assert main(["diff", engines["bf16"], "--against", engines["bf16"], "--device", "cpu", "--ids", ids]) == 0
     out = capsys.readouterr().out
     assert all(float(line.split()[3]) == 0 for line in out.splitlines()
                if line.split() and line.split()[0] in ("embed", "0", "1", "norm", "logits")), out
+
+
+def test_compare_engines_side_by_side(engines):
+    """fp8 against bf16, layer by layer: the layers' linears fp8 against bf16 (the lm_head stays bf16), each side's
+    error against transformers float32 with fp8 costing accuracy in both layers, and latencies profiled here."""
+    c = compare_engines(engines["fp8"], engines["bf16"], device="cpu", ids=IDS, repeats=2)
+    t = c.table.set_index("layer")
+    assert list(t.index) == ["other", "embed", 0, 1, "norm", "logits"]
+    assert list(t.a_precision) == ["-", "-", "fp8", "fp8", "-", "bf16"]
+    assert list(t.b_precision) == ["-", "-", "bf16", "bf16", "-", "bf16"]
+    assert c.reference == "transformers (float32)" and len(c.divergences) == 2
+    assert t.loc["embed", "err_cost"] == 0  # the embedding is not quantized
+    for layer in (0, 1):
+        assert 1e-3 < t.loc[layer, "b_rel_err"] < 2e-2 < t.loc[layer, "a_rel_err"] < 1e-1
+        assert t.loc[layer, "err_cost"] == t.loc[layer, "a_rel_err"] - t.loc[layer, "b_rel_err"]
+        assert t.loc[layer, "a_us"] > 0 and t.loc[layer, "b_us"] > 0
+        assert t.loc[layer, "speedup"] == pytest.approx(t.loc[layer, "b_us"] / t.loc[layer, "a_us"])
+    assert c.latency_source == c.table.attrs["latency_source"] == "profile" and "2 profiled prefills" in c.caption
+    assert c.speedup == pytest.approx(t.b_us.sum() / t.a_us.sum())
+    line = c.line()
+    assert line.startswith("total ") and "largest accuracy cost at layer" in line and "fp8 vs bf16" in line
+
+
+def test_an_engine_against_itself_costs_nothing(engines):
+    c = compare_engines(engines["bf16"], engines["bf16"], device="cpu", ids=IDS, repeats=1)
+    t = c.table.dropna(subset=["err_cost"])
+    assert len(t) == 5 and (t.err_cost == 0).all() and (t.a_rel_err > 0).all()  # bf16 against float32
+    assert (c.table.a_precision == c.table.b_precision).all()
+    assert "no accuracy cost" in c.line()
+
+
+def test_precision_names_each_linear_group_when_they_differ(program, stats):
+    plan = PrecisionPlan.uniform(program.graph, "bf16").with_format("layers.1.gate_up", "fp8")
+    rows = precision(quantized_program(program, plan, stats).graph)
+    assert rows == {0: "fp32", 1: "qkv fp32, o fp32, gate_up fp8, down fp32", "logits": "fp32"}
+
+
+def test_tuned_latency_is_each_nodes_chosen_timing(program, tmp_path):
+    """Per-layer latency from a timing cache: every tuned node's chosen candidate's timing, summed by layer (planted
+    timings: a reference 1 µs, any other tactic 2 µs; paged attention's graph-safe Triton kernel is chosen)."""
+    inputs = run_inputs(program, IDS)
+    cache = TimingCache(tmp_path / "timings.json", {})  # autotune saves it as it goes
+    choices = autotune(program, [inputs], cache, progress=False,
+                       timer=lambda call, op, tactic, config: 0.001 if tactic == "reference" else 0.002)
+    us = tuned_us(program, choices, cache, run_inputs(program, IDS))
+    # a layer: 2 norms, qkv, attention (2), o, gate_up, silu_mul, down
+    assert us == {"other": 0.0, "embed": 0.0, 0: 9.0, 1: 9.0, "norm": 1.0, "logits": 1.0}
+
+
+def test_compare_command(engines, capsys):
+    ids = ",".join(map(str, IDS))
+    assert main(["compare", engines["fp8"], engines["bf16"], "--device", "cpu", "--ids", ids, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"A = {engines['fp8']}, B = {engines['bf16']}; errors against transformers (float32)")
+    assert out[1].split() == ["layer", "a_precision", "b_precision", "a_us", "b_us", "speedup", "a_rel_err",
+                              "b_rel_err", "err_cost"]
+    assert [line.split()[:3] for line in out[4:6]] == [["0", "fp8", "bf16"], ["1", "fp8", "bf16"]]
+    assert out[-1].startswith("total ") and "largest accuracy cost at layer" in out[-1]
+    assert main(["compare", engines["fp8"], engines["bf16"], "--device", "cpu", "--ids", "1,x"]) == 2
+    assert main(["compare", engines["fp8"], engines["bf16"], "--device", "cpu", "--latency", "tuning"]) == 2
+    assert main(["compare", engines["fp8"], "tiny-gpt2", "--device", "cpu", "--reference", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["workbench: error: --ids takes comma-separated token ids, e.g. 1,2,3; got '1,x'",
+                   f"workbench: error: latency from the tuning caches needs two engines tuned in one environment: "
+                   f"{engines['fp8']} is not a tuned engine with its timings; {engines['bf16']} is not a tuned engine "
+                   "with its timings; use profile",
+                   f"workbench: error: reference hf needs both sides to come from one model source, and "
+                   f"{engines['fp8']} and tiny-gpt2 do not (or do not record theirs); compare with reference b"]

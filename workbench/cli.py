@@ -10,6 +10,7 @@
     workbench generate ws/ "The capital of France is" greedy tokens from the latest up-to-date stage
     workbench eval ws/ --dataset evaluation           perplexity of the latest up-to-date stage (or --reference)
     workbench diff ws/ --against hf                   where the latest stage first diverges from transformers
+    workbench compare fp8/ bf16/                      two engines layer by layer: precision, latency, error
     workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
     workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
     workbench serve engine/ --port 8000               the OpenAI-compatible HTTP server (engine or workspace)
@@ -219,13 +220,7 @@ def _cmd_eval(args) -> None:
 def _cmd_diff(args) -> None:
     from .debug.diff import diff
 
-    ids = None
-    if args.ids is not None:
-        try:
-            ids = [int(t) for t in args.ids.split(",") if t.strip()]
-        except ValueError:
-            raise WorkbenchError(f"--ids takes comma-separated token ids, e.g. 1,2,3; got {args.ids!r}") from None
-    result = diff(args.workspace, stage=args.stage, against=args.against, ids=ids, prompt=args.prompt,
+    result = diff(args.workspace, stage=args.stage, against=args.against, ids=_token_ids(args.ids), prompt=args.prompt,
                   device=args.device, tol=args.tol)
     print(result)
     if args.nodes and result.first is not None and isinstance(result.first.layer, int):
@@ -236,6 +231,25 @@ def _cmd_diff(args) -> None:
         with pd.option_context("display.width", 160, "display.max_columns", 10):
             print(result.nodes(result.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
                   .to_string(index=False, formatters=FORMATTERS))
+
+
+def _token_ids(text: str | None) -> list[int] | None:
+    """``--ids 1,2,3`` as a list (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise WorkbenchError(f"--ids takes comma-separated token ids, e.g. 1,2,3; got {text!r}") from None
+
+
+def _cmd_compare(args) -> None:
+    from .debug.engines import compare_engines
+
+    if args.repeats < 1:
+        raise WorkbenchError(f"--repeats must be at least 1, got {args.repeats}")
+    print(compare_engines(args.a, args.b, ids=_token_ids(args.ids), prompt=args.prompt, device=args.device,
+                          reference=args.reference, latency=args.latency, repeats=args.repeats))
 
 
 def _cmd_export(args) -> None:
@@ -438,6 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", action="store_true", help="also print every module of the first diverging layer")
     _add_device_arg(s, "where both sides run")
     s.set_defaults(fn=_cmd_diff)
+
+    s = sub.add_parser("compare", help="two engines (or workspaces, model sources) layer by layer: each layer's linear "
+                                       "formats, latency and output error on one prompt, with the speed-up and the "
+                                       "accuracy cost of A against B")
+    s.add_argument("a", help="side A: an engine directory, a workspace or a model source")
+    s.add_argument("b", help="side B, the baseline: speed-up is B's time over A's, accuracy cost A's error minus B's")
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="text to run (default: a fixed sentence; random ids for random weights)")
+    given.add_argument("--ids", help="comma-separated token ids to run instead of a prompt, e.g. 1,2,3")
+    s.add_argument("--reference", default="auto", choices=["auto", "hf", "b"],
+                   help="what errors are measured against: hf (transformers in float32, when both come from one "
+                        "model), b (side B), auto (the default: hf when it can, else b)")
+    s.add_argument("--latency", default="auto", choices=["auto", "tuning", "profile"],
+                   help="tuning (the engines' timing caches, both tuned in one environment), profile (the prompt's "
+                        "prefill under the profiler on --device), auto (the default: tuning when it can, else profile)")
+    s.add_argument("--repeats", type=int, default=5, help="profiled prefills per side; each layer takes the median "
+                   "(default 5)")
+    _add_device_arg(s, "where both sides run")
+    s.set_defaults(fn=_cmd_compare)
 
     s = sub.add_parser("export", help="write the latest up-to-date stage's graph (tune, else quant, else passes), its "
                                       "weights, tuning and tokenizer as an engine directory; recorded as "

@@ -188,9 +188,9 @@ def trace_model(model: torch.nn.Module, ids: Sequence[int], *, label: str = "tra
 
 # ---- graphs ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def run_values(program, ids: Sequence[int]) -> dict[str, Any]:
-    """Every value of ``program``'s graph over one sequence's prefill of ``ids``: a paged graph on a fresh
-    cache, any other graph as a batch of one row."""
+def run_inputs(program, ids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The graph inputs of one sequence's prefill of ``ids``: a paged graph's on a fresh cache, any other graph's as
+    a batch of one row."""
     graph, ids = program.graph, list(ids)
     if is_paged(graph):
         from ..graph.paged import PagedLayout
@@ -201,7 +201,12 @@ def run_values(program, ids: Sequence[int]) -> dict[str, Any]:
         inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(len(ids))[None]}
     if "logits_indices" in graph.inputs:
         inputs["logits_indices"] = torch.arange(len(ids))
-    return program.run(keep_all=True, **inputs)
+    return inputs
+
+
+def run_values(program, ids: Sequence[int]) -> dict[str, Any]:
+    """Every value of ``program``'s graph over one sequence's prefill of ``ids`` (``run_inputs``)."""
+    return program.run(keep_all=True, **run_inputs(program, ids))
 
 
 def _value(values: dict[str, Any], name: str, index: int | None):

@@ -2,6 +2,7 @@
 
     divergence_figure(d)                                      # d's relative error per layer, log y
     divergence_figure(a, b, labels=["passes vs hf", "quant vs passes"])   # one line per comparison
+    engines_figure(c)                                         # compare_engines: latency bars over error lines
 
 Each line is one ``Divergence``'s layer rows (embed, 0, 1, ..., norm, logits) in depth order, on a shared
 categorical x axis; each comparison's tolerance is a dashed line of its colour. A log axis cannot draw 0 (an
@@ -61,4 +62,34 @@ def divergence_figure(*divergences, labels=None, title: str = "Relative error ag
                                               categoryarray=order),
                       yaxis=dict(title="relative error ‖a − b‖ / ‖b‖", type="log", exponentformat="power"),
                       height=380, legend=dict(orientation="h", y=-0.25), margin=dict(t=50))
+    return fig
+
+
+def engines_figure(comparison, *, title: str | None = None):
+    """An ``EngineComparison`` (``debug.engines``) as two aligned panels over its rows (other, embed, 0, 1, ...,
+    norm, logits): each side's latency as bars on top, each side's relative error against the reference as a line
+    below (log y, drawn at least at ``FLOOR``); the hovers give each row's precision, speed-up and accuracy cost."""
+    from plotly.subplots import make_subplots
+
+    t = comparison.table
+    x = [depth_label(v) for v in t.layer]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=(f"latency ({comparison.latency_source})",
+                                        f"relative error against {comparison.reference}"))
+    for side, name, colour in (("a", f"A: {comparison.a}", _COLOURS[0]), ("b", f"B: {comparison.b}", _COLOURS[1])):
+        hover = [f"{name}<br>{r.layer}: {getattr(r, side + '_precision')}<br>{getattr(r, side + '_us'):.1f} µs"
+                 f"<br>speed-up (B/A) {r.speedup:.2f}x<br>rel err {getattr(r, side + '_rel_err'):.2e}"
+                 f"<br>accuracy cost (A − B) {r.err_cost:+.2e}" for r in t.itertuples()]
+        fig.add_bar(x=x, y=getattr(t, side + "_us"), name=name, marker_color=colour, hovertext=hover,
+                    hoverinfo="text", legendgroup=side, row=1, col=1)
+        err = [max(float(e), FLOOR) if e == e else None for e in getattr(t, side + "_rel_err")]  # NaN: no site
+        fig.add_scatter(x=x, y=err, mode="lines+markers", name=name, line=dict(color=colour), hovertext=hover,
+                        hoverinfo="text", legendgroup=side, showlegend=False, row=2, col=1)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x)
+    fig.update_xaxes(title="layer", row=2, col=1)
+    fig.update_yaxes(title="µs", row=1, col=1)
+    fig.update_yaxes(title="‖a − ref‖ / ‖ref‖", type="log", exponentformat="power", row=2, col=1)
+    fig.update_layout(title=title or f"{comparison.a} against {comparison.b}: {comparison.line()}",
+                      barmode="group", height=520, legend=dict(orientation="h", y=-0.15), margin=dict(t=80),
+                      title_font_size=12)
     return fig
