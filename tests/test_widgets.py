@@ -177,6 +177,24 @@ def test_tuning_widget_tunes_the_profile_it_shows(optimized_ws):
     assert "no measured ceilings" in w.status.value
 
 
+@pytest.mark.parametrize("renderer", ["", "plotly_mimetype+notebook", "png"])
+def test_a_figure_in_an_output_area_is_its_plotly_json_whatever_the_default_renderer(renderer, monkeypatch):
+    """Outside a kernel plotly's default renderer is empty (its figure's own bundle is then empty too), and a
+    kernel's may be anything a library set: the widgets' output areas get the plotly JSON all the same."""
+    import ipywidgets
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from workbench.display import show_in
+
+    monkeypatch.setattr(pio.renderers, "default", renderer)
+    out = ipywidgets.Output()
+    show_in(out, go.Figure(go.Scatter(x=[1, 2], y=[3, 5], name="line")))
+    (shown,) = out.outputs
+    assert list(shown["data"]) == ["application/vnd.plotly.v1+json"]
+    assert shown["data"]["application/vnd.plotly.v1+json"]["data"][0]["name"] == "line"
+
+
 def test_figures_are_shown_in_the_widgets_output_area(ws, monkeypatch):
     """The widgets put a plotly figure into their output area as its plotly JSON. ``Output.append_display_data``
     asks IPython's formatter, which lets a figure display itself below the running cell (from a button's callback:

@@ -6,8 +6,10 @@
 ``Output.append_display_data`` is not enough for a plotly figure: it asks IPython's display formatter, which lets
 an object with ``_ipython_display_`` (every plotly figure) display itself wherever the kernel's output goes at that
 moment (below the cell that is running; from a button's or a slider's callback, nowhere the page shows) and hands
-the output area an empty bundle. Here an object's own ``_repr_mimebundle_`` is asked first (a plotly figure gives
-its plotly JSON, which JupyterLab draws in the output area), then IPython's formatter (a DataFrame's table).
+the output area an empty bundle. Here a plotly figure is always its plotly JSON (``plotly_mimetype``, which
+JupyterLab draws in the output area; its own ``_repr_mimebundle_`` follows ``plotly.io.renderers.default``, which
+is empty outside a kernel and whatever another library set inside one), any other object's ``_repr_mimebundle_``
+is asked next, then IPython's formatter (a DataFrame's table).
 
 The output area's contents are set, not displayed into inside ``with output``: that kept headless kernels
 (nbclient, the notebook tests) from going idle for minutes after a figure.
@@ -19,6 +21,11 @@ from __future__ import annotations
 def _bundle(obj) -> dict:
     from IPython.core.interactiveshell import InteractiveShell
 
+    if type(obj).__module__.startswith("plotly.") and hasattr(obj, "to_dict"):
+        import plotly.io as pio
+
+        return {"output_type": "display_data", "data": pio.renderers["plotly_mimetype"].to_mimebundle(obj.to_dict()),
+                "metadata": {}}
     if hasattr(obj, "_repr_mimebundle_"):
         bundle = obj._repr_mimebundle_()
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
