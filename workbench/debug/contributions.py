@@ -49,8 +49,7 @@ from .diff import Divergence, compare, prompt_ids, trace_program
 KV_CACHE = "kv_cache"
 COLUMNS = ["group", "layer", "kind", "format", "rel_err", "share", "max_rel_err", "first", "ppl_delta_pct"]
 FORMATTERS = {"rel_err": "{:.2e}".format, "max_rel_err": "{:.2e}".format, "share": "{:.0%}".format,
-              "ppl_delta_pct": "{:+.2f}".format, "first": lambda v: "-" if v is None else str(v),
-              "layer": lambda v: "-" if v is None else str(v)}
+              "ppl_delta_pct": "{:+.2f}".format}
 
 
 @dataclass
@@ -92,8 +91,9 @@ class Contributions:
         import pandas as pd
 
         rows = self.table if top is None else self.table.head(top)
+        shown = rows.assign(**{c: ["-" if v is None else v for v in rows[c]] for c in ("layer", "first")})
         with pd.option_context("display.width", 160, "display.max_columns", 12):
-            text = rows.to_string(index=False, formatters=FORMATTERS, na_rep="-")
+            text = shown.to_string(index=False, formatters=FORMATTERS, na_rep="-")
         more = len(self.table) - len(rows)
         return "\n".join([self.caption, text] + ([f"... {more} more groups"] if more > 0 else []) + [self.line()])
 
