@@ -157,7 +157,7 @@ def group_contributions(ws, *, ids: Sequence[int] | None = None, prompt: str | N
     total = float(whole.table[whole.table.kind == "logits"].rel_err.iloc[0])
     table.insert(5, "share", table.rel_err ** 2 / total ** 2 if total > 0 else math.nan)
     for c in ("layer", "first"):  # ints stay ints beside None (lm_head, no divergence)
-        table[c] = pd.Series(list(table[c]), dtype=object)
+        table[c] = pd.Series([r[c] for r in rows], dtype=object)
     table = table.sort_values("rel_err", ascending=False, kind="stable").reset_index(drop=True)
     return Contributions(str(root), plan, table, whole, len(ids))
 
