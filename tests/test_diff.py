@@ -252,12 +252,26 @@ def test_each_quantized_group_alone_beside_the_whole_plan(two_group_ws):
     assert only.table.rel_err[0] == t.loc["layers.1.down", "rel_err"] and only.total_rel_err == c.total_rel_err
 
 
+def test_contributions_figure(two_group_ws):
+    """Bars of each group's error alone, largest first, the whole plan's dashed across, sensitivity on the right axis
+    (the KV cache, which the sensitivity sweep does not measure, has none)."""
+    pytest.importorskip("plotly")
+    from workbench.debug.plots import contributions_figure
+
+    c = group_contributions(two_group_ws.root, ids=IDS, device="cpu", progress=False)
+    bars, whole, sens = contributions_figure(c).data
+    assert list(bars.x) == list(c.table.group) == list(sens.x) and list(bars.y) == list(c.table.rel_err)
+    assert list(whole.y) == [c.total_rel_err] * 2 and whole.line.dash == "dash" and sens.yaxis == "y2"
+    assert [v == v for v in sens.y] == [g != "kv_cache" for g in c.table.group]
+
+
 def test_diff_groups_command(two_group_ws, optimized_ws, capsys):
     ws, ids = str(two_group_ws.root), ",".join(map(str, IDS))
     capsys.readouterr()
     assert main(["diff", ws, "--stage", "quant", "--groups", "--device", "cpu", "--ids", ids, "--top", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{ws}: 3 quantized groups (") and "16 tokens; the whole plan's logits rel err" in out[0]
+    assert out[0].startswith(f"{ws}: 3 quantized groups, each alone, against the passes stage (plan: 7 bf16, 2 fp8, "
+                             "kv_cache fp8), 16 tokens; the whole plan's logits rel err ")
     assert out[1].split() == ["group", "layer", "kind", "format", "rel_err", "share", "max_rel_err", "first",
                               "ppl_delta_pct"]
     assert len(out) == 6 and out[4] == "... 1 more groups" and out[5].startswith("largest contributor: ")

@@ -72,8 +72,8 @@ class Contributions:
     @property
     def caption(self) -> str:
         counts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.plan.summary().items(), key=lambda kv: -kv[1]))
-        return (f"{self.workspace}: {len(self.table)} quantized groups ({counts}; kv_cache {self.plan.kv_cache}) "
-                f"each alone against the passes stage, {self.tokens} tokens; the whole plan's logits rel err "
+        return (f"{self.workspace}: {len(self.table)} quantized groups, each alone, against the passes stage (plan: "
+                f"{counts}, kv_cache {self.plan.kv_cache}), {self.tokens} tokens; the whole plan's logits rel err "
                 f"{self.total_rel_err:.2e}")
 
     def line(self) -> str:
