@@ -6,7 +6,9 @@ import copy
 import pytest
 import torch
 
+from conftest import copy_workspace
 from workbench.cli import main
+from workbench.debug.contributions import group_contributions
 from workbench.debug.diff import compare, residual_stream, run_inputs, trace_model, trace_program, tolerance
 from workbench.debug.engines import compare_engines, precision, tuned_us
 from workbench.graph.executor import Program
@@ -202,3 +204,89 @@ def test_compare_command(engines, capsys):
                    "with its timings; use profile",
                    f"workbench: error: reference hf needs both sides to come from one model source, and "
                    f"{engines['fp8']} and tiny-gpt2 do not (or do not record theirs); compare with reference b"]
+
+
+
+@pytest.fixture(scope="module")
+def two_group_ws(_tiny_llama_workspaces, tmp_path_factory):
+    """A tiny-llama workspace whose quant stage ran an auto plan (fp8, a budget nothing exceeds) over a plan that
+    pins every group in bf16 (edited) but layers.0.o and layers.1.down, with an FP8 KV cache: so it quantizes
+    exactly those two groups and the KV cache, and writes sensitivity.json (64 probe tokens, 4 calibration samples)."""
+    from workbench.pipeline import QuantOptions, load_program, quant_stage
+
+    ws = copy_workspace(_tiny_llama_workspaces / "optimized", tmp_path_factory.mktemp("contributions") / "ws")
+    graph = load_program(ws, stage="passes", device="cpu").graph
+    plan = PrecisionPlan.uniform(graph, "bf16", kv_cache="fp8")
+    plan.edited = [g for g in plan.groups if g not in TWO_GROUPS]
+    options = QuantOptions(fmt="fp8", samples=4, seq_len=32, auto_budget=1e6, probe_tokens=64)
+    plan, _, _ = quant_stage(ws, plan, options, device="cpu", progress=False)
+    assert plan.quantized() == list(TWO_GROUPS) and plan.kv_cache == "fp8"
+    return ws
+
+
+TWO_GROUPS = ("layers.0.o", "layers.1.down")
+
+
+def test_each_quantized_group_alone_beside_the_whole_plan(two_group_ws):
+    """Exactly the plan's quantized groups (and its FP8 KV cache) get a row, each with an error of its own below the
+    whole plan's, their sensitivity from the stage's sensitivity.json; with a float32 tolerance each group's first
+    divergence is its own layer (layer 0 is exact while only layer 1's down_proj is fp8)."""
+    from workbench.quant.sensitivity import SensitivityReport
+
+    c = group_contributions(two_group_ws.root, ids=IDS, device="cpu", tol=1e-4, progress=False)
+    t = c.table.set_index("group")
+    assert sorted(t.index) == ["kv_cache", *TWO_GROUPS] and list(c.table.rel_err) == sorted(c.table.rel_err)[::-1]
+    assert list(t.columns) == ["layer", "kind", "format", "rel_err", "share", "max_rel_err", "first", "ppl_delta_pct"]
+    assert list(t.format) == ["fp8"] * 3 and t.loc["layers.1.down", "layer"] == 1 and t.loc["kv_cache", "layer"] is None
+    assert ((t.rel_err > 1e-4) & (t.rel_err < c.total_rel_err)).all(), c
+    assert t.share.tolist() == pytest.approx((t.rel_err ** 2 / c.total_rel_err ** 2).tolist())
+    assert t.loc["layers.0.o", "first"] == 0 and t.loc["layers.1.down", "first"] == 1
+    report = SensitivityReport.load(two_group_ws.path("quant", "sensitivity.json"))
+    for g in TWO_GROUPS:
+        assert t.loc[g, "ppl_delta_pct"] == report.delta(g, "fp8") and t.loc[g, "ppl_delta_pct"] != 0
+    assert t.loc["kv_cache", "ppl_delta_pct"] != t.loc["kv_cache", "ppl_delta_pct"]  # NaN: not a sensitivity row
+    top = c.table.iloc[0]
+    assert c.line().startswith(f"largest contributor: {top.group} (fp8): logits rel err {top.rel_err:.2e} alone")
+    only = group_contributions(two_group_ws.root, ids=IDS, device="cpu", groups="layers.1.down", progress=False)
+    assert list(only.table.group) == ["layers.1.down"]
+    assert only.table.rel_err[0] == t.loc["layers.1.down", "rel_err"] and only.total_rel_err == c.total_rel_err
+
+
+def test_contributions_figure(two_group_ws):
+    """Bars of each group's error alone, largest first, the whole plan's dashed across, sensitivity on the right axis
+    (the KV cache, which the sensitivity sweep does not measure, has none)."""
+    pytest.importorskip("plotly")
+    from workbench.debug.plots import contributions_figure
+
+    c = group_contributions(two_group_ws.root, ids=IDS, device="cpu", progress=False)
+    bars, whole, sens = contributions_figure(c).data
+    assert list(bars.x) == list(c.table.group) == list(sens.x) and list(bars.y) == list(c.table.rel_err)
+    assert list(whole.y) == [c.total_rel_err] * 2 and whole.line.dash == "dash" and sens.yaxis == "y2"
+    assert [v == v for v in sens.y] == [g != "kv_cache" for g in c.table.group]
+
+
+def test_diff_groups_command(two_group_ws, optimized_ws, capsys):
+    ws, ids = str(two_group_ws.root), ",".join(map(str, IDS))
+    capsys.readouterr()
+    assert main(["diff", ws, "--stage", "quant", "--groups", "--device", "cpu", "--ids", ids, "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{ws}: 3 quantized groups, each alone, against the passes stage (plan: 7 bf16, 2 fp8, "
+                             "kv_cache fp8), 16 tokens; the whole plan's logits rel err ")
+    assert out[1].split() == ["group", "layer", "kind", "format", "rel_err", "share", "max_rel_err", "first",
+                              "ppl_delta_pct"]
+    assert len(out) == 6 and out[4] == "... 1 more groups" and out[5].startswith("largest contributor: ")
+    bad = [["--groups"], ["--stage", "quant", "--groups", "--against", "hf"], ["--stage", "quant", "--groups",
+           "layers.9.o"], ["--stage", "quant", "--groups", "lm_head"], ["--top", "3"]]
+    for argv in bad:
+        assert main(["diff", ws, "--device", "cpu", *argv]) == 2
+    assert main(["diff", str(optimized_ws.root), "--stage", "quant", "--groups", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    quantized = "the plan quantizes layers.0.o, layers.1.down, kv_cache"
+    assert err == ["workbench: error: --groups quantizes each group of the quant stage's plan alone and compares it "
+                   "with the passes stage: give --stage quant (and --against passes, or no --against)"] * 2 + [
+                   f"workbench: error: 'layers.9.o' is not a linear group of this model; {quantized}",
+                   f"workbench: error: group 'lm_head' is kept in bf16 by the plan: it contributes no error; {quantized}",
+                   "workbench: error: --top sets how many rows of --groups print; give --groups with it",
+                   f"workbench: error: {optimized_ws.root} has no quant stage; run `workbench quantize "
+                   f"{optimized_ws.root}` first (group contributions apply the precision plan and calibration "
+                   "statistics it writes)"]

@@ -10,6 +10,7 @@
     workbench generate ws/ "The capital of France is" greedy tokens from the latest up-to-date stage
     workbench eval ws/ --dataset evaluation           perplexity of the latest up-to-date stage (or --reference)
     workbench diff ws/ --against hf                   where the latest stage first diverges from transformers
+    workbench diff ws/ --stage quant --groups         each quantized linear group's share of the quant stage's error
     workbench compare fp8/ bf16/                      two engines layer by layer: precision, latency, error
     workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
     workbench build MODEL --precision fp8 --out engine/   every stage, resuming from its workspace
@@ -218,10 +219,15 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_diff(args) -> None:
-    from .debug.diff import diff
+    from .debug.diff import HF, diff
 
-    result = diff(args.workspace, stage=args.stage, against=args.against, ids=_token_ids(args.ids), prompt=args.prompt,
-                  device=args.device, tol=args.tol)
+    if args.groups is not None:
+        _cmd_diff_groups(args)
+        return
+    if args.top is not None:
+        raise WorkbenchError("--top sets how many rows of --groups print; give --groups with it")
+    result = diff(args.workspace, stage=args.stage, against=args.against or HF, ids=_token_ids(args.ids),
+                  prompt=args.prompt, device=args.device, tol=args.tol)
     print(result)
     if args.nodes and result.first is not None and isinstance(result.first.layer, int):
         import pandas as pd
@@ -231,6 +237,26 @@ def _cmd_diff(args) -> None:
         with pd.option_context("display.width", 160, "display.max_columns", 10):
             print(result.nodes(result.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
                   .to_string(index=False, formatters=FORMATTERS))
+
+
+def _cmd_diff_groups(args) -> None:
+    """``workbench diff WS --stage quant --groups [NAMES]``: each quantized group's contribution."""
+    from .debug.contributions import group_contributions
+
+    if args.stage != "quant" or args.against not in (None, "passes"):
+        raise WorkbenchError("--groups quantizes each group of the quant stage's plan alone and compares it with the "
+                             "passes stage: give --stage quant (and --against passes, or no --against)")
+    if args.nodes:
+        raise WorkbenchError("--nodes prints the modules of one diverging layer; it does not go with --groups")
+    if args.top is not None and args.top < 1:
+        raise WorkbenchError(f"--top must be at least 1, got {args.top}")
+    names = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups != "*" else None
+    if names == []:
+        raise WorkbenchError(f"--groups takes comma-separated group names, e.g. layers.0.qkv,lm_head; got "
+                             f"{args.groups!r}")
+    result = group_contributions(args.workspace, ids=_token_ids(args.ids), prompt=args.prompt, device=args.device,
+                                 groups=names, tol=args.tol)
+    print(result.to_string(top=args.top or 10))
 
 
 def _token_ids(text: str | None) -> list[int] | None:
@@ -442,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workspace", metavar="target", help="a workspace, an engine directory or a model source")
     s.add_argument("--stage", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
                    help="a workspace's graph to check (default: the latest up-to-date stage)")
-    s.add_argument("--against", default="hf", help="the reference: hf (the transformers model, the default), a stage "
+    s.add_argument("--against", help="the reference: hf (the transformers model, the default), a stage "
                    "of the same workspace (capture, passes, quant) or another engine directory or workspace")
     given = s.add_mutually_exclusive_group()
     given.add_argument("--prompt", help="text to run (default: a fixed sentence; random ids for random weights)")
@@ -450,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=float, help="relative error that counts as diverged (default: by precision: 1e-4 "
                    "float32, 2e-2 bf16/fp16, 1e-1 quantized)")
     s.add_argument("--nodes", action="store_true", help="also print every module of the first diverging layer")
+    s.add_argument("--groups", nargs="?", const="*", metavar="NAMES",
+                   help="with --stage quant: each linear group the precision plan quantizes (or the comma-separated "
+                        "NAMES), quantized alone, against the passes stage: its logits error beside the whole plan's "
+                        "and its sensitivity, largest first")
+    s.add_argument("--top", type=int, help="rows of --groups to print (default 10)")
     _add_device_arg(s, "where both sides run")
     s.set_defaults(fn=_cmd_diff)
 

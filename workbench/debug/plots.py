@@ -3,6 +3,7 @@
     divergence_figure(d)                                      # d's relative error per layer, log y
     divergence_figure(a, b, labels=["passes vs hf", "quant vs passes"])   # one line per comparison
     engines_figure(c)                                         # compare_engines: latency bars over error lines
+    contributions_figure(c)                                   # group_contributions: error per group, sensitivity
 
 Each line is one ``Divergence``'s layer rows (embed, 0, 1, ..., norm, logits) in depth order, on a shared
 categorical x axis; each comparison's tolerance is a dashed line of its colour. A log axis cannot draw 0 (an
@@ -92,4 +93,38 @@ def engines_figure(comparison, *, title: str | None = None):
     fig.update_layout(title=title or f"{comparison.a} against {comparison.b}: {comparison.line()}",
                       barmode="group", height=520, legend=dict(orientation="h", y=-0.15), margin=dict(t=80),
                       title_font_size=12)
+    return fig
+
+
+def contributions_figure(contributions, *, top: int | None = 30, title: str | None = None):
+    """``group_contributions`` (``debug.contributions``) as bars: each group's logits relative error when it alone is
+    quantized, largest first (the ``top`` largest; None: all), the whole plan's error dashed across, and the
+    group's sensitivity (perplexity change in %, right axis) as diamonds beside each bar where the stage measured
+    it. The hovers give the group's format, share and first divergence."""
+    from plotly.subplots import make_subplots
+
+    t = contributions.table if top is None else contributions.table.head(top)
+    x = list(t.group)
+    hover = [f"{r.group} ({r.format})<br>logits rel err {r.rel_err:.2e} alone<br>share {r.share:.0%} of the whole "
+             f"plan's (in squares)<br>largest layer rel err {r.max_rel_err:.2e}<br>first divergence: "
+             f"{'none' if r.first is None else r.first}<br>sensitivity "
+             f"{'not measured' if r.ppl_delta_pct != r.ppl_delta_pct else f'{r.ppl_delta_pct:+.2f}% perplexity'}"
+             for r in t.itertuples()]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_bar(x=x, y=t.rel_err, name="logits rel err, this group alone", marker_color=_COLOURS[0],
+                hovertext=hover, hoverinfo="text")
+    total = contributions.total_rel_err
+    if x:
+        fig.add_scatter(x=[x[0], x[-1]], y=[total, total], mode="lines", name=f"whole plan {total:.2e}",
+                        line=dict(color=_COLOURS[1], dash="dash", width=1), hoverinfo="text",
+                        hovertext=f"the whole plan: logits rel err {total:.2e}")
+    if t.ppl_delta_pct.notna().any():
+        fig.add_scatter(x=x, y=t.ppl_delta_pct, mode="markers", name="sensitivity (ppl change %)",
+                        marker=dict(symbol="diamond", size=9, color=_COLOURS[3]), hovertext=hover,
+                        hoverinfo="text", secondary_y=True)
+        fig.update_yaxes(title="perplexity change, %", secondary_y=True, showgrid=False)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x, title="group")
+    fig.update_yaxes(title="‖quant − passes‖ / ‖passes‖ (logits)", secondary_y=False)
+    fig.update_layout(title=title or contributions.line(), height=420, legend=dict(orientation="h", y=-0.35),
+                      margin=dict(t=60), title_font_size=12)
     return fig
