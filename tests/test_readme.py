@@ -312,7 +312,7 @@ def run_python(block: Block) -> None:
     from workbench.runtime.async_engine import AsyncLLMEngine
 
     registries = [(r, dict(r)) for r in (PASSES, PLACES, REGISTRY._ops)]
-    namespace = {"__name__": "__readme__"}
+    namespace = {"__name__": "__main__"}  # a block's `if __name__ == "__main__":` body runs, as in a script
     try:
         exec(compile(block.text(), f"README.md:{block.line}", "exec"), namespace)  # noqa: S102 - the README's code
     finally:

@@ -670,6 +670,29 @@ def test_torchrun_serve_rank_0_serves_rank_1_works(tp_engine, one_rank_tokens, t
     assert code in (0, 1) and text.count("Traceback") == text.count("SignalException: Process"), text[-3000:]
 
 
+def test_a_script_that_spawns_ranks_from_its_top_level_is_refused_in_one_line(tmp_path):
+    """Spawned ranks import the main script again: an ``LLM(..., tensor_parallel_size=2)`` at its unguarded top
+    level is refused before any rank starts, naming the file, the line and the fix; under ``if __name__ ==
+    "__main__":`` the check passes."""
+    bare = tmp_path / "bare.py"
+    bare.write_text("from workbench import LLM\n"
+                    "llm = LLM('tiny-llama', device='cpu', tensor_parallel_size=2)\n")
+    run = subprocess.run([sys.executable, str(bare)], env=_env(), capture_output=True, text=True, timeout=120)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last.startswith("workbench.errors.WorkbenchError: tensor parallelism starts"), \
+        run.stderr[-2000:]
+    assert f"import {bare} again and would run its line 2 again" in last and 'if __name__ == "__main__":' in last
+    assert "captured and optimized" not in run.stderr  # refused before the model was loaded
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from workbench.runtime.tensor_parallel import check_spawnable_main\n"
+                       "if __name__ == '__main__':\n"
+                       "    check_spawnable_main()\n"
+                       "    print('spawnable')\n"
+                       "check_spawnable_main()\n")  # at the top level too: refused
+    run = subprocess.run([sys.executable, str(guarded)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.stdout == "spawnable\n" and "would run its line 5 again" in run.stderr, run.stderr[-2000:]
+
+
 def test_an_llm_script_under_torchrun(tp_engine, one_rank_tokens, tmp_path):
     """The same script on both ranks: rank 0's ``LLM`` generates, rank 1's runs rank 0's steps and ends its process
     when rank 0's closes; torchrun exits 0."""

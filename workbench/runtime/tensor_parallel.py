@@ -30,6 +30,7 @@ import contextlib
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +63,39 @@ def launched_size(size: int | None, device) -> int | None:
         return launch[1]
     if size is None:
         return None
+    if size > 1:
+        check_spawnable_main()
     return check_size(size, resolve_device(device))
+
+
+def check_spawnable_main() -> None:
+    """Refuse, in one line naming the file and the fix, to spawn ranks from a script's unguarded top level: a
+    spawned process imports the main script again (multiprocessing's ``spawn``, the one start method CUDA allows),
+    so an ``LLM(..., tensor_parallel_size=N)`` at its top level would start ranks of its own in every rank and fail
+    in a traceback of multiprocessing's. Code under ``if __name__ == "__main__":`` is not run again (nor is a
+    package's ``__main__.py``: ``python -m``, nor a notebook's or ``python -c``'s code)."""
+    import ast
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>" and
+                                     frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    path = frame.f_globals.get("__file__") if frame is not None else None
+    if not path or not str(path).endswith(".py") or Path(path).name == "__main__.py" or not Path(path).is_file():
+        return
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_text(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test) \
+                and node.body and node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+            return
+    raise WorkbenchError(f"tensor parallelism starts its ranks as new Python processes, which import {path} again "
+                         f"and would run its line {line} again: put the code that makes the LLM under "
+                         "`if __name__ == \"__main__\":` (as vLLM asks), or launch the script with torchrun")
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------------------------
@@ -94,6 +127,7 @@ class TPWorkers:
                 self.close(force=True)
                 raise WorkbenchError(f"tensor parallelism: cannot reach torchrun's ranks ({_line(e)})") from None
         else:
+            check_spawnable_main()
             ctx = mp.get_context("spawn")
             self.errors = ctx.Queue()
             init = f"tcp://127.0.0.1:{free_port()}"
