@@ -435,7 +435,7 @@ def test_rope_inside_with_fp8_cache():
     cos, sin = rope_tables(step_positions(lens, qsl), 16, torch.bfloat16)
     fp8 = (cache.float() * 4).clamp(-448, 448).to(torch.float8_e4m3fn)
     ref_cache, tri_cache = fp8.clone(), fp8.clone()
-    ref = fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, 0.05, 0.02, cos=cos, sin=sin)
+    fused.paged_attention(q, k, v, ref_cache, slots, tables, lens, qsl, 0.3, None, 0.05, 0.02, cos=cos, sin=sin)
     out = ta.paged_attention(q, k, v, tri_cache, slots, tables, lens, qsl, 0.3, None, 0.05, 0.02, cos=cos, sin=sin)
     r, g = ref_cache.float(), tri_cache.float()
     # the kernel's rotation may round a key one bf16 step from torch's, and its e4m3 byte to a neighbour

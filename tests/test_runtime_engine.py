@@ -348,7 +348,7 @@ def test_the_rows_pass_finds_a_fused_norm_and_head(program):
     import copy
 
     from workbench.graph.executor import Program
-    from workbench.graph.ir import Node, Ref
+    from workbench.graph.ir import Node
     from workbench.graph.passes import run_passes
     from workbench.graph.passes.rows import lm_head
     from workbench.kernels import register_op

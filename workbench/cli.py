@@ -154,7 +154,8 @@ def _cmd_quantize(args) -> None:
     auto = report.get("auto_plan")
     if auto:
         kept = [g for g in auto["bf16_groups"] if g != "lm_head"]
-        print(f"auto plan within +{auto['budget_pct']:g}%: perplexity {auto['ppl']:.4f} ({auto['ppl_delta_pct']:+.2f}%, "
+        print(f"auto plan within +{auto['budget_pct']:g}%: perplexity {auto['ppl']:.4f} "
+              f"({auto['ppl_delta_pct']:+.2f}%, "
               f"{'within' if auto['within_budget'] else 'NOT within'} budget) on {auto['probe_tokens']} tokens after "
               f"{auto['rounds']} verified rounds; in bf16: {', '.join(kept) or 'no group'}")
     print(f"wrote {ws.root / 'quant'} (stats, plan.json, graph.json, weights.safetensors, report.json, record.json); "
@@ -356,7 +357,8 @@ def _add_calibration_args(s) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="workbench", description="Optimize and serve decoder LLMs, one inspectable stage at a time.")
+    p = argparse.ArgumentParser(prog="workbench",
+                                description="Optimize and serve decoder LLMs, one inspectable stage at a time.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("fetch", help="download and convert a named real model into the model cache")
