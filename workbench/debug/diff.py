@@ -52,6 +52,9 @@ from ..graph.paged import cache_for, is_paged
 
 #: Ops whose value (None) or output i is ``a + b`` of two same-shaped tensors: the residual adds. A plugin that
 #: fuses the residual add into a new op adds it here, or its graphs' layer outputs are not found.
+#: the final norm's module name, by family: Llama's model.norm, GPT-2's and Falcon's ln_f, GPT-NeoX's final_layer_norm
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
 RESIDUAL_ADDS: dict[str, int | None] = {
     "aten.add.Tensor": None,
     "workbench.add_rms_norm": 1,
@@ -154,7 +157,8 @@ def trace_model(model: torch.nn.Module, ids: Sequence[int], *, label: str = "tra
     base = prefix.rpartition(".")[0]
     embed = model.get_input_embeddings()
     names = {mod: name for name, mod in model.named_modules()}
-    norm_name = f"{base}.norm" if base else "norm"
+    # the final norm: Llama's model.norm, GPT-2's and Falcon's transformer.ln_f, GPT-NeoX's final_layer_norm
+    norm_names = {f"{base}.{n}" if base else n for n in FINAL_NORMS}
     sites: dict[str, Site] = {}
 
     def hook(key, kind, layer, path):
@@ -173,7 +177,7 @@ def trace_model(model: torch.nn.Module, ids: Sequence[int], *, label: str = "tra
         # registered last on the layer: runs after its submodules' hooks, as its output comes after theirs
         handles.append(layer.register_forward_hook(hook(f"layers.{i}", "stream", i, f"{prefix}.{i}")))
     for name, mod in model.named_modules():
-        if name == norm_name:
+        if name in norm_names:
             handles.append(mod.register_forward_hook(hook("norm", "norm", None, name)))
     try:
         device = next(model.parameters()).device
@@ -236,6 +240,12 @@ def residual_stream(graph: Graph) -> list[tuple[str, int | None, int | None]]:
     start = next((n for n in graph.nodes if "embedding" in n.op and "input_ids" in set(n.refs())), None)
     if start is None:
         raise WorkbenchError("the graph has no embedding of input_ids to start its residual stream from")
+    while True:  # the embedding module's own output: Gemma's lookup times sqrt(hidden) (its scaled embedding)
+        after = [r for r in readers.get(start.name, []) if r.module == start.module and start.module
+                 and _same(specs.get(r.name), specs.get(start.name))]
+        if len(after) != 1 or len(readers.get(start.name, [])) != 1:
+            break
+        start = after[0]
 
     def alias(name: str, index: int | None) -> str | None:
         """The node that names output ``index`` of ``name`` (a getitem), or ``name`` itself."""
@@ -384,8 +394,9 @@ def _final_norm(graph: Graph) -> str | None:
         n = nodes.get(cur)
         if n is None:
             return None
-        if layer_of(n.module) is None and n.module.rsplit(".", 1)[-1].endswith("norm") and n.op != "operator.getitem" \
-                or (n.op == "operator.getitem" and n.module.endswith("norm")):
+        last = n.module.rsplit(".", 1)[-1]
+        if layer_of(n.module) is None and last in FINAL_NORMS and n.op != "operator.getitem" \
+                or (n.op == "operator.getitem" and last in FINAL_NORMS):
             return cur
         refs = [a.name for a in n.args if isinstance(a, Ref)]
         if not refs:
