@@ -306,3 +306,20 @@ def test_diff_groups_command(two_group_ws, optimized_ws, capsys):
                    f"workbench: error: {optimized_ws.root} has no quant stage; run `workbench quantize "
                    f"{optimized_ws.root}` first (group contributions apply the precision plan and calibration "
                    "statistics it writes)"]
+
+
+def test_compare_command_takes_a_stage_per_side(two_group_ws, engines, capsys):
+    """One workspace's quant stage against its passes stage, side by side: the two pinned groups' layers show their
+    formats per group; a stage of an engine directory (which holds one graph) is refused in one line."""
+    ws, ids = str(two_group_ws.root), ",".join(map(str, IDS))
+    capsys.readouterr()
+    assert main(["compare", ws, ws, "--stage-a", "quant", "--stage-b", "passes", "--device", "cpu", "--ids", ids,
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ("0", "1")}
+    assert "qkv fp32, o fp8, gate_up fp32, down fp32" in rows["0"] and "qkv fp32, o fp32, gate_up fp32, down fp8" in \
+        rows["1"], out
+    fp8 = engines["fp8"]
+    assert main(["compare", fp8, ws, "--stage-a", "quant", "--device", "cpu", "--ids", ids]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is an engine directory, which holds one graph" in err, err

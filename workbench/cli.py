@@ -276,7 +276,8 @@ def _cmd_compare(args) -> None:
     if args.repeats < 1:
         raise WorkbenchError(f"--repeats must be at least 1, got {args.repeats}")
     print(compare_engines(args.a, args.b, ids=_token_ids(args.ids), prompt=args.prompt, device=args.device,
-                          reference=args.reference, latency=args.latency, repeats=args.repeats))
+                          reference=args.reference, latency=args.latency, repeats=args.repeats,
+                          stages=(args.stage_a, args.stage_b)))
 
 
 def _cmd_export(args) -> None:
@@ -502,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefill under the profiler on --device), auto (the default: tuning when it can, else profile)")
     s.add_argument("--repeats", type=int, default=5, help="profiled prefills per side; each layer takes the median "
                    "(default 5)")
+    for side in ("a", "b"):
+        s.add_argument(f"--stage-{side}", default="latest", choices=["latest", "capture", "passes", "quant", "tune"],
+                       help=f"side {side.upper()}'s stage when it is a workspace (default: its latest up-to-date one)")
     _add_device_arg(s, "where both sides run")
     s.set_defaults(fn=_cmd_compare)
 
