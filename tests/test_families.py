@@ -258,7 +258,8 @@ def test_layernorm_families_from_a_hugging_face_directory(tmp_path, built, name)
 @pytest.mark.parametrize("name", LN_FAMILIES)
 def test_layernorm_families_diff_layer_by_layer(built, name):
     """`workbench diff`'s trace finds each decoder layer's output in the fused graph (the sum an add_layer_norm
-    returns, transformer.h.<i> or gpt_neox.layers.<i>) and the optimized graph diverges nowhere."""
+    returns, transformer.h.<i> or gpt_neox.layers.<i>) and the final LayerNorm (ln_f, final_layer_norm), and the
+    optimized graph diverges nowhere."""
     from workbench.debug.diff import compare, trace_model, trace_program
 
     lm, result = built(name)
@@ -266,7 +267,7 @@ def test_layernorm_families_diff_layer_by_layer(built, name):
     divergence = compare(trace_program(result.program, ids), trace_model(lm.model, ids))
     assert divergence.first is None
     rows = divergence.layers
-    assert list(rows["layer"]) == ["embed", 0, 1, "logits"] and (rows["rel_err"] < 1e-5).all()
+    assert list(rows["layer"]) == ["embed", 0, 1, "norm", "logits"] and (rows["rel_err"] < 1e-5).all()
     assert all(node.startswith("add_layer_norm") for node in rows["node"][1:3])
 
 
