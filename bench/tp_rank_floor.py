@@ -123,19 +123,17 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\n{args.preset} {args.dtype}, one rank alone on {name} (collectives the identity; untuned); "
           f"decode {B} requests x {P}+{O} tokens, prefill {PB} x {PP} tokens")
-    head = f"{'TP':>3} {'rank weights GB':>15}"
+    # (key, header, format) per column, the cases' columns where they ran
+    columns = [("tp", "TP", "{:>3}"), ("weights_gb", "rank weights GB", "{:>15.2f}")]
     if "decode" in cases:
-        head += f" {'decode tok/s':>13} {'ms/step':>8} {'vs TP-1':>8}"
+        columns += [("decode_tok_s", "decode tok/s", "{:>13.0f}"), ("decode_ms_step", "ms/step", "{:>8.2f}"),
+                    ("decode_vs_tp1", "vs TP-1", "{:>7.2f}x")]
     if "prefill" in cases:
-        head += f" {'prefill tok/s':>14} {'vs TP-1':>8}"
-    print(head)
+        columns += [("prefill_tok_s", "prefill tok/s", "{:>14.0f}"), ("prefill_vs_tp1", "vs TP-1", "{:>7.2f}x")]
+    widths = [len(fmt.format(0)) for _, _, fmt in columns]
+    print(" ".join(f"{head:>{w}}" for (_, head, _), w in zip(columns, widths)))
     for row in rows:
-        line = f"{row['tp']:>3} {row['weights_gb']:>15.2f}"
-        if "decode" in cases:
-            line += f" {row['decode_tok_s']:>13.0f} {row['decode_ms_step']:>8.2f} {row['decode_vs_tp1']:>7.2f}x"
-        if "prefill" in cases:
-            line += f" {row['prefill_tok_s']:>14.0f} {row['prefill_vs_tp1']:>7.2f}x"
-        print(line)
+        print(" ".join(fmt.format(row[key]) for key, _, fmt in columns))
     if args.out:
         Path(args.out).write_text(json.dumps({"preset": args.preset, "device": name, "rows": rows}, indent=2))
 
