@@ -32,7 +32,8 @@ import torch
 
 from .device import resolve_device
 from .errors import WorkbenchError
-from .graph.paged import is_paged
+from .graph.paged import is_paged, whole_size
+from .graph.sharding import Sharding, shard_in_memory
 
 @dataclass
 class Runnable:
@@ -76,13 +77,10 @@ def open_runnable(target, *, device: str | torch.device = "auto", stage: str = "
         return replace(target, program=program, batch_invariant=batch_invariant,
                        notes=target.notes + [n for n in program.notes if n not in target.notes])
     device = resolve_device(device)
-    size = tensor_parallel_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    if tensor_parallel_size is not None:
+        whole_size(tensor_parallel_size, "tensor_parallel_size")
     runnable = _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progress, tensor_parallel_size)
-    if runnable.sharding is None and (tensor_parallel_size or 1) > 1:  # the whole model is here: rank 0 cuts
-        from .graph.sharding import shard_in_memory                        # every rank's slices
-
+    if runnable.sharding is None and (tensor_parallel_size or 1) > 1:  # the whole model here: rank 0 cuts slices
         runnable.program, runnable.sharding = shard_in_memory(runnable.program, tensor_parallel_size)
     if batch_invariant is None:
         batch_invariant = engine_batch_invariant(runnable.engine) if runnable.engine is not None else False
@@ -131,8 +129,6 @@ def _open(target, device, stage, tokenizer, paged, dtype, kv_block_size, progres
             "source") else None
         sharding = None
         if engine.tensor_parallel_size > 1:
-            from .graph.sharding import Sharding
-
             sharding = Sharding.of_engine(engine)
         return Runnable(engine.program, tok, template, Path(target).resolve().name, "engine", "engine",
                         engine.limits, engine, source, sharding=sharding)

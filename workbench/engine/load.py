@@ -44,6 +44,7 @@ import torch
 
 from ..env import environment, environment_key, sha256_file
 from ..errors import WorkbenchError
+from ..graph.paged import whole_size
 from .format import ENGINE_JSON, FORMAT_VERSION, MANIFEST, TIMINGS, WEIGHTS, EngineLimits, older
 from .weights import read_weights
 
@@ -205,9 +206,7 @@ def shard_engine_graph(path: Path, graph, built: int, size):
     both."""
     from ..graph.passes.tensor_parallel import shard_and_fuse
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"the tensor-parallel size must be a whole number >= 1, got {size!r}")
-    if size == 1:
+    if whole_size(size) == 1:
         return graph, None
     try:
         return shard_and_fuse(graph, size)

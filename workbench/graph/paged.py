@@ -60,6 +60,13 @@ RERUN_PASSES = ("re-run the passes with fuse_attention and insert_paged_attentio
                 "or tick both in the passes widget and run it again)")
 
 
+def whole_size(size, what: str = "the tensor-parallel size") -> int:
+    """``size`` if it is a whole number >= 1 (not a bool), else one line naming ``what``."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkbenchError(f"{what} must be a whole number >= 1, got {size!r}")
+    return size
+
+
 def kv_heads_per_rank(kv_heads: int, size: int) -> int:
     """The KV heads each of ``size`` tensor-parallel ranks caches: ``kv_heads / size`` when ``size`` divides them,
     else (``kv_heads`` divides ``size``) one, each KV head replicated whole on ``size / kv_heads`` ranks (the ranks

@@ -16,6 +16,7 @@ import torch
 from ..distributed import from_environment
 from ..errors import WorkbenchError
 from .ir import Graph
+from .paged import whole_size
 
 
 @dataclass
@@ -92,8 +93,7 @@ def torchrun_launch() -> tuple[int, int] | None:
 def check_size(size, device: torch.device, fix: str = "") -> int:
     """``tensor_parallel_size`` checked: a whole number >= 1, and on GPUs no more than there are (``fix``: what to
     say beyond that)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"tensor_parallel_size must be a whole number >= 1, got {size!r}")
+    whole_size(size, "tensor_parallel_size")
     if size > 1 and device.type == "cuda" and torch.cuda.device_count() < size:
         raise WorkbenchError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
                              f"{torch.cuda.device_count()}{fix}")
@@ -122,8 +122,7 @@ def check_tensor_parallel_size(graph, size, what: str) -> int:
     """``size`` checked: a whole number >= 1 for which ``graph`` shards (the pass's one-line reason otherwise)."""
     from .passes.tensor_parallel import shard_tensor_parallel
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"{what} --tp: the tensor-parallel size must be a whole number >= 1, got {size!r}")
+    whole_size(size, f"{what} --tp: the tensor-parallel size")
     if size > 1:
         try:
             shard_tensor_parallel(graph, size)

@@ -45,7 +45,7 @@ import torch
 from ...errors import WorkbenchError
 from ..ir import Graph, Node, Param, Ref, TensorSpec, dtype_from_name
 from ..paged import OP as PAGED_OP
-from ..paged import kv_heads_per_rank
+from ..paged import kv_heads_per_rank, whole_size
 from ..rewrite import Rewriter
 from .manager import Match, PassReport
 
@@ -308,7 +308,8 @@ class _Sharder:
         for (lin, s, _e), role in zip(sources, ("q", "k", "v")):
             entry = by_linear.setdefault(lin.name, (lin, [[] for _ in range(n)]))
             for r in range(n):
-                entry[1][r].append(_split(s, heads * head_dim, n, r) if role == "q" else _kv_rows(s, kv_heads, head_dim, n, r))
+                entry[1][r].append(_split(s, heads * head_dim, n, r) if role == "q"
+                                   else _kv_rows(s, kv_heads, head_dim, n, r))
         for lin, ranks in by_linear.values():
             self.column(lin, ranks)
         self.matches.append(Match("q/k/v column-parallel" + (" (KV heads replicated)" if kv_heads < n else ""),
@@ -339,7 +340,7 @@ class _Sharder:
         tail = shape[-3:]
         if len(shape) >= 2 and shape[-1] == 3 * d and shape[-2] in (heads, -1) and kv_heads == heads:
             kind = "per head (GPT-NeoX)"
-            ranks = [[[r * local_h * 3 * d, (r + 1) * local_h * 3 * d]] for r in range(n)]
+            ranks = [[_split(0, width, n, r)] for r in range(n)]  # rank r's heads: one run of columns
             if shape[-2] == heads:
                 view.args[1] = [*shape[:-2], local_h, shape[-1]]
         elif len(shape) >= 3 and tail[2] == d and tail[0] in (kv_heads, -1) and \
@@ -430,8 +431,7 @@ def shard_tensor_parallel(graph: Graph, size: int) -> tuple[Graph, PassReport]:
     """The graph one rank of ``size`` runs (the same for every rank; see the module docstring) and its report."""
     import time
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkbenchError(f"the tensor-parallel size must be a whole number >= 1, got {size!r}")
+    whole_size(size)
     if graph.meta.get("tensor_parallel", {}).get("size", 1) != 1:
         raise WorkbenchError(f"this graph is sharded already (tensor-parallel size "
                              f"{graph.meta['tensor_parallel']['size']}); shard the unsharded graph")
