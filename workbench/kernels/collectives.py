@@ -41,11 +41,17 @@ def _ranks() -> int:
     return group.size if group is not None else 1
 
 
+def _ring_all_reduce_bytes(nbytes: int) -> int:
+    """What each rank sends over the link to all-reduce ``nbytes`` in a ring: 2·(n−1)/n of them."""
+    n = _ranks()
+    return 2 * (n - 1) * nbytes // n
+
+
 def _ring_cost(fraction_of: str):
     def cost(call: C.OpCall) -> C.Cost:
         n = _ranks()
         out = call.out_bytes()
-        link = 2 * (n - 1) * out // n if fraction_of == "reduce" else (n - 1) * out // n
+        link = _ring_all_reduce_bytes(out) if fraction_of == "reduce" else (n - 1) * out // n
         return C.Cost(call.out_numel() if fraction_of == "reduce" else 0, call.in_bytes() + out, link)
 
     return cost
@@ -92,10 +98,9 @@ def reduce_first(norm):
 
 def _reduce_norm_cost(call: C.OpCall) -> C.Cost:
     """The all-reduce's link bytes for x (the first argument) and its adds, plus the norm's ``_norm_cost``."""
-    n = _ranks()
     x = call.tensors()[0]
     return C.Cost(x.numel(call.sizes) + 4 * call.out_numel(), call.in_bytes() + call.out_bytes(),
-                  2 * (n - 1) * x.nbytes(call.sizes) // n)
+                  _ring_all_reduce_bytes(x.nbytes(call.sizes)))
 
 
 @register_op("workbench.all_reduce_add_rms_norm", cost=_reduce_norm_cost, graph_safe=True)
