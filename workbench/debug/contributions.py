@@ -66,8 +66,7 @@ class Contributions:
     @property
     def total_rel_err(self) -> float:
         """The whole plan's relative error on the logits."""
-        rows = self.whole.table[self.whole.table.kind == "logits"]
-        return float(rows.rel_err.iloc[0]) if len(rows) else math.nan
+        return self.whole.logits_rel_err
 
     @property
     def caption(self) -> str:
@@ -144,17 +143,14 @@ def group_contributions(ws, *, ids: Sequence[int] | None = None, prompt: str | N
                 fmt = spec.pop("format")
                 solo, layer, kind = base.with_format(name, fmt, **spec), known[name].layer, known[name].kind
             d = compare(trace_program(quantized_program(program, solo, stats), ids, label=name), reference, tol=tol)
-            layers = d.layers
-            logits = layers[layers.layer == "logits"].rel_err
-            rows.append({"group": name, "layer": layer, "kind": kind, "format": fmt,
-                         "rel_err": float(logits.iloc[0]) if len(logits) else math.nan,
-                         "max_rel_err": float(layers.rel_err.max()),
+            rows.append({"group": name, "layer": layer, "kind": kind, "format": fmt, "rel_err": d.logits_rel_err,
+                         "max_rel_err": float(d.layers.rel_err.max()),
                          "first": None if d.first is None else d.first.layer,
                          "ppl_delta_pct": report.delta(name, fmt) if report is not None else math.nan})
             bar.set_postfix_str(name)
             bar.update(1)
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "share"])
-    total = float(whole.table[whole.table.kind == "logits"].rel_err.iloc[0])
+    total = whole.logits_rel_err
     table.insert(5, "share", table.rel_err ** 2 / total ** 2 if total > 0 else math.nan)
     for c in ("layer", "first"):  # ints stay ints beside None (lm_head, no divergence)
         table[c] = pd.Series([r[c] for r in rows], dtype=object)
@@ -177,8 +173,8 @@ def _chosen(plan, groups, known) -> list[str]:
         if g in quantized:
             continue
         if g in known or g == KV_CACHE:
-            raise WorkbenchError(f"group {g!r} is kept in bf16 by the plan: it contributes no error; the plan quantizes "
-                                 f"{_some(quantized)}")
+            raise WorkbenchError(f"group {g!r} is kept in bf16 by the plan: it contributes no error; the plan "
+                                 f"quantizes {_some(quantized)}")
         raise WorkbenchError(f"{g!r} is not a linear group of this model; the plan quantizes {_some(quantized)}")
     return [g for g in quantized if g in set(groups)]
 

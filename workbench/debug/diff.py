@@ -40,6 +40,7 @@ rounds each value by up to 6%). Give ``tol`` to look closer.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -489,6 +490,12 @@ class Divergence:
         """One row per layer (embed, 0, 1, ..., norm, logits): layer, node, op, rel_err, cosine, max_abs."""
         rows = self.table[self.table.kind != "module"]
         return rows[["layer", "node", "op", "rel_err", "cosine", "max_abs"]].reset_index(drop=True)
+
+    @property
+    def logits_rel_err(self) -> float:
+        """The logits' relative error (NaN where the traces have no logits row)."""
+        rows = self.table[self.table.kind == "logits"]
+        return float(rows.rel_err.iloc[0]) if len(rows) else math.nan
 
     def nodes(self, layer: int):
         """The rows of one layer: its modules in the subject's order, then its output."""

@@ -239,7 +239,8 @@ def compare_engines(a, b, *, ids: Sequence[int] | None = None, prompt: str | Non
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise WorkbenchError(f"repeats must be a positive integer, not {repeats!r}")
     device = resolve_device(device)
-    sides = [open_runnable(t, device=device, stage=stage, paged=False, progress=False) for t, stage in zip((a, b), stages)]
+    sides = [open_runnable(t, device=device, stage=stage, paged=False, progress=False)
+             for t, stage in zip((a, b), stages)]
     labels = [str(t) if s.kind != "workspace" else f"{t} ({s.stage})" for t, s in zip((a, b), sides)]
     ids = prompt_ids(sides[0], ids, prompt)
     vocab = [s.program.graph.meta.get("config", {}).get("vocab_size") for s in sides]
@@ -268,7 +269,7 @@ def compare_engines(a, b, *, ids: Sequence[int] | None = None, prompt: str | Non
         ref_label = hf.label
     rel_err = []
     for d in divergences:
-        rel_err.append({("embed" if r.layer == "embed" else r.layer): r.rel_err for r in d.layers.itertuples()})
+        rel_err.append({r.layer: r.rel_err for r in d.layers.itertuples()})
     if len(rel_err) == 1:  # B is the reference
         rel_err.append({k: 0.0 for k in rel_err[0]})
 
