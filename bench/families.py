@@ -41,22 +41,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from throughput import run_engine, sync  # noqa: E402
+from throughput import read_weights, run_engine, sync  # noqa: E402
 
 from workbench.cli import main as workbench_main  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
 from workbench.runnable import open_runnable  # noqa: E402
 
 FAMILIES = "llama-3-8b,qwen3-8b,gemma-2-9b,phi-3-mini,falcon-7b,gpt-neox-6.9b,gpt2-xl"
-
-
-def read_weights(program) -> tuple[int, int]:
-    """(bytes, parameters) a decode step reads: every parameter but the embedding table (one row of it is read),
-    a table that lm_head also reads (tied) counted once."""
-    graph = program.graph
-    read = {r for node in graph.nodes if node.op not in ("aten.embedding.default", "embedding") for r in node.refs()}
-    params = [p for name, p in program.params.items() if name in read]
-    return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
 
 
 def stage(argv: list[str]) -> float:

@@ -73,6 +73,15 @@ def parse_shape(spec: str, requests: int) -> tuple[int, int, int]:
     return n_in, n_out, int(count) if count else requests
 
 
+def read_weights(program) -> tuple[int, int]:
+    """(bytes, parameters) a decode step reads: every parameter but the embedding table (one row of it is read);
+    a table that lm_head also reads (tied) counts, once."""
+    read = {r for node in program.graph.nodes if node.op not in ("aten.embedding.default", "embedding")
+            for r in node.refs()}
+    params = [p for name, p in program.params.items() if name in read]
+    return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
+
+
 def eager_steps(steps) -> int:
     """Steps of a timeline that ran node by node rather than in a CUDA graph."""
     return int(((steps["graph_tokens"] == 0) & (steps["scheduled"] > 0)).sum())
@@ -259,10 +268,7 @@ def main() -> None:
                              ("memory_fraction", args.memory_fraction)) if v is not None}
     limits = opened.limits.narrowed(fixed=True, **{k: llm[k] for k in ("max_num_seqs", "max_num_batched_tokens")
                                                    if k in llm})
-    # the bytes a decode step must read: every parameter but the embedding table (one row of it); a table
-    # that lm_head also reads (tied) counts
-    read = {r for node in graph.nodes if node.op not in ("aten.embedding.default", "embedding") for r in node.refs()}
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in program.params.items() if name in read)
+    weight_bytes, _ = read_weights(program)
     vocab = graph.meta["config"]["vocab_size"]
     g = torch.Generator().manual_seed(0)
     tuning = opened.engine.tuning if opened.engine is not None else None
