@@ -77,3 +77,27 @@ def test_text_for_a_model_without_tokenizer_shows_the_error_and_clears_the_outpu
     w.button.click()
     assert w.divergence is None and w.figure is None and w.output.outputs == ()
     assert w.status.value.startswith("<span style='color:#c00'>error: this model has random weights")
+
+
+def test_decode_steps_draw_a_line_per_step_and_the_picker_shows_each_steps_table(ws):
+    """With decode steps the figure has one line per step (the prefill, then each decode step through the KV
+    cache), the step picker lists them at the first diverging one, and picking a step shows its table."""
+    w = DivergenceWidget(ws.root, device="cpu", tol=1e-2)
+    assert w.step.disabled and w.step.options == (("prefill", 0),)
+    w.pair.value = ("quant", "passes")
+    w.prompt.value = "3, 14, 15, 92, 65, 35"
+    w.steps.value = 2
+    w.button.click()
+    d = w.divergence
+    assert len(d.decode) == 2 and len(d.tokens) == 2 and not w.step.disabled
+    names = [t.name for t in w.figure.data if t.showlegend is not False]
+    assert names == ["prefill", f"decode 1 (token {d.tokens[0]})", f"decode 2 (token {d.tokens[1]})"]
+    assert [label for label, _ in w.step.options] == names and w.step.value == 0  # the prefill diverges first
+    same = diff(ws.root, stage="quant", against="passes", device="cpu", tol=1e-2, ids=[3, 14, 15, 92, 65, 35],
+                steps=2)
+    assert same.tokens == d.tokens and list(same.decode[1].layers.rel_err) == list(d.decode[1].layers.rel_err)
+    w.step.value = 2  # what picking "decode 2" does
+    assert "(shown: decode 2" in w.status.value
+    table = w.output.outputs[0]["data"]["text/html"]
+    assert f"{d.decode[1].layers.rel_err.iloc[-1]:.2e}" in table
+    assert PLOTLY in w.output.outputs[1]["data"]

@@ -9,10 +9,12 @@ import torch
 from conftest import copy_workspace
 from workbench.cli import main
 from workbench.debug.contributions import group_contributions
-from workbench.debug.diff import compare, residual_stream, run_inputs, trace_model, trace_program, tolerance
+from workbench.debug.diff import (compare, compare_steps, diff, residual_stream, run_inputs, step_rows, trace_model,
+                                  trace_program, trace_steps, tolerance)
 from workbench.debug.engines import compare_engines, precision, tuned_us
 from workbench.graph.executor import Program
 from workbench.kernels.autotune import TimingCache, autotune
+from workbench.kernels.fused import paged_attention
 from workbench.kernels.registry import register_op
 from workbench.models.intake import load_model, resolve_source
 from workbench.quant import PrecisionPlan, quantized_program
@@ -23,9 +25,13 @@ IDS = list(range(3, 19))
 
 
 @pytest.fixture(scope="module")
-def hf_trace():
-    model = load_model(resolve_source("tiny-llama"), dtype=torch.float32).model.eval()
-    return trace_model(model, IDS)
+def hf_model():
+    return load_model(resolve_source("tiny-llama"), dtype=torch.float32).model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_trace(hf_model):
+    return trace_model(hf_model, IDS)
 
 
 def planted(program, edit) -> Program:
@@ -100,6 +106,60 @@ def test_a_wrong_op_in_one_layer_is_found_in_that_layer(program, hf_trace):
     # silu_mul is no module's last node: the site after it is named, and it among the nodes that made it
     assert any("test.wrong_silu_mul" in n for n in f.nodes)
     assert d.layers.set_index("layer").loc[0, "rel_err"] < 1e-6
+
+
+def test_decode_steps_through_the_cache_match_transformers(program, hf_model):
+    """Three decode steps after the prompt, one token each through the paged KV cache, against transformers' one
+    run over the prompt and the same tokens, row by row: every step within float32's tolerance."""
+    traces, tokens = trace_steps(program, IDS, 3)
+    assert len(traces) == 4 and len(tokens) == 3 and tokens[0] == traces[0].next_token()
+    assert traces[1].sites["logits"].value.reshape(-1, 512).shape[0] == 1  # a decode step's one row
+    d = compare_steps(traces, step_rows(trace_model(hf_model, IDS + tokens), len(IDS), 3), tokens=tokens)
+    assert d.first_step is None and len(d.steps) == 4 and d.tokens == tokens
+    steps = d.by_step()
+    assert list(steps.step.unique()) == [0, 1, 2, 3] and (steps.rel_err < 1e-5).all()
+    assert list(d.step_table().columns) == ["layer", "prefill", "decode 1", "decode 2", "decode 3"]
+    assert "in the prefill and 3 decode steps" in d.line()
+
+
+def test_a_decode_only_bug_is_found_at_its_step_and_layer(program, hf_model):
+    """Layer 1's attention off by one in decode steps only (the newest key left out when each sequence has one
+    new token): the prefill is clean, and the first divergence is decode step 1, layer 1's attention, made there."""
+    @register_op("test.paged_attention_off_by_one", replace=True, effects=True)
+    def off_by_one(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, query_start_loc, *args, **kwargs):
+        decode = int(query_start_loc[-1]) == seq_lens.numel()
+        return paged_attention(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens - 1 if decode else seq_lens,
+                               query_start_loc, *args, **kwargs)
+
+    def edit(graph):
+        node = next(n for n in graph.nodes if n.op == "workbench.paged_attention" and n.layer == 1)
+        node.op = "test.paged_attention_off_by_one"
+
+    traces, tokens = trace_steps(planted(program, edit), IDS, 2)
+    d = compare_steps(traces, step_rows(trace_model(hf_model, IDS + tokens), len(IDS), 2), tokens=tokens)
+    assert d.first is None  # the prompt's prefill is right
+    f = d.first_step.first
+    assert (f.step, f.layer, f.origin) == (1, 1, "this op") and f.site.startswith("model.layers.1.self_attn")
+    assert any("test.paged_attention_off_by_one" in n for n in f.nodes)
+    assert d.decode[0].layers.set_index("layer").loc[0, "rel_err"] < 1e-5
+    assert "the prefill is within tolerance; first divergence: decode step 1, layer 1" in d.line()
+
+
+def test_decode_steps_of_a_captured_graph_and_stage_against_stage(optimized_ws, capsys):
+    """A graph without paged attention (the capture stage) decodes by recomputing the sequence; the passes stage
+    against it decodes through its cache, fed the same tokens; the command prints the table by step."""
+    ws = str(optimized_ws.root)
+    d = diff(ws, stage="passes", against="capture", device="cpu", ids=IDS, steps=2)
+    assert d.first_step is None and len(d.decode) == 2
+    captured = diff(ws, stage="capture", device="cpu", ids=IDS, steps=2)
+    assert captured.tokens == d.tokens and captured.first_step is None
+    assert main(["diff", ws, "--device", "cpu", "--ids", ",".join(map(str, IDS)), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "relative error by step (decode tokens fed: " in out and "decode 2" in out
+    assert "in the prefill and 2 decode steps" in out.splitlines()[-1]
+    assert main(["diff", ws, "--device", "cpu", "--steps", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == ("workbench: error: steps is the number of decode steps after the "
+                                               "prompt, 0 to 64; got -1")
 
 
 def test_fp8_in_one_group_shows_at_its_layer_not_before(program, stats):

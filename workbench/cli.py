@@ -10,6 +10,7 @@
     workbench generate ws/ "The capital of France is" greedy tokens from the latest up-to-date stage
     workbench eval ws/ --dataset evaluation           perplexity of the latest up-to-date stage (or --reference)
     workbench diff ws/ --against hf                   where the latest stage first diverges from transformers
+    workbench diff engine/ --steps 8                  ... in the prefill and 8 decode steps through the KV cache
     workbench diff ws/ --stage quant --groups         each quantized linear group's share of the quant stage's error
     workbench compare fp8/ bf16/                      two engines layer by layer: precision, latency, error
     workbench export ws/ --out engine/                the engine directory of the latest stage; records ws/export
@@ -228,15 +229,16 @@ def _cmd_diff(args) -> None:
     if args.top is not None:
         raise WorkbenchError("--top sets how many rows of --groups print; give --groups with it")
     result = diff(args.workspace, stage=args.stage, against=args.against or HF, ids=_token_ids(args.ids),
-                  prompt=args.prompt, device=args.device, tol=args.tol)
+                  prompt=args.prompt, device=args.device, tol=args.tol, steps=args.steps)
     print(result)
-    if args.nodes and result.first is not None and isinstance(result.first.layer, int):
+    first = result.first_step
+    if args.nodes and first is not None and isinstance(first.first.layer, int):
         import pandas as pd
 
         from .debug.diff import FORMATTERS
 
         with pd.option_context("display.width", 160, "display.max_columns", 10):
-            print(result.nodes(result.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
+            print(first.nodes(first.first.layer)[["key", "node", "op", "rel_err", "cosine", "max_abs"]]
                   .to_string(index=False, formatters=FORMATTERS))
 
 
@@ -247,8 +249,9 @@ def _cmd_diff_groups(args) -> None:
     if args.stage != "quant" or args.against not in (None, "passes"):
         raise WorkbenchError("--groups quantizes each group of the quant stage's plan alone and compares it with the "
                              "passes stage: give --stage quant (and --against passes, or no --against)")
-    if args.nodes:
-        raise WorkbenchError("--nodes prints the modules of one diverging layer; it does not go with --groups")
+    if args.nodes or args.steps:
+        raise WorkbenchError(f"{'--nodes' if args.nodes else '--steps'} goes with a diff of one stage, not with "
+                             "--groups (which compares each group's logits on the prompt)")
     if args.top is not None and args.top < 1:
         raise WorkbenchError(f"--top must be at least 1, got {args.top}")
     names = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups != "*" else None
@@ -478,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--ids", help="comma-separated token ids to run instead of a prompt, e.g. 1,2,3")
     s.add_argument("--tol", type=float, help="relative error that counts as diverged (default: by precision: 1e-4 "
                    "float32, 2e-2 bf16/fp16, 1e-1 quantized)")
+    s.add_argument("--steps", type=int, default=0, metavar="N",
+                   help="also N decode steps after the prompt, one token each through the paged KV cache (the "
+                        "subject's greedy tokens, fed to both sides): the table shows each layer's error by step")
     s.add_argument("--nodes", action="store_true", help="also print every module of the first diverging layer")
     s.add_argument("--groups", nargs="?", const="*", metavar="NAMES",
                    help="with --stage quant: each linear group the precision plan quantizes (or the comma-separated "

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -132,6 +132,28 @@ class Trace:
     @property
     def num_layers(self) -> int:
         return 1 + max((s.layer for s in self.sites.values() if s.kind == "stream"), default=-1)
+
+    def rows(self, start: int, stop: int, length: int) -> "Trace":
+        """This trace at token positions ``start``..``stop - 1`` of its run over ``length`` tokens: each value cut
+        along its sequence axis (``[1, length, ...]`` or ``[length, ...]``); a site without one is left out."""
+        sites = {}
+        for key, site in self.sites.items():
+            axis = _sequence_axis(site.value, length)
+            if axis is not None:
+                sites[key] = replace(site, value=site.value.narrow(axis, start, stop - start))
+        return replace(self, sites=sites)
+
+    def next_token(self) -> int:
+        """The greedy token after the last position: the argmax of the last row of the logits."""
+        logits = self.sites["logits"].value
+        return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+
+
+def _sequence_axis(value: torch.Tensor, length: int) -> int | None:
+    """The axis of ``value`` that runs over a sequence of ``length`` tokens: 1 of a batch of one, else 0."""
+    if value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == length:
+        return 1
+    return 0 if value.dim() >= 1 and value.shape[0] == length else None
 
 
 # ---- transformers ----------------------------------------------------------------------------------------------
@@ -327,8 +349,58 @@ def is_quantized(graph: Graph) -> bool:
 
 def trace_program(program, ids: Sequence[int], *, label: str = "workbench") -> Trace:
     """Sites of a workbench program's prefill of ``ids`` (see the module docstring for how they are found)."""
+    return trace_values(program, run_values(program, ids), label=label)
+
+
+@torch.no_grad()
+def trace_steps(program, ids: Sequence[int], steps: int, *, tokens: Sequence[int] | None = None,
+                label: str = "workbench") -> tuple[list[Trace], list[int]]:
+    """The traces of the prefill of ``ids`` (step 0) and of ``steps`` decode steps after it, and the tokens the
+    decode steps were fed. Decode step k feeds one token at position ``len(ids) + k - 1``: through a paged graph's
+    KV cache, filled by the steps before, as the runtime decodes (so a decode kernel's or the cache's error shows
+    at its step); a graph without paged attention recomputes the whole sequence and its last row is kept. The
+    tokens are ``tokens`` (another side's, so both see the same inputs), else each step's greedy token."""
+    graph, ids = program.graph, list(ids)
+    fed = [int(t) for t in tokens] if tokens is not None else []
+    if tokens is not None and len(fed) < steps:
+        raise WorkbenchError(f"{steps} decode steps need {steps} tokens to feed, got {len(fed)}")
+    traces: list[Trace] = []
+    if is_paged(graph):
+        from ..graph.paged import PagedLayout
+
+        cache = cache_for(graph, num_blocks=PagedLayout.from_graph(graph).blocks_for(len(ids) + steps),
+                          device=program.device)
+        new = ids
+        for k in range(steps + 1):
+            inputs = cache.step_inputs([(0, new)])
+            if "logits_indices" in graph.inputs:
+                inputs["logits_indices"] = torch.arange(len(new), device=program.device)
+            traces.append(trace_values(program, program.run(keep_all=True, **inputs), label=label))
+            if k < steps:
+                fed = fed if len(fed) > k else fed + [traces[-1].next_token()]
+                new = [fed[k]]
+    else:
+        for k in range(steps + 1):
+            seq = ids + fed[:k]
+            trace = trace_program(program, seq, label=label)
+            traces.append(trace.rows(len(seq) - 1, len(seq), len(seq)) if k else trace)
+            if k < steps and len(fed) <= k:
+                fed.append(trace.next_token())
+    return traces, fed[:steps]
+
+
+def step_rows(trace: Trace, prompt: int, steps: int) -> list[Trace]:
+    """A trace of one run over a prompt of ``prompt`` tokens and ``steps`` more, cut as ``trace_steps`` returns its
+    steps: the prompt's rows, then each later position's row."""
+    length = prompt + steps
+    return [trace.rows(0, prompt, length)] + [trace.rows(prompt + k - 1, prompt + k, length)
+                                              for k in range(1, steps + 1)]
+
+
+def trace_values(program, values: dict[str, Any], *, label: str = "workbench") -> Trace:
+    """Sites of a workbench program among ``values``, every value of one run of it (``program.run(keep_all=True,
+    ...)``)."""
     graph = program.graph
-    values = run_values(program, ids)
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     by_name = {n.name: n for n in graph.nodes}
     stream = residual_stream(graph)
@@ -442,6 +514,8 @@ class First:
     tol: float
     #: the subject's nodes from the input sites to this one ("name (op)"): one of them made the error
     nodes: list[str] = field(default_factory=list)
+    #: the step: 0 the prompt's prefill, k > 0 the k-th decode step after it (``diff(..., steps=N)``)
+    step: int = 0
 
     @property
     def views_only(self) -> bool:
@@ -459,6 +533,8 @@ class First:
 
     def line(self) -> str:
         where = f"layer {self.layer}" if isinstance(self.layer, int) else self.layer
+        if self.step:
+            where = f"decode step {self.step}, {where}"
         ins = ", ".join(f"{k} {e:.1e}" for k, e in self.inputs.items()) or "none compared"
         line = (f"first divergence: {where}, {self.site} at node {self.node} ({self.op}): rel err "
                 f"{self.rel_err:.2e} > {self.tol:.0e}; inputs: {ins} -> {self.origin}")
@@ -484,6 +560,38 @@ class Divergence:
     tol: float
     table: Any  # pandas.DataFrame
     first: First | None
+    #: the decode steps after the prompt (``diff(..., steps=N)``): step k's comparison is ``decode[k - 1]``
+    decode: list["Divergence"] = field(default_factory=list)
+    #: the token each decode step fed (the subject's greedy tokens, fed to both sides)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list["Divergence"]:
+        """The prefill's comparison (this one), then each decode step's."""
+        return [self, *self.decode]
+
+    @property
+    def first_step(self) -> "Divergence | None":
+        """The first step (prefill, then decode steps) that diverges; None when none does."""
+        return next((d for d in self.steps if d.first is not None), None)
+
+    def by_step(self):
+        """The layer rows of every step: step (0 the prefill), layer, node, op, rel_err, cosine, max_abs."""
+        import pandas as pd
+
+        return pd.concat([d.layers.assign(step=k) for k, d in enumerate(self.steps)], ignore_index=True)[
+            ["step", "layer", "node", "op", "rel_err", "cosine", "max_abs"]]
+
+    def step_table(self):
+        """The layers' relative error by step: one row per layer (embed, 0, 1, ..., norm, logits), one column per
+        step ("prefill", "decode 1", ...)."""
+        import pandas as pd
+
+        columns = {"prefill" if k == 0 else f"decode {k}": d.layers.set_index(d.layers.layer.astype(str)).rel_err
+                   for k, d in enumerate(self.steps)}
+        table = pd.DataFrame(columns)
+        table.index.name = "layer"
+        return table.loc[[str(v) for v in self.layers.layer]].reset_index()
 
     @property
     def layers(self):
@@ -503,16 +611,38 @@ class Divergence:
         return t[t.layer.apply(lambda v: v == layer and not isinstance(v, str))].reset_index(drop=True)
 
     def line(self) -> str:
-        if self.first is None:
-            return f"no divergence: every layer of {self.subject} is within {self.tol:.0e} of {self.reference}"
+        first = self.first_step
+        if first is None:
+            steps = f" in the prefill and {len(self.decode)} decode steps" if self.decode else ""
+            return f"no divergence: every layer of {self.subject} is within {self.tol:.0e} of {self.reference}{steps}"
+        if first is not self:
+            return "the prefill is within tolerance; " + first.first.line()
         return self.first.line()
 
     def __str__(self) -> str:
         import pandas as pd
 
-        with pd.option_context("display.width", 160, "display.max_columns", 10):
-            table = self.layers.to_string(index=False, formatters=FORMATTERS)
+        with pd.option_context("display.width", 160, "display.max_columns", 12):
+            if self.decode:
+                table = self.step_table().to_string(index=False, float_format="{:.2e}".format)
+                table = f"relative error by step (decode tokens fed: {self.tokens})\n{table}"
+            else:
+                table = self.layers.to_string(index=False, formatters=FORMATTERS)
         return f"{self.subject} against {self.reference}\n{table}\n{self.line()}"
+
+
+def compare_steps(subject: Sequence[Trace], reference: Sequence[Trace], *, tol: float | None = None,
+                  tokens: Sequence[int] = ()) -> Divergence:
+    """``compare`` of each step's traces (``trace_steps``: the prefill, then the decode steps): the prefill's
+    Divergence, with the decode steps' in ``decode`` and the tokens fed in ``tokens``."""
+    if len(subject) != len(reference) or not subject:
+        raise WorkbenchError(f"the two sides ran {len(subject)} and {len(reference)} steps; compare the same steps")
+    tol = tolerance(*subject, *reference) if tol is None else tol
+    steps = [compare(a, b, tol=tol) for a, b in zip(subject, reference)]
+    for k, d in enumerate(steps):
+        if d.first is not None:
+            d.first.step = k
+    return replace(steps[0], decode=steps[1:], tokens=list(tokens))
 
 
 def compare(subject: Trace, reference: Trace, *, tol: float | None = None) -> Divergence:
@@ -563,22 +693,48 @@ HF = "hf"
 STAGES = ("capture", "passes", "quant", "tune")
 
 
+#: The most decode steps ``diff`` runs after the prompt (each keeps every value of the graph).
+MAX_STEPS = 64
+
+
 def diff(target, *, stage: str = "latest", against: str = HF, ids: Sequence[int] | None = None,
          prompt: str | None = None, device: str | torch.device = "auto", tol: float | None = None,
-         hf_dtype: str | None = None) -> Divergence:
+         hf_dtype: str | None = None, steps: int = 0) -> Divergence:
     """Where ``target`` (a workspace, an engine directory or a model source; ``stage`` picks a workspace's graph)
     first goes wrong against ``against``: ``"hf"`` (the transformers model of its source, in the graph's dtype
     unless ``hf_dtype``), a stage of the same workspace (``"capture"``, ``"passes"``, ``"quant"``), or another
     engine directory or workspace. The prompt is ``ids``, else ``prompt`` through the model's tokenizer, else
-    16 seeded random ids (a model with random weights has no tokenizer). Both sides run on ``device``."""
+    16 seeded random ids (a model with random weights has no tokenizer). Both sides run on ``device``.
+
+    ``steps`` N > 0 also compares N decode steps after the prompt (``trace_steps``): the subject decodes one token
+    a step through its paged KV cache, fed its own greedy tokens; a reference graph with paged attention decodes
+    the same tokens through its own cache, transformers and graphs without one run the whole sequence once and
+    each step is its row. The result's ``decode`` holds the steps' comparisons."""
     from ..device import resolve_device
     from ..runnable import open_runnable
 
+    if not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise WorkbenchError(f"steps is the number of decode steps after the prompt, 0 to {MAX_STEPS}; got {steps!r}")
     device = resolve_device(device)
     subject = open_runnable(target, device=device, stage=stage, paged=False, progress=False)
     ids = prompt_ids(subject, ids, prompt)
     label = f"{target} ({subject.stage})" if subject.kind == "workspace" else str(target)
-    mine = trace_program(subject.program, ids, label=label)
+    mine, tokens = trace_steps(subject.program, ids, steps, label=label)
+    kind, ref, ref_label = _reference(subject, against, target, device, hf_dtype)
+    if kind == "graph" and (is_paged(ref.graph) or not steps):
+        theirs, _ = trace_steps(ref, ids, steps, tokens=tokens, label=ref_label)
+    else:  # one run over the prompt and the tokens fed, cut into the steps' rows
+        whole = list(ids) + tokens
+        run = trace_model(ref, whole, label=ref_label) if kind == "hf" else trace_program(ref, whole, label=ref_label)
+        theirs = step_rows(run, len(ids), steps) if steps else [run]
+    return compare_steps(mine, theirs, tol=tol, tokens=tokens)
+
+
+def _reference(subject, against: str, target, device, hf_dtype):
+    """What ``diff`` compares ``subject`` with: ("hf", the transformers model, its label) or ("graph", a program,
+    its label)."""
+    from ..runnable import open_runnable
+
     if against == HF:
         if subject.source is None:
             raise WorkbenchError(f"{target} does not record the model it came from; compare it with another engine "
@@ -588,17 +744,15 @@ def diff(target, *, stage: str = "latest", against: str = HF, ids: Sequence[int]
 
         dtype = hf_dtype or subject.program.graph.meta.get("dtype", "float32")
         model = load_model(subject.source, dtype=dtype_from_name(dtype), device=str(device)).model.eval()
-        theirs = trace_model(model, ids, label=f"transformers ({dtype})")
-    elif against in STAGES:
+        return "hf", model, f"transformers ({dtype})"
+    if against in STAGES:
         if subject.kind != "workspace":
             raise WorkbenchError(f"--against {against} names a stage of a workspace, and {target} is not one; give "
                                  "the workspace, or --against hf or another engine directory")
         other = open_runnable(target, device=device, stage=against, paged=False, progress=False)
-        theirs = trace_program(other.program, ids, label=f"{target} ({against})")
-    else:
-        other = open_runnable(against, device=device, paged=False, progress=False)
-        theirs = trace_program(other.program, ids, label=str(against))
-    return compare(mine, theirs, tol=tol)
+        return "graph", other.program, f"{target} ({against})"
+    other = open_runnable(against, device=device, paged=False, progress=False)
+    return "graph", other.program, str(against)
 
 
 def prompt_ids(runnable, ids: Sequence[int] | None, prompt: str | None) -> list[int]:

@@ -2,6 +2,7 @@
 
     divergence_figure(d)                                      # d's relative error per layer, log y
     divergence_figure(a, b, labels=["passes vs hf", "quant vs passes"])   # one line per comparison
+    steps_figure(diff(ws, steps=4))                           # one line per step: the prefill, each decode step
     engines_figure(c)                                         # compare_engines: latency bars over error lines
     contributions_figure(c)                                   # group_contributions: error per group, sensitivity
 
@@ -64,6 +65,17 @@ def divergence_figure(*divergences, labels=None, title: str = "Relative error ag
                       yaxis=dict(title="relative error ‖a − b‖ / ‖b‖", type="log", exponentformat="power"),
                       height=380, legend=dict(orientation="h", y=-0.25), margin=dict(t=50))
     return fig
+
+
+def step_labels(divergence) -> list[str]:
+    """Each step's name: "prefill", then "decode k (token t)" for the token decode step k fed."""
+    return ["prefill"] + [f"decode {k} (token {t})" for k, t in enumerate(divergence.tokens, 1)]
+
+
+def steps_figure(divergence, *, title: str = "Relative error against depth, by step"):
+    """A diff with decode steps (``diff(..., steps=N)``) as one line per step: the prompt's prefill, then each
+    decode step through the KV cache (an error that only decoding makes starts at its step's line)."""
+    return divergence_figure(*divergence.steps, labels=step_labels(divergence), title=title)
 
 
 def engines_figure(comparison, *, title: str | None = None):
