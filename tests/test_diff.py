@@ -160,6 +160,10 @@ def test_decode_steps_of_a_captured_graph_and_stage_against_stage(optimized_ws, 
     assert main(["diff", ws, "--device", "cpu", "--steps", "-1"]) == 2
     assert capsys.readouterr().err.strip() == ("workbench: error: steps is the number of decode steps after the "
                                                "prompt, 0 to 64; got -1")
+    assert main(["diff", ws, "--device", "cpu", "--ids", "3,4,5", "--steps", "1", "--hf-dtype", "float32"]) == 0
+    assert "against transformers (float32)" in capsys.readouterr().out
+    assert main(["diff", ws, "--device", "cpu", "--against", "capture", "--hf-dtype", "float32"]) == 2
+    assert "--hf-dtype sets the transformers model's dtype" in capsys.readouterr().err
 
 
 def test_fp8_in_one_group_shows_at_its_layer_not_before(program, stats):

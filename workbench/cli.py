@@ -228,8 +228,11 @@ def _cmd_diff(args) -> None:
         return
     if args.top is not None:
         raise WorkbenchError("--top sets how many rows of --groups print; give --groups with it")
+    if args.hf_dtype and args.against not in (None, HF):
+        raise WorkbenchError(f"--hf-dtype sets the transformers model's dtype; --against {args.against} compares with "
+                             "a graph, which runs in its own")
     result = diff(args.workspace, stage=args.stage, against=args.against or HF, ids=_token_ids(args.ids),
-                  prompt=args.prompt, device=args.device, tol=args.tol, steps=args.steps)
+                  prompt=args.prompt, device=args.device, tol=args.tol, steps=args.steps, hf_dtype=args.hf_dtype)
     print(result)
     first = result.first_step
     if args.nodes and first is not None and isinstance(first.first.layer, int):
@@ -481,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--ids", help="comma-separated token ids to run instead of a prompt, e.g. 1,2,3")
     s.add_argument("--tol", type=float, help="relative error that counts as diverged (default: by precision: 1e-4 "
                    "float32, 2e-2 bf16/fp16, 1e-1 quantized)")
+    s.add_argument("--hf-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="with --against hf: the transformers model's dtype (default: the graph's own; float32 shows "
+                        "a bf16 engine's whole error against the exact model)")
     s.add_argument("--steps", type=int, default=0, metavar="N",
                    help="also N decode steps after the prompt, one token each through the paged KV cache (the "
                         "subject's greedy tokens, fed to both sides): the table shows each layer's error by step")
