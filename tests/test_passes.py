@@ -146,6 +146,17 @@ def test_a_bf16_graph_is_checked_in_float32():
         del PASSES["test_nudge_norm"]
 
 
+def test_the_check_tolerance_follows_the_dtype_and_the_device():
+    """float32's 1e-5 where the check runs on the CPU; 1e-4 for a 16-bit graph (checked in float32) and for any
+    graph checked on a GPU, whose GEMMs block a fused shape otherwise (an 8B float32 graph's fused q/k/v and gate/up
+    drifted 1.3e-5 on an H200 and were rejected under 1e-5)."""
+    from workbench.graph.passes.manager import check_tolerance
+
+    assert check_tolerance("float32", "cpu") == 1e-5
+    assert check_tolerance("bfloat16", "cpu") == check_tolerance("float16", "cpu") == 1e-4
+    assert check_tolerance("float32", "cuda") == check_tolerance("bfloat16", torch.device("cuda", 1)) == 1e-4
+
+
 @register_op("testplugin.swiglu_down")
 def swiglu_down(gate, up, weight):
     """A user's fused MLP tail: down_proj(silu(gate) * up)."""

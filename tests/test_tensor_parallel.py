@@ -348,6 +348,41 @@ def test_llm_with_two_ranks_generates_what_one_does(programs):
     assert all(not p.is_alive() for p in workers.procs)  # closed with the block
 
 
+def test_every_rank_captures_and_replays_the_same_step_graphs(programs):
+    """Step graphs over two ranks (emulated on the CPU: each rank runs every graph step on the graph's padded static
+    inputs): rank 1 builds the same graphs, captures each when rank 0 does and replays each step on rank 0's padded
+    inputs, so in-flight batching through decode graphs and prompt-chunk graphs gives the one-rank tokens, with no
+    step run eagerly."""
+    from workbench import LLM, SamplingParams
+    from workbench.runnable import open_runnable
+    from workbench.runtime.engine import sharded_engine
+    from workbench.runtime.scheduler import SchedulerConfig
+
+    program = programs("tiny-llama")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    one = LLM(program, num_blocks=48, max_num_batched_tokens=32, max_num_seqs=4).generate(_prompts(), params)
+    engine = sharded_engine(open_runnable(program, device="cpu", tensor_parallel_size=2), num_blocks=48,
+                            config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4), emulate_graphs=True,
+                            graph_token_sizes=(16, 32))
+    workers = engine.executor.tensor_parallel
+    try:
+        for i, prompt in enumerate(_prompts()):
+            engine.add_request(str(i), prompt, params)
+        while engine.has_unfinished:
+            engine.step()
+        two = [engine.output(str(i)) for i in range(len(_prompts()))]
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        for a, b in zip(two, one):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        steps = engine.timeline()
+        assert (steps.graph_tokens > 0).all() and engine.executor.replays == len(steps)  # no eager step
+        keys = set(engine.executor._graphs)
+        assert any(t == s for t, s in keys) and any(t in (16, 32) for t, _ in keys)  # decode and prompt graphs
+    finally:
+        workers.close()
+    assert all(not p.is_alive() for p in workers.procs)
+
+
 def test_a_dead_rank_stops_the_engine_with_its_name(programs):
     from workbench import LLM, SamplingParams
 

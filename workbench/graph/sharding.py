@@ -43,9 +43,11 @@ class Sharding:
         return cls(engine.tensor_parallel_size, engine.program.graph, engine.tp_reports, str(engine.weights_file),
                    engine.tied, None, engine.weights_read)
 
-    def spec(self, rank: int, program, num_blocks: int) -> "RankSpec":
+    def spec(self, rank: int, program, num_blocks: int, graphs: dict | None = None) -> "RankSpec":
         """What rank ``rank`` needs to build its shard of ``program``, rank 0's as its executor runs it (the
-        sampled-rows variant of the sharded graph, its tuned choices): every rank runs the same graph."""
+        sampled-rows variant of the sharded graph, its tuned choices): every rank runs the same graph.
+        ``graphs``: rank 0's executor's step-graph settings (``runtime.tensor_parallel.graph_settings``), so that
+        each rank captures the same step graphs; None: its steps run eagerly."""
         from .passes.tensor_parallel import rank_params
         from ..plugins import loaded
 
@@ -54,7 +56,7 @@ class Sharding:
             params = {k: v.detach().cpu() for k, v in rank_params(program.graph, self.params, rank).items()}
         choices = program.tuned.to_json() if program.tuned is not None else None
         return RankSpec(rank, self.size, program.graph.dumps(), num_blocks, program.device.type, loaded(), choices,
-                        self.weights_file, dict(self.tied), params)
+                        self.weights_file, dict(self.tied), params, graphs)
 
     def summary(self) -> str:
         """One line for a log: the size, how the ranks run, the sites sharded and fused, and where the weights
@@ -64,8 +66,8 @@ class Sharding:
                  if self.weights_read is not None else "rank 0 holds the whole model and hands each rank its slices")
         sharded, *after = self.reports
         fused = "".join(f", {len(r.matches)} by {r.name}" for r in after if r.accepted and r.matches)
-        return (f"tensor parallelism over {self.size} ranks ({how}; {len(sharded.matches)} sharded sites{fused}; "
-                f"steps run eagerly); {where}")
+        return (f"tensor parallelism over {self.size} ranks ({how}; {len(sharded.matches)} sharded sites{fused}); "
+                f"{where}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class RankSpec:
     weights_file: str | None  # an engine's safetensors file: this rank reads its slices from it
     tied: dict[str, str]
     params: dict[str, torch.Tensor] | None  # else this rank's tensors (on the CPU)
+    graphs: dict | None = None  # rank 0's step-graph settings (the executor's); None: eager steps
 
 
 def torchrun_launch() -> tuple[int, int] | None:

@@ -135,7 +135,7 @@ class LLMEngine:
                  config: SchedulerConfig | None = None, limits=None, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                  prefix_caching: bool = True, eos_token_id: int | None = None, cuda_graphs: bool | None = None,
                  async_scheduling: bool | None = None, max_model_len: int | None = None,
-                 graph_token_sizes=None, emulate_graphs: bool = False) -> None:
+                 graph_token_sizes=None, emulate_graphs: bool = False, on_executor=None) -> None:
         """``limits`` (an engine's ``EngineLimits``, the runtime's config record): the scheduler's budget and
         sequence count and the longest request, unless ``config`` / ``max_model_len`` say otherwise.
         ``num_blocks`` (default: the capacity planner's ``runtime_plan``: ``memory_fraction`` of the GPU's free
@@ -143,7 +143,9 @@ class LLMEngine:
         ``cuda_graphs`` (default: on a GPU): every step replays a captured graph (see ``executor``), all
         captured here; ``graph_token_sizes`` are the token counts captured for steps with prompt chunks
         (default: ``graph_token_sizes(max_num_batched_tokens)``; ``()`` runs those steps eagerly).
-        ``emulate_graphs``: the CPU test of that path (the graphs' padded inputs, run node by node)."""
+        ``emulate_graphs``: the CPU test of that path (the graphs' padded inputs, run node by node).
+        ``on_executor(executor)`` runs once the executor exists, before any graph is captured (a tensor-parallel
+        engine starts its other ranks there: they capture each graph with rank 0)."""
         if limits is not None:
             config = config or SchedulerConfig(max_num_batched_tokens=limits.max_num_batched_tokens,
                                                max_num_seqs=limits.max_num_seqs)
@@ -170,6 +172,8 @@ class LLMEngine:
         self.executor = Executor(program, num_blocks, cuda_graphs=cuda_graphs, graph_token_sizes=graph_token_sizes,
                                  max_seqs=config.max_num_seqs, emulate_graphs=emulate_graphs,
                                  **({"max_model_len": max_model_len} if max_model_len else {}))
+        if on_executor is not None:
+            on_executor(self.executor)
         self.async_scheduling = (self.executor.device.type == "cuda" if async_scheduling is None
                                  else async_scheduling)
         self._pending: _Launched | None = None
@@ -531,18 +535,15 @@ class LLM:
 
 
 
-def sharded_engine(runnable, *, cuda_graphs: bool | None = None, **engine_options) -> LLMEngine:
+def sharded_engine(runnable, **engine_options) -> LLMEngine:
     """An ``LLMEngine`` of rank 0 of ``runnable`` (``open_runnable(..., tensor_parallel_size=N)``: rank 0's shard),
-    with ranks 1.. started as its workers (``runtime.tensor_parallel``: torchrun's ranks, or spawned).
-    ``engine_options`` are ``LLMEngine``'s; steps run eagerly and synchronously."""
+    with ranks 1.. started as its workers (``runtime.tensor_parallel``: torchrun's ranks, or spawned) before its
+    step graphs are captured, so every rank captures and replays the same ones. ``engine_options`` are
+    ``LLMEngine``'s (``cuda_graphs=False``: every step eagerly on every rank); steps are synchronous."""
     from .tensor_parallel import start_workers
 
-    if cuda_graphs:
-        raise WorkbenchError("tensor parallelism runs its steps eagerly for now: leave cuda_graphs unset")
     if runnable.program.batch_invariant:
         raise WorkbenchError("the batch-invariant mode runs on one device (a tensor-parallel all-reduce picks its "
                              "algorithm by message size): leave tensor parallelism at 1 or the mode off")
-    engine = LLMEngine(runnable.program, runnable.tokenizer, cuda_graphs=False, async_scheduling=False,
-                       **engine_options)
-    start_workers(engine.executor, runnable.sharding)
-    return engine
+    return LLMEngine(runnable.program, runnable.tokenizer, async_scheduling=False,
+                     on_executor=lambda executor: start_workers(executor, runnable.sharding), **engine_options)

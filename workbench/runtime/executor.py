@@ -42,6 +42,7 @@ device) and each request's row in it, and the token is copied into this step's i
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -78,6 +79,8 @@ def sampled_rows_program(program):
     from ..graph.passes import run_passes
     from ..kernels.autotune import TunedChoices
 
+    if "logits_indices" in program.graph.inputs:  # selects its rows already (a tensor-parallel rank's, rank 0's)
+        return program
     check = program.device.type == "cpu"
     graph, (report,) = run_passes(program.graph, program.params, ["select_logits_rows"], check=check,
                                   device=program.device)
@@ -109,6 +112,17 @@ def _sync_errors():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+@dataclass
+class StaticStep:
+    """One step's inputs as a graph of (T tokens, S sequences) takes them, padded, on the host: ``parts`` are the
+    token ids, positions, slots, sequence lengths, query starts and sampling rows (each padded to T or S), and
+    the ``sequences`` real sequences' block tables, ``table_width`` blocks each, flat."""
+
+    sequences: int
+    table_width: int
+    parts: list[list[int]]
 
 
 class Executor:
@@ -152,7 +166,8 @@ class Executor:
         self.replays = 0
         self.last_graph: tuple[int, int] | None = None  # the (tokens, sequences) graph the last step ran in
         self._unsafe: dict[int, list[str]] = {}  # token count -> nodes that may not be captured at it
-        #: ``runtime.tensor_parallel.TPWorkers`` when this is rank 0 of a sharded program (its steps run eagerly)
+        #: ``runtime.tensor_parallel.TPWorkers`` when this is rank 0 of a sharded program (each step it runs, and
+        #: each graph it captures, the other ranks run and capture too)
         self.tensor_parallel = None
         # a program prepared for GPU steps knows which of its nodes a graph may not capture: steps running
         # one of those run eagerly (on the CPU, emulated graphs check the same when given such a program)
@@ -296,6 +311,8 @@ class Executor:
         return inputs
 
     def _capture(self, key: tuple[int, int]) -> None:
+        if self.tensor_parallel is not None:  # every rank captures the same graph at once: its collectives pair up
+            self.tensor_parallel.capture(key)
         static = self._static(key)
         if self.emulate_graphs:
             self._graphs[key] = (None, static, None)
@@ -319,21 +336,36 @@ class Executor:
     def _replay(self, out: SchedulerOutput, key: tuple[int, int], feed) -> torch.Tensor:
         if key not in self._graphs:
             self._capture(key)
-        graph, static, logits = self._graphs[key]
         # the step's sequences, empty ones to S, the padding sequence (row S) owning tokens n..T: all in one
         # copy. Block tables only as wide as this step's longest (entries past a row's length are never
         # read), rows past the step's stale (their sequences are empty); the padding row stays scratch.
         t, s = key
         n, scratch = len(out.scheduled), self.num_blocks
         step, last, feed_at, feed_row = self._rows(out, feed, scratch)
-        used, pad, width = len(step.input_ids), t - len(step.input_ids), step.table_width
+        used, pad = len(step.input_ids), t - len(step.input_ids)
+        host = StaticStep(n, step.table_width,
+                          [step.input_ids + [0] * pad, step.position_ids + [0] * pad,
+                           step.slot_mapping + [scratch * self.block_size] * pad,
+                           step.seq_lens + [0] * (s - n) + [pad], step.query_start_loc + [used] * (s - n) + [t],
+                           last + [t - 1] * (s - len(last)), step.block_tables])
+        if self.tensor_parallel is not None:  # the other ranks replay the same graph on this step's inputs
+            self.tensor_parallel.replay(key, host)
+        d_last = self.replay_static(key, host, feed_at, feed_row, feed)
+        logits = self._graphs[key][2]
+        if self.rows_only:
+            return logits[0, :len(last)]
+        return logits[0].index_select(0, d_last[:len(last)])
+
+    def replay_static(self, key: tuple[int, int], host: "StaticStep", feed_at=(), feed_row=(), feed=None):
+        """Copy a step's padded inputs (``host``) into graph ``key``'s static inputs, with one copy to the device,
+        and replay it (emulated: run the program on them); the device copy of the sampling rows. Ranks 1.. of a
+        tensor-parallel engine replay their graph of each step through this, with rank 0's ``host``."""
+        graph, static, logits = self._graphs[key]
         d_ids, d_pos, d_slots, d_lens, d_starts, d_last, d_tables, d_at, d_row = self._stage(
-            [step.input_ids + [0] * pad, step.position_ids + [0] * pad,
-             step.slot_mapping + [scratch * self.block_size] * pad, step.seq_lens + [0] * (s - n) + [pad],
-             step.query_start_loc + [used] * (s - n) + [t], last + [t - 1] * (s - len(last)),
-             step.block_tables, feed_at, feed_row])
+            [*host.parts, list(feed_at), list(feed_row)])
         if feed_at:
             d_ids.index_copy_(0, d_at, feed[0].index_select(0, d_row))
+        n, width = host.sequences, host.table_width
         static["input_ids"][0].copy_(d_ids)
         static["position_ids"][0].copy_(d_pos)
         static["slot_mapping"].copy_(d_slots)
@@ -344,9 +376,8 @@ class Executor:
             static["logits_indices"].copy_(d_last)
         if graph is None:  # emulated: the same static inputs, run node by node
             (logits,) = self.program.run(**static, **self.cache)
+            self._graphs[key] = (None, static, logits)
         else:
             graph.replay()
         self.replays += 1
-        if self.rows_only:
-            return logits[0, :len(last)]
-        return logits[0].index_select(0, d_last[:len(last)])
+        return d_last

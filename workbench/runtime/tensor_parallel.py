@@ -19,8 +19,13 @@ rank 0 raises that one line if any failed. A worker ignores SIGINT and SIGTERM: 
 (``close`` tells it to), so a server's graceful shutdown can still finish its requests on every rank; one whose
 rank 0 went away stops with a line saying so. A worker that dies ends the engine with a message naming it.
 
-This runtime runs its steps eagerly: CUDA graphs across ranks (NCCL captures collectives) are not captured yet,
-so on GPUs it is a correctness path, not a speed one.
+**Step graphs on every rank.** Rank 0's executor sends each rank its step-graph settings (``graph_settings``), so
+every rank has an ``Executor`` of its own with the same (tokens, sequences) graphs. Capturing one, rank 0 tells
+the ranks first and all capture it at once: the graph's collectives are recorded on every rank (NCCL captures
+collectives; on the CPU, ``emulate_graphs`` runs the same padded steps node by node). Each step that replays a
+graph, rank 0 sends the graph's key and the step's padded inputs (``executor.StaticStep``: a few KB of integers)
+and every rank replays its graph on them; a step that fits no graph runs eagerly on every rank. Steps are
+synchronous (rank 0 samples from logits the step's all-gather brought, then schedules the next).
 """
 
 from __future__ import annotations
@@ -100,18 +105,30 @@ def check_spawnable_main() -> None:
 
 # ---- rank 0 -----------------------------------------------------------------------------------------------------
 
+def graph_settings(executor) -> dict | None:
+    """What a rank needs to build an ``Executor`` with ``executor``'s step graphs (None when it runs none)."""
+    if not executor.graphs_enabled:
+        return None
+    return {"cuda_graphs": executor.cuda_graphs, "emulate_graphs": executor.emulate_graphs,
+            "graph_batch_sizes": list(executor.graph_batch_sizes), "graph_token_sizes": list(executor.graph_token_sizes),
+            "max_seqs": executor.max_seqs, "max_model_len": executor.table_width * executor.block_size}
+
+
 def start_workers(executor, sharding: Sharding) -> None:
-    """Ranks 1..size-1 of ``executor``'s sharded program (torchrun's, or spawned), fed by it."""
+    """Ranks 1..size-1 of ``executor``'s sharded program (torchrun's, or spawned), fed by it, with its step
+    graphs."""
     executor.tensor_parallel = TPWorkers(sharding, executor.program, executor.num_blocks,
-                                         torchrun=torchrun_launch() is not None)
+                                         torchrun=torchrun_launch() is not None, graphs=graph_settings(executor))
 
 
 class TPWorkers:
     """Ranks 1..size-1 of a sharded program, fed each step by rank 0 (this process): worker processes it spawns,
     or with ``torchrun`` the processes torchrun started (``run_torchrun_worker``)."""
 
-    def __init__(self, sharding: Sharding, program, num_blocks: int, *, torchrun: bool = False) -> None:
-        """``program``: rank 0's, as its executor runs it; ``num_blocks``: its KV cache's blocks."""
+    def __init__(self, sharding: Sharding, program, num_blocks: int, *, torchrun: bool = False,
+                 graphs: dict | None = None) -> None:
+        """``program``: rank 0's, as its executor runs it; ``num_blocks``: its KV cache's blocks; ``graphs``: its
+        step-graph settings (``graph_settings``)."""
         import torch.multiprocessing as mp
 
         device = program.device
@@ -122,7 +139,7 @@ class TPWorkers:
             self.closed = False
             try:
                 for rank in range(1, self.size):
-                    send_object(sharding.spec(rank, program, num_blocks), rank)
+                    send_object(sharding.spec(rank, program, num_blocks, graphs), rank)
             except Exception as e:  # noqa: BLE001
                 self.close(force=True)
                 raise WorkbenchError(f"tensor parallelism: cannot reach torchrun's ranks ({_line(e)})") from None
@@ -132,7 +149,7 @@ class TPWorkers:
             self.errors = ctx.Queue()
             init = f"tcp://127.0.0.1:{free_port()}"
             for rank in range(1, self.size):
-                p = ctx.Process(target=_spawned_worker, args=(sharding.spec(rank, program, num_blocks), init,
+                p = ctx.Process(target=_spawned_worker, args=(sharding.spec(rank, program, num_blocks, graphs), init,
                                                               self.errors), daemon=True,
                                 name=f"workbench-tp-rank{rank}")
                 p.start()
@@ -169,14 +186,24 @@ class TPWorkers:
                 return f"rank {rank} died (exit code {p.exitcode})"
         return None
 
-    def broadcast(self, inputs: dict[str, Any] | None) -> None:
-        """Send one step's inputs (None: stop) from rank 0 to every rank."""
+    def broadcast(self, inputs: dict[str, Any]) -> None:
+        """Send one eager step's inputs from rank 0 to every rank, which runs the step node by node."""
+        self._send(("eager", {k: v.cpu() for k, v in inputs.items()}))
+
+    def capture(self, key: tuple[int, int]) -> None:
+        """Have every rank capture step graph ``key`` now, as rank 0 does (their collectives pair up)."""
+        self._send(("capture", tuple(key)))
+
+    def replay(self, key: tuple[int, int], host) -> None:
+        """Have every rank replay step graph ``key`` on ``host`` (``executor.StaticStep``), as rank 0 does."""
+        self._send(("replay", tuple(key), host))
+
+    def _send(self, message) -> None:
         dead = self.failure()
         if dead:
             raise WorkbenchError(f"tensor parallelism: {dead}; the engine stopped (restart it)")
-        payload = None if inputs is None else {k: v.cpu() for k, v in inputs.items()}
         try:
-            broadcast_object(payload)
+            broadcast_object(message)
         except Exception as e:  # noqa: BLE001
             raise WorkbenchError(f"tensor parallelism: {self.failure() or _line(e)}; the engine stopped (restart "
                                  "it)") from None
@@ -273,7 +300,7 @@ def _run_rank(spec: RankSpec, device: torch.device) -> None:
     from ..kernels.gemm import batch_invariant
 
     try:
-        program, cache, read = _build_rank(spec, device)
+        executor, read = _build_rank(spec, device)
         error = None
     except Exception as e:  # noqa: BLE001 - rank 0 raises it, naming this rank
         error = e
@@ -284,20 +311,31 @@ def _run_rank(spec: RankSpec, device: torch.device) -> None:
     if not go:
         return
     while True:
-        inputs = broadcast_object()
-        if inputs is None:
+        message = broadcast_object()
+        if message is None:
             return
-        with torch.no_grad(), batch_invariant():
-            program.run(**{k: v.to(device) for k, v in inputs.items()}, **cache)
+        kind, *args = message
+        with torch.no_grad():
+            if kind == "eager":
+                with batch_invariant():
+                    executor.program.run(**{k: v.to(device) for k, v in args[0].items()}, **executor.cache)
+            elif kind == "capture":
+                executor._capture(tuple(args[0]))
+            elif kind == "replay":
+                executor.replay_static(tuple(args[0]), args[1])
+            else:
+                raise WorkbenchError(f"rank 0 sent an unknown step message {kind!r}; every rank must run the same "
+                                     "workbench version")
 
 
 def _build_rank(spec: RankSpec, device: torch.device):
-    """(this rank's program, its KV cache, what it read from the engine's weights or None)."""
+    """(this rank's executor: its program, KV cache and step graphs as rank 0's; what it read from the engine's
+    weights or None)."""
     from ..engine.weights import read_weights
     from ..graph.executor import Program
-    from ..graph.paged import PagedLayout
     from ..kernels.autotune import TunedChoices
     from ..plugins import load_plugin
+    from .executor import Executor
 
     if spec.device_type != device.type:
         raise WorkbenchError(f"rank 0 runs on {spec.device_type}, this rank on {device.type}; give every rank the same "
@@ -314,8 +352,8 @@ def _build_rank(spec: RankSpec, device: torch.device):
     program = Program(graph, params, device=device, choices=choices)
     if device.type == "cuda":
         program = program.for_gpu_steps()  # as rank 0's (``runnable.open_runnable``)
-    cache = PagedLayout.from_graph(graph).new_caches(spec.num_blocks + 1, device)
-    return program, cache, read
+    graphs = spec.graphs or {"cuda_graphs": False}
+    return Executor(program, spec.num_blocks, **graphs), read
 
 
 def _ignore_stop_signals() -> None:
