@@ -261,3 +261,28 @@ def test_cli_text_commands_need_a_tokenizer(capsys, tmp_path):
     assert "no tokenizer; generation needs a real model" in capsys.readouterr().err
     assert main(["eval", ws]) == 2
     assert "no tokenizer; perplexity needs a real model" in capsys.readouterr().err
+
+
+def test_capture_s_dtype_is_bf16_on_a_gpu_machine_and_float32_on_the_cpu(tmp_path, monkeypatch):
+    """``workbench capture`` without --dtype: float32 here; on a machine with a GPU, bfloat16 as ``workbench build``
+    and ``LLM(model)`` make (a stage-by-stage user on a GPU got a float32 8B engine before); --dtype still wins."""
+    import json
+
+    from workbench.pipeline import auto_dtype
+
+    def dtype(ws):
+        return json.loads((ws / "capture" / "graph.json").read_text())["meta"]["dtype"]
+
+    assert main(["capture", "tiny-llama", str(tmp_path / "cpu")]) == 0 and dtype(tmp_path / "cpu") == "float32"
+    assert auto_dtype("auto", "cpu") == "float32" and auto_dtype("float16", "cuda") == "float16"
+    assert auto_dtype("auto", "cuda") == "bfloat16"
+    import workbench.pipeline as pipeline
+
+    asked = []  # on a GPU machine (its capture stage would record the GPU: the options it is given are the point)
+    monkeypatch.setattr(pipeline, "capture_stage", lambda ws, spec, options, force: asked.append(options.dtype)
+                        or pipeline.capture_source(pipeline.resolve_source(spec), options))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_dtype("auto") == "bfloat16"
+    assert main(["capture", "tiny-llama", str(tmp_path / "gpu")]) == 0
+    assert main(["capture", "tiny-llama", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert asked == ["bfloat16", "float32"]

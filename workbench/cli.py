@@ -63,11 +63,12 @@ def _cmd_models(args) -> None:
 
 def _cmd_capture(args) -> None:
     from .graph.views import format_summary, op_histogram, summary
-    from .pipeline import CaptureOptions, capture_stage
+    from .pipeline import CaptureOptions, auto_dtype, capture_stage
     from .workspace import Workspace
 
     ws = Workspace(_capture_workspace(args))
-    captured = capture_stage(ws, args.model, CaptureOptions(dtype=args.dtype, seed=args.seed), force=args.force)
+    captured = capture_stage(ws, args.model, CaptureOptions(dtype=auto_dtype(args.dtype), seed=args.seed),
+                             force=args.force)
     g = captured.graph
     print(format_summary(summary(g), op_histogram(g, tokens=512)))
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")
@@ -377,13 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_models)
 
     s = sub.add_parser("capture", help="capture a model's graph into WORKSPACE/capture and print its summary",
-                       usage="%(prog)s [-h] [--dtype {float32,bfloat16,float16}] [--seed SEED] [--force] "
+                       usage="%(prog)s [-h] [--dtype {auto,float32,bfloat16,float16}] [--seed SEED] [--force] "
                              "model workspace")
     s.add_argument("model", help="HF directory, .gguf file, config.json, preset or model name")
     s.add_argument("workspace", type=Path, nargs="?", help="the workspace directory (made if missing; a refused "
                    "capture leaves none behind)")
     s.add_argument("--workspace", "-w", dest="workspace_option", type=Path, help=argparse.SUPPRESS)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the graph's precision: auto (the default) is bfloat16 on a machine with a GPU, as "
+                        "`workbench build` and LLM(model) make, and float32 on the CPU")
     s.add_argument("--seed", type=int, default=0, help="seed of random weights (presets and config.json)")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_capture)

@@ -44,6 +44,15 @@ class CaptureOptions:
             raise WorkbenchError(f"capture dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
 
 
+def auto_dtype(dtype: str, device: str | torch.device = "auto") -> str:
+    """A capture dtype, "auto" resolved: bfloat16 where ``device`` is a GPU, float32 on the CPU (as vLLM's "auto"
+    never runs float32 on a GPU, and the CPU's reference ops are exact and fastest in float32)."""
+    if dtype != "auto":
+        return dtype
+    cuda = torch.cuda.is_available() if str(device) == "auto" else torch.device(device).type == "cuda"
+    return "bfloat16" if cuda else "float32"
+
+
 def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions()) -> Captured:
     """Capture a source's graph. Weights are never loaded: the model is built on the meta device from the
     source's config (a GGUF file's, from the directory it is converted into once)."""
@@ -133,8 +142,7 @@ def optimize(source: str | Path | ModelSource, *, dtype: str = "auto", device: s
     from .models.intake import resolve_source
 
     device = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = auto_dtype(dtype, device)
     if not isinstance(source, ModelSource):
         source = resolve_source(source, seed=seed)
     captured = capture_source(source, CaptureOptions(dtype=dtype, seed=seed))
