@@ -281,8 +281,9 @@ def test_capture_s_dtype_is_bf16_on_a_gpu_machine_and_float32_on_the_cpu(tmp_pat
     asked = []  # on a GPU machine (its capture stage would record the GPU: the options it is given are the point)
     monkeypatch.setattr(pipeline, "capture_stage", lambda ws, spec, options, force: asked.append(options.dtype)
                         or pipeline.capture_source(pipeline.resolve_source(spec), options))
+    assert pipeline.CaptureOptions().dtype == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert auto_dtype("auto") == "bfloat16"
+    assert auto_dtype("auto") == "bfloat16" and pipeline.CaptureOptions().dtype == "bfloat16"  # notebooks' default
     assert main(["capture", "tiny-llama", str(tmp_path / "gpu")]) == 0
     assert main(["capture", "tiny-llama", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
     assert asked == ["bfloat16", "float32"]

@@ -63,12 +63,11 @@ def _cmd_models(args) -> None:
 
 def _cmd_capture(args) -> None:
     from .graph.views import format_summary, op_histogram, summary
-    from .pipeline import CaptureOptions, auto_dtype, capture_stage
+    from .pipeline import CaptureOptions, capture_stage
     from .workspace import Workspace
 
     ws = Workspace(_capture_workspace(args))
-    captured = capture_stage(ws, args.model, CaptureOptions(dtype=auto_dtype(args.dtype), seed=args.seed),
-                             force=args.force)
+    captured = capture_stage(ws, args.model, CaptureOptions(dtype=args.dtype, seed=args.seed), force=args.force)
     g = captured.graph
     print(format_summary(summary(g), op_histogram(g, tokens=512)))
     print(f"wrote {ws.root / 'capture'} (graph.json, constants.safetensors, summary.json, record.json)")

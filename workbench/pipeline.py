@@ -34,14 +34,16 @@ from .workspace import Workspace
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """What the capture stage is asked to do; validated once, stored in the stage record."""
+    """What the capture stage is asked to do; validated once, stored in the stage record. ``dtype`` "auto" (the
+    default) is resolved here (``auto_dtype``): bfloat16 on a machine with a GPU, float32 on the CPU."""
 
-    dtype: str = "float32"
+    dtype: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise WorkbenchError(f"capture dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise WorkbenchError(f"capture dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        object.__setattr__(self, "dtype", auto_dtype(self.dtype))
 
 
 def auto_dtype(dtype: str, device: str | torch.device = "auto") -> str:
@@ -53,9 +55,10 @@ def auto_dtype(dtype: str, device: str | torch.device = "auto") -> str:
     return "bfloat16" if cuda else "float32"
 
 
-def capture_source(source: ModelSource, options: CaptureOptions = CaptureOptions()) -> Captured:
+def capture_source(source: ModelSource, options: CaptureOptions | None = None) -> Captured:
     """Capture a source's graph. Weights are never loaded: the model is built on the meta device from the
     source's config (a GGUF file's, from the directory it is converted into once)."""
+    options = options or CaptureOptions()
     dtype = dtype_from_name(options.dtype)
     if source.kind in ("hf", "gguf"):  # a GGUF file's config from the directory it is converted into once
         import json
@@ -154,9 +157,10 @@ def optimize(source: str | Path | ModelSource, *, dtype: str = "auto", device: s
     return Optimized(Program(optimized, resolve_params(optimized, base), device=device), captured, reports, source)
 
 
-def capture_stage(ws: Workspace, spec: str, options: CaptureOptions = CaptureOptions(), *,
+def capture_stage(ws: Workspace, spec: str, options: CaptureOptions | None = None, *,
                   force: bool = False) -> Captured:
-    """`workbench capture`: capture ``spec`` into ``ws/capture``."""
+    """`workbench capture`: capture ``spec`` into ``ws/capture`` (``options``: default ``CaptureOptions()``)."""
+    options = options or CaptureOptions()
     source = resolve_source(spec, seed=options.seed)
     with ws.run("capture", params={"source": source.to_json(), "dtype": options.dtype, "seed": options.seed},
                 input_files=source.files, force=force) as run:
