@@ -140,6 +140,7 @@ def test_a_decode_only_bug_is_found_at_its_step_and_layer(program, hf_model):
     assert d.first is None  # the prompt's prefill is right
     f = d.first_step.first
     assert (f.step, f.layer, f.origin) == (1, 1, "this op") and f.site.startswith("model.layers.1.self_attn")
+    assert d.steps.index(d.first_step) == 1  # by identity (the widget's step picker starts there)
     assert any("test.paged_attention_off_by_one" in n for n in f.nodes)
     assert d.decode[0].layers.set_index("layer").loc[0, "rel_err"] < 1e-5
     assert "the prefill is within tolerance; first divergence: decode step 1, layer 1" in d.line()

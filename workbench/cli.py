@@ -252,9 +252,11 @@ def _cmd_diff_groups(args) -> None:
     if args.stage != "quant" or args.against not in (None, "passes"):
         raise WorkbenchError("--groups quantizes each group of the quant stage's plan alone and compares it with the "
                              "passes stage: give --stage quant (and --against passes, or no --against)")
-    if args.nodes or args.steps:
-        raise WorkbenchError(f"{'--nodes' if args.nodes else '--steps'} goes with a diff of one stage, not with "
-                             "--groups (which compares each group's logits on the prompt)")
+    extra = next((f for f, on in (("--nodes", args.nodes), ("--steps", args.steps), ("--hf-dtype", args.hf_dtype))
+                  if on), None)
+    if extra:
+        raise WorkbenchError(f"{extra} goes with a diff of one stage, not with --groups (which compares each group's "
+                             "logits on the prompt with the passes stage's)")
     if args.top is not None and args.top < 1:
         raise WorkbenchError(f"--top must be at least 1, got {args.top}")
     names = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups != "*" else None

@@ -549,7 +549,7 @@ class First:
 FORMATTERS = {"rel_err": "{:.2e}".format, "max_abs": "{:.2e}".format, "cosine": "{:.6f}".format}
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its table is a DataFrame (steps.index(first_step) must work)
 class Divergence:
     """A comparison of two traces: ``table`` has one row per site both have (key, kind, layer, node, op, ref_node,
     rel_err, cosine, max_abs) in the subject's order; ``layers`` its layer rows; ``first`` the first divergence
@@ -713,6 +713,9 @@ def diff(target, *, stage: str = "latest", against: str = HF, ids: Sequence[int]
     from ..device import resolve_device
     from ..runnable import open_runnable
 
+    if hf_dtype is not None and against != HF:
+        raise WorkbenchError(f"hf_dtype sets the transformers model's dtype; against={against!r} compares with a "
+                             "graph, which runs in its own")
     if not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
         raise WorkbenchError(f"steps is the number of decode steps after the prompt, 0 to {MAX_STEPS}; got {steps!r}")
     device = resolve_device(device)

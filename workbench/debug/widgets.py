@@ -100,7 +100,7 @@ class DivergenceWidget:
         options = list(zip(step_labels(d), range(len(d.steps))))
         with self.step.hold_trait_notifications():  # one redraw, at the step that diverges first
             self.step.options = options
-            self.step.value = d.steps.index(first) if first is not None else 0
+            self.step.value = next(k for k, step in enumerate(d.steps) if step is first) if first is not None else 0
         self.step.disabled = len(options) == 1
         self._show()
 

@@ -535,15 +535,17 @@ class LLM:
 
 
 
-def sharded_engine(runnable, **engine_options) -> LLMEngine:
+def sharded_engine(runnable, *, cuda_graphs: bool | None = None, **engine_options) -> LLMEngine:
     """An ``LLMEngine`` of rank 0 of ``runnable`` (``open_runnable(..., tensor_parallel_size=N)``: rank 0's shard),
-    with ranks 1.. started as its workers (``runtime.tensor_parallel``: torchrun's ranks, or spawned) before its
-    step graphs are captured, so every rank captures and replays the same ones. ``engine_options`` are
-    ``LLMEngine``'s (``cuda_graphs=False``: every step eagerly on every rank); steps are synchronous."""
+    with ranks 1.. started as its workers (``runtime.tensor_parallel``: torchrun's ranks, or spawned) before any
+    step graph is captured, so that every rank captures and replays the same ones. ``engine_options`` are
+    ``LLMEngine``'s; steps are synchronous. Step graphs across ranks are opt-in (``cuda_graphs=True``; on the CPU
+    ``emulate_graphs=True``): NCCL's capture of the collectives has not been run on GPUs yet, so by default every
+    rank runs every step eagerly."""
     from .tensor_parallel import start_workers
 
     if runnable.program.batch_invariant:
         raise WorkbenchError("the batch-invariant mode runs on one device (a tensor-parallel all-reduce picks its "
                              "algorithm by message size): leave tensor parallelism at 1 or the mode off")
-    return LLMEngine(runnable.program, runnable.tokenizer, async_scheduling=False,
+    return LLMEngine(runnable.program, runnable.tokenizer, async_scheduling=False, cuda_graphs=bool(cuda_graphs),
                      on_executor=lambda executor: start_workers(executor, runnable.sharding), **engine_options)

@@ -81,7 +81,10 @@ def sampled_rows_program(program):
 
     if "logits_indices" in program.graph.inputs:  # selects its rows already (a tensor-parallel rank's, rank 0's)
         return program
-    check = program.device.type == "cpu"
+    from ..distributed import current
+
+    # checked on the CPU, but not inside a tensor-parallel group: the check's run would do collectives alone
+    check = program.device.type == "cpu" and (current() is None or current().size == 1)
     graph, (report,) = run_passes(program.graph, program.params, ["select_logits_rows"], check=check,
                                   device=program.device)
     if not report.accepted:
@@ -311,8 +314,15 @@ class Executor:
         return inputs
 
     def _capture(self, key: tuple[int, int]) -> None:
-        if self.tensor_parallel is not None:  # every rank captures the same graph at once: its collectives pair up
-            self.tensor_parallel.capture(key)
+        tp = self.tensor_parallel
+        if tp is None:
+            self._capture_here(key)
+            return
+        tp.capture(key)  # every rank captures the same graph at once: its collectives pair up
+        with tp.step():
+            self._capture_here(key)
+
+    def _capture_here(self, key: tuple[int, int]) -> None:
         static = self._static(key)
         if self.emulate_graphs:
             self._graphs[key] = (None, static, None)
@@ -348,9 +358,14 @@ class Executor:
                            step.slot_mapping + [scratch * self.block_size] * pad,
                            step.seq_lens + [0] * (s - n) + [pad], step.query_start_loc + [used] * (s - n) + [t],
                            last + [t - 1] * (s - len(last)), step.block_tables])
-        if self.tensor_parallel is not None:  # the other ranks replay the same graph on this step's inputs
-            self.tensor_parallel.replay(key, host)
-        d_last = self.replay_static(key, host, feed_at, feed_row, feed)
+        tp = self.tensor_parallel
+        if tp is not None:  # the other ranks replay the same graph on this step's inputs (theirs have no feed)
+            if feed_at:
+                raise WorkbenchError("a tensor-parallel step cannot take tokens sampled on the device: its other "
+                                     "ranks replay from the host's inputs; run it with synchronous scheduling")
+            tp.replay(key, host)
+        with tp.step() if tp is not None else contextlib.nullcontext():  # a rank that died is named
+            d_last = self.replay_static(key, host, feed_at, feed_row, feed)
         logits = self._graphs[key][2]
         if self.rows_only:
             return logits[0, :len(last)]
