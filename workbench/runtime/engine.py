@@ -547,5 +547,10 @@ def sharded_engine(runnable, *, cuda_graphs: bool | None = None, **engine_option
     if runnable.program.batch_invariant:
         raise WorkbenchError("the batch-invariant mode runs on one device (a tensor-parallel all-reduce picks its "
                              "algorithm by message size): leave tensor parallelism at 1 or the mode off")
-    return LLMEngine(runnable.program, runnable.tokenizer, async_scheduling=False, cuda_graphs=bool(cuda_graphs),
-                     on_executor=lambda executor: start_workers(executor, runnable.sharding), **engine_options)
+    engine = LLMEngine(runnable.program, runnable.tokenizer, async_scheduling=False, cuda_graphs=bool(cuda_graphs),
+                       on_executor=lambda executor: start_workers(executor, runnable.sharding), **engine_options)
+    executor = engine.executor
+    if executor.device.type == "cuda" and not executor.graphs_enabled:  # what the start-up log says of its speed
+        executor.notes.append(f"tensor parallelism over {runnable.sharding.size} ranks: every step runs eagerly on "
+                              "every rank (step graphs across ranks: cuda_graphs=True, not yet run on GPUs)")
+    return engine
