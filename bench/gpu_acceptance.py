@@ -14,6 +14,10 @@ For each model (anything `workbench build` takes) and precision, in this order:
            against transformers fp32 and against the bf16 engine (random ids for models without a tokenizer)
   alone    each prompt decoded alone against the same prompt in the batch above (batch invariance on the GPU:
            how many of the prompts keep every token, and the least kept; measured, not required)
+  diff     ``workbench diff ENGINE --steps N --hf-dtype float32`` (issue 28): the engine layer by layer against
+           transformers fp32 on the same GPU, in the prompt's prefill and ``--diff-steps`` decode steps through its
+           KV cache; the table by step in the log, the curves in acceptance.json, the logits' relative error
+           (prefill / last decode step) in the table (measured, not a pass criterion)
   graphs   the engine captured its CUDA graphs with torch's sync debug mode at "error" in the steady-state
            warm-up and the capture (``runtime.executor``): the count captured
   serve    ``workbench serve ENGINE`` (a subprocess) answering the official ``openai`` client: a completion and a
@@ -71,6 +75,24 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int
     ``generate``: generate's sliding-window KV cache leaves the model's own forward once a sequence outgrows the
     window (tiny-mistral, window 16: its 6th token after a 12-token prompt differs from the forward's argmax)."""
     return [greedy(hf_logits(model), torch.tensor(ids, device=model.device), max_tokens) for ids in prompts]
+
+
+def diff_curves(engine: Path, steps: int, label: str) -> dict:
+    """``workbench diff`` of ``engine`` against transformers fp32 on the GPU, prefill and ``steps`` decode steps:
+    the table by step printed, the curves and the logits' error for the row (a failure is recorded, not raised)."""
+    from workbench.debug.diff import diff
+
+    try:
+        d = diff(engine, device="cuda", steps=steps, hf_dtype="float32")
+    except Exception as e:  # noqa: BLE001 - measured, not required: the row says why it is missing
+        traceback.print_exc()
+        return {"diff_error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        free()
+    print(f"{label}: {d}", flush=True)
+    last = d.decode[-1].logits_rel_err if d.decode else None
+    return {"diff": {"line": d.line(), "curves": d.by_step()[["step", "layer", "rel_err", "cosine"]].to_dict("records")},
+            "logits_err": f"{d.logits_rel_err:.1e}" + (f"/{last:.1e}" if last is not None else "")}
 
 
 def free() -> None:
@@ -218,6 +240,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--build-args", default="", help="more arguments for every `workbench build`")
     ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument("--diff-steps", type=int, default=4, help="decode steps of the diff against transformers fp32 "
+                    "(-1: no diff)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/acceptance"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -276,6 +300,8 @@ def main() -> None:
                 alone = alone_all[0]
                 llm = None
                 free()
+                if args.diff_steps >= 0:
+                    row.update(diff_curves(engine, args.diff_steps, f"{name} {precision}"))
                 if not args.no_serve:
                     row["serve"] = serve_check(engine, prompts[0], alone.text if tok is not None else None,
                                                list(alone.token_ids), args.max_tokens, tok is not None,
@@ -292,14 +318,14 @@ def main() -> None:
             (args.out / "acceptance.json").write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1, default=str))
     print(f"\n{gpu}, torch {torch.__version__}: gpu_acceptance in {time.perf_counter() - t_start:.0f} s")
     head = f"{'model':<26} {'prec':<5} {'build s':>7} {'graphs':>6} {'greedy vs fp32':>16} {'hf bf16':>12} " \
-           f"{'ppl':>9} {'vs fp32':>8} {'vs bf16':>8} {'alone=batch':>11} {'serve':>6} {'ok':>4}"
+           f"{'ppl':>9} {'vs fp32':>8} {'vs bf16':>8} {'alone=batch':>11} {'logits err':>15} {'serve':>6} {'ok':>4}"
     print(head)
     for r in rows:
         serve = r.get("serve", {})
         print(f"{r['model'][:26]:<26} {r['precision']:<5} {r.get('build_s', '-'):>7} {r.get('graphs', '-'):>6} "
               f"{r.get('greedy_vs_fp32', '-'):>16} {r.get('hf_bf16_vs_fp32', '-'):>12} {r.get('ppl', '-'):>9} "
               f"{r.get('ppl_vs_fp32_pct', '-'):>8} {r.get('ppl_vs_bf16_pct', '-'):>8} "
-              f"{r.get('alone_vs_batch', '-'):>11} "
+              f"{r.get('alone_vs_batch', '-'):>11} {r.get('logits_err', '-'):>15} "
               f"{('ok' if serve.get('ok') else 'FAIL') if serve else '-':>6} {'yes' if r.get('ok') else 'NO':>4}"
               + (f"  {r['error'][:120]}" if r.get("error") else ""))
 

@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = Path("/tmp/SmolLM2-135M-Instruct.Q4_1.gguf")
 E8B = Path("/tmp/e8b")
-ACC = Path("/tmp/acceptance_work")
 
 
 @dataclass
@@ -55,11 +54,8 @@ JOBS = [
         what="issue 22 item 9: workbench serve under 200 streaming requests against offline (goal >= 0.9x)"),
     Job("acceptance", f"python3 bench/gpu_acceptance.py --models {GGUF} --precisions bf16,fp8,int8,auto "
         "--out /tmp/acceptance_out && cp /tmp/acceptance_out/acceptance.json $OUT/", 700, needs=[GGUF], resumable=True,
-        what="issue 22 item 8: SmolLM2 at every precision through build, LLM and serve (builds resume)"),
-    Job("diff_curves", "for p in bf16 fp8; do python3 -m workbench diff " + str(ACC) + "/SmolLM2-135M-Instruct-$p "
-        "--device cuda --steps 4 --hf-dtype float32; done", 60,
-        needs=[ACC / "SmolLM2-135M-Instruct-bf16" / "engine.json", ACC / "SmolLM2-135M-Instruct-fp8" / "engine.json"],
-        what="issue 28: SmolLM2's bf16 and fp8 engines' per-layer error against transformers fp32, prefill + 4 steps"),
+        what="issues 22 (item 8) and 28: SmolLM2 at every precision through build, LLM, diff (prefill + 4 decode "
+        "steps against transformers fp32) and serve (builds resume)"),
     Job("batch_invariance", "python3 bench/batch_invariance.py", 120,
         what="issue 25: which GEMM paths give a row the same bits whatever the batch"),
     Job("families", "python3 bench/families.py --out /tmp/families.json && cp /tmp/families.json $OUT/", 900,
