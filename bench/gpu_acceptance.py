@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--diff-steps", type=int, default=4, help="decode steps of the diff against transformers fp32 "
                     "(-1: no diff)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/acceptance"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows of --out's acceptance.json that ran "
+                    "without an error (same GPU) and run only the others: a run a device call's limit stopped")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_acceptance: this is the GPU acceptance run; there is no CUDA GPU here")
@@ -251,14 +253,30 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, t_start = [], time.perf_counter()
     gpu = torch.cuda.get_device_name()
+    kept = {}  # (model, precision) -> a row an earlier run of --out made (--resume)
+    saved = args.out / "acceptance.json"
+    if args.resume and saved.exists():
+        earlier = json.loads(saved.read_text())
+        if earlier.get("gpu") == gpu:
+            kept = {(r["model"], r["precision"]): r for r in earlier.get("rows", []) if "error" not in r}
     for spec in args.models.split(","):
         name = Path(spec).stem.split(".")[0] if spec.endswith(".gguf") else spec
+        todo = [p for p in args.precisions.split(",") if (name, p) not in kept]
+        for precision in args.precisions.split(","):
+            if (name, precision) in kept:
+                print(f"{name} {precision}: kept from {saved}", flush=True)
+        if not todo:
+            rows += [kept[name, p] for p in args.precisions.split(",")]
+            continue
         tok, prompts, eval_ids = inputs(spec, args.ppl_tokens)
         ref = Reference(spec, prompts, args.max_tokens, eval_ids, args.window)
         print(f"{name}: transformers fp32/bf16 reference in {ref.seconds:.0f} s (ppl {ref.ppl32:.4f} / "
               f"{ref.ppl16:.4f})", flush=True)
-        bf16_ppl = None
+        bf16_ppl = kept[name, "bf16"]["ppl"] if (name, "bf16") in kept else None
         for precision in args.precisions.split(","):
+            if (name, precision) in kept:
+                rows.append(kept[name, precision])
+                continue
             row = {"model": name, "precision": precision}
             rows.append(row)
             engine, ws = work / f"{name}-{precision}", work / f"{name}.workspace"

@@ -53,9 +53,10 @@ JOBS = [
         "--out $OUT/serve8b.json", 200, needs=[E8B / "engine.json"],
         what="issue 22 item 9: workbench serve under 200 streaming requests against offline (goal >= 0.9x)"),
     Job("acceptance", f"python3 bench/gpu_acceptance.py --models {GGUF} --precisions bf16,fp8,int8,auto "
-        "--out /tmp/acceptance_out && cp /tmp/acceptance_out/acceptance.json $OUT/", 700, needs=[GGUF], resumable=True,
+        "--out /tmp/acceptance_out --resume; rc=$?; cp /tmp/acceptance_out/acceptance.json $OUT/; exit $rc", 700,
+        needs=[GGUF], resumable=True,
         what="issues 22 (item 8) and 28: SmolLM2 at every precision through build, LLM, diff (prefill + 4 decode "
-        "steps against transformers fp32) and serve (builds resume)"),
+        "steps against transformers fp32) and serve (rows done are kept, builds resume)"),
     Job("batch_invariance", "python3 bench/batch_invariance.py", 120,
         what="issue 25: which GEMM paths give a row the same bits whatever the batch"),
     Job("families", "python3 bench/families.py --out /tmp/families.json && cp /tmp/families.json $OUT/", 900,
