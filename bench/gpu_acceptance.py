@@ -91,7 +91,8 @@ def diff_curves(engine: Path, steps: int, label: str) -> dict:
         free()
     print(f"{label}: {d}", flush=True)
     last = d.decode[-1].logits_rel_err if d.decode else None
-    return {"diff": {"line": d.line(), "curves": d.by_step()[["step", "layer", "rel_err", "cosine"]].to_dict("records")},
+    curves = d.by_step()[["step", "layer", "rel_err", "cosine"]].to_dict("records")
+    return {"diff": {"line": d.line(), "curves": curves},
             "logits_err": f"{d.logits_rel_err:.1e}" + (f"/{last:.1e}" if last is not None else "")}
 
 

@@ -84,7 +84,9 @@ def prepare_gguf(move: bool = True) -> str:
                     shutil.copyfileobj(f, out)
         first.unlink()
         return f"{GGUF.name}: joined ({GGUF.stat().st_size} bytes)"
-    return f"{GGUF.name}: {'first part here, carry .carry/smol.gguf.ab next' if first.exists() else 'carry .carry/smol.gguf.aa, then .ab'}"
+    wanted = "first part here, carry .carry/smol.gguf.ab next" if first.exists() else \
+        "carry .carry/smol.gguf.aa, then .ab"
+    return f"{GGUF.name}: {wanted}"
 
 
 def main() -> None:

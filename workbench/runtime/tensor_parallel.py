@@ -110,7 +110,8 @@ def graph_settings(executor) -> dict | None:
     if not executor.graphs_enabled:
         return None
     return {"cuda_graphs": executor.cuda_graphs, "emulate_graphs": executor.emulate_graphs,
-            "graph_batch_sizes": list(executor.graph_batch_sizes), "graph_token_sizes": list(executor.graph_token_sizes),
+            "graph_batch_sizes": list(executor.graph_batch_sizes),
+            "graph_token_sizes": list(executor.graph_token_sizes),
             "max_seqs": executor.max_seqs, "max_model_len": executor.table_width * executor.block_size}
 
 
