@@ -220,14 +220,26 @@ def run_inputs(program, ids: Sequence[int]) -> dict[str, torch.Tensor]:
     a batch of one row."""
     graph, ids = program.graph, list(ids)
     if is_paged(graph):
-        from ..graph.paged import PagedLayout
-
-        cache = cache_for(graph, num_blocks=PagedLayout.from_graph(graph).blocks_for(len(ids)), device=program.device)
-        inputs = cache.step_inputs([(0, ids)])
-    else:
-        inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(len(ids))[None]}
+        return _cached_step(program, _sequence_cache(program, len(ids)), ids)
+    inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.arange(len(ids))[None]}
     if "logits_indices" in graph.inputs:
         inputs["logits_indices"] = torch.arange(len(ids))
+    return inputs
+
+
+def _sequence_cache(program, tokens: int):
+    """A fresh paged KV cache of ``program``'s graph that holds one sequence of ``tokens`` tokens."""
+    from ..graph.paged import PagedLayout
+
+    return cache_for(program.graph, num_blocks=PagedLayout.from_graph(program.graph).blocks_for(tokens),
+                     device=program.device)
+
+
+def _cached_step(program, cache, new: list[int]) -> dict[str, torch.Tensor]:
+    """The inputs of a step of sequence 0 that adds ``new`` tokens to ``cache`` (every new row's logits)."""
+    inputs = cache.step_inputs([(0, new)])
+    if "logits_indices" in program.graph.inputs:
+        inputs["logits_indices"] = torch.arange(len(new), device=program.device)
     return inputs
 
 
@@ -366,18 +378,14 @@ def trace_steps(program, ids: Sequence[int], steps: int, *, tokens: Sequence[int
         raise WorkbenchError(f"{steps} decode steps need {steps} tokens to feed, got {len(fed)}")
     traces: list[Trace] = []
     if is_paged(graph):
-        from ..graph.paged import PagedLayout
-
-        cache = cache_for(graph, num_blocks=PagedLayout.from_graph(graph).blocks_for(len(ids) + steps),
-                          device=program.device)
+        cache = _sequence_cache(program, len(ids) + steps)
         new = ids
         for k in range(steps + 1):
-            inputs = cache.step_inputs([(0, new)])
-            if "logits_indices" in graph.inputs:
-                inputs["logits_indices"] = torch.arange(len(new), device=program.device)
-            traces.append(trace_values(program, program.run(keep_all=True, **inputs), label=label))
+            values = program.run(keep_all=True, **_cached_step(program, cache, new))
+            traces.append(trace_values(program, values, label=label))
             if k < steps:
-                fed = fed if len(fed) > k else fed + [traces[-1].next_token()]
+                if len(fed) <= k:
+                    fed.append(traces[-1].next_token())
                 new = [fed[k]]
     else:
         for k in range(steps + 1):
@@ -724,7 +732,7 @@ def diff(target, *, stage: str = "latest", against: str = HF, ids: Sequence[int]
     label = f"{target} ({subject.stage})" if subject.kind == "workspace" else str(target)
     mine, tokens = trace_steps(subject.program, ids, steps, label=label)
     kind, ref, ref_label = _reference(subject, against, target, device, hf_dtype)
-    if kind == "graph" and (is_paged(ref.graph) or not steps):
+    if kind == "graph" and is_paged(ref.graph):
         theirs, _ = trace_steps(ref, ids, steps, tokens=tokens, label=ref_label)
     else:  # one run over the prompt and the tokens fed, cut into the steps' rows
         whole = list(ids) + tokens

@@ -72,7 +72,8 @@ class DivergenceWidget:
         self.button.on_click(lambda _b: self.run())
         self.step = W.Dropdown(options=[("prefill", 0)], value=0, description="show step",
                                style={"description_width": "initial"})
-        self.step.observe(lambda _c: self._show(), names="value")
+        self._quiet = False  # while run() sets the step picker: it draws once, after
+        self.step.observe(lambda _c: None if self._quiet else self._show(), names="value")
         self.status = W.HTML()
         self.output = W.Output()
         self.widget = W.VBox([W.HTML(f"<b>First divergence</b> ({workspace})"),
@@ -98,9 +99,12 @@ class DivergenceWidget:
         self.figure = steps_figure(d) if d.decode else divergence_figure(d, labels=[pair_label(self.pair.value)])
         first = d.first_step
         options = list(zip(step_labels(d), range(len(d.steps))))
-        with self.step.hold_trait_notifications():  # one redraw, at the step that diverges first
+        self._quiet = True
+        try:  # the picker at the step that diverges first, then one redraw
             self.step.options = options
-            self.step.value = next(k for k, step in enumerate(d.steps) if step is first) if first is not None else 0
+            self.step.value = d.steps.index(first) if first is not None else 0
+        finally:
+            self._quiet = False
         self.step.disabled = len(options) == 1
         self._show()
 

@@ -254,9 +254,13 @@ class Executor:
         if tp is not None:  # the other ranks run the same step on their own caches
             tp.broadcast({k: v for k, v in inputs.items() if k not in self.cache})
         # CPU references: a request's rows do not depend on the others in the step
-        with batch_invariant(), (tp.step() if tp is not None else contextlib.nullcontext()):
+        with batch_invariant(), self._ranks_step():
             (logits,) = self.program.run(**inputs)
         return logits[0] if self.rows_only else logits[0].index_select(0, last)
+
+    def _ranks_step(self):
+        """Around this rank's part of a step its other ranks run too: a rank that died is named (no ranks: none)."""
+        return self.tensor_parallel.step() if self.tensor_parallel is not None else contextlib.nullcontext()
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
     @property
@@ -314,12 +318,9 @@ class Executor:
         return inputs
 
     def _capture(self, key: tuple[int, int]) -> None:
-        tp = self.tensor_parallel
-        if tp is None:
-            self._capture_here(key)
-            return
-        tp.capture(key)  # every rank captures the same graph at once: its collectives pair up
-        with tp.step():
+        if self.tensor_parallel is not None:  # every rank captures the same graph at once: its collectives pair up
+            self.tensor_parallel.capture(key)
+        with self._ranks_step():
             self._capture_here(key)
 
     def _capture_here(self, key: tuple[int, int]) -> None:
@@ -364,17 +365,17 @@ class Executor:
                 raise WorkbenchError("a tensor-parallel step cannot take tokens sampled on the device: its other "
                                      "ranks replay from the host's inputs; run it with synchronous scheduling")
             tp.replay(key, host)
-        with tp.step() if tp is not None else contextlib.nullcontext():  # a rank that died is named
-            d_last = self.replay_static(key, host, feed_at, feed_row, feed)
-        logits = self._graphs[key][2]
+        with self._ranks_step():
+            d_last, logits = self.replay_static(key, host, feed_at, feed_row, feed)
         if self.rows_only:
             return logits[0, :len(last)]
         return logits[0].index_select(0, d_last[:len(last)])
 
     def replay_static(self, key: tuple[int, int], host: "StaticStep", feed_at=(), feed_row=(), feed=None):
         """Copy a step's padded inputs (``host``) into graph ``key``'s static inputs, with one copy to the device,
-        and replay it (emulated: run the program on them); the device copy of the sampling rows. Ranks 1.. of a
-        tensor-parallel engine replay their graph of each step through this, with rank 0's ``host``."""
+        and replay it (emulated: run the program on them); the device copy of the sampling rows and the graph's
+        logits. Ranks 1.. of a tensor-parallel engine replay their graph of each step through this, with rank 0's
+        ``host``."""
         graph, static, logits = self._graphs[key]
         d_ids, d_pos, d_slots, d_lens, d_starts, d_last, d_tables, d_at, d_row = self._stage(
             [*host.parts, list(feed_at), list(feed_row)])
@@ -391,8 +392,7 @@ class Executor:
             static["logits_indices"].copy_(d_last)
         if graph is None:  # emulated: the same static inputs, run node by node
             (logits,) = self.program.run(**static, **self.cache)
-            self._graphs[key] = (None, static, logits)
         else:
             graph.replay()
         self.replays += 1
-        return d_last
+        return d_last, logits
