@@ -29,7 +29,6 @@ Each preset's row is written to ``--out`` as soon as it is measured, and a re-ru
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import sys
@@ -41,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from throughput import read_weights, run_engine, sync  # noqa: E402
+from throughput import free, read_weights, run_engine, sync  # noqa: E402
 
 from workbench.cli import main as workbench_main  # noqa: E402
 from workbench.profiling.ceilings import copy_gbps  # noqa: E402
@@ -57,12 +56,6 @@ def stage(argv: list[str]) -> float:
     if workbench_main(argv) != 0:
         raise RuntimeError(f"`workbench {' '.join(argv)}` failed (its error is above)")
     return time.perf_counter() - t0
-
-
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def measure(preset: str, args, ceiling: float | None) -> dict:

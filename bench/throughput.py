@@ -59,6 +59,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def free(device) -> None:
+    """Give back what dropped engines held: Python's garbage, then the CUDA allocator's cache."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def percentiles(values, qs=(50, 90, 99)):
     if not values:
         return {f"p{q}": None for q in qs}
@@ -136,8 +143,7 @@ def run_engine(opened, prompts, output_len, *, llm, device, timeline=None, keep=
               "tokens": [o.token_ids for o in outs], "logprobs": [o.logprobs for o in outs]}
     if not keep:
         del engine
-        gc.collect()
-        torch.cuda.empty_cache() if str(device).startswith("cuda") else None
+        free(device)
         return result, None
     return result, engine
 
