@@ -13,10 +13,11 @@ disk, so a fresh machine starts over); the logs of the jobs run in this call, an
 (``$OUT``, which comes back with the call: at most 8 files, so a call's few jobs write a log and a JSON each). The
 table at the end says what ran, how long, and what is left.
 
-The notebooks job needs ipython, ipywidgets and plotly as wheels in ``.nbwhl`` (19 MB: carry it in a call without
-a GGUF part). SmolLM2's GGUF (98 MB) travels in two carried parts of under 64 MiB (ENVIRONMENT.md): carry ``.carry/smol.gguf.aa``
+SmolLM2's GGUF (98 MB) travels in two carried parts of under 64 MiB (ENVIRONMENT.md): carry ``.carry/smol.gguf.aa``
 in one call and ``.carry/smol.gguf.ab`` in the next; the queue copies the first part to /tmp and joins the file
-once both have come (``/tmp/SmolLM2-135M-Instruct.Q4_1.gguf``). Jobs that need it wait until then.
+once both have come (``/tmp/SmolLM2-135M-Instruct.Q4_1.gguf``). Jobs that need it wait until then. The notebooks
+job also needs ipython, ipywidgets and plotly as wheels in ``.nbwhl`` (19 MB: carry it in a call without a GGUF
+part).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ JOBS = [
         resumable=True, what="issue 26: every family's batch-1 share and FP8 throughput against Llama-3-8B"),
     Job("tp_floor", "python3 bench/tp_rank_floor.py --preset llama-3-8b --tp 1,2,4 --out $OUT/tp_rank_floor.json",
         240, what="issue 27: one rank's decode and prefill at TP-1/2/4 on one GPU (the per-rank floor)"),
+    Job("compile_threads", "python3 bench/compile_threads.py", 120,
+        what="the tune stage's parallel compile: the GEMM space compiled for sm_90 on 1-16 threads (Triton 3.6)"),
+    Job("tune_threads", "python3 bench/tune_threads.py --preset llama-3.2-1b --threads 1,16 "
+        "--out $OUT/tune_threads.json", 480,
+        what="`workbench tune` of a fresh 1B workspace into an empty Triton cache, compiling on 1 and 16 threads"),
     Job("notebooks", "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
         f"/tmp/site .nbwhl/*.whl && python3 bench/notebook_times.py --model {GGUF} --out $OUT/notebook_times.json",
         420, needs=[GGUF, ROOT / ".nbwhl"],

@@ -110,7 +110,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     runs = {"default": (args.workspace, dict(os.environ))}
     if args.baseline_cpu:
-        runs["cpu"] = (args.workspace.with_name(args.workspace.name + "-cpu"), {**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        runs["cpu"] = (args.workspace.with_name(args.workspace.name + "-cpu"), hidden)
     results = {}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "w") as log:

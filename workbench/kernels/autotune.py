@@ -14,7 +14,9 @@ How it works:
      the reference and every tactic × config (the kernel module's ``CONFIGS``) that the tactic's
      ``prune`` keeps (resources, shape; with ``top_k``, the best of its cost model's ``rank``) are
      timed on those very arguments: on a GPU as CUDA-graph replays (kernel time, no launch
-     overhead), cycling through copies of the arguments that together exceed the L2 cache;
+     overhead), cycling through copies of the arguments that together exceed the L2 cache; on a GPU
+     the candidates about to be timed are first called once from a pool of threads, so that their
+     Triton kernels compile on every core (``precompile.py``), then timed one at a time;
   3. every timing goes into the cache, which is written atomically after each key, so an
      interrupted run resumes where it stopped and a second run times nothing (unless the tuning
      spaces grew since, or a tactic's code changed: each timing records its tactic's ``tactic_version``,
@@ -57,6 +59,7 @@ from ..errors import WorkbenchError
 from ..progress import progress_bar
 from ..profiling.ceilings import copy_gbps, matmul_tflops
 from ..profiling.timing import time_fn
+from .precompile import precompile as precompile_calls
 from .registry import REFERENCE, REGISTRY
 
 CACHE_VERSION = 1
@@ -378,9 +381,11 @@ def autotune(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Timing
 
 def _time_steps(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: TimingCache, *,
                 timer: Timer | None = None, progress: bool = True, top_k: int | None = None,
-                batch_invariant: bool = False) -> dict[str, set[str]]:
+                batch_invariant: bool = False, precompile: bool | None = None) -> dict[str, set[str]]:
     """``autotune``'s timing: every candidate of every instance ``steps`` show, into ``cache``; returns node ->
-    the keys of its instances. ``batch_invariant``: with the candidates of the batch-invariant mode."""
+    the keys of its instances. ``batch_invariant``: with the candidates of the batch-invariant mode.
+    ``precompile`` (default: on a GPU): first call the candidates to be timed from a pool of threads, so that their
+    kernels compile in parallel (``kernels/precompile.py``)."""
     def default_timer(call, op, tactic, config):
         # kernel time from CUDA-graph replays (launch overhead left out; what graph-replayed steps see),
         # over calls cycling through the argument copies
@@ -413,6 +418,18 @@ def _time_steps(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Tim
     for key, entry in cache.entries.items() if todo else ():
         if work_key(key) not in timed and _current(entry):
             timed[work_key(key)] = key
+    if precompile is None:
+        precompile = program.device.type == "cuda"
+    if precompile:  # the candidates about to be timed (one key per work), compiled side by side first
+        fresh = {}  # work key -> the first key to time for it (the others copy its timings)
+        for key in todo:
+            if work_key(key) not in timed:
+                fresh.setdefault(work_key(key), key)
+        calls = [(fn, seen[k][1], seen[k][2], config) for k in fresh.values()
+                 for tactic, config, fn in _candidates(*seen[k], top_k, batch_invariant) if tactic != REFERENCE]
+        compiled = precompile_calls(calls, device=program.device, progress=progress)
+        if compiled is not None and progress is True:
+            print(f"autotune: {compiled.line()}", file=sys.stderr)
     with progress_bar(len(todo), "autotune", "op", enabled=progress) as bar:
         for key in todo:
             op, args, kwargs = seen[key]

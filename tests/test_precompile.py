@@ -1,0 +1,76 @@
+"""Compiling a tuning's candidates side by side before they are timed (``kernels/precompile.py``): every candidate
+about to be timed is called once from a pool of threads, one key per work, failures left to the timing; what is
+timed and chosen does not change. The pool itself runs here on CPU functions (a GPU is where it compiles)."""
+
+import threading
+
+import pytest
+
+from test_autotune import PlantedTimer, steps
+from workbench.errors import WorkbenchError
+from workbench.kernels import autotune as A
+from workbench.kernels.precompile import compile_threads, precompile
+
+
+def test_each_call_runs_once_from_the_pool_and_failures_are_counted():
+    ran, lock = [], threading.Lock()
+
+    def fn(x, *, scale=1, config=None):
+        with lock:
+            ran.append((x, scale, config, threading.current_thread().name))
+        if x == 3:
+            raise RuntimeError("out of resources")
+        return x * scale
+
+    calls = [(fn, (x,), {"scale": 2}, {"BLOCK": x} if x % 2 else None) for x in range(6)]
+    stats = precompile(calls, device="cpu", threads=3, progress=False)
+    assert sorted((x, s, c) for x, s, c, _ in ran) == [(x, 2, {"BLOCK": x} if x % 2 else None) for x in range(6)]
+    assert all(name.startswith("wb-compile") for *_, name in ran)
+    assert (stats.calls, stats.failed, stats.threads) == (6, 1, 3)
+    assert "compiled 6 candidates on 3 threads" in stats.line() and "1 failed" in stats.line()
+    assert precompile(calls, device="cpu", threads=1, progress=False) is None  # one thread: nothing to gain
+    assert precompile([], device="cpu", threads=4, progress=False) is None
+
+
+def test_the_thread_count_comes_from_the_environment_or_the_cores(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_COMPILE_THREADS", "3")
+    assert compile_threads() == 3
+    monkeypatch.setenv("WORKBENCH_COMPILE_THREADS", "many")
+    with pytest.raises(WorkbenchError, match="WORKBENCH_COMPILE_THREADS='many' is not a whole number"):
+        compile_threads()
+    monkeypatch.delenv("WORKBENCH_COMPILE_THREADS")
+    assert 1 <= compile_threads() <= 16
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    seen = []
+
+    def fake(calls, *, device, progress):
+        seen.append(list(calls))
+        return None
+
+    monkeypatch.setattr(A, "precompile_calls", fake)
+    return seen
+
+
+def test_the_tuning_compiles_every_candidate_it_will_time_once_per_work(program, tmp_path, spy):
+    cache = A.TimingCache.open(tmp_path / "t.json")
+    A._time_steps(program, steps(program), cache, timer=PlantedTimer(), progress=False, precompile=True)
+    (calls,) = spy
+    timed = [e for e in cache.entries.values() if "same_work_as" not in e]
+    # every candidate but the reference of each work timed, each once: (fn, args, kwargs, config)
+    assert len(calls) == sum(len(e["timings"]) - 1 for e in timed)
+    assert len({(id(fn), id(args), repr(config)) for fn, args, _, config in calls}) == len(calls)
+    # a second tuning over the same cache times nothing, so it compiles nothing
+    A._time_steps(program, steps(program), cache, timer=PlantedTimer(stop_after=0), progress=False, precompile=True)
+    assert spy[1] == []
+
+
+def test_on_the_cpu_the_tuning_compiles_nothing_ahead_and_chooses_the_same(program, tmp_path, spy):
+    plain = A.autotune(program, steps(program), A.TimingCache.open(tmp_path / "a.json"), timer=PlantedTimer(),
+                       progress=False)
+    assert spy == []  # default: only on a GPU
+    keys = A._time_steps(program, steps(program), A.TimingCache.open(tmp_path / "b.json"), timer=PlantedTimer(),
+                         progress=False, precompile=True)
+    assert A._choose(program, keys, A.TimingCache.open(tmp_path / "b.json")) == plain
