@@ -79,6 +79,21 @@ def _client_process(args):
     return asyncio.run(_client(port, jobs, n, t0)), time.process_time()
 
 
+def process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server process ``pid`` and of each process it started (the
+    engine's), by role: what each side spends per streamed token."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out = {"server": sum(root.cpu_times()[:2])}
+    for child in root.children(recursive=True):
+        try:
+            out["engine"] = out.get("engine", 0.0) + sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def run_rate(port, prompts, n, rate, seed=0, clients=1):
     """``prompts`` as a Poisson process of ``rate`` requests/s (all at once for inf), from ``clients`` processes
     (a Python client parses one server-sent event in about 80 us: one process alone caps what it can measure
@@ -188,7 +203,10 @@ def main() -> None:
         run_rate(args.port, prompts[:16], 4, float("inf"))  # warm up
         result["served"] = []
         for rate in (float(r) for r in args.rates.split(",")):
+            before = process_cpu(server.pid)
             r = run_rate(args.port, prompts, args.len, rate, clients=args.clients)
+            after = process_cpu(server.pid)
+            r["cpu_s"] = {k: after[k] - before.get(k, 0.0) for k in after}
             result["served"].append(r)
             print(f"rate {rate}: {r['tps']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, {args.clients} client "
                   f"processes (CPU s: {r['client_cpu_s']})", flush=True)
@@ -217,12 +235,15 @@ def main() -> None:
     for stage in result["build_stages"]:
         print(f"  build [{stage[0]}/5] {stage[1]}: {stage[2]}")
     print(f"offline LLM.generate, {args.requests} x {args.len}/{args.len}: {result['offline_tps']:.0f} output tok/s")
-    print(f"{'served rate':<12} {'tok/s':>8} {'vs offline':>10} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} errors")
+    print(f"{'served rate':<12} {'tok/s':>8} {'vs offline':>10} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
+          f"{'server / engine CPU us per token':>33} errors")
     for r in result["served"]:
         t, i = r["ttft_ms"], r["itl_ms"]
+        per = "/".join(f"{1e6 * r['cpu_s'].get(k, float('nan')) / max(r['generated'], 1):.0f}"
+                       for k in ("server", "engine"))
         print(f"{r['rate']:<12g} {r['tps']:>8.0f} {r['tps'] / result['offline_tps']:>9.2f}x "
               f"{t['p50']:>8.1f}/{t['p90']:.1f}/{t['p99']:.1f} {i['p50']:>8.2f}/{i['p90']:.2f}/{i['p99']:.2f} "
-              f"{r['errors']}")
+              f"{per:>33} {r['errors']}")
     print(f"server exit code after SIGTERM: {result['server_exit']}")
 
 

@@ -408,8 +408,12 @@ def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
+#: one encoder for every event (``json.dumps`` with options builds one per call), compact as OpenAI's own events
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {_EVENT_JSON.encode(obj)}\n\n"
 
 
 async def collect(choices: list[Choice]) -> list[RequestOutput]:
