@@ -67,9 +67,9 @@ JOBS = [
         240, what="issue 27: one rank's decode and prefill at TP-1/2/4 on one GPU (the per-rank floor)"),
     Job("compile_threads", "python3 bench/compile_threads.py", 120,
         what="the tune stage's parallel compile: the GEMM space compiled for sm_90 on 1-16 threads (Triton 3.6)"),
-    Job("tune_threads", "python3 bench/tune_threads.py --preset llama-3.2-1b --threads 1,16 "
-        "--out $OUT/tune_threads.json", 480,
-        what="`workbench tune` of a fresh 1B workspace into an empty Triton cache, compiling on 1 and 16 threads"),
+    Job("tune_threads", f"python3 bench/tune_threads.py --preset {GGUF} --threads 1,16 --out $OUT/tune_threads.json",
+        480, needs=[GGUF], what="SmolLM2's `workbench tune` and LLM(engine) start into an empty Triton cache, "
+        "compiling on 1 and 16 threads"),
     Job("notebooks", "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
         f"/tmp/site .nbwhl/*.whl && python3 bench/notebook_times.py --model {GGUF} --out $OUT/notebook_times.json",
         420, needs=[GGUF, ROOT / ".nbwhl"],

@@ -5,6 +5,7 @@ timed and chosen does not change. The pool itself runs here on CPU functions (a 
 import threading
 
 import pytest
+import torch
 
 from test_autotune import PlantedTimer, steps
 from workbench.errors import WorkbenchError
@@ -74,3 +75,34 @@ def test_on_the_cpu_the_tuning_compiles_nothing_ahead_and_chooses_the_same(progr
     keys = A._time_steps(program, steps(program), A.TimingCache.open(tmp_path / "b.json"), timer=PlantedTimer(),
                          progress=False, precompile=True)
     assert A._choose(program, keys, A.TimingCache.open(tmp_path / "b.json")) == plain
+
+
+def test_an_engine_warms_up_its_small_graphs_side_by_side_and_touches_only_the_scratch_block(program, monkeypatch):
+    """Before capturing, the executor runs each graph's padding-only step of at most WARM_UP_TOKENS tokens once from
+    the pool (on a GPU their kernels compile in parallel); those steps write the scratch block alone, so the
+    cache's blocks keep every value, and larger graphs are left to their captures."""
+    from workbench.runtime.executor import WARM_UP_TOKENS, Executor
+
+    ex = Executor(program, 8, graph_token_sizes=(64, 1024), max_seqs=4)
+    g = torch.Generator().manual_seed(0)
+    for t in ex.cache.values():
+        t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+    before = {k: t[:, :8].clone() for k, t in ex.cache.items()}  # [K/V, block, ...]: all but the scratch block (8)
+    scratch = {k: t[:, 8].clone() for k, t in ex.cache.items()}
+    ran, lock = [], threading.Lock()
+    real = Executor._warm_run
+
+    def record(self, key):
+        with lock:
+            ran.append((key, threading.current_thread().name))
+        real(self, key)
+
+    monkeypatch.setattr(Executor, "_warm_run", record)
+    keys = [(1, 1), (4, 4), (64, 4), (1024, 4)]
+    done = ex.warm_up(keys, threads=2)
+    assert sorted(k for k, _ in ran) == sorted(k for k in keys if k[0] <= WARM_UP_TOKENS) and done.failed == 0
+    assert all(name.startswith("wb-compile") for _, name in ran)
+    for k, t in ex.cache.items():
+        assert torch.equal(t[:, :8], before[k]), k
+        assert not torch.equal(t[:, 8], scratch[k]), k  # the steps ran, writing their K/V there
+    assert ex.warm_up(keys, threads=1) is None

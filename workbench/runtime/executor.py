@@ -56,6 +56,8 @@ from .scheduler import SchedulerOutput
 
 #: Decode batch sizes captured as CUDA graphs (a step of b decodes replays the smallest bucket >= b).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+#: Graphs of at most this many tokens are warmed up side by side before they are captured (``Executor.warm_up``)
+WARM_UP_TOKENS = 512
 
 
 def graph_token_sizes(max_tokens: int) -> tuple[int, ...]:
@@ -293,10 +295,35 @@ class Executor:
         keys += [(t, self.max_seqs) for t in (self.graph_token_sizes if token_sizes is None else token_sizes)]
         todo = [k for k in sorted(set(keys), reverse=True) if k not in self._graphs
                 and not (self.checks_safety and self.uncapturable(k[0]))]
+        if self.cuda_graphs:
+            self.warm_up(todo, progress=progress)
         with progress_bar(len(todo), "capture CUDA graphs", "graph", enabled=progress) as bar:
             for key in todo:
                 self._capture(key)
                 bar.update(1)
+
+    def warm_up(self, keys, *, threads: int | None = None, max_tokens: int = WARM_UP_TOKENS,
+                progress=False):
+        """Run the padding-only step of each graph key of at most ``max_tokens`` tokens once, side by side on a pool
+        of threads (``kernels/precompile.py``; ``threads`` defaults to ``compile_threads()``), so that the Triton
+        kernels their captures need compile on every core instead of one graph after another (on a fresh machine,
+        most of a start). Padding steps write only the scratch block. Larger steps are left to their captures:
+        their activations, one step's at a time, are what the memory plan left room for. None where nothing ran:
+        one thread, or a tensor-parallel rank 0 (its collectives pair up with the other ranks' one step at a
+        time)."""
+        from ..kernels.precompile import precompile
+
+        if self.tensor_parallel is not None:
+            return None
+        keys = [k for k in keys if k[0] <= max_tokens and k not in self._graphs]
+        calls = [(self._warm_run, (key,), {}, None) for key in keys]
+        done = precompile(calls, device=self.device, threads=threads, progress=progress)
+        if done is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the steps' activations back to the device, for the graphs' pool
+        return done
+
+    def _warm_run(self, key: tuple[int, int]) -> None:
+        self.program.run(**self._static(key), **self.cache)
 
     def _static(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The static inputs of a (T tokens, S sequences) graph, holding a step of padding only: S empty
