@@ -106,3 +106,22 @@ def test_an_engine_warms_up_its_small_graphs_side_by_side_and_touches_only_the_s
         assert torch.equal(t[:, :8], before[k]), k
         assert not torch.equal(t[:, 8], scratch[k]), k  # the steps ran, writing their K/V there
     assert ex.warm_up(keys, threads=1) is None
+
+
+def test_each_thread_runs_on_the_callers_gpu(monkeypatch):
+    """A pool thread starts on device 0: it is moved to the device given, or for "cuda" alone (what
+    device="auto" resolves to) to the caller's current device, never handed an index-less device."""
+    moved, lock = [], threading.Lock()
+
+    def set_device(index):
+        assert isinstance(index, int)
+        with lock:
+            moved.append(index)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = [(lambda: None, (), {}, None)] * 4
+    assert precompile(calls, device="cuda", threads=2, progress=False).failed == 0 and moved == [1] * 4
+    moved.clear()
+    assert precompile(calls, device="cuda:3", threads=2, progress=False).failed == 0 and moved == [3] * 4

@@ -68,13 +68,16 @@ def precompile(calls: Sequence[Candidate], *, device: torch.device | str, thread
     if threads <= 1 or not calls:
         return None
     device = torch.device(device)
+    # a new thread starts on device 0: each takes the caller's device ("cuda" alone: the caller's current one)
+    index = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
     t0 = time.perf_counter()
 
     def one(call: Candidate) -> bool:
         fn, args, kwargs, config = call
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # a new thread starts on device 0
         try:
+            if index is not None:
+                torch.cuda.set_device(index)
             fn(*args, **kwargs, config=config) if config is not None else fn(*args, **kwargs)
             return True
         except Exception:  # the timing meets it again and records it
