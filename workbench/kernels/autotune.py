@@ -224,6 +224,11 @@ class TimingCache:
         return pd.DataFrame(rows, columns=["op", "key", "tactic", "config", "ms", "chosen"])
 
 
+def _dtypes(args: tuple) -> tuple:
+    """The dtypes of ``args``' tensors, in order (None for anything else): what, besides a config, picks a kernel."""
+    return tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args)
+
+
 def _candidates(op: str, args: tuple, kwargs: Mapping[str, Any], top_k: int | None = None,
                 batch_invariant: bool = False) -> list[tuple[str, dict | None, Callable]]:
     """The reference, then every tactic with every config of its tuning space (``fn.configs``) that
@@ -425,10 +430,18 @@ def _time_steps(program, steps: Iterable[Mapping[str, torch.Tensor]], cache: Tim
         for key in todo:
             if work_key(key) not in timed:
                 fresh.setdefault(work_key(key), key)
-        calls = [(fn, seen[k][1], seen[k][2], config) for k in fresh.values()
-                 for tactic, config, fn in _candidates(*seen[k], top_k, batch_invariant) if tactic != REFERENCE]
+        calls, kernels = [], set()
+        for k in fresh.values():
+            for tactic, config, fn in _candidates(*seen[k], top_k, batch_invariant):
+                # one call per tactic, config and dtypes: at other shapes a config mostly launches the same
+                # kernels (a GEMM does not specialize on M, and on N and K only by divisibility), which two threads
+                # would compile side by side; a shape that does need a kernel of its own compiles when timed
+                kernel = (tactic, id(fn), json.dumps(config, sort_keys=True), _dtypes(seen[k][1]))
+                if tactic != REFERENCE and kernel not in kernels:
+                    kernels.add(kernel)
+                    calls.append((fn, seen[k][1], seen[k][2], config))
         compiled = precompile_calls(calls, device=program.device, progress=progress)
-        if compiled is not None and progress is True:
+        if compiled is not None and (progress is True or compiled.failed):
             print(f"autotune: {compiled.line()}", file=sys.stderr)
     with progress_bar(len(todo), "autotune", "op", enabled=progress) as bar:
         for key in todo:

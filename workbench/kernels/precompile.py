@@ -20,6 +20,8 @@ speed-up on any machine (the compiler needs no GPU).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,14 +58,20 @@ class Precompiled:
     seconds: float
 
     def line(self) -> str:
-        failed = f" ({self.failed} failed: their timing records why)" if self.failed else ""
-        return f"compiled {self.calls} candidates on {self.threads} threads in {self.seconds:.1f} s{failed}"
+        failed = (f" ({self.failed} failed here: each runs again, alone, when it is timed or captured, which records "
+                  "or raises its error)") if self.failed else ""
+        return f"compiled {self.calls} calls on {self.threads} threads in {self.seconds:.1f} s{failed}"
 
 
 def precompile(calls: Sequence[Candidate], *, device: torch.device | str, threads: int | None = None,
                progress: Any = True) -> Precompiled | None:
     """Call each ``(fn, args, kwargs, config)`` once from a pool of ``threads`` (default ``compile_threads()``), so
-    their kernels compile in parallel; wait for the device. None when there is nothing to do or one thread."""
+    their kernels compile in parallel; wait for the device. None when there is nothing to do or one thread.
+
+    Each call runs as the caller would run it: on the caller's GPU, with its grad and inference modes and a copy of
+    its context variables (a pool thread starts with none of them). A failure is counted, not raised: the call runs
+    again when it is timed or captured. A fault the device reports only at the end (an illegal address) cannot
+    be pinned to one call; it is raised in one line that says how to find it."""
     threads = compile_threads() if threads is None else threads
     if threads <= 1 or not calls:
         return None
@@ -71,24 +79,37 @@ def precompile(calls: Sequence[Candidate], *, device: torch.device | str, thread
     # a new thread starts on device 0: each takes the caller's device ("cuda" alone: the caller's current one)
     index = (device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else None
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    contexts = [contextvars.copy_context() for _ in calls]  # a context is entered by one thread at a time
     t0 = time.perf_counter()
 
-    def one(call: Candidate) -> bool:
+    def run(call: Candidate) -> None:
         fn, args, kwargs, config = call
-        try:
-            if index is not None:
-                torch.cuda.set_device(index)
+        if index is not None:
+            torch.cuda.set_device(index)
+        with torch.inference_mode() if inference else contextlib.nullcontext(), torch.set_grad_enabled(grad):
             fn(*args, **kwargs, config=config) if config is not None else fn(*args, **kwargs)
+
+    def one(i: int) -> bool:
+        try:
+            contexts[i].run(run, calls[i])
             return True
-        except Exception:  # the timing meets it again and records it
+        except Exception:
             return False
 
     failed = 0
-    with progress_bar(len(calls), f"compile ({threads} threads)", "candidate", enabled=progress) as bar, \
+    with progress_bar(len(calls), f"compile ({threads} threads)", "call", enabled=progress) as bar, \
             ThreadPoolExecutor(max_workers=min(threads, len(calls)), thread_name_prefix="wb-compile") as pool:
-        for ok in pool.map(one, calls):
+        for ok in pool.map(one, range(len(calls))):
             failed += not ok
             bar.update(1)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError as e:
+            raise WorkbenchError(f"a kernel called while compiling on {threads} threads failed on the GPU ({e}); "
+                                 "set WORKBENCH_COMPILE_THREADS=1 to run each call alone and see which") from None
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:  # each pool thread's cuBLAS handle kept a workspace that empty_cache cannot free
+            clear()
     return Precompiled(len(calls), failed, min(threads, len(calls)), time.perf_counter() - t0)

@@ -42,6 +42,7 @@ device) and each request's row in it, and the token is copied into this step's i
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -307,18 +308,46 @@ class Executor:
         """Run the padding-only step of each graph key of at most ``max_tokens`` tokens once, side by side on a pool
         of threads (``kernels/precompile.py``; ``threads`` defaults to ``compile_threads()``), so that the Triton
         kernels their captures need compile on every core instead of one graph after another (on a fresh machine,
-        most of a start). Padding steps write only the scratch block. Larger steps are left to their captures:
-        their activations, one step's at a time, are what the memory plan left room for. None where nothing ran:
-        one thread, or a tensor-parallel rank 0 (its collectives pair up with the other ranks' one step at a
-        time)."""
-        from ..kernels.precompile import precompile
+        most of a start). Padding steps write only the scratch block.
 
-        if self.tensor_parallel is not None:
+        - The smallest step runs first, alone, on this thread: it compiles and loads the kernels every step shares
+          (norms, rotary, the GEMMs of a config), which the pool's threads would otherwise compile side by side.
+        - Memory: the steps in flight hold at most as many tokens (or logits rows) together as the largest of
+          ``keys`` alone, the step whose capture the memory plan must already leave room for.
+        - Larger steps are left to their captures. Nothing runs for a tensor-parallel rank 0 (its collectives
+          pair up with the other ranks' one step at a time).
+
+        Returns ``precompile``'s ``Precompiled`` (None where the pool did not run); failures are in ``notes``."""
+        from ..kernels.precompile import compile_threads, precompile
+
+        threads = compile_threads() if threads is None else threads
+        if self.tensor_parallel is not None or threads <= 1:
             return None
-        keys = [k for k in keys if k[0] <= max_tokens and k not in self._graphs]
-        calls = [(self._warm_run, (key,), {}, None) for key in keys]
-        done = precompile(calls, device=self.device, threads=threads, progress=progress)
-        if done is not None and self.device.type == "cuda":
+        budget = max((max(k) for k in keys), default=0)  # a step's tokens, or its logits rows when more
+        keys = sorted((k for k in keys if k[0] <= max_tokens and k not in self._graphs), key=max)
+        if len(keys) < 2:
+            return None
+        self._warm_run(keys[0])
+        room = threading.Condition()
+        in_flight = [0]
+
+        def bounded(key):
+            need = max(key)
+            with room:  # a step waits until the steps in flight leave room for it
+                room.wait_for(lambda: in_flight[0] == 0 or in_flight[0] + need <= budget)
+                in_flight[0] += need
+            try:
+                self._warm_run(key)
+            finally:
+                with room:
+                    in_flight[0] -= need
+                    room.notify_all()
+
+        done = precompile([(bounded, (key,), {}, None) for key in keys[1:]], device=self.device, threads=threads,
+                          progress=progress)
+        if done is not None and done.failed:
+            self.notes.append(f"warm-up before capture: {done.line()}")
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the steps' activations back to the device, for the graphs' pool
         return done
 
