@@ -1,7 +1,8 @@
-"""Compile a tuning's kernels on every CPU core before they are timed.
+"""Compile kernels on every CPU core before they are needed: a tuning's candidates before they are timed
+(``autotune._time_steps``), an engine's small step graphs before they are captured (``Executor.warm_up``).
 
-    stats = precompile(calls, device=program.device)   # calls: (fn, args, kwargs, config) of the candidates to time
-    stats.line()                                       # "compiled 412 candidates on 16 threads in 21.4 s (3 failed)"
+    stats = precompile(calls, device=program.device)   # calls: (fn, args, kwargs, config), each run once
+    stats.line()                                       # "compiled 412 calls on 16 threads in 21.4 s (3 failed ...)"
 
 A Triton kernel compiles the first time it is launched with a new specialization (its constexprs: a config's tile
 sizes, stages and warps; its argument dtypes and alignments), about 0.5-2 s each for sm_90 on one core. The autotuner
