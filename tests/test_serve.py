@@ -781,6 +781,7 @@ def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported):
     assert from_ws.limits.max_model_len == 2048 and "im_start" in from_ws.chat_template
     assert main(["serve", str(ws.parent / "nothing")]) == 2  # one line naming the problem, no traceback
     assert main(["serve", str(engine), "--tokenizer", "tiny-llama"]) == 2
+    assert main(["serve", str(engine), "--read-timeout", "0"]) == 2
 
 
 def wait_until_up(proc, url: str, seconds: float = 90) -> None:
@@ -807,7 +808,8 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(engine), "--port", str(port),
-                             "--tokenizer", "smollm2-135m", "--shutdown-timeout", "1.5", "--log-level", "warning"],
+                             "--tokenizer", "smollm2-135m", "--shutdown-timeout", "1.5", "--log-level", "warning",
+                             "--read-timeout", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -834,6 +836,10 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
 
     try:
         wait_until_up(proc, url)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as half:  # a request that never ends
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 40\r\n\r\n{")
+            assert half.recv(1000).startswith(b"HTTP/1.1 408 Request Timeout")  # after --read-timeout
         assert httpx.get(url + "/v1/models").json()["data"][0] == {
             "id": "engine", "object": "model", "owned_by": "workbench", "created": ANY, "max_model_len": 2048}
         (short, short_done), (long, long_done) = asyncio.run(run())

@@ -331,7 +331,7 @@ def _cmd_serve(args) -> None:
           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, allowed_hosts=_csv(args.allowed_hosts),
           allowed_origins=_csv(args.allowed_origins), tensor_parallel_size=args.tp,
-          batch_invariant=args.batch_invariant)
+          batch_invariant=args.batch_invariant, read_timeout=args.read_timeout)
 
 
 API_KEY_ENV = "WORKBENCH_API_KEY"
@@ -599,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (headers and body) before it gets 408 and its "
+                        "connection is closed (default 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--api-key", help="the key clients send as 'Authorization: Bearer KEY' on every /v1 route "
                    f"(default: ${API_KEY_ENV}; none: no key needed)")

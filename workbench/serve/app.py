@@ -10,6 +10,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
   it (API key, Host allow-list, JSON-only bodies, CORS) ``serve/access.py``'s.
 * **Disconnects** abort: a streaming client that goes away cancels the response task, a non-streaming one is
   watched for ``http.disconnect``; either way the engine aborts the requests and frees their blocks.
+* **Slow clients** (``serve``): a request must arrive whole within ``read_timeout`` seconds (408 and the
+  connection closed otherwise: ``serve/protocol.py``), so half-sent requests cannot hold the server's sockets.
 * **Shutdown** (``serve``, on SIGTERM/SIGINT): stop accepting connections, then ``AsyncLLMEngine.shutdown``
   gives in-flight requests ``shutdown_timeout`` seconds and aborts the rest (their streams still end with
   ``finish_reason: "abort"`` and ``[DONE]``), and the process exits with status 0. An app run by another
@@ -28,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import WorkbenchError
 from ..runtime.async_engine import AsyncLLMEngine
@@ -35,6 +38,7 @@ from .access import LOOPBACK_NAMES, Access, default_allowed_hosts
 from .metrics import MEDIA_TYPE, prometheus_text
 from .openai_api import (ApiError, ChatCompletionRequest, CompletionRequest, OpenAIApi, api_error, collect,
                          parse_body)
+from .protocol import DEFAULT_READ_TIMEOUT, read_timeout_protocol
 
 MAX_BODY_BYTES = 4 * 2**20
 
@@ -49,11 +53,15 @@ async def _parse(request: Request, model, limit: int) -> Any:
         raise ApiError(413, f"the request body has {declared} bytes, more than the limit of {limit}",
                        code="request_too_large")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body is larger than the limit of {limit} bytes",
-                           code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body is larger than the limit of {limit} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:  # gone, or cut off by the read timeout (serve/protocol.py): no one reads the answer
+        raise ApiError(400, "the client went away before its request body arrived",
+                       code="client_disconnected") from None
     return parse_body(bytes(raw), model)
 
 
@@ -200,7 +208,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
           max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info", api_key: str | None = None,
           allowed_hosts: list[str] = (), allowed_origins: list[str] = (),
-          tensor_parallel_size: int | None = None, batch_invariant: bool | None = None) -> None:
+          tensor_parallel_size: int | None = None, batch_invariant: bool | None = None,
+          read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
     """Open ``path`` (an engine directory, a workspace or a model source: ``runnable.open_runnable``) in the engine
     process (``AsyncLLMEngine.spawn``) and run uvicorn here until SIGTERM/SIGINT (``workbench serve``). The
     runtime's limits are the engine's, lowered by the arguments given; the KV cache is ``num_blocks`` blocks, or
@@ -209,7 +218,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     ``serve/access.py``. ``tensor_parallel_size`` N > 1: the engine's graph sharded over N ranks
     (``runtime.tensor_parallel``; None: an engine's own size, else 1). Under ``torchrun --nproc-per-node N`` rank
     0 serves (its engine process is rank 0 of the group) and ranks 1.. run its steps. ``batch_invariant``: the
-    batch-invariant mode (``LLM``'s; None: the engine's setting)."""
+    batch-invariant mode (``LLM``'s; None: the engine's setting). ``read_timeout``: seconds a client has to send
+    a whole request, headers and body, before a 408 closes its connection (``serve/protocol.py``)."""
     import functools
 
     from ..runtime.tensor_parallel import run_torchrun_worker
@@ -217,6 +227,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     if run_torchrun_worker(device):  # torchrun's ranks 1..: rank 0's steps until it stops them; no HTTP here
         return
     import uvicorn
+
+    http = read_timeout_protocol(read_timeout)  # refuses a bad value before the engine starts
 
     access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
     if api_key is None and not LOOPBACK_NAMES <= (default_allowed_hosts(host) or set()):
@@ -240,7 +252,7 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
             await asyncio.to_thread(aengine.shutdown, shutdown_timeout)
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http,
                             timeout_graceful_shutdown=max(1, int(shutdown_timeout)))
     # uvicorn raises SIGTERM/SIGINT again after its graceful shutdown, for the handler that was there before
     # it: a no-op one, so a completed shutdown exits with status 0
