@@ -798,20 +798,24 @@ def wait_until_up(proc, url: str, seconds: float = 90) -> None:
         time.sleep(0.2)
 
 
-def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_aborts_and_exits_0(exported):
-    """The command on an engine directory (random weights, SmolLM2's tokenizer via --tokenizer). SIGTERM with two
-    streams in flight: the short one completes, the long one is aborted at the timeout; both end with [DONE],
-    and the process exits 0."""
-    _, engine = exported
+def start_serve(engine, *args: str):
+    """``workbench serve ENGINE ARGS`` on a free port (SmolLM2's tokenizer, warnings only): (process, port, url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", str(engine), "--port", str(port),
-                             "--tokenizer", "smollm2-135m", "--shutdown-timeout", "1.5", "--log-level", "warning",
-                             "--read-timeout", "2"],
+                             "--tokenizer", "smollm2-135m", "--log-level", "warning", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return proc, port, f"http://127.0.0.1:{port}"
+
+
+def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_aborts_and_exits_0(exported):
+    """The command on an engine directory (random weights, SmolLM2's tokenizer via --tokenizer). SIGTERM with two
+    streams in flight: the short one completes, the long one is aborted at the timeout; both end with [DONE],
+    and the process exits 0."""
+    _, engine = exported
+    proc, port, url = start_serve(engine, "--shutdown-timeout", "1.5", "--read-timeout", "2")
 
     async def stream(client, max_tokens, started):
         body = {"prompt": "The capital of France is", "max_tokens": max_tokens, "ignore_eos": True,
@@ -848,6 +852,31 @@ def test_workbench_serve_sigterm_finishes_in_flight_within_the_timeout_then_abor
         assert long_done and 0 < long[-1]["usage"]["completion_tokens"] < 2000
         assert [c["choices"][0]["finish_reason"] for c in long if c["choices"]][-1] == "abort"
         assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_ctrl_c_aborts_the_requests_in_flight_and_exits_at_once(exported):
+    """Ctrl-C lets in-flight requests finish for --shutdown-timeout (here 120 s); a second Ctrl-C aborts them now:
+    the stream still ends with finish_reason "abort" and [DONE], and the process exits 0 long before the timeout."""
+    _, engine = exported
+    proc, _, url = start_serve(engine, "--shutdown-timeout", "120")
+    body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    try:
+        wait_until_up(proc, url)
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")  # under way
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining: the request may finish
+            proc.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=40) == 0  # not the 120 s the first Ctrl-C gave
+        assert "second signal: aborting the requests in flight" in proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()

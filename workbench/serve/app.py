@@ -14,7 +14,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
   connection closed otherwise: ``serve/protocol.py``), so half-sent requests cannot hold the server's sockets.
 * **Shutdown** (``serve``, on SIGTERM/SIGINT): stop accepting connections, then ``AsyncLLMEngine.shutdown``
   gives in-flight requests ``shutdown_timeout`` seconds and aborts the rest (their streams still end with
-  ``finish_reason: "abort"`` and ``[DONE]``), and the process exits with status 0. An app run by another
+  ``finish_reason: "abort"`` and ``[DONE]``), and the process exits with status 0. A second signal aborts them
+  at once (``AsyncLLMEngine.hurry``). An app run by another
   server shuts its engine down when its lifespan ends.
 """
 
@@ -244,6 +245,27 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
                      max_model_len=served["max_model_len"], shutdown_timeout=shutdown_timeout, access=access)
 
     class Server(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        hurried = False
+
+        def handle_exit(self, sig, frame):
+            # a second signal (Ctrl-C twice, or SIGTERM again) while in-flight requests get their time: abort
+            # them now (on the loop, not in the handler), so their streams end and the exit follows at once; a
+            # third one is uvicorn's force-quit (it waits for no connection either)
+            if self.should_exit and not self.hurried and self.loop is not None:
+                self.hurried = True
+                print("workbench serve: second signal: aborting the requests in flight and exiting now "
+                      "(a third one quits without waiting for connections)", file=sys.stderr, flush=True)
+                self.loop.call_soon_threadsafe(aengine.hurry)
+                getattr(self, "_captured_signals", []).append(sig)  # re-raised at the exit, as uvicorn does
+                return
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets=None):
             # stop accepting, then let the engine finish or abort what is in flight, so that every response
             # ends properly (an aborted stream with finish_reason "abort" and [DONE]) before uvicorn's own wait
