@@ -298,7 +298,7 @@ def test_quantize_command(tmp_path, capsys):
     assert main(["optimize", ws]) == 0
     assert main(["quantize", ws, "--format", "int8_sq", "--alpha", "0.6", "--samples", "4", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 8 groups int8_sq, 1 groups bf16; KV cache bf16" in out
+    assert "plan: 8 groups int8_sq, 1 group bf16; KV cache bf16" in out
     plan = PrecisionPlan.loads((tmp_path / "ws" / "quant" / "plan.json").read_text())
     assert plan.options("layers.1.o")["alpha"] == 0.6
     assert main(["quantize", ws, "--format", "fp8", "--alpha", "2", "--samples", "4", "--seq-len", "32",
@@ -306,8 +306,11 @@ def test_quantize_command(tmp_path, capsys):
     assert "takes no option 'alpha'" in capsys.readouterr().err
 
 
-def test_quantize_command_chooses_an_auto_plan_within_its_budget(optimized_ws, capsys):
+def test_quantize_command_chooses_an_auto_plan_within_its_budget(optimized_ws, capsys, monkeypatch):
+    """The whole sweep where it fits the CPU's few minutes (tiny-llama), a subset sized to them where it does not
+    (the unmeasured groups stay bf16, the full sweep's estimate printed first), every group with --full-sweep."""
     from workbench.cli import main
+    from workbench.quant import sensitivity as S
     from workbench.quant.sensitivity import SensitivityReport
 
     ws = optimized_ws.root  # captured and optimized (the commands' own run: test_quantize_command)
@@ -327,6 +330,19 @@ def test_quantize_command_chooses_an_auto_plan_within_its_budget(optimized_ws, c
     assert {plan.format_of(g) for g in plan.groups} <= {"fp8", "bf16"}
     assert sum(plan.format_of(g) == "fp8" for g in plan.groups) == sum(r["format"] == "fp8" for r in
                                                                          report["groups"].values())
+    assert "auto plan: full sweep: 9 groups x 1 formats" in out and auto["sweep"]["groups"] == 9
+
+    monkeypatch.setattr(S, "CPU_SWEEP_BUDGET_S", 1e-3)  # a model whose full sweep would outlast the CPU's budget
+    assert main(["quantize", str(ws), "--format", "fp8", "--auto", "0.5", *common, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "auto plan: quick sweep: 5 of 9 groups" in out  # one layer of 2, and lm_head and "--full-sweep" in out
+    measured = set(SensitivityReport.load(ws / "quant" / "sensitivity.json").groups)
+    plan = PrecisionPlan.loads((ws / "quant" / "plan.json").read_text())
+    assert len(measured) == 5 and "lm_head" in measured
+    assert all(plan.format_of(g) == "bf16" for g in plan.groups if g not in measured)
+    assert main(["quantize", str(ws), "--format", "fp8", "--auto", "0.5", *common, "--full-sweep"]) == 0
+    assert "auto plan: full sweep: 9 groups" in capsys.readouterr().out
+    assert len(SensitivityReport.load(ws / "quant" / "sensitivity.json").groups) == 9
 
 
 def test_tune_stage_tunes_the_quantized_graph(optimized_ws):

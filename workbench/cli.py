@@ -146,11 +146,11 @@ def _cmd_quantize(args) -> None:
     options = QuantOptions(fmt=args.format, kv_cache=args.kv_cache, weights=args.weights,
                            activations=args.activations, alpha=args.alpha, samples=args.samples, seq_len=args.seq_len,
                            observer=args.observer, calib_data=args.calib_data, auto_budget=args.auto,
-                           probe_tokens=args.probe_tokens)
+                           probe_tokens=args.probe_tokens, full_sweep=args.full_sweep)
     ws = Workspace(args.workspace, create=False)
     plan, stats, report = quant_stage(ws, args.plan, options, device=args.device, force=args.force,
                                       log=lambda line: print(line, flush=True))
-    counts = ", ".join(f"{n} groups {f}" for f, n in plan.summary().items())
+    counts = ", ".join(f"{n} group{'' if n == 1 else 's'} {f}" for f, n in plan.summary().items())
     print(f"plan: {counts}; KV cache {plan.kv_cache}")
     auto = report.get("auto_plan")
     if auto:
@@ -444,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "verified perplexity increase stays within BUDGET %% (groups --plan marks edited are kept)")
     s.add_argument("--probe-tokens", type=int, default=2048,
                    help="evaluation tokens the sensitivity and the auto plan are measured on (default 2048)")
+    s.add_argument("--full-sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="--auto: measure every group's sensitivity (default on a GPU); on a CPU the default measures "
+                        "a subset sized to about 3 minutes (every kind of group, layers spread over the model; the "
+                        "others stay bf16) and prints the full sweep's estimate")
     s.add_argument("--force", action="store_true", help="overwrite artifacts edited by hand")
     s.set_defaults(fn=_cmd_quantize)
 

@@ -241,7 +241,10 @@ class QuantOptions:
     (None: the format's default). ``kv_cache``: the KV cache's format of a plan made here. ``samples`` and
     ``seq_len``: the calibration sizes (None: chosen from the data and the device); ``observer``: the statistic of
     each input's range; ``calib_data``: the calibration text (None: datasets/calibration.txt). ``auto_budget``
-    (perplexity increase in %): choose the plan by sensitivity within it, measured on ``probe_tokens`` tokens."""
+    (perplexity increase in %): choose the plan by sensitivity within it, measured on ``probe_tokens`` tokens.
+    ``full_sweep``: measure every group's sensitivity (True), or a subset sized to about 3 minutes (False); None:
+    every group on a GPU, the subset on a CPU, where the full sweep of a 135M model takes hours
+    (``quant.sensitivity.plan_sweep``: the unmeasured groups stay bf16)."""
 
     fmt: str = "fp8"
     kv_cache: str = "bf16"
@@ -254,6 +257,7 @@ class QuantOptions:
     calib_data: str | Path | None = None
     auto_budget: float | None = None
     probe_tokens: int = 2048
+    full_sweep: bool | None = None
 
     def __post_init__(self) -> None:
         from .quant.plan import FORMATS, KV_FORMATS  # the plan's own messages, said before anything loads
@@ -323,7 +327,8 @@ def quant_stage(ws: Workspace, plan=None, options: QuantOptions = QuantOptions()
     params = {"plan": plan.to_json(), "calibration": calib, "device": str(device)}
     if auto_budget is not None:
         params["auto"] = {"budget_pct": auto_budget, "format": fmt, "options": fmt_options,
-                          "probe_tokens": options.probe_tokens}
+                          "probe_tokens": options.probe_tokens,
+                          **({} if options.full_sweep is None else {"full_sweep": options.full_sweep})}
     with ws.run("quant", params=params, upstream=("passes",), input_files=input_files, force=force) as run:
         stats = None
         if stats_path.is_file() and stats_path.with_suffix(".json").is_file():
@@ -345,7 +350,7 @@ def quant_stage(ws: Workspace, plan=None, options: QuantOptions = QuantOptions()
         auto = None
         if auto_budget is not None:
             plan, auto = _auto_plan_stage(run, program, stats, tokenizer, plan, fmt, auto_budget,
-                                          options.probe_tokens, progress, fmt_options)
+                                          options.probe_tokens, progress, fmt_options, options.full_sweep, log)
         quantized, new, report = quantize_graph(graph, dict(program.params), plan, stats)
         if auto is not None:
             report["auto_plan"] = auto
@@ -394,11 +399,13 @@ def _calibration_data(text, graph, device, samples, seq_len):
     return ids, calib, [path]
 
 
-def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, probe_tokens, progress, options):
-    """Sensitivity of every group to ``fmt`` and the auto plan within ``budget`` (see ``quant_stage``)."""
+def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, probe_tokens, progress, options,
+                     full_sweep=None, log=None):
+    """Sensitivity of the groups to ``fmt`` (every group, or the subset ``plan_sweep`` sizes to the machine:
+    ``QuantOptions.full_sweep``) and the auto plan within ``budget`` (see ``quant_stage``)."""
     from .evaluate import dataset_text
     from .quant.auto_plan import auto_plan
-    from .quant.sensitivity import sensitivity
+    from .quant.sensitivity import plan_sweep, sensitivity
 
     if fmt == "bf16":
         raise WorkbenchError("an auto plan chooses which groups to quantize: give a quantized --format "
@@ -410,13 +417,21 @@ def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, pro
         ids = torch.randint(1, vocab, (probe_tokens,), generator=torch.Generator().manual_seed(2))
     window = min(256, ids.numel())
     stride = max(1, window // 2)
-    report = sensitivity(program, stats, ids, formats=[fmt], base_plan=base_plan, window=window, stride=stride,
-                         progress=progress, **options)
+    sweep = plan_sweep(program, stats, ids, formats=[fmt], full=full_sweep, window=window, stride=stride)
+    line = f"auto plan: {sweep}".replace("plan_sweep(..., full=True)", "--full-sweep")
+    if log is None:  # the estimate, before the long part starts
+        print(line, flush=True)
+    else:
+        log(line)
+    report = sensitivity(program, stats, ids, formats=[fmt], groups=sweep.groups, base_plan=base_plan,
+                         window=window, stride=stride, progress=progress, **options)
     run.write_json("sensitivity.json", report.to_json())
     plan, info = auto_plan(report, program, stats, ids, budget_pct=budget, base_plan=base_plan, window=window,
                            stride=stride, progress=progress)
     info = {k: v for k, v in info.items() if k != "history"} | {
         "probe_tokens": int(ids.numel()), "window": window, "stride": stride, "format": fmt,
+        "sweep": {"groups": len(sweep.groups), "of": sweep.total_groups,
+                  "seconds_per_variant": sweep.seconds_per_variant},
         "bf16_groups": [g for g in plan.groups if plan.format_of(g) == "bf16"],
         "history": [{k: v for k, v in h.items() if k != "quantized"} for h in info["history"]]}
     return plan, info
