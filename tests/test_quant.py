@@ -306,6 +306,20 @@ def test_quantize_command(tmp_path, capsys):
     assert "takes no option 'alpha'" in capsys.readouterr().err
 
 
+def test_calibration_counts_below_one_are_refused_in_one_line_before_anything_runs():
+    from workbench.engine.build import BuildOptions
+    from workbench.pipeline import QuantOptions
+
+    for bad in (0, -5, 2.5):
+        with pytest.raises(WorkbenchError, match="samples must be a whole number >= 1"):
+            QuantOptions(samples=bad)
+        with pytest.raises(WorkbenchError, match="seq_len must be a whole number >= 1"):
+            BuildOptions(precision="fp8", seq_len=bad)
+    with pytest.raises(WorkbenchError, match="probe_tokens must be"):
+        QuantOptions(probe_tokens=0)
+    assert QuantOptions(samples=None, seq_len=8).seq_len == 8
+
+
 def test_quantize_command_chooses_an_auto_plan_within_its_budget(optimized_ws, capsys, monkeypatch):
     """The whole sweep where it fits the CPU's few minutes (tiny-llama), a subset sized to them where it does not
     (the unmeasured groups stay bf16, the full sweep's estimate printed first), every group with --full-sweep."""

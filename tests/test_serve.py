@@ -782,6 +782,12 @@ def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported):
     assert main(["serve", str(ws.parent / "nothing")]) == 2  # one line naming the problem, no traceback
     assert main(["serve", str(engine), "--tokenizer", "tiny-llama"]) == 2
     assert main(["serve", str(engine), "--read-timeout", "0"]) == 2
+    assert main(["serve", str(engine), "--port", "99999"]) == 2
+    assert main(["serve", str(engine), "--shutdown-timeout", "-5"]) == 2
+    with socket.socket() as taken:  # a port in use: said before the engine loads, not by uvicorn after
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(engine), "--port", str(taken.getsockname()[1])]) == 2
 
 
 def wait_until_up(proc, url: str, seconds: float = 90) -> None:

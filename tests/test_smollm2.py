@@ -122,6 +122,10 @@ def test_cli_capture_info_generate(captured_ws, capsys):
     assert "capture" in capsys.readouterr().out
     assert main(["generate", str(ws_dir), "The capital of France is", "--max-tokens", "3"]) == 0
     assert "The capital of France is Paris" in capsys.readouterr().out
+    assert main(["generate", str(ws_dir), "", "--max-tokens", "3"]) == 2  # one line each, no traceback
+    assert main(["generate", str(ws_dir), "hi", "--max-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt is empty" in err and "--max-tokens must be >= 1" in err and "Traceback" not in err
     assert load_program(ws).graph.meta["architecture"] == "LlamaForCausalLM"
     # the passes stage: its report, its record, and the optimized graph generating the same text
     assert main(["optimize", str(ws_dir), "--skip", "fuse_rope"]) == 0

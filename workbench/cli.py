@@ -193,9 +193,13 @@ def _cmd_generate(args) -> None:
 
     from .evaluate import program_greedy
 
+    if args.max_tokens < 1:
+        raise WorkbenchError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     r = _runnable(args.workspace, args.device, args.stage, "generation")
     tokenizer = r.tokenizer
     ids = torch.tensor(tokenizer(args.prompt).input_ids)
+    if ids.numel() == 0:
+        raise WorkbenchError("the prompt is empty (no tokens); give it at least one token")
     new = program_greedy(r.program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(new))
 

@@ -266,12 +266,20 @@ class QuantOptions:
             raise WorkbenchError(f"format {self.fmt!r} is unknown; use one of {', '.join(FORMATS)}")
         if self.kv_cache not in KV_FORMATS:
             raise WorkbenchError(f"kv_cache format {self.kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}")
+        check_counts(samples=self.samples, seq_len=self.seq_len, probe_tokens=self.probe_tokens)
 
     @property
     def format_options(self) -> dict[str, object]:
         """The options given for ``fmt`` (those left None are the format's defaults)."""
         given = {"weights": self.weights, "activations": self.activations, "alpha": self.alpha}
         return {k: v for k, v in given.items() if v is not None}
+
+
+def check_counts(**counts) -> None:
+    """Refuse, in one line, a count (calibration samples, tokens) that is not a whole number >= 1; None passes."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise WorkbenchError(f"{name} must be a whole number >= 1 (got {value!r}); leave it out for the default")
 
 
 def quant_stage(ws: Workspace, plan=None, options: QuantOptions = QuantOptions(), *,

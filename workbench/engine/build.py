@@ -85,6 +85,9 @@ class BuildOptions:
         if self.kv_cache == "fp8" and self.precision == "bf16":
             raise WorkbenchError("build: an FP8 KV cache is set by the quantization stage: give --precision fp8, int8 "
                                  "or auto with --kv-cache fp8")
+        from ..pipeline import check_counts
+
+        check_counts(samples=self.samples, seq_len=self.seq_len)  # before anything is captured
         if not self.max_ppl_increase >= 0:
             raise WorkbenchError(f"build: --max-ppl-increase is a perplexity increase in %, >= 0; got "
                                  f"{self.max_ppl_increase}")

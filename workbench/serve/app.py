@@ -230,6 +230,9 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
     import uvicorn
 
     http = read_timeout_protocol(read_timeout)  # refuses a bad value before the engine starts
+    if not shutdown_timeout >= 0:
+        raise WorkbenchError(f"--shutdown-timeout must be >= 0 seconds (got {shutdown_timeout})")
+    check_listen(host, port)  # before the engine loads, which can take minutes
 
     access = Access(api_key, default_allowed_hosts(host, allowed_hosts), tuple(allowed_origins))
     if api_key is None and not LOOPBACK_NAMES <= (default_allowed_hosts(host) or set()):
@@ -285,6 +288,29 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         aengine.shutdown(0)  # a no-op after the lifespan's shutdown; stops the engine if startup failed
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line, a port out of range or an address this process cannot listen on (a port in use, a host
+    that is not this machine's), as uvicorn would only after the engine has loaded."""
+    import errno
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise WorkbenchError(f"--port must be a number from 0 to 65535 (got {port!r})")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except socket.gaierror as e:
+        raise WorkbenchError(f"--host {host}: not an address or name this machine knows ({e.strerror})") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise WorkbenchError(f"port {port} on {host} is already in use (another server?); pick another --port "
+                                 "or stop that server") from None
+        raise WorkbenchError(f"cannot listen on {host}:{port} ({e.strerror}); give another --host or --port") from None
 
 
 def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, num_blocks: int | None,
