@@ -22,7 +22,8 @@ For each model (anything `workbench build` takes) and precision, in this order:
            warm-up and the capture (``runtime.executor``): the count captured
   serve    ``workbench serve ENGINE`` (a subprocess) answering the official ``openai`` client: a completion and a
            chat completion, streaming and not (chat where the model has a tokenizer); the non-streaming greedy
-           completion's tokens equal ``LLM``'s
+           completion's tokens equal ``LLM``'s. The GPU machine lacks ``openai``: carry its wheel with ``distro``,
+           ``jiter`` and ``sniffio``, and an openai 2.x one (3.x needs ``httpx2``, which that machine lacks either)
 
 A table at the end (and ``acceptance.json`` under --out). Pass/fail per row: every stage ran, bf16 greedy agreement
 at least transformers bf16's (on the mean prefix), and perplexity change within the issue's bounds against the bf16

@@ -201,7 +201,7 @@ def _cmd_generate(args) -> None:
     if ids.numel() == 0:
         raise WorkbenchError("the prompt is empty (no tokens); give it at least one token")
     new = program_greedy(r.program, ids, args.max_tokens, eos_token_id=tokenizer.eos_token_id)
-    print(args.prompt + tokenizer.decode(new))
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))  # no <|im_end|> at the end
 
 
 def _cmd_eval(args) -> None:

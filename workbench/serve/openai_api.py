@@ -272,7 +272,10 @@ class OpenAIApi:
                                 "fewer prompts per request or a lower n", param="n")
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        if self.chat_template is None or self.tokenizer is None:
+        if self.tokenizer is None:
+            raise ApiError(400, "this server has no tokenizer, so no chat: use /v1/completions with token-id "
+                           "prompts (or restart it with --tokenizer MODEL)", param="messages", code="no_chat_template")
+        if self.chat_template is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
         self.check_count(1, body.n)
