@@ -771,7 +771,7 @@ def exported(tmp_path_factory):
     return root / "ws", root / "engine"
 
 
-def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported):
+def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported, capsys):
     from workbench.cli import main
     from workbench.runnable import open_runnable
 
@@ -782,6 +782,9 @@ def test_serve_opens_a_workspace_and_refuses_a_bad_target_in_one_line(exported):
     assert main(["serve", str(ws.parent / "nothing")]) == 2  # one line naming the problem, no traceback
     assert main(["serve", str(engine), "--tokenizer", "tiny-llama"]) == 2
     assert main(["serve", str(engine), "--read-timeout", "0"]) == 2
+    capsys.readouterr()
+    assert main(["info", str(engine)]) == 0  # an engine directory: what it is and where its stages are
+    assert "an engine directory" in capsys.readouterr().out
     assert main(["serve", str(engine), "--port", "99999"]) == 2
     assert main(["serve", str(engine), "--shutdown-timeout", "-5"]) == 2
     with socket.socket() as taken:  # a port in use: said before the engine loads, not by uvicorn after

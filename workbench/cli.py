@@ -166,8 +166,20 @@ def _cmd_quantize(args) -> None:
 def _cmd_info(args) -> None:
     import pandas as pd
 
+    from .engine.format import is_engine_dir
     from .workspace import Workspace
 
+    if is_engine_dir(args.workspace):  # not a workspace: say what it is and where its stages are
+        from .engine.load import read_engine
+
+        manifest, info, _ = read_engine(args.workspace)
+        limits, made = info.get("limits") or {}, manifest.get("workspace") or {}
+        formats = sorted({g.get("format") for g in ((info.get("precision") or {}).get("groups") or {}).values()})
+        print(f"{args.workspace}: an engine directory ({'/'.join(formats) or 'bf16'} linears, "
+              f"{'tuned' if info.get('tuned') else 'not tuned'}, max_model_len {limits.get('max_model_len')}), "
+              f"exported from the {made.get('stage', '?')} stage of {made.get('root', '?')}: `workbench info "
+              f"{made.get('root', 'WORKSPACE')}` lists its stages")
+        return
     ws = Workspace(args.workspace, create=False)
     df = ws.info()
     if df.empty:
