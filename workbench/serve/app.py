@@ -340,10 +340,14 @@ def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, 
         engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
         print(f"workbench serve: {line}", file=sys.stderr, flush=True)
+    bm = engine.scheduler.bm
+    cache_tokens = bm.num_blocks * bm.block_size  # a request never holds more: the server caps its context there
+    context = (f"{limits.max_model_len}" if cache_tokens >= limits.max_model_len else
+               f"{cache_tokens} (what its {bm.num_blocks} KV blocks hold; the engine's limit is "
+               f"{limits.max_model_len})")
     print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}"
-          f"{', batch-invariant' if served.batch_invariant else ''}); max_model_len "
-          f"{limits.max_model_len}, max_num_seqs {limits.max_num_seqs}, max_num_batched_tokens "
-          f"{limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
+          f"{', batch-invariant' if served.batch_invariant else ''}); max_model_len {context}, max_num_seqs "
+          f"{limits.max_num_seqs}, max_num_batched_tokens {limits.max_num_batched_tokens}", file=sys.stderr, flush=True)
     return engine, {"name": served.name, "chat_template": served.chat_template,
                     "max_model_len": limits.max_model_len}
 
