@@ -426,7 +426,8 @@ def _auto_plan_stage(run, program, stats, tokenizer, base_plan, fmt, budget, pro
     window = min(256, ids.numel())
     stride = max(1, window // 2)
     sweep = plan_sweep(program, stats, ids, formats=[fmt], full=full_sweep, window=window, stride=stride)
-    line = f"auto plan: {sweep}".replace("plan_sweep(..., full=True)", "--full-sweep")
+    sweep.full_switch = "--full-sweep (QuantOptions(full_sweep=True))"
+    line = f"auto plan: {sweep}"
     if log is None:  # the estimate, before the long part starts
         print(line, flush=True)
     else:

@@ -181,6 +181,7 @@ class SweepPlan:
     seconds_per_variant: float
     device: str
     budget_s: float | None
+    full_switch: str = "plan_sweep(..., full=True)"  # how the caller asks for the full sweep, for the message
 
     @property
     def full(self) -> bool:
@@ -207,7 +208,7 @@ class SweepPlan:
                 f"model) x {len(self.formats)} formats = {self.variants} variants, about {_duration(self.estimate_s)} "
                 f"({per}); the others stay unmeasured (grey in the widget; the auto plan leaves them in bf16). The "
                 f"full sweep ({self.total_groups * len(self.formats)} variants) takes about "
-                f"{_duration(self.full_estimate_s)}: plan_sweep(..., full=True)")
+                f"{_duration(self.full_estimate_s)}: {self.full_switch}")
 
     __repr__ = __str__
 

@@ -228,7 +228,7 @@ class _Core:
         """What the caller's side needs to check requests without the engine."""
         bm = self.engine.scheduler.bm
         return {"tokenizer": self.engine.tokenizer, "vocab_size": self.engine.vocab_size,
-                "cache_tokens": bm.num_blocks * bm.block_size,
+                "cache_tokens": bm.capacity_tokens,
                 "max_position_embeddings": _config_value(self.engine, "max_position_embeddings"),
                 "gauges": self.gauges()}
 

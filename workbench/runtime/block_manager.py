@@ -73,6 +73,11 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     @property
+    def capacity_tokens(self) -> int:
+        """Tokens the cache holds: more than a request can ever have, so a server caps its context there."""
+        return self.num_blocks * self.block_size
+
+    @property
     def num_cached(self) -> int:
         return len(self._cached)
 

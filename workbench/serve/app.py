@@ -249,12 +249,11 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device
 
     class Server(uvicorn.Server):
         loop: asyncio.AbstractEventLoop | None = None
+        hurried = False
 
         async def startup(self, sockets=None):
             self.loop = asyncio.get_running_loop()
             await super().startup(sockets)
-
-        hurried = False
 
         def handle_exit(self, sig, frame):
             # a second signal (Ctrl-C twice, or SIGTERM again) while in-flight requests get their time: abort
@@ -340,10 +339,9 @@ def open_served_engine(path: str | Path, *, device: str, tokenizer: str | None, 
         engine = LLMEngine(served.program, served.tokenizer, **options)
     for line in ([engine.capacity_plan.summary()] if engine.capacity_plan else []) + engine.executor.notes:
         print(f"workbench serve: {line}", file=sys.stderr, flush=True)
-    bm = engine.scheduler.bm
-    cache_tokens = bm.num_blocks * bm.block_size  # a request never holds more: the server caps its context there
-    context = (f"{limits.max_model_len}" if cache_tokens >= limits.max_model_len else
-               f"{cache_tokens} (what its {bm.num_blocks} KV blocks hold; the engine's limit is "
+    bm = engine.scheduler.bm  # the server caps the context at what the cache holds (AsyncLLMEngine.max_model_len)
+    context = (f"{limits.max_model_len}" if bm.capacity_tokens >= limits.max_model_len else
+               f"{bm.capacity_tokens} (what its {bm.num_blocks} KV blocks hold; the engine's limit is "
                f"{limits.max_model_len})")
     print(f"workbench serve: {served.kind} {served.name} on {served.device} ({served.stage}"
           f"{', batch-invariant' if served.batch_invariant else ''}); max_model_len {context}, max_num_seqs "

@@ -95,9 +95,7 @@ def read_timeout_protocol(seconds: float = DEFAULT_READ_TIMEOUT, kind: str = "au
 
         def _follow(self) -> None:
             """Start the deadline when the server starts waiting for a request; stop it once the request is in."""
-            if self.transport is None or self.transport.is_closing():
-                self._stop()
-            elif not self._reading():
+            if self.transport is None or self.transport.is_closing() or not self._reading():
                 self._stop()
             elif self._deadline is None:
                 self._deadline = self.loop.call_later(self.read_timeout, self._expired)
